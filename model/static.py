@@ -1,0 +1,88 @@
+"""The static-shape inference graph: what torch.export captures and TensorRT compiles.
+
+    images      uint8 [B, 3, H, W]  RGB frames, already resized and padded by the preprocess
+                                     stage (B, H, W fixed by StaticGraphConfig)
+    image_sizes int64 [B, 2]        (h, w) of the valid region of each frame; boxes are clipped
+                                     to it, as the eager path clips to the resized image
+ -> num_detections int64 [B], boxes float32 [B, K, 4] (input pixels), scores [B, K],
+    labels int64 [B, K], mask_probs float32 [B, K, 28, 28]; rows past num_detections are zero.
+
+Normalisation is inside the graph. The preprocess should pad with the mean colour
+(`pad_value()`), which normalises to ~0 like torchvision's zero padding after normalisation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.config import StaticGraphConfig
+from model.mask_rcnn import MaskRCNN
+
+OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "mask_probs")
+
+
+class StaticMaskRCNN(nn.Module):
+    def __init__(self, model: MaskRCNN, shape: StaticGraphConfig | None = None):
+        super().__init__()
+        self.model = model
+        cfg = model.cfg
+        shape = shape or cfg.static
+        self.shape = (shape.batch, 3, shape.height, shape.width)
+        divisor = cfg.transform.size_divisible
+        if shape.height % divisor or shape.width % divisor:
+            raise ValueError(
+                f"static.height/width must be multiples of transform.size_divisible={divisor}, "
+                f"got {shape.height}x{shape.width}"
+            )
+        if shape.detections != model.roi_heads.detections_per_img:
+            raise ValueError(
+                f"static.detections={shape.detections} must equal roi_heads.detections_per_img="
+                f"{model.roi_heads.detections_per_img} (K is fixed in the graph)"
+            )
+        # Constants, not parameters: they belong to the graph, not to the checkpoint.
+        mean = torch.tensor(cfg.transform.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        std = torch.tensor(cfg.transform.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def example_inputs(self, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+        b, _, h, w = self.shape
+        images = torch.zeros(self.shape, dtype=torch.uint8, device=device)
+        sizes = torch.tensor([[h, w]] * b, dtype=torch.int64, device=device)
+        return images, sizes
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> dict[str, Tensor]:
+        if images.dtype != torch.uint8 or tuple(images.shape) != self.shape:
+            raise ValueError(
+                f"images: expected uint8 {list(self.shape)} (B, 3, H, W from the static config), "
+                f"got {images.dtype} {list(images.shape)}"
+            )
+        if tuple(image_sizes.shape) != (self.shape[0], 2):
+            raise ValueError(f"image_sizes: expected [{self.shape[0]}, 2] (h, w per frame), got {list(image_sizes.shape)}")
+        m = self.model
+        # Same arithmetic as the eager path: uint8 / 255 then (x - mean) / std, folded.
+        x = (images.float() - self.mean) / self.std
+        features = m.features(x)
+        proposals, num_proposals, _ = m.rpn(features, tuple(self.shape[-2:]), image_sizes)
+        det = m.roi_heads.detect(features, proposals, num_proposals, image_sizes)
+        probs = m.roi_heads.mask_probs(features, det["boxes"], det["labels"])
+        filled = torch.arange(probs.shape[1], device=probs.device)[None, :] < det["num_detections"][:, None]
+        return {
+            "num_detections": det["num_detections"],
+            "boxes": det["boxes"],
+            "scores": det["scores"],
+            "labels": det["labels"],
+            "mask_probs": torch.where(filled[..., None, None], probs, 0.0),
+        }
+
+
+def pad_value(model: MaskRCNN) -> tuple[int, int, int]:
+    """uint8 RGB that normalises to (about) zero: the colour to pad frames with."""
+    return tuple(round(m * 255) for m in model.cfg.transform.image_mean)  # type: ignore[return-value]
+
+
+def export(static: StaticMaskRCNN, device: str | torch.device = "cpu") -> torch.export.ExportedProgram:
+    """torch.export with strict shapes; raises if anything would break the graph."""
+    static = static.eval()
+    with torch.no_grad():
+        return torch.export.export(static, static.example_inputs(device), strict=False)
