@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from model import transform
 from model.backbone import BackboneWithFPN, FrozenBatchNorm2d, MobileNetV2Body, NormLayer, ResNet50Body
 from model.checkpoint import CheckpointError, file_sha256, load_weights
-from model.config import ModelConfig, RoIHeadsConfig, RPNConfig, TransformConfig, Variant
+from model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig, Variant
 from model.roi_heads import (
     BOX_POOL_SIZE,
     FastRCNNPredictor,
@@ -66,34 +66,43 @@ class MaskRCNN(nn.Module):
         return self.backbone(batch)
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):  # type: ignore[override]
-        if self.training and targets is None:
-            raise ValueError("targets: required in training mode (list of dicts with boxes, labels, masks)")
-        original_hw = [tuple(img.shape[-2:]) for img in images]
-        batch, image_sizes, targets = transform.prepare(images, targets, self.cfg.transform)
-        features = self.features(batch)
-        proposals, num_proposals, rpn_losses = self.rpn(features, tuple(batch.shape[-2:]), image_sizes, targets)
+        """Training: loss dict. Eval: per image boxes, labels, scores, masks [N, 1, H, W] (pasted)."""
         if self.training:
-            assert targets is not None
-            props = [p[:n].detach() for p, n in zip(proposals, num_proposals.tolist())]
+            if targets is None:
+                raise ValueError("targets: required in training mode (list of dicts with boxes, labels, masks)")
+            batch, image_sizes, targets = transform.prepare(images, targets, self.cfg.transform)
+            features = self.features(batch)
+            proposals, num, rpn_losses = self.rpn(features, tuple(batch.shape[-2:]), image_sizes, targets)
+            props = [p[:n].detach() for p, n in zip(proposals, num.tolist())]
             return {**rpn_losses, **self.roi_heads.loss(features, props, targets)}
+        results = self.predict(images)
+        for img, r in zip(images, results):
+            r["masks"] = paste_masks_in_image(r.pop("mask_probs")[:, None], r["boxes"], tuple(img.shape[-2:]))
+        return results
 
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Eval without pasting: boxes in each image's pixels, labels, scores, mask_probs [N, 28, 28].
+
+        Callers that ship masks cropped to their boxes (the pipeline) paste only what they need.
+        """
+        original_hw = [tuple(img.shape[-2:]) for img in images]
+        batch, image_sizes, _ = transform.prepare(images, None, self.cfg.transform)
+        features = self.features(batch)
+        proposals, num_proposals, _ = self.rpn(features, tuple(batch.shape[-2:]), image_sizes)
         det = self.roi_heads.detect(features, proposals, num_proposals, image_sizes)
         counts = det["num_detections"].tolist()
         width = max(counts)  # the mask head runs on real detections only, not on the padding
         probs = self.roi_heads.mask_probs(features, det["boxes"][:, :width], det["labels"][:, :width])
-        results = []
-        for i, n in enumerate(counts):
-            resized_hw = tuple(image_sizes[i].tolist())
-            boxes = transform.scale_boxes(det["boxes"][i, :n], resized_hw, original_hw[i])
-            results.append(
-                {
-                    "boxes": boxes,
-                    "labels": det["labels"][i, :n],
-                    "scores": det["scores"][i, :n],
-                    "masks": paste_masks_in_image(probs[i, :n, None], boxes, original_hw[i]),
-                }
-            )
-        return results
+        return [
+            {
+                "boxes": transform.scale_boxes(det["boxes"][i, :n], tuple(image_sizes[i].tolist()), original_hw[i]),
+                "labels": det["labels"][i, :n],
+                "scores": det["scores"][i, :n],
+                "mask_probs": probs[i, :n],
+            }
+            for i, n in enumerate(counts)
+        ]
 
 
 _TORCHVISION_KWARGS = {  # torchvision MaskRCNN keyword -> (config section, field)
@@ -114,6 +123,7 @@ def default_config(variant: Variant) -> ModelConfig:
             fpn_channels=128,
             box_representation=512,
             transform=TransformConfig(min_size=512, max_size=853),
+            static=StaticGraphConfig(height=512, width=864),
         )
     raise ValueError(f"variant: expected one of 'v1', 'v2', 'lite', got {variant!r}")
 

@@ -96,6 +96,9 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
         self.box_coder = BoxCoder(cfg.bbox_reg_weights)
+        # The pooler is swappable so a benchmark can put a torchvision-style per-level loop
+        # in its place; it is plain wiring, not configuration.
+        self.pool = roi_align
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False)
         # torchvision's attribute names, so `model.roi_heads.score_thresh = 0.5` works as there.
         self.score_thresh = cfg.score_thresh
@@ -104,11 +107,11 @@ class RoIHeads(nn.Module):
 
     def classify(self, features: list[Tensor], boxes: Tensor) -> tuple[Tensor, Tensor]:
         """boxes [B, R, 4] -> class logits [B*R, C], box deltas [B*R, C*4]."""
-        return self.box_predictor(self.box_head(roi_align(features, boxes, BOX_POOL_SIZE)))
+        return self.box_predictor(self.box_head(self.pool(features, boxes, BOX_POOL_SIZE)))
 
     def mask_logits(self, features: list[Tensor], boxes: Tensor) -> Tensor:
         """boxes [B, R, 4] -> mask logits [B*R, C, 28, 28]."""
-        return self.mask_predictor(self.mask_head(roi_align(features, boxes, MASK_POOL_SIZE)))
+        return self.mask_predictor(self.mask_head(self.pool(features, boxes, MASK_POOL_SIZE)))
 
     def mask_probs(self, features: list[Tensor], boxes: Tensor, labels: Tensor) -> Tensor:
         """boxes [B, R, 4], labels [B, R] -> probabilities of each box's own class [B, R, 28, 28]."""

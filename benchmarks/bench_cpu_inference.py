@@ -1,0 +1,133 @@
+"""Eager CPU inference: our Mask R-CNN vs the same model with torchvision's per-level RoIAlign loop.
+
+Both run in one process, interleaved, on the same image and weights, so the ratio is robust to
+this machine's noise. Weights are the parity goldens' (random but realistic: 1000 proposals and
+100 detections, the full mask-head workload); without ../shared the model's own init is used
+with a zero score threshold for the same effect.
+
+    python benchmarks/bench_cpu_inference.py [--variant v1] [--height 800 --width 1344] [--repeats 3]
+
+Prints a table last and writes benchmarks/results/cpu_inference.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import model
+from model.ops.roi_align import multiscale_roi_align_per_level_loop
+from model.roi_heads import SAMPLING_RATIO
+from model.synthetic import make_scene
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent.parent / "shared"
+MANIFESTS = {"v1": "torchvision_maskrcnn_resnet50_fpn.json", "v2": "torchvision_maskrcnn_resnet50_fpn_v2.json"}
+
+
+def per_level_loop_pool(features, boxes, output_size):
+    """torchvision's MultiScaleRoIAlign: assign levels, loop over levels in Python, scatter back."""
+    pooled = multiscale_roi_align_per_level_loop(features[:4], boxes, output_size, SAMPLING_RATIO)
+    return pooled.flatten(0, 1)
+
+
+def golden_state(variant: str):
+    path = SHARED / "reference" / "golden_weights.py"
+    if variant not in MANIFESTS or not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("golden_weights", path)
+    gw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gw)
+    return gw.make_state_dict(gw.load_manifest(SHARED / "reference" / MANIFESTS[variant]), seed=0)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="v1", choices=["v1", "v2", "lite"])
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1344)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "cpu_inference.json")
+    args = parser.parse_args()
+
+    state = golden_state(args.variant)
+    torch.manual_seed(0)
+    overrides = {} if state is not None else {"box_score_thresh": 0.0}
+    # max_size 1344 so that an 800x1344 frame is not resized: the input is exactly the goal's.
+    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, max_size=max(args.width, 1333), **overrides)
+    net.eval()
+    scene = make_scene(0, height=args.height, width=args.width)
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255
+
+    ours_pool = net.roi_heads.pool
+    def run(pool):
+        net.roi_heads.pool = pool
+        with torch.no_grad():
+            return net.predict([image])[0]
+
+    # RoIAlign alone, on this image's real features and boxes.
+    with torch.no_grad():
+        batch, sizes, _ = model.transform.prepare([image], None, net.cfg.transform)
+        feats = net.features(batch)
+        proposals, num, _ = net.rpn(feats, tuple(batch.shape[-2:]), sizes)
+    det = run(ours_pool)
+    n_det = len(det["boxes"])
+
+    run(ours_pool), run(per_level_loop_pool)  # warm-up
+    rows: dict[str, list[float]] = {"ours": [], "per_level_loop": [], "roi_ours": [], "roi_loop": []}
+    for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
+        rows["ours"] += timed(lambda: run(ours_pool), 1)
+        rows["per_level_loop"] += timed(lambda: run(per_level_loop_pool), 1)
+        with torch.no_grad():
+            rows["roi_ours"] += timed(lambda: ours_pool(feats, proposals, 7), 1)
+            rows["roi_loop"] += timed(lambda: per_level_loop_pool(feats, proposals, 7), 1)
+    net.roi_heads.pool = ours_pool
+    med = {k: statistics.median(v) for k, v in rows.items()}
+
+    result = {
+        "benchmark": "eager CPU inference, one image",
+        "variant": args.variant,
+        "input_hw": [args.height, args.width],
+        "proposals": int(num[0]),
+        "detections": n_det,
+        "weights": "golden (torchvision parity)" if state is not None else "seeded init, score_thresh 0",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "repeats": args.repeats,
+        "seconds": rows,
+        "median_s": med,
+        "ratio_per_level_loop_over_ours": med["per_level_loop"] / med["ours"],
+        "roi_align_box_head_ratio_loop_over_ours": med["roi_loop"] / med["roi_ours"],
+        "command": f"python benchmarks/bench_cpu_inference.py --variant {args.variant} --height {args.height} "
+        f"--width {args.width} --repeats {args.repeats}",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{args.variant} {args.height}x{args.width}, {int(num[0])} proposals, {n_det} detections, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} (interleaved)")
+    print(f"{'what':<40}{'ours s':>10}{'loop s':>10}{'loop/ours':>11}")
+    print(f"{'full model (predict)':<40}{med['ours']:>10.3f}{med['per_level_loop']:>10.3f}"
+          f"{result['ratio_per_level_loop_over_ours']:>11.2f}")
+    print(f"{'box RoIAlign (1000 boxes, 7x7)':<40}{med['roi_ours']:>10.3f}{med['roi_loop']:>10.3f}"
+          f"{result['roi_align_box_head_ratio_loop_over_ours']:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

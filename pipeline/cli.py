@@ -1,0 +1,127 @@
+"""`maskstream` command line. The only module that prints or exits."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import model
+from model.checkpoint import CheckpointError
+from model.coco import COCO_CATEGORY_NAMES
+from model.config import ModelConfig
+from model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
+from model.synthetic import write_sample_images
+from pipeline.annotate import draw_detections
+from pipeline.config import ConfigError, load_config
+from pipeline.images import IMAGE_SUFFIXES, read_rgb, write_rgb
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    path = args.config or CONFIG_DIR / f"model_{args.variant}.yaml"
+    cfg = load_config(ModelConfig, path, args.set)
+    if args.config is None and cfg.variant != args.variant:
+        raise ConfigError(f"{path}: variant {cfg.variant!r} does not match --variant {args.variant}")
+    return cfg
+
+
+def class_names(cfg: ModelConfig) -> tuple[str, ...]:
+    if cfg.class_names:
+        return cfg.class_names
+    return COCO_CATEGORY_NAMES if cfg.num_classes == len(COCO_CATEGORY_NAMES) else ()
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(p)  # a missing file is reported when it is read, with the others going on
+    return paths
+
+
+def segment(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out)
+    cfg = model_config(args)
+    weights_backbone = None
+    if args.checkpoint is None:
+        if cfg.variant == "lite":
+            weights_backbone = "imagenet"
+        print(
+            "note: no --checkpoint given, so the detection heads are untrained and the detections are "
+            "not meaningful (the bundled trained model arrives with the training module)",
+            file=sys.stderr,
+        )
+    net = model.build(config=cfg, checkpoint=args.checkpoint, weights_backbone=weights_backbone).eval()
+    names = class_names(cfg)
+
+    paths = image_paths(args.images) if args.images else write_sample_images(out_dir / "samples", count=4, seed=0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with open(out_dir / "results.jsonl", "w", encoding="utf-8") as results:
+        for path in paths:
+            try:
+                image = read_rgb(path)
+            except (OSError, ValueError) as exc:  # one bad file never stops the others
+                print(f"error: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            start = time.perf_counter()
+            [det] = net.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
+            seconds = time.perf_counter() - start
+            record = {"image": str(path), "height": image.shape[0], "width": image.shape[1], "detections": []}
+            full_masks = []
+            for box, label, score, probs in zip(det["boxes"], det["labels"], det["scores"], det["mask_probs"]):
+                rle, crop_box = encode_box_cropped_rle(probs, box, image.shape[:2])
+                record["detections"].append(
+                    {
+                        "box": [round(float(v), 2) for v in box],
+                        "label": int(label),
+                        "class_name": names[int(label)] if int(label) < len(names) else f"class_{int(label)}",
+                        "score": round(float(score), 4),
+                        "mask": {"crop_box": list(crop_box), "rle": rle},
+                    }
+                )
+                full_masks.append(decode_box_cropped_rle(rle, crop_box, image.shape[:2]))
+            results.write(json.dumps(record) + "\n")
+            annotated = draw_detections(
+                image, det["boxes"].numpy(), det["labels"].numpy(), det["scores"].numpy(), full_masks, names
+            )
+            write_rgb(out_dir / "annotated" / f"{path.stem}.png", annotated)
+            print(f"{path.name}: {len(full_masks)} detections in {seconds:.2f} s")
+    print(f"wrote {out_dir / 'results.jsonl'} and {out_dir / 'annotated'}/")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskstream", description="Streaming Mask R-CNN instance segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment", help="segment still images (default: the built-in synthetic sample scenes)")
+    seg.add_argument("images", nargs="*", help="image files or folders (default: generated sample scenes)")
+    seg.add_argument("--out", default="out", help="output folder: results.jsonl, annotated/*.png")
+    seg.add_argument("--variant", choices=["v1", "v2", "lite"], default="lite")
+    seg.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
+    seg.add_argument("--checkpoint", type=Path, help="model weights (ours or torchvision's Mask R-CNN)")
+    seg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    seg.set_defaults(func=segment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
