@@ -69,7 +69,8 @@ def main() -> None:
     torch.manual_seed(0)
     overrides = {} if state is not None else {"box_score_thresh": 0.0}
     # max_size 1344 so that an 800x1344 frame is not resized: the input is exactly the goal's.
-    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, max_size=max(args.width, 1333), **overrides)
+    max_size = max(args.width, 1333)
+    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, max_size=max_size, **overrides)
     net.eval()
     scene = make_scene(0, height=args.height, width=args.width)
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255

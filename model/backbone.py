@@ -7,7 +7,7 @@ plus P6 ("pool", a stride-2 max-pool of P5) used only by the RPN.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,11 @@ class FrozenBatchNorm2d(nn.Module):
     Unlike torchvision's it keeps a `num_batches_tracked` buffer so its state_dict keys equal
     those of nn.BatchNorm2d: checkpoints saved from either load with strict=True.
     """
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
@@ -159,7 +164,9 @@ class MobileNetV2Body(nn.Module):
     out_channels = (24, 32, 96, 1280)
     return_indices = (3, 6, 13, 18)
     # expand ratio t, channels c, repeats n, first stride s (the MobileNetV2 paper, table 2)
-    settings = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    settings = (
+        (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)
+    )
 
     def __init__(self, norm: NormLayer):
         super().__init__()
@@ -233,7 +240,7 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def feature_dict(features: list[Tensor]) -> "OrderedDict[str, Tensor]":
+def feature_dict(features: list[Tensor]) -> OrderedDict[str, Tensor]:
     """torchvision's names for the pyramid levels: '0'..'3' and 'pool'."""
     names = [str(i) for i in range(len(features) - 1)] + ["pool"]
     return OrderedDict(zip(names, features))

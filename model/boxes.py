@@ -75,7 +75,7 @@ def clip_boxes(boxes: Tensor, height: Tensor | int, width: Tensor | int) -> Tens
     """
     x = boxes[..., 0::2].clamp(min=0)
     y = boxes[..., 1::2].clamp(min=0)
-    if isinstance(width, Tensor):
+    if isinstance(width, Tensor) and isinstance(height, Tensor):
         x = torch.minimum(x, width.to(boxes.dtype).unsqueeze(-1))
         y = torch.minimum(y, height.to(boxes.dtype).unsqueeze(-1))
     else:

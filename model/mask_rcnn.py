@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from model import transform
 from model.backbone import BackboneWithFPN, FrozenBatchNorm2d, MobileNetV2Body, NormLayer, ResNet50Body
 from model.checkpoint import CheckpointError, file_sha256, load_weights
 from model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig, Variant
+from model.postprocess import paste_masks_in_image
 from model.roi_heads import (
     BOX_POOL_SIZE,
     FastRCNNPredictor,
@@ -32,7 +32,6 @@ from model.roi_heads import (
     mask_head,
 )
 from model.rpn import RegionProposalNetwork
-from model.postprocess import paste_masks_in_image
 
 
 class MaskRCNN(nn.Module):
@@ -74,6 +73,7 @@ class MaskRCNN(nn.Module):
             features = self.features(batch)
             proposals, num, rpn_losses = self.rpn(features, tuple(batch.shape[-2:]), image_sizes, targets)
             props = [p[:n].detach() for p, n in zip(proposals, num.tolist())]
+            assert targets is not None  # prepare() returns them resized when given
             return {**rpn_losses, **self.roi_heads.loss(features, props, targets)}
         results = self.predict(images)
         for img, r in zip(images, results):

@@ -173,10 +173,12 @@ class RoIHeads(nn.Module):
 
         padded = nn.utils.rnn.pad_sequence(sampled, batch_first=True)  # [B, S, 4]
         class_logits, deltas = self.classify(features, padded)
-        rows = torch.cat([torch.arange(len(s), device=padded.device) + i * padded.shape[1] for i, s in enumerate(sampled)])
+        rows = _real_rows(sampled, padded.shape[1])
         class_logits, deltas = class_logits[rows], deltas[rows]
         all_labels = torch.cat(labels)
-        matched_gt = torch.cat([t["boxes"][g] if t["boxes"].numel() else s for t, g, s in zip(targets, gt_index, sampled)])
+        matched_gt = torch.cat(
+            [t["boxes"][g] if t["boxes"].numel() else s for t, g, s in zip(targets, gt_index, sampled)]
+        )
         reg_targets = self.box_coder.encode(matched_gt, torch.cat(sampled))
 
         loss_classifier = F.cross_entropy(class_logits, all_labels)
@@ -191,16 +193,21 @@ class RoIHeads(nn.Module):
         return losses
 
     def _mask_loss(
-        self, features: list[Tensor], sampled: list[Tensor], labels: list[Tensor], gt_index: list[Tensor], targets: list[dict]
+        self,
+        features: list[Tensor],
+        sampled: list[Tensor],
+        labels: list[Tensor],
+        gt_index: list[Tensor],
+        targets: list[dict],
     ) -> Tensor:
         positives = [torch.where(lab > 0)[0] for lab in labels]
         pos_boxes = [s[p] for s, p in zip(sampled, positives)]
         if sum(len(p) for p in positives) == 0:
-            return sum(p.sum() for p in self.mask_predictor.parameters()) * 0.0
+            # No positives: a zero that still touches the mask branch, so DDP sees every parameter.
+            return torch.stack([p.sum() for p in self.mask_predictor.parameters()]).sum() * 0.0
         padded = nn.utils.rnn.pad_sequence(pos_boxes, batch_first=True)
         logits = self.mask_logits(features, padded)
-        rows = torch.cat([torch.arange(len(b), device=padded.device) + i * padded.shape[1] for i, b in enumerate(pos_boxes)])
-        logits = logits[rows]
+        logits = logits[_real_rows(pos_boxes, padded.shape[1])]
         pos_labels = torch.cat([lab[p] for lab, p in zip(labels, positives)])
         size = logits.shape[-1]
         mask_targets = torch.cat(
@@ -211,6 +218,11 @@ class RoIHeads(nn.Module):
         )
         picked = logits[torch.arange(len(pos_labels), device=logits.device), pos_labels]
         return F.binary_cross_entropy_with_logits(picked, mask_targets)
+
+
+def _real_rows(parts: list[Tensor], width: int) -> Tensor:
+    """Indices of the real rows when `parts` are padded to [B, width] and flattened to [B*width]."""
+    return torch.cat([torch.arange(len(p), device=p.device) + i * width for i, p in enumerate(parts)])
 
 
 def project_masks_on_boxes(gt_masks: Tensor, matched: Tensor, boxes: Tensor, size: int) -> Tensor:

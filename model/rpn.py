@@ -29,7 +29,7 @@ class RPNHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.constant_(m.bias, 0)
+                nn.init.constant_(m.bias, 0)  # type: ignore[arg-type]
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
         """Levels -> objectness [B, N], deltas [B, N, 4], anchors per level; N in (level, y, x, a) order."""

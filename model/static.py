@@ -22,6 +22,9 @@ OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "mask_probs")
 
 
 class StaticMaskRCNN(nn.Module):
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: MaskRCNN, shape: StaticGraphConfig | None = None):
         super().__init__()
         self.model = model
@@ -58,7 +61,9 @@ class StaticMaskRCNN(nn.Module):
                 f"got {images.dtype} {list(images.shape)}"
             )
         if tuple(image_sizes.shape) != (self.shape[0], 2):
-            raise ValueError(f"image_sizes: expected [{self.shape[0]}, 2] (h, w per frame), got {list(image_sizes.shape)}")
+            raise ValueError(
+                f"image_sizes: expected [{self.shape[0]}, 2] (h, w per frame), got {list(image_sizes.shape)}"
+            )
         m = self.model
         # Same arithmetic as the eager path: uint8 / 255 then (x - mean) / std, folded.
         x = (images.float() - self.mean) / self.std

@@ -6,6 +6,7 @@ preprocess stage and normalises inside the graph (see model/static.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ def check_images(images: list[Tensor]) -> None:
             raise ValueError(f"images[{i}]: empty image of shape {list(img.shape)}")
 
 
-def resized_hw(hw: tuple[int, int], cfg: TransformConfig) -> tuple[float, tuple[int, int]]:
+def resized_hw(hw: Sequence[int], cfg: TransformConfig) -> tuple[float, tuple[int, int]]:
     """Scale so the short side is min_size unless the long side would pass max_size.
 
     The scale is computed in float32, as torchvision does, so output sizes agree with it.
@@ -54,7 +55,7 @@ def resize_image(image: Tensor, cfg: TransformConfig) -> Tensor:
     )[0]
 
 
-def resize_target(target: dict, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> dict:
+def resize_target(target: dict, from_hw: Sequence[int], to_hw: Sequence[int]) -> dict:
     out = dict(target)
     out["boxes"] = scale_boxes(target["boxes"], from_hw, to_hw)
     if "masks" in target and target["masks"].numel():
@@ -63,7 +64,7 @@ def resize_target(target: dict, from_hw: tuple[int, int], to_hw: tuple[int, int]
     return out
 
 
-def scale_boxes(boxes: Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Tensor:
+def scale_boxes(boxes: Tensor, from_hw: Sequence[int], to_hw: Sequence[int]) -> Tensor:
     """Map boxes between image sizes (torchvision's resize_boxes: float32 per-axis ratios)."""
     ratio_h = torch.tensor(to_hw[0], dtype=torch.float32) / torch.tensor(from_hw[0], dtype=torch.float32)
     ratio_w = torch.tensor(to_hw[1], dtype=torch.float32) / torch.tensor(from_hw[1], dtype=torch.float32)

@@ -27,9 +27,9 @@ def draw_detections(
     """image uint8 [H, W, 3] RGB; boxes [N, 4]; masks: N full-frame bool/uint8 [H, W] -> new image."""
     out = image.astype(np.float32)
     for mask, label in zip(masks, labels):
-        color = np.array(label_color(int(label)), dtype=np.float32)
+        tint = np.array(label_color(int(label)), dtype=np.float32)
         m = np.asarray(mask).astype(bool)
-        out[m] = (1 - MASK_ALPHA) * out[m] + MASK_ALPHA * color
+        out[m] = (1 - MASK_ALPHA) * out[m] + MASK_ALPHA * tint
     out_u8 = out.round().clip(0, 255).astype(np.uint8)
     for box, label, score in zip(boxes, labels, scores):
         color = label_color(int(label))

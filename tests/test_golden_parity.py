@@ -23,8 +23,8 @@ import model
 from model.config import StaticGraphConfig
 from model.postprocess import decode_rle, encode_rle, mask_iou_rle, paste_masks_in_image
 from model.static import StaticMaskRCNN
-from tests.conftest import REFERENCE, require
 from pipeline.images import read_rgb
+from tests.conftest import REFERENCE, require
 
 IMAGES = ["astronaut", "coffee"]
 BOX_ATOL = 1e-3
