@@ -72,7 +72,7 @@ def _check_inputs(
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float16 has an 11-bit mantissa: pixel coordinates up to ~300 would keep only ~1/8 px, and
+    # float16 has an 11-bit mantissa: a pixel coordinate near 300 is only good to 1/4 px, and
     # sums of 16 taps would lose more. Weights and accumulation run in float32 instead.
     return torch.float32 if dtype == torch.float16 else dtype
 
