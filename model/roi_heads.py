@@ -226,10 +226,13 @@ def _real_rows(parts: list[Tensor], width: int) -> Tensor:
 
 
 def project_masks_on_boxes(gt_masks: Tensor, matched: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Crop each box's matched ground-truth mask [G, H, W] and resample it to [R, size, size]."""
+    """Crop each box's matched ground-truth mask [G, H, W] and resample it to [R, size, size].
+
+    As torchvision: RoIAlign with an adaptive sampling grid (sampling_ratio=-1) over the mask
+    itself, each box reading only its own matched mask.
+    """
     if boxes.numel() == 0:
         return gt_masks.new_zeros((0, size, size), dtype=torch.float32)
-    masks = gt_masks.to(torch.float32)[None]  # [1, G, H, W]: masks as channels of one image
-    crops = ops.roi_align(masks, boxes[None].to(torch.float32), 1.0, size, SAMPLING_RATIO, False)
-    crops = crops[0]  # [R, G, size, size]
-    return crops[torch.arange(len(matched), device=crops.device), matched]
+    rois = torch.cat([matched[:, None].to(torch.float32), boxes.to(torch.float32)], dim=1)  # [R, 5]
+    crops = ops.roi_align_rois(gt_masks.to(torch.float32)[:, None], rois, 1.0, size, -1, False)
+    return crops[:, 0]  # [R, size, size]

@@ -140,3 +140,21 @@ def test_training_losses_are_finite_and_backpropagate(lite):
     with pytest.raises(ValueError, match="targets: required in training mode"):
         lite(images)
     lite.eval()
+
+
+def test_mask_targets_are_torchvision_roi_align_of_the_matched_mask():
+    """project_masks_on_boxes = RoIAlign(scale 1, adaptive sampling) of each box's own gt mask."""
+    from model.ops import roi_align_reference
+    from model.roi_heads import project_masks_on_boxes
+
+    g = torch.Generator().manual_seed(3)
+    masks = (torch.rand(3, 40, 50, generator=g) > 0.5).to(torch.uint8)
+    boxes = torch.tensor([[2.0, 3.0, 30.5, 20.0], [10.0, 0.0, 49.0, 39.0], [0.5, 0.5, 7.25, 12.0]])
+    matched = torch.tensor([2, 0, 1])
+    ours = project_masks_on_boxes(masks, matched, boxes, 28)
+    # The reference is multi-level; with first_level=0 and canonical_level=0 every box here
+    # maps to level 0, whose scale is 1.
+    levels = [masks.double()[None]] * 4
+    ref = roi_align_reference(levels, boxes.double()[None], 28, sampling_ratio=-1, canonical_level=0, first_level=0)
+    ref = ref[0, torch.arange(3), matched]  # [R, 28, 28]
+    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)

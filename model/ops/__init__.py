@@ -6,6 +6,7 @@ from model.ops.roi_align import (
     multiscale_roi_align_per_level_loop,
     roi_align,
     roi_align_reference,
+    roi_align_rois,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "multiscale_roi_align_per_level_loop",
     "roi_align",
     "roi_align_reference",
+    "roi_align_rois",
 ]

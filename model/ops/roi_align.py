@@ -451,7 +451,7 @@ def roi_align(
     return _apply([feature], boxes, level, [spatial_scale], output_size, sampling_ratio, aligned)
 
 
-def _roi_align_rois(
+def roi_align_rois(
     feature: Tensor, rois: Tensor, spatial_scale: float, output_size: int, sampling_ratio: int, aligned: bool
 ) -> Tensor:
     """torchvision's calling convention: rois [K, 5] = (batch index, x1, y1, x2, y2) -> [K, C, S, S]."""
@@ -485,7 +485,7 @@ def multiscale_roi_align_per_level_loop(
     result = features[0].new_zeros((b * r, c, s, s))
     for level, feature in enumerate(features):
         idx = torch.nonzero(levels == level).squeeze(1)
-        result[idx] = _roi_align_rois(
+        result[idx] = roi_align_rois(
             feature, rois[idx], level_scale(level, first_level), s, sampling_ratio, aligned
         )
     return result.view(b, r, c, s, s)
