@@ -1,9 +1,9 @@
 """Eager CPU inference: our Mask R-CNN vs the same model with torchvision's per-level RoIAlign loop.
 
 Both run in one process, interleaved, on the same image and weights, so the ratio is robust to
-this machine's noise. Weights are the parity goldens' (random but realistic: 1000 proposals and
-100 detections, the full mask-head workload); without ../shared the model's own init is used
-with a zero score threshold for the same effect.
+this machine's noise. Weights are the parity goldens' (deterministic, torchvision-initialised
+scales) or, without ../shared, the model's own init. The score threshold is 0 so every image
+carries the worst-case load: 1000 proposals and 100 detections through the mask head.
 
     python benchmarks/bench_cpu_inference.py [--variant v1] [--height 800 --width 1344] [--repeats 3]
 
@@ -67,13 +67,12 @@ def main() -> None:
 
     state = golden_state(args.variant)
     torch.manual_seed(0)
-    overrides = {} if state is not None else {"box_score_thresh": 0.0}
     # max_size 1344 so that an 800x1344 frame is not resized: the input is exactly the goal's.
     max_size = max(args.width, 1333)
-    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, max_size=max_size, **overrides)
+    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, max_size=max_size, box_score_thresh=0.0)
     net.eval()
     scene = make_scene(0, height=args.height, width=args.width)
-    image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255
+    image = torch.from_numpy(scene.image.copy()).permute(2, 0, 1).float() / 255
 
     ours_pool = net.roi_heads.pool
     def run(pool):
@@ -106,7 +105,8 @@ def main() -> None:
         "input_hw": [args.height, args.width],
         "proposals": int(num[0]),
         "detections": n_det,
-        "weights": "golden (torchvision parity)" if state is not None else "seeded init, score_thresh 0",
+        "weights": "golden (torchvision parity)" if state is not None else "seeded init",
+        "score_thresh": 0.0,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
