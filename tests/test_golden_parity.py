@@ -22,7 +22,7 @@ import torch
 import model
 from model.config import StaticGraphConfig
 from model.postprocess import decode_rle, encode_rle, mask_iou_rle, paste_masks_in_image
-from model.static import StaticMaskRCNN
+from model.static import OUTPUT_NAMES, StaticMaskRCNN, export, pad_value
 from pipeline.images import read_rgb
 from tests.conftest import REFERENCE, require
 
@@ -144,3 +144,22 @@ def test_static_graph_equals_eager(v1):
     assert graph["mask_probs"].shape == (1, m.roi_heads.detections_per_img, 28, 28)
     pasted = paste_masks_in_image(graph["mask_probs"][0, :n, None], eager["boxes"], (800, 800))
     torch.testing.assert_close(pasted, eager["masks"], atol=MASK_PROB_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_exported_full_model_equals_eager(v1):
+    """torch.export of the full R50-FPN static graph: no graph break, same outputs."""
+    m, _ = v1
+    static = StaticMaskRCNN(m, StaticGraphConfig(batch=1, height=800, width=800)).eval()
+    golden = torch.load(require(REFERENCE / "golden_v1_coffee.pt"), weights_only=False)
+    image = read_rgb(REFERENCE / golden["image"])  # 400x600: letterboxed into the 800x800 frame
+    frame = torch.tensor(pad_value(m), dtype=torch.uint8).view(1, 3, 1, 1).repeat(1, 1, 800, 800)
+    frame[0, :, :400, :600] = torch.from_numpy(image).permute(2, 0, 1)
+    sizes = torch.tensor([[400, 600]])
+    program = export(static)
+    with torch.no_grad():
+        eager = static(frame, sizes)
+        exported = program.module()(frame, sizes)
+    assert int(eager["num_detections"][0]) == 100
+    for name in OUTPUT_NAMES:
+        torch.testing.assert_close(exported[name], eager[name], atol=1e-4, rtol=1e-4, msg=name)

@@ -121,12 +121,12 @@ def test_bad_images_name_what_was_expected(lite):
 def test_training_losses_are_finite_and_backpropagate(lite):
     lite.train()
     scenes = [make_scene(seed, height=192, width=256) for seed in (1, 2)]
-    images = [torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in scenes]
+    images = [torch.from_numpy(s.image.copy()).permute(2, 0, 1).float() / 255 for s in scenes]
     targets = [
         {
-            "boxes": torch.from_numpy(s.boxes),
-            "labels": torch.from_numpy(s.labels),
-            "masks": torch.from_numpy(s.masks).to(torch.uint8),
+            "boxes": torch.from_numpy(s.boxes.copy()),
+            "labels": torch.from_numpy(s.labels.copy()),
+            "masks": torch.from_numpy(s.masks.copy()).to(torch.uint8),
         }
         for s in scenes
     ]
@@ -158,3 +158,30 @@ def test_mask_targets_are_torchvision_roi_align_of_the_matched_mask():
     ref = roi_align_reference(levels, boxes.double()[None], 28, sampling_ratio=-1, canonical_level=0, first_level=0)
     ref = ref[0, torch.arange(3), matched]  # [R, 28, 28]
     torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "lite"])
+def test_shipped_configs_mirror_the_defaults(variant):
+    from pipeline.cli import CONFIG_DIR
+    from pipeline.config import load_config
+
+    assert load_config(model.ModelConfig, CONFIG_DIR / f"model_{variant}.yaml") == model.default_config(variant)
+
+
+def test_v2_runs_eval_and_train():
+    torch.manual_seed(0)
+    m = model.build("v2", min_size=128, max_size=160, box_score_thresh=0.0, box_detections_per_img=5)
+    m.eval()
+    with torch.no_grad():
+        [det] = m([torch.rand(3, 120, 150)])
+    assert det["masks"].shape == (5, 1, 120, 150)
+    m.train()
+    scene = make_scene(4, height=128, width=160)
+    target = {
+        "boxes": torch.from_numpy(scene.boxes.copy()),
+        "labels": torch.from_numpy(scene.labels.copy()),
+        "masks": torch.from_numpy(scene.masks.copy()).to(torch.uint8),
+    }
+    image = torch.from_numpy(scene.image.copy()).permute(2, 0, 1).float() / 255
+    losses = m([image, image], [target, target])  # BatchNorm heads need more than one value per channel
+    assert all(torch.isfinite(v) for v in losses.values())
