@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,7 @@ from model.postprocess import (
     rescale_boxes,
     uncrop,
 )
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
+from tests.conftest import REFERENCE
 
 # ------------------------------------------------------------------ slow reference
 
