@@ -67,7 +67,7 @@ class RegionProposalNetwork(nn.Module):
 
         # Top-k by objectness within each level, so coarse levels are not crowded out.
         top_idx, levels, offset = [], [], 0
-        for lvl, (level_logits) in enumerate(objectness.detach().split(counts, 1)):
+        for lvl, level_logits in enumerate(objectness.detach().split(counts, 1)):
             k = min(pre_n, level_logits.shape[1])
             top_idx.append(level_logits.topk(k, dim=1).indices + offset)
             levels.append(torch.full((k,), lvl, dtype=torch.int64, device=objectness.device))
