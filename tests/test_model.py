@@ -185,3 +185,34 @@ def test_v2_runs_eval_and_train():
     image = torch.from_numpy(scene.image.copy()).permute(2, 0, 1).float() / 255
     losses = m([image, image], [target, target])  # BatchNorm heads need more than one value per channel
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("variant", ["v2", "lite"])
+def test_folded_batch_norms_give_the_same_detections(variant):
+    from model.fuse import fold_batch_norms
+
+    torch.manual_seed(0)
+    m = model.build(variant, min_size=128, max_size=160, box_score_thresh=0.0, box_detections_per_img=5).eval()
+    for norm in m.modules():  # non-trivial statistics, so folding has something to do
+        if isinstance(norm, torch.nn.BatchNorm2d | model.backbone.FrozenBatchNorm2d):
+            norm.running_mean.uniform_(-0.1, 0.1)
+            norm.running_var.uniform_(0.5, 1.5)
+    folded = fold_batch_norms(m)
+    norms = (torch.nn.BatchNorm2d, model.backbone.FrozenBatchNorm2d)
+    assert not any(isinstance(x, norms) for x in folded.modules())
+    assert any(isinstance(x, norms) for x in m.modules())  # the original is untouched
+    image = torch.rand(3, 120, 150)
+    with torch.no_grad():
+        [a], [b] = m([image]), folded([image])
+    torch.testing.assert_close(b["boxes"], a["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(b["scores"], a["scores"], atol=1e-5, rtol=1e-4)
+    assert torch.equal(b["labels"], a["labels"])
+
+
+@pytest.mark.parametrize(("fine", "coarse"), [((8, 12), (4, 6)), ((9, 12), (5, 6)), ((8, 8), (3, 3))])
+def test_fpn_top_down_add_equals_nearest_upsample(fine, coarse):
+    from model.backbone import add_upsampled
+
+    a, b = torch.randn(2, 3, *fine), torch.randn(2, 3, *coarse)
+    expected = a + torch.nn.functional.interpolate(b, size=fine, mode="nearest")
+    assert torch.equal(add_upsampled(a, b), expected)
