@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import sys
 import time
@@ -13,11 +15,13 @@ import model
 from model.checkpoint import CheckpointError
 from model.coco import COCO_CATEGORY_NAMES
 from model.config import ModelConfig
+from model.engine import TensorRTUnavailable, build_engine, torch_tensorrt_version
 from model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
 from model.synthetic import write_sample_images
 from pipeline.annotate import draw_detections
 from pipeline.config import ConfigError, load_config
 from pipeline.images import IMAGE_SUFFIXES, read_rgb, write_rgb
+from plugins.roi_align.registration import tensorrt_version
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -100,6 +104,61 @@ def segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def build_engine_command(args: argparse.Namespace) -> int:
+    cfg = model_config(args)
+    out = Path(args.out)
+    manifest = build_engine(args.checkpoint, cfg, out, precision=args.precision)
+    print(
+        f"wrote {out} and {out.with_suffix('.json')}: {manifest.precision}, input {list(manifest.input_shape)} uint8, "
+        f"K={manifest.detections}, TensorRT {manifest.tensorrt_version}"
+    )
+    return 0
+
+
+def _package(module: str, distribution: str) -> str:
+    """Version of an optional package found without importing it (importing zmq is the transport's job)."""
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "installed (version unknown)"
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from model.runners import RunnerSpec, runner_choice
+
+    cuda_build = torch.version.cuda
+    if torch.cuda.is_available():
+        cuda = f"available: {torch.cuda.get_device_name(0)} (CUDA {cuda_build})"
+    else:
+        cuda = "not available" + (f" (torch built with CUDA {cuda_build}, but no device)" if cuda_build else "")
+    trt = tensorrt_version()
+    tt = torch_tensorrt_version()
+    rows = [
+        ("torch", f"{torch.__version__} ({'CUDA ' + cuda_build + ' build' if cuda_build else 'CPU-only build'})"),
+        ("CUDA", cuda),
+        ("Triton", _package("triton", "triton")),
+        ("TensorRT", trt or "not installed"),
+        ("torch-tensorrt", tt or "not installed"),
+        ("PyAV", _package("av", "av")),
+        ("ZeroMQ", _package("zmq", "pyzmq")),
+        ("OpenCV", _package("cv2", "opencv-python-headless")),
+        ("pycocotools", _package("pycocotools", "pycocotools")),
+    ]
+    choice = runner_choice(RunnerSpec(engine=args.engine))
+    runner = {
+        "tensorrt": f"TensorRTRunner ({args.engine})" + ("" if trt else " -- would fail: TensorRT not installed"),
+        "torch-cuda": "TorchRunner on cuda (no --engine given)",
+        "torch-cpu": "TorchRunner on cpu (no --engine given, no CUDA device)",
+    }[choice]
+    rows.append(("runner", runner))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskstream", description="Streaming Mask R-CNN instance segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--checkpoint", type=Path, help="model weights (ours or torchvision's Mask R-CNN)")
     seg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     seg.set_defaults(func=segment)
+
+    eng = sub.add_parser("build-engine", help="compile a checkpoint into a TensorRT engine + JSON manifest")
+    eng.add_argument("--checkpoint", type=Path, required=True, help="model weights (ours or torchvision's Mask R-CNN)")
+    eng.add_argument("--variant", choices=["v1", "v2", "lite"], default="v1")
+    eng.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
+    eng.add_argument("--out", required=True, help="engine file NAME.engine; the manifest goes to NAME.json")
+    eng.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    eng.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    eng.set_defaults(func=build_engine_command)
+
+    doc = sub.add_parser("doctor", help="show which optional pieces are installed and which runner would be used")
+    doc.add_argument("--engine", type=Path, help="an engine file, to show the runner it would get")
+    doc.set_defaults(func=doctor)
     return parser
 
 
@@ -118,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, TensorRTUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,299 @@
+"""Runners: one way to run the static graph, whatever runs it.
+
+    runner = make_runner(RunnerSpec(engine=Path("maskrcnn.engine")))   # chosen once, at start
+    out = runner.infer(images, image_sizes)    # uint8 [B, 3, H, W], int [B, 2] (h, w)
+    out["boxes"]                               # float32 [B, K, 4]; keys = model.static.OUTPUT_NAMES
+
+Every runner returns the same fixed-shape arrays: num_detections int64 [B], boxes float32 [B, K, 4],
+scores float32 [B, K], labels int64 [B, K], mask_probs float32 [B, K, 28, 28]; rows past
+num_detections are zero.
+- `TorchRunner`: `StaticMaskRCNN` on CPU or CUDA. On CUDA it captures the fixed-shape forward in
+  a CUDA graph on the first call and replays it after, when the graph can be captured (every op
+  on the device, no host synchronisation); otherwise it runs eagerly and says why in `graph_error`.
+- `TensorRTRunner`: a TensorRT engine file, refused unless its manifest (NAME.json) matches.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+from model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
+from model.mask_rcnn import MaskRCNN, build
+from model.static import OUTPUT_NAMES, StaticMaskRCNN
+from plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
+
+__all__ = [
+    "OUTPUT_DTYPES",
+    "Runner",
+    "RunnerSpec",
+    "TensorRTRunner",
+    "TorchRunner",
+    "check_inputs",
+    "check_manifest",
+    "make_runner",
+    "runner_choice",
+]
+
+OUTPUT_DTYPES: dict[str, type[np.generic]] = {
+    "num_detections": np.int64,
+    "boxes": np.float32,
+    "scores": np.float32,
+    "labels": np.int64,
+    "mask_probs": np.float32,
+}
+
+
+class Runner(Protocol):
+    input_shape: tuple[int, int, int, int]
+
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def check_inputs(images: Any, image_sizes: Any, shape: tuple[int, int, int, int]) -> None:
+    """Raise a clear error unless images is uint8 `shape` and image_sizes int [B, 2] within (H, W)."""
+    b, _, h, w = shape
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images: expected a numpy array uint8 {list(shape)}, got {type(images).__name__}")
+    if images.dtype != np.uint8 or images.shape != shape:
+        raise ValueError(f"images: expected uint8 {list(shape)} (B, 3, H, W), got {images.dtype} {list(images.shape)}")
+    if not isinstance(image_sizes, np.ndarray):
+        raise TypeError(f"image_sizes: expected a numpy integer array [{b}, 2], got {type(image_sizes).__name__}")
+    if not np.issubdtype(image_sizes.dtype, np.integer) or image_sizes.shape != (b, 2):
+        raise ValueError(
+            f"image_sizes: expected integer [{b}, 2] (h, w per frame), "
+            f"got {image_sizes.dtype} {list(image_sizes.shape)}"
+        )
+    hs, ws = image_sizes[:, 0], image_sizes[:, 1]
+    if (hs < 1).any() or (hs > h).any() or (ws < 1).any() or (ws > w).any():
+        raise ValueError(f"image_sizes: every (h, w) must be within 1..{h} x 1..{w}, got {image_sizes.tolist()}")
+
+
+def _to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: outputs[name].detach().cpu().numpy().astype(OUTPUT_DTYPES[name], copy=True) for name in OUTPUT_NAMES}
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+class TorchRunner:
+    """`StaticMaskRCNN` on "cpu" or "cuda" (CUDA graph replay on CUDA when capturable)."""
+
+    def __init__(self, model: MaskRCNN | StaticMaskRCNN, device: str = "cpu", cuda_graph: bool = True):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' asked for, but torch has no CUDA device")
+        static = model if isinstance(model, StaticMaskRCNN) else StaticMaskRCNN(model)
+        self.static = static.eval().to(device)
+        self.device = device
+        self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
+        self.graph_error: str | None = None  # why CUDA graphs are not used, once tried
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_in: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._static_out: dict[str, torch.Tensor] | None = None
+        # Chosen once: CPU runs eagerly; CUDA decides on the first call (capture or eager).
+        self._run: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = (
+            self._first_cuda_call if device == "cuda" and cuda_graph else self._eager
+        )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path | None, config: ModelConfig, device: str = "cpu") -> TorchRunner:
+        return cls(build(config=config, checkpoint=checkpoint), device=device)
+
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        check_inputs(images, image_sizes, self.input_shape)
+        return _to_numpy(self._run(torch.from_numpy(images), torch.from_numpy(image_sizes.astype(np.int64))))
+
+    def _eager(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return self.static(images.to(self.device), image_sizes.to(self.device))
+
+    def _first_cuda_call(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        static_in = (images.to("cuda"), image_sizes.to("cuda"))
+        # Warm up on a side stream (lazy init, allocator, autotuning stay out of the graph).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self.static(*static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                static_out = self.static(*static_in)
+        except RuntimeError as exc:  # an op synchronises with the host or leaves the device
+            torch.cuda.synchronize()
+            self.graph_error = f"CUDA graph capture failed, running eagerly: {exc}"
+            self._run = self._eager
+            return self._eager(images, image_sizes)
+        self._graph, self._static_in, self._static_out = graph, static_in, static_out
+        self._run = self._replay
+        return self._replay(images, image_sizes)
+
+    def _replay(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert self._graph is not None and self._static_in is not None and self._static_out is not None
+        self._static_in[0].copy_(images)
+        self._static_in[1].copy_(image_sizes)
+        self._graph.replay()
+        return {name: t.clone() for name, t in self._static_out.items()}
+
+
+# ----------------------------------------------------------------------------- TensorRT
+
+
+def check_manifest(
+    manifest: EngineManifest,
+    *,
+    tensorrt_version: str | None,
+    plugin_version: int,
+    input_shape: tuple[int, ...] | None = None,
+    source: str = "engine",
+) -> None:
+    """Raise EngineMismatch naming the first field that does not match, with expected and found."""
+    expected: list[tuple[str, Any, Any]] = [
+        ("tensorrt_version", tensorrt_version, manifest.tensorrt_version),
+        ("plugin_version", plugin_version, manifest.plugin_version),
+        ("input_dtype", "uint8", manifest.input_dtype),
+        ("output_bindings", len(OUTPUT_NAMES), len(manifest.output_bindings)),
+    ]
+    if input_shape is not None:
+        expected.append(("input_shape", tuple(input_shape), manifest.input_shape))
+    for name, want, found in expected:
+        if want != found:
+            hint = "" if name == "input_shape" else " (rebuild it with `maskstream build-engine` on this machine)"
+            raise EngineMismatch(
+                f"{source}: manifest field {name} does not match: expected {want!r}, found {found!r}{hint}"
+            )
+
+
+def _torch_dtype(trt_dtype: Any) -> torch.dtype:
+    import tensorrt as trt
+
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.UINT8: torch.uint8,
+        trt.DataType.INT8: torch.int8,
+        trt.DataType.BOOL: torch.bool,
+    }
+    if trt_dtype not in table:
+        raise EngineMismatch(f"engine tensor dtype {trt_dtype} has no torch counterpart here")
+    return table[trt_dtype]
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    """trt.Dims -> tuple of ints."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+class TensorRTRunner:
+    """A TensorRT engine built by `build_engine`, run with `execute_async_v3` on torch CUDA buffers."""
+
+    def __init__(self, engine_path: str | Path, input_shape: tuple[int, int, int, int] | None = None):
+        path = Path(engine_path)
+        sidecar = manifest_path(path)
+        if not sidecar.is_file():
+            raise EngineMismatch(
+                f"{path}: no manifest {sidecar.name} beside the engine, so nothing says what it was built from; "
+                "rebuild it with `maskstream build-engine`"
+            )
+        self.manifest = EngineManifest.read(sidecar)
+        version = tensorrt_version()
+        if version is None:
+            raise TensorRTUnavailable(f"{path}: running an engine needs TensorRT, not installed: {INSTALL_HINT}")
+        check_manifest(
+            self.manifest, tensorrt_version=version, plugin_version=plugin_version(), input_shape=input_shape,
+            source=str(path),
+        )
+        if not torch.cuda.is_available():
+            raise TensorRTUnavailable(f"{path}: running an engine needs a CUDA device")
+        import tensorrt as trt
+
+        self.input_shape: tuple[int, int, int, int] = self.manifest.input_shape
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineMismatch(f"{path}: TensorRT {version} cannot deserialize it (built for another GPU/version?)")
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        bindings = (*self.manifest.input_bindings, *self.manifest.output_bindings)
+        missing = [n for n in bindings if n not in names]
+        if missing:
+            raise EngineMismatch(f"{path}: manifest bindings {missing} are not in the engine (it has {sorted(names)})")
+        engine_shape = _dims(engine.get_tensor_shape(self.manifest.input_bindings[0]))
+        if engine_shape != self.manifest.input_shape:
+            raise EngineMismatch(
+                f"{path}: manifest field input_shape does not match the engine: "
+                f"expected {self.manifest.input_shape}, found {engine_shape}"
+            )
+        self._buffers: dict[str, torch.Tensor] = {}
+        for name in bindings:  # fixed shapes: allocate once, bind once
+            shape = _dims(engine.get_tensor_shape(name))
+            buffer = torch.empty(shape, dtype=_torch_dtype(engine.get_tensor_dtype(name)), device="cuda")
+            self._context.set_tensor_address(name, buffer.data_ptr())
+            self._buffers[name] = buffer
+        self._stream = torch.cuda.Stream()
+
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        check_inputs(images, image_sizes, self.input_shape)
+        images_name, sizes_name = self.manifest.input_bindings
+        with torch.cuda.stream(self._stream):
+            self._buffers[images_name].copy_(torch.from_numpy(images))
+            self._buffers[sizes_name].copy_(torch.from_numpy(image_sizes.astype(np.int64)))
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            outputs = {
+                out: self._buffers[binding].to("cpu")
+                for out, binding in zip(OUTPUT_NAMES, self.manifest.output_bindings)
+            }
+        self._stream.synchronize()
+        return _to_numpy(outputs)
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What to run: an engine file, or a checkpoint + config for the torch runner.
+
+    input_shape: what the caller will feed (B, 3, H, W); an engine built for another shape is refused.
+    """
+
+    engine: Path | None = None
+    checkpoint: Path | None = None
+    config: ModelConfig = field(default_factory=ModelConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    input_shape: tuple[int, int, int, int] | None = None
+
+
+def runner_choice(spec: RunnerSpec) -> str:
+    """Which runner `make_runner(spec)` builds: "tensorrt", "torch-cuda" or "torch-cpu"."""
+    if spec.engine is not None:
+        return "tensorrt"
+    if spec.device == "auto":
+        return "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
+    return f"torch-{spec.device}"
+
+
+def make_runner(spec: RunnerSpec) -> TensorRTRunner | TorchRunner:
+    """Build the runner once, at start: an engine -> TensorRTRunner; else torch on CUDA if there is one."""
+    choice = runner_choice(spec)
+    if choice == "tensorrt":
+        assert spec.engine is not None
+        return TensorRTRunner(spec.engine, input_shape=spec.input_shape)
+    runner = TorchRunner(build(config=spec.config, checkpoint=spec.checkpoint), device=choice.removeprefix("torch-"))
+    if spec.input_shape is not None and tuple(spec.input_shape) != runner.input_shape:
+        raise ValueError(f"input_shape: the config's static graph takes {list(runner.input_shape)}, "
+                         f"the caller expects {list(spec.input_shape)}")
+    return runner

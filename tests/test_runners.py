@@ -1,0 +1,309 @@
+"""Runners, engine manifest and the TensorRT-less paths, for real on this machine (no TensorRT here)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import StaticGraphConfig
+from model.engine import (
+    EngineManifest,
+    EngineMismatch,
+    ManifestError,
+    TensorRTUnavailable,
+    build_engine,
+    manifest_path,
+    prepare_static,
+)
+from model.mask_rcnn import build, default_config
+from model.runners import (
+    OUTPUT_DTYPES,
+    RunnerSpec,
+    TensorRTRunner,
+    TorchRunner,
+    check_manifest,
+    make_runner,
+    runner_choice,
+)
+from model.static import OUTPUT_NAMES, StaticMaskRCNN, export
+from pipeline.cli import main
+from plugins.roi_align.registration import plugin_version, tensorrt_version
+
+SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
+NO_TENSORRT = tensorrt_version() is None
+
+
+def tiny_config():
+    cfg = default_config("lite")
+    return dataclasses.replace(
+        cfg,
+        static=SHAPE,
+        # Untrained heads score every class about 1/91; a zero threshold keeps detections flowing.
+        roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=SHAPE.detections),
+        rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
+    )
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build(config=tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (SHAPE.batch, 3, SHAPE.height, SHAPE.width), dtype=np.uint8)
+    sizes = np.array([[SHAPE.height, SHAPE.width], [96, 128]], dtype=np.int32)  # second frame letterboxed
+    return images, sizes
+
+
+def manifest(**changes) -> EngineManifest:
+    cfg = tiny_config()
+    fields = dict(
+        input_shape=(2, 3, 128, 160),
+        input_dtype="uint8",
+        image_sizes_shape=(2, 2),
+        image_sizes_dtype="int64",
+        input_bindings=("images", "image_sizes"),
+        output_bindings=tuple(f"output{i}" for i in range(5)),
+        precision="fp16",
+        detections=10,
+        num_classes=91,
+        class_names=("__background__", "person"),
+        image_mean=cfg.transform.image_mean,
+        image_std=cfg.transform.image_std,
+        tensorrt_version="11.0.0.114",
+        torch_tensorrt_version="2.13.0",
+        plugin_version=1,
+        checkpoint_sha256="ab" * 32,
+        config={"variant": "lite", "rpn": {"aspect_ratios": [0.5, 1.0, 2.0]}},
+    )
+    fields.update(changes)
+    return EngineManifest(**fields)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- TorchRunner
+
+
+def test_torch_runner_cpu_equals_the_static_graph(net, frames):
+    runner = TorchRunner(net, device="cpu")
+    assert runner.input_shape == (2, 3, 128, 160)
+    out = runner.infer(*frames)
+    with torch.no_grad():
+        direct = StaticMaskRCNN(net).eval()(torch.from_numpy(frames[0]), torch.from_numpy(frames[1]).long())
+    assert tuple(out) == OUTPUT_NAMES
+    for name in OUTPUT_NAMES:
+        assert out[name].dtype == OUTPUT_DTYPES[name], name
+        np.testing.assert_array_equal(out[name], direct[name].numpy(), err_msg=name)
+    assert out["boxes"].shape == (2, 10, 4) and out["mask_probs"].shape == (2, 10, 28, 28)
+    assert (out["num_detections"] == 10).all()
+    assert out["boxes"][1, :, 2].max() <= 128 and out["boxes"][1, :, 3].max() <= 96  # clipped to (h, w)
+    again = runner.infer(*frames)  # the same arrays, not views of reused buffers
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(again[name], out[name])
+
+
+@pytest.mark.parametrize(
+    "images, sizes, error, message",
+    [
+        (np.zeros((2, 3, 128, 160), np.float32), None, ValueError, "images: expected uint8 [2, 3, 128, 160]"),
+        (np.zeros((1, 3, 128, 160), np.uint8), None, ValueError, "got uint8 [1, 3, 128, 160]"),
+        (np.zeros((2, 128, 160, 3), np.uint8), None, ValueError, "(B, 3, H, W)"),
+        ([[0]], None, TypeError, "images: expected a numpy array"),
+        (None, np.array([[128, 160], [96, 128]], np.float32), ValueError, "image_sizes: expected integer [2, 2]"),
+        (None, np.array([[128, 160]]), ValueError, "got int64 [1, 2]"),
+        (None, [[128, 160], [96, 128]], TypeError, "image_sizes: expected a numpy integer array"),
+        (None, np.array([[129, 160], [96, 128]]), ValueError, "within 1..128 x 1..160"),
+        (None, np.array([[128, 160], [96, 0]]), ValueError, "within 1..128 x 1..160"),
+    ],
+)
+def test_torch_runner_rejects_bad_inputs(net, frames, images, sizes, error, message):
+    runner = TorchRunner(net)
+    with pytest.raises(error) as info:
+        runner.infer(frames[0] if images is None else images, frames[1] if sizes is None else sizes)
+    assert message in str(info.value)
+
+
+def test_torch_runner_device_errors(net):
+    with pytest.raises(ValueError, match="device: expected 'cpu' or 'cuda'"):
+        TorchRunner(net, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            TorchRunner(net, device="cuda")
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def test_manifest_round_trip(tmp_path):
+    original = manifest()
+    path = tmp_path / "tiny.json"
+    original.write(path)
+    data = json.loads(path.read_text())
+    assert data["input_shape"] == [2, 3, 128, 160] and data["precision"] == "fp16"
+    assert EngineManifest.read(path) == original
+    assert manifest_path(tmp_path / "tiny.engine") == path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(colour="blue"), "unknown keys ['colour']"),
+        (lambda d: d.pop("checkpoint_sha256"), "missing keys ['checkpoint_sha256']"),
+        (lambda d: d.update(precision="int8"), "precision: expected 'fp32' or 'fp16'"),
+        (lambda d: d.update(input_shape=[2, 3, 128]), "input_shape: expected a list of int of length 4"),
+        (lambda d: d.update(plugin_version="1"), "plugin_version: expected int"),
+        (lambda d: d.update(detections=True), "detections: expected int"),
+        (lambda d: d.update(image_mean=[0.5, "x", 0.5]), "image_mean: expected a list of float"),
+        (lambda d: d.update(config=[1]), "config: expected an object"),
+    ],
+)
+def test_manifest_read_is_strict(tmp_path, edit, message):
+    data = manifest().to_dict()
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as info:
+        EngineManifest.read(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_manifest_read_errors(tmp_path):
+    with pytest.raises(ManifestError, match="cannot read the engine manifest"):
+        EngineManifest.read(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        EngineManifest.read(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ManifestError, match="expected a JSON object"):
+        EngineManifest.read(tmp_path / "list.json")
+
+
+GOOD = dict(tensorrt_version="11.0.0.114", plugin_version=1, input_shape=(2, 3, 128, 160))
+
+
+@pytest.mark.parametrize(
+    "changes, expect, field, expected, found",
+    [
+        ({}, dict(tensorrt_version="11.1.0.106"), "tensorrt_version", "'11.1.0.106'", "'11.0.0.114'"),
+        ({}, dict(tensorrt_version=None), "tensorrt_version", "None", "'11.0.0.114'"),
+        ({}, dict(plugin_version=2), "plugin_version", "2", "1"),
+        ({}, dict(input_shape=(1, 3, 128, 160)), "input_shape", "(1, 3, 128, 160)", "(2, 3, 128, 160)"),
+        (dict(input_dtype="float32"), {}, "input_dtype", "'uint8'", "'float32'"),
+        (dict(output_bindings=("output0",)), {}, "output_bindings", "5", "1"),
+    ],
+)
+def test_check_manifest_names_the_mismatch(changes, expect, field, expected, found):
+    check_manifest(manifest(), **GOOD)  # type: ignore[arg-type]  # the matching case passes
+    with pytest.raises(EngineMismatch) as info:
+        check_manifest(manifest(**changes), **{**GOOD, **expect}, source="tiny.engine")  # type: ignore[arg-type]
+    text = str(info.value)
+    assert text.startswith("tiny.engine: manifest field " + field)
+    assert f"expected {expected}, found {found}" in text
+
+
+def test_check_manifest_skips_the_shape_when_the_caller_names_none():
+    check_manifest(manifest(), tensorrt_version="11.0.0.114", plugin_version=1)
+
+
+def test_tensorrt_runner_refuses_an_engine_without_manifest(tmp_path):
+    engine = tmp_path / "tiny.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(EngineMismatch, match=r"no manifest tiny\.json beside the engine"):
+        TensorRTRunner(engine)
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_runner_without_tensorrt(tmp_path):
+    engine = tmp_path / "tiny.engine"
+    engine.write_bytes(b"not an engine")
+    manifest(plugin_version=plugin_version()).write(manifest_path(engine))
+    with pytest.raises(TensorRTUnavailable, match=r"pip install 'maskstream\[tensorrt\]'"):
+        TensorRTRunner(engine)
+
+
+# ----------------------------------------------------------------------------- make_runner
+
+
+def test_make_runner_choice_on_this_machine(net, tmp_path):
+    local = "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
+    assert runner_choice(RunnerSpec()) == local
+    assert runner_choice(RunnerSpec(device="cpu")) == "torch-cpu"
+    assert runner_choice(RunnerSpec(engine=tmp_path / "x.engine")) == "tensorrt"
+    runner = make_runner(RunnerSpec(config=tiny_config(), device="cpu", input_shape=(2, 3, 128, 160)))
+    assert isinstance(runner, TorchRunner) and runner.device == "cpu"
+    assert runner.input_shape == (2, 3, 128, 160)
+    with pytest.raises(ValueError, match=r"the caller expects \[1, 3, 128, 160\]"):
+        make_runner(RunnerSpec(config=tiny_config(), device="cpu", input_shape=(1, 3, 128, 160)))
+    with pytest.raises(EngineMismatch, match="no manifest"):
+        make_runner(RunnerSpec(engine=tmp_path / "x.engine"))
+
+
+# ----------------------------------------------------------------------------- engine build
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_build_engine_without_tensorrt_says_what_to_install(tmp_path):
+    with pytest.raises(TensorRTUnavailable) as info:
+        build_engine(tmp_path / "model.pt", tiny_config(), tmp_path / "tiny.engine")
+    assert "TensorRT" in str(info.value) and "pip install 'maskstream[tensorrt]'" in str(info.value)
+    assert not (tmp_path / "tiny.engine").exists()
+
+
+def test_build_engine_rejects_an_unknown_precision(tmp_path):
+    with pytest.raises(ValueError, match="precision: expected one of fp32, fp16, got 'int8'"):
+        build_engine(tmp_path / "model.pt", tiny_config(), tmp_path / "tiny.engine", precision="int8")  # type: ignore[arg-type]
+
+
+def test_fp16_graph_casts_the_backbone_only():
+    """fp16 = float16 convolutions in the backbone/FPN; boxes, NMS and RoIAlign stay float32."""
+    torch.manual_seed(0)
+    program = export(prepare_static(None, tiny_config(), "fp16"))
+    dtypes: dict[str, set[torch.dtype]] = {}
+    for node in program.graph.nodes:  # dtype of each call's first input
+        first = node.args[0] if node.op == "call_function" and node.args else None
+        if isinstance(first, torch.fx.Node) and isinstance(first.meta.get("val"), torch.Tensor):
+            dtypes.setdefault(str(node.target), set()).add(first.meta["val"].dtype)
+    assert dtypes["aten.conv2d.default"] == {torch.float16, torch.float32}  # backbone+FPN half, heads float
+    assert dtypes["maskstream.multiscale_roi_align.default"] == {torch.float32}
+    assert dtypes["maskstream.batched_nms_padded.default"] == {torch.float32}
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_cli_build_engine_without_tensorrt_exits_2(tmp_path, capsys):
+    code = main(["build-engine", "--checkpoint", str(tmp_path / "model.pt"), "--variant", "lite",
+                 "--out", str(tmp_path / "tiny.engine"), "--precision", "fp16"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: build-engine needs TensorRT") and "pip install 'maskstream[tensorrt]'" in err
+
+
+def test_cli_doctor_lists_every_piece(capsys):
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split("  ")[0].strip() for line in lines]
+    assert names == ["torch", "CUDA", "Triton", "TensorRT", "torch-tensorrt", "PyAV", "ZeroMQ", "OpenCV",
+                     "pycocotools", "runner"]
+    text = "\n".join(lines)
+    assert torch.__version__ in lines[0]
+    if NO_TENSORRT:
+        assert [line for line in lines if line.startswith("TensorRT ")][0].endswith("not installed")
+    expected = "TorchRunner on cuda" if torch.cuda.is_available() else "TorchRunner on cpu"
+    assert expected in lines[-1], text
+
+
+# ----------------------------------------------------------------------------- the stub trap
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="neither TensorRT nor tensorrt-stubs here")
+@pytest.mark.skipif(not NO_TENSORRT, reason="a real TensorRT is installed here")
+def test_tensorrt_stubs_do_not_count_as_tensorrt():
+    import tensorrt  # with tensorrt-stubs: an empty namespace package that imports fine
+
+    assert getattr(tensorrt, "__version__", None) is None
+    assert tensorrt_version() is None
