@@ -16,6 +16,7 @@ Three implementations of the same numbers live here:
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import warnings
@@ -372,6 +373,21 @@ def _(p2, p3, p4, p5, boxes, output_size, sampling_ratio=2, aligned=False, canon
       canonical_scale=224, first_level=2):
     _check_inputs((p2, p3, p4, p5), boxes, output_size)
     return p2.new_empty((boxes.shape[0], boxes.shape[1], p2.shape[1], output_size, output_size))
+
+
+@_multiscale_roi_align_op.register_kernel("cuda")
+def _(p2, p3, p4, p5, boxes, output_size, sampling_ratio=2, aligned=False, canonical_level=4,
+      canonical_scale=224, first_level=2):
+    # On CUDA the forward is the Triton kernel (plugins/roi_align/kernel.py), the same code the
+    # TensorRT plugin embeds. It is imported here, not at the top: triton is slow to import and
+    # absent from CPU-only installs. float64, or no triton, stays with the sampling-matrix code.
+    args = (p2, p3, p4, p5, boxes, output_size, sampling_ratio, aligned, canonical_level, canonical_scale,
+            first_level)
+    if p2.dtype in (torch.float16, torch.float32) and importlib.util.find_spec("triton") is not None:
+        from plugins.roi_align.kernel import triton_multiscale_roi_align
+
+        return triton_multiscale_roi_align(*args)
+    return _multiscale_roi_align_op._init_fn(*args)
 
 
 @torch.library.custom_op("maskstream::multiscale_roi_align_backward", mutates_args=())
