@@ -8,6 +8,7 @@ its state_dict no longer has the norm keys, so checkpoints are always saved unfo
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -15,10 +16,11 @@ from torch import nn
 from model.backbone import FrozenBatchNorm2d
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+M = TypeVar("M", bound=nn.Module)
 
 
 @torch.no_grad()
-def fold_batch_norms(module: nn.Module) -> nn.Module:
+def fold_batch_norms(module: M) -> M:
     """Eval-mode copy of `module` with each Conv2d directly followed by a norm merged into one conv.
 
     "Directly followed" means consecutive children of one parent, which is how every conv/norm

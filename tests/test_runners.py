@@ -19,6 +19,7 @@ from model.engine import (
     manifest_path,
     prepare_static,
 )
+from model.fuse import fold_batch_norms
 from model.mask_rcnn import build, default_config
 from model.runners import (
     OUTPUT_DTYPES,
@@ -95,7 +96,10 @@ def test_torch_runner_cpu_equals_the_static_graph(net, frames):
     assert runner.input_shape == (2, 3, 128, 160)
     out = runner.infer(*frames)
     with torch.no_grad():
-        direct = StaticMaskRCNN(net).eval()(torch.from_numpy(frames[0]), torch.from_numpy(frames[1]).long())
+        # the runner folds the norm layers (equivalence of folding: tests/test_model.py)
+        direct = StaticMaskRCNN(fold_batch_norms(net)).eval()(
+            torch.from_numpy(frames[0]), torch.from_numpy(frames[1]).long()
+        )
     assert tuple(out) == OUTPUT_NAMES
     for name in OUTPUT_NAMES:
         assert out[name].dtype == OUTPUT_DTYPES[name], name
