@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "cpu_inference.json")
     args = parser.parse_args()
 
-    # Untrained weights drive activations into float32 denormals, which x86 handles ~10x slower;
+    # Untrained weights drive activations into float32 denormals (measured 1.4-3x slower here);
     # flushing them is a process-wide setting, so the entry point (here, the CLI) owns it.
     torch.set_flush_denormal(True)
     state = golden_state(args.variant)

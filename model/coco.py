@@ -13,3 +13,12 @@ COCO_CATEGORY_NAMES = (
     "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
 assert len(COCO_CATEGORY_NAMES) == 91
+
+
+def class_names(num_classes: int, configured: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """One name per label: the configured ones, else COCO's for a 91-class model, else class_<i>."""
+    if configured:
+        return configured
+    if num_classes == len(COCO_CATEGORY_NAMES):
+        return COCO_CATEGORY_NAMES
+    return tuple(f"class_{i}" for i in range(num_classes))

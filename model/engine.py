@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from model.checkpoint import file_sha256
-from model.coco import COCO_CATEGORY_NAMES
+from model.coco import class_names
 from model.config import ModelConfig
 from plugins.roi_align.registration import (
     INSTALL_HINT,
@@ -176,14 +176,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def class_names_of(config: ModelConfig) -> tuple[str, ...]:
-    if config.class_names:
-        return config.class_names
-    if config.num_classes == len(COCO_CATEGORY_NAMES):
-        return COCO_CATEGORY_NAMES
-    return tuple(f"class_{i}" for i in range(config.num_classes))
 
 
 # ----------------------------------------------------------------------------- availability
@@ -402,7 +394,7 @@ def build_engine(
         precision=precision,
         detections=config.static.detections,
         num_classes=config.num_classes,
-        class_names=class_names_of(config),
+        class_names=class_names(config.num_classes, config.class_names),
         image_mean=config.transform.image_mean,
         image_std=config.transform.image_std,
         tensorrt_version=trt_version,

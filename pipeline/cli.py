@@ -13,7 +13,7 @@ import torch
 
 import model
 from model.checkpoint import CheckpointError
-from model.coco import COCO_CATEGORY_NAMES
+from model.coco import class_names
 from model.config import ModelConfig
 from model.engine import TensorRTUnavailable, build_engine, torch_tensorrt_version
 from model.fuse import fold_batch_norms
@@ -33,12 +33,6 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if args.config is None and cfg.variant != args.variant:
         raise ConfigError(f"{path}: variant {cfg.variant!r} does not match --variant {args.variant}")
     return cfg
-
-
-def class_names(cfg: ModelConfig) -> tuple[str, ...]:
-    if cfg.class_names:
-        return cfg.class_names
-    return COCO_CATEGORY_NAMES if cfg.num_classes == len(COCO_CATEGORY_NAMES) else ()
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
@@ -65,7 +59,7 @@ def segment(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     net = fold_batch_norms(model.build(config=cfg, checkpoint=args.checkpoint, weights_backbone=weights_backbone))
-    names = class_names(cfg)
+    names = class_names(cfg.num_classes, cfg.class_names)
 
     paths = image_paths(args.images) if args.images else write_sample_images(out_dir / "samples", count=4, seed=0)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +83,7 @@ def segment(args: argparse.Namespace) -> int:
                     {
                         "box": [round(float(v), 2) for v in box],
                         "label": int(label),
-                        "class_name": names[int(label)] if int(label) < len(names) else f"class_{int(label)}",
+                        "class_name": names[int(label)],
                         "score": round(float(score), 4),
                         "mask": {"crop_box": list(crop_box), "rle": rle},
                     }
@@ -160,25 +154,29 @@ def doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_options(parser: argparse.ArgumentParser, default_variant: str, checkpoint_required: bool) -> None:
+    """The options that choose a model, the same for every command that loads one (read by model_config)."""
+    parser.add_argument("--variant", choices=["v1", "v2", "lite"], default=default_variant)
+    parser.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=checkpoint_required, help="model weights (ours or torchvision's Mask R-CNN)"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskstream", description="Streaming Mask R-CNN instance segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment still images (default: the built-in synthetic sample scenes)")
     seg.add_argument("images", nargs="*", help="image files or folders (default: generated sample scenes)")
     seg.add_argument("--out", default="out", help="output folder: results.jsonl, annotated/*.png")
-    seg.add_argument("--variant", choices=["v1", "v2", "lite"], default="lite")
-    seg.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
-    seg.add_argument("--checkpoint", type=Path, help="model weights (ours or torchvision's Mask R-CNN)")
-    seg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    add_model_options(seg, default_variant="lite", checkpoint_required=False)
     seg.set_defaults(func=segment)
 
     eng = sub.add_parser("build-engine", help="compile a checkpoint into a TensorRT engine + JSON manifest")
-    eng.add_argument("--checkpoint", type=Path, required=True, help="model weights (ours or torchvision's Mask R-CNN)")
-    eng.add_argument("--variant", choices=["v1", "v2", "lite"], default="v1")
-    eng.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
+    add_model_options(eng, default_variant="v1", checkpoint_required=True)
     eng.add_argument("--out", required=True, help="engine file NAME.engine; the manifest goes to NAME.json")
     eng.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    eng.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     eng.set_defaults(func=build_engine_command)
 
     doc = sub.add_parser("doctor", help="show which optional pieces are installed and which runner would be used")
@@ -190,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Process-wide, so it belongs to the entry point: float32 denormals (which untrained or
-    # badly scaled weights produce in deep activations) cost ~10x on x86 and change nothing
-    # a detector can see.
+    # badly scaled weights produce in deep activations) made R50-FPN features 1.4-3x slower
+    # here, and flushing them changes nothing a detector can see.
     torch.set_flush_denormal(True)
     try:
         return args.func(args)
