@@ -1,0 +1,270 @@
+"""The messages that travel between stages, and their one wire encoding.
+
+Every message is a frozen dataclass of scalars, strings, tuples and numpy arrays, with a
+`Header` first. On the wire a message is a list of ZeroMQ frames:
+
+    [topic, header, buffer0, buffer1, ...]
+
+- topic: the stream id in UTF-8 (so a SUB socket can filter on it);
+- header: msgpack map {"v": SCHEMA_VERSION, "kind": class name, "fields": {...}}, where an
+  array field is replaced by {"nd": i, "dtype": "<f4", "shape": [...]} pointing at buffer i;
+- buffers: the raw bytes of each array, C order, never copied into the header.
+
+This is pyzmq's "header + raw buffers" pattern: arrays cross a socket without pickling and
+are rebuilt with `np.frombuffer` (zero copy, read-only). The transport may swap a large
+buffer for a shared-memory slot; that is its business, not the message's.
+
+`decode` trusts nothing: a foreign or truncated message raises `MessageError` saying which
+part was wrong, so a stage can drop it and keep serving the other streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Detections",
+    "EndOfStream",
+    "Frame",
+    "Header",
+    "Message",
+    "MessageError",
+    "ModelInput",
+    "RawDetections",
+    "StageStamp",
+    "decode",
+    "encode",
+]
+
+# Bumped whenever a field changes meaning or type; subscribers check it.
+SCHEMA_VERSION = 1
+
+
+class MessageError(ValueError):
+    """A message could not be decoded or does not satisfy its schema."""
+
+
+@dataclass(frozen=True)
+class StageStamp:
+    """When one stage received a message and when it sent its result (time.monotonic, seconds).
+
+    CLOCK_MONOTONIC is shared by all processes of a host, so stamps from different stages
+    of one machine can be subtracted."""
+
+    stage: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every message carries about its frame.
+
+    seq is the frame's index in its source, counting frames dropped before inference, so a
+    subscriber sees every drop as a gap. drops holds, per stage, how many frames of this
+    stream that stage has dropped so far (cumulative)."""
+
+    stream_id: str
+    seq: int
+    pts_s: float | None = None
+    stamps: tuple[StageStamp, ...] = ()
+    drops: tuple[tuple[str, int], ...] = ()
+
+    def stamped(self, stage: str, start: float, end: float) -> Header:
+        return dataclasses.replace(self, stamps=(*self.stamps, StageStamp(stage, start, end)))
+
+    def with_drops(self, stage: str, total: int) -> Header:
+        others = tuple((name, n) for name, n in self.drops if name != stage)
+        return dataclasses.replace(self, drops=(*others, (stage, int(total))))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """decode -> preprocess: one decoded frame."""
+
+    header: Header
+    image: np.ndarray  # uint8 [H, W, 3] RGB
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """preprocess -> infer: a frame resized and padded to the runner's fixed input."""
+
+    header: Header
+    image: np.ndarray  # uint8 [3, h, w], the runner's input size; padding in model.static.pad_value
+    valid_hw: tuple[int, int]  # the resized frame's size inside the padded input
+    frame_hw: tuple[int, int]  # the original frame's size, to rescale boxes back
+
+
+@dataclass(frozen=True)
+class RawDetections:
+    """infer -> postprocess: the runner's fixed-size outputs for one frame, cut to num."""
+
+    header: Header
+    boxes: np.ndarray  # float32 [N, 4] xyxy in model-input pixels
+    scores: np.ndarray  # float32 [N]
+    labels: np.ndarray  # int64 [N]
+    mask_probs: np.ndarray  # float32 [N, 28, 28], unpasted
+    valid_hw: tuple[int, int]
+    frame_hw: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Detections:
+    """postprocess -> publish -> subscribers: the frame's instances in frame pixels.
+
+    Masks are box-cropped COCO RLE: mask i covers crop_boxes[i] (x0, y0, x1, y1, ends
+    exclusive) and its RLE has size [y1 - y0, x1 - x0]; full-frame masks never travel.
+    `model.postprocess.decode_box_cropped_rle` rebuilds the full-frame mask."""
+
+    header: Header
+    frame_hw: tuple[int, int]
+    boxes: np.ndarray  # float32 [N, 4] xyxy in frame pixels
+    scores: np.ndarray  # float32 [N]
+    labels: np.ndarray  # int32 [N]
+    class_names: tuple[str, ...]  # [N], the name of each instance's label
+    crop_boxes: np.ndarray  # int32 [N, 4]
+    rle_counts: tuple[bytes, ...]  # [N], pycocotools compressed counts of each crop
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The source of a stream has ended; sent after its last frame, in order.
+
+    seq is one past the last frame's seq, i.e. the number of frames the source produced.
+    error is empty for a normal end, else why the source stopped (e.g. a corrupt file)."""
+
+    header: Header
+    error: str = ""
+
+
+Message = Frame | ModelInput | RawDetections | Detections | EndOfStream
+_KINDS: dict[str, type] = {cls.__name__: cls for cls in (Frame, ModelInput, RawDetections, Detections, EndOfStream)}
+
+
+def topic_of(message: Message) -> bytes:
+    return message.header.stream_id.encode()
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """[topic, header, buffers...] of a message; arrays are passed as memoryviews, not copied."""
+    kind = type(message).__name__
+    if kind not in _KINDS:
+        raise MessageError(f"encode: expected one of {sorted(_KINDS)}, got {type(message).__name__}")
+    buffers: list[memoryview] = []
+    fields = {f.name: _pack(getattr(message, f.name), buffers) for f in dataclasses.fields(message)}
+    header = msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, "fields": fields}, use_bin_type=True)
+    return [topic_of(message), header, *buffers]
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """The message of `encode`'s frames (bytes, memoryviews or zmq.Frame objects)."""
+    if len(frames) < 2:
+        raise MessageError(f"expected [topic, header, buffers...], got {len(frames)} frame(s)")
+    views = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    try:
+        meta = msgpack.unpackb(views[1], raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise MessageError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or not {"v", "kind", "fields"} <= meta.keys():
+        raise MessageError("header: expected a map with keys v, kind, fields")
+    if meta["v"] != SCHEMA_VERSION:
+        raise MessageError(f"header: schema version {meta['v']!r}, this build reads {SCHEMA_VERSION}")
+    cls = _KINDS.get(meta["kind"]) if isinstance(meta["kind"], str) else None
+    if cls is None:
+        raise MessageError(f"header: unknown kind {meta['kind']!r}, expected one of {sorted(_KINDS)}")
+    message = _build(cls, meta["fields"], views[2:], meta["kind"])
+    topic = bytes(views[0])
+    if topic != topic_of(message):
+        raise MessageError(f"{meta['kind']}: topic {topic!r} does not match stream id {message.header.stream_id!r}")
+    return message
+
+
+# ---------------------------------------------------------------------------- internals
+
+
+def _pack(value: Any, buffers: list[memoryview]) -> Any:
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        # reshape(-1) first: memoryview cannot cast a view with a zero in its shape
+        buffers.append(array.reshape(-1).data.cast("B"))
+        return {"nd": len(buffers) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _pack(getattr(value, f.name), buffers) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_pack(v, buffers) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _build(cls: type, raw: Any, buffers: list[memoryview], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise MessageError(f"{where}: expected a map of fields, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(raw) - set(names)
+    if unknown:
+        raise MessageError(f"{where}: unknown field(s) {sorted(unknown)}")
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in raw:
+            if field.default is dataclasses.MISSING:
+                raise MessageError(f"{where}: missing field {field.name!r}")
+            continue
+        values[field.name] = _unpack(hints[field.name], raw[field.name], buffers, f"{where}.{field.name}")
+    return cls(**values)
+
+
+def _unpack(hint: Any, raw: Any, buffers: list[memoryview], where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is np.ndarray:
+        return _array(raw, buffers, where)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, raw, buffers, where)
+    if origin in (Union, types.UnionType):
+        if raw is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _unpack(inner, raw, buffers, where)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            raise MessageError(f"{where}: expected a list, got {type(raw).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_unpack(args[0], v, buffers, f"{where}[{i}]") for i, v in enumerate(raw))
+        if len(raw) != len(args):
+            raise MessageError(f"{where}: expected {len(args)} items, got {len(raw)}")
+        return tuple(_unpack(a, v, buffers, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, raw)))
+    if hint is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if hint in (int, float, str, bytes) and (type(raw) is not hint):
+        raise MessageError(f"{where}: expected {hint.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+def _array(raw: Any, buffers: list[memoryview], where: str) -> np.ndarray:
+    if not isinstance(raw, dict) or set(raw) != {"nd", "dtype", "shape"}:
+        raise MessageError(f"{where}: expected an array reference {{nd, dtype, shape}}")
+    index, shape = raw["nd"], raw["shape"]
+    if not isinstance(index, int) or not 0 <= index < len(buffers):
+        raise MessageError(f"{where}: buffer {index!r} missing, the message has {len(buffers)} buffer(s)")
+    try:
+        dtype = np.dtype(raw["dtype"])
+    except TypeError:
+        raise MessageError(f"{where}: unknown dtype {raw['dtype']!r}") from None
+    if dtype.hasobject or not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise MessageError(f"{where}: bad dtype {raw['dtype']!r} or shape {shape!r}")
+    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if buffers[index].nbytes != expected:
+        raise MessageError(
+            f"{where}: buffer {index} holds {buffers[index].nbytes} bytes, {dtype}{shape} needs {expected}"
+        )
+    return np.frombuffer(buffers[index], dtype=dtype).reshape(shape)
