@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Rebuilt when pyproject.toml changes; otherwise `make venv` does nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test run lint
+.PHONY: venv test run lint rtsp-server-deps
 
 venv: $(STAMP)
 
@@ -24,7 +24,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $@
 
-test: venv
+# The RTSP tests' server (tests/rtsp_server.py) is GStreamer's RTSP server under the system
+# Python. Installed from Debian only when missing; if apt fails (no root, no network) the
+# build goes on and those tests skip, saying why.
+RTSP_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-plugins-base \
+	gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav python3-gi
+RTSP_CHECK := /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')"
+
+rtsp-server-deps:
+	@$(RTSP_CHECK) 2>/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(RTSP_PACKAGES); } \
+		|| echo "WARNING: could not install the RTSP test server's packages ($(RTSP_PACKAGES)); RTSP tests will skip" >&2
+
+test: venv rtsp-server-deps
 	$(BIN)/pytest
 
 run: venv

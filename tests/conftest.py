@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# A real RTSP server in a subprocess, for the video source tests.
+pytest_plugins = ["tests.rtsp_fixtures"]
+
 # ../shared beside the checkout holds real videos, datasets and torchvision goldens; it is not
 # ours to commit, so every test that needs it skips when it is absent.
 SHARED = Path(os.environ.get("MASKSTREAM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -28,3 +31,4 @@ def golden_weights():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
