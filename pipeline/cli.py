@@ -22,6 +22,8 @@ from model.synthetic import write_sample_images
 from pipeline.annotate import draw_detections
 from pipeline.config import ConfigError, load_config
 from pipeline.images import IMAGE_SUFFIXES, read_rgb, write_rgb
+from pipeline.run_commands import add_parsers as add_run_parsers
+from pipeline.subscribe_commands import add_parsers as add_subscribe_parsers
 from plugins.roi_align.registration import tensorrt_version
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="show which optional pieces are installed and which runner would be used")
     doc.add_argument("--engine", type=Path, help="an engine file, to show the runner it would get")
     doc.set_defaults(func=doctor)
+    add_run_parsers(sub)
+    add_subscribe_parsers(sub)
     return parser
 
 

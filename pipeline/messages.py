@@ -14,6 +14,14 @@ This is pyzmq's "header + raw buffers" pattern: arrays cross a socket without pi
 are rebuilt with `np.frombuffer` (zero copy, read-only). The transport may swap a large
 buffer for a shared-memory slot; that is its business, not the message's.
 
+Order: within a stream, Header.seq is the frame's index in its source. Offline sources
+number every frame, so seq is contiguous (0, 1, 2, ..., EndOfStream at n) and the publish
+stage restores order after parallel workers by seq alone; live gaps in seq are drops.
+
+`StageReport` is the control-plane message a stage sends its supervisor (heartbeat,
+counters, per-stream progress, a fatal error); `encode_report`/`decode_report` carry it
+with the same strict machinery, on the supervisor's socket only.
+
 `decode` trusts nothing: a foreign or truncated message raises `MessageError` saying which
 part was wrong, so a stage can drop it and keep serving the other streams.
 """
@@ -39,9 +47,13 @@ __all__ = [
     "MessageError",
     "ModelInput",
     "RawDetections",
+    "StageReport",
     "StageStamp",
+    "StreamProgress",
     "decode",
+    "decode_report",
     "encode",
+    "encode_report",
 ]
 
 # Bumped whenever a field changes meaning or type; subscribers check it.
@@ -146,6 +158,40 @@ class EndOfStream:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class StreamProgress:
+    """One stream as one stage sees it: frames handled, frames dropped, whether it ended.
+
+    next_seq is the seq the stage expects next (for publish: everything below it has been
+    published or counted as lost), so a restarted decoder can resume from there."""
+
+    stream_id: str
+    frames: int = 0
+    drops: int = 0
+    next_seq: int = 0
+    ended: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """stage -> supervisor: a heartbeat with the stage's counters (cumulative since start).
+
+    fatal is set on the last report of a stage that cannot go on (e.g. a wrong engine)."""
+
+    stage: str
+    pid: int
+    sent_at: float  # time.monotonic()
+    received: int = 0
+    sent: int = 0
+    malformed: int = 0
+    errors: int = 0
+    last_error: str = ""
+    busy_s: float = 0.0  # seconds spent inside process(), to tell a busy stage from a starved one
+    streams: tuple[StreamProgress, ...] = ()
+    fatal: str = ""
+
+
 Message = Frame | ModelInput | RawDetections | Detections | EndOfStream
 _KINDS: dict[str, type] = {cls.__name__: cls for cls in (Frame, ModelInput, RawDetections, Detections, EndOfStream)}
 
@@ -186,6 +232,23 @@ def decode(frames: Sequence[Any]) -> Message:
     if topic != topic_of(message):
         raise MessageError(f"{meta['kind']}: topic {topic!r} does not match stream id {message.header.stream_id!r}")
     return message
+
+
+def encode_report(report: StageReport) -> bytes:
+    """One msgpack frame (a report carries no arrays)."""
+    fields = {f.name: _pack(getattr(report, f.name), []) for f in dataclasses.fields(report)}
+    return msgpack.packb({"v": SCHEMA_VERSION, "kind": "StageReport", "fields": fields}, use_bin_type=True)
+
+
+def decode_report(frame: Any) -> StageReport:
+    try:
+        meta = msgpack.unpackb(memoryview(frame.buffer if hasattr(frame, "buffer") else frame), raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise MessageError(f"report is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("v") != SCHEMA_VERSION or meta.get("kind") != "StageReport":
+        raise MessageError(f"expected a StageReport of schema version {SCHEMA_VERSION}")
+    report: StageReport = _build(StageReport, meta.get("fields"), [], "StageReport")
+    return report
 
 
 # ---------------------------------------------------------------------------- internals

@@ -1,0 +1,134 @@
+"""Pipeline efficiency: end-to-end frames/s of the multi-process pipeline divided by the
+frames/s of a bare single-process loop (decode + the same preprocess, runner and postprocess,
+one frame after another) on the same video and runner, measured side by side in one run.
+
+    python benchmarks/bench_pipeline.py [--video PATH] [--rounds 2] [--set model.static.height=...]
+
+Both sides exclude start-up (model build, process spawn): the bare loop is timed from its
+first frame, the pipeline from the first frame it published, to the last. Rounds alternate
+bare / pipeline so that drift in the host's load hits both. Writes
+benchmarks/results/pipeline_efficiency.json with the machine description.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import torch
+
+from pipeline.messages import Frame, Header, RawDetections
+from pipeline.run_commands import run_config
+from pipeline.run_config import RunConfig, plan
+from pipeline.sources import SourceSpec, VideoSource
+from pipeline.stages.infer import InferConfig, InferStage
+from pipeline.stages.postprocess import PostprocessStage
+from pipeline.stages.preprocess import PreprocessStage
+from pipeline.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "pipeline_efficiency.json"
+DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "videos" / "asl_walk.mkv"
+DEFAULT_SETS = ["model.config=configs/model_lite.yaml", "model.static.height=192", "model.static.width=256",
+                "model.static.detections=10", "model.roi_heads.detections_per_img=10",
+                "model.rpn.pre_nms_top_n_test=200", "model.rpn.post_nms_top_n_test=100"]
+
+
+def bare_loop(cfg: RunConfig, video: str) -> tuple[int, float]:
+    """Frames and seconds of decode -> preprocess -> infer -> postprocess in one process."""
+    the_plan = plan(cfg)  # the same stage configs the pipeline gets
+    try:
+        configs = {spec.name.split(".")[0]: spec.config for spec in the_plan.specs}
+    finally:
+        the_plan.close()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cv2.setNumThreads(1)
+    infer_cfg: InferConfig = configs["infer"]
+    torch.manual_seed(infer_cfg.seed)
+    runner_stage = InferStage(infer_cfg)
+    pre, post = PreprocessStage(configs["preprocess"]), PostprocessStage(configs["postprocess"])
+    frames, start = 0, 0.0
+    with VideoSource(SourceSpec(video, policy="offline")) as source:
+        for decoded in source:
+            if frames == 1:
+                start = time.perf_counter()  # the first frame pays lazy initialisation: not timed
+            model_input = pre.process(Frame(Header("bench", decoded.index), decoded.image))
+            [raw] = runner_stage.process(model_input)
+            assert isinstance(raw, RawDetections)
+            post.process(raw)
+            frames += 1
+    return frames - 1, time.perf_counter() - start
+
+
+def pipeline(cfg: RunConfig) -> tuple[int, float]:
+    the_plan = plan(cfg)
+    marks: dict[str, float] = {}
+    published = {"n": 0}
+
+    def watch(supervisor: Supervisor) -> None:
+        done = sum(p.frames for p in supervisor.publish_progress().values())
+        if done >= 1 and "first" not in marks:
+            marks["first"], published["first"] = time.perf_counter(), done
+        published["n"] = done
+        marks["last"] = time.perf_counter()
+
+    try:
+        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(watch)
+    finally:
+        the_plan.close()
+    if report.failure or report.failed_streams:
+        raise RuntimeError(f"pipeline run failed: {report}")
+    frames = report.streams[0].frames
+    return frames - published.get("first", 1), marks["last"] - marks["first"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--video", default=str(DEFAULT_VIDEO))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    if not Path(args.video).is_file():
+        sys.exit(f"{args.video}: no such video (pass --video)")
+    namespace = argparse.Namespace(
+        config=ROOT / "configs" / "pipeline.yaml", set=[*DEFAULT_SETS, *args.set], source=[args.video],
+        workers=args.workers, policy="offline", out=None, coco=None, annotate=None, publish=None, metrics_port=None,
+        model_config=None, checkpoint=None, engine=None, device="cpu")
+    cfg = run_config(namespace)
+    transport = dataclasses.replace(cfg.transport, endpoint_dir=Path(tempfile.gettempdir()))
+    cfg = dataclasses.replace(cfg, transport=transport)
+    rows: dict[str, list[float]] = {"bare_loop_fps": [], "pipeline_fps": []}
+    for _ in range(args.rounds):
+        n, seconds = bare_loop(cfg, args.video)
+        rows["bare_loop_fps"].append(n / seconds)
+        n, seconds = pipeline(cfg)
+        rows["pipeline_fps"].append(n / seconds)
+    bare, piped = statistics.median(rows["bare_loop_fps"]), statistics.median(rows["pipeline_fps"])
+    result = {
+        "what": "end-to-end frames/s of the multi-process pipeline / frames/s of a bare single-process loop, "
+                "same video, same runner, start-up excluded, median over rounds",
+        "video": args.video, "model_overrides": [*DEFAULT_SETS, *args.set], "workers": args.workers,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "load_average_at_end": os.getloadavg()},
+        "rounds": rows, "bare_loop_fps": bare, "pipeline_fps": piped, "efficiency": piped / bare, "goal": 0.9,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'side':<14} {'frames/s (median)':>18}   rounds")
+    for name, values in rows.items():
+        print(f"{name:<14} {statistics.median(values):>18.2f}   {', '.join(f'{v:.2f}' for v in values)}")
+    print(f"efficiency = pipeline / bare = {piped / bare:.3f} (goal >= 0.9); wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

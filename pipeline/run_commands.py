@@ -1,0 +1,153 @@
+"""`maskstream run`: the streaming pipeline over one or more sources.
+
+Part of the CLI, so it prints (a progress bar for offline sources on stderr, a throughput
+summary at the end) and chooses the exit status: 0 all streams finished; 1 a source failed
+(the others and the results already written are kept; the summary names it); 3 a stage kept
+failing; 130 interrupted (after a clean drain of the offline streams).
+
+Settings: configs/pipeline.yaml (pipeline.run_config.RunConfig) and `--set key=value`; a key
+under model. that is not a ModelSelection field overrides the model config
+(`--set model.roi_heads.score_thresh=0.0`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, load_config
+from pipeline.metrics import MetricsBoard, MetricsServer
+from pipeline.run_config import CONFIG_DIR, ModelSelection, RunConfig, plan
+from pipeline.supervisor import RunReport, Supervisor
+from pipeline.video import VideoError, probe
+
+_SELECTION_FIELDS = {f.name for f in dataclasses.fields(ModelSelection)}
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add `run` to the CLI's subparsers."""
+    p = subparsers.add_parser("run", help="run the streaming pipeline over video files, RTSP/HTTP streams or devices")
+    p.add_argument("--source", action="append", default=[], metavar="URL",
+                   help="a video file, rtsp://, http(s):// URL or /dev/video*; repeat for several streams")
+    p.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--out", type=Path, help="JSONL of detections per frame")
+    p.add_argument("--coco", type=Path, help="COCO results JSON")
+    p.add_argument("--annotate", type=Path, help="annotated video (file sources only)")
+    p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    p.add_argument("--workers", type=int, help="preprocess and postprocess processes (each)")
+    p.add_argument("--policy", choices=["auto", "offline", "live"], help="override every source's policy")
+    p.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model, else lite)")
+    p.add_argument("--checkpoint", type=Path, help="model weights")
+    p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    pipeline_sets, model_sets = [], []
+    for item in args.set:
+        key = item.partition("=")[0].strip()
+        parts = key.split(".")
+        if parts[0] == "model" and len(parts) > 1 and parts[1] not in _SELECTION_FIELDS:
+            model_sets.append(item.split(".", 1)[1])
+        else:
+            pipeline_sets.append(item)
+    flags = {
+        "sources": args.source or None, "workers": args.workers,
+        "source.policy": args.policy, "outputs.jsonl": args.out, "outputs.coco": args.coco,
+        "outputs.annotate": args.annotate, "outputs.publish": args.publish, "outputs.metrics_port": args.metrics_port,
+        "model.config": args.model_config, "model.checkpoint": args.checkpoint, "model.engine": args.engine,
+        "model.device": args.device,
+    }
+    cfg = load_config(RunConfig, args.config, pipeline_sets)
+    for key, value in flags.items():
+        if value is not None:
+            cfg = _replace(cfg, key.split("."), tuple(value) if isinstance(value, list) else value)
+    if model_sets:
+        cfg = _replace(cfg, ["model", "overrides"], (*cfg.model.overrides, *model_sets))
+    return cfg
+
+
+def _replace(obj: Any, keys: list[str], value: Any) -> Any:
+    if len(keys) == 1:
+        return dataclasses.replace(obj, **{keys[0]: value})
+    return dataclasses.replace(obj, **{keys[0]: _replace(getattr(obj, keys[0]), keys[1:], value)})
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = run_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    the_plan = plan(cfg)
+    totals = {sid: _frame_count(spec.url) if spec.policy == "offline" else None
+              for sid, spec in the_plan.source_specs.items()}
+    board = MetricsBoard()
+    server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
+    bar = _ProgressBar(totals, enabled=not args.quiet and sys.stderr.isatty() and any(totals.values()))
+    try:
+        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board).run(bar.update)
+    finally:
+        bar.close()
+        if server is not None:
+            server.close()
+        the_plan.close()
+    return _summary(report, the_plan.source_specs)
+
+
+def _frame_count(url: str) -> int | None:
+    try:
+        return probe(url).frames or None
+    except (VideoError, OSError, ValueError):
+        return None  # the decode stage reports a bad file, with the other streams going on
+
+
+class _ProgressBar:
+    def __init__(self, totals: dict[str, int | None], enabled: bool):
+        self.totals, self.enabled, self.drawn = totals, enabled, False
+        self.next_draw = 0.0
+
+    def update(self, supervisor: Supervisor) -> None:
+        now = time.monotonic()
+        if not self.enabled or now < self.next_draw:
+            return
+        self.next_draw = now + 0.25
+        progress = supervisor.publish_progress()
+        done = sum(p.next_seq for sid, p in progress.items() if self.totals.get(sid))
+        total = sum(t for t in self.totals.values() if t)
+        width = 30
+        filled = int(width * min(done, total) / max(total, 1))
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} frames", end="", file=sys.stderr)
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            print(file=sys.stderr)
+
+
+def _summary(report: RunReport, sources: dict[str, Any]) -> int:
+    frames = sum(s.frames for s in report.streams)
+    print(f"{frames} frames in {report.elapsed_s:.1f} s: {frames / max(report.elapsed_s, 1e-9):.2f} frames/s "
+          f"over {len(report.streams)} stream(s)")
+    for s in report.streams:
+        state = "ok" if s.ended and not s.error else f"FAILED: {s.error}"
+        print(f"  {s.stream_id} ({sources[s.stream_id].url}): {s.frames} frames, {s.lost} lost/dropped, {state}")
+    for name, count in report.restarts:
+        print(f"  stage {name} restarted {count} time(s)")
+    if report.malformed:
+        print(f"  {report.malformed} malformed message(s) ignored")
+    for error in report.stage_errors:
+        print(f"  last error: {error}", file=sys.stderr)
+    if report.failure:
+        print(f"error: {report.failure}", file=sys.stderr)
+        return 3
+    if report.interrupted:
+        return 130
+    return 1 if report.failed_streams else 0

@@ -1,0 +1,230 @@
+"""`maskstream run`'s settings (mirrored key for key by configs/pipeline.yaml) and the plan they
+make: which stage processes, with which configs, wired to which endpoints and rings.
+
+The default model is chosen in one place, `default_model()`: the bundled trained model when
+its weights are present (model/bundled), else the untrained lite variant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from model.coco import class_names
+from model.config import ModelConfig
+from model.runners import RunnerSpec
+from model.static import pad_value
+from pipeline.config import load_config
+from pipeline.shm_ring import Ring
+from pipeline.sources import SourceSpec, resolve_policy
+from pipeline.stage import Wiring
+from pipeline.stages import decode, infer, postprocess, preprocess, publish
+from pipeline.supervisor import StageSpec, SupervisorConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    config: Path | None = None  # model YAML; None: default_model()
+    checkpoint: Path | None = None  # None with config None: default_model()
+    engine: Path | None = None  # a TensorRT engine: TensorRTRunner instead of torch
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # initialises whatever no checkpoint covers (same seed, same outputs)
+    overrides: tuple[str, ...] = ()  # model config overrides, "roi_heads.score_thresh=0.0"
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    policy: Literal["auto", "offline", "live"] = "auto"  # auto: files offline, cameras/RTSP live
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    stall_timeout_s: float = 5.0
+    reconnect_backoff_s: tuple[float, float] = (0.5, 8.0)
+    max_reconnects: int | None = 10
+    staleness_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    jsonl: Path | None = None
+    coco: Path | None = None
+    annotate: Path | None = None  # one stream: this file; several: NAME.<stream id>.SUFFIX
+    publish: str | None = None  # e.g. tcp://127.0.0.1:5556
+    metrics_port: int | None = None
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    hwm: int = 2  # messages queued per socket side: small keeps live latency and memory bounded
+    ring_slots: int = 8
+    frame_slot_bytes: int = 1920 * 1080 * 3  # larger frames travel inline
+    endpoint_dir: Path | None = None  # ipc:// sockets go in a fresh temporary folder here (None: system temp)
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    batch_timeout_s: float = 0.005
+    staleness_s: float = 1.0  # live frames older than this at inference are dropped
+    threads: int = 0  # torch intra-op threads in the inference process; 0: all cores
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    sources: tuple[str, ...] = ()
+    workers: int = 1  # preprocess and postprocess processes each
+    model: ModelSelection = field(default_factory=ModelSelection)
+    source: SourceOptions = field(default_factory=SourceOptions)
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    transport: TransportOptions = field(default_factory=TransportOptions)
+    infer: InferOptions = field(default_factory=InferOptions)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    # Publish skips an offline frame lost with a dead stage once the stream's later frames fill
+    # more than every queue could hold (see pipeline.reorder), or after this long without news.
+    gap_timeout_s: float = 300.0
+
+
+def default_model() -> tuple[Path, Path | None]:
+    """(model YAML, checkpoint) used when the run config names neither."""
+    from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+
+    if BUNDLED_CHECKPOINT.is_file():
+        return BUNDLED_CONFIG, BUNDLED_CHECKPOINT
+    return CONFIG_DIR / "model_lite.yaml", None
+
+
+def model_config(selection: ModelSelection) -> tuple[ModelConfig, Path | None]:
+    path, checkpoint = default_model() if selection.config is None else (selection.config, selection.checkpoint)
+    if selection.checkpoint is not None:
+        checkpoint = selection.checkpoint
+    return load_config(ModelConfig, path, selection.overrides), checkpoint
+
+
+def stream_ids(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """Readable, unique ids: the file stem (or host) of each source, numbered when they repeat."""
+    stems = [Path(url.split("?")[0].rstrip("/")).stem or f"stream{i}" for i, url in enumerate(sources)]
+    return tuple(stem if stems.count(stem) == 1 else f"{stem}-{i}" for i, stem in enumerate(stems))
+
+
+@dataclass
+class Plan:
+    specs: list[StageSpec]
+    reports: str
+    streams: tuple[str, ...]
+    rings: list[Ring]
+    endpoint_dir: Path
+    source_specs: dict[str, SourceSpec]
+
+    def close(self) -> None:
+        """Remove the rings and socket files (after every stage process has exited)."""
+        for ring in self.rings:
+            ring.close(unlink=True)
+        for path in self.endpoint_dir.iterdir():
+            path.unlink(missing_ok=True)
+        self.endpoint_dir.rmdir()
+
+
+def plan(cfg: RunConfig) -> Plan:
+    if not cfg.sources:
+        raise ValueError("no sources: give --source (repeatable) or `sources:` in the config")
+    if cfg.workers < 1:
+        raise ValueError(f"workers: expected >= 1, got {cfg.workers}")
+    model_cfg, checkpoint = model_config(cfg.model)
+    height, width = model_cfg.static.height, model_cfg.static.width
+    ids = stream_ids(cfg.sources)
+    src = cfg.source
+    sources = {
+        sid: SourceSpec(url, policy=resolve_policy(url) if src.policy == "auto" else src.policy,
+                        rtsp_transport=src.rtsp_transport, stall_timeout_s=src.stall_timeout_s,
+                        reconnect_backoff_s=src.reconnect_backoff_s, max_reconnects=src.max_reconnects,
+                        staleness_s=src.staleness_s)
+        for sid, url in zip(ids, cfg.sources)
+    }
+    out = cfg.outputs
+    annotate = {sid: _annotate_path(out.annotate, sid, len(ids)) for sid in ids if out.annotate is not None}
+    for sid in annotate:
+        if sources[sid].policy == "live" or not Path(sources[sid].url).is_file():
+            raise ValueError(f"--annotate: source {sources[sid].url!r} is not a video file; annotated videos "
+                             "re-decode the source, which a live stream cannot give again")
+
+    directory = Path(tempfile.mkdtemp(prefix="maskstream-", dir=cfg.transport.endpoint_dir))
+    tag = f"maskstream-{os.getpid()}-{directory.name.rsplit('-', 1)[-1]}"
+    rings: list[Ring] = []
+
+    def endpoint(name: str) -> str:
+        return f"ipc://{directory / name}"
+
+    def ring(name: str, slot_bytes: int) -> str:
+        rings.append(Ring.create(f"{tag}-{name}", cfg.transport.ring_slots, slot_bytes))
+        return rings[-1].name
+
+    try:
+        workers = range(cfg.workers)
+        pre_in = tuple(endpoint(f"preprocess-{i}") for i in workers)
+        post_in = tuple(endpoint(f"postprocess-{i}") for i in workers)
+        reports, infer_in, publish_in = endpoint("reports"), endpoint("infer"), endpoint("publish")
+
+        def wiring(stage: str, **kw: object) -> Wiring:
+            return Wiring(stage=stage, reports=reports, hwm=cfg.transport.hwm, **kw)  # type: ignore[arg-type]
+
+        live = tuple(sid for sid in ids if sources[sid].policy == "live")
+        pad = _pad(model_cfg)
+        specs = [
+            StageSpec(decode.main, decode.DecodeConfig(sid, sources[sid]),
+                      wiring(f"decode.{sid}", outboxes=pre_in,
+                             ring=ring(f"decode-{i}", cfg.transport.frame_slot_bytes)),
+                      stream_id=sid)
+            for i, sid in enumerate(ids)
+        ]
+        specs += [
+            StageSpec(preprocess.main, preprocess.PreprocessConfig((height, width), pad),
+                      wiring(f"preprocess.{i}", inbox=pre_in[i], outboxes=(infer_in,),
+                             ring=ring(f"preprocess-{i}", 3 * height * width)))
+            for i in workers
+        ]
+        runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device)
+        specs.append(StageSpec(
+            infer.main,
+            infer.InferConfig(runner, cfg.model.seed, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live),
+            wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads)))
+        names = class_names(model_cfg.num_classes, model_cfg.class_names)
+        specs += [
+            StageSpec(postprocess.main, postprocess.PostprocessConfig(names),
+                      wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,)))
+            for i in workers
+        ]
+        outputs = tuple(publish.StreamOutput(sid, sid in live, sources[sid].url, annotate.get(sid)) for sid in ids)
+        specs.append(StageSpec(
+            publish.main,
+            publish.PublishConfig(outputs, out.jsonl, out.coco, cfg.gap_timeout_s, _overtake_limit(cfg, len(ids))),
+            wiring("publish.0", inbox=publish_in, publish=out.publish)))
+    except BaseException:
+        for r in rings:
+            r.close(unlink=True)
+        raise
+    return Plan(specs, reports, ids, rings, directory, sources)
+
+
+def _overtake_limit(cfg: RunConfig, streams: int) -> int:
+    """How many later messages of a stream can overtake one of its frames, with room to spare:
+    each socket pipe holds up to send + receive HWM, each ring its slots, each process a batch."""
+    w, hwm = cfg.workers, cfg.transport.hwm
+    pipes = streams * w + 3 * w  # decode->preprocess, preprocess->infer, infer->postprocess, ->publish
+    held = 2 * hwm * pipes + cfg.transport.ring_slots * (streams + w) + 64
+    return 2 * held
+
+
+def _pad(model_cfg: ModelConfig) -> tuple[int, int, int]:
+    # pad_value reads only cfg.transform.image_mean; no need to build a network for it.
+    holder = type("ConfigHolder", (), {"cfg": model_cfg})()
+    return pad_value(holder)  # type: ignore[arg-type]
+
+
+def _annotate_path(path: Path, stream_id: str, count: int) -> Path:
+    return path if count == 1 else path.with_name(f"{path.stem}.{stream_id}{path.suffix}")
+
+
+def with_sources(cfg: RunConfig, sources: list[str]) -> RunConfig:
+    return dataclasses.replace(cfg, sources=tuple(sources)) if sources else cfg

@@ -1,0 +1,204 @@
+"""A same-host shared-memory ring of fixed-size slots for pixel buffers.
+
+One producer process writes a buffer into a free slot and sends only a `SlotRef` (ring
+name, slot, generation, size) through ZeroMQ; the consumer reads the slot in place and
+releases it. Copying 6.2 MB through an ipc socket costs ~2 ms of CPU per hop on this
+machine class; a slot costs one memcpy (~0.15 ms) on the producer side and nothing on the
+consumer side (see benchmarks/bench_transport.py).
+
+Layout of the segment:
+
+    [0, 64)                  magic, slots, slot_bytes (uint64)
+    [64, 64 + 24 * slots)    per slot: generation, busy (0/1), written_at_ns (int64)
+    [DATA, ...)              slot i at DATA + i * slot_bytes (DATA 4 KiB aligned)
+
+Ownership and cleanup: whoever calls `Ring.create` (the supervisor) owns the segment and
+unlinks it (`close(unlink=True)`). Processes started with multiprocessing share the
+creator's resource tracker, so if the owner dies without unlinking, the tracker unlinks
+the segment once every process that knew about it has exited: no /dev/shm leaks.
+
+Slots and failures: the producer marks a slot busy, the consumer marks it free. A consumer
+that dies leaves its slots busy; the producer reclaims the oldest slot once the ring has
+been full for `reclaim_after_s`, bumping its generation, and a restarted producer reclaims
+every busy slot. A consumer holding a reference with an old generation sees `SlotReclaimed`
+instead of someone else's pixels. (The generation check and the release are separate
+stores, not a compare-and-swap: a reclaim racing a release within microseconds could
+free a slot early. Reclaims happen only after seconds of a full ring, so this is accepted.)
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+__all__ = ["Ring", "RingFull", "RingReaders", "SlotReclaimed", "SlotRef"]
+
+_MAGIC = 0x4D534B52494E4731  # "MSKRING1"
+_META_FIELDS = 3  # generation, busy, written_at_ns
+_DATA_ALIGN = 4096
+
+
+class RingFull(RuntimeError):
+    """No free slot within the time allowed."""
+
+
+class SlotReclaimed(RuntimeError):
+    """A slot was reused by its producer before this reference was read."""
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """Where one buffer lies: ring name, slot index, the slot's generation, byte count."""
+
+    ring: str
+    slot: int
+    generation: int
+    nbytes: int
+
+
+def _data_offset(slots: int) -> int:
+    end = 64 + 8 * _META_FIELDS * slots
+    return (end + _DATA_ALIGN - 1) // _DATA_ALIGN * _DATA_ALIGN
+
+
+class Ring:
+    """A mapped ring segment; `create` (owner) or `attach` (producer/consumer processes)."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool):
+        self._shm = shm
+        self.owner = owner
+        self.name = shm.name
+        head = np.ndarray((3,), dtype=np.uint64, buffer=shm.buf)
+        if int(head[0]) != _MAGIC:
+            shm.close()
+            raise ValueError(f"shared memory {shm.name!r} is not a maskstream ring")
+        self.slots, self.slot_bytes = int(head[1]), int(head[2])
+        # [slots, 3]: generation, busy, written_at_ns
+        self.meta = np.ndarray((self.slots, _META_FIELDS), dtype=np.int64, buffer=shm.buf, offset=64)
+        self._data = _data_offset(self.slots)
+
+    @classmethod
+    def create(cls, name: str, slots: int, slot_bytes: int) -> Ring:
+        if slots < 1 or slot_bytes < 1:
+            raise ValueError(f"ring {name!r}: slots and slot_bytes must be >= 1, got {slots}, {slot_bytes}")
+        shm = shared_memory.SharedMemory(name=name, create=True, size=_data_offset(slots) + slots * slot_bytes)
+        head = np.ndarray((3,), dtype=np.uint64, buffer=shm.buf)
+        head[1], head[2] = slots, slot_bytes
+        np.ndarray((slots, _META_FIELDS), dtype=np.int64, buffer=shm.buf, offset=64)[:] = 0
+        head[0] = _MAGIC  # last: an attacher never sees a half-initialised header
+        del head
+        return cls(shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> Ring:
+        try:
+            shm = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            raise ValueError(f"shared-memory ring {name!r} does not exist (its owner has exited?)") from None
+        return cls(shm, owner=False)
+
+    def slot_view(self, slot: int, nbytes: int) -> memoryview:
+        start = self._data + slot * self.slot_bytes
+        buf = self._shm.buf
+        assert buf is not None, "ring is closed"
+        return buf[start : start + nbytes]
+
+    def busy_slots(self) -> int:
+        return int(self.meta[:, 1].sum())
+
+    # ------------------------------------------------------------------ producer side
+
+    def reclaim_all(self) -> None:
+        """A (re)starting producer: every busy slot belongs to a message of its previous life."""
+        busy = self.meta[:, 1] != 0
+        self.meta[busy, 0] += 1
+        self.meta[busy, 1] = 0
+
+    def write(
+        self,
+        data: memoryview,
+        timeout_s: float | None,
+        reclaim_after_s: float = 120.0,
+        on_wait: Callable[[], None] | None = None,
+    ) -> SlotRef:
+        """Copy `data` into a free slot; wait up to timeout_s (None: forever) while the ring is full.
+
+        timeout_s=0 never waits (live streams drop instead). on_wait runs while waiting,
+        e.g. to keep heartbeats going. Raises RingFull, or ValueError if data is too big."""
+        nbytes = data.nbytes
+        if nbytes > self.slot_bytes:
+            raise ValueError(f"ring {self.name!r}: buffer of {nbytes} bytes exceeds the slot size {self.slot_bytes}")
+        start = time.monotonic()
+        delay = 50e-6
+        while True:
+            free = np.flatnonzero(self.meta[:, 1] == 0)
+            if free.size:
+                slot = int(free[0])
+                break
+            waited = time.monotonic() - start
+            if waited >= reclaim_after_s:
+                slot = int(np.argmin(self.meta[:, 2]))  # oldest: its consumer is dead or stuck
+                self.meta[slot, 0] += 1
+                break
+            if timeout_s is not None and waited >= timeout_s:
+                raise RingFull(f"ring {self.name!r}: all {self.slots} slots busy for {waited:.3f} s")
+            if on_wait is not None:
+                on_wait()
+            time.sleep(delay)
+            delay = min(delay * 2, 2e-3)
+        self.meta[slot, 1] = 1
+        self.meta[slot, 2] = time.monotonic_ns()
+        self.slot_view(slot, nbytes)[:] = data
+        return SlotRef(self.name, slot, int(self.meta[slot, 0]), nbytes)
+
+    # ------------------------------------------------------------------ consumer side
+
+    def read(self, ref: SlotRef) -> memoryview:
+        """The slot's bytes, in place. Valid until `release(ref)`."""
+        if not 0 <= ref.slot < self.slots or ref.nbytes > self.slot_bytes:
+            raise ValueError(f"ring {self.name!r}: no slot {ref.slot} of {ref.nbytes} bytes (ring: {self.slots} "
+                             f"slots of {self.slot_bytes})")
+        if not self.intact(ref):
+            raise SlotReclaimed(f"ring {self.name!r} slot {ref.slot}: reclaimed by its producer before it was read")
+        return self.slot_view(ref.slot, ref.nbytes)
+
+    def intact(self, ref: SlotRef) -> bool:
+        return int(self.meta[ref.slot, 0]) == ref.generation and int(self.meta[ref.slot, 1]) == 1
+
+    def release(self, ref: SlotRef) -> None:
+        if int(self.meta[ref.slot, 0]) == ref.generation:
+            self.meta[ref.slot, 1] = 0
+
+    def close(self, unlink: bool = False) -> None:
+        """Unmap (and, for the owner, remove the segment). Views still exported stay valid until dropped."""
+        self.meta = np.zeros((0, _META_FIELDS), dtype=np.int64)
+        try:
+            self._shm.close()
+        except BufferError:  # a numpy view of a slot is still alive; the mapping goes with the process
+            pass
+        if unlink:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class RingReaders:
+    """A consumer's attached rings, by name (attached on first use, kept for the process's life)."""
+
+    def __init__(self) -> None:
+        self._rings: dict[str, Ring] = {}
+
+    def ring(self, name: str) -> Ring:
+        ring = self._rings.get(name)
+        if ring is None:
+            ring = self._rings[name] = Ring.attach(name)
+        return ring
+
+    def close(self) -> None:
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()

@@ -1,0 +1,283 @@
+"""The one stage loop every stage process runs: receive -> decode -> process -> encode -> send.
+
+A stage is plain Python that never touches a socket:
+
+    class Stage(Protocol):
+        def process(self, message) -> Message | Sequence[Message] | None: ...
+        # optional: flush() -> Sequence[Message], called when nothing arrived for idle_timeout_s
+        #           (None: never); progress() -> tuple[StreamProgress, ...]; close()
+
+A source stage (decode) instead yields messages from `messages()`, may be asked to `stop()`
+(drain: end its stream early, cleanly) and is told about frames dropped for lack of room.
+
+The loop owns the sockets (pipeline.transport), stamps headers with the stage's receive and
+send times, sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every
+heartbeat_s, and survives bad input: a malformed message is counted and logged with the
+socket and what was wrong, a message whose processing raises is counted and logged, and the
+loop goes on. Signals: SIGINT is ignored (the supervisor decides; a terminal's Ctrl-C reaches
+the whole process group), SIGTERM stops the loop at once (close() still runs), SIGUSR1 asks a
+source to drain. A stage whose parent (the supervisor) has died stops too.
+
+A process's arrays must not outlive `process()`: ring slots are released right after it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
+from pipeline.metrics import DROPS, ERRORS, FRAMES_IN, FRAMES_OUT, STAGE_SECONDS, StageMetrics
+from pipeline.shm_ring import Ring, RingFull, RingReaders
+from pipeline.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
+
+__all__ = ["Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
+
+log = logging.getLogger("maskstream.stage")
+
+
+class Stage(Protocol):
+    def process(self, message: Message) -> Message | Sequence[Message] | None: ...
+
+
+class Source(Protocol):
+    live: bool
+
+    def messages(self) -> Iterator[Message]: ...
+
+    def stop(self) -> None: ...
+
+    def dropped(self, message: Message) -> None: ...
+
+
+class StageStopped(Exception):
+    """SIGTERM: leave the loop now."""
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where a stage process connects; made by the supervisor, passed at process start."""
+
+    stage: str  # "preprocess.1", "decode.cam0": kind.instance
+    reports: str  # the supervisor's report endpoint
+    inbox: str | None = None  # bound here (PULL)
+    outboxes: tuple[str, ...] = ()  # every instance of the next stage (PUSH)
+    publish: str | None = None  # PUB endpoint bound here (the publish stage)
+    ring: str | None = None  # this stage's shared-memory ring for the pixel buffers it sends
+    hwm: int = 4
+    heartbeat_s: float = 0.5
+    parent_pid: int = 0
+    torch_threads: int = 1  # 0: leave torch's default
+
+    @property
+    def kind(self) -> str:
+        return self.stage.split(".", 1)[0]
+
+
+def _setup_process(wiring: Wiring) -> None:
+    # Once per process, here and not in a constructor: thread pools are process-wide, and on
+    # a 2-core host every stage but inference must stay on one core.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    faulthandler.register(signal.SIGUSR2)  # `kill -USR2 PID` prints where a stage is stuck
+    try:  # `ps -o comm` and tests tell the stages apart by name (Linux keeps 15 characters)
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(wiring.stage[:15])
+    except OSError:
+        pass
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    if wiring.torch_threads:
+        torch.set_num_threads(wiring.torch_threads)
+    torch.set_flush_denormal(True)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise StageStopped(f"signal {signum}")
+
+
+class _Loop:
+    """Sockets, counters and heartbeats shared by run_stage and run_source."""
+
+    def __init__(self, wiring: Wiring):
+        self.wiring = wiring
+        self.kind = wiring.kind
+        self.metrics = StageMetrics(self.kind)
+        self.reporter = ReportSender(wiring.reports)
+        self.counts = {"received": 0, "sent": 0, "malformed": 0, "errors": 0}
+        self.last_error = ""
+        self.busy_s = 0.0
+        self.next_report = 0.0
+        self.progress: Callable[[], tuple[StreamProgress, ...]] = tuple
+        self.inbox = Inbox(wiring.inbox, wiring.hwm) if wiring.inbox else None
+        self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
+        self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
+        self.ring = Ring.attach(wiring.ring) if wiring.ring else None
+        if self.ring is not None:
+            self.ring.reclaim_all()  # slots of a previous life of this stage are stale
+        self.readers = RingReaders()
+
+    def report(self, force: bool = False, fatal: str = "") -> None:
+        now = time.monotonic()
+        if not force and now < self.next_report:
+            return
+        self.next_report = now + self.wiring.heartbeat_s
+        if self.wiring.parent_pid and os.getppid() != self.wiring.parent_pid:
+            raise StageStopped("the supervisor has exited")
+        self.reporter.send(
+            StageReport(
+                stage=self.wiring.stage, pid=os.getpid(), sent_at=now, last_error=self.last_error,
+                busy_s=self.busy_s, streams=self.progress(), fatal=fatal, **self.counts,
+            ),
+            self.metrics.snapshot(),
+        )
+
+    def error(self, what: str, stream: str = "") -> None:
+        self.last_error = f"{self.wiring.stage}: {what}"
+        self.metrics.inc(ERRORS, stream)
+        log.warning("%s", self.last_error)
+
+    def send(self, message: Message, start: float, block: bool = True) -> bool:
+        """Stamp and send one message; False if it was dropped (block=False and no room)."""
+        stream = message.header.stream_id
+        message = dataclasses.replace(message, header=message.header.stamped(self.kind, start, time.monotonic()))
+        if self.publisher is not None:
+            self.publisher.send(message)
+        elif self.outbox is not None:
+            try:
+                frames, refs = pack(message, self.ring, wait_s=None if block else 0.0, on_wait=self.report)
+            except RingFull:
+                return False
+            if not self.outbox.send(frames, block=block, on_wait=self.report):
+                for ref in refs:
+                    assert self.ring is not None
+                    self.ring.release(ref)
+                return False
+        self.counts["sent"] += 1
+        self.metrics.inc(FRAMES_OUT, stream)
+        return True
+
+    def close(self) -> None:
+        for part in (self.inbox, self.outbox, self.publisher, self.reporter):
+            if part is not None:
+                part.close()
+        terminate()
+        if self.ring is not None:
+            self.ring.close()
+        self.readers.close()
+
+
+def _outputs(result: Message | Sequence[Message] | None) -> Sequence[Message]:
+    if result is None:
+        return ()
+    if isinstance(result, Sequence):
+        return result
+    return (result,)
+
+
+def _start(make: Callable[[], Any], wiring: Wiring) -> tuple[_Loop, Any]:
+    """Sockets first (so a fatal error can be reported), then the stage itself."""
+    _setup_process(wiring)
+    loop = _Loop(wiring)
+    try:
+        stage = make()
+    except Exception as exc:
+        loop.error(f"cannot start: {type(exc).__name__}: {exc}")
+        loop.report(force=True, fatal=loop.last_error)
+        loop.close()
+        # The process entry point: a non-zero exit code is how the supervisor learns it for sure.
+        raise SystemExit(1) from None
+    loop.progress = getattr(stage, "progress", tuple)
+    return loop, stage
+
+
+def _handle(loop: _Loop, stage: Stage, frames: list[Any], start: float) -> Sequence[Message]:
+    """One received message through the stage. A function of its own so that nothing here
+    (the input's arrays point into ring slots) outlives it."""
+    assert loop.inbox is not None
+    loop.counts["received"] += 1
+    try:
+        received = unpack(frames, loop.readers)
+    except MessageError as exc:
+        loop.counts["malformed"] += 1
+        loop.error(f"malformed message on {loop.inbox.endpoint}: {exc}")
+        return ()
+    header = received.message.header
+    loop.metrics.inc(FRAMES_IN, header.stream_id)
+    try:
+        result = stage.process(received.message)
+    except Exception as exc:  # one bad message never stops the stage
+        loop.counts["errors"] += 1
+        loop.error(f"{type(received.message).__name__} of stream {header.stream_id!r} seq {header.seq}: "
+                   f"{type(exc).__name__}: {exc}", header.stream_id)
+        result = None
+    finally:
+        received.release()
+    elapsed = time.monotonic() - start
+    loop.busy_s += elapsed
+    loop.metrics.observe(STAGE_SECONDS, header.stream_id, elapsed)
+    return _outputs(result)
+
+
+def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
+    """Serve a stage until SIGTERM or the supervisor's death."""
+    loop, stage = _start(make, wiring)
+    assert loop.inbox is not None, f"{wiring.stage}: a stage needs an inbox"
+    flush = getattr(stage, "flush", None)
+    try:
+        loop.report(force=True)
+        while True:
+            idle = getattr(stage, "idle_timeout_s", None)
+            frames = loop.inbox.recv(min(wiring.heartbeat_s, idle) if idle is not None else wiring.heartbeat_s)
+            start = time.monotonic()
+            if frames is None:
+                if idle is not None and flush is not None:
+                    for message in flush():
+                        loop.send(message, start)
+                loop.report()
+                continue
+            for message in _handle(loop, stage, frames, start):
+                loop.send(message, start)
+            loop.report()
+    except StageStopped:
+        pass
+    finally:
+        close = getattr(stage, "close", None)
+        if close is not None:
+            close()
+        loop.report(force=True)
+        loop.close()
+
+
+def run_source(make: Callable[[], Source], wiring: Wiring) -> None:
+    """Send a source's messages downstream until it ends; SIGUSR1 asks it to end early."""
+    loop, source = _start(make, wiring)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: source.stop())
+    try:
+        loop.report(force=True)
+        for message in source.messages():
+            start = time.monotonic()
+            final = isinstance(message, EndOfStream)
+            # Offline waits for room (lossless); live drops the frame (newest wins) and counts it.
+            if not loop.send(message, start, block=final or not source.live):
+                source.dropped(message)
+                loop.metrics.inc(DROPS, message.header.stream_id)
+            loop.report()
+        # Stay until the supervisor stops us: a ZeroMQ peer that disconnects loses the messages
+        # its receiver has not read yet (those still in the kernel's socket buffer), so a
+        # decoder that exited right after its EndOfStream would lose its last frames.
+        while True:
+            loop.report(force=True)
+            time.sleep(wiring.heartbeat_s)
+    except StageStopped:
+        pass
+    finally:
+        loop.close()

@@ -1,0 +1,53 @@
+"""preprocess: `Frame` -> `ModelInput`: resize (aspect kept) and pad to the runner's fixed input.
+
+uint8 all the way; the pad colour is model.static.pad_value, which the graph normalises to
+about zero, like the eager path's zero padding after normalisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pipeline.messages import EndOfStream, Frame, Message, ModelInput
+from pipeline.stage import Wiring, run_stage
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    input_hw: tuple[int, int]  # the runner's (H, W)
+    pad_rgb: tuple[int, int, int]  # model.static.pad_value(model)
+
+
+def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 [H, W, 3] RGB -> (uint8 [3, h, w] resized into the top-left corner, padded; valid (h, w))."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image: expected uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)}")
+    (height, width), (in_h, in_w) = image.shape[:2], input_hw
+    scale = min(in_h / height, in_w / width)
+    valid = (max(1, min(in_h, int(height * scale))), max(1, min(in_w, int(width * scale))))
+    # INTER_AREA would alias less when shrinking, but bilinear is what the eager path uses.
+    resized = cv2.resize(image, (valid[1], valid[0]), interpolation=cv2.INTER_LINEAR)  # [h, w, 3]
+    out = np.empty((3, in_h, in_w), dtype=np.uint8)
+    out[:] = np.asarray(pad_rgb, dtype=np.uint8)[:, None, None]
+    out[:, : valid[0], : valid[1]] = resized.transpose(2, 0, 1)  # [3, h, w]
+    return out, valid
+
+
+class PreprocessStage:
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+
+    def process(self, message: Message) -> Message:
+        if isinstance(message, EndOfStream):
+            return message
+        if not isinstance(message, Frame):
+            raise TypeError(f"expected Frame or EndOfStream, got {type(message).__name__}")
+        image, valid = fit_to_input(message.image, self.config.input_hw, self.config.pad_rgb)
+        return ModelInput(message.header, image, valid, (int(message.image.shape[0]), int(message.image.shape[1])))
+
+
+def main(config: PreprocessConfig, wiring: Wiring) -> None:
+    run_stage(lambda: PreprocessStage(config), wiring)

@@ -1,0 +1,258 @@
+"""ZeroMQ sockets between stages, and the internal wire that moves pixels through shared memory.
+
+Sockets (endpoints on loopback: ipc:// paths or tcp://127.0.0.1):
+- `Inbox`: a PULL socket that the *consuming* stage binds; every producer connects to it, so
+  a restarted consumer binds the same endpoint again and its producers reconnect by themselves.
+- `Outbox`: a PUSH socket connected to every instance of the next stage (ZeroMQ spreads
+  messages over them round-robin, skipping a peer whose queue is full). SNDHWM/RCVHWM are
+  small and explicit: when the queues are full a send waits, which is the back-pressure
+  that keeps an offline pipeline lossless; a live decoder sends with `block=False` and drops.
+- `Publisher`: the PUB socket of the output, topic = stream id, plain `messages.encode` frames.
+- `ReportSender` / `ReportInbox`: stage -> supervisor heartbeats (`StageReport`).
+
+Internal wire (between stages only): [topic, header, slots, buffers...] where `slots` is a
+msgpack map {buffer index: [ring, slot, generation, nbytes]} for buffers that travel in a
+shared-memory ring (pipeline.shm_ring) instead of the socket; the buffer frame at that
+index is empty. Without a ring every buffer goes inline, as across hosts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import zmq
+
+from pipeline.messages import Message, MessageError, StageReport, decode, decode_report, encode, encode_report
+from pipeline.metrics import MetricsSnapshot
+from pipeline.shm_ring import Ring, RingFull, RingReaders, SlotReclaimed, SlotRef
+
+__all__ = [
+    "Inbox",
+    "Outbox",
+    "Publisher",
+    "ReportInbox",
+    "ReportSender",
+    "Received",
+    "pack",
+    "terminate",
+    "unpack",
+]
+
+# Below this a memcpy into shared memory saves nothing over the socket copy.
+RING_MIN_BYTES = 64 * 1024
+
+
+def pack(message: Message, ring: Ring | None = None, wait_s: float | None = None,
+         on_wait: Callable[[], None] | None = None) -> tuple[list[Any], list[SlotRef]]:
+    """Internal-wire frames of `message` and the ring slots they use.
+
+    Buffers of at least RING_MIN_BYTES that fit a slot go into `ring`; the rest inline.
+    Waits up to wait_s (None: forever) for a free slot, then raises RingFull."""
+    topic, header, *buffers = encode(message)
+    slots: dict[int, list[Any]] = {}
+    refs: list[SlotRef] = []
+    if ring is not None:
+        for i, buffer in enumerate(buffers):
+            view = memoryview(buffer)
+            if RING_MIN_BYTES <= view.nbytes <= ring.slot_bytes:
+                try:
+                    ref = ring.write(view, timeout_s=wait_s, on_wait=on_wait)
+                except RingFull:
+                    for taken in refs:
+                        ring.release(taken)
+                    raise
+                refs.append(ref)
+                slots[i] = [ref.ring, ref.slot, ref.generation, ref.nbytes]
+                buffers[i] = b""
+    return [topic, header, msgpack.packb(slots) if slots else b"", *buffers], refs
+
+
+class Received:
+    """A decoded message and the ring slots its arrays point into (release after use)."""
+
+    def __init__(self, message: Message, refs: list[tuple[Ring, SlotRef]]):
+        self.message = message
+        self._refs = refs
+
+    def intact(self) -> bool:
+        return all(ring.intact(ref) for ring, ref in self._refs)
+
+    def release(self) -> None:
+        for ring, ref in self._refs:
+            ring.release(ref)
+        self._refs = []
+
+
+def unpack(frames: Sequence[Any], rings: RingReaders) -> Received:
+    """The message of internal-wire frames; raises MessageError saying what is wrong."""
+    if len(frames) < 3:
+        raise MessageError(f"expected [topic, header, slots, buffers...], got {len(frames)} frame(s)")
+    views = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    buffers: list[Any] = list(views[3:])
+    refs: list[tuple[Ring, SlotRef]] = []
+    if views[2].nbytes:
+        try:
+            table = msgpack.unpackb(views[2], raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types for garbage
+            raise MessageError(f"slot table is not valid msgpack ({type(exc).__name__})") from None
+        if not isinstance(table, dict):
+            raise MessageError("slot table: expected a map {buffer index: [ring, slot, generation, nbytes]}")
+        for index, entry in table.items():
+            if not (isinstance(index, int) and 0 <= index < len(buffers) and isinstance(entry, list)
+                    and len(entry) == 4 and isinstance(entry[0], str)
+                    and all(isinstance(v, int) for v in entry[1:])):
+                raise MessageError(f"slot table: bad entry {index!r}: {entry!r}")
+            ref = SlotRef(*entry)
+            try:
+                ring = rings.ring(ref.ring)
+                buffers[index] = ring.read(ref)
+            except (ValueError, SlotReclaimed) as exc:
+                raise MessageError(str(exc)) from None
+            refs.append((ring, ref))
+    try:
+        message = decode([views[0], views[1], *buffers])
+    except MessageError:
+        for ring, ref in refs:  # the slot is ours to free even if the message is garbage
+            ring.release(ref)
+        raise
+    return Received(message, refs)
+
+
+def terminate() -> None:
+    """End this process's ZeroMQ context (after closing its sockets).
+
+    Note: what a socket still queues when its process goes is lost, linger or not: over ipc
+    and tcp a message counts as delivered once in the kernel's buffer, and the receiver
+    drops what it had not read when the sender disconnects. Producers stay until stopped."""
+    zmq.Context.instance().term()
+
+
+def _context() -> zmq.Context:
+    # One context per process, created in that process (never inherited across spawn).
+    return zmq.Context.instance()
+
+
+class Inbox:
+    """PULL, bound by the consuming stage."""
+
+    def __init__(self, endpoint: str, hwm: int):
+        self.endpoint = endpoint
+        self.socket = _context().socket(zmq.PULL)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+
+    def recv(self, timeout_s: float) -> list[zmq.Frame] | None:
+        if not self.socket.poll(int(timeout_s * 1000)):
+            return None
+        frames: list[zmq.Frame] = self.socket.recv_multipart(copy=False)
+        return frames
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Outbox:
+    """PUSH, connected to every instance of the next stage."""
+
+    def __init__(self, endpoints: Sequence[str], hwm: int):
+        self.endpoints = tuple(endpoints)
+        self.socket = _context().socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        for endpoint in self.endpoints:
+            self.socket.connect(endpoint)
+
+    def send(self, frames: list[Any], block: bool, on_wait: Callable[[], None] | None = None,
+             wait_slice_s: float = 0.2) -> bool:
+        """Send; block=True waits for room (calling on_wait every slice), block=False drops: returns False."""
+        while True:
+            try:
+                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                if not block:
+                    return False
+            self.socket.poll(int(wait_slice_s * 1000), zmq.POLLOUT)
+            if on_wait is not None:
+                on_wait()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Publisher:
+    """PUB, bound; subscribers connect. Plain `messages.encode` frames (never ring slots)."""
+
+    def __init__(self, endpoint: str, hwm: int):
+        self.endpoint = endpoint
+        self.socket = _context().socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.socket.close(linger=0)
+            raise ValueError(f"publish endpoint {endpoint!r}: cannot bind ({exc})") from None
+
+    def send(self, message: Message) -> None:
+        self.socket.send_multipart(encode(message), copy=False)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class ReportSender:
+    """PUSH to the supervisor; never blocks (a supervisor that is behind loses heartbeats, not frames)."""
+
+    def __init__(self, endpoint: str):
+        self.socket = _context().socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, 100)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.connect(endpoint)
+
+    def send(self, report: StageReport, metrics: MetricsSnapshot) -> None:
+        frames = [encode_report(report), msgpack.packb(dataclasses.asdict(metrics))]
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class ReportInbox:
+    """PULL bound by the supervisor."""
+
+    def __init__(self, endpoint: str):
+        self.socket = _context().socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+
+    def recv_all(self, timeout_s: float) -> list[tuple[StageReport, MetricsSnapshot | None]]:
+        """Every report waiting, after waiting up to timeout_s for the first; garbage is skipped."""
+        reports: list[tuple[StageReport, MetricsSnapshot | None]] = []
+        if not self.socket.poll(int(timeout_s * 1000)):
+            return reports
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return reports
+            try:
+                report = decode_report(frames[0])
+            except MessageError:
+                continue
+            metrics = None
+            if len(frames) > 1:
+                try:
+                    metrics = MetricsSnapshot.from_dict(msgpack.unpackb(frames[1], raw=False))
+                except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                    metrics = None
+            reports.append((report, metrics))
+
+    def close(self) -> None:
+        self.socket.close()
+

@@ -1,0 +1,47 @@
+"""Internal wire: inline buffers and shared-memory slots give the same message; garbage is a clear error."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.messages import Frame, Header, MessageError, StageReport, StreamProgress, decode_report, encode_report
+from pipeline.shm_ring import Ring, RingReaders
+from pipeline.transport import pack, unpack
+
+
+def test_frame_through_ring_and_inline_is_the_same():
+    image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    message = Frame(Header("cam", 7, 0.25), image)
+    ring = Ring.create(f"msk-test-{os.getpid()}-t", 2, image.nbytes)
+    readers = RingReaders()
+    try:
+        for use in (None, ring):
+            frames, refs = pack(message, use)
+            assert (len(refs) == 1) == (use is not None)
+            received = unpack(frames, readers)
+            assert isinstance(received.message, Frame) and np.array_equal(received.message.image, image)
+            received.release()
+        assert ring.busy_slots() == 0
+    finally:
+        readers.close()
+        ring.close(unlink=True)
+
+
+@pytest.mark.parametrize("frames, what", [
+    ([b"cam"], r"expected \[topic, header, slots, buffers\.\.\.\]"),
+    ([b"cam", b"\xc1", b""], "not valid msgpack"),
+    ([b"cam", b"\x80", b"\xc1"], "slot table is not valid msgpack"),
+    ([b"cam", b"\x80", b"\x81\x00\x93\x01\x02\x03"], "slot table: bad entry"),
+])
+def test_malformed_internal_messages_say_what_is_wrong(frames, what):
+    with pytest.raises(MessageError, match=what):
+        unpack(frames, RingReaders())
+
+
+def test_stage_report_round_trip():
+    report = StageReport("decode.cam", 12, 3.5, received=1, streams=(StreamProgress("cam", 4, 1, 5, True, "x"),))
+    assert decode_report(encode_report(report)) == report
+    with pytest.raises(MessageError):
+        decode_report(b"\x01")
