@@ -61,6 +61,11 @@ def load_weights(module: nn.Module, source: str | Path | dict, what: str = "chec
     if problems:
         name = source if not isinstance(source, dict) else "state dict"
         raise CheckpointError(f"{what} {name} does not fit the model: " + "; ".join(problems))
+    # Weights stored in another float precision (the bundled model is saved as fp16 to halve
+    # its size) take the model's own dtype here, explicitly rather than by copy_'s casting.
+    state = {
+        k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v for k, v in state.items()
+    }
     module.load_state_dict(state, strict=True)
 
 

@@ -8,6 +8,7 @@ scene on any machine.
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Sequence
@@ -24,10 +25,13 @@ __all__ = [
     "Scene",
     "encode_png",
     "make_scene",
+    "make_clip",
     "scene_file_name",
     "to_coco",
     "write_png",
     "write_sample_images",
+    "write_synthetic_clip",
+    "write_synthetic_dataset",
 ]
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "rectangle", "triangle", "ellipse")
@@ -250,6 +254,153 @@ def to_coco(scenes: Sequence[Scene]) -> dict[str, Any]:
             for i, name in enumerate(class_names, start=1)
         ],
     }
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path, count: int, seed: int = 0, height: int = 320, width: int = 320, max_objects: int = 6
+) -> Path:
+    """A COCO-format dataset on disk: out_dir/images/scene_<seed>.png and out_dir/annotations.json."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for i in range(count):
+        scene = make_scene(seed + i, height, width, max_objects)
+        write_png(out / "images" / scene_file_name(scene), scene.image)
+        scenes.append(scene)
+    path = out / "annotations.json"
+    path.write_text(json.dumps(to_coco(scenes)), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- clips
+
+
+@dataclass(frozen=True)
+class _MovingObject:
+    label: int
+    shape_seed: int  # replays make_scene's shape draw: the same shape in every frame
+    colour: np.ndarray  # [3] RGB
+    shade: float  # direction of the shading gradient
+    velocity: tuple[float, float]  # pixels per frame
+
+
+def make_clip(
+    seed: int, frames: int, height: int = 320, width: int = 320, max_objects: int = 4, *, min_area: int = 64
+) -> tuple[list[Scene], list[list[int]]]:
+    """`frames` scenes of the same objects gliding in straight lines over one background,
+    and per frame the track id (1..) of each annotated object.
+
+    Each object is the shape `make_scene` would draw, translated by velocity * (t - middle):
+    its mask is exact in every frame, and occlusion follows the drawing order as in a scene.
+    An object with fewer than `min_area` visible pixels in a frame is not annotated there.
+    """
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames: expected an int >= 1, got {frames!r}")
+    rng = np.random.default_rng([seed, 7])  # its own stream: not make_scene(seed)'s objects
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5  # each [H, W]
+    background = _background(rng, xs, ys)
+    under = background.reshape(-1, 3).mean(axis=0)
+    objects: list[_MovingObject] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        colour = rng.uniform(0, 255, 3)
+        for _ in range(20):  # stand out from the background, as make_scene's objects do
+            if np.abs(colour - under).sum() > 120:
+                break
+            colour = rng.uniform(0, 255, 3)
+        speed = rng.uniform(0.2, 0.6) * min(height, width) / max(frames, 1)  # pixels per frame
+        direction = rng.uniform(0, 2 * np.pi)
+        objects.append(
+            _MovingObject(
+                label=int(rng.integers(len(CLASS_NAMES))) + 1,
+                shape_seed=int(rng.integers(2**31)),
+                colour=colour,
+                shade=float(rng.uniform(0, 2 * np.pi)),
+                velocity=(float(speed * np.cos(direction)), float(speed * np.sin(direction))),
+            )
+        )
+    scenes, tracks = [], []
+    for t in range(frames):
+        image = background.copy()
+        masks: list[np.ndarray] = []
+        labels: list[int] = []
+        ids: list[int] = []
+        for track_id, obj in enumerate(objects, start=1):
+            vx, vy = obj.velocity
+            dx, dy = vx * (t - (frames - 1) / 2), vy * (t - (frames - 1) / 2)
+            shape_rng = np.random.default_rng(obj.shape_seed)
+            mask = _shape_mask(shape_rng, CLASS_NAMES[obj.label - 1], xs - dx, ys - dy)
+            if not mask.any():
+                continue
+            u = xs[mask] * np.cos(obj.shade) + ys[mask] * np.sin(obj.shade)  # [K]
+            u = (u - u.min()) / max(float(np.ptp(u)), 1e-9) - 0.5
+            image[mask] = obj.colour[None, :] * (1.0 + 0.25 * u[:, None])
+            for earlier in masks:
+                earlier &= ~mask
+            masks.append(mask)
+            labels.append(obj.label)
+            ids.append(track_id)
+        keep = [
+            i for i, m in enumerate(masks)
+            if m.sum() >= min_area and (b := _tight_box(m))[2] - b[0] >= 3 and b[3] - b[1] >= 3
+        ]
+        for i in set(range(len(masks))) - set(keep):
+            image[masks[i]] = background[masks[i]]
+        noise = np.random.default_rng([seed, 8, t]).normal(0.0, 3.0, image.shape)
+        pixels = np.clip(np.rint(image + noise), 0, 255).astype(np.uint8)
+        kept_masks = np.stack([masks[i] for i in keep]) if keep else np.zeros((0, height, width), bool)
+        boxes = np.asarray([_tight_box(masks[i]) for i in keep], np.float32).reshape(-1, 4)  # [N, 4]
+        kept_labels = np.asarray([labels[i] for i in keep], np.int64)
+        for array in (pixels, kept_masks, boxes, kept_labels):
+            array.setflags(write=False)
+        scenes.append(Scene(seed=int(seed), image=pixels, masks=kept_masks, boxes=boxes, labels=kept_labels))
+        tracks.append([ids[i] for i in keep])
+    return scenes, tracks
+
+
+def write_synthetic_clip(
+    path: str | Path,
+    frames: int,
+    seed: int = 0,
+    height: int = 320,
+    width: int = 320,
+    fps: int = 25,
+    max_objects: int = 4,
+) -> tuple[Path, Path]:
+    """An MP4 of `make_clip` (H.264 via libx264 where the PyAV wheel has it, else MPEG-4 Part 2)
+    and PATH_annotations.json: its per-frame COCO ground truth (image id = frame index + 1,
+    `frame_index` on each image, `track_id` on each annotation)."""
+    import av  # only clip writing needs FFmpeg
+
+    if height % 2 or width % 2:
+        raise ValueError(f"clip size: yuv420p needs an even height and width, got {height}x{width}")
+    scenes, tracks = make_clip(seed, frames, height, width, max_objects)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), mode="w") as container:
+        stream: Any = container.add_stream(codec, rate=fps)  # a VideoStream
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # Near-lossless, so the pixels stay close to what the ground truth describes.
+        stream.options = {"crf": "12", "preset": "veryfast"} if codec == "libx264" else {"qscale": "2"}
+        for scene in scenes:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene.image), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+    gt = to_coco(scenes)
+    for t, image in enumerate(gt["images"]):
+        image["file_name"] = f"{path.stem}_{t:05d}.png"
+        image["frame_index"] = t
+    track_ids = [tid for frame in tracks for tid in frame]  # to_coco's annotation order
+    for ann, track_id in zip(gt["annotations"], track_ids):
+        ann["track_id"] = track_id
+    gt["info"] = {"description": f"maskstream synthetic clip {path.name}", "fps": fps, "codec": codec}
+    json_path = path.with_name(f"{path.stem}_annotations.json")
+    json_path.write_text(json.dumps(gt), encoding="utf-8")
+    return path, json_path
 
 
 # --------------------------------------------------------------------------- PNG

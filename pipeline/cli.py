@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import model
+from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from model.checkpoint import CheckpointError
 from model.coco import class_names
 from model.config import ModelConfig
@@ -24,6 +25,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.images import IMAGE_SUFFIXES, read_rgb, write_rgb
 from pipeline.run_commands import add_parsers as add_run_parsers
 from pipeline.subscribe_commands import add_parsers as add_subscribe_parsers
+from pipeline.train_commands import add_parsers as add_training_parsers
 from plugins.roi_align.registration import tensorrt_version
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -50,6 +52,10 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 def segment(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
+    if args.checkpoint is None and args.config is None and args.variant == "lite" and BUNDLED_CHECKPOINT.is_file():
+        # The default: the bundled lite model, trained on the synthetic shapes the sample scenes show.
+        args.config, args.checkpoint = BUNDLED_CONFIG, BUNDLED_CHECKPOINT
+        print(f"note: no --checkpoint given: using the bundled model {BUNDLED_CHECKPOINT.name}", file=sys.stderr)
     cfg = model_config(args)
     weights_backbone = None
     if args.checkpoint is None:
@@ -57,7 +63,7 @@ def segment(args: argparse.Namespace) -> int:
             weights_backbone = "imagenet"
         print(
             "note: no --checkpoint given, so the detection heads are untrained and the detections are "
-            "not meaningful (the bundled trained model arrives with the training module)",
+            "not meaningful",
             file=sys.stderr,
         )
     net = fold_batch_norms(model.build(config=cfg, checkpoint=args.checkpoint, weights_backbone=weights_backbone))
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=doctor)
     add_run_parsers(sub)
     add_subscribe_parsers(sub)
+    add_training_parsers(sub)
     return parser
 
 
