@@ -1,13 +1,30 @@
-"""Cost of one hop of a 1080p RGB frame (1920x1080x3 uint8) between two processes:
-the bytes through a ZeroMQ ipc socket vs the shared-memory ring with ZeroMQ carrying the
-descriptor, measured side by side in one run (interleaved rounds, median per message).
+"""Cost of moving one decoded 1080p frame (1920x1080) from the decode process to the
+preprocess process, three ways, measured side by side in one run (interleaved rounds,
+median per message):
+
+- zmq_bytes:     RGB (FFmpeg's swscale into a fresh array), 6.2 MB inline through a ZeroMQ
+                 ipc socket;
+- ring_copy:     the same RGB copied into a shared-memory ring slot, ZeroMQ carries the
+                 descriptor (this pipeline before: convert, then copy into the slot);
+- ring_in_place: the decoder's yuv420p planes (3.1 MB) written straight into a claimed slot
+                 and sent by reference, nothing converted or copied again (the decode stage
+                 now: pipeline.stage.OutputBuffers + pipeline.pixels.frame_pixels).
 
     python benchmarks/bench_transport.py [--messages 200] [--rounds 3]
 
-A hop is: the producer encodes and sends a `Frame`, the consumer receives, decodes it (for
-the ring: maps the slot, zero copy), touches the pixels (a sum over one row, so the data is
-really read) and releases it. Timed from the first send to the consumer's last release;
-per-message time = total / messages. Writes benchmarks/results/transport.json.
+Per message the producer prepares the pixels from a decoded yuv420p frame, encodes and sends
+a `Frame`; the consumer receives, decodes it (ring: maps the slot, zero copy), touches the
+pixels (a sum over one row, so the data is really read) and releases it. The first message
+is a warm-up.
+
+Figures, per message, CPU time (the host is shared, its load average is recorded; and a
+pipelined pair's wall time shows only its slower side):
+- prepare_ms: making the pixels (swscale RGB, or copying the planes), timed alone;
+- hop_ms: the hop itself: the producer's process CPU time (ZeroMQ's I/O thread included)
+  minus prepare_ms, plus the consumer's process CPU time;
+- preprocess_ms: what preprocess then does with that frame (resize to 320x576 and convert);
+- total_ms = prepare + hop + preprocess: decode's output to the model's input.
+wall_ms is the consumer's wall time per message. Writes benchmarks/results/transport.json.
 """
 from __future__ import annotations
 
@@ -19,61 +36,125 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 import zmq
 
 from pipeline.messages import Frame, Header
+from pipeline.pixels import RGB24, frame_pixels
 from pipeline.shm_ring import Ring, RingReaders
+from pipeline.stage import OutputBuffers
+from pipeline.stages.preprocess import fit_to_input
 from pipeline.transport import Inbox, Outbox, pack, unpack
 
 SHAPE = (1080, 1920, 3)
+MODES = ("zmq_bytes", "ring_copy", "ring_in_place")
 RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
 
 
-def producer(endpoint: str, ring_name: str | None, messages: int) -> None:
+def decoded_frame() -> av.VideoFrame:
+    """A 1080p yuv420p frame, as an H.264 decoder gives it."""
+    ys, xs = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]]
+    noise = np.random.default_rng(0).integers(0, 64, SHAPE[:2])
+    rgb = np.stack([(xs + noise) % 256, (ys + noise) % 256, (xs + ys) % 256], axis=-1).astype(np.uint8)
+    return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+
+
+def prepare(mode: str, frame: av.VideoFrame, buffers: OutputBuffers) -> tuple[np.ndarray, str]:
+    if mode == "ring_in_place":
+        return frame_pixels(frame, lambda shape: buffers.array(shape, wait=True))
+    return np.ascontiguousarray(frame.to_ndarray(format="rgb24")), RGB24
+
+
+def prepare_in_every_slot(frame: av.VideoFrame, ring: Ring) -> None:
+    """In place, into each slot in turn as the loop does: 8 slots are more than the caches hold."""
+    for _ in range(ring.slots):
+        frame_pixels(frame, lambda shape: np.frombuffer(ring.claim(int(np.prod(shape)), timeout_s=0),
+                                                         dtype=np.uint8).reshape(shape))
+    ring.release_claims()
+
+
+def cpu_ms(step: Callable[[], object], repeats: int = 30) -> float:
+    step()  # first touch of fresh memory is not what we measure
+    start = time.process_time()
+    for _ in range(repeats):
+        step()
+    return (time.process_time() - start) / repeats * 1000
+
+
+def producer(mode: str, endpoint: str, ring_name: str | None, messages: int, report: Connection) -> None:
+    cv2.setNumThreads(1)  # as in a stage process
     out = Outbox((endpoint,), hwm=4)
     ring = Ring.attach(ring_name) if ring_name else None
-    image = np.random.default_rng(0).integers(0, 255, SHAPE, dtype=np.uint8)
+    buffers = OutputBuffers(ring)
+    frame = decoded_frame()
+    if mode == "ring_in_place":
+        assert ring is not None
+        prepare_ms = cpu_ms(lambda: prepare_in_every_slot(frame, ring)) / ring.slots
+    else:
+        prepare_ms = cpu_ms(lambda: prepare(mode, frame, buffers))
+    cpu_start = 0.0
     for seq in range(messages):
-        frames, _ = pack(Frame(Header("bench", seq), image), ring, wait_s=None)
+        if seq == 1:  # after the warm-up message
+            cpu_start = time.process_time()
+        image, pixel_format = prepare(mode, frame, buffers)
+        frames, _ = pack(Frame(Header("bench", seq), image, pixel_format), ring, wait_s=None)
         out.send(frames, block=True)
+    report.send(((time.process_time() - cpu_start) * 1000 / (messages - 1), prepare_ms))
     time.sleep(30)  # stay until terminated: a leaving sender loses what is unread (see transport)
 
 
-def consume(inbox: Inbox, messages: int) -> float:
+def consume(inbox: Inbox, messages: int) -> tuple[float, float, Frame | None]:
+    """(wall s, CPU s) from the end of the warm-up message to the last release, and a copy of a frame."""
     readers = RingReaders()
-    start = None
-    for _ in range(messages):
-        frames = inbox.recv(30.0)
+    wall = cpu = 0.0
+    sample = None
+    for seq in range(messages):
+        frames = inbox.recv(60.0)
         assert frames is not None, "producer stopped sending"
-        start = start or time.perf_counter()
         received = unpack(frames, readers)
-        int(received.message.image[540].sum())  # type: ignore[union-attr]
+        message = received.message
+        assert isinstance(message, Frame)
+        int(message.image[540].sum())
+        if seq == 0:
+            sample = Frame(message.header, message.image.copy(), message.pixel_format)
         received.release()
-        del received  # its arrays point into the ring: gone before the ring is unmapped
+        del received, message  # their arrays point into the ring: gone before the ring is unmapped
+        if seq == 0:
+            wall, cpu = time.perf_counter(), time.process_time()
     readers.close()
-    assert start is not None
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu, sample
 
 
-def one_round(mode: str, messages: int, directory: str) -> float:
+def one_round(mode: str, messages: int, directory: str) -> dict[str, float]:
     endpoint = f"ipc://{directory}/{mode}"
     inbox = Inbox(endpoint, hwm=4)
-    ring = Ring.create(f"msk-bench-{os.getpid()}-{mode}", 8, int(np.prod(SHAPE))) if mode == "ring" else None
-    process = mp.get_context("spawn").Process(target=producer, args=(endpoint, ring.name if ring else None, messages))
+    ring = Ring.create(f"msk-bench-{os.getpid()}-{mode}", 8, int(np.prod(SHAPE))) if mode != "zmq_bytes" else None
+    receive, send = mp.get_context("spawn").Pipe(duplex=False)
+    process = mp.get_context("spawn").Process(
+        target=producer, args=(mode, endpoint, ring.name if ring else None, messages, send))
     process.start()
     try:
-        # The first message is a warm-up (process start, page faults of fresh slots): not timed.
-        seconds = consume(inbox, messages)
+        wall, consumer_cpu, sample = consume(inbox, messages)
+        producer_cpu_ms, prepare_ms = receive.recv()
     finally:
         process.terminate()
         process.join()
         inbox.close()
         if ring is not None:
             ring.close(unlink=True)
-    return seconds / (messages - 1) * 1000
+    assert sample is not None
+    preprocess_ms = cpu_ms(lambda: fit_to_input(sample.image, (320, 576), (124, 116, 104), sample.pixel_format))
+    per = 1000 / (messages - 1)
+    hop_ms = producer_cpu_ms - prepare_ms + consumer_cpu * per
+    return {"prepare_ms": prepare_ms, "hop_ms": hop_ms, "preprocess_ms": preprocess_ms,
+            "total_ms": prepare_ms + hop_ms + preprocess_ms, "wall_ms": wall * per,
+            "producer_cpu_ms": producer_cpu_ms, "consumer_cpu_ms": consumer_cpu * per}
 
 
 def main() -> None:
@@ -81,29 +162,46 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    times: dict[str, list[float]] = {"zmq_bytes": [], "ring": []}
+    load_before = os.getloadavg()
+    rounds: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="msk-bench-") as directory:
         for _ in range(args.rounds):
-            for mode in times:  # interleaved, so drift in the host's load hits both alike
-                times[mode].append(one_round(mode, args.messages, directory))
-    median = {mode: statistics.median(values) for mode, values in times.items()}
+            for mode in MODES:  # interleaved, so drift in the host's load hits every mode alike
+                rounds[mode].append(one_round(mode, args.messages, directory))
+    median = {mode: {key: statistics.median(r[key] for r in rounds[mode]) for key in rounds[mode][0]}
+              for mode in MODES}
+    hop = {mode: median[mode]["hop_ms"] for mode in MODES}
+    total = {mode: median[mode]["total_ms"] for mode in MODES}
     result = {
-        "what": "one inter-process hop of a 1920x1080x3 uint8 Frame (encode, send, receive, decode, read a row, "
-                "release), ms per message, median over rounds",
+        "what": "one decoded 1920x1080 frame from the decode process to the preprocess process, CPU ms per message: "
+                "prepare (pixels made), hop (transport, both processes), preprocess (to a 320x576 model input), "
+                "total; median over interleaved rounds",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
+                    "python": platform.python_version(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+                    "opencv": cv2.__version__, "pyav": av.__version__,
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "messages_per_round": args.messages,
-        "rounds_ms": times,
-        "median_ms": median,
-        "ring_over_bytes": median["ring"] / median["zmq_bytes"],
-        "goal_ms": 0.3,
+        "rounds": rounds,
+        "median": median,
+        "ratios": {"hop_in_place_over_bytes": hop["ring_in_place"] / hop["zmq_bytes"],
+                   "hop_in_place_over_ring_copy": hop["ring_in_place"] / hop["ring_copy"],
+                   "hop_ring_copy_over_bytes": hop["ring_copy"] / hop["zmq_bytes"],
+                   "total_in_place_over_ring_copy": total["ring_in_place"] / total["ring_copy"],
+                   "total_in_place_over_bytes": total["ring_in_place"] / total["zmq_bytes"]},
+        "goal_hop_ms": 0.3,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'path':<12} {'ms/hop (median)':>16} {'rounds':>30}")
-    for mode, values in times.items():
-        print(f"{mode:<12} {median[mode]:>16.3f} {', '.join(f'{v:.3f}' for v in values):>30}")
-    print(f"ring / bytes = {result['ring_over_bytes']:.3f}; goal for the ring: <= 0.3 ms per hop; wrote {RESULTS}")
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"{'path':<14} {'prepare':>8} {'hop':>7} {'preproc':>8} {'total':>7} {'wall':>7}   hop per round (CPU ms)")
+    for mode in MODES:
+        m = median[mode]
+        print(f"{mode:<14} {m['prepare_ms']:>8.3f} {m['hop_ms']:>7.3f} {m['preprocess_ms']:>8.3f} "
+              f"{m['total_ms']:>7.3f} {m['wall_ms']:>7.3f}   " + ", ".join(f"{r['hop_ms']:.3f}" for r in rounds[mode]))
+    ratios = result["ratios"]
+    print(f"hop: in-place / bytes = {ratios['hop_in_place_over_bytes']:.3f}, in-place / copy = "
+          f"{ratios['hop_in_place_over_ring_copy']:.3f} (goal <= 0.3 ms per hop); total: in-place / copy = "
+          f"{ratios['total_in_place_over_ring_copy']:.3f}; wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ part was wrong, so a stage can drop it and keep serving the other streams.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,10 +101,14 @@ class Header:
 
 @dataclass(frozen=True)
 class Frame:
-    """decode -> preprocess: one decoded frame."""
+    """decode -> preprocess: one decoded frame (internal: subscribers never see it).
+
+    pixel_format "rgb24": image is uint8 [H, W, 3] RGB; "yuv420p": uint8 [H * 3 / 2, W], the
+    decoder's I420 planes as they are (limited-range BT.601, H and W even), see pipeline.pixels."""
 
     header: Header
-    image: np.ndarray  # uint8 [H, W, 3] RGB
+    image: np.ndarray
+    pixel_format: str = "rgb24"
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ def _pack(value: Any, buffers: list[memoryview]) -> Any:
 def _build(cls: type, raw: Any, buffers: list[memoryview], where: str) -> Any:
     if not isinstance(raw, dict):
         raise MessageError(f"{where}: expected a map of fields, got {type(raw).__name__}")
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = set(raw) - set(names)
     if unknown:
@@ -285,6 +290,12 @@ def _build(cls: type, raw: Any, buffers: list[memoryview], where: str) -> Any:
             continue
         values[field.name] = _unpack(hints[field.name], raw[field.name], buffers, f"{where}.{field.name}")
     return cls(**values)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # Resolving the annotations is most of a small message's decode time: once per class.
+    return get_type_hints(cls)
 
 
 def _unpack(hint: Any, raw: Any, buffers: list[memoryview], where: str) -> Any:

@@ -1,5 +1,9 @@
 """`maskstream run`: the streaming pipeline over one or more sources.
 
+Without --source it runs a generated sample clip (pipeline.run_config.write_sample_clip) with
+the default model; without any output named (--out, --coco, --annotate, --publish) it writes
+results.jsonl, coco_results.json and, for video files, annotated.mp4 into --out-dir.
+
 Part of the CLI, so it prints (a progress bar for offline sources on stderr, a throughput
 summary at the end) and chooses the exit status: 0 all streams finished; 1 a source failed
 (the others and the results already written are kept; the summary names it); 3 a stage kept
@@ -20,7 +24,16 @@ from typing import Any
 
 from pipeline.config import ConfigError, load_config
 from pipeline.metrics import MetricsBoard, MetricsServer
-from pipeline.run_config import CONFIG_DIR, ModelSelection, RunConfig, plan
+from pipeline.run_config import (
+    CONFIG_DIR,
+    ModelSelection,
+    RunConfig,
+    default_model,
+    default_outputs,
+    has_outputs,
+    plan,
+    write_sample_clip,
+)
 from pipeline.supervisor import RunReport, Supervisor
 from pipeline.video import VideoError, probe
 
@@ -45,6 +58,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--checkpoint", type=Path, help="model weights")
     p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out-dir", type=Path, default=Path("out"),
+                   help="where the sample clip (no --source) and the default outputs (none named) go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -86,6 +101,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not cfg.sources:
+        try:
+            clip = write_sample_clip(args.out_dir)
+        except OSError as exc:
+            print(f"error: cannot write the sample clip into {args.out_dir}: {exc}", file=sys.stderr)
+            return 2
+        print(f"note: no --source given: running the generated sample clip {clip}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, sources=(str(clip),))
+    if not has_outputs(cfg.outputs):
+        cfg = default_outputs(cfg, args.out_dir)
+    _model_note(cfg.model)
     the_plan = plan(cfg)
     totals = {sid: _frame_count(spec.url) if spec.policy == "offline" else None
               for sid, spec in the_plan.source_specs.items()}
@@ -99,7 +125,27 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.close()
         the_plan.close()
-    return _summary(report, the_plan.source_specs)
+    code = _summary(report, the_plan.source_specs)
+    annotated = [o.annotate for spec in the_plan.specs if spec.name == "publish.0" for o in spec.config.streams]
+    written = [p for p in (cfg.outputs.jsonl, cfg.outputs.coco, *annotated) if p is not None and p.exists()]
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
+    return code
+
+
+def _model_note(selection: ModelSelection) -> None:
+    if selection.engine is not None:
+        return
+    if selection.config is None and selection.checkpoint is None:
+        config, checkpoint = default_model()
+        if checkpoint is not None:
+            print(f"note: using the bundled model {checkpoint.name} ({config.name}), trained on the built-in "
+                  "synthetic shapes", file=sys.stderr)
+            return
+    elif selection.checkpoint is not None:
+        return
+    print("note: no trained model (no --checkpoint, no bundled weights yet): the detection heads are untrained "
+          "and the detections are not meaningful", file=sys.stderr)
 
 
 def _frame_count(url: str) -> int | None:

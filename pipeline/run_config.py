@@ -2,7 +2,9 @@
 make: which stage processes, with which configs, wired to which endpoints and rings.
 
 The default model is chosen in one place, `default_model()`: the bundled trained model when
-its weights are present (model/bundled), else the untrained lite variant.
+its weights are present (model/bundled), else the untrained lite variant. Without sources,
+`maskstream run` runs `write_sample_clip()`'s generated clip; without outputs, it writes
+`default_outputs()` into a folder.
 """
 from __future__ import annotations
 
@@ -93,6 +95,36 @@ def default_model() -> tuple[Path, Path | None]:
     if BUNDLED_CHECKPOINT.is_file():
         return BUNDLED_CONFIG, BUNDLED_CHECKPOINT
     return CONFIG_DIR / "model_lite.yaml", None
+
+
+# The sample clip: the built-in synthetic shapes (what the bundled model was trained on, at the
+# training scenes' size), gliding for two seconds. Seeded: every run gets the same clip.
+SAMPLE_CLIP = {"frames": 50, "seed": 0, "height": 320, "width": 320, "fps": 25}
+
+
+def write_sample_clip(directory: Path) -> Path:
+    """Write the sample clip (and its ground truth, *_annotations.json) into directory; its path."""
+    from model.synthetic import write_synthetic_clip  # only the demo needs it
+
+    clip, _ = write_synthetic_clip(directory / "sample_clip.mp4", **SAMPLE_CLIP)
+    return clip
+
+
+def has_outputs(outputs: OutputOptions) -> bool:
+    return any(v is not None for v in (outputs.jsonl, outputs.coco, outputs.annotate, outputs.publish))
+
+
+def default_outputs(cfg: RunConfig, directory: Path) -> RunConfig:
+    """cfg writing directory/results.jsonl, directory/coco_results.json and, when every source is
+    a video file read offline, directory/annotated.mp4 (several streams: annotated.<stream>.mp4)."""
+    files = all(_policy(cfg, url) == "offline" and Path(url).is_file() for url in cfg.sources)
+    outputs = dataclasses.replace(cfg.outputs, jsonl=directory / "results.jsonl", coco=directory / "coco_results.json",
+                                  annotate=directory / "annotated.mp4" if files and cfg.sources else None)
+    return dataclasses.replace(cfg, outputs=outputs)
+
+
+def _policy(cfg: RunConfig, url: str) -> str:
+    return resolve_policy(url) if cfg.source.policy == "auto" else cfg.source.policy
 
 
 def model_config(selection: ModelSelection) -> tuple[ModelConfig, Path | None]:

@@ -1,10 +1,13 @@
 """A same-host shared-memory ring of fixed-size slots for pixel buffers.
 
-One producer process writes a buffer into a free slot and sends only a `SlotRef` (ring
+One producer process puts a buffer into a free slot and sends only a `SlotRef` (ring
 name, slot, generation, size) through ZeroMQ; the consumer reads the slot in place and
-releases it. Copying 6.2 MB through an ipc socket costs ~2 ms of CPU per hop on this
-machine class; a slot costs one memcpy (~0.15 ms) on the producer side and nothing on the
-consumer side (see benchmarks/bench_transport.py).
+releases it. Copying 6.2 MB through an ipc socket costs ~2-3 ms of CPU per hop on this
+machine class; `write` (copy into a slot) costs one memcpy (~0.2-0.5 ms) on the producer
+side and nothing on the consumer side; `claim` costs no copy at all: the producer makes
+its pixels straight in the slot (e.g. the decoder's colour conversion writes there) and
+pipeline.transport.pack recognises the claimed slot and sends its reference
+(see benchmarks/bench_transport.py).
 
 Layout of the segment:
 
@@ -79,6 +82,9 @@ class Ring:
         # [slots, 3]: generation, busy, written_at_ns
         self.meta = np.ndarray((self.slots, _META_FIELDS), dtype=np.int64, buffer=shm.buf, offset=64)
         self._data = _data_offset(self.slots)
+        assert shm.buf is not None, "a freshly mapped segment has a buffer"
+        self._address = _address(shm.buf)  # of the mapping in this process: tells a claimed slot's buffer
+        self._claims: dict[int, SlotRef] = {}  # producer: slots claimed and not yet handed to a message
 
     @classmethod
     def create(cls, name: str, slots: int, slot_bytes: int) -> Ring:
@@ -128,7 +134,46 @@ class Ring:
 
         timeout_s=0 never waits (live streams drop instead). on_wait runs while waiting,
         e.g. to keep heartbeats going. Raises RingFull, or ValueError if data is too big."""
-        nbytes = data.nbytes
+        ref = self._acquire(data.nbytes, timeout_s, reclaim_after_s, on_wait)
+        self.slot_view(ref.slot, ref.nbytes)[:] = data
+        return ref
+
+    def claim(
+        self,
+        nbytes: int,
+        timeout_s: float | None,
+        reclaim_after_s: float = 120.0,
+        on_wait: Callable[[], None] | None = None,
+    ) -> memoryview:
+        """A free slot's first nbytes, writable, for the producer to fill in place (waits as `write`).
+
+        Sending a message whose buffer is exactly this view moves the slot into the message
+        (`take_claim`, called by pipeline.transport.pack) instead of copying it; a claim never
+        sent is given back by `release_claims`."""
+        ref = self._acquire(nbytes, timeout_s, reclaim_after_s, on_wait)
+        self._claims[ref.slot] = ref
+        return self.slot_view(ref.slot, nbytes)
+
+    def take_claim(self, buffer: memoryview) -> SlotRef | None:
+        """The claimed slot that `buffer` is exactly (same start, same size), now owned by the
+        message being sent; None when it is not a claimed slot."""
+        offset = _address(buffer) - self._address - self._data
+        slot, within = divmod(offset, self.slot_bytes)
+        ref = self._claims.get(slot) if offset >= 0 and within == 0 else None
+        if ref is None or ref.nbytes != buffer.nbytes:
+            return None
+        del self._claims[slot]
+        return ref
+
+    def release_claims(self) -> None:
+        """Give back every claimed slot that was not sent (its frame was skipped or dropped)."""
+        for ref in self._claims.values():
+            self.release(ref)
+        self._claims.clear()
+
+    def _acquire(
+        self, nbytes: int, timeout_s: float | None, reclaim_after_s: float, on_wait: Callable[[], None] | None
+    ) -> SlotRef:
         if nbytes > self.slot_bytes:
             raise ValueError(f"ring {self.name!r}: buffer of {nbytes} bytes exceeds the slot size {self.slot_bytes}")
         start = time.monotonic()
@@ -151,7 +196,6 @@ class Ring:
             delay = min(delay * 2, 2e-3)
         self.meta[slot, 1] = 1
         self.meta[slot, 2] = time.monotonic_ns()
-        self.slot_view(slot, nbytes)[:] = data
         return SlotRef(self.name, slot, int(self.meta[slot, 0]), nbytes)
 
     # ------------------------------------------------------------------ consumer side
@@ -184,6 +228,14 @@ class Ring:
                 self._shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _address(buffer: memoryview) -> int:
+    """Where a buffer starts in this process's memory (no copy: a numpy view of its first byte)."""
+    view = np.frombuffer(buffer, dtype=np.uint8, count=min(1, buffer.nbytes))
+    address = int(view.ctypes.data)
+    del view  # an exported view would keep the mapping from closing
+    return address
 
 
 class RingReaders:

@@ -50,7 +50,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -190,10 +190,15 @@ class VideoSource:
     open() waits until connected, raising SourceError once max_reconnects attempts have failed,
     or TimeoutError after timeout_s (the reader keeps trying; open() may be called again).
     close() is idempotent; read() after close() returns None.
+
+    convert turns a decoded av.VideoFrame into the yielded image, in the thread that reads;
+    default: uint8 [H, W, 3] RGB in a fresh array. The decode stage passes one that writes the
+    frame's planes straight into a shared-memory slot (pipeline.pixels).
     """
 
-    def __init__(self, spec: SourceSpec | str) -> None:
+    def __init__(self, spec: SourceSpec | str, convert: Callable[[av.VideoFrame], np.ndarray] | None = None) -> None:
         self.spec = spec if isinstance(spec, SourceSpec) else SourceSpec(spec)
+        self.convert = convert or _to_rgb
         self.policy: Policy = self.spec.policy or resolve_policy(self.spec.url)
         self.kind = _kind(self.spec.url)
         self._reader: _OfflineReader | _LiveReader | None = None
@@ -213,9 +218,9 @@ class VideoSource:
             if self.spec.policy is None and self.kind == "hls":
                 self.policy = _hls_policy(self.spec)
             if self.policy == "offline":
-                self._reader = _OfflineReader(self.spec, self.kind)
+                self._reader = _OfflineReader(self.spec, self.kind, self.convert)
             else:
-                self._reader = _LiveReader(self.spec, self.kind)
+                self._reader = _LiveReader(self.spec, self.kind, self.convert)
         if isinstance(self._reader, _LiveReader):
             self._reader.wait_connected(timeout_s)
         return self
@@ -338,8 +343,8 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
 class _OfflineReader:
     """Decodes in the caller's thread: lossless, ordered, ends at EOS."""
 
-    def __init__(self, spec: SourceSpec, kind: SourceKind) -> None:
-        self.spec = spec
+    def __init__(self, spec: SourceSpec, kind: SourceKind, convert: Callable[[av.VideoFrame], np.ndarray]) -> None:
+        self.spec, self._convert = spec, convert
         try:
             # Frame threading: decodes several frames at once (see the README's figures); the
             # extra latency it adds does not matter offline.
@@ -378,7 +383,7 @@ class _OfflineReader:
                         f"decode, {self._decoded} frames were read before it: {_reason(exc)}"
                     ) from exc
                 for frame in frames:
-                    image = _to_rgb(frame)
+                    image = self._convert(frame)
                     yield DecodedFrame(self._decoded, opened.pts_s(frame), image, time.monotonic())
                     self._decoded += 1
         except av.FFmpegError as exc:  # demuxing failed: a broken container or a lost connection
@@ -430,8 +435,8 @@ class _Disconnected(Exception):
 class _LiveReader:
     """A daemon thread decodes into a one-slot buffer; read() takes the newest frame."""
 
-    def __init__(self, spec: SourceSpec, kind: SourceKind) -> None:
-        self.spec, self.kind = spec, kind
+    def __init__(self, spec: SourceSpec, kind: SourceKind, convert: Callable[[av.VideoFrame], np.ndarray]) -> None:
+        self.spec, self.kind, self._convert = spec, kind, convert
         self.info: VideoInfo | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -485,7 +490,7 @@ class _LiveReader:
             self._last_yielded = slot.index
             self._count(yielded=1)
         # The conversion runs outside the lock so the reader is never held up by it.
-        return DecodedFrame(slot.index, slot.pts_s, _to_rgb(slot.frame), slot.decoded_at, dropped_before)
+        return DecodedFrame(slot.index, slot.pts_s, self._convert(slot.frame), slot.decoded_at, dropped_before)
 
     def close(self) -> None:
         self._stop.set()

@@ -9,6 +9,9 @@ A stage is plain Python that never touches a socket:
 
 A source stage (decode) instead yields messages from `messages()`, may be asked to `stop()`
 (drain: end its stream early, cleanly) and is told about frames dropped for lack of room.
+It is made with an `OutputBuffers`, which hands out arrays that lie in the stage's
+shared-memory ring: pixels written there (the decoder's frame planes) are sent without a
+single copy.
 
 The loop owns the sockets (pipeline.transport), stamps headers with the stage's receive and
 send times, sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every
@@ -32,12 +35,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from pipeline.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
-from pipeline.metrics import DROPS, ERRORS, FRAMES_IN, FRAMES_OUT, STAGE_SECONDS, StageMetrics
+from pipeline.metrics import DROPS, END_TO_END_SECONDS, ERRORS, FRAMES_IN, FRAMES_OUT, STAGE_SECONDS, StageMetrics
 from pipeline.shm_ring import Ring, RingFull, RingReaders
 from pipeline.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
 
-__all__ = ["Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
+__all__ = ["OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
 
 log = logging.getLogger("maskstream.stage")
 
@@ -54,6 +59,32 @@ class Source(Protocol):
     def stop(self) -> None: ...
 
     def dropped(self, message: Message) -> None: ...
+
+
+class OutputBuffers:
+    """Arrays for a stage's outgoing pixels, placed in a claimed slot of its ring (see
+    pipeline.shm_ring.Ring.claim), so that sending them copies nothing.
+
+    wait=True (offline) waits for a free slot, sending heartbeats meanwhile; wait=False
+    (live) never waits: with every slot busy the array is ordinary memory, and the send that
+    follows finds no slot either and drops the frame, counted. One message is made and sent
+    at a time, so a new array gives back the slot of a previous one that was never sent
+    (a skipped frame). Without a ring (tests, benchmarks), arrays are ordinary memory."""
+
+    def __init__(self, ring: Ring | None = None, on_wait: Callable[[], None] | None = None):
+        self.ring, self.on_wait = ring, on_wait
+
+    def array(self, shape: tuple[int, ...], wait: bool) -> np.ndarray:
+        """An uninitialised uint8 array of `shape`."""
+        nbytes = int(np.prod(shape))
+        if self.ring is None or nbytes > self.ring.slot_bytes:
+            return np.empty(shape, dtype=np.uint8)
+        self.ring.release_claims()
+        try:
+            view = self.ring.claim(nbytes, timeout_s=None if wait else 0.0, on_wait=self.on_wait)
+        except RingFull:
+            return np.empty(shape, dtype=np.uint8)
+        return np.frombuffer(view, dtype=np.uint8).reshape(shape)
 
 
 class StageStopped(Exception):
@@ -117,6 +148,7 @@ class _Loop:
         self.busy_s = 0.0
         self.next_report = 0.0
         self.progress: Callable[[], tuple[StreamProgress, ...]] = tuple
+        self.drops_counted: dict[str, int] = {}
         self.inbox = Inbox(wiring.inbox, wiring.hwm) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
         self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
@@ -132,10 +164,16 @@ class _Loop:
         self.next_report = now + self.wiring.heartbeat_s
         if self.wiring.parent_pid and os.getppid() != self.wiring.parent_pid:
             raise StageStopped("the supervisor has exited")
+        streams = self.progress()
+        for progress in streams:  # the stage counts its drops (see StreamProgress); metrics follow them
+            counted = self.drops_counted.get(progress.stream_id, 0)
+            if progress.drops > counted:
+                self.metrics.inc(DROPS, progress.stream_id, progress.drops - counted)
+                self.drops_counted[progress.stream_id] = progress.drops
         self.reporter.send(
             StageReport(
                 stage=self.wiring.stage, pid=os.getpid(), sent_at=now, last_error=self.last_error,
-                busy_s=self.busy_s, streams=self.progress(), fatal=fatal, **self.counts,
+                busy_s=self.busy_s, streams=streams, fatal=fatal, **self.counts,
             ),
             self.metrics.snapshot(),
         )
@@ -149,6 +187,8 @@ class _Loop:
         """Stamp and send one message; False if it was dropped (block=False and no room)."""
         stream = message.header.stream_id
         message = dataclasses.replace(message, header=message.header.stamped(self.kind, start, time.monotonic()))
+        if self.outbox is None and message.header.stamps:  # the last stage; the first stamp is the decode time
+            self.metrics.observe(END_TO_END_SECONDS, stream, time.monotonic() - message.header.stamps[0].start)
         if self.publisher is not None:
             self.publisher.send(message)
         elif self.outbox is not None:
@@ -183,12 +223,12 @@ def _outputs(result: Message | Sequence[Message] | None) -> Sequence[Message]:
     return (result,)
 
 
-def _start(make: Callable[[], Any], wiring: Wiring) -> tuple[_Loop, Any]:
+def _start(make: Callable[[_Loop], Any], wiring: Wiring) -> tuple[_Loop, Any]:
     """Sockets first (so a fatal error can be reported), then the stage itself."""
     _setup_process(wiring)
     loop = _Loop(wiring)
     try:
-        stage = make()
+        stage = make(loop)
     except Exception as exc:
         loop.error(f"cannot start: {type(exc).__name__}: {exc}")
         loop.report(force=True, fatal=loop.last_error)
@@ -229,7 +269,7 @@ def _handle(loop: _Loop, stage: Stage, frames: list[Any], start: float) -> Seque
 
 def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
     """Serve a stage until SIGTERM or the supervisor's death."""
-    loop, stage = _start(make, wiring)
+    loop, stage = _start(lambda loop: make(), wiring)
     assert loop.inbox is not None, f"{wiring.stage}: a stage needs an inbox"
     flush = getattr(stage, "flush", None)
     try:
@@ -257,9 +297,9 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
         loop.close()
 
 
-def run_source(make: Callable[[], Source], wiring: Wiring) -> None:
+def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
     """Send a source's messages downstream until it ends; SIGUSR1 asks it to end early."""
-    loop, source = _start(make, wiring)
+    loop, source = _start(lambda loop: make(OutputBuffers(loop.ring, loop.report)), wiring)
     signal.signal(signal.SIGUSR1, lambda signum, frame: source.stop())
     try:
         loop.report(force=True)
@@ -268,8 +308,7 @@ def run_source(make: Callable[[], Source], wiring: Wiring) -> None:
             final = isinstance(message, EndOfStream)
             # Offline waits for room (lossless); live drops the frame (newest wins) and counts it.
             if not loop.send(message, start, block=final or not source.live):
-                source.dropped(message)
-                loop.metrics.inc(DROPS, message.header.stream_id)
+                source.dropped(message)  # counted in its progress, which the DROPS metric follows
             loop.report()
         # Stay until the supervisor stops us: a ZeroMQ peer that disconnects loses the messages
         # its receiver has not read yet (those still in the kernel's socket buffer), so a

@@ -238,7 +238,10 @@ class Supervisor:
             if not p.ended and not error:
                 decoder = decoders.get(sid)
                 error = (decoder.streams[0].error if decoder and decoder.streams else "") or "did not finish"
-            streams.append(StreamResult(sid, p.frames, p.drops, p.ended, error))
+            # publish's count is frames lost with a dead stage (or overtaken, live); the others dropped theirs live
+            dropped = sum(q.drops for name, r in self.latest.items() if not name.startswith("publish")
+                          for q in r.streams if q.stream_id == sid)
+            streams.append(StreamResult(sid, p.frames, p.drops + dropped, p.ended, error))
         errors = tuple(r.last_error for r in self.latest.values() if r.last_error)
         return RunReport(tuple(streams), tuple((n, c) for n, c in self.restarts.items() if c), failure, interrupted,
                          elapsed, sum(r.malformed for r in self.latest.values()), errors)

@@ -48,8 +48,10 @@ def pack(message: Message, ring: Ring | None = None, wait_s: float | None = None
          on_wait: Callable[[], None] | None = None) -> tuple[list[Any], list[SlotRef]]:
     """Internal-wire frames of `message` and the ring slots they use.
 
-    Buffers of at least RING_MIN_BYTES that fit a slot go into `ring`; the rest inline.
-    Waits up to wait_s (None: forever) for a free slot, then raises RingFull."""
+    A buffer that is a slot the producer claimed from `ring` (filled in place) goes by
+    reference, without a copy. Other buffers of at least RING_MIN_BYTES that fit a slot are
+    copied into `ring`; the rest go inline. Waits up to wait_s (None: forever) for a free
+    slot, then raises RingFull."""
     topic, header, *buffers = encode(message)
     slots: dict[int, list[Any]] = {}
     refs: list[SlotRef] = []
@@ -58,7 +60,7 @@ def pack(message: Message, ring: Ring | None = None, wait_s: float | None = None
             view = memoryview(buffer)
             if RING_MIN_BYTES <= view.nbytes <= ring.slot_bytes:
                 try:
-                    ref = ring.write(view, timeout_s=wait_s, on_wait=on_wait)
+                    ref = ring.take_claim(view) or ring.write(view, timeout_s=wait_s, on_wait=on_wait)
                 except RingFull:
                     for taken in refs:
                         ring.release(taken)

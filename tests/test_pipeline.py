@@ -1,20 +1,27 @@
-"""The whole pipeline for real: stage processes, ZeroMQ sockets, shared memory, video files.
+"""The whole pipeline for real: stage processes, ZeroMQ sockets, shared memory, video files,
+a real RTSP server, a subscriber and the metrics endpoint.
 
 A tiny untrained lite model (128x160 input, 5 detections, score threshold 0, seeded heads)
-keeps a frame at ~0.1 s on a CPU and gives deterministic detections."""
+keeps a frame at ~0.1 s on a CPU and gives deterministic detections. gap_timeout_s is
+short so that a frame lost with a killed stage is given up in seconds, not minutes."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import av
 import pytest
 import zmq
 
+from pipeline.client import Subscriber
+from pipeline.messages import Detections
 from pipeline.video import write_test_clip
 from tests.conftest import DATA, require
 
@@ -23,8 +30,13 @@ TINY_MODEL = [
     "model.static.height=128", "model.static.width=160", "model.static.detections=5",
     "model.roi_heads.detections_per_img=5", "model.roi_heads.score_thresh=0.0",
     "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
-    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "infer.threads=1",
+    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "infer.threads=1", "gap_timeout_s=20.0",
 ]
+INFER_STALENESS_S = 1.0  # configs/pipeline.yaml infer.staleness_s
+# After the staleness check a frame still goes through inference, postprocess and publish:
+# ~0.1-0.3 s each for the tiny model on a loaded 2-core box. Generous, yet far below a backlog.
+AFTER_INFERENCE_S = 2.0
+STAGES = ("decode", "preprocess", "infer", "postprocess", "publish")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +48,7 @@ def clips(tmp_path_factory):
 
 def maskstream_run(args, tmp_path, extra_sets=(), wait=True, **kw):
     sets = [x for s in (*TINY_MODEL, *extra_sets) for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--quiet", *sets, *args,
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--quiet", "--out-dir", str(tmp_path / "out"), *sets, *args,
            "--set", f"transport.endpoint_dir={tmp_path}"]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     if not wait:
@@ -79,6 +91,7 @@ def test_offline_every_frame_once_in_order_and_identical_for_1_and_3_workers(cli
     assert len(coco) == 20 * 5
 
 
+@pytest.mark.slow
 def test_real_video_every_frame_accounted_and_same_twice(tmp_path):
     video = require(DATA / "videos" / "asl_walk.mkv")
     runs = []
@@ -97,15 +110,20 @@ def test_bad_sources_fail_alone_with_clear_errors(clips, tmp_path):
     not_video.write_text("this is not a video")
     truncated = tmp_path / "cut.mp4"
     truncated.write_bytes(Path(a).read_bytes()[: Path(a).stat().st_size // 2])
+    unreachable = f"rtsp://127.0.0.1:{free_port()}/camera"  # nothing listens there
     out = tmp_path / "r.jsonl"
     code, stdout, stderr = maskstream_run(
-        ["--source", str(a), "--source", str(not_video), "--source", str(truncated), "--out", str(out)], tmp_path)
+        ["--source", str(a), "--source", str(not_video), "--source", str(truncated), "--source", unreachable,
+         "--out", str(out)], tmp_path, ["source.max_reconnects=1", "source.reconnect_backoff_s=[0.1, 0.2]"])
     assert code == 1, stderr
     assert "a (" in stdout and "12 frames" in stdout
     assert "notes.mp4" in stdout and "FAILED" in stdout
+    [camera_line] = [line for line in stdout.splitlines() if line.strip().startswith("camera (")]
+    assert unreachable in camera_line and "FAILED" in camera_line and "gave up" in camera_line
     lines = detections(out)
     ends = {line["stream_id"]: line for line in lines if line["kind"] == "EndOfStream"}
     assert ends["a"]["error"] == "" and ends["notes"]["error"] and ends["cut"]["error"]
+    assert unreachable in ends["camera"]["error"] and "ConnectionRefused" in ends["camera"]["error"]
     assert len([line for line in lines if line["stream_id"] == "a"]) == 13
 
 
@@ -175,6 +193,129 @@ def test_sigint_drains_an_offline_run(tmp_path):
     assert [line["seq"] for line in lines] == list(range(len(lines)))  # in order, no holes
     assert len(lines) < 201
     assert not leftover_segments(run.pid)
+
+
+def test_run_without_source_runs_the_sample_clip_into_the_default_outputs(tmp_path):
+    code, stdout, stderr = maskstream_run([], tmp_path)
+    assert code == 0, stderr
+    assert "no --source given" in stderr and "sample_clip.mp4" in stderr
+    out = tmp_path / "out"
+    assert "50 frames" in stdout and str(out / "annotated.mp4") in stdout
+    lines = detections(out / "results.jsonl")
+    assert [line["seq"] for line in lines] == list(range(51)) and lines[-1]["kind"] == "EndOfStream"
+    assert len(json.loads((out / "coco_results.json").read_text())) == 50 * 5
+    with av.open(str(out / "annotated.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 50
+
+
+@pytest.mark.slow
+def test_live_rtsp_every_frame_published_or_counted_latency_bounded_and_reconnects(rtsp_server, tmp_path):
+    video = DATA / "videos" / "car-detection.mp4"
+    if not video.exists():  # the shared videos are not shipped; a generated clip serves as well
+        if "libx264" not in av.codecs_available:
+            pytest.skip("the RTSP server sends H.264 as is, and this FFmpeg has no libx264 to make a clip")
+        video = write_test_clip(tmp_path / "camera.mp4", frames=250, size=(320, 240), fps=12.5, codec="libx264")
+    server = rtsp_server(video, loop=True)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    received: list[Detections] = []
+    with Subscriber(endpoint, timeout_s=60) as subscriber:
+        run = maskstream_run(["--source", server.url, "--publish", endpoint], tmp_path,
+                             ["source.reconnect_backoff_s=[0.2, 1.0]"], wait=False)
+        try:
+            _receive(subscriber, received, count=15)
+            server.kill()  # like a camera losing power: PyAV just sees the stream end
+            server.start()
+            restarted_at = time.monotonic()
+            _receive(subscriber, received, count=10, after=restarted_at)
+            run.send_signal(signal.SIGINT)  # live only: stops at once
+            stdout, stderr = run.communicate(timeout=60)
+        finally:
+            run.kill()
+    assert run.returncode == 130, stderr
+    assert "restarted" not in stdout  # the decoder reconnected by itself, nothing was restarted
+    _check_every_frame_published_or_counted(received)
+    for message in received:
+        stamps = {s.stage: s for s in message.header.stamps}
+        assert stamps["infer"].start - stamps["source"].start <= INFER_STALENESS_S
+        assert stamps["publish"].end - stamps["source"].start <= INFER_STALENESS_S + AFTER_INFERENCE_S
+
+
+def test_live_overload_drops_counted_latency_bounded_and_metrics_served(tmp_path):
+    # 30 frames/s for 12 s: the tiny model does about 5-10 on this box, so most frames must be
+    # dropped, every drop counted, and the latency must stay bounded instead of queues growing.
+    clip = write_test_clip(tmp_path / "fast.mp4", frames=360, size=(160, 120), fps=30)
+    port = free_port()
+    out = tmp_path / "r.jsonl"
+    run = maskstream_run(["--source", str(clip), "--policy", "live", "--out", str(out), "--metrics-port", str(port)],
+                         tmp_path, wait=False)
+    try:
+        # Each stage reports its counters with its heartbeat: wait until every one has.
+        metrics = _scrape_until(f"http://127.0.0.1:{port}/metrics",
+                                [f'maskstream_frames_out_total{{stage="{stage}",stream="fast"}}' for stage in STAGES])
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stderr
+    for stage in STAGES[1:]:  # decode is a source: no input
+        assert f'maskstream_frames_in_total{{stage="{stage}",stream="fast"}}' in metrics
+    assert 'maskstream_dropped_frames_total{stage="decode",stream="fast"}' in metrics
+    assert 'maskstream_end_to_end_seconds_bucket{stage="publish",stream="fast",le="+Inf"}' in metrics
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    end = lines[-1]
+    assert end["kind"] == "EndOfStream" and end["error"] == "" and end["seq"] == 360
+    published = lines[:-1]
+    # Every frame the source produced is either published or counted as dropped by some stage.
+    assert len(published) + sum(end["drops"].values()) == 360
+    assert sum(end["drops"].values()) > 100
+    assert f"fast ({clip}): {len(published)} frames, {sum(end['drops'].values())} lost/dropped, ok" in stdout
+    previous = None
+    for line in published:
+        stamps = {s["stage"]: s for s in line["stamps"]}
+        assert stamps["infer"]["start"] - stamps["source"]["start"] <= INFER_STALENESS_S
+        assert stamps["postprocess"]["end"] - stamps["source"]["start"] <= INFER_STALENESS_S + AFTER_INFERENCE_S
+        if previous is not None:  # a gap in seq is exactly the drops counted in between
+            assert line["seq"] - previous["seq"] - 1 == sum(line["drops"].values()) - sum(previous["drops"].values())
+        previous = line
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _receive(subscriber, received, count, after=None, timeout_s=90):
+    """Append Detections to `received` until `count` more arrived (decoded after `after`, if given)."""
+    deadline, got = time.monotonic() + timeout_s, 0
+    while got < count:
+        assert time.monotonic() < deadline, f"only {got} of {count} frames within {timeout_s} s"
+        message = subscriber.recv()
+        if isinstance(message, Detections):
+            received.append(message)
+            got += after is None or message.header.stamps[0].start > after
+
+
+def _check_every_frame_published_or_counted(received):
+    """Between two received frames, the seq gap equals the growth of the drop counters."""
+    for previous, message in zip(received, received[1:]):
+        gap = message.header.seq - previous.header.seq - 1
+        counted = sum(n for _, n in message.header.drops) - sum(n for _, n in previous.header.drops)
+        assert gap == counted, (previous.header, message.header)
+
+
+def _scrape_until(url, wanted, timeout_s=90):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            if all(w in text for w in wanted):
+                return text
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.3)
+    raise AssertionError(f"{url} never showed {wanted!r}")
 
 
 def _wait_for_stage(run_pid, kind, stream, out, min_lines, timeout_s=90):

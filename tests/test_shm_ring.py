@@ -100,3 +100,22 @@ def test_segment_removed_when_the_owner_process_is_killed():
     while Path(f"/dev/shm/{name}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/dev/shm/{name}").exists()
+
+
+def test_claimed_slot_is_filled_in_place_and_handed_over_or_given_back():
+    ring = Ring.create(_name("claim"), slots=2, slot_bytes=64)
+    try:
+        view = ring.claim(48, timeout_s=0)
+        np.frombuffer(view, dtype=np.uint8)[:] = 7  # the producer makes its pixels right there
+        assert ring.take_claim(memoryview(bytearray(48))) is None  # ordinary memory: not a claim
+        assert ring.take_claim(view[:40]) is None  # a part of a slot is not the claimed buffer
+        ref = ring.take_claim(view)
+        assert ref is not None and ref.nbytes == 48 and bytes(ring.read(ref)) == b"\x07" * 48
+        assert ring.take_claim(view) is None  # handed over once
+        ring.claim(8, timeout_s=0)
+        assert ring.busy_slots() == 2
+        ring.release_claims()  # the unsent claim comes back; the handed-over slot stays busy
+        assert ring.busy_slots() == 1
+        del view  # a live view of the mapping would keep it from closing
+    finally:
+        ring.close(unlink=True)

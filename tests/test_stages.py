@@ -1,12 +1,51 @@
-"""Stage classes without sockets: preprocess geometry, postprocess output, publish's reordering."""
+"""Stage classes without sockets: decode's colour conversion, preprocess geometry, postprocess
+output, publish's reordering."""
 from __future__ import annotations
 
+import av
 import numpy as np
+import pytest
 
 from pipeline.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
+from pipeline.pixels import RGB24, YUV420P, frame_pixels
 from pipeline.reorder import Reorderer
 from pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
 from pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
+
+
+def _decoded(pix_fmt, height=120, width=160):
+    """A smooth test picture as a decoder would give it in pix_fmt, and its RGB as FFmpeg converts it."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    # mid-range values, as in camera pictures: saturated colours clip, and clipping before or
+    # after shrinking the chroma planes differs
+    rgb = 48 + np.stack([xs * 160 // (width - 1), ys * 160 // (height - 1), (xs + ys) * 160 // (width + height - 2)],
+                        axis=-1).astype(np.uint8)  # [H, W, 3]
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
+    return frame, frame.to_ndarray(format="rgb24")
+
+
+def test_frame_pixels_keep_yuv420p_planes_and_convert_anything_else():
+    frame, _ = _decoded("yuv420p")
+    image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+    assert pixel_format == YUV420P and np.array_equal(image, frame.to_ndarray(format="yuv420p"))
+    for other in ("yuvj420p", "yuv444p"):  # full range, other subsampling: RGB by FFmpeg
+        frame, rgb = _decoded(other)
+        image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+        assert pixel_format == RGB24 and np.array_equal(image, rgb)
+
+
+def test_yuv420p_frames_preprocess_like_rgb_frames():
+    frame, rgb = _decoded("yuv420p", 240, 320)
+    planes, _ = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+    config = PreprocessConfig((96, 160), (124, 116, 104))
+    from_rgb = PreprocessStage(config).process(Frame(Header("s", 0), rgb))
+    from_yuv = PreprocessStage(config).process(Frame(Header("s", 0), planes, YUV420P))
+    assert from_yuv.frame_hw == from_rgb.frame_hw == (240, 320) and from_yuv.valid_hw == from_rgb.valid_hw == (96, 128)
+    # shrinking the planes before converting vs after: a couple of levels on a smooth picture
+    difference = np.abs(from_yuv.image.astype(int) - from_rgb.image)
+    assert difference.mean() < 1.5 and difference.max() <= 12
+    with pytest.raises(ValueError, match=r"expected yuv420p planes uint8 \[H \* 3 / 2, W\]"):
+        PreprocessStage(config).process(Frame(Header("s", 0), planes[:-1], YUV420P))
 
 
 def test_fit_keeps_aspect_and_pads_with_the_pad_colour():

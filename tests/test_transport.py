@@ -24,6 +24,26 @@ def test_frame_through_ring_and_inline_is_the_same():
             assert isinstance(received.message, Frame) and np.array_equal(received.message.image, image)
             received.release()
         assert ring.busy_slots() == 0
+        del received  # its arrays are views of the mapping, which would then not close
+    finally:
+        readers.close()
+        ring.close(unlink=True)
+
+
+def test_a_claimed_slot_travels_by_reference_without_a_copy():
+    ring = Ring.create(f"msk-test-{os.getpid()}-c", 2, 240 * 320 * 3)
+    readers = RingReaders()
+    try:
+        image = np.frombuffer(ring.claim(240 * 320 * 3, timeout_s=0), dtype=np.uint8).reshape(240, 320, 3)
+        image[:] = 9
+        frames, refs = pack(Frame(Header("cam", 0), image), ring)
+        assert len(refs) == 1 and ring.busy_slots() == 1  # the claimed slot itself, no second one
+        received = unpack(frames, readers)
+        assert np.shares_memory(received.message.image, readers.ring(ring.name).read(refs[0]))
+        assert int(received.message.image.sum()) == 9 * image.size
+        received.release()
+        del received, image, frames  # views of the mapping, which would then not close
+        assert ring.busy_slots() == 0
     finally:
         readers.close()
         ring.close(unlink=True)

@@ -2,7 +2,14 @@
 
 A broken source ends its own stream with an EndOfStream whose error names it; the other
 streams, in their own processes, never notice. seq is the source's frame index (offset by
-resume_from after a restart, so a live stream's seq never goes back).
+resume_from after a restart, so a live stream's seq never goes back). A frame's yuv420p planes
+are written straight into a shared-memory slot (stage.OutputBuffers) and go as they are, so
+sending copies nothing and preprocess converts only the shrunk picture (pipeline.pixels).
+
+Every frame is accounted for: header.drops carries, cumulatively, the frames dropped before
+this one by the source (live: replaced or stale) and by this stage (live: no room downstream);
+the EndOfStream's seq is the number of frames the source produced, and its drops include
+the live frames decoded after the last one sent.
 """
 from __future__ import annotations
 
@@ -10,9 +17,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import av
+import numpy as np
+
 from pipeline.messages import EndOfStream, Frame, Header, Message, StageStamp, StreamProgress
+from pipeline.pixels import RGB24, YUV420P, frame_pixels
 from pipeline.sources import SourceError, SourceSpec, VideoSource
-from pipeline.stage import Wiring, run_source
+from pipeline.stage import OutputBuffers, Wiring, run_source
 
 
 @dataclass(frozen=True)
@@ -25,8 +36,9 @@ class DecodeConfig:
 
 
 class DecodeStage:
-    def __init__(self, config: DecodeConfig):
+    def __init__(self, config: DecodeConfig, buffers: OutputBuffers | None = None):
         self.config = config
+        self.buffers = buffers or OutputBuffers()
         self.live = config.source.policy == "live"
         self.sent = self.send_drops = self.source_drops = 0
         self.next_seq = config.resume_from
@@ -35,8 +47,9 @@ class DecodeStage:
 
     def messages(self) -> Iterator[Message]:
         cfg = self.config
+        source = VideoSource(cfg.source, convert=self._pixels)
         try:
-            with VideoSource(cfg.source) as source:
+            with source:
                 for decoded in source:
                     if self._stop:
                         self.error = "interrupted: the run was asked to stop"
@@ -46,15 +59,27 @@ class DecodeStage:
                     if seq < self.next_seq:  # offline restart: already published
                         continue
                     self.next_seq = seq + 1
-                    header = Header(cfg.stream_id, seq, decoded.pts_s, (StageStamp("source", decoded.decoded_at,
-                                    decoded.decoded_at),), (("source", self.source_drops), ("decode", self.send_drops)))
+                    header = Header(cfg.stream_id, seq, decoded.pts_s,
+                                    (StageStamp("source", decoded.decoded_at, decoded.decoded_at),), self._drops())
                     self.sent += 1
-                    yield Frame(header, decoded.image)
+                    yield Frame(header, decoded.image, YUV420P if decoded.image.ndim == 2 else RGB24)
         except (SourceError, OSError) as exc:
             self.error = str(exc) or type(exc).__name__
+        if self.live:  # frames decoded after the last one taken were dropped by the source
+            produced = cfg.resume_from + source.stats.decoded
+            self.source_drops += max(0, produced - self.next_seq)
+            self.next_seq = max(self.next_seq, produced)
         self.ended = True
         now = time.monotonic()
-        yield EndOfStream(Header(cfg.stream_id, self.next_seq, None, (StageStamp("source", now, now),)), self.error)
+        yield EndOfStream(Header(cfg.stream_id, self.next_seq, None, (StageStamp("source", now, now),), self._drops()),
+                          self.error)
+
+    def _pixels(self, frame: av.VideoFrame) -> np.ndarray:
+        image, _ = frame_pixels(frame, lambda shape: self.buffers.array(shape, wait=not self.live))
+        return image  # its format shows in its shape: 2-D planes are yuv420p
+
+    def _drops(self) -> tuple[tuple[str, int], ...]:
+        return (("source", self.source_drops), ("decode", self.send_drops))
 
     def stop(self) -> None:
         self._stop = True
@@ -69,4 +94,4 @@ class DecodeStage:
 
 
 def main(config: DecodeConfig, wiring: Wiring) -> None:
-    run_source(lambda: DecodeStage(config), wiring)
+    run_source(lambda buffers: DecodeStage(config, buffers), wiring)

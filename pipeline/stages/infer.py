@@ -6,6 +6,7 @@ a slow model answers for the newest frames instead of working through a backlog.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -42,8 +43,10 @@ class InferStage:
         return self.config.batch_timeout_s if self.pending else None
 
     def process(self, message: Message) -> list[Message]:
-        if isinstance(message, EndOfStream):
-            return [*self.flush(), message]
+        if isinstance(message, EndOfStream):  # its drops complete the stream's account
+            stream = message.header.stream_id
+            header = message.header.with_drops("infer", self.drops[stream]) if stream in self.drops else message.header
+            return [*self.flush(), dataclasses.replace(message, header=header)]
         if not isinstance(message, ModelInput):
             raise TypeError(f"expected ModelInput or EndOfStream, got {type(message).__name__}")
         stream = message.header.stream_id
@@ -54,6 +57,8 @@ class InferStage:
         if message.image.shape != self.images.shape[1:]:
             raise ValueError(f"image: expected uint8 {list(self.images.shape[1:])}, got {list(message.image.shape)}")
         self.images[len(self.pending)] = message.image  # copy out: the ring slot is released after process()
+        if stream in self.drops:  # now, not at flush: the count must cover only frames before this one
+            message = dataclasses.replace(message, header=message.header.with_drops("infer", self.drops[stream]))
         self.pending.append(message)
         return self.flush() if len(self.pending) == len(self.images) else []
 
@@ -68,8 +73,7 @@ class InferStage:
         for i, m in enumerate(self.pending):
             n, stream = int(out["num_detections"][i]), m.header.stream_id
             self.frames[stream] = self.frames.get(stream, 0) + 1
-            header = m.header.with_drops("infer", self.drops[stream]) if stream in self.drops else m.header
-            results.append(RawDetections(header, out["boxes"][i, :n], out["scores"][i, :n], out["labels"][i, :n],
+            results.append(RawDetections(m.header, out["boxes"][i, :n], out["scores"][i, :n], out["labels"][i, :n],
                                          out["mask_probs"][i, :n], m.valid_hw, m.frame_hw))
         self.pending = []
         return results

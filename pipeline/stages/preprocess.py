@@ -1,7 +1,8 @@
 """preprocess: `Frame` -> `ModelInput`: resize (aspect kept) and pad to the runner's fixed input.
 
 uint8 all the way; the pad colour is model.static.pad_value, which the graph normalises to
-about zero, like the eager path's zero padding after normalisation.
+about zero, like the eager path's zero padding after normalisation. A yuv420p frame's planes
+are shrunk first and only the small picture is converted to RGB (pipeline.pixels).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 
 from pipeline.messages import EndOfStream, Frame, Message, ModelInput
+from pipeline.pixels import RGB24, YUV420P, yuv420p_frame_hw, yuv420p_to_rgb_resized
 from pipeline.stage import Wiring, run_stage
 
 
@@ -20,20 +22,34 @@ class PreprocessConfig:
     pad_rgb: tuple[int, int, int]  # model.static.pad_value(model)
 
 
-def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[int, int, int]
-                 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """uint8 [H, W, 3] RGB -> (uint8 [3, h, w] resized into the top-left corner, padded; valid (h, w))."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image: expected uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)}")
-    (height, width), (in_h, in_w) = image.shape[:2], input_hw
+def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[int, int, int],
+                 pixel_format: str = RGB24) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 [H, W, 3] RGB (or yuv420p planes) -> (uint8 [3, h, w] RGB resized into the top-left
+    corner, padded; valid (h, w))."""
+    height, width = frame_hw(image, pixel_format)
+    in_h, in_w = input_hw
     scale = min(in_h / height, in_w / width)
     valid = (max(1, min(in_h, int(height * scale))), max(1, min(in_w, int(width * scale))))
     # INTER_AREA would alias less when shrinking, but bilinear is what the eager path uses.
-    resized = cv2.resize(image, (valid[1], valid[0]), interpolation=cv2.INTER_LINEAR)  # [h, w, 3]
+    if pixel_format == YUV420P:
+        resized = yuv420p_to_rgb_resized(image, valid)  # [h, w, 3]
+    else:
+        resized = cv2.resize(image, (valid[1], valid[0]), interpolation=cv2.INTER_LINEAR)  # [h, w, 3]
     out = np.empty((3, in_h, in_w), dtype=np.uint8)
     out[:] = np.asarray(pad_rgb, dtype=np.uint8)[:, None, None]
     out[:, : valid[0], : valid[1]] = resized.transpose(2, 0, 1)  # [3, h, w]
     return out, valid
+
+
+def frame_hw(image: np.ndarray, pixel_format: str) -> tuple[int, int]:
+    if image.dtype != np.uint8:
+        raise ValueError(f"image: expected uint8, got {image.dtype}")
+    if pixel_format == YUV420P:
+        return yuv420p_frame_hw(image)
+    if pixel_format != RGB24 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image: expected uint8 [H, W, 3] rgb24 or yuv420p planes, got {pixel_format} "
+                         f"{list(image.shape)}")
+    return int(image.shape[0]), int(image.shape[1])
 
 
 class PreprocessStage:
@@ -45,8 +61,8 @@ class PreprocessStage:
             return message
         if not isinstance(message, Frame):
             raise TypeError(f"expected Frame or EndOfStream, got {type(message).__name__}")
-        image, valid = fit_to_input(message.image, self.config.input_hw, self.config.pad_rgb)
-        return ModelInput(message.header, image, valid, (int(message.image.shape[0]), int(message.image.shape[1])))
+        image, valid = fit_to_input(message.image, self.config.input_hw, self.config.pad_rgb, message.pixel_format)
+        return ModelInput(message.header, image, valid, frame_hw(message.image, message.pixel_format))
 
 
 def main(config: PreprocessConfig, wiring: Wiring) -> None:

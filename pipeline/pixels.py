@@ -1,0 +1,76 @@
+"""Pixels between decode and preprocess, with as few passes over a full-size frame as possible.
+
+A decoder gives yuv420p planes (1.5 bytes per pixel). Converting a whole 1080p frame to RGB
+(3 bytes per pixel) only for preprocess to shrink it to the model's input costs more than
+everything else on the way: the decode stage instead ships the planes as they are
+(`frame_pixels`, written straight into a shared-memory slot), and preprocess shrinks the
+planes first and converts only the small result (`yuv420p_to_rgb_resized`).
+benchmarks/bench_transport.py measures both ways.
+
+Colour: BT.601 with limited range, what FFmpeg's swscale assumes by default. Frames that are
+not limited-range yuv420p with an even size (full-range yuvj420p from MJPEG cameras, 4:4:4,
+odd sizes, ...) are converted to RGB by swscale instead.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import av
+import cv2
+import numpy as np
+
+__all__ = ["RGB24", "YUV420P", "frame_pixels", "yuv420p_frame_hw", "yuv420p_to_rgb_resized"]
+
+RGB24 = "rgb24"  # uint8 [H, W, 3]
+YUV420P = "yuv420p"  # uint8 [H * 3 / 2, W]: Y rows, then U as H/4 rows of W, then V alike (I420)
+
+_FULL_RANGE = 2  # AVCOL_RANGE_JPEG
+
+# Limited-range BT.601 Y'CbCr -> R'G'B', as a 3x4 affine map on (Y, U, V) for cv2.transform.
+# R = Y' + 1.402 Cr, B = Y' + 1.772 Cb, G from Kr = 0.299, Kb = 0.114; Y' in 16..235, Cb, Cr in 16..240.
+_Y, _V_R, _U_B = 255 / 219, 255 / 224 * 1.402, 255 / 224 * 1.772
+_U_G, _V_G = _U_B * 0.114 / 0.587, _V_R * 0.299 / 0.587
+_BT601_LIMITED = np.array([
+    [_Y, 0.0, _V_R, -16 * _Y - 128 * _V_R],
+    [_Y, -_U_G, -_V_G, -16 * _Y + 128 * (_U_G + _V_G)],
+    [_Y, _U_B, 0.0, -16 * _Y - 128 * _U_B],
+], dtype=np.float32)  # rows R, G, B; columns Y, U (Cb), V (Cr), 1
+
+
+def frame_pixels(frame: av.VideoFrame, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[np.ndarray, str]:
+    """(the frame's pixels in an array from allocate(shape), their format: YUV420P or RGB24)."""
+    height, width = frame.height, frame.width
+    if (frame.format.name == "yuv420p" and frame.color_range != _FULL_RANGE
+            and height % 2 == 0 and width % 2 == 0):
+        out = allocate((height * 3 // 2, width))
+        rows = (height, height // 4, height // 4)  # a chroma plane [H/2, W/2] is H/4 rows of W here
+        start = 0
+        for plane, count, plane_width in zip(frame.planes, rows, (width, width // 2, width // 2)):
+            # a plane's rows may be padded (line_size >= width): copy the useful part only
+            lines = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(-1, plane.line_size)[:, :plane_width]
+            out[start : start + count].reshape(lines.shape)[:] = lines
+            start += count
+        return out, YUV420P
+    out = allocate((height, width, 3))
+    out[:] = frame.to_ndarray(format="rgb24")  # swscale cannot write into our array: one copy
+    return out, RGB24
+
+
+def yuv420p_frame_hw(image: np.ndarray) -> tuple[int, int]:
+    """(H, W) of the frame whose I420 planes `image` [H * 3 / 2, W] holds."""
+    if image.ndim != 2 or image.shape[0] % 3 or (image.shape[0] // 3) % 2 or image.shape[1] % 2:
+        raise ValueError(f"image: expected yuv420p planes uint8 [H * 3 / 2, W] with H, W even, got {list(image.shape)}")
+    return image.shape[0] * 2 // 3, image.shape[1]
+
+
+def yuv420p_to_rgb_resized(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """The frame of I420 planes `image` as uint8 RGB [h, w, 3] of size_hw: each plane resized
+    (bilinear) to size_hw first, then converted, so only the small picture is converted."""
+    height, width = yuv420p_frame_hw(image)
+    h, w = size_hw
+    quarter = height // 4
+    y = cv2.resize(image[:height], (w, h), interpolation=cv2.INTER_LINEAR)  # [h, w]
+    chroma = [cv2.resize(image[start : start + quarter].reshape(height // 2, width // 2), (w, h),
+                         interpolation=cv2.INTER_LINEAR)  # [h, w]
+              for start in (height, height + quarter)]
+    return cv2.transform(cv2.merge([y, *chroma]), _BT601_LIMITED)  # [h, w, 3], saturated to 0..255
