@@ -47,6 +47,8 @@ class SourceOptions:
     reconnect_backoff_s: tuple[float, float] = (0.5, 8.0)
     max_reconnects: int | None = 10
     staleness_s: float = 0.5
+    rate_fps: float | None = None  # files read live: play at this rate instead of their timestamps
+    max_frames: int | None = None  # every source ends after this many frames
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,9 @@ def default_model() -> tuple[Path, Path | None]:
 
 
 # The sample clip: the built-in synthetic shapes (what the bundled model was trained on, at the
-# training scenes' size), gliding for two seconds. Seeded: every run gets the same clip.
-SAMPLE_CLIP = {"frames": 50, "seed": 0, "height": 320, "width": 320, "fps": 25}
+# training scenes' scale), gliding for two seconds, 16:9 like most cameras, so that it fills the
+# bundled model's 320x576 input without padding. Seeded: every run gets the same clip.
+SAMPLE_CLIP = {"frames": 50, "seed": 0, "height": 320, "width": 576, "fps": 25, "max_objects": 6}
 
 
 def write_sample_clip(directory: Path) -> Path:
@@ -171,7 +174,7 @@ def plan(cfg: RunConfig) -> Plan:
         sid: SourceSpec(url, policy=resolve_policy(url) if src.policy == "auto" else src.policy,
                         rtsp_transport=src.rtsp_transport, stall_timeout_s=src.stall_timeout_s,
                         reconnect_backoff_s=src.reconnect_backoff_s, max_reconnects=src.max_reconnects,
-                        staleness_s=src.staleness_s)
+                        staleness_s=src.staleness_s, rate_fps=src.rate_fps, max_frames=src.max_frames)
         for sid, url in zip(ids, cfg.sources)
     }
     out = cfg.outputs

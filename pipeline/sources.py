@@ -34,7 +34,8 @@ live (rtsp://, rtmp://, srt://, udp://, ..., live HLS .m3u8 playlists, /dev/vide
     rejects (UDP loss) are skipped and counted. Staleness is measured from decode time: if the
     decoder itself cannot keep up with the camera, the lag before decoding is not seen here
     (threading is FFmpeg's default SLICE, which adds no frame delay). A file read live is paced to its
-    timestamps, like a camera, and ends at its end. close() returns within about half a
+    timestamps, like a camera (or to rate_fps, so a benchmark can play one file at any load), and ends
+    at its end. close() returns within about half a
     second; a reader blocked in a network read exits by itself after its read timeout
     (stall_timeout_s / 2) and closes its connection then.
 
@@ -96,6 +97,8 @@ class SourceSpec:
 
     url: str
     policy: Policy | None = None  # None: resolve_policy(url)
+    rate_fps: float | None = None  # a file read live: frames per second to play it at; None: its timestamps
+    max_frames: int | None = None  # end the source after this many frames (a short benchmark); None: all
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
     stall_timeout_s: float = 5.0  # live: no frame for this long = disconnected
     reconnect_backoff_s: tuple[float, float] = (0.5, 8.0)  # first and largest wait, doubling between
@@ -109,6 +112,12 @@ class SourceSpec:
             "url is empty" if not self.url else "",
             f"stall_timeout_s must be > 0, got {self.stall_timeout_s}" if not self.stall_timeout_s > 0 else "",
             f"staleness_s must be > 0, got {self.staleness_s}" if not self.staleness_s > 0 else "",
+            f"rate_fps must be > 0 or None, got {self.rate_fps}"
+            if self.rate_fps is not None and not self.rate_fps > 0
+            else "",
+            f"max_frames must be >= 1 or None, got {self.max_frames}"
+            if self.max_frames is not None and self.max_frames < 1
+            else "",
             f"reconnect_backoff_s must be 0 < first <= largest, got {self.reconnect_backoff_s}"
             if not 0 < first <= largest
             else "",
@@ -386,6 +395,8 @@ class _OfflineReader:
                     image = self._convert(frame)
                     yield DecodedFrame(self._decoded, opened.pts_s(frame), image, time.monotonic())
                     self._decoded += 1
+                    if self._decoded == self.spec.max_frames:
+                        return  # asked for a prefix: the rest of the file is not a truncation
         except av.FFmpegError as exc:  # demuxing failed: a broken container or a lost connection
             raise SourceError(
                 f"{url}: reading stopped at {position} after {self._decoded} frames: {_reason(exc)}"
@@ -556,9 +567,10 @@ class _LiveReader:
         try:
             self.info = opened.info
             self._connected.set()
-            pace = self.kind == "file"  # a file played live goes at its own frame rate
+            pace = self.kind == "file"  # a file played live goes at its own frame rate, or at rate_fps
+            rate = self.spec.rate_fps
             start_wall: float | None = None
-            first_pts = 0.0
+            first_pts, played = 0.0, 0
             last_frame_at = time.monotonic()
             for packet in opened.container.demux(opened.stream):
                 if self._stop.is_set():
@@ -571,14 +583,22 @@ class _LiveReader:
                     frames = []
                 for frame in frames:
                     pts_s = opened.pts_s(frame)
-                    if pace and pts_s is not None:
+                    if pace and (pts_s is not None or rate is not None):
                         if start_wall is None:
-                            start_wall, first_pts = time.monotonic(), pts_s
-                        if self._stop.wait(max(0.0, start_wall + pts_s - first_pts - time.monotonic())):
+                            start_wall, first_pts = time.monotonic(), pts_s or 0.0
+                        # Due times from the start, not from the previous frame: no drift.
+                        due = played / rate if rate is not None else (pts_s or 0.0) - first_pts
+                        if self._stop.wait(max(0.0, start_wall + due - time.monotonic())):
                             return got_frames
                     self._publish(frame, pts_s)
+                    played += 1
                     got_frames = True
                     last_frame_at = time.monotonic()
+                    if self._next_index == self.spec.max_frames:
+                        with self._cond:
+                            self._ended = True
+                            self._cond.notify_all()
+                        return got_frames
                 if time.monotonic() - last_frame_at > self.spec.stall_timeout_s:
                     raise _Disconnected(f"no frame for {self.spec.stall_timeout_s} s", got_frames)
             if self.kind == "file":
