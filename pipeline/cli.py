@@ -21,6 +21,7 @@ from model.fuse import fold_batch_norms
 from model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
 from model.synthetic import write_sample_images
 from pipeline.annotate import draw_detections
+from pipeline.bench_commands import add_parsers as add_bench_parsers
 from pipeline.config import ConfigError, load_config
 from pipeline.images import IMAGE_SUFFIXES, read_rgb, write_rgb
 from pipeline.run_commands import add_parsers as add_run_parsers
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--engine", type=Path, help="an engine file, to show the runner it would get")
     doc.set_defaults(func=doctor)
     add_run_parsers(sub)
+    add_bench_parsers(sub)
     add_subscribe_parsers(sub)
     add_training_parsers(sub)
     return parser

@@ -1,0 +1,177 @@
+"""`maskstream bench`: run the real pipeline and report per-stage and end-to-end throughput,
+latency percentiles, drops, CPU/memory per process (GPU memory where there is a GPU); a table
+on stdout, JSON and PNG plots beside --out. Measurement: pipeline.bench; plots: pipeline.bench_plots.
+
+    maskstream bench --source clip.mp4                                # offline: maximum throughput
+    maskstream bench --source clip.mp4 --mode live --rate 30 --streams 2
+    maskstream bench --source clip.mp4 --mode live --find-rate --p99-bound 1.5
+
+Offline reads every frame as fast as the pipeline takes them (no drops). Live plays each file
+as a camera at --rate frames/s (per stream, --streams copies): latency stays bounded and
+frames are dropped, counted, when the pipeline cannot keep up. --find-rate runs the pipeline
+at a series of rates (each a short run) and reports the highest whose p99 end-to-end latency
+is under --p99-bound with a drop rate of at most --max-drop-rate.
+
+Settings as for `maskstream run` (configs/pipeline.yaml, --set, --model-config, ...). Without
+--source, the generated sample clip (synthetic shapes). Exit status: 0 done, 2 bad input or a
+failed run (the message says which).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import BenchError, live_config, machine, measure, repeat_sources, search_rate, summarize, table
+from pipeline.bench_plots import write_plots
+from pipeline.config import ConfigError
+from pipeline.run_commands import run_config
+from pipeline.run_config import CONFIG_DIR, RunConfig, model_config, write_sample_clip
+from pipeline.sources import resolve_policy
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add `bench` to the CLI's subparsers."""
+    p = subparsers.add_parser("bench", help="benchmark the pipeline: throughput, latency, drops, CPU/memory")
+    p.add_argument("--source", action="append", default=[], metavar="URL",
+                   help="video file or stream (repeatable); default: the generated sample clip")
+    p.add_argument("--mode", choices=["offline", "live"], default="offline")
+    p.add_argument("--rate", type=float, metavar="FPS", help="live: frames/s each stream is played at")
+    p.add_argument("--streams", type=int, default=1, metavar="N", help="copies of each source run side by side")
+    p.add_argument("--max-frames", type=int, metavar="N", help="end each stream after N frames")
+    p.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
+                   help="live without --max-frames: frames = rate x duration (the file may end sooner)")
+    p.add_argument("--find-rate", action="store_true", help="live: search the highest sustained rate")
+    p.add_argument("--p99-bound", type=float, default=2.0, metavar="SECONDS",
+                   help="--find-rate: a rate is sustained when end-to-end p99 is at most this")
+    p.add_argument("--max-drop-rate", type=float, default=0.05, metavar="FRACTION",
+                   help="--find-rate: ... and at most this fraction of frames is dropped after warm-up")
+    p.add_argument("--start-rate", type=float, default=2.0, metavar="FPS", help="--find-rate: first rate tried")
+    p.add_argument("--search-steps", type=int, default=3, help="--find-rate: bisection runs after bracketing")
+    p.add_argument("--out", type=Path, default=Path("out") / "bench.json",
+                   help="JSON results; the plots go beside it (NAME_latency.png, NAME_throughput.png, ...)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--workers", type=int, help="preprocess and postprocess processes (each)")
+    p.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model, else lite)")
+    p.add_argument("--checkpoint", type=Path, help="model weights")
+    p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--publish", metavar="ENDPOINT", help="publish (and measure) here instead of a private ipc socket")
+    p.set_defaults(func=bench)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the first bad option."""
+    if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
+        raise ValueError(f"--rate: expected frames/s > 0, got {args.rate}")
+    if args.mode == "live" and args.rate is None and not args.find_rate:
+        raise ValueError("--mode live needs --rate FPS (or --find-rate)")
+    if args.find_rate and args.mode != "live":
+        raise ValueError("--find-rate searches live rates: add --mode live")
+    if args.mode == "offline" and args.rate is not None:
+        raise ValueError("--rate paces live sources: add --mode live (offline reads as fast as it can)")
+    for name, value, low in (("--streams", args.streams, 1), ("--max-frames", args.max_frames, 1),
+                             ("--search-steps", args.search_steps, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{name}: expected >= {low}, got {value}")
+    for name, value in (("--duration", args.duration), ("--p99-bound", args.p99_bound),
+                        ("--start-rate", args.start_rate)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name}: expected > 0, got {value}")
+    if not 0 <= args.max_drop_rate < 1:
+        raise ValueError(f"--max-drop-rate: expected a fraction in [0, 1), got {args.max_drop_rate}")
+    for url in args.source:
+        if resolve_policy(url) == "offline" and "://" not in url and not Path(url).is_file():
+            raise ValueError(f"--source {url}: no such video file")
+
+
+def bench_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of `maskstream run` with the same options, without file outputs."""
+    namespace = argparse.Namespace(**{**vars(args), "out": None, "coco": None, "annotate": None, "metrics_port": None,
+                                      "policy": None})
+    cfg = run_config(namespace)
+    source = dataclasses.replace(cfg.source, max_frames=args.max_frames)
+    if args.mode == "offline":
+        source = dataclasses.replace(source, policy="offline")
+    return dataclasses.replace(cfg, sources=repeat_sources(cfg.sources, args.streams) if args.mode == "offline"
+                               else cfg.sources, source=source)
+
+
+def bench(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)
+        cfg = bench_config(args)
+        if not cfg.sources:
+            clip = write_sample_clip(args.out.parent)
+            print(f"note: no --source given: benchmarking the generated sample clip {clip}", file=sys.stderr)
+            cfg = dataclasses.replace(cfg, sources=repeat_sources((str(clip),), args.streams)
+                                      if args.mode == "offline" else (str(clip),))
+        model = _model_description(cfg)
+        if not model["trained"]:
+            print("note: untrained detection heads (no checkpoint): timings are real, detections are not meaningful",
+                  file=sys.stderr)
+        result: dict[str, Any] = {
+            "command": "maskstream " + shlex.join(sys.argv[1:]), "machine": machine(), "model": model,
+            "sources": list(cfg.sources), "mode": args.mode,
+            "streams": args.streams, "max_frames": args.max_frames, "run": None, "rate_search": None, "plots": [],
+        }
+        if args.mode == "offline":
+            result["run"] = summarize(measure(cfg), "offline")
+        elif args.rate is not None:
+            result["run"] = _live_run(cfg, args, args.rate)
+        if args.find_rate:
+            def run_at(rate: float) -> dict[str, Any]:
+                summary = _live_run(cfg, args, rate)
+                print(f"  {rate:g} frames/s x {args.streams}: p99 {_s(summary['end_to_end_s'], 'p99')}, "
+                      f"drop rate {summary['drops']['drop_rate']:.1%}, {summary['throughput_fps'] or 0:.2f} "
+                      "frames/s published", file=sys.stderr)
+                return summary
+
+            print(f"searching the highest rate with p99 <= {args.p99_bound} s and drop rate <= "
+                  f"{args.max_drop_rate:.0%} ...", file=sys.stderr)
+            result["rate_search"] = search_rate(run_at, args.start_rate, args.p99_bound, args.max_drop_rate,
+                                                args.search_steps)
+    except (BenchError, ConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result["machine"]["load_average_at_end"] = machine()["load_average"]
+    label = f"{Path(cfg.sources[0]).stem} {model['variant']} {args.mode}"
+    if result["run"] is not None:
+        print(table(result["run"]))
+        if not args.no_plots:
+            result["plots"] = [str(p) for p in write_plots(args.out.with_suffix(""), result["run"], label)]
+    if result["rate_search"] is not None:
+        search = result["rate_search"]
+        print(f"highest sustained rate: {search['highest_sustained_fps']} frames/s per stream x {args.streams} "
+              f"(p99 <= {search['p99_bound_s']} s, drops <= {search['max_drop_rate']:.0%}); lowest failed: "
+              f"{search['lowest_failed_fps']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote " + ", ".join([str(args.out), *result["plots"]]))
+    return 0
+
+
+def _live_run(cfg: RunConfig, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    frames = args.max_frames or max(2, math.ceil(rate * args.duration))
+    return summarize(measure(live_config(cfg, rate, args.streams, frames)), "live", rate)
+
+
+def _model_description(cfg: RunConfig) -> dict[str, Any]:
+    model_cfg, checkpoint = model_config(cfg.model)
+    return {"variant": model_cfg.variant, "config": str(cfg.model.config) if cfg.model.config else "bundled default",
+            "checkpoint": str(checkpoint) if checkpoint else None, "engine": str(cfg.model.engine or "") or None,
+            "trained": checkpoint is not None or cfg.model.engine is not None,
+            "input": [model_cfg.static.batch, 3, model_cfg.static.height, model_cfg.static.width],
+            "detections": model_cfg.static.detections, "device": cfg.model.device,
+            "overrides": list(cfg.model.overrides)}
+
+
+def _s(stats: dict[str, float] | None, key: str) -> str:
+    return "-" if not stats else f"{stats[key]:.2f} s"
