@@ -38,8 +38,10 @@ rtsp-server-deps:
 test: venv rtsp-server-deps
 	$(BIN)/pytest
 
+# The main job on the built-in default: the full multi-process pipeline on a generated sample
+# clip with the bundled model; writes out/annotated.mp4, out/results.jsonl, out/coco_results.json.
 run: venv
-	$(BIN)/maskstream segment --out out/
+	$(BIN)/maskstream run --out-dir out/
 
 lint: venv
 	$(BIN)/ruff check pipeline model plugins tests benchmarks

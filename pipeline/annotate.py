@@ -38,7 +38,9 @@ def draw_detections(
         name = class_names[int(label)] if int(label) < len(class_names) else f"class_{int(label)}"
         text = f"{name} {float(score):.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        # Keep the label inside the frame: a box at the right or top edge would cut it off.
         y_text = max(y1, th + base)
-        cv2.rectangle(out_u8, (x1, y_text - th - base), (x1 + tw, y_text), color, -1)
-        cv2.putText(out_u8, text, (x1, y_text - base), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        x_text = max(0, min(x1, out_u8.shape[1] - tw))
+        cv2.rectangle(out_u8, (x_text, y_text - th - base), (x_text + tw, y_text), color, -1)
+        cv2.putText(out_u8, text, (x_text, y_text - base), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return out_u8

@@ -118,14 +118,20 @@ def run(args: argparse.Namespace) -> int:
     board = MetricsBoard()
     server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
     bar = _ProgressBar(totals, enabled=not args.quiet and sys.stderr.isatty() and any(totals.values()))
+    rate = _SteadyRate()
+
+    def watch(supervisor: Supervisor) -> None:
+        bar.update(supervisor)
+        rate.update(supervisor)
+
     try:
-        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board).run(bar.update)
+        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board).run(watch)
     finally:
         bar.close()
         if server is not None:
             server.close()
         the_plan.close()
-    code = _summary(report, the_plan.source_specs)
+    code = _summary(report, the_plan.source_specs, rate)
     annotated = [o.annotate for spec in the_plan.specs if spec.name == "publish.0" for o in spec.config.streams]
     written = [p for p in (cfg.outputs.jsonl, cfg.outputs.coco, *annotated) if p is not None and p.exists()]
     if written:
@@ -178,10 +184,32 @@ class _ProgressBar:
             print(file=sys.stderr)
 
 
-def _summary(report: RunReport, sources: dict[str, Any]) -> int:
+class _SteadyRate:
+    """Frames/s from the first published frame to the last: what the pipeline sustains once
+    started, without the start-up (process spawn, model load, first-call warm-up)."""
+
+    def __init__(self) -> None:
+        self.first_at = self.last_at = 0.0
+        self.first_frames = self.frames = 0
+
+    def update(self, supervisor: Supervisor) -> None:
+        done = sum(p.frames for p in supervisor.publish_progress().values())
+        if done != self.frames:
+            now = time.monotonic()
+            if not self.first_frames:
+                self.first_at, self.first_frames = now, done
+            self.frames, self.last_at = done, now
+
+    def describe(self) -> str:
+        if self.frames - self.first_frames < 2:
+            return ""
+        return f", {(self.frames - self.first_frames) / (self.last_at - self.first_at):.2f} frames/s after the first"
+
+
+def _summary(report: RunReport, sources: dict[str, Any], rate: _SteadyRate) -> int:
     frames = sum(s.frames for s in report.streams)
     print(f"{frames} frames in {report.elapsed_s:.1f} s: {frames / max(report.elapsed_s, 1e-9):.2f} frames/s "
-          f"over {len(report.streams)} stream(s)")
+          f"over {len(report.streams)} stream(s){rate.describe()}")
     for s in report.streams:
         state = "ok" if s.ended and not s.error else f"FAILED: {s.error}"
         print(f"  {s.stream_id} ({sources[s.stream_id].url}): {s.frames} frames, {s.lost} lost/dropped, {state}")
