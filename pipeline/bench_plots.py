@@ -125,7 +125,7 @@ def stage_breakdown(path: Path, breakdown_s: dict[str, float], title: str) -> Pa
         y = _TOP + 20 + 24 * i
         wait = name.startswith("wait:")
         colour = _GREY if wait else PALETTE[(1 + STAGE_COLOURS.get(name, 0)) % len(PALETTE)]
-        label = f"queue before {name[5:]}" if wait else name
+        label = f"queue before {name[5:]}" if wait else "decode (send)" if name == "decode" else name
         _text(canvas, label, (12, y + 12), 0.42, (90, 90, 90) if wait else _BLACK)
         width = int(round(max(seconds, 0.0) * 1000 / top_ms * (right - left)))
         cv2.rectangle(canvas, (left, y), (left + max(width, 1), y + 16), colour, -1)
