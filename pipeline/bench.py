@@ -269,7 +269,8 @@ def components(frame: FrameRecord) -> dict[str, float]:
     return out
 
 
-def summarize(result: Measurement, mode: str, rate_fps: float | None = None, timeline_bins: int = 40) -> dict[str, Any]:
+def summarize(result: Measurement, mode: str, rate_fps: float | None = None,
+              timeline_windows: int = 20) -> dict[str, Any]:
     """The figures of one run, as a JSON-ready dict (keys: bench_fields)."""
     frames = sorted(result.frames, key=lambda f: f.published_at)
     first_published = frames[0].published_at
@@ -326,7 +327,7 @@ def summarize(result: Measurement, mode: str, rate_fps: float | None = None, tim
         "breakdown_mean_s": breakdown,
         "processes": _processes(result, first_published, frames[-1].published_at, len(frames)),
         "gpu_memory_mb": _gpu_total(result),
-        "timeline": _timeline([f.published_at - first_published for f in frames], timeline_bins),
+        "timeline": _timeline([f.published_at - first_published for f in frames], timeline_windows),
         "elapsed_s": result.report.elapsed_s,
         "restarts": dict(result.report.restarts),
         "malformed": result.malformed + result.report.malformed,
@@ -396,13 +397,14 @@ def _gpu_total(result: Measurement) -> float | None:
     return float(sum(values)) if values else None
 
 
-def _timeline(published_s: list[float], bins: int) -> dict[str, list[float]]:
-    """Published frames/s in equal bins from the first published frame (at least 0.5 s wide)."""
-    span = max(published_s) if published_s else 0.0
-    width = max(0.5, span / bins)
-    count = max(1, math.ceil(span / width))
-    hist, edges = np.histogram(published_s, bins=count, range=(0.0, count * width))
-    return {"t_s": [float(e) for e in edges[:-1] + width / 2], "fps": [float(h) / width for h in hist]}
+def _timeline(published_s: list[float], windows: int) -> dict[str, Any]:
+    """Published frames/s over time: at each frame, k frames over the time they took (k about
+    1/windows of the run), so that a slow run's few frames still draw a steady line."""
+    t = np.sort(np.asarray(published_s, np.float64))
+    k = max(1, len(t) // windows)
+    took = t[k:] - t[:-k]
+    keep = took > 0
+    return {"t_s": [float(v) for v in t[k:][keep]], "fps": [float(v) for v in k / took[keep]], "window_frames": k}
 
 
 # ---------------------------------------------------------------------------- rate search

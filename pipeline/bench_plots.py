@@ -16,7 +16,7 @@ from model.plot import PALETTE
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BLACK, _GRID, _GREY = (0, 0, 0), (225, 225, 225), (170, 170, 170)
 _SIZE = (760, 420)
-_LEFT, _RIGHT, _TOP, _BOTTOM = 70, 30, 40, 50
+_LEFT, _RIGHT, _TOP, _BOTTOM = 70, 30, 60, 50
 
 
 def nice_ticks(high: float, count: int = 5) -> list[float]:
@@ -88,7 +88,8 @@ def latency_histogram(path: Path, seconds: Sequence[float], title: str) -> Path:
             x = axes.px(float(q))
             colour = PALETTE[(2, 3, 4)[i]]
             cv2.line(axes.canvas, (x, axes.y1), (x, axes.y0), colour, 1, cv2.LINE_AA)
-            _text(axes.canvas, f"{name} {q:.0f} ms", (axes.x1 - 120, axes.y1 + 18 + 18 * i), 0.45, colour)
+            # the legend above the frame, where no bar can hide it
+            _text(axes.canvas, f"{name} {q:.0f} ms", (axes.x0 + 150 * i, 46), 0.45, colour)
     return axes.write(path)
 
 
@@ -147,7 +148,9 @@ def write_plots(stem: Path, summary: dict[str, Any], label: str) -> list[Path]:
         latency_histogram(stem.with_name(stem.name + "_latency.png"), summary["end_to_end_values_s"],
                           f"{label}: end-to-end latency, {len(summary['end_to_end_values_s'])} frames"),
         throughput_over_time(stem.with_name(stem.name + "_throughput.png"), summary["timeline"]["t_s"],
-                             summary["timeline"]["fps"], summary["throughput_fps"], f"{label}: throughput"),
+                             summary["timeline"]["fps"], summary["throughput_fps"],
+                             f"{label}: throughput (each point: the last {summary['timeline']['window_frames']} "
+                             "frames)"),
     ]
     if summary["breakdown_mean_s"]:
         paths.append(stage_breakdown(stem.with_name(stem.name + "_stages.png"), summary["breakdown_mean_s"],
