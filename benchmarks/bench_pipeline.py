@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import torch
 
 from pipeline.messages import Frame, Header, RawDetections
-from pipeline.pixels import RGB24, YUV420P, frame_pixels
+from pipeline.pixels import PixelRoute
 from pipeline.run_commands import run_config
 from pipeline.run_config import RunConfig, plan
 from pipeline.sources import SourceSpec, VideoSource
@@ -60,15 +59,12 @@ def bare_loop(cfg: RunConfig, video: str) -> tuple[int, float]:
     runner_stage = InferStage(infer_cfg)
     pre, post = PreprocessStage(configs["preprocess"]), PostprocessStage(configs["postprocess"])
     frames, start = 0, 0.0
-    def pixels(frame: av.VideoFrame) -> np.ndarray:
-        return frame_pixels(frame, lambda shape: np.empty(shape, dtype=np.uint8))[0]
-
+    pixels = PixelRoute(lambda shape: np.empty(shape, dtype=np.uint8))
     with VideoSource(SourceSpec(video, policy="offline"), convert=pixels) as source:
         for decoded in source:
             if frames == 1:
                 start = time.perf_counter()  # the first frame pays lazy initialisation: not timed
-            pixel_format = YUV420P if decoded.image.ndim == 2 else RGB24
-            model_input = pre.process(Frame(Header("bench", decoded.index), decoded.image, pixel_format))
+            model_input = pre.process(Frame(Header("bench", decoded.index), decoded.image, pixels.format))
             [raw] = runner_stage.process(model_input)
             assert isinstance(raw, RawDetections)
             post.process(raw)

@@ -7,9 +7,10 @@ everything else on the way: the decode stage instead ships the planes as they ar
 planes first and converts only the small result (`yuv420p_to_rgb_resized`).
 benchmarks/bench_transport.py measures both ways.
 
-Colour: BT.601 with limited range, what FFmpeg's swscale assumes by default. Frames that are
-not limited-range yuv420p with an even size (full-range yuvj420p from MJPEG cameras, 4:4:4,
-odd sizes, ...) are converted to RGB by swscale instead.
+Colour: BT.601, what FFmpeg's swscale assumes by default, in limited range (yuv420p: most
+video) or full range (yuvj420p: MJPEG cameras, many phones; FFmpeg's RGB conversion of it
+costs 4x the decode itself). Frames of other layouts (4:4:4, odd sizes, ...) are converted
+to RGB by swscale instead.
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ import av
 import cv2
 import numpy as np
 
-__all__ = ["RGB24", "YUV420P", "frame_pixels", "yuv420p_frame_hw", "yuv420p_to_rgb_resized"]
+__all__ = ["PLANAR", "RGB24", "YUV420P", "YUVJ420P", "PixelRoute", "frame_pixels", "yuv420p_frame_hw",
+           "yuv420p_to_rgb_resized"]
 
 RGB24 = "rgb24"  # uint8 [H, W, 3]
-YUV420P = "yuv420p"  # uint8 [H * 3 / 2, W]: Y rows, then U as H/4 rows of W, then V alike (I420)
+YUV420P = "yuv420p"  # uint8 [H * 3 / 2, W]: Y rows, then U as H/4 rows of W, then V alike (I420); limited range
+YUVJ420P = "yuvj420p"  # the same layout, full range (Y, Cb, Cr all 0..255)
+PLANAR = (YUV420P, YUVJ420P)
 
 _FULL_RANGE = 2  # AVCOL_RANGE_JPEG
 
@@ -35,13 +39,19 @@ _BT601_LIMITED = np.array([
     [_Y, -_U_G, -_V_G, -16 * _Y + 128 * (_U_G + _V_G)],
     [_Y, _U_B, 0.0, -16 * _Y - 128 * _U_B],
 ], dtype=np.float32)  # rows R, G, B; columns Y, U (Cb), V (Cr), 1
+# Full range (JPEG): the same equations without the 16..235 / 16..240 scaling.
+_BT601_FULL = np.array([
+    [1.0, 0.0, 1.402, -128 * 1.402],
+    [1.0, -1.772 * 0.114 / 0.587, -1.402 * 0.299 / 0.587, 128 * (1.772 * 0.114 + 1.402 * 0.299) / 0.587],
+    [1.0, 1.772, 0.0, -128 * 1.772],
+], dtype=np.float32)
+_MATRICES = {YUV420P: _BT601_LIMITED, YUVJ420P: _BT601_FULL}
 
 
 def frame_pixels(frame: av.VideoFrame, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[np.ndarray, str]:
-    """(the frame's pixels in an array from allocate(shape), their format: YUV420P or RGB24)."""
+    """(the frame's pixels in an array from allocate(shape), their format: YUV420P, YUVJ420P or RGB24)."""
     height, width = frame.height, frame.width
-    if (frame.format.name == "yuv420p" and frame.color_range != _FULL_RANGE
-            and height % 2 == 0 and width % 2 == 0):
+    if frame.format.name in PLANAR and height % 2 == 0 and width % 2 == 0:
         out = allocate((height * 3 // 2, width))
         rows = (height, height // 4, height // 4)  # a chroma plane [H/2, W/2] is H/4 rows of W here
         start = 0
@@ -50,10 +60,25 @@ def frame_pixels(frame: av.VideoFrame, allocate: Callable[[tuple[int, ...]], np.
             lines = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(-1, plane.line_size)[:, :plane_width]
             out[start : start + count].reshape(lines.shape)[:] = lines
             start += count
-        return out, YUV420P
+        full = frame.format.name == YUVJ420P or frame.color_range == _FULL_RANGE
+        return out, YUVJ420P if full else YUV420P
     out = allocate((height, width, 3))
     out[:] = frame.to_ndarray(format="rgb24")  # swscale cannot write into our array: one copy
     return out, RGB24
+
+
+class PixelRoute:
+    """A `VideoSource` convert that keeps `frame_pixels`' planes, in arrays from `allocate`,
+    and remembers their format: the source calls it in the reading thread just before it
+    yields that frame, so `format` describes the frame just yielded."""
+
+    def __init__(self, allocate: Callable[[tuple[int, ...]], np.ndarray]):
+        self.allocate = allocate
+        self.format = RGB24
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        image, self.format = frame_pixels(frame, self.allocate)
+        return image
 
 
 def yuv420p_frame_hw(image: np.ndarray) -> tuple[int, int]:
@@ -63,9 +88,10 @@ def yuv420p_frame_hw(image: np.ndarray) -> tuple[int, int]:
     return image.shape[0] * 2 // 3, image.shape[1]
 
 
-def yuv420p_to_rgb_resized(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """The frame of I420 planes `image` as uint8 RGB [h, w, 3] of size_hw: each plane resized
-    (bilinear) to size_hw first, then converted, so only the small picture is converted."""
+def yuv420p_to_rgb_resized(image: np.ndarray, size_hw: tuple[int, int], pixel_format: str = YUV420P) -> np.ndarray:
+    """The frame of I420 planes `image` (pixel_format: YUV420P or YUVJ420P) as uint8 RGB
+    [h, w, 3] of size_hw: each plane resized (bilinear) to size_hw first, then converted, so
+    only the small picture is converted."""
     height, width = yuv420p_frame_hw(image)
     h, w = size_hw
     quarter = height // 4
@@ -73,4 +99,4 @@ def yuv420p_to_rgb_resized(image: np.ndarray, size_hw: tuple[int, int]) -> np.nd
     chroma = [cv2.resize(image[start : start + quarter].reshape(height // 2, width // 2), (w, h),
                          interpolation=cv2.INTER_LINEAR)  # [h, w]
               for start in (height, height + quarter)]
-    return cv2.transform(cv2.merge([y, *chroma]), _BT601_LIMITED)  # [h, w, 3], saturated to 0..255
+    return cv2.transform(cv2.merge([y, *chroma]), _MATRICES[pixel_format])  # [h, w, 3], saturated to 0..255

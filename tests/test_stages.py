@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
-from pipeline.pixels import RGB24, YUV420P, frame_pixels
+from pipeline.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
 from pipeline.reorder import Reorderer
 from pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
 from pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
@@ -24,22 +24,23 @@ def _decoded(pix_fmt, height=120, width=160):
     return frame, frame.to_ndarray(format="rgb24")
 
 
-def test_frame_pixels_keep_yuv420p_planes_and_convert_anything_else():
-    frame, _ = _decoded("yuv420p")
-    image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
-    assert pixel_format == YUV420P and np.array_equal(image, frame.to_ndarray(format="yuv420p"))
-    for other in ("yuvj420p", "yuv444p"):  # full range, other subsampling: RGB by FFmpeg
-        frame, rgb = _decoded(other)
+def test_frame_pixels_keep_4_2_0_planes_and_convert_anything_else():
+    for pix_fmt, expected in (("yuv420p", YUV420P), ("yuvj420p", YUVJ420P)):  # limited and full range
+        frame, _ = _decoded(pix_fmt)
         image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
-        assert pixel_format == RGB24 and np.array_equal(image, rgb)
+        assert pixel_format == expected and np.array_equal(image, frame.to_ndarray(format=pix_fmt))
+    frame, rgb = _decoded("yuv444p")  # other subsampling: RGB by FFmpeg
+    image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+    assert pixel_format == RGB24 and np.array_equal(image, rgb)
 
 
-def test_yuv420p_frames_preprocess_like_rgb_frames():
-    frame, rgb = _decoded("yuv420p", 240, 320)
-    planes, _ = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuvj420p"])
+def test_4_2_0_frames_preprocess_like_rgb_frames(pix_fmt):
+    frame, rgb = _decoded(pix_fmt, 240, 320)
+    planes, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
     config = PreprocessConfig((96, 160), (124, 116, 104))
     from_rgb = PreprocessStage(config).process(Frame(Header("s", 0), rgb))
-    from_yuv = PreprocessStage(config).process(Frame(Header("s", 0), planes, YUV420P))
+    from_yuv = PreprocessStage(config).process(Frame(Header("s", 0), planes, pixel_format))
     assert from_yuv.frame_hw == from_rgb.frame_hw == (240, 320) and from_yuv.valid_hw == from_rgb.valid_hw == (96, 128)
     # shrinking the planes before converting vs after: a couple of levels on a smooth picture
     difference = np.abs(from_yuv.image.astype(int) - from_rgb.image)

@@ -17,11 +17,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import av
-import numpy as np
-
 from pipeline.messages import EndOfStream, Frame, Header, Message, StageStamp, StreamProgress
-from pipeline.pixels import RGB24, YUV420P, frame_pixels
+from pipeline.pixels import PixelRoute
 from pipeline.sources import SourceError, SourceSpec, VideoSource
 from pipeline.stage import OutputBuffers, Wiring, run_source
 
@@ -47,7 +44,8 @@ class DecodeStage:
 
     def messages(self) -> Iterator[Message]:
         cfg = self.config
-        source = VideoSource(cfg.source, convert=self._pixels)
+        pixels = PixelRoute(lambda shape: self.buffers.array(shape, wait=not self.live))
+        source = VideoSource(cfg.source, convert=pixels)
         try:
             with source:
                 for decoded in source:
@@ -62,7 +60,7 @@ class DecodeStage:
                     header = Header(cfg.stream_id, seq, decoded.pts_s,
                                     (StageStamp("source", decoded.decoded_at, decoded.decoded_at),), self._drops())
                     self.sent += 1
-                    yield Frame(header, decoded.image, YUV420P if decoded.image.ndim == 2 else RGB24)
+                    yield Frame(header, decoded.image, pixels.format)
         except (SourceError, OSError) as exc:
             self.error = str(exc) or type(exc).__name__
         if self.live:  # frames decoded after the last one taken were dropped by the source
@@ -73,10 +71,6 @@ class DecodeStage:
         now = time.monotonic()
         yield EndOfStream(Header(cfg.stream_id, self.next_seq, None, (StageStamp("source", now, now),), self._drops()),
                           self.error)
-
-    def _pixels(self, frame: av.VideoFrame) -> np.ndarray:
-        image, _ = frame_pixels(frame, lambda shape: self.buffers.array(shape, wait=not self.live))
-        return image  # its format shows in its shape: 2-D planes are yuv420p
 
     def _drops(self) -> tuple[tuple[str, int], ...]:
         return (("source", self.source_drops), ("decode", self.send_drops))

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from pipeline.messages import EndOfStream, Frame, Message, ModelInput
-from pipeline.pixels import RGB24, YUV420P, yuv420p_frame_hw, yuv420p_to_rgb_resized
+from pipeline.pixels import PLANAR, RGB24, yuv420p_frame_hw, yuv420p_to_rgb_resized
 from pipeline.stage import Wiring, run_stage
 
 
@@ -31,8 +31,8 @@ def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[in
     scale = min(in_h / height, in_w / width)
     valid = (max(1, min(in_h, int(height * scale))), max(1, min(in_w, int(width * scale))))
     # INTER_AREA would alias less when shrinking, but bilinear is what the eager path uses.
-    if pixel_format == YUV420P:
-        resized = yuv420p_to_rgb_resized(image, valid)  # [h, w, 3]
+    if pixel_format in PLANAR:
+        resized = yuv420p_to_rgb_resized(image, valid, pixel_format)  # [h, w, 3]
     else:
         resized = cv2.resize(image, (valid[1], valid[0]), interpolation=cv2.INTER_LINEAR)  # [h, w, 3]
     out = np.empty((3, in_h, in_w), dtype=np.uint8)
@@ -44,10 +44,10 @@ def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[in
 def frame_hw(image: np.ndarray, pixel_format: str) -> tuple[int, int]:
     if image.dtype != np.uint8:
         raise ValueError(f"image: expected uint8, got {image.dtype}")
-    if pixel_format == YUV420P:
+    if pixel_format in PLANAR:
         return yuv420p_frame_hw(image)
     if pixel_format != RGB24 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image: expected uint8 [H, W, 3] rgb24 or yuv420p planes, got {pixel_format} "
+        raise ValueError(f"image: expected uint8 [H, W, 3] rgb24 or yuv420p/yuvj420p planes, got {pixel_format} "
                          f"{list(image.shape)}")
     return int(image.shape[0]), int(image.shape[1])
 
