@@ -7,7 +7,7 @@ by side in one run (interleaved rounds, median frames/s per side):
 - pyav_decode:   PyAV decoding every frame with FFmpeg's frame threading, no conversion, the
                  pixels left in FFmpeg's buffers (the floor for anything built on PyAV);
 - decode_stage:  our decode stage's work in one process (pipeline.stages.decode.DecodeStage:
-                 the same decoding + each frame's yuv420p planes written into a claimed
+                 the same decoding + each frame's 4:2:0 planes written into a claimed
                  shared-memory ring slot + its Frame message), nothing sent;
 - decode_process: the decode stage as the pipeline runs it: its own process, sending every
                  frame through the ring and ZeroMQ to a consumer here that maps and releases it.
@@ -16,8 +16,8 @@ by side in one run (interleaved rounds, median frames/s per side):
 
 Ratios are our sides' frames/s over pyav_decode (and over ffmpeg_cli where there is one).
 Writes benchmarks/results/decode_<video name>.json (or --out) with the machine description.
-A full-range video (yuvj420p, as phones and MJPEG cameras give) takes swscale's RGB route in
-pipeline.pixels instead of the planes, which this shows as a lower decode_stage ratio.
+Full-range video (yuvj420p, as phones and MJPEG cameras give) travels as planes too, like
+yuv420p (it took swscale's RGB route before, at about 1/4 of the decode speed).
 """
 from __future__ import annotations
 

@@ -5,13 +5,19 @@ A stage is plain Python that never touches a socket:
     class Stage(Protocol):
         def process(self, message) -> Message | Sequence[Message] | None: ...
         # optional: flush() -> Sequence[Message], called when nothing arrived for idle_timeout_s
-        #           (None: never); progress() -> tuple[StreamProgress, ...]; close()
+        #           (None: never); progress() -> tuple[StreamProgress, ...]; close();
+        #           live_streams + overtaken(message): see below
 
 A source stage (decode) instead yields messages from `messages()`, may be asked to `stop()`
 (drain: end its stream early, cleanly) and is told about frames dropped for lack of room.
 It is made with an `OutputBuffers`, which hands out arrays that lie in the stage's
 shared-memory ring: pixels written there (the decoder's frame planes) are sent without a
 single copy.
+
+A stage with `live_streams` (stream ids) is where live frames queue up (inference): the loop
+takes every message already waiting, and a live stream's frame that a newer one of the same
+stream has overtaken in that queue goes to `overtaken(message)` (the stage counts the drop)
+instead of `process`, so a slow stage answers for the newest frame, not for a backlog.
 
 The loop owns the sockets (pipeline.transport), stamps headers with the stage's receive and
 send times, sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every
@@ -239,9 +245,9 @@ def _start(make: Callable[[_Loop], Any], wiring: Wiring) -> tuple[_Loop, Any]:
     return loop, stage
 
 
-def _handle(loop: _Loop, stage: Stage, frames: list[Any], start: float) -> Sequence[Message]:
-    """One received message through the stage. A function of its own so that nothing here
-    (the input's arrays point into ring slots) outlives it."""
+def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], start: float) -> Sequence[Message]:
+    """One received message through the stage's `action` (process, or overtaken). A function
+    of its own so that nothing here (the input's arrays point into ring slots) outlives it."""
     assert loop.inbox is not None
     loop.counts["received"] += 1
     try:
@@ -253,7 +259,7 @@ def _handle(loop: _Loop, stage: Stage, frames: list[Any], start: float) -> Seque
     header = received.message.header
     loop.metrics.inc(FRAMES_IN, header.stream_id)
     try:
-        result = stage.process(received.message)
+        result = action(received.message)
     except Exception as exc:  # one bad message never stops the stage
         loop.counts["errors"] += 1
         loop.error(f"{type(received.message).__name__} of stream {header.stream_id!r} seq {header.seq}: "
@@ -272,6 +278,8 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
     loop, stage = _start(lambda loop: make(), wiring)
     assert loop.inbox is not None, f"{wiring.stage}: a stage needs an inbox"
     flush = getattr(stage, "flush", None)
+    live = {stream.encode() for stream in getattr(stage, "live_streams", ())}  # topics
+    overtaken: Callable[[Message], Any] = getattr(stage, "overtaken", stage.process)
     try:
         loop.report(force=True)
         while True:
@@ -284,8 +292,11 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
                         loop.send(message, start)
                 loop.report()
                 continue
-            for message in _handle(loop, stage, frames, start):
-                loop.send(message, start)
+            # limit: more than a hop holds (both sides' high-water marks), so all that waits is seen
+            for queued, was_overtaken in with_queued(loop.inbox, frames, live, limit=4 * wiring.hwm + 8):
+                for message in _handle(loop, overtaken if was_overtaken else stage.process, queued, start):
+                    loop.send(message, start)
+                start = time.monotonic()
             loop.report()
     except StageStopped:
         pass
@@ -295,6 +306,24 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
             close()
         loop.report(force=True)
         loop.close()
+
+
+def with_queued(inbox: Inbox, frames: list[Any], live: set[bytes], limit: int) -> list[tuple[list[Any], bool]]:
+    """(message, overtaken) for the received message and, for a stage with live streams, every
+    message already queued behind it: a live stream's message is overtaken when a later one of
+    the same stream is in that queue (its end of stream included: a live stream stops at once).
+    "Later" is arrival order, as for the stage's own staleness drops; publish restores seq order."""
+    if not live:
+        return [(frames, False)]
+    batch = [frames, *inbox.drain(limit)]
+    topics = [_topic(message) for message in batch]
+    newest = {topic: i for i, topic in enumerate(topics)}  # stream id -> its last message here
+    return [(message, topic in live and newest[topic] != i) for i, (message, topic) in enumerate(zip(batch, topics))]
+
+
+def _topic(frames: list[Any]) -> bytes:
+    first = frames[0]
+    return bytes(first.buffer if hasattr(first, "buffer") else first)
 
 
 def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:

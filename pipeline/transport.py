@@ -152,6 +152,16 @@ class Inbox:
         frames: list[zmq.Frame] = self.socket.recv_multipart(copy=False)
         return frames
 
+    def drain(self, limit: int) -> list[list[zmq.Frame]]:
+        """Up to `limit` messages already waiting, without waiting for more."""
+        queued: list[list[zmq.Frame]] = []
+        while len(queued) < limit:
+            try:
+                queued.append(self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return queued
+
     def close(self) -> None:
         self.socket.close(linger=0)
 

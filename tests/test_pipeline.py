@@ -240,10 +240,14 @@ def test_live_rtsp_every_frame_published_or_counted_latency_bounded_and_reconnec
         assert stamps["publish"].end - stamps["source"].start <= INFER_STALENESS_S + AFTER_INFERENCE_S
 
 
+FAST_FRAMES = 720
+
+
 def test_live_overload_drops_counted_latency_bounded_and_metrics_served(tmp_path):
-    # 30 frames/s for 12 s: the tiny model does about 5-10 on this box, so most frames must be
-    # dropped, every drop counted, and the latency must stay bounded instead of queues growing.
-    clip = write_test_clip(tmp_path / "fast.mp4", frames=360, size=(160, 120), fps=30)
+    # 60 frames/s for 12 s: the tiny model does about 5-25 on this box (loaded or quiet), so many
+    # frames must be dropped, every drop counted, and the latency must stay bounded instead of
+    # queues growing.
+    clip = write_test_clip(tmp_path / "fast.mp4", frames=FAST_FRAMES, size=(160, 120), fps=60)
     port = free_port()
     out = tmp_path / "r.jsonl"
     run = maskstream_run(["--source", str(clip), "--policy", "live", "--out", str(out), "--metrics-port", str(port)],
@@ -263,11 +267,11 @@ def test_live_overload_drops_counted_latency_bounded_and_metrics_served(tmp_path
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     end = lines[-1]
-    assert end["kind"] == "EndOfStream" and end["error"] == "" and end["seq"] == 360
+    assert end["kind"] == "EndOfStream" and end["error"] == "" and end["seq"] == FAST_FRAMES
     published = lines[:-1]
     # Every frame the source produced is either published or counted as dropped by some stage.
-    assert len(published) + sum(end["drops"].values()) == 360
-    assert sum(end["drops"].values()) > 100
+    assert len(published) + sum(end["drops"].values()) == FAST_FRAMES
+    assert sum(end["drops"].values()) > FAST_FRAMES // 4
     assert f"fast ({clip}): {len(published)} frames, {sum(end['drops'].values())} lost/dropped, ok" in stdout
     previous = None
     for line in published:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 
 from pipeline.messages import Frame, Header, MessageError, StageReport, StreamProgress, decode_report, encode_report
 from pipeline.shm_ring import Ring, RingReaders
-from pipeline.transport import pack, unpack
+from pipeline.stage import with_queued
+from pipeline.transport import Inbox, Outbox, pack, unpack
 
 
 def test_frame_through_ring_and_inline_is_the_same():
@@ -65,3 +67,27 @@ def test_stage_report_round_trip():
     assert decode_report(encode_report(report)) == report
     with pytest.raises(MessageError):
         decode_report(b"\x01")
+
+
+def test_live_frames_overtaken_in_the_queue_are_marked_and_the_rest_kept_in_order(tmp_path):
+    """Real PUSH/PULL sockets: what waits in the inbox behind a received message is taken at once;
+    a live stream's frame with a newer one of its stream behind it is overtaken, others are not."""
+    endpoint = f"ipc://{tmp_path}/inbox"
+    inbox, outbox = Inbox(endpoint, hwm=8), Outbox([endpoint], hwm=8)
+    try:
+        sent = [("cam", 0), ("file", 0), ("cam", 1), ("file", 1), ("cam", 2)]
+        for stream, seq in sent:
+            frames, _ = pack(Frame(Header(stream, seq), np.zeros((2, 2, 3), np.uint8)))
+            assert outbox.send(frames, block=True)
+        time.sleep(0.2)  # the I/O thread moves them all to the inbox side
+        first = inbox.recv(1.0)
+        assert first is not None
+        marked = with_queued(inbox, first, live={b"cam"}, limit=16)
+        got = [(unpack(f, RingReaders()).message.header, overtaken) for f, overtaken in marked]
+        assert [((h.stream_id, h.seq), o) for h, o in got] == [
+            (("cam", 0), True), (("file", 0), False), (("cam", 1), True), (("file", 1), False), (("cam", 2), False)]
+        # without live streams nothing is drained: one message at a time, as before
+        assert with_queued(inbox, first, live=set(), limit=16) == [(first, False)]
+    finally:
+        inbox.close()
+        outbox.socket.close(linger=0)

@@ -39,6 +39,16 @@ class InferStage:
         self.frames: dict[str, int] = {}
 
     @property
+    def live_streams(self) -> tuple[str, ...]:
+        return self.config.live_streams
+
+    def overtaken(self, message: Message) -> None:
+        """A live frame a newer one of its stream has overtaken in the queue: dropped, counted."""
+        if isinstance(message, EndOfStream):
+            raise TypeError("an end of stream is never overtaken")
+        self.drops[message.header.stream_id] = self.drops.get(message.header.stream_id, 0) + 1
+
+    @property
     def idle_timeout_s(self) -> float | None:
         return self.config.batch_timeout_s if self.pending else None
 
