@@ -110,11 +110,19 @@ class Supervisor:
         failure, interrupted = "", False
         drain_deadline: float | None = None
         last_move, last_published = time.monotonic(), -1
+        # Decoders start once inference is ready (its first report comes after the model is
+        # loaded): a live source started earlier would only drop the frames of the warm-up.
+        held = [name for name in self.specs if self.specs[name].stream_id is not None]
         try:
             for name in sorted(self.specs, key=_start_order):
-                self._start(name)
+                if name not in held:
+                    self._start(name)
             while True:
                 self._collect(inbox, 0.2)
+                if held and (self._inference_ready() or self._signals):
+                    for name in held if not self._signals else ():
+                        self._start(name)
+                    held = []
                 if on_progress is not None:
                     on_progress(self)
                 progress = self.publish_progress()
@@ -207,9 +215,13 @@ class Supervisor:
 
     def _any_offline_running(self) -> bool:
         return any(
-            spec.stream_id is not None and not self._decoder_done(name) and spec.config.source.policy == "offline"
+            spec.stream_id is not None and name in self.processes and not self._decoder_done(name)
+            and spec.config.source.policy == "offline"
             for name, spec in self.specs.items()
         )
+
+    def _inference_ready(self) -> bool:
+        return any(name.split(".", 1)[0] == "infer" and not report.fatal for name, report in self.latest.items())
 
     def _drain(self) -> None:
         for name, spec in self.specs.items():
