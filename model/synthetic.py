@@ -369,8 +369,9 @@ def write_synthetic_clip(
     max_objects: int = 4,
 ) -> tuple[Path, Path]:
     """An MP4 of `make_clip` (H.264 via libx264 where the PyAV wheel has it, else MPEG-4 Part 2)
-    and PATH_annotations.json: its per-frame COCO ground truth (image id = frame index + 1,
-    `frame_index` on each image, `track_id` on each annotation)."""
+    and PATH_annotations.json: its per-frame COCO ground truth (image id = frame index, as
+    `maskstream run` numbers a stream's frames in its COCO results, so those score against it
+    directly; `frame_index` on each image, `track_id` on each annotation)."""
     import av  # only clip writing needs FFmpeg
 
     if height % 2 or width % 2:
@@ -392,8 +393,9 @@ def write_synthetic_clip(
             container.mux(packet)
     gt = to_coco(scenes)
     for t, image in enumerate(gt["images"]):
-        image["file_name"] = f"{path.stem}_{t:05d}.png"
-        image["frame_index"] = t
+        image["id"], image["file_name"], image["frame_index"] = t, f"{path.stem}_{t:05d}.png", t
+    for ann in gt["annotations"]:
+        ann["image_id"] -= 1  # to_coco numbers images from 1
     track_ids = [tid for frame in tracks for tid in frame]  # to_coco's annotation order
     for ann, track_id in zip(gt["annotations"], track_ids):
         ann["track_id"] = track_id

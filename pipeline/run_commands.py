@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -101,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    sample_truth: Path | None = None  # the generated clip's ground truth, to score the run against
     if not cfg.sources:
         try:
             clip = write_sample_clip(args.out_dir)
+            sample_truth = clip.with_name(f"{clip.stem}_annotations.json")
         except OSError as exc:
             print(f"error: cannot write the sample clip into {args.out_dir}: {exc}", file=sys.stderr)
             return 2
@@ -136,7 +139,18 @@ def run(args: argparse.Namespace) -> int:
     written = [p for p in (cfg.outputs.jsonl, cfg.outputs.coco, *annotated) if p is not None and p.exists()]
     if written:
         print("wrote " + ", ".join(str(p) for p in written))
+    if sample_truth is not None and cfg.outputs.coco is not None and cfg.outputs.coco.is_file() and code == 0:
+        print(_sample_score(sample_truth, cfg.outputs.coco))
     return code
+
+
+def _sample_score(truth: Path, results: Path) -> str:
+    """COCO AP of the run's results on the generated clip, whose ground truth is exact."""
+    from model.evaluate import coco_metrics  # pycocotools: only this check needs it here
+
+    metrics, _ = coco_metrics(json.loads(truth.read_text()), json.loads(results.read_text()))
+    return (f"against the sample clip's ground truth ({truth.name}): bbox AP {metrics['bbox']['AP']:.3f}, "
+            f"segm AP {metrics['segm']['AP']:.3f} (AP50 {metrics['segm']['AP50']:.3f})")
 
 
 def _model_note(selection: ModelSelection) -> None:

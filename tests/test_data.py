@@ -310,7 +310,7 @@ def test_clip_is_written_as_video_with_per_frame_ground_truth(tmp_path):
     assert len(frames) == 8 and frames[0].shape == (64, 96, 3)
     assert np.abs(frames[3].astype(int) - scenes[3].image).mean() < 8  # near-lossless encode
     gt = json.loads(annotations.read_text())
-    assert [i["frame_index"] for i in gt["images"]] == list(range(8))
-    assert [a["track_id"] for a in gt["annotations"] if a["image_id"] == 1] == tracks[0]
+    assert [i["frame_index"] for i in gt["images"]] == [i["id"] for i in gt["images"]] == list(range(8))
+    assert [a["track_id"] for a in gt["annotations"] if a["image_id"] == 0] == tracks[0]
     with pytest.raises(ValueError, match="even height and width"):
         write_synthetic_clip(tmp_path / "odd.mp4", frames=2, height=63, width=96)
