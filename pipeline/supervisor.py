@@ -119,8 +119,10 @@ class Supervisor:
                     self._start(name)
             while True:
                 self._collect(inbox, 0.2)
-                if held and (self._inference_ready() or self._signals):
-                    for name in held if not self._signals else ():
+                if held and self._signals:
+                    held = []  # interrupted before any source opened: nothing to drain
+                elif held and self._inference_ready():
+                    for name in held:
                         self._start(name)
                     held = []
                 if on_progress is not None:

@@ -42,11 +42,13 @@ class InferStage:
     def live_streams(self) -> tuple[str, ...]:
         return self.config.live_streams
 
-    def overtaken(self, message: Message) -> None:
-        """A live frame a newer one of its stream has overtaken in the queue: dropped, counted."""
+    def overtaken(self, message: Message) -> list[Message]:
+        """A live frame a newer one of its stream has overtaken in the queue: dropped, counted.
+        An end of stream is never dropped (a restarted source's messages may follow it)."""
         if isinstance(message, EndOfStream):
-            raise TypeError("an end of stream is never overtaken")
+            return self.process(message)
         self.drops[message.header.stream_id] = self.drops.get(message.header.stream_id, 0) + 1
+        return []
 
     @property
     def idle_timeout_s(self) -> float | None:
