@@ -103,8 +103,9 @@ class Header:
 class Frame:
     """decode -> preprocess: one decoded frame (internal: subscribers never see it).
 
-    pixel_format "rgb24": image is uint8 [H, W, 3] RGB; "yuv420p": uint8 [H * 3 / 2, W], the
-    decoder's I420 planes as they are (limited-range BT.601, H and W even), see pipeline.pixels."""
+    pixel_format "rgb24": image is uint8 [H, W, 3] RGB; "yuv420p" / "yuvj420p": uint8
+    [H * 3 / 2, W], the decoder's I420 planes as they are (BT.601, limited / full range, H and W
+    even), see pipeline.pixels."""
 
     header: Header
     image: np.ndarray

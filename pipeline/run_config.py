@@ -21,7 +21,7 @@ from model.runners import RunnerSpec
 from model.static import pad_value
 from pipeline.config import load_config
 from pipeline.shm_ring import Ring
-from pipeline.sources import SourceSpec, resolve_policy
+from pipeline.sources import Policy, SourceSpec, resolve_policy
 from pipeline.stage import Wiring
 from pipeline.stages import decode, infer, postprocess, preprocess, publish
 from pipeline.supervisor import StageSpec, SupervisorConfig
@@ -126,7 +126,7 @@ def default_outputs(cfg: RunConfig, directory: Path) -> RunConfig:
     return dataclasses.replace(cfg, outputs=outputs)
 
 
-def _policy(cfg: RunConfig, url: str) -> str:
+def _policy(cfg: RunConfig, url: str) -> Policy:
     return resolve_policy(url) if cfg.source.policy == "auto" else cfg.source.policy
 
 
@@ -171,7 +171,7 @@ def plan(cfg: RunConfig) -> Plan:
     ids = stream_ids(cfg.sources)
     src = cfg.source
     sources = {
-        sid: SourceSpec(url, policy=resolve_policy(url) if src.policy == "auto" else src.policy,
+        sid: SourceSpec(url, policy=_policy(cfg, url),
                         rtsp_transport=src.rtsp_transport, stall_timeout_s=src.stall_timeout_s,
                         reconnect_backoff_s=src.reconnect_backoff_s, max_reconnects=src.max_reconnects,
                         staleness_s=src.staleness_s, rate_fps=src.rate_fps, max_frames=src.max_frames)
