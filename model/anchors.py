@@ -13,11 +13,17 @@ class AnchorGenerator(nn.Module):
     an 800-pixel side has stride 61, not 64); that quirk is kept for checkpoint parity.
     """
 
+    cell_anchors: Tensor
+
     def __init__(self, sizes: tuple[int, ...], aspect_ratios: tuple[float, ...]):
         super().__init__()
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
-        self.cell_anchors = [self._cell_anchors(s, aspect_ratios) for s in sizes]
+        # A buffer [L, A, 4], not a list of CPU tensors: it moves with the model, so a CUDA forward
+        # copies nothing from the host (which would break CUDA graph capture). Not persistent:
+        # computed from the config, never part of a checkpoint.
+        cells = torch.stack([self._cell_anchors(s, aspect_ratios) for s in sizes])
+        self.register_buffer("cell_anchors", cells, persistent=False)
 
     @property
     def num_anchors_per_location(self) -> int:
@@ -45,5 +51,5 @@ class AnchorGenerator(nn.Module):
             shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
             shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)  # [H*W, 4]
-            out.append((shifts.view(-1, 1, 4) + base.to(device).view(1, -1, 4)).reshape(-1, 4))
+            out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
         return torch.cat(out)

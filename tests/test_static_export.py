@@ -58,6 +58,22 @@ def test_export_has_no_graph_break_and_matches_eager(static, frames):
         torch.testing.assert_close(exported[name], eager[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+# What would make a CUDA forward wait for the host or copy from it, breaking CUDA graph capture:
+# scalars read back, data-dependent shapes, and tensors made on the CPU then moved (constants
+# must be buffers, which move with the model).
+HOST_BOUND = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default",
+              "aten.masked_select.default", "aten._to_copy.default", "aten.to.device", "aten.to.dtype_layout"}
+
+
+def test_export_stays_on_the_device(static):
+    program = export(static)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not targets & HOST_BOUND, sorted(targets & HOST_BOUND)
+    moved = [n for n in program.graph.nodes if n.op == "call_function" and "device" in n.kwargs
+             and str(n.target).startswith("aten.to")]
+    assert not moved, moved
+
+
 def test_bad_input_names_what_was_expected(static, frames):
     images, sizes = frames
     with pytest.raises(ValueError, match=r"images: expected uint8 \[2, 3, 192, 256\].*torch.float32"):

@@ -18,9 +18,13 @@ tested against every box kept so far (one vectorised IoU block), then the few su
 resolved greedily among themselves. The walk stops as soon as `max_output` boxes are kept, since
 nothing later can enter the output; with max_output 100 out of 90,000 candidates it looks at a
 few hundred.
+
+On CUDA, float32 boxes take the same walk as one Triton program per image
+(model/ops/nms_triton.py), since each chunk here asks the host which rows survive.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -180,6 +184,22 @@ def _(boxes, scores, classes, iou_threshold, score_threshold, max_output):
         raise ValueError(f"max_output must be >= 0, got {max_output}")
     b = boxes.shape[0]
     return boxes.new_empty((b, max_output), dtype=torch.int64), boxes.new_empty((b,), dtype=torch.int64)
+
+
+@_batched_nms_padded_op.register_kernel("cuda")
+def _(boxes, scores, classes, iou_threshold, score_threshold, max_output):
+    # On CUDA the walk is the Triton kernel of model/ops/nms_triton.py: no host synchronisation,
+    # so the static graph can be captured in a CUDA graph. Imported here, not at the top: triton
+    # is slow to import and absent from CPU-only installs. Other box dtypes keep the torch walk.
+    args = (boxes, scores, classes, iou_threshold, score_threshold, max_output)
+    _check_inputs(boxes, scores, classes, batched=True)
+    if max_output < 0:
+        raise ValueError(f"max_output must be >= 0, got {max_output}")
+    if boxes.dtype == torch.float32 and importlib.util.find_spec("triton") is not None:
+        from model.ops.nms_triton import triton_batched_nms_padded
+
+        return triton_batched_nms_padded(*args)
+    return _batched_nms_padded_op._init_fn(*args)
 
 
 def batched_nms_padded(
