@@ -141,6 +141,23 @@ def test_torch_runner_device_errors(net):
             TorchRunner(net, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_torch_runner_cuda_graph_replays_the_eager_outputs(net, frames):
+    """The whole static graph (Triton RoIAlign and NMS included) captures into one CUDA graph, and
+    its replays give what the same graph gives eagerly on the device."""
+    graphed = TorchRunner(net, device="cuda")
+    first = graphed.infer(*frames)  # warm-up + capture + first replay
+    assert graphed.graph_error is None
+    again = graphed.infer(*frames)
+    eager = TorchRunner(net, device="cuda", cuda_graph=False).infer(*frames)
+    for name in OUTPUT_NAMES:
+        assert first[name].dtype == OUTPUT_DTYPES[name], name
+        np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+        np.testing.assert_allclose(first[name], eager[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    assert (first["num_detections"] == SHAPE.detections).all()  # score threshold 0: every slot filled
+
+
 # ----------------------------------------------------------------------------- manifest
 
 

@@ -1,0 +1,266 @@
+"""TorchRunner throughput: frames/s of the static graph at a fixed input, per batch size and precision.
+
+What runs is exactly what the pipeline's inference stage runs (model.runners.TorchRunner): batch
+norms folded, on CUDA the Triton RoIAlign and a CUDA graph captured on the first call (when the
+capture fails the runner goes on eagerly and says why in `graph_error`, reported here).
+"fp16" is the engine build's fp16 (model.engine.prepare_static): backbone + FPN in float16, their
+features cast back to float32, so RPN, heads, NMS and RoIAlign stay float32.
+
+    python benchmarks/bench_cuda_runner.py      # configs/model_v1.yaml: 800x1344, batch 1 and 8, fp16 + fp32
+    python benchmarks/bench_cuda_runner.py --device cpu --variant lite --height 128 --width 160 --iters 2 \
+        --set roi_heads.detections_per_img=10 --set static.detections=10   # a CPU smoke test
+
+The model is configs/model_<variant>.yaml (or --model-config) with --set overrides, as in the CLI;
+--height/--width/--batches replace its static shape.
+
+Two timings per row, warm-ups (capture, autotuning, lazy init) excluded:
+- infer: wall time of `runner.infer(uint8 numpy batch)`, host copies in and out included, what the
+  pipeline's inference stage pays per batch;
+- device: the runner's chosen path (graph replay or eager) on inputs already on the device, --iters
+  calls back to back between two CUDA events: the GPU's own throughput (CPU: perf_counter).
+FLOPs per frame are counted once with torch's FlopCounterMode on the eager fp32 graph (convolutions
+and matrix products; the fixed-shape graph always runs its K mask-head slots and 1000 proposals,
+so the count does not depend on the weights). Achieved TFLOP/s = GFLOP/frame x frames/s.
+
+Weights: the parity goldens' (../shared/reference/golden_weights.py, or $MASKSTREAM_SHARED/reference)
+when present, else the model's seeded init; timing does not depend on them except through how many
+boxes pass the score threshold into NMS (--score-thresh 0 is the worst case). Prints a table last
+and writes JSON (default benchmarks/results/cuda_runner_<device>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.config import ModelConfig
+from model.engine import _HalfBackbone  # the fp16 engine's casts, so both fp16 paths are one
+from model.fuse import fold_batch_norms
+from model.mask_rcnn import build
+from model.runners import TorchRunner
+from model.static import StaticMaskRCNN
+from model.synthetic import make_scene
+from pipeline.bench import machine
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parent
+CONFIGS = ROOT.parent / "configs"
+SHARED = Path(os.environ.get("MASKSTREAM_SHARED", ROOT.parent.parent / "shared"))
+MANIFESTS = {"v1": "torchvision_maskrcnn_resnet50_fpn.json", "v2": "torchvision_maskrcnn_resnet50_fpn_v2.json"}
+# Dense fp16/bf16 matrix-product rate measured on the lent H200 (8192^3, ~790 TFLOP/s): the
+# ceiling the achieved rate is compared with. On another GPU pass --peak-tflops.
+H200_PEAK_TFLOPS = 790.0
+
+
+def golden_state(variant: str) -> dict[str, torch.Tensor] | None:
+    path = SHARED / "reference" / "golden_weights.py"
+    if variant not in MANIFESTS or not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("golden_weights", path)
+    assert spec is not None and spec.loader is not None
+    gw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gw)
+    return gw.make_state_dict(gw.load_manifest(SHARED / "reference" / MANIFESTS[variant]), seed=0)
+
+
+def half_backbone(folded: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a folded model whose backbone + FPN run in float16 (folded first: the norm scales
+    are merged in float32, then rounded once)."""
+    net = copy.deepcopy(folded)
+    net.backbone = _HalfBackbone(net.backbone)
+    return net
+
+
+def frames(batch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic scenes (shapes over textured backgrounds) as uint8 [B, 3, H, W] and sizes [B, 2]."""
+    images = np.stack([make_scene(seed, height=height, width=width).image.transpose(2, 0, 1) for seed in range(batch)])
+    return np.ascontiguousarray(images), np.array([[height, width]] * batch, dtype=np.int64)
+
+
+def count_gflop(static: StaticMaskRCNN, device: str) -> float:
+    """GFLOP of one eager forward of `static` (batch as built), per frame."""
+    images, sizes = static.example_inputs(device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        static(images, sizes)
+    return counter.get_total_flops() / 1e9 / static.shape[0]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray, iters: int, warmup: int) -> dict[str, Any]:
+    device = runner.device
+    start = time.perf_counter()
+    out = runner.infer(images, sizes)  # CUDA: warm-up on a side stream + graph capture, or eager
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        runner.infer(images, sizes)
+    walls = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        runner.infer(images, sizes)
+        walls.append(time.perf_counter() - start)
+
+    # Device throughput: the runner's own path (replay or eager) on device-resident inputs.
+    dev_in = (torch.from_numpy(images).to(device), torch.from_numpy(sizes).to(device))
+    run = runner._run  # private: the chosen path without infer()'s host copies
+    run(*dev_in)
+    sync(device)
+    if device == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(iters):
+            run(*dev_in)
+        end.record()
+        end.synchronize()
+        device_s = begin.elapsed_time(end) / 1e3 / iters
+    else:
+        start = time.perf_counter()
+        for _ in range(iters):
+            run(*dev_in)
+        device_s = (time.perf_counter() - start) / iters
+    batch = images.shape[0]
+    infer_s = statistics.median(walls)
+    return {
+        "first_call_s": first_s,
+        "infer_ms_per_batch": {"median": infer_s * 1e3, "min": min(walls) * 1e3, "max": max(walls) * 1e3},
+        "infer_fps": batch / infer_s,
+        "device_ms_per_batch": device_s * 1e3,
+        "device_fps": batch / device_s,
+        "mean_detections": float(out["num_detections"].mean()),
+        "cuda_graph": runner._graph is not None,
+        "graph_error": runner.graph_error,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", choices=["v1", "v2", "lite"], default="v1",
+                        help="picks configs/model_<variant>.yaml unless --model-config names one")
+    parser.add_argument("--model-config", type=Path, help="model YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model config value")
+    parser.add_argument("--height", type=int, help="input height (default: the config's static.height)")
+    parser.add_argument("--width", type=int, help="input width (default: the config's static.width)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--precisions", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
+    parser.add_argument("--iters", type=int, default=30, help="timed calls per row (each timing)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls after the first")
+    parser.add_argument("--score-thresh", type=float, help="box score threshold (default: the config's)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms (process-wide; the pipeline does not)")
+    parser.add_argument("--peak-tflops", type=float, default=H200_PEAK_TFLOPS,
+                        help="dense fp16 rate to compare with (default: measured on the lent H200)")
+    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/cuda_runner_<device>.json)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    out = args.out or ROOT / "results" / f"cuda_runner_{args.device}.json"
+    torch.set_flush_denormal(True)  # as the CLI does: CPU float32 denormals from random weights
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+
+    overrides = list(args.set)
+    if args.score_thresh is not None:
+        overrides.append(f"roi_heads.score_thresh={args.score_thresh}")
+    cfg = load_config(ModelConfig, args.model_config or CONFIGS / f"model_{args.variant}.yaml", overrides)
+    shape = dataclasses.replace(cfg.static, batch=1, height=args.height or cfg.static.height,
+                                width=args.width or cfg.static.width)
+    cfg = dataclasses.replace(cfg, static=shape)
+    args.height, args.width = shape.height, shape.width
+    state = golden_state(cfg.variant) if cfg.num_classes == 91 else None
+    torch.manual_seed(0)
+    folded = fold_batch_norms(build(config=cfg, checkpoint=state).eval())
+    k = shape.detections
+    gflop = count_gflop(StaticMaskRCNN(folded, shape).to(args.device), args.device)
+    print(f"{cfg.variant} {args.height}x{args.width}: {gflop:.1f} GFLOP/frame counted (K={k})", file=sys.stderr)
+
+    rows = []
+    for precision in args.precisions:
+        net = half_backbone(folded) if precision == "fp16" else folded
+        for batch in args.batches:
+            static = StaticMaskRCNN(net, dataclasses.replace(shape, batch=batch))
+            row: dict[str, Any] = {"precision": precision, "batch": batch}
+            try:
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph)
+                row.update(measure(runner, *frames(batch, args.height, args.width), args.iters, args.warmup))
+                if args.device == "cuda":
+                    row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                row["achieved_tflops"] = gflop * row["device_fps"] / 1e3
+                del runner
+            except Exception as exc:  # one failing row (out of memory, say) must not lose the others
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            print(f"  {precision} batch {batch}: " + (row.get("error") or
+                  f"{row['device_fps']:.1f} frames/s on device, {row['infer_fps']:.1f} through infer()"),
+                  file=sys.stderr)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    result = {
+        "benchmark": "TorchRunner frames/s, static graph",
+        "command": "python " + shlex.join(sys.argv),
+        "machine": machine(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "variant": cfg.variant,
+        "model_config": str(args.model_config or CONFIGS / f"model_{args.variant}.yaml"),
+        "overrides": overrides,
+        "input_hw": [args.height, args.width],
+        "detections_k": k,
+        "score_thresh": cfg.roi_heads.score_thresh,
+        "weights": "golden (torchvision parity)" if state is not None else "seeded init",
+        "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "gflop_per_frame": gflop,
+        "peak_tflops_compared": args.peak_tflops,
+        "floor_ms_per_frame": gflop / args.peak_tflops,
+        "iters": args.iters,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+    print(f"TorchRunner {cfg.variant} {args.height}x{args.width} on {device_name}, {gflop:.0f} GFLOP/frame, "
+          f"floor {result['floor_ms_per_frame']:.2f} ms/frame at {args.peak_tflops:g} TFLOP/s")
+    print(f"{'prec':<5} {'batch':>5} {'graph':>5} {'ms/batch':>9} {'frames/s':>9} {'infer ms':>9} {'infer f/s':>9} "
+          f"{'TFLOP/s':>8} {'of peak':>7} {'GPU GB':>7}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['precision']:<5} {row['batch']:>5}  failed: {row['error']}")
+            continue
+        mem = row.get("peak_gpu_memory_gb")
+        tflops = row["achieved_tflops"]
+        print(f"{row['precision']:<5} {row['batch']:>5} {'yes' if row['cuda_graph'] else 'no':>5} "
+              f"{row['device_ms_per_batch']:>9.2f} {row['device_fps']:>9.1f} "
+              f"{row['infer_ms_per_batch']['median']:>9.2f} {row['infer_fps']:>9.1f} "
+              f"{tflops:>8.1f} {tflops / args.peak_tflops:>7.1%} {'-' if mem is None else f'{mem:.1f}':>7}")
+        if row["graph_error"] and args.device == "cuda":
+            print(f"      graph_error: {row['graph_error'][:300]}")
+    print(f"wrote {out}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
