@@ -23,6 +23,7 @@ from plugins.roi_align.aot import (  # noqa: E402  (after the skip: these import
     compile_ptx,
     parse_ptx_entry,
     ptx_version_for_driver,
+    ptx_version_for_toolchain,
     strip_trailing_params,
 )
 from plugins.roi_align.kernel import (  # noqa: E402
@@ -202,6 +203,10 @@ def test_aot_other_attributes_and_ptx_cap():
     kernel = compile_ptx("float16", 14, sampling_ratio=0, aligned=True, ptx_version=ptx_version_for_driver(12080))
     assert kernel.ptx_version == "8.7" and kernel.param_count == 16
     assert ptx_version_for_driver(13000) == 90
+    # A driver newer than Triton's ptxas (CUDA 13.0 beside Triton 3.6's 12.8): the toolchain's ISA caps it.
+    newest = ptx_version_for_toolchain(90)
+    capped = compile_ptx("float32", 7, ptx_version=ptx_version_for_driver(99000))
+    assert capped.ptx_version == f"{newest // 10}.{newest % 10}" == compile_ptx("float32", 7).ptx_version
 
 
 def test_strip_refuses_a_used_hidden_param():

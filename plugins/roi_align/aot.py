@@ -92,6 +92,16 @@ def ptx_version_for_driver(driver_version: int) -> int:
     return ptx_get_version(f"{driver_version // 1000}.{driver_version % 1000 // 10}")
 
 
+def ptx_version_for_toolchain(arch: int) -> int:
+    """The newest PTX ISA that the ptxas Triton compiles `arch` with accepts (Triton's own default).
+
+    A driver may be newer than that ptxas: Triton 3.6 bundles CUDA 12.8's (PTX 8.7) while the lent
+    GPUs' driver is CUDA 13.0 (PTX 9.0), and ptxas refuses a `.version` it does not know."""
+    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+    return ptx_get_version(get_ptxas(arch).version)
+
+
 def compile_ptx(
     dtype: Literal["float32", "float16"],
     output_size: int,
@@ -106,7 +116,8 @@ def compile_ptx(
     """PTX of `roi_align_kernel` for one attribute set and dtype, for GPU architecture `arch` (90 = sm_90).
 
     `ptx_version` (e.g. 87 for PTX 8.7) caps the ISA version for older drivers, which refuse a
-    newer `.version` (CUDA_ERROR_UNSUPPORTED_PTX_VERSION); None takes Triton's bundled ptxas version.
+    newer `.version` (CUDA_ERROR_UNSUPPORTED_PTX_VERSION); None takes Triton's bundled ptxas version,
+    which also caps any `ptx_version` asked for (`ptx_version_for_toolchain`).
     Boxes must have the features' dtype, as the op requires.
     """
     if dtype not in _POINTER:
@@ -125,7 +136,7 @@ def compile_ptx(
     signature.update({name: "constexpr" for name in constexprs})
     options: dict[str, object] = {"num_warps": NUM_WARPS, "enable_fp_fusion": ENABLE_FP_FUSION}
     if ptx_version is not None:
-        options["ptx_version"] = ptx_version
+        options["ptx_version"] = min(ptx_version, ptx_version_for_toolchain(arch))
     source = ASTSource(fn=roi_align_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     meta = compiled.metadata
