@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Rebuilt when pyproject.toml changes; otherwise `make venv` does nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test run lint rtsp-server-deps
+.PHONY: venv test run lint rtsp-server-deps gpu-wheels gpu-carry
 
 venv: $(STAMP)
 
@@ -46,3 +46,24 @@ run: venv
 lint: venv
 	$(BIN)/ruff check pipeline model plugins tests benchmarks
 	$(BIN)/mypy pipeline model plugins
+
+# What a lent GPU machine (no network; python3 3.12 with torch, triton, numpy, cv2, yaml, msgpack)
+# needs besides the working tree, for benchmarks/gpu_session.sh: the wheels it lacks, at the versions
+# .venv uses, for cp312 manylinux x86_64 (`make gpu-wheels`), plus the goldens' weight recipe and
+# one real clip from ../shared, which does not travel (`make gpu-carry`). .whl/ is git-ignored and
+# travels as the device call's `carry`; tree + .whl must stay under 64 MiB (about 13 + 38 MB now).
+GPU_WHEELS := av==18.1.0 pyzmq==27.3.0 pycocotools==2.0.11
+GPU_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+SHARED ?= ../shared
+
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+
+gpu-carry: gpu-wheels
+	mkdir -p .whl/shared/reference .whl/shared/data/videos
+	cp $(SHARED)/reference/golden_weights.py $(SHARED)/reference/torchvision_*.json .whl/shared/reference/
+	cp $(SHARED)/data/videos/asl_walk.mkv .whl/shared/data/videos/
+	du -sh .whl
