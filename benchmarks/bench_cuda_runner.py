@@ -193,6 +193,7 @@ def main() -> int:
     gflop = count_gflop(StaticMaskRCNN(folded, shape).to(args.device), args.device)
     print(f"{cfg.variant} {args.height}x{args.width}: {gflop:.1f} GFLOP/frame counted (K={k})", file=sys.stderr)
 
+    images, sizes = frames(max(args.batches), args.height, args.width)  # every row takes its first B
     rows = []
     for precision in args.precisions:
         net = half_backbone(folded) if precision == "fp16" else folded
@@ -203,7 +204,7 @@ def main() -> int:
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph)
-                row.update(measure(runner, *frames(batch, args.height, args.width), args.iters, args.warmup))
+                row.update(measure(runner, images[:batch], sizes[:batch], args.iters, args.warmup))
                 if args.device == "cuda":
                     row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 row["achieved_tflops"] = gflop * row["device_fps"] / 1e3
