@@ -3,7 +3,7 @@
 What runs is exactly what the pipeline's inference stage runs (model.runners.TorchRunner): batch
 norms folded, on CUDA the Triton RoIAlign and a CUDA graph captured on the first call (when the
 capture fails the runner goes on eagerly and says why in `graph_error`, reported here).
-"fp16" is the engine build's fp16 (model.engine.prepare_static): backbone + FPN in float16, their
+"fp16" is the runner's and the engine build's fp16 (model.static.with_precision): backbone + FPN in float16, their
 features cast back to float32, so RPN, heads, NMS and RoIAlign stay float32.
 
     python benchmarks/bench_cuda_runner.py      # configs/model_v1.yaml: 800x1344, batch 1 and 8, fp16 + fp32
@@ -47,11 +47,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ModelConfig
-from model.engine import _HalfBackbone  # the fp16 engine's casts, so both fp16 paths are one
 from model.fuse import fold_batch_norms
 from model.mask_rcnn import build
 from model.runners import TorchRunner
-from model.static import StaticMaskRCNN
+from model.static import StaticMaskRCNN, with_precision
 from model.synthetic import make_scene
 from pipeline.bench import machine
 from pipeline.config import load_config
@@ -74,14 +73,6 @@ def golden_state(variant: str) -> dict[str, torch.Tensor] | None:
     gw = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gw)
     return gw.make_state_dict(gw.load_manifest(SHARED / "reference" / MANIFESTS[variant]), seed=0)
-
-
-def half_backbone(folded: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a folded model whose backbone + FPN run in float16 (folded first: the norm scales
-    are merged in float32, then rounded once)."""
-    net = copy.deepcopy(folded)
-    net.backbone = _HalfBackbone(net.backbone)
-    return net
 
 
 def frames(batch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +187,9 @@ def main() -> int:
     images, sizes = frames(max(args.batches), args.height, args.width)  # every row takes its first B
     rows = []
     for precision in args.precisions:
-        net = half_backbone(folded) if precision == "fp16" else folded
+        # A copy with the precision's casts (model.static.with_precision, as the runner and the
+        # engine build apply them), folded first: the norm scales merge in float32, then round once.
+        net = with_precision(copy.deepcopy(folded), precision)
         for batch in args.batches:
             static = StaticMaskRCNN(net, dataclasses.replace(shape, batch=batch))
             row: dict[str, Any] = {"precision": precision, "batch": batch}

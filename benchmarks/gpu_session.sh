@@ -143,20 +143,20 @@ else
         --iters 30 --out "$RESULTS/cuda_runner_$TAG.json"
 fi
 
-# 4. The pipeline: maskstream bench, offline, the CUDA runner (fp32: the pipeline has no fp16 switch),
+# 4. The pipeline: maskstream bench, offline, the CUDA runner in fp16 (backbone + FPN),
 # asl_walk.mkv (89 frames, 640x480, the README's CPU rows) played as 8 streams; without it the generated clip.
 CLIP=$SHARED_DIR/data/videos/asl_walk.mkv
 SOURCE=()
 [ -f "$CLIP" ] && SOURCE=(--source "$CLIP")
 if ((SMOKE)); then
-    PIPE=(--model-config configs/model_lite.yaml --device cpu --streams 2 --max-frames 4 --workers 1
+    PIPE=(--model-config configs/model_lite.yaml --device cpu --precision fp16 --streams 2 --max-frames 4 --workers 1
           --set model.static.height=128 --set model.static.width=160 --set model.static.detections=10
           --set model.roi_heads.detections_per_img=10 --set model.rpn.pre_nms_top_n_test=200
           --set model.rpn.post_nms_top_n_test=100)
     step bench_pipeline_b2 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=2 \
         --out "$RESULTS/bench_lite_${TAG}_b2.json"
 else
-    PIPE=(--model-config configs/model_v1.yaml --device cuda --streams 8 --workers 4)
+    PIPE=(--model-config configs/model_v1.yaml --device cuda --precision fp16 --streams 8 --workers 4)
     step bench_pipeline_b8 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
         --out "$RESULTS/bench_r50_cuda_b8.json"
     step bench_pipeline_b1 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=1 \

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
 
 from model.checkpoint import file_sha256
 from model.coco import class_names
 from model.config import ModelConfig
+from model.static import PRECISIONS, Precision, with_precision
 from plugins.roi_align.registration import (
     INSTALL_HINT,
     PLUGIN_ID,
@@ -52,8 +52,6 @@ __all__ = [
     "torch_tensorrt_version",
 ]
 
-Precision = Literal["fp32", "fp16"]
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 NMS_OP = "maskstream::batched_nms_padded"
 
 
@@ -325,28 +323,12 @@ def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[st
 # ----------------------------------------------------------------------------- build
 
 
-class _HalfBackbone(nn.Module):
-    """Backbone + FPN in float16, features handed on in float32 (the graph's explicit casts)."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.inner = backbone.half()
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return [f.float() for f in self.inner(x.half())]
-
-
 def prepare_static(checkpoint: str | Path | None, config: ModelConfig, precision: Precision) -> Any:
     """The StaticMaskRCNN to compile, in eval mode, with the precision's casts in the graph."""
     from model.mask_rcnn import build
     from model.static import StaticMaskRCNN
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    net = build(config=config, checkpoint=checkpoint).eval()
-    if precision == "fp16":
-        net.backbone = _HalfBackbone(net.backbone)  # type: ignore[assignment]  # same call signature
-    return StaticMaskRCNN(net).eval()
+    return StaticMaskRCNN(with_precision(build(config=config, checkpoint=checkpoint).eval(), precision)).eval()
 
 
 def build_engine(

@@ -26,7 +26,7 @@ from model.config import ModelConfig
 from model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
 from model.fuse import fold_batch_norms
 from model.mask_rcnn import MaskRCNN, build
-from model.static import OUTPUT_NAMES, StaticMaskRCNN
+from model.static import OUTPUT_NAMES, Precision, StaticMaskRCNN, with_precision
 from plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
 
 __all__ = [
@@ -83,15 +83,24 @@ def _to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 class TorchRunner:
-    """`StaticMaskRCNN` on "cpu" or "cuda" (CUDA graph replay on CUDA when capturable)."""
+    """`StaticMaskRCNN` on "cpu" or "cuda" (CUDA graph replay on CUDA when capturable).
 
-    def __init__(self, model: MaskRCNN | StaticMaskRCNN, device: str = "cpu", cuda_graph: bool = True):
+    precision "fp16" runs the backbone + FPN in float16 (`model.static.with_precision`, the same
+    casts as an fp16 engine); it applies to a MaskRCNN, a StaticMaskRCNN keeps the casts it has."""
+
+    def __init__(self, model: MaskRCNN | StaticMaskRCNN, device: str = "cpu", cuda_graph: bool = True,
+                 precision: Precision = "fp32"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' asked for, but torch has no CUDA device")
-        # Norm layers folded into the convs: same outputs, one pass less per activation.
-        static = model if isinstance(model, StaticMaskRCNN) else StaticMaskRCNN(fold_batch_norms(model))
+        if isinstance(model, StaticMaskRCNN) and precision != "fp32":
+            raise ValueError("precision: applies to a MaskRCNN; this StaticMaskRCNN already has its casts")
+        # Norm layers folded into the convs (same outputs, one pass less per activation), in
+        # float32 before any cast to float16, so each merged weight rounds once.
+        static = model if isinstance(model, StaticMaskRCNN) else StaticMaskRCNN(
+            with_precision(fold_batch_norms(model), precision))
+        self.precision = precision
         self.static = static.eval().to(device)
         self.device = device
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
@@ -105,8 +114,9 @@ class TorchRunner:
         )
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path | None, config: ModelConfig, device: str = "cpu") -> TorchRunner:
-        return cls(build(config=config, checkpoint=checkpoint), device=device)
+    def from_checkpoint(cls, checkpoint: str | Path | None, config: ModelConfig, device: str = "cpu",
+                        precision: Precision = "fp32") -> TorchRunner:
+        return cls(build(config=config, checkpoint=checkpoint), device=device, precision=precision)
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         check_inputs(images, image_sizes, self.input_shape)
@@ -267,7 +277,7 @@ class TensorRTRunner:
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    """What to run: an engine file, or a checkpoint + config for the torch runner.
+    """What to run: an engine file, or a checkpoint + config (and precision) for the torch runner.
 
     input_shape: what the caller will feed (B, 3, H, W); an engine built for another shape is refused.
     """
@@ -277,6 +287,7 @@ class RunnerSpec:
     config: ModelConfig = field(default_factory=ModelConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     input_shape: tuple[int, int, int, int] | None = None
+    precision: Precision = "fp32"  # the torch runners'; an engine has the precision it was built with
 
 
 def runner_choice(spec: RunnerSpec) -> str:
@@ -294,7 +305,8 @@ def make_runner(spec: RunnerSpec) -> TensorRTRunner | TorchRunner:
     if choice == "tensorrt":
         assert spec.engine is not None
         return TensorRTRunner(spec.engine, input_shape=spec.input_shape)
-    runner = TorchRunner(build(config=spec.config, checkpoint=spec.checkpoint), device=choice.removeprefix("torch-"))
+    runner = TorchRunner(build(config=spec.config, checkpoint=spec.checkpoint), device=choice.removeprefix("torch-"),
+                         precision=spec.precision)
     if spec.input_shape is not None and tuple(spec.input_shape) != runner.input_shape:
         raise ValueError(f"input_shape: the config's static graph takes {list(runner.input_shape)}, "
                          f"the caller expects {list(spec.input_shape)}")

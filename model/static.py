@@ -12,6 +12,9 @@ Normalisation is inside the graph. The preprocess should pad with the mean colou
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +22,33 @@ from model.config import StaticGraphConfig
 from model.mask_rcnn import MaskRCNN
 
 OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "mask_probs")
+
+# "fp16": the backbone + FPN (most of the FLOPs) in float16, their features cast back to float32,
+# so boxes, the heads, NMS and RoIAlign stay float32 (an fp16 box coordinate near 1000 px is only
+# good to 0.5 px). The casts are in the graph, so the TensorRT engine and the torch runner agree.
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+
+class HalfBackbone(nn.Module):
+    """Backbone + FPN in float16, features handed on in float32 (the graph's explicit casts)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.inner = backbone.half()
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [f.float() for f in self.inner(x.half())]
+
+
+def with_precision(net: MaskRCNN, precision: str) -> MaskRCNN:
+    """`net` with `precision`'s casts applied in place (fp32: unchanged). Fold norms first, so
+    their scales merge in float32 and round once."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16":
+        net.backbone = HalfBackbone(net.backbone)  # type: ignore[assignment]  # same call signature
+    return net
 
 
 class StaticMaskRCNN(nn.Module):

@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.bench import BenchError, live_config, machine, measure, repeat_sources, search_rate, summarize, table
 from pipeline.bench_plots import write_plots
 from pipeline.config import ConfigError
-from pipeline.run_commands import run_config
+from pipeline.run_commands import add_model_selection, run_config
 from pipeline.run_config import CONFIG_DIR, RunConfig, model_config, write_sample_clip
 from pipeline.sources import resolve_policy
 
@@ -59,10 +59,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--workers", type=int, help="preprocess and postprocess processes (each)")
-    p.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model, else lite)")
-    p.add_argument("--checkpoint", type=Path, help="model weights")
-    p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    add_model_selection(p)
     p.add_argument("--publish", metavar="ENDPOINT", help="publish (and measure) here instead of a private ipc socket")
     p.set_defaults(func=bench)
 
@@ -170,6 +167,7 @@ def _model_description(cfg: RunConfig) -> dict[str, Any]:
             "trained": checkpoint is not None or cfg.model.engine is not None,
             "input": [model_cfg.static.batch, 3, model_cfg.static.height, model_cfg.static.width],
             "detections": model_cfg.static.detections, "device": cfg.model.device,
+            "precision": cfg.model.precision,
             "overrides": list(cfg.model.overrides)}
 
 

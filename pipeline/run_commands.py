@@ -55,14 +55,21 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--workers", type=int, help="preprocess and postprocess processes (each)")
     p.add_argument("--policy", choices=["auto", "offline", "live"], help="override every source's policy")
-    p.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model, else lite)")
-    p.add_argument("--checkpoint", type=Path, help="model weights")
-    p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    add_model_selection(p)
     p.add_argument("--out-dir", type=Path, default=Path("out"),
                    help="where the sample clip (no --source) and the default outputs (none named) go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def add_model_selection(p: argparse.ArgumentParser) -> None:
+    """The model options `run` and `bench` share (config keys model.*)."""
+    p.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model, else lite)")
+    p.add_argument("--checkpoint", type=Path, help="model weights")
+    p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["fp32", "fp16"],
+                   help="torch runner: fp16 runs the backbone + FPN in float16 (an engine keeps its own)")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -79,7 +86,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "source.policy": args.policy, "outputs.jsonl": args.out, "outputs.coco": args.coco,
         "outputs.annotate": args.annotate, "outputs.publish": args.publish, "outputs.metrics_port": args.metrics_port,
         "model.config": args.model_config, "model.checkpoint": args.checkpoint, "model.engine": args.engine,
-        "model.device": args.device,
+        "model.device": args.device, "model.precision": args.precision,
     }
     cfg = load_config(RunConfig, args.config, pipeline_sets)
     for key, value in flags.items():

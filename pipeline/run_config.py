@@ -35,6 +35,7 @@ class ModelSelection:
     checkpoint: Path | None = None  # None with config None: default_model()
     engine: Path | None = None  # a TensorRT engine: TensorRTRunner instead of torch
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16"] = "fp32"  # torch runner: fp16 backbone + FPN (model.static.with_precision)
     seed: int = 0  # initialises whatever no checkpoint covers (same seed, same outputs)
     overrides: tuple[str, ...] = ()  # model config overrides, "roi_heads.score_thresh=0.0"
 
@@ -219,7 +220,8 @@ def plan(cfg: RunConfig) -> Plan:
                              ring=ring(f"preprocess-{i}", 3 * height * width)))
             for i in workers
         ]
-        runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device)
+        runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device,
+                            precision=cfg.model.precision)
         specs.append(StageSpec(
             infer.main,
             infer.InferConfig(runner, cfg.model.seed, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live),

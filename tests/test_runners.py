@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import StaticGraphConfig
+from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+from model.config import ModelConfig, StaticGraphConfig
 from model.engine import (
     EngineManifest,
     EngineMismatch,
@@ -30,8 +31,10 @@ from model.runners import (
     make_runner,
     runner_choice,
 )
-from model.static import OUTPUT_NAMES, StaticMaskRCNN, export
+from model.static import OUTPUT_NAMES, HalfBackbone, StaticMaskRCNN, export
+from model.synthetic import make_scene
 from pipeline.cli import main
+from pipeline.config import load_config
 from plugins.roi_align.registration import plugin_version, tensorrt_version
 
 SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
@@ -328,3 +331,45 @@ def test_tensorrt_stubs_do_not_count_as_tensorrt():
 
     assert getattr(tensorrt, "__version__", None) is None
     assert tensorrt_version() is None
+
+
+def test_torch_runner_fp16_halves_the_backbone_only(net, frames):
+    runner = TorchRunner(net, device="cpu", precision="fp16")
+    assert isinstance(runner.static.model.backbone, HalfBackbone)
+    assert {p.dtype for p in runner.static.model.backbone.parameters()} == {torch.float16}
+    assert {p.dtype for p in runner.static.model.roi_heads.parameters()} == {torch.float32}
+    assert {p.dtype for p in net.backbone.parameters()} == {torch.float32}  # the caller's model is left alone
+    out = runner.infer(*frames)
+    fp32 = TorchRunner(net, device="cpu").infer(*frames)
+    for name in OUTPUT_NAMES:
+        assert out[name].dtype == OUTPUT_DTYPES[name] and out[name].shape == fp32[name].shape, name
+    assert (out["num_detections"] == SHAPE.detections).all()
+    spec = RunnerSpec(config=tiny_config(), device="cpu", precision="fp16")
+    assert make_runner(spec).precision == "fp16"
+
+
+def test_fp16_finds_what_fp32_finds_with_the_bundled_model():
+    """A trained model (untrained heads' activations are too small for float16 to mean much):
+    the same objects, boxes within a pixel, scores within float16's precision."""
+    if not BUNDLED_CHECKPOINT.is_file():
+        pytest.skip(f"{BUNDLED_CHECKPOINT} not present")
+    cfg = load_config(ModelConfig, BUNDLED_CONFIG)
+    net = build(config=cfg, checkpoint=BUNDLED_CHECKPOINT).eval()
+    b, _, h, w = StaticMaskRCNN(net).shape
+    images = np.stack([make_scene(seed, height=h, width=w).image.transpose(2, 0, 1) for seed in range(b)])
+    sizes = np.array([[h, w]] * b, dtype=np.int64)
+    full = TorchRunner(net, precision="fp32").infer(images, sizes)
+    half = TorchRunner(net, precision="fp16").infer(images, sizes)
+    np.testing.assert_array_equal(half["num_detections"], full["num_detections"])
+    assert full["num_detections"].min() > 0
+    for i, n in enumerate(full["num_detections"]):
+        np.testing.assert_array_equal(half["labels"][i, :n], full["labels"][i, :n])
+        np.testing.assert_allclose(half["boxes"][i, :n], full["boxes"][i, :n], atol=1.0)
+        np.testing.assert_allclose(half["scores"][i, :n], full["scores"][i, :n], atol=2e-2)
+
+
+def test_precision_errors(net):
+    with pytest.raises(ValueError, match="precision: expected one of fp32, fp16, got 'int8'"):
+        TorchRunner(net, precision="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="this StaticMaskRCNN already has its casts"):
+        TorchRunner(StaticMaskRCNN(net), precision="fp16")
