@@ -34,6 +34,10 @@ class InferStage:
         self.runner = make_runner(config.runner)
         batch, _, height, width = self.runner.input_shape
         self.images = np.zeros((batch, 3, height, width), dtype=np.uint8)  # reused batch buffer
+        # One inference before the stage reports ready (decoders start only then): lazy set-up
+        # (allocator, kernel selection; on CUDA the Triton compiles and the CUDA graph capture)
+        # would otherwise land on the first frame, a latency spike a live stream pays in drops.
+        self.runner.infer(self.images, np.array([[height, width]] * batch, dtype=np.int64))
         self.pending: list[ModelInput] = []
         self.drops: dict[str, int] = {}
         self.frames: dict[str, int] = {}
