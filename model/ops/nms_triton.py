@@ -108,9 +108,10 @@ def nms_walk_kernel(
                        x1[None, :], y1[None, :], x2[None, :], y2[None, :], area[None, :])
             hit = (iou > threshold) & (k_cls[:, None] == cls[None, :]) & filled[:, None]
             alive = alive & (tl.max(hit.to(tl.int32), axis=0) == 0)
-        # 2. Among the chunk's survivors, in score order: the first one left is kept.
-        while (tl.max(alive.to(tl.int32), axis=0) > 0) & (total < max_output):
-            first = tl.min(tl.where(alive, lanes, CHUNK), axis=0)
+        # 2. Among the chunk's survivors, in score order: the first one left is kept. One
+        # reduction per kept box (the first survivor, CHUNK when none is left) drives the loop.
+        first = tl.min(tl.where(alive, lanes, CHUNK), axis=0)
+        while (first < CHUNK) & (total < max_output):
             row = start + first
             bx1 = tl.load(boxes_ptr + row * 4 + 0)
             by1 = tl.load(boxes_ptr + row * 4 + 1)
@@ -128,6 +129,7 @@ def nms_walk_kernel(
             total += 1
             iou = _iou(bx1, by1, bx2, by2, b_area, x1, y1, x2, y2, area)
             alive = alive & (lanes != first) & ~((iou > threshold) & (cls == b_cls))
+            first = tl.min(tl.where(alive, lanes, CHUNK), axis=0)
         # The kept rows stored above are read back, by other threads, in the next chunk's step 1.
         tl.debug_barrier()
         start += CHUNK
