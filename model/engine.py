@@ -5,7 +5,7 @@
 The static graph (model/static.py) is exported with torch.export and compiled by torch-tensorrt
 into one serialized engine, no partitioning, no torch fallback. The two custom ops convert as:
 - `maskstream::multiscale_roi_align` -> the AOT QDP plugin (plugins/roi_align/registration.py),
-  through torch-tensorrt's `generate_plugin_converter(..., use_aot_if_available=True)`;
+  added by `_roi_align_converter` below with `add_plugin(..., aot=True)`;
 - `maskstream::batched_nms_padded` -> TensorRT's native INMSLayer (`_nms_converter` below).
 
 Precision. TensorRT 11 networks are strongly typed only (no BuilderFlag.FP16), and torch-tensorrt
@@ -217,16 +217,53 @@ def _register_converters() -> None:
     if _converters_registered:
         return
     from torch_tensorrt.dynamo.conversion import dynamo_tensorrt_converter
-    from torch_tensorrt.dynamo.conversion.plugins import generate_plugin_converter
 
     import model.ops  # noqa: F401  (registers torch.ops.maskstream.*)
 
     register_plugin()
-    generate_plugin_converter(PLUGIN_ID, use_aot_if_available=True)
+    dynamo_tensorrt_converter(torch.ops.maskstream.multiscale_roi_align.default)(_roi_align_converter)
     dynamo_tensorrt_converter(torch.ops.maskstream.batched_nms_padded.default, supports_dynamic_shapes=False)(
         _nms_converter
     )
     _converters_registered = True
+
+
+def op_arguments(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A graph node's arguments by name, in schema order, defaults filled in: torch.export leaves
+    out trailing arguments equal to their defaults (`multiscale_roi_align(p2, .., boxes, 7)`)."""
+    schema = target._schema.arguments
+    given = {**dict(zip((a.name for a in schema), args)), **kwargs}
+    values = {}
+    for a in schema:
+        if a.name in given:
+            values[a.name] = given[a.name]
+        elif a.has_default_value():
+            values[a.name] = a.default_value
+        else:
+            raise ValueError(f"{target}: the graph gives no value for argument {a.name}")
+    return values
+
+
+def _roi_align_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+    """`multiscale_roi_align` -> the plugin's AOT implementation, the PTX baked into the engine.
+
+    Not torch-tensorrt's `generate_plugin_converter`: it passes the schema's defaulted attributes
+    first and the node's positional ones after them, so `output_size` (required) would come last,
+    and `tensorrt.plugin` refuses attributes out of registration order ("Unexpected schema",
+    `PluginDef.__call__` in tensorrt/plugin/_lib.py).
+    """
+    import tensorrt.plugin as trtp
+    from torch_tensorrt.dynamo.conversion.converter_utils import get_trt_tensor
+
+    values = op_arguments(target, args, kwargs)
+    namespace, op_name = PLUGIN_ID.split("::")
+    plugin = getattr(getattr(trtp.op, namespace), op_name)
+    tensors = [get_trt_tensor(ctx, values[n], f"{name}_{n}") for n in plugin.input_tensor_names]
+    # Registration order and the registered types (QDP checks `type(value) is annotation`).
+    attrs = {n: kind(values[n]) for n, kind in plugin.input_attrs.items()}
+    layer = ctx.net.add_plugin(plugin(*tensors, **attrs), aot=True)
+    layer.name = name
+    return layer.get_output(0)
 
 
 def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> tuple[Any, Any]:

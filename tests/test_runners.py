@@ -18,6 +18,7 @@ from model.engine import (
     TensorRTUnavailable,
     build_engine,
     manifest_path,
+    op_arguments,
     prepare_static,
 )
 from model.fuse import fold_batch_norms
@@ -35,7 +36,7 @@ from model.static import OUTPUT_NAMES, HalfBackbone, StaticMaskRCNN, export
 from model.synthetic import make_scene
 from pipeline.cli import main
 from pipeline.config import load_config
-from plugins.roi_align.registration import plugin_version, tensorrt_version
+from plugins.roi_align.registration import SPEC_PATH, plugin_version, tensorrt_version
 
 SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
 NO_TENSORRT = tensorrt_version() is None
@@ -282,6 +283,29 @@ def test_build_engine_without_tensorrt_says_what_to_install(tmp_path):
 def test_build_engine_rejects_an_unknown_precision(tmp_path):
     with pytest.raises(ValueError, match="precision: expected one of fp32, fp16, got 'int8'"):
         build_engine(tmp_path / "model.pt", tiny_config(), tmp_path / "tiny.engine", precision="int8")  # type: ignore[arg-type]
+
+
+def test_roi_align_nodes_give_every_plugin_attribute_in_order():
+    """The plugin converter reads each RoIAlign node's arguments with the defaults torch.export
+    leaves out filled in, in the op's schema order, which the plugin's attributes follow."""
+    spec = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    tensors = [i["name"] for i in spec["inputs"]]
+    attributes = [a["name"] for a in spec["attributes"]]
+    program = export(prepare_static(None, tiny_config(), "fp32"))
+    target = torch.ops.maskstream.multiscale_roi_align.default
+    nodes = [n for n in program.graph.nodes if n.target is target]
+    assert len(nodes) == 2  # box and mask poolers
+    sizes = set()
+    for node in nodes:
+        values = op_arguments(node.target, node.args, node.kwargs)
+        assert list(values) == tensors + attributes
+        assert {k: values[k] for k in attributes[1:]} == {
+            "sampling_ratio": 2, "aligned": False, "canonical_level": 4, "canonical_scale": 224, "first_level": 2,
+        }
+        sizes.add(values["output_size"])
+    assert sizes == {7, 14}
+    with pytest.raises(ValueError, match="no value for argument output_size"):
+        op_arguments(target, nodes[0].args[:5], {})
 
 
 def test_fp16_graph_casts_the_backbone_only():

@@ -8,9 +8,8 @@ trtexec). TensorRT launches it with the kernel arguments in a fixed order: input
 (p2, p3, p4, p5, boxes), then the int32 extras (`aot.EXTRA_ARGS`), then the output pointer.
 Float constants (spatial scales) cannot be extras; the kernel bakes them in as constexprs.
 
-The plugin id equals the torch op's qualified name, which is what torch-tensorrt's
-`generate_plugin_converter` looks up, and the attributes are the op's non-tensor arguments in its
-schema order (the generated converter pairs them by position).
+The plugin id equals the torch op's qualified name, and the attributes are the op's non-tensor
+arguments in its schema order; `model.engine._roi_align_converter` adds the plugin to the network.
 
 No `from __future__ import annotations` here: `tensorrt.plugin` inspects the decorated functions'
 annotations at registration and needs real classes, not strings.
