@@ -40,6 +40,28 @@ def test_register_plugin_is_idempotent_and_has_an_aot_impl():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plugin_takes_its_attributes_in_registration_order_only():
+    """Why model.engine has its own RoIAlign converter: `tensorrt.plugin` refuses attributes out of
+    registration order, the order torch-tensorrt's generated converter would pass (defaulted ones
+    first, the node's `output_size` last)."""
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    register_plugin()
+    net = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_network(0)
+    shapes = {"p2": (1, 8, 32, 32), "p3": (1, 8, 16, 16), "p4": (1, 8, 8, 8), "p5": (1, 8, 4, 4), "boxes": (1, 5, 4)}
+    tensors = [net.add_input(name, trt.float32, shape) for name, shape in shapes.items()]
+    plugin = trtp.op.maskstream.multiscale_roi_align
+    attrs = {"output_size": 7, "sampling_ratio": 2, "aligned": False, "canonical_level": 4, "canonical_scale": 224,
+             "first_level": 2}
+    assert net.add_plugin(plugin(*tensors, **attrs), aot=True) is not None
+    generated_order = {**{k: v for k, v in attrs.items() if k != "output_size"}, "output_size": 7}
+    with pytest.raises(ValueError, match="Unexpected schema"):
+        plugin(*tensors, **generated_order)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(torch_tensorrt_version() is None, reason="torch-tensorrt not installed")
 def test_tiny_engine_matches_the_torch_runner(tmp_path):
     torch.manual_seed(0)
