@@ -14,8 +14,8 @@ The model is configs/model_<variant>.yaml (or --model-config) with --set overrid
 --height/--width/--batches replace its static shape.
 
 Two timings per row, warm-ups (capture, autotuning, lazy init) excluded:
-- infer: wall time of `runner.infer(uint8 numpy batch)`, host copies in and out included, what the
-  pipeline's inference stage pays per batch;
+- infer: wall time of `runner.infer(its input_buffer(), sizes)` (page-locked on CUDA), host copies in
+  and out included, what the pipeline's inference stage pays per batch;
 - device: the runner's chosen path (graph replay or eager) on inputs already on the device, --iters
   calls back to back between two CUDA events: the GPU's own throughput (CPU: perf_counter).
 FLOPs per frame are counted once with torch's FlopCounterMode on the eager fp32 graph (convolutions
@@ -97,6 +97,9 @@ def sync(device: str) -> None:
 
 def measure(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray, iters: int, warmup: int) -> dict[str, Any]:
     device = runner.device
+    # Filled in place, as the inference stage does: on CUDA the runner's page-locked batch.
+    runner.input_buffer()[...] = images
+    images = runner.input_buffer()
     start = time.perf_counter()
     out = runner.infer(images, sizes)  # CUDA: warm-up on a side stream + graph capture, or eager
     first_s = time.perf_counter() - start

@@ -55,6 +55,25 @@ class Runner(Protocol):
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]: ...
 
+    def input_buffer(self) -> np.ndarray: ...
+
+
+class HostBatch:
+    """The uint8 [B, 3, H, W] batch a caller fills in place and passes to `infer` (the inference
+    stage does). For a GPU runner it is page-locked, so the copy to the device is one direct DMA
+    that can run asynchronously, instead of a copy staged through a driver buffer; any other
+    array passed to `infer` still works, through the slower path."""
+
+    def __init__(self, shape: tuple[int, int, int, int], pinned: bool):
+        self.tensor = torch.zeros(shape, dtype=torch.uint8, pin_memory=pinned)
+        self.array: np.ndarray = self.tensor.numpy()
+
+    def as_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """`images` as a CPU tensor: the page-locked one itself when the caller filled this buffer."""
+        if images.__array_interface__["data"][0] == self.tensor.data_ptr() and images.shape == self.array.shape:
+            return self.tensor
+        return torch.from_numpy(images)
+
 
 def check_inputs(images: Any, image_sizes: Any, shape: tuple[int, int, int, int]) -> None:
     """Raise a clear error unless images is uint8 `shape` and image_sizes int [B, 2] within (H, W)."""
@@ -104,6 +123,7 @@ class TorchRunner:
         self.static = static.eval().to(device)
         self.device = device
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
+        self._host = HostBatch(self.input_shape, pinned=device == "cuda")
         self.graph_error: str | None = None  # why CUDA graphs are not used, once tried
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -118,13 +138,17 @@ class TorchRunner:
                         precision: Precision = "fp32") -> TorchRunner:
         return cls(build(config=config, checkpoint=checkpoint), device=device, precision=precision)
 
+    def input_buffer(self) -> np.ndarray:
+        return self._host.array
+
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         check_inputs(images, image_sizes, self.input_shape)
-        return _to_numpy(self._run(torch.from_numpy(images), torch.from_numpy(image_sizes.astype(np.int64))))
+        # Copies to the device may be asynchronous: reading the outputs back waits for them.
+        return _to_numpy(self._run(self._host.as_tensor(images), torch.from_numpy(image_sizes.astype(np.int64))))
 
     def _eager(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            return self.static(images.to(self.device), image_sizes.to(self.device))
+            return self.static(images.to(self.device, non_blocking=True), image_sizes.to(self.device))
 
     def _first_cuda_call(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         static_in = (images.to("cuda"), image_sizes.to("cuda"))
@@ -150,7 +174,7 @@ class TorchRunner:
 
     def _replay(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         assert self._graph is not None and self._static_in is not None and self._static_out is not None
-        self._static_in[0].copy_(images)
+        self._static_in[0].copy_(images, non_blocking=True)
         self._static_in[1].copy_(image_sizes)
         self._graph.replay()
         return {name: t.clone() for name, t in self._static_out.items()}
@@ -255,12 +279,16 @@ class TensorRTRunner:
             self._context.set_tensor_address(name, buffer.data_ptr())
             self._buffers[name] = buffer
         self._stream = torch.cuda.Stream()
+        self._host = HostBatch(self.input_shape, pinned=True)
+
+    def input_buffer(self) -> np.ndarray:
+        return self._host.array
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         check_inputs(images, image_sizes, self.input_shape)
         images_name, sizes_name = self.manifest.input_bindings
-        with torch.cuda.stream(self._stream):
-            self._buffers[images_name].copy_(torch.from_numpy(images))
+        with torch.cuda.stream(self._stream):  # the stream is synchronised before returning
+            self._buffers[images_name].copy_(self._host.as_tensor(images), non_blocking=True)
             self._buffers[sizes_name].copy_(torch.from_numpy(image_sizes.astype(np.int64)))
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")

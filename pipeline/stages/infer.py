@@ -33,7 +33,7 @@ class InferStage:
         torch.manual_seed(config.seed)
         self.runner = make_runner(config.runner)
         batch, _, height, width = self.runner.input_shape
-        self.images = np.zeros((batch, 3, height, width), dtype=np.uint8)  # reused batch buffer
+        self.images = self.runner.input_buffer()  # the batch, filled in place (page-locked for a GPU)
         # One inference before the stage reports ready (decoders start only then): lazy set-up
         # (allocator, kernel selection; on CUDA the Triton compiles and the CUDA graph capture)
         # would otherwise land on the first frame, a latency spike a live stream pays in drops.
