@@ -40,7 +40,7 @@ from pipeline.sources import SourceSpec, VideoSource
 from pipeline.stages.infer import InferConfig, InferStage
 from pipeline.stages.postprocess import PostprocessStage
 from pipeline.stages.preprocess import PreprocessStage
-from pipeline.supervisor import Supervisor
+from pipeline.supervisor import SteadyRate, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,24 +82,14 @@ def bare_loop(cfg: RunConfig, video: str) -> tuple[int, float]:
 
 def pipeline(cfg: RunConfig) -> tuple[int, float]:
     the_plan = plan(cfg)
-    marks: dict[str, float] = {}
-    published = {"n": 0}
-
-    def watch(supervisor: Supervisor) -> None:
-        done = sum(p.frames for p in supervisor.publish_progress().values())
-        if done >= 1 and "first" not in marks:
-            marks["first"], published["first"] = time.perf_counter(), done
-        published["n"] = done
-        marks["last"] = time.perf_counter()
-
+    rate = SteadyRate()  # what `maskstream run` reports as frames/s after the first
     try:
-        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(watch)
+        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(rate.update)
     finally:
         the_plan.close()
     if report.failure or report.failed_streams:
         raise RuntimeError(f"pipeline run failed: {report}")
-    frames = report.streams[0].frames
-    return frames - published.get("first", 1), marks["last"] - marks["first"]
+    return rate.frames, rate.seconds
 
 
 def main() -> None:
@@ -115,7 +105,7 @@ def main() -> None:
     namespace = argparse.Namespace(
         config=ROOT / "configs" / "pipeline.yaml", set=[*MODELS[args.model], *args.set], source=[args.video],
         workers=args.workers, policy="offline", out=None, coco=None, annotate=None, publish=None, metrics_port=None,
-        model_config=None, checkpoint=None, engine=None, device="cpu")
+        model_config=None, checkpoint=None, engine=None, device="cpu", precision=None)
     cfg = run_config(namespace)
     transport = dataclasses.replace(cfg.transport, endpoint_dir=Path(tempfile.gettempdir()))
     cfg = dataclasses.replace(cfg, transport=transport)

@@ -35,7 +35,7 @@ from pipeline.run_config import (
     plan,
     write_sample_clip,
 )
-from pipeline.supervisor import RunReport, Supervisor
+from pipeline.supervisor import RunReport, SteadyRate, Supervisor
 from pipeline.video import VideoError, probe
 
 _SELECTION_FIELDS = {f.name for f in dataclasses.fields(ModelSelection)}
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     board = MetricsBoard()
     server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
     bar = _ProgressBar(totals, enabled=not args.quiet and sys.stderr.isatty() and any(totals.values()))
-    rate = _SteadyRate()
+    rate = SteadyRate()
 
     def watch(supervisor: Supervisor) -> None:
         bar.update(supervisor)
@@ -205,29 +205,7 @@ class _ProgressBar:
             print(file=sys.stderr)
 
 
-class _SteadyRate:
-    """Frames/s from the first published frame to the last: what the pipeline sustains once
-    started, without the start-up (process spawn, model load, first-call warm-up)."""
-
-    def __init__(self) -> None:
-        self.first_at = self.last_at = 0.0
-        self.first_frames = self.frames = 0
-
-    def update(self, supervisor: Supervisor) -> None:
-        done = sum(p.frames for p in supervisor.publish_progress().values())
-        if done != self.frames:
-            now = time.monotonic()
-            if not self.first_frames:
-                self.first_at, self.first_frames = now, done
-            self.frames, self.last_at = done, now
-
-    def describe(self) -> str:
-        if self.frames - self.first_frames < 2:
-            return ""
-        return f", {(self.frames - self.first_frames) / (self.last_at - self.first_at):.2f} frames/s after the first"
-
-
-def _summary(report: RunReport, sources: dict[str, Any], rate: _SteadyRate) -> int:
+def _summary(report: RunReport, sources: dict[str, Any], rate: SteadyRate) -> int:
     frames = sum(s.frames for s in report.streams)
     print(f"{frames} frames in {report.elapsed_s:.1f} s: {frames / max(report.elapsed_s, 1e-9):.2f} frames/s "
           f"over {len(report.streams)} stream(s){rate.describe()}")

@@ -265,3 +265,34 @@ def _start_order(name: str) -> int:
     order = ("publish", "postprocess", "infer", "preprocess", "decode")
     kind = name.split(".", 1)[0]
     return order.index(kind) if kind in order else len(order)
+
+
+class SteadyRate:
+    """A `Supervisor.run` watcher: frames/s from the first published frame to the last, what the
+    pipeline sustains once started, without the start-up (process spawn, model load, warm-up)."""
+
+    def __init__(self) -> None:
+        self.first_at = self.last_at = 0.0
+        self.first_frames = self.published = 0
+
+    def update(self, supervisor: Supervisor) -> None:
+        done = sum(p.frames for p in supervisor.publish_progress().values())
+        if done != self.published:
+            now = time.monotonic()
+            if not self.first_frames:
+                self.first_at, self.first_frames = now, done
+            self.published, self.last_at = done, now
+
+    @property
+    def frames(self) -> int:
+        """Frames published after the first one(s) seen, over `seconds`."""
+        return self.published - self.first_frames
+
+    @property
+    def seconds(self) -> float:
+        return self.last_at - self.first_at
+
+    def describe(self) -> str:
+        if self.frames < 2:
+            return ""
+        return f", {self.frames / self.seconds:.2f} frames/s after the first"
