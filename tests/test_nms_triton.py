@@ -2,11 +2,7 @@
 index; the compiled kernel's arithmetic for a real GPU target; and (GPU only) the CUDA op."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +20,8 @@ from model.ops.nms_triton import (  # noqa: E402  (after the skip: these import 
     nms_walk_kernel,
     triton_batched_nms_padded,
 )
+from tests.triton_interpreter import INTERPRETING, interpret, run_saved_cases  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 INF, NAN = float("inf"), float("nan")
 
 
@@ -109,31 +104,16 @@ def _expected(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return batched_nms_padded(*case["tensors"], *case["args"])  # the CPU op, itself checked in test_nms.py
 
 
-def _interpret_worker(path: str) -> None:
-    """Entry of the interpreter subprocess: run every case in `path` and save the outputs beside it."""
-    import numpy as np
-
-    cases = torch.load(path)
-    with np.errstate(all="ignore"):  # NaN/inf boxes are part of the cases
-        outputs = {name: _run(case) for name, case in cases.items()}
-    torch.save(outputs, path + ".out")
+def run_saved(path: str) -> None:
+    """The interpreter subprocess's entry (tests/triton_interpreter.py)."""
+    run_saved_cases(path, _run)
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess (the variable
-    must be set before triton decorates the kernel, and applies to the whole process)."""
-    if INTERPRETING:
-        return {name: _run(make(*args)) for name, (make, args) in CASES.items()}
-    path = tmp_path_factory.mktemp("nms_interpret") / "cases.pt"
-    torch.save({name: make(*args) for name, (make, args) in CASES.items()}, path)
-    code = "import sys; from tests.test_nms_triton import _interpret_worker; _interpret_worker(sys.argv[1])"
-    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"the interpreter subprocess failed:\n{done.stderr[-4000:]}")
-    return torch.load(str(path) + ".out")
+    """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess."""
+    cases = {name: make(*args) for name, (make, args) in CASES.items()}
+    return interpret("tests.test_nms_triton", cases, _run, tmp_path_factory.mktemp("nms_interpret"))
 
 
 # ----------------------------------------------------------------------------- interpreter

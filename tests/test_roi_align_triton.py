@@ -3,10 +3,7 @@ and (GPU only) the CUDA launch and a TensorRT-style launch of that PTX."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,13 +31,12 @@ from plugins.roi_align.kernel import (  # noqa: E402
     roi_align_kernel,
     triton_multiscale_roi_align,
 )
+from tests.triton_interpreter import INTERPRETING, interpret, run_saved_cases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.loads((ROOT / "plugins" / "roi_align" / "spec.json").read_text())
 TOL = SPEC["tolerances"]
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-# Set in the environment, the interpreter replaces the compiled kernel for this whole process.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype_name: str) -> None:
@@ -100,33 +96,16 @@ def _run(case: dict, device: str = "cpu") -> torch.Tensor:
     return triton_multiscale_roi_align(*features, case["boxes"].to(device), **case["attrs"])
 
 
-def _interpret_worker(path: str) -> None:
-    """Entry of the interpreter subprocess: run every case in `path` and save the outputs beside it."""
-    import numpy as np
-
-    cases = torch.load(path)
-    with np.errstate(all="ignore"):  # NaN/inf boxes are part of the cases
-        outputs = {name: _run(case) for name, case in cases.items()}
-    torch.save(outputs, path + ".out")
+def run_saved(path: str) -> None:
+    """The interpreter subprocess's entry (tests/triton_interpreter.py)."""
+    run_saved_cases(path, _run)
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess.
-
-    The variable must be set before triton decorates the kernel and applies to the whole process,
-    so a subprocess keeps it from turning this process's (GPU) kernel into the interpreter."""
-    if INTERPRETING:
-        return {name: _run(make(*args)) for name, (make, args) in CASES.items()}
-    path = tmp_path_factory.mktemp("triton_interpret") / "cases.pt"
-    torch.save({name: make(*args) for name, (make, args) in CASES.items()}, path)
-    code = "import sys; from tests.test_roi_align_triton import _interpret_worker; _interpret_worker(sys.argv[1])"
-    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"the interpreter subprocess failed:\n{done.stderr[-4000:]}")
-    return torch.load(str(path) + ".out")
+    """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess."""
+    cases = {name: make(*args) for name, (make, args) in CASES.items()}
+    return interpret("tests.test_roi_align_triton", cases, _run, tmp_path_factory.mktemp("triton_interpret"))
 
 
 # ----------------------------------------------------------------------------- interpreter
