@@ -189,9 +189,11 @@ def check_manifest(
     tensorrt_version: str | None,
     plugin_version: int,
     input_shape: tuple[int, ...] | None = None,
+    precision: str | None = None,
     source: str = "engine",
 ) -> None:
-    """Raise EngineMismatch naming the first field that does not match, with expected and found."""
+    """Raise EngineMismatch naming the first field that does not match, with expected and found.
+    input_shape and precision are checked when the caller names them."""
     expected: list[tuple[str, Any, Any]] = [
         ("tensorrt_version", tensorrt_version, manifest.tensorrt_version),
         ("plugin_version", plugin_version, manifest.plugin_version),
@@ -200,9 +202,12 @@ def check_manifest(
     ]
     if input_shape is not None:
         expected.append(("input_shape", tuple(input_shape), manifest.input_shape))
+    if precision is not None:
+        expected.append(("precision", precision, manifest.precision))
     for name, want, found in expected:
         if want != found:
-            hint = "" if name == "input_shape" else " (rebuild it with `maskstream build-engine` on this machine)"
+            hint = ("" if name in ("input_shape", "precision")
+                    else " (rebuild it with `maskstream build-engine` on this machine)")
             raise EngineMismatch(
                 f"{source}: manifest field {name} does not match: expected {want!r}, found {found!r}{hint}"
             )
@@ -233,7 +238,8 @@ def _dims(dims: Any) -> tuple[int, ...]:
 class TensorRTRunner:
     """A TensorRT engine built by `build_engine`, run with `execute_async_v3` on torch CUDA buffers."""
 
-    def __init__(self, engine_path: str | Path, input_shape: tuple[int, int, int, int] | None = None):
+    def __init__(self, engine_path: str | Path, input_shape: tuple[int, int, int, int] | None = None,
+                 precision: Precision | None = None):
         path = Path(engine_path)
         sidecar = manifest_path(path)
         if not sidecar.is_file():
@@ -247,7 +253,7 @@ class TensorRTRunner:
             raise TensorRTUnavailable(f"{path}: running an engine needs TensorRT, not installed: {INSTALL_HINT}")
         check_manifest(
             self.manifest, tensorrt_version=version, plugin_version=plugin_version(), input_shape=input_shape,
-            source=str(path),
+            precision=precision, source=str(path),
         )
         if not torch.cuda.is_available():
             raise TensorRTUnavailable(f"{path}: running an engine needs a CUDA device")
@@ -315,7 +321,9 @@ class RunnerSpec:
     config: ModelConfig = field(default_factory=ModelConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     input_shape: tuple[int, int, int, int] | None = None
-    precision: Precision = "fp32"  # the torch runners'; an engine has the precision it was built with
+    # The torch runner's (None: fp32). An engine has the precision it was built with: named here,
+    # it must match the manifest's.
+    precision: Precision | None = None
 
 
 def runner_choice(spec: RunnerSpec) -> str:
@@ -332,9 +340,9 @@ def make_runner(spec: RunnerSpec) -> TensorRTRunner | TorchRunner:
     choice = runner_choice(spec)
     if choice == "tensorrt":
         assert spec.engine is not None
-        return TensorRTRunner(spec.engine, input_shape=spec.input_shape)
+        return TensorRTRunner(spec.engine, input_shape=spec.input_shape, precision=spec.precision)
     runner = TorchRunner(build(config=spec.config, checkpoint=spec.checkpoint), device=choice.removeprefix("torch-"),
-                         precision=spec.precision)
+                         precision=spec.precision or "fp32")
     if spec.input_shape is not None and tuple(spec.input_shape) != runner.input_shape:
         raise ValueError(f"input_shape: the config's static graph takes {list(runner.input_shape)}, "
                          f"the caller expects {list(spec.input_shape)}")

@@ -167,7 +167,7 @@ def _model_description(cfg: RunConfig) -> dict[str, Any]:
             "trained": checkpoint is not None or cfg.model.engine is not None,
             "input": [model_cfg.static.batch, 3, model_cfg.static.height, model_cfg.static.width],
             "detections": model_cfg.static.detections, "device": cfg.model.device,
-            "precision": cfg.model.precision,
+            "precision": cfg.model.precision or (None if cfg.model.engine else "fp32"),
             "overrides": list(cfg.model.overrides)}
 
 

@@ -69,7 +69,8 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["fp32", "fp16"],
-                   help="torch runner: fp16 runs the backbone + FPN in float16 (an engine keeps its own)")
+                   help="torch runner: fp16 runs the backbone + FPN in float16 (default fp32); "
+                        "with --engine, the precision it must have been built with")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:

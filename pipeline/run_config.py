@@ -35,7 +35,8 @@ class ModelSelection:
     checkpoint: Path | None = None  # None with config None: default_model()
     engine: Path | None = None  # a TensorRT engine: TensorRTRunner instead of torch
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "fp16"] = "fp32"  # torch runner: fp16 backbone + FPN (model.static.with_precision)
+    # torch runner: fp16 = backbone + FPN in float16 (None: fp32); with an engine, checked against its manifest
+    precision: Literal["fp32", "fp16"] | None = None
     seed: int = 0  # initialises whatever no checkpoint covers (same seed, same outputs)
     overrides: tuple[str, ...] = ()  # model config overrides, "roi_heads.score_thresh=0.0"
 

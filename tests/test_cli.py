@@ -41,3 +41,15 @@ def test_segment_rejects_a_bad_override(tmp_path, capsys):
     code = main(["segment", "--out", str(tmp_path), "--set", "roi_heads.score_threshold=0.5"])
     assert code == 2
     assert "roi_heads.score_threshold" in capsys.readouterr().err
+
+
+def test_run_and_bench_take_the_same_model_options():
+    from pipeline.bench_commands import bench_config
+    from pipeline.cli import build_parser
+    from pipeline.run_commands import run_config
+
+    parser = build_parser()
+    for command, to_config in (("run", run_config), ("bench", bench_config)):
+        cfg = to_config(parser.parse_args([command, "--precision", "fp16", "--device", "cpu"]))
+        assert (cfg.model.precision, cfg.model.device) == ("fp16", "cpu"), command
+        assert to_config(parser.parse_args([command])).model.precision is None  # fp32, or the engine's own

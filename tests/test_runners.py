@@ -235,6 +235,7 @@ GOOD = dict(tensorrt_version="11.0.0.114", plugin_version=1, input_shape=(2, 3, 
         ({}, dict(input_shape=(1, 3, 128, 160)), "input_shape", "(1, 3, 128, 160)", "(2, 3, 128, 160)"),
         (dict(input_dtype="float32"), {}, "input_dtype", "'uint8'", "'float32'"),
         (dict(output_bindings=("output0",)), {}, "output_bindings", "5", "1"),
+        ({}, dict(precision="fp32"), "precision", "'fp32'", "'fp16'"),
     ],
 )
 def test_check_manifest_names_the_mismatch(changes, expect, field, expected, found):
