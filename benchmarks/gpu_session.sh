@@ -5,7 +5,8 @@
 #   2. benchmarks/bench_roi_align.py: Triton kernel vs the per-level loop (and torchvision), 1000 RoIs;
 #   3. benchmarks/bench_cuda_runner.py: TorchRunner frames/s, R50-FPN 800x1344, batch 1/8, fp16/fp32;
 #   4. maskstream bench with the CUDA runner, R50-FPN 800x1344, batch 8 and 1 (per-stage shares);
-#   5. if time is left: runner rows with cuDNN autotuning and with every box past the score threshold.
+#   5. if time is left: runner rows with cuDNN autotuning, NCHW vs channels_last (on for CPU, not yet
+#      for CUDA: this decides), and with every box past the score threshold.
 # Each step is time-boxed and the run goes on past a failed one; a global deadline (BUDGET_S) keeps
 # the whole under the device call's limit, most important steps first. Everything is logged to
 # $OUT/gpu_session.log, and after every step the results folder is re-packed into
@@ -167,6 +168,8 @@ fi
 if ((!SMOKE)); then
     step runner_cudnn_benchmark 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
         --cudnn-benchmark --out "$RESULTS/cuda_runner_${TAG}_cudnn_benchmark.json"
+    step runner_channels_last 90 $PY benchmarks/bench_memory_format.py --device cuda --model-config configs/model_v1.yaml \
+        --precision fp16 --set static.batch=8 --iters 10 --rounds 2 --out "$RESULTS/cuda_channels_last_${TAG}.json"
     step runner_score_thresh_0 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
         --score-thresh 0 --out "$RESULTS/cuda_runner_${TAG}_score0.json"
 fi

@@ -102,13 +102,14 @@ def _to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 class TorchRunner:
-    """`StaticMaskRCNN` on "cpu" or "cuda" (CUDA graph replay on CUDA when capturable).
+    """`StaticMaskRCNN` on "cpu" or "cuda" (CUDA graph replay on CUDA when capturable), its
+    convolutions channels_last on CPU.
 
     precision "fp16" runs the backbone + FPN in float16 (`model.static.with_precision`, the same
     casts as an fp16 engine); it applies to a MaskRCNN, a StaticMaskRCNN keeps the casts it has."""
 
     def __init__(self, model: MaskRCNN | StaticMaskRCNN, device: str = "cpu", cuda_graph: bool = True,
-                 precision: Precision = "fp32"):
+                 precision: Precision = "fp32", channels_last: bool | None = None):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -121,6 +122,13 @@ class TorchRunner:
             with_precision(fold_batch_norms(model), precision))
         self.precision = precision
         self.static = static.eval().to(device)
+        # Convolutions in NHWC (channels_last): oneDNN's native layout, 1.35x faster per frame for the
+        # bundled lite model on this project's CPU host with the same outputs to 3e-5 px
+        # (benchmarks/results/cpu_channels_last.json). None: on for CPU; CUDA keeps NCHW until
+        # measured there (benchmarks/bench_cuda_runner.py --channels-last).
+        self.channels_last = device == "cpu" if channels_last is None else channels_last
+        if self.channels_last:
+            self.static = self.static.to(memory_format=torch.channels_last)
         self.device = device
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
         self._host = HostBatch(self.input_shape, pinned=device == "cuda")

@@ -100,8 +100,10 @@ def test_torch_runner_cpu_equals_the_static_graph(net, frames):
     assert runner.input_shape == (2, 3, 128, 160)
     out = runner.infer(*frames)
     with torch.no_grad():
-        # the runner folds the norm layers (equivalence of folding: tests/test_model.py)
-        direct = StaticMaskRCNN(fold_batch_norms(net)).eval()(
+        # the runner folds the norm layers (equivalence of folding: tests/test_model.py) and runs
+        # its convolutions channels_last on CPU (the same graph, so the same arithmetic)
+        assert runner.channels_last
+        direct = StaticMaskRCNN(fold_batch_norms(net)).eval().to(memory_format=torch.channels_last)(
             torch.from_numpy(frames[0]), torch.from_numpy(frames[1]).long()
         )
     assert tuple(out) == OUTPUT_NAMES
@@ -387,24 +389,39 @@ def test_torch_runner_fp16_halves_the_backbone_only(net, frames):
     assert make_runner(spec).precision == "fp16"
 
 
-def test_fp16_finds_what_fp32_finds_with_the_bundled_model():
-    """A trained model (untrained heads' activations are too small for float16 to mean much):
-    the same objects, boxes within a pixel, scores within float16's precision."""
+@pytest.fixture(scope="module")
+def bundled():
+    """A trained model and a batch of scenes it knows (untrained heads' scores are near ties and
+    their activations too small for float16 to mean much)."""
     if not BUNDLED_CHECKPOINT.is_file():
         pytest.skip(f"{BUNDLED_CHECKPOINT} not present")
-    cfg = load_config(ModelConfig, BUNDLED_CONFIG)
-    net = build(config=cfg, checkpoint=BUNDLED_CHECKPOINT).eval()
+    net = build(config=load_config(ModelConfig, BUNDLED_CONFIG), checkpoint=BUNDLED_CHECKPOINT).eval()
     b, _, h, w = StaticMaskRCNN(net).shape
     images = np.stack([make_scene(seed, height=h, width=w).image.transpose(2, 0, 1) for seed in range(b)])
-    sizes = np.array([[h, w]] * b, dtype=np.int64)
+    return net, images, np.array([[h, w]] * b, dtype=np.int64)
+
+
+def assert_same_detections(got, want, box_px, score):
+    np.testing.assert_array_equal(got["num_detections"], want["num_detections"])
+    assert want["num_detections"].min() > 0
+    for i, n in enumerate(want["num_detections"]):
+        np.testing.assert_array_equal(got["labels"][i, :n], want["labels"][i, :n])
+        np.testing.assert_allclose(got["boxes"][i, :n], want["boxes"][i, :n], atol=box_px)
+        np.testing.assert_allclose(got["scores"][i, :n], want["scores"][i, :n], atol=score)
+
+
+def test_fp16_finds_what_fp32_finds_with_the_bundled_model(bundled):
+    """The same objects, boxes within a pixel, scores within float16's precision."""
+    net, images, sizes = bundled
     full = TorchRunner(net, precision="fp32").infer(images, sizes)
-    half = TorchRunner(net, precision="fp16").infer(images, sizes)
-    np.testing.assert_array_equal(half["num_detections"], full["num_detections"])
-    assert full["num_detections"].min() > 0
-    for i, n in enumerate(full["num_detections"]):
-        np.testing.assert_array_equal(half["labels"][i, :n], full["labels"][i, :n])
-        np.testing.assert_allclose(half["boxes"][i, :n], full["boxes"][i, :n], atol=1.0)
-        np.testing.assert_allclose(half["scores"][i, :n], full["scores"][i, :n], atol=2e-2)
+    assert_same_detections(TorchRunner(net, precision="fp16").infer(images, sizes), full, box_px=1.0, score=2e-2)
+
+
+def test_channels_last_changes_only_rounding(bundled):
+    net, images, sizes = bundled
+    nchw = TorchRunner(net, channels_last=False)
+    assert not nchw.channels_last and TorchRunner(net).channels_last  # CPU default: channels_last
+    assert_same_detections(TorchRunner(net).infer(images, sizes), nchw.infer(images, sizes), box_px=1e-3, score=1e-5)
 
 
 def test_precision_errors(net):
