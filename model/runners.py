@@ -128,7 +128,8 @@ class TorchRunner:
         # measured there (benchmarks/bench_cuda_runner.py --channels-last).
         self.channels_last = device == "cpu" if channels_last is None else channels_last
         if self.channels_last:
-            self.static = self.static.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format (4-D weights only), which torch's type stubs leave out.
+            self.static = self.static.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.device = device
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
         self._host = HostBatch(self.input_shape, pinned=device == "cuda")
