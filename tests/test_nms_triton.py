@@ -20,7 +20,7 @@ from model.ops.nms_triton import (  # noqa: E402  (after the skip: these import 
     nms_walk_kernel,
     triton_batched_nms_padded,
 )
-from tests.triton_interpreter import INTERPRETING, interpret, run_saved_cases  # noqa: E402
+from tests.triton_interpreter import INTERPRETING, interpret  # noqa: E402
 
 INF, NAN = float("inf"), float("nan")
 
@@ -104,16 +104,11 @@ def _expected(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return batched_nms_padded(*case["tensors"], *case["args"])  # the CPU op, itself checked in test_nms.py
 
 
-def run_saved(path: str) -> None:
-    """The interpreter subprocess's entry (tests/triton_interpreter.py)."""
-    run_saved_cases(path, _run)
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
     """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess."""
     cases = {name: make(*args) for name, (make, args) in CASES.items()}
-    return interpret("tests.test_nms_triton", cases, _run, tmp_path_factory.mktemp("nms_interpret"))
+    return interpret(_run, cases, tmp_path_factory.mktemp("nms_interpret"))
 
 
 # ----------------------------------------------------------------------------- interpreter

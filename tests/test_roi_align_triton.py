@@ -31,7 +31,7 @@ from plugins.roi_align.kernel import (  # noqa: E402
     roi_align_kernel,
     triton_multiscale_roi_align,
 )
-from tests.triton_interpreter import INTERPRETING, interpret, run_saved_cases  # noqa: E402
+from tests.triton_interpreter import INTERPRETING, interpret  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.loads((ROOT / "plugins" / "roi_align" / "spec.json").read_text())
@@ -96,16 +96,11 @@ def _run(case: dict, device: str = "cpu") -> torch.Tensor:
     return triton_multiscale_roi_align(*features, case["boxes"].to(device), **case["attrs"])
 
 
-def run_saved(path: str) -> None:
-    """The interpreter subprocess's entry (tests/triton_interpreter.py)."""
-    run_saved_cases(path, _run)
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
     """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess."""
     cases = {name: make(*args) for name, (make, args) in CASES.items()}
-    return interpret("tests.test_roi_align_triton", cases, _run, tmp_path_factory.mktemp("triton_interpret"))
+    return interpret(_run, cases, tmp_path_factory.mktemp("triton_interpret"))
 
 
 # ----------------------------------------------------------------------------- interpreter

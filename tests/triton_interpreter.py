@@ -18,13 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def interpret(module: str, cases: dict[str, dict], run: Callable[[dict], Any], folder: Path) -> dict[str, Any]:
-    """`run(case)` for every case, under the interpreter: `module`.run_saved(path) does the work there."""
+def interpret(run: Callable[[dict], Any], cases: dict[str, dict], folder: Path) -> dict[str, Any]:
+    """`run(case)` for every case, under the interpreter. `run` is a test module's top-level
+    function: the subprocess imports it from there."""
     if INTERPRETING:  # this whole process interprets already
         return {name: run(case) for name, case in cases.items()}
     path = folder / "cases.pt"
     torch.save(cases, path)
-    code = f"import sys; from {module} import run_saved; run_saved(sys.argv[1])"
+    code = (f"import sys; from tests.triton_interpreter import run_saved_cases; "
+            f"from {run.__module__} import {run.__name__}; run_saved_cases(sys.argv[1], {run.__name__})")
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
