@@ -125,7 +125,7 @@ class TorchRunner:
         # Convolutions in NHWC (channels_last): oneDNN's native layout, 1.35x faster per frame for the
         # bundled lite model on this project's CPU host with the same outputs to 3e-5 px
         # (benchmarks/results/cpu_channels_last.json). None: on for CPU; CUDA keeps NCHW until
-        # measured there (benchmarks/bench_cuda_runner.py --channels-last).
+        # measured there (benchmarks/bench_memory_format.py --device cuda, in gpu_session.sh).
         self.channels_last = device == "cpu" if channels_last is None else channels_last
         if self.channels_last:
             # Module.to takes memory_format (4-D weights only), which torch's type stubs leave out.

@@ -59,6 +59,13 @@ def _check_inputs(boxes: Tensor, scores: Tensor, classes: Tensor, batched: bool)
         raise TypeError(f"classes must be an integer tensor, got {classes.dtype}")
 
 
+def _check_padded_inputs(boxes: Tensor, scores: Tensor, classes: Tensor, max_output: int) -> None:
+    """`batched_nms_padded`'s inputs, checked alike by its CPU, CUDA and fake kernels."""
+    _check_inputs(boxes, scores, classes, batched=True)
+    if max_output < 0:
+        raise ValueError(f"max_output must be >= 0, got {max_output}")
+
+
 def _largest_not_above(threshold: float, dtype: torch.dtype) -> Tensor:
     """The largest `dtype` value t with t <= threshold, as a 0-d tensor.
 
@@ -165,9 +172,7 @@ def _batched_nms_padded_op(
     score_threshold: float,
     max_output: int,
 ) -> tuple[Tensor, Tensor]:
-    _check_inputs(boxes, scores, classes, batched=True)
-    if max_output < 0:
-        raise ValueError(f"max_output must be >= 0, got {max_output}")
+    _check_padded_inputs(boxes, scores, classes, max_output)
     keep = torch.full((boxes.shape[0], max_output), -1, dtype=torch.int64, device=boxes.device)
     num_kept = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
     for i in range(boxes.shape[0]):
@@ -179,9 +184,7 @@ def _batched_nms_padded_op(
 
 @_batched_nms_padded_op.register_fake
 def _(boxes, scores, classes, iou_threshold, score_threshold, max_output):
-    _check_inputs(boxes, scores, classes, batched=True)
-    if max_output < 0:
-        raise ValueError(f"max_output must be >= 0, got {max_output}")
+    _check_padded_inputs(boxes, scores, classes, max_output)
     b = boxes.shape[0]
     return boxes.new_empty((b, max_output), dtype=torch.int64), boxes.new_empty((b,), dtype=torch.int64)
 
@@ -192,9 +195,7 @@ def _(boxes, scores, classes, iou_threshold, score_threshold, max_output):
     # so the static graph can be captured in a CUDA graph. Imported here, not at the top: triton
     # is slow to import and absent from CPU-only installs. Other box dtypes keep the torch walk.
     args = (boxes, scores, classes, iou_threshold, score_threshold, max_output)
-    _check_inputs(boxes, scores, classes, batched=True)
-    if max_output < 0:
-        raise ValueError(f"max_output must be >= 0, got {max_output}")
+    _check_padded_inputs(boxes, scores, classes, max_output)
     if boxes.dtype == torch.float32 and importlib.util.find_spec("triton") is not None:
         from model.ops.nms_triton import triton_batched_nms_padded
 
