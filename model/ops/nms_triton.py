@@ -56,6 +56,16 @@ def _iou(ax1, ay1, ax2, ay2, a_area, bx1, by1, bx2, by2, b_area):
 
 
 @triton.jit
+def _load_box(ptr, index, STRIDE: tl.constexpr, mask):
+    """x1, y1, x2, y2 of the boxes at `index` in rows of STRIDE floats (0 where masked off)."""
+    x1 = tl.load(ptr + index * STRIDE + 0, mask=mask, other=0.0)
+    y1 = tl.load(ptr + index * STRIDE + 1, mask=mask, other=0.0)
+    x2 = tl.load(ptr + index * STRIDE + 2, mask=mask, other=0.0)
+    y2 = tl.load(ptr + index * STRIDE + 3, mask=mask, other=0.0)
+    return x1, y1, x2, y2
+
+
+@triton.jit
 def nms_walk_kernel(
     boxes_ptr,  # float32 [B, N, 4], candidates first, in score order
     areas_ptr,  # float32 [B, N]
@@ -88,20 +98,14 @@ def nms_walk_kernel(
     while (start < candidates) & (total < max_output):
         rows = start + lanes
         alive = rows < candidates
-        x1 = tl.load(boxes_ptr + rows * 4 + 0, mask=alive, other=0.0)
-        y1 = tl.load(boxes_ptr + rows * 4 + 1, mask=alive, other=0.0)
-        x2 = tl.load(boxes_ptr + rows * 4 + 2, mask=alive, other=0.0)
-        y2 = tl.load(boxes_ptr + rows * 4 + 3, mask=alive, other=0.0)
+        x1, y1, x2, y2 = _load_box(boxes_ptr, rows, 4, alive)
         area = tl.load(areas_ptr + rows, mask=alive, other=0.0)
         cls = tl.load(classes_ptr + rows, mask=alive, other=0)
         # 1. Against every box kept in earlier chunks.
         for k in range(0, total, KEPT_BLOCK):
             slots = k + kept_lanes
             filled = slots < total
-            kx1 = tl.load(kept_ptr + slots * 5 + 0, mask=filled, other=0.0)
-            ky1 = tl.load(kept_ptr + slots * 5 + 1, mask=filled, other=0.0)
-            kx2 = tl.load(kept_ptr + slots * 5 + 2, mask=filled, other=0.0)
-            ky2 = tl.load(kept_ptr + slots * 5 + 3, mask=filled, other=0.0)
+            kx1, ky1, kx2, ky2 = _load_box(kept_ptr, slots, 5, filled)
             k_area = tl.load(kept_ptr + slots * 5 + 4, mask=filled, other=0.0)
             k_cls = tl.load(kept_class_ptr + slots, mask=filled, other=0)
             iou = _iou(kx1[:, None], ky1[:, None], kx2[:, None], ky2[:, None], k_area[:, None],
@@ -113,10 +117,7 @@ def nms_walk_kernel(
         first = tl.min(tl.where(alive, lanes, CHUNK), axis=0)
         while (first < CHUNK) & (total < max_output):
             row = start + first
-            bx1 = tl.load(boxes_ptr + row * 4 + 0)
-            by1 = tl.load(boxes_ptr + row * 4 + 1)
-            bx2 = tl.load(boxes_ptr + row * 4 + 2)
-            by2 = tl.load(boxes_ptr + row * 4 + 3)
+            bx1, by1, bx2, by2 = _load_box(boxes_ptr, row, 4, True)
             b_area = tl.load(areas_ptr + row)
             b_cls = tl.load(classes_ptr + row)
             tl.store(keep_ptr + total, tl.load(order_ptr + row))
