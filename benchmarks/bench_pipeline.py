@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.cli import build_parser
 from pipeline.messages import Frame, Header, RawDetections
 from pipeline.pixels import PixelRoute
 from pipeline.run_commands import run_config
@@ -102,11 +103,11 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.video).is_file():
         sys.exit(f"{args.video}: no such video (pass --video)")
-    namespace = argparse.Namespace(
-        config=ROOT / "configs" / "pipeline.yaml", set=[*MODELS[args.model], *args.set], source=[args.video],
-        workers=args.workers, policy="offline", out=None, coco=None, annotate=None, publish=None, metrics_port=None,
-        model_config=None, checkpoint=None, engine=None, device="cpu", precision=None)
-    cfg = run_config(namespace)
+    # The configuration `maskstream run` would build from these options (its own parser and defaults).
+    sets = [item for value in (*MODELS[args.model], *args.set) for item in ("--set", value)]
+    cfg = run_config(build_parser().parse_args(
+        ["run", "--source", args.video, "--workers", str(args.workers), "--policy", "offline", "--device", "cpu",
+         *sets]))
     transport = dataclasses.replace(cfg.transport, endpoint_dir=Path(tempfile.gettempdir()))
     cfg = dataclasses.replace(cfg, transport=transport)
     load_at_start = os.getloadavg()
