@@ -15,7 +15,6 @@ Prints a table last and writes benchmarks/results/cpu_inference.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
 
 import model
 from model.fuse import fold_batch_norms
@@ -31,24 +31,12 @@ from model.roi_heads import SAMPLING_RATIO
 from model.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parent
-SHARED = ROOT.parent.parent / "shared"
-MANIFESTS = {"v1": "torchvision_maskrcnn_resnet50_fpn.json", "v2": "torchvision_maskrcnn_resnet50_fpn_v2.json"}
 
 
 def per_level_loop_pool(features, boxes, output_size):
     """torchvision's MultiScaleRoIAlign: assign levels, loop over levels in Python, scatter back."""
     pooled = multiscale_roi_align_per_level_loop(features[:4], boxes, output_size, SAMPLING_RATIO)
     return pooled.flatten(0, 1)
-
-
-def golden_state(variant: str):
-    path = SHARED / "reference" / "golden_weights.py"
-    if variant not in MANIFESTS or not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("golden_weights", path)
-    gw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gw)
-    return gw.make_state_dict(gw.load_manifest(SHARED / "reference" / MANIFESTS[variant]), seed=0)
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -44,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ModelConfig
@@ -57,22 +56,9 @@ from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT.parent / "configs"
-SHARED = Path(os.environ.get("MASKSTREAM_SHARED", ROOT.parent.parent / "shared"))
-MANIFESTS = {"v1": "torchvision_maskrcnn_resnet50_fpn.json", "v2": "torchvision_maskrcnn_resnet50_fpn_v2.json"}
 # Dense fp16/bf16 matrix-product rate measured on the lent H200 (8192^3, ~790 TFLOP/s): the
 # ceiling the achieved rate is compared with. On another GPU pass --peak-tflops.
 H200_PEAK_TFLOPS = 790.0
-
-
-def golden_state(variant: str) -> dict[str, torch.Tensor] | None:
-    path = SHARED / "reference" / "golden_weights.py"
-    if variant not in MANIFESTS or not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("golden_weights", path)
-    assert spec is not None and spec.loader is not None
-    gw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gw)
-    return gw.make_state_dict(gw.load_manifest(SHARED / "reference" / MANIFESTS[variant]), seed=0)
 
 
 def frames(batch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
