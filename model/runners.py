@@ -26,7 +26,7 @@ from model.config import ModelConfig
 from model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
 from model.fuse import fold_batch_norms
 from model.mask_rcnn import MaskRCNN, build
-from model.static import OUTPUT_NAMES, Precision, StaticMaskRCNN, with_precision
+from model.static import OUTPUT_NAMES, HalfBackbone, Precision, StaticMaskRCNN, with_precision
 from plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
 
 __all__ = [
@@ -120,8 +120,9 @@ class TorchRunner:
         # float32 before any cast to float16, so each merged weight rounds once.
         static = model if isinstance(model, StaticMaskRCNN) else StaticMaskRCNN(
             with_precision(fold_batch_norms(model), precision))
-        self.precision = precision
         self.static = static.eval().to(device)
+        # What the graph runs, also for a StaticMaskRCNN handed in with its casts already applied.
+        self.precision: Precision = "fp16" if isinstance(static.model.backbone, HalfBackbone) else "fp32"
         # Convolutions in NHWC (channels_last): oneDNN's native layout, 1.35x faster per frame for the
         # bundled lite model on this project's CPU host with the same outputs to 3e-5 px
         # (benchmarks/results/cpu_channels_last.json). None: on for CPU; CUDA keeps NCHW until

@@ -387,6 +387,7 @@ def test_torch_runner_fp16_halves_the_backbone_only(net, frames):
     assert (out["num_detections"] == SHAPE.detections).all()
     spec = RunnerSpec(config=tiny_config(), device="cpu", precision="fp16")
     assert make_runner(spec).precision == "fp16"
+    assert TorchRunner(prepare_static(None, tiny_config(), "fp16")).precision == "fp16"  # the graph's own casts
 
 
 @pytest.fixture(scope="module")
