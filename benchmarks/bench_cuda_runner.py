@@ -25,7 +25,8 @@ so the count does not depend on the weights). Achieved TFLOP/s = GFLOP/frame x f
 Weights: the parity goldens' (../shared/reference/golden_weights.py, or $MASKSTREAM_SHARED/reference)
 when present, else the model's seeded init; timing does not depend on them except through how many
 boxes pass the score threshold into NMS (--score-thresh 0 is the worst case). Prints a table last
-and writes JSON (default benchmarks/results/cuda_runner_<device>.json).
+and writes JSON (default benchmarks/results/cuda_runner_<device>.json). --profile adds, per row,
+where the forward's time goes: per model stage, custom op and kernel (benchmarks/runner_profile.py).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
+from runner_profile import format_profile, profile_forward  # beside this script too
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ModelConfig
@@ -129,6 +131,15 @@ def measure(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray, iters: i
     }
 
 
+def profile_row(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray) -> dict[str, Any]:
+    """{"profile": ...} of the runner's forward, or {"profile_error": ...}: a failed profile keeps the row's timings."""
+    try:
+        on_device = (torch.from_numpy(images).to(runner.device), torch.from_numpy(sizes).to(runner.device))
+        return {"profile": profile_forward(runner.static, *on_device)}
+    except Exception as exc:
+        return {"profile_error": f"{type(exc).__name__}: {exc}"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +157,8 @@ def main() -> int:
     parser.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms (process-wide; the pipeline does not)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each row: time per model stage, custom op and top kernels")
     parser.add_argument("--peak-tflops", type=float, default=H200_PEAK_TFLOPS,
                         help="dense fp16 rate to compare with (default: measured on the lent H200)")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/cuda_runner_<device>.json)")
@@ -190,6 +203,8 @@ def main() -> int:
                 if args.device == "cuda":
                     row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 row["achieved_tflops"] = gflop * row["device_fps"] / 1e3
+                if args.profile:
+                    row.update(profile_row(runner, images[:batch], sizes[:batch]))
                 del runner
             except Exception as exc:  # one failing row (out of memory, say) must not lose the others
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -241,6 +256,11 @@ def main() -> int:
               f"{tflops:>8.1f} {tflops / args.peak_tflops:>7.1%} {'-' if mem is None else f'{mem:.1f}':>7}")
         if row["graph_error"] and args.device == "cuda":
             print(f"      graph_error: {row['graph_error'][:300]}")
+    for row in rows:
+        if "profile" in row:
+            print(f"\n{row['precision']} batch {row['batch']}, {format_profile(row['profile'])}")
+        elif "profile_error" in row:
+            print(f"\n{row['precision']} batch {row['batch']}: profile failed: {row['profile_error']}")
     print(f"wrote {out}")
     return 1 if any("error" in row for row in rows) else 0
 

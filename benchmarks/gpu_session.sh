@@ -3,7 +3,8 @@
 #   1. the GPU tests (Triton RoIAlign and NMS compiled for real, the stripped AOT PTX launched
 #      through cuda.bindings with TensorRT's argument list, TorchRunner's CUDA graph, TensorRT if any);
 #   2. benchmarks/bench_roi_align.py: Triton kernel vs the per-level loop (and torchvision), 1000 RoIs;
-#   3. benchmarks/bench_cuda_runner.py: TorchRunner frames/s, R50-FPN 800x1344, batch 1/8, fp16/fp32;
+#   3. benchmarks/bench_cuda_runner.py: TorchRunner frames/s, R50-FPN 800x1344, batch 1/8, fp16/fp32,
+#      each row profiled: device time per model stage, custom op (RoIAlign, NMS) and kernel;
 #   4. maskstream bench with the CUDA runner, R50-FPN 800x1344, batch 8 and 1 (per-stage shares);
 #   5. if time is left: runner rows with cuDNN autotuning, NCHW vs channels_last (on for CPU, not yet
 #      for CUDA: this decides), and with every box past the score threshold.
@@ -136,12 +137,12 @@ if ((SMOKE)); then
     TINY=(--variant lite --height 128 --width 160 --set roi_heads.detections_per_img=10 --set static.detections=10
           --set rpn.pre_nms_top_n_test=200 --set rpn.post_nms_top_n_test=100)
     step bench_cuda_runner 120 $PY benchmarks/bench_cuda_runner.py --device cpu "${TINY[@]}" --batches 1 2 \
-        --iters 2 --warmup 0 --out "$RESULTS/cuda_runner_$TAG.json"
+        --iters 2 --warmup 0 --profile --out "$RESULTS/cuda_runner_$TAG.json"
 else
     step bench_roi_align 120 $PY benchmarks/bench_roi_align.py --device cuda --batches 1 8 \
         --out "$RESULTS/roi_align_$TAG.json"
     step bench_cuda_runner 200 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 1 8 --precisions fp16 fp32 \
-        --iters 30 --out "$RESULTS/cuda_runner_$TAG.json"
+        --iters 30 --profile --out "$RESULTS/cuda_runner_$TAG.json"
 fi
 
 # 4. The pipeline: maskstream bench, offline, the CUDA runner in fp16 (backbone + FPN),

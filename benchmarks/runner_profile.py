@@ -1,0 +1,146 @@
+"""Where a runner's forward spends its time: per model stage, per custom op, per kernel.
+
+One torch.profiler pass over `calls` eager forwards of the runner's own module (the CUDA graph
+replays exactly these kernels; eager only adds launch gaps between them, which the device
+times below do not count). Stages are timed by profiler ranges pushed from forward hooks on
+the model's parts; the custom ops (RoIAlign, NMS) are found by name and charged to the stage
+they ran in, so the RPN's NMS and the box head's NMS come apart.
+
+Times are device (kernel) times on CUDA and CPU times on a CPU, in ms per forward:
+- stages: body, fpn, rpn, box_head, box_predictor, mask_head, mask_predictor, and "other"
+  (the forward's total minus those: normalisation, RoIAlign, box decoding and detection NMS,
+  mask gathering);
+- ops: each custom op under each stage it ran in;
+- kernels: the `top` kernels (CPU: aten ops) by self time.
+
+    from runner_profile import profile_forward      # benchmarks/, beside bench_cuda_runner.py
+    report = profile_forward(runner.static, images, sizes, calls=3)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+# Model parts timed as stages, by attribute name (unique in MaskRCNN, wrapped in HalfBackbone or not).
+STAGES = ("body", "fpn", "rpn", "box_head", "box_predictor", "mask_head", "mask_predictor")
+CUSTOM_OPS = ("maskstream::multiscale_roi_align", "maskstream::batched_nms_padded")
+_PREFIX = "stage/"
+_FORWARD = _PREFIX + "forward"
+
+
+def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """STAGES -> the module of that name in `model`; an error names any stage not found exactly once."""
+    found: dict[str, list[nn.Module]] = {name: [] for name in STAGES}
+    for path, module in model.named_modules():
+        last = path.rsplit(".", 1)[-1]
+        if last in found:
+            found[last].append(module)
+    wrong = {name: len(mods) for name, mods in found.items() if len(mods) != 1}
+    if wrong:
+        raise ValueError(f"profile: each stage must name one module of the model; found {wrong}")
+    return {name: mods[0] for name, mods in found.items()}
+
+
+@contextmanager
+def _stage_ranges(model: nn.Module) -> Iterator[None]:
+    """Push a profiler range `stage/<name>` around each stage module's forward."""
+    open_ranges: dict[str, record_function] = {}
+
+    def enter(name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            open_ranges[name] = record_function(_PREFIX + name)
+            open_ranges[name].__enter__()
+        return hook
+
+    def leave(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            open_ranges.pop(name).__exit__(None, None, None)
+        return hook
+
+    handles = []
+    for name, module in stage_modules(model).items():
+        handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _enclosing_stage(event: Any) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(_PREFIX) and parent.name != _FORWARD:
+            return parent.name[len(_PREFIX):]
+        parent = parent.cpu_parent
+    return "other"
+
+
+def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor, calls: int = 3,
+                    top: int = 15) -> dict[str, Any]:
+    """Profile `calls` forwards of `static` (a StaticMaskRCNN) on inputs already on its device."""
+    cuda = images.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def spent(event: Any, total: bool = True) -> float:  # ms, device time on CUDA, CPU time on a CPU
+        if cuda:
+            return (event.device_time_total if total else event.self_device_time_total) / 1e3
+        return (event.cpu_time_total if total else event.self_cpu_time_total) / 1e3
+
+    with torch.inference_mode(), _stage_ranges(static.model):
+        static(images, sizes)  # lazy initialisation stays out of the profile
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                with record_function(_FORWARD):
+                    static(images, sizes)
+            if cuda:
+                torch.cuda.synchronize()
+
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    total = sum(spent(e) for e in events if e.name == _FORWARD) / calls
+    stages = {name: 0.0 for name in STAGES}
+    ops: dict[tuple[str, str], float] = {}
+    for event in events:
+        if event.name.startswith(_PREFIX) and event.name != _FORWARD:
+            stages[event.name[len(_PREFIX):]] += spent(event) / calls
+        elif event.name in CUSTOM_OPS:
+            key = (_enclosing_stage(event), event.name.split("::")[1])
+            ops[key] = ops.get(key, 0.0) + spent(event) / calls
+    stages["other"] = total - sum(stages.values())
+
+    averages = prof.key_averages()
+    if cuda:  # kernels: the events that ran on the device
+        kernels = [a for a in averages if a.self_device_time_total > 0
+                   and getattr(a, "device_type", None) != torch.autograd.DeviceType.CPU]
+    else:
+        kernels = [a for a in averages if not a.key.startswith(_PREFIX)]
+    kernels.sort(key=lambda a: spent(a, total=False), reverse=True)
+    return {
+        "calls": calls,
+        "time": "device (kernel) time" if cuda else "CPU time",
+        "total_ms": total,
+        "stages": [{"stage": name, "ms": ms, "share": ms / total if total > 0 else 0.0} for name, ms in stages.items()],
+        "ops": [{"stage": stage, "op": op, "ms": ms} for (stage, op), ms in sorted(ops.items())],
+        "kernels": [{"name": a.key, "ms": spent(a, total=False) / calls, "count": a.count / calls}
+                    for a in kernels[:top]],
+    }
+
+
+def format_profile(report: dict[str, Any]) -> str:
+    """The report as three small tables."""
+    lines = [f"per forward, {report['time']}, mean of {report['calls']}: total {report['total_ms']:.2f} ms"]
+    lines += [f"  {'stage':<16} {'ms':>8} {'share':>6}"]
+    lines += [f"  {s['stage']:<16} {s['ms']:>8.2f} {s['share']:>6.1%}" for s in report["stages"]]
+    lines += [f"  {'op (in stage)':<40} {'ms':>8}"]
+    lines += [f"  {o['op'] + ' (' + o['stage'] + ')':<40} {o['ms']:>8.2f}" for o in report["ops"]]
+    lines += [f"  {'kernel':<70} {'ms':>8} {'count':>6}"]
+    lines += [f"  {k['name'][:70]:<70} {k['ms']:>8.3f} {k['count']:>6.0f}" for k in report["kernels"]]
+    return "\n".join(lines)

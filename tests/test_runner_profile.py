@@ -1,0 +1,61 @@
+"""benchmarks/runner_profile.py: the per-stage profile bench_cuda_runner.py --profile records (CPU here)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model.config import StaticGraphConfig
+from model.mask_rcnn import build, default_config
+from model.static import StaticMaskRCNN, with_precision
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "runner_profile.py"
+_SPEC = importlib.util.spec_from_file_location("runner_profile", _PATH)
+assert _SPEC is not None and _SPEC.loader is not None
+runner_profile = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(runner_profile)
+
+SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
+
+
+@pytest.fixture(scope="module")
+def static():
+    cfg = default_config("lite")
+    cfg = dataclasses.replace(
+        cfg, static=SHAPE,
+        roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=SHAPE.detections),
+        rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
+    )
+    torch.manual_seed(0)
+    return StaticMaskRCNN(build(config=cfg).eval(), SHAPE).eval()
+
+
+def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(static):
+    report = runner_profile.profile_forward(static, *static.example_inputs(), calls=2)
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == [*runner_profile.STAGES, "other"]
+    assert all(stages[name]["ms"] > 0 for name in runner_profile.STAGES)
+    # The stages and "other" partition the forward (other = total - stages, so >= 0 means no double count).
+    assert stages["other"]["ms"] >= 0
+    assert sum(s["share"] for s in report["stages"]) == pytest.approx(1.0)
+    ops = {(o["stage"], o["op"]) for o in report["ops"]}
+    # The RPN's NMS runs inside the rpn module; RoIAlign and the detection NMS in RoIHeads' own code.
+    assert ops == {("rpn", "batched_nms_padded"), ("other", "batched_nms_padded"), ("other", "multiscale_roi_align")}
+    assert report["kernels"] and all(k["ms"] >= 0 for k in report["kernels"])
+    assert "total" in runner_profile.format_profile(report)
+    # The hooks are gone afterwards: a later forward pays nothing for the profile.
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in static.modules())
+
+
+def test_stage_modules_found_through_the_fp16_wrapper(static):
+    half = with_precision(build(config=static.model.cfg).eval(), "fp16")
+    assert set(runner_profile.stage_modules(half)) == set(runner_profile.STAGES)
+
+
+def test_stage_modules_names_the_missing_stages():
+    with pytest.raises(ValueError, match="'body': 0.*'mask_predictor': 0"):
+        runner_profile.stage_modules(nn.Sequential(nn.Conv2d(3, 3, 1)))
