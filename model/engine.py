@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from model.checkpoint import file_sha256
@@ -266,6 +268,17 @@ def _roi_align_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: d
     return layer.get_output(0)
 
 
+def nms_score_threshold(value: float) -> float:
+    """The op's score threshold as INMSLayer gets it: -inf becomes the lowest finite float32.
+
+    Both keep `score > threshold`; for every float32 score but -3.4028235e38 itself the answer is
+    the same, and TensorRT is not asked to take an infinite threshold (its documentation does not
+    say that it does). NaN is refused: it would keep nothing in the op, and TensorRT's rule is unknown."""
+    if math.isnan(value):
+        raise ValueError(f"{NMS_OP}: the score threshold is NaN")
+    return float(np.finfo(np.float32).min) if value == -math.inf else value
+
+
 def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> tuple[Any, Any]:
     """`batched_nms_padded(boxes [B,N,4], scores [B,N], classes [B,N], iou, score_thr, max_out)` on INMSLayer.
 
@@ -275,9 +288,11 @@ def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[st
     the data-dependent `[M, 3]` selection is padded with -1 and sliced to a static `[max_out]`.
 
     Where TensorRT's NMS differs from the op (what a GPU run must check against the torch op):
-    - candidates: TensorRT keeps `score > score_threshold` (strict, float32), the op's rule too; how
-      TensorRT treats NaN scores and a -inf threshold (the RPN passes -inf, with invalid boxes
-      scored -inf) is not documented;
+    - candidates: TensorRT keeps `score > score_threshold` (strict, float32), the op's rule too. The
+      RPN passes -inf (keep every box but those scored -inf, the invalid ones); how TensorRT takes an
+      infinite threshold is not documented, so it gets the lowest finite float32 instead
+      (`nms_score_threshold`), the same rule for every score but exactly -3.4e38. How it treats
+      NaN scores is not documented either;
     - suppression: both drop a box whose IoU with a kept box is `> iou_threshold` (TensorRT keeps
       `IoU <= threshold`); the IoU arithmetic may differ in the last ulp, and the offset adds
       rounding (float32 ulp 1/128 px at class 90 of a 1344 px image), so IoUs equal to the
@@ -291,7 +306,6 @@ def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[st
     - boxes must be finite: a NaN or infinite coordinate poisons the span (the op lets such a box
       suppress nothing); the model clips every box, so it never has one.
     """
-    import numpy as np
     import tensorrt as trt
     from torch_tensorrt.dynamo.conversion.converter_utils import get_trt_tensor
 
@@ -331,7 +345,7 @@ def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[st
 
     max_per_class = scalar(max_output, np.int32, "max_output")
     iou = scalar(iou_threshold, np.float32, "iou")
-    threshold = scalar(score_threshold, np.float32, "score_threshold")
+    threshold = scalar(nms_score_threshold(score_threshold), np.float32, "score_threshold")
     box_column = scalar(2, np.int32, "box_column")
     padding = constant(np.full(max_output, -1), np.int32, "padding")
     rows, counts = [], []

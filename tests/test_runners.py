@@ -18,6 +18,7 @@ from model.engine import (
     TensorRTUnavailable,
     build_engine,
     manifest_path,
+    nms_score_threshold,
     op_arguments,
     prepare_static,
 )
@@ -430,3 +431,14 @@ def test_precision_errors(net):
         TorchRunner(net, precision="int8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="this StaticMaskRCNN already has its casts"):
         TorchRunner(StaticMaskRCNN(net), precision="fp16")
+
+
+def test_nms_score_threshold_for_tensorrt_is_finite_and_keeps_the_same_scores():
+    low = nms_score_threshold(float("-inf"))
+    assert np.isfinite(np.float32(low)) and low == float(np.finfo(np.float32).min)
+    # The op and INMSLayer both keep `score > threshold`: the same verdict on every score the RPN makes.
+    scores = np.array([-np.inf, -1e30, -3.0, 0.0, 5.0], dtype=np.float32)
+    assert ((scores > np.float32(-np.inf)) == (scores > np.float32(low))).all()
+    assert nms_score_threshold(0.05) == 0.05
+    with pytest.raises(ValueError, match="score threshold is NaN"):
+        nms_score_threshold(float("nan"))
