@@ -155,6 +155,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls after the first")
     parser.add_argument("--score-thresh", type=float, help="box score threshold (default: the config's)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="float32 products and convolutions in float32 on CUDA (default: TF32, as TensorRT)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms (process-wide; the pipeline does not)")
     parser.add_argument("--profile", action="store_true",
@@ -198,7 +200,7 @@ def main() -> int:
             try:
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph)
+                runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph, tf32=not args.no_tf32)
                 row.update(measure(runner, images[:batch], sizes[:batch], args.iters, args.warmup))
                 if args.device == "cuda":
                     row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -231,6 +233,7 @@ def main() -> int:
         "score_thresh": cfg.roi_heads.score_thresh,
         "weights": "golden (torchvision parity)" if state is not None else "seeded init",
         "cudnn_benchmark": bool(args.cudnn_benchmark),
+        "tf32": args.device == "cuda" and not args.no_tf32,
         "gflop_per_frame": gflop,
         "peak_tflops_compared": args.peak_tflops,
         "floor_ms_per_frame": gflop / args.peak_tflops,

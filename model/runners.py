@@ -106,10 +106,16 @@ class TorchRunner:
     convolutions channels_last on CPU.
 
     precision "fp16" runs the backbone + FPN in float16 (`model.static.with_precision`, the same
-    casts as an fp16 engine); it applies to a MaskRCNN, a StaticMaskRCNN keeps the casts it has."""
+    casts as an fp16 engine); it applies to a MaskRCNN, a StaticMaskRCNN keeps the casts it has.
+
+    tf32 (CUDA): float32 matrix products and convolutions may round their inputs to TF32 on tensor
+    cores (Ampere and later), as a TensorRT engine's float32 layers do by default (BuilderFlag.TF32).
+    torch's own defaults allow it for convolutions but not for matrix products, which leaves the box
+    head's 12544x1024 layer (26 GFLOP per frame at 1000 proposals) on the slower float32 units.
+    False keeps both in float32. The flags are torch's, process-wide: the last runner made sets them."""
 
     def __init__(self, model: MaskRCNN | StaticMaskRCNN, device: str = "cpu", cuda_graph: bool = True,
-                 precision: Precision = "fp32", channels_last: bool | None = None):
+                 precision: Precision = "fp32", channels_last: bool | None = None, tf32: bool = True):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -132,6 +138,10 @@ class TorchRunner:
             # Module.to takes memory_format (4-D weights only), which torch's type stubs leave out.
             self.static = self.static.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.device = device
+        self.tf32 = device == "cuda" and tf32
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
         self._host = HostBatch(self.input_shape, pinned=device == "cuda")
         self.graph_error: str | None = None  # why CUDA graphs are not used, once tried

@@ -426,6 +426,20 @@ def test_channels_last_changes_only_rounding(bundled):
     assert_same_detections(TorchRunner(net).infer(images, sizes), nchw.infer(images, sizes), box_px=1e-3, score=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_tf32_sets_torch_flags_and_finds_what_float32_finds(bundled):
+    """tf32=False: float32 products in float32; the default (as a TensorRT engine): the same objects."""
+    net, images, sizes = bundled
+    strict = TorchRunner(net, device="cuda", tf32=False)
+    assert not strict.tf32 and not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    full = strict.infer(images, sizes)
+    fast = TorchRunner(net, device="cuda")
+    assert fast.tf32 and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # TF32 rounds products' inputs to float16's 10 mantissa bits: fp16's tolerances.
+    assert_same_detections(fast.infer(images, sizes), full, box_px=1.0, score=2e-2)
+
+
 def test_precision_errors(net):
     with pytest.raises(ValueError, match="precision: expected one of fp32, fp16, got 'int8'"):
         TorchRunner(net, precision="int8")  # type: ignore[arg-type]
