@@ -200,7 +200,8 @@ def main() -> int:
             try:
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph, tf32=not args.no_tf32)
+                runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph,
+                                     tf32=not args.no_tf32)
                 row.update(measure(runner, images[:batch], sizes[:batch], args.iters, args.warmup))
                 if args.device == "cuda":
                     row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -9,7 +9,10 @@ they ran in, so the RPN's NMS and the box head's NMS come apart.
 Times are device (kernel) times on CUDA and CPU times on a CPU, in ms per forward:
 - stages: body, fpn, rpn, box_head, box_predictor, mask_head, mask_predictor, and "other"
   (the forward's total minus those: normalisation, RoIAlign, box decoding and detection NMS,
-  mask gathering);
+  mask gathering); also each stage's span ("span_ms"): on CUDA between two CUDA events (kernels
+  plus the gaps where the device waited for eager launches), on a CPU its wall time. Spans need
+  no CUPTI: where the profiler sees no kernels (CUPTI unavailable, as it may be in a sandbox),
+  they remain;
 - ops: each custom op under each stage it ran in;
 - kernels: the `top` kernels (CPU: aten ops) by self time.
 
@@ -18,6 +21,7 @@ Times are device (kernel) times on CUDA and CPU times on a CPU, in ms per forwar
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,20 +51,38 @@ def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mods[0] for name, mods in found.items()}
 
 
+def _mark(cuda: bool) -> Any:
+    """Now: a CUDA event recorded on the current stream (the device's timeline), or perf_counter()."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _elapsed_ms(start: Any, end: Any) -> float:
+    """ms between two marks; for CUDA events, once the device has passed `end`."""
+    return start.elapsed_time(end) if isinstance(start, torch.cuda.Event) else (end - start) * 1e3
+
+
 @contextmanager
-def _stage_ranges(model: nn.Module) -> Iterator[None]:
-    """Push a profiler range `stage/<name>` around each stage module's forward."""
-    open_ranges: dict[str, record_function] = {}
+def _stage_ranges(model: nn.Module, spans: dict[str, list[tuple[Any, Any]]], cuda: bool) -> Iterator[None]:
+    """Push a profiler range `stage/<name>` around each stage module's forward, and append its
+    (start, end) marks to spans[name]."""
+    open_ranges: dict[str, tuple[record_function, Any]] = {}
 
     def enter(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            open_ranges[name] = record_function(_PREFIX + name)
-            open_ranges[name].__enter__()
+            scope = record_function(_PREFIX + name)
+            scope.__enter__()
+            open_ranges[name] = (scope, _mark(cuda))
         return hook
 
     def leave(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            open_ranges.pop(name).__exit__(None, None, None)
+            scope, start = open_ranges.pop(name)
+            spans[name].append((start, _mark(cuda)))
+            scope.__exit__(None, None, None)
         return hook
 
     handles = []
@@ -93,16 +115,22 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
             return (event.device_time_total if total else event.self_device_time_total) / 1e3
         return (event.cpu_time_total if total else event.self_cpu_time_total) / 1e3
 
-    with torch.inference_mode(), _stage_ranges(static.model):
+    spans: dict[str, list[tuple[Any, Any]]] = {name: [] for name in (*STAGES, "forward")}
+    with torch.inference_mode(), _stage_ranges(static.model, spans, cuda):
         static(images, sizes)  # lazy initialisation stays out of the profile
+        for pairs in spans.values():  # in place: the hooks hold this dict
+            pairs.clear()
         if cuda:
             torch.cuda.synchronize()
         with profile(activities=activities) as prof:
             for _ in range(calls):
                 with record_function(_FORWARD):
+                    start = _mark(cuda)
                     static(images, sizes)
+                    spans["forward"].append((start, _mark(cuda)))
             if cuda:
                 torch.cuda.synchronize()
+    span_ms = {name: sum(_elapsed_ms(*pair) for pair in pairs) / calls for name, pairs in spans.items()}
 
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     total = sum(spent(e) for e in events if e.name == _FORWARD) / calls
@@ -115,6 +143,7 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
             key = (_enclosing_stage(event), event.name.split("::")[1])
             ops[key] = ops.get(key, 0.0) + spent(event) / calls
     stages["other"] = total - sum(stages.values())
+    span_ms["other"] = span_ms["forward"] - sum(span_ms[name] for name in STAGES)
 
     averages = prof.key_averages()
     if cuda:  # kernels: the events that ran on the device
@@ -127,7 +156,10 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
         "calls": calls,
         "time": "device (kernel) time" if cuda else "CPU time",
         "total_ms": total,
-        "stages": [{"stage": name, "ms": ms, "share": ms / total if total > 0 else 0.0} for name, ms in stages.items()],
+        "span": "CUDA events" if cuda else "wall time",
+        "span_total_ms": span_ms["forward"],
+        "stages": [{"stage": name, "ms": ms, "share": ms / total if total > 0 else 0.0, "span_ms": span_ms[name]}
+                   for name, ms in stages.items()],
         "ops": [{"stage": stage, "op": op, "ms": ms} for (stage, op), ms in sorted(ops.items())],
         "kernels": [{"name": a.key, "ms": spent(a, total=False) / calls, "count": a.count / calls}
                     for a in kernels[:top]],
@@ -136,9 +168,10 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
 
 def format_profile(report: dict[str, Any]) -> str:
     """The report as three small tables."""
-    lines = [f"per forward, {report['time']}, mean of {report['calls']}: total {report['total_ms']:.2f} ms"]
-    lines += [f"  {'stage':<16} {'ms':>8} {'share':>6}"]
-    lines += [f"  {s['stage']:<16} {s['ms']:>8.2f} {s['share']:>6.1%}" for s in report["stages"]]
+    lines = [f"per forward, {report['time']}, mean of {report['calls']}: total {report['total_ms']:.2f} ms "
+             f"(span, {report['span']}: {report['span_total_ms']:.2f} ms)"]
+    lines += [f"  {'stage':<16} {'ms':>8} {'share':>6} {'span ms':>8}"]
+    lines += [f"  {s['stage']:<16} {s['ms']:>8.2f} {s['share']:>6.1%} {s['span_ms']:>8.2f}" for s in report["stages"]]
     lines += [f"  {'op (in stage)':<40} {'ms':>8}"]
     lines += [f"  {o['op'] + ' (' + o['stage'] + ')':<40} {o['ms']:>8.2f}" for o in report["ops"]]
     lines += [f"  {'kernel':<70} {'ms':>8} {'count':>6}"]

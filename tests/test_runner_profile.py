@@ -45,6 +45,10 @@ def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(static
     ops = {(o["stage"], o["op"]) for o in report["ops"]}
     # The RPN's NMS runs inside the rpn module; RoIAlign and the detection NMS in RoIHeads' own code.
     assert ops == {("rpn", "batched_nms_padded"), ("other", "batched_nms_padded"), ("other", "multiscale_roi_align")}
+    # Spans (wall time here, CUDA events on a GPU): measured per stage, each within the forward's.
+    assert report["span"] == "wall time"
+    assert all(0 < stages[name]["span_ms"] < report["span_total_ms"] for name in runner_profile.STAGES)
+    assert stages["other"]["span_ms"] >= 0
     assert report["kernels"] and all(k["ms"] >= 0 for k in report["kernels"])
     assert "total" in runner_profile.format_profile(report)
     # The hooks are gone afterwards: a later forward pays nothing for the profile.
