@@ -22,7 +22,9 @@ Where the figures come from:
   live drop rates over the window after warm-up, from the cumulative counts in the headers.
 - Processes: /proc/PID/stat (utime + stime) and /proc/PID/status (VmRSS, VmHWM) of every stage
   process, sampled every sample_s; GPU memory per process from `nvidia-smi` where CUDA is
-  available (a stage's torch allocator lives in its own process, out of the bench's reach).
+  available and it lists our process ids, else the peak the process's own torch allocator
+  reserved, from its heartbeat (in a container nvidia-smi often lists host ids instead; the
+  allocator's figure leaves out the CUDA context's few hundred MB).
 
 Library code: raises BenchError (a failed run, no frames) and never prints.
 """
@@ -44,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.client import Subscriber
-from pipeline.messages import Detections, EndOfStream, MessageError, StageStamp
+from pipeline.messages import Detections, EndOfStream, MessageError, StageReport, StageStamp
 from pipeline.run_config import RunConfig, plan
 from pipeline.supervisor import RunReport, Supervisor
 
@@ -201,8 +203,17 @@ def _sample(supervisor: Supervisor, traces: dict[int, ProcessTrace], gpu: _GpuMe
         trace = traces.setdefault(pid, ProcessTrace(name, pid))
         trace.samples.append((now, cpu_s))
         trace.rss_kb, trace.peak_rss_kb = rss_kb, max(trace.peak_rss_kb, peak_kb)
-        if pid in gpu_by_pid:
-            trace.gpu_mb = max(trace.gpu_mb or 0.0, gpu_by_pid[pid])
+        seen = process_gpu_mb(pid, gpu_by_pid, supervisor.latest.get(name))
+        if seen is not None:
+            trace.gpu_mb = max(trace.gpu_mb or 0.0, seen)
+
+
+def process_gpu_mb(pid: int, gpu_by_pid: dict[int, float], heartbeat: StageReport | None) -> float | None:
+    """GPU MB of process `pid`: nvidia-smi's figure when it lists the pid, else what the process's
+    last heartbeat said (a heartbeat of an earlier process of the same stage does not count)."""
+    if pid in gpu_by_pid:
+        return gpu_by_pid[pid]
+    return heartbeat.gpu_mb if heartbeat is not None and heartbeat.pid == pid else None
 
 
 def _proc_usage(pid: int) -> tuple[float, int, int]:

@@ -196,6 +196,7 @@ class StageReport:
     busy_s: float = 0.0  # seconds spent inside process(), to tell a busy stage from a starved one
     streams: tuple[StreamProgress, ...] = ()
     fatal: str = ""
+    gpu_mb: float | None = None  # peak of this process's torch CUDA allocator; None where it has not used CUDA
 
 
 Message = Frame | ModelInput | RawDetections | Detections | EndOfStream

@@ -36,6 +36,7 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,18 @@ def _raise_stopped(signum: int, frame: Any) -> None:
     raise StageStopped(f"signal {signum}")
 
 
+def gpu_memory_mb() -> float | None:
+    """Peak MB this process's torch CUDA allocator has reserved, None where it has not used CUDA.
+
+    Read only when torch is imported already: a stage that never loads it does not load it for this.
+    The CUDA context itself (a few hundred MB) is not in it; nvidia-smi's per-process figure has it
+    but, in a container, often lists host process ids that match none of ours."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return float(torch.cuda.max_memory_reserved()) / 2**20
+
+
 class _Loop:
     """Sockets, counters and heartbeats shared by run_stage and run_source."""
 
@@ -179,7 +192,7 @@ class _Loop:
         self.reporter.send(
             StageReport(
                 stage=self.wiring.stage, pid=os.getpid(), sent_at=now, last_error=self.last_error,
-                busy_s=self.busy_s, streams=streams, fatal=fatal, **self.counts,
+                busy_s=self.busy_s, streams=streams, fatal=fatal, gpu_mb=gpu_memory_mb(), **self.counts,
             ),
             self.metrics.snapshot(),
         )

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 
-from pipeline.bench import bench_fields, search_rate
+from pipeline.bench import bench_fields, process_gpu_mb, search_rate
 from pipeline.cli import main
+from pipeline.messages import StageReport
 from pipeline.sources import SourceSpec, VideoSource
+from pipeline.stage import gpu_memory_mb
 from pipeline.video import write_test_clip
 from tests.test_pipeline import AFTER_INFERENCE_S, INFER_STALENESS_S, ROOT, STAGES, TINY_MODEL
 
@@ -84,6 +87,22 @@ def test_live_bench_over_capacity_drops_counted_and_latency_bounded(tmp_path):
     assert run["rate_fps_per_stream"] == 60
     assert run["decoded_to_infer_s"]["max"] <= run["staleness_budget_s"] == INFER_STALENESS_S
     assert run["end_to_end_s"]["p99"] <= INFER_STALENESS_S + AFTER_INFERENCE_S
+
+
+def test_gpu_memory_from_nvidia_smi_else_from_the_process_heartbeat():
+    heartbeat = StageReport("infer.0", 41, 1.0, gpu_mb=900.0)
+    assert process_gpu_mb(41, {41: 1400.0}, heartbeat) == 1400.0  # nvidia-smi lists it: context included
+    assert process_gpu_mb(41, {7: 1400.0}, heartbeat) == 900.0  # host pids in a container: its own figure
+    assert process_gpu_mb(42, {}, heartbeat) is None  # an earlier process of the stage said that
+    assert process_gpu_mb(41, {}, None) is None
+
+
+def test_gpu_memory_mb_is_the_allocator_peak_or_none_without_cuda():
+    if torch.cuda.is_available():
+        torch.ones(1024, device="cuda")
+        assert gpu_memory_mb() >= 1024 * 4 / 2**20
+    else:
+        assert gpu_memory_mb() is None
 
 
 def test_rate_search_brackets_then_bisects_to_the_highest_sustained_rate():

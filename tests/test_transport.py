@@ -65,6 +65,8 @@ def test_malformed_internal_messages_say_what_is_wrong(frames, what):
 def test_stage_report_round_trip():
     report = StageReport("decode.cam", 12, 3.5, received=1, streams=(StreamProgress("cam", 4, 1, 5, True, "x"),))
     assert decode_report(encode_report(report)) == report
+    on_gpu = StageReport("infer.0", 13, 4.0, gpu_mb=5120.5)
+    assert decode_report(encode_report(on_gpu)).gpu_mb == 5120.5
     with pytest.raises(MessageError):
         decode_report(b"\x01")
 
