@@ -104,6 +104,18 @@ def _enclosing_stage(event: Any) -> str:
     return "other"
 
 
+def _kernels(averages: Any, cuda: bool) -> list[Any]:
+    """The profiler's averages that are kernels: on CUDA the events that ran on the device, on a CPU
+    the aten ops. Never a profiler range: on CUDA each range (our stage/* ones included) also comes
+    back as a device event (Kineto's gpu_user_annotation, DeviceType.CUDA, as long as the kernels
+    it spans), which torch's own tables leave out of device time by its is_user_annotation."""
+    if not cuda:
+        return [a for a in averages if not a.key.startswith(_PREFIX)]
+    return [a for a in averages if a.self_device_time_total > 0
+            and getattr(a, "device_type", None) != torch.autograd.DeviceType.CPU
+            and not getattr(a, "is_user_annotation", False) and not a.key.startswith(_PREFIX)]
+
+
 def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor, calls: int = 3,
                     top: int = 15) -> dict[str, Any]:
     """Profile `calls` forwards of `static` (a StaticMaskRCNN) on inputs already on its device."""
@@ -145,12 +157,7 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
     stages["other"] = total - sum(stages.values())
     span_ms["other"] = span_ms["forward"] - sum(span_ms[name] for name in STAGES)
 
-    averages = prof.key_averages()
-    if cuda:  # kernels: the events that ran on the device
-        kernels = [a for a in averages if a.self_device_time_total > 0
-                   and getattr(a, "device_type", None) != torch.autograd.DeviceType.CPU]
-    else:
-        kernels = [a for a in averages if not a.key.startswith(_PREFIX)]
+    kernels = _kernels(prof.key_averages(), cuda)
     kernels.sort(key=lambda a: spent(a, total=False), reverse=True)
     return {
         "calls": calls,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -63,3 +64,19 @@ def test_stage_modules_found_through_the_fp16_wrapper(static):
 def test_stage_modules_names_the_missing_stages():
     with pytest.raises(ValueError, match="'body': 0.*'mask_predictor': 0"):
         runner_profile.stage_modules(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_cuda_kernel_list_leaves_out_profiler_ranges():
+    """On CUDA every record_function range also comes back as a device event (Kineto's
+    gpu_user_annotation, DeviceType.CUDA, as long as the kernels it spans): stage/forward would
+    otherwise head the kernel table. Stand-ins for torch's FunctionEventAvg, as a GPU run gives them."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def avg(key, device_type, self_us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_us,
+                               is_user_annotation=annotation)
+
+    averages = [avg("stage/forward", cuda, 9000, annotation=True), avg("stage/body", cuda, 5000, annotation=True),
+                avg("nccl:other_range", cuda, 700, annotation=True), avg("roi_align_kernel", cuda, 300),
+                avg("aten::conv2d", cpu, 4000), avg("idle_kernel", cuda, 0)]
+    assert [a.key for a in runner_profile._kernels(averages, cuda=True)] == ["roi_align_kernel"]
