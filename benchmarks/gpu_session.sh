@@ -41,6 +41,7 @@ ONLY=${ONLY:-}  # space-separated step names to run; empty: all
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 RESULTS=$(mktemp -d /tmp/gpu_results.XXXXXX)
+trap 'rm -rf "$RESULTS"' EXIT  # everything in it is packed into $OUT after each step
 LOG=$OUT/gpu_session.log
 mkdir -p "$OUT"
 : > "$LOG"
@@ -126,9 +127,15 @@ archive
 TESTS=(tests/test_roi_align_triton.py tests/test_runners.py tests/test_tensorrt.py tests/test_roi_align.py
        tests/test_nms.py)
 [ -f tests/test_nms_triton.py ] && TESTS+=(tests/test_nms_triton.py)
-PYTEST_OPTS=(-q -p no:cacheprovider -rs --durations=15 -k "not interpreter" --junitxml="$RESULTS/pytest_$TAG.xml")
+# The raw driver launch of the AOT PTX runs alone, after the rest: a fault there would leave the
+# process's CUDA context unusable and fail every GPU test after it.
+AOT_LAUNCH=launched_like_tensorrt
+PYTEST_OPTS=(-q -p no:cacheprovider -rs --durations=15)
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout=150)
-step pytest 180 $PY -m pytest "${PYTEST_OPTS[@]}" "${TESTS[@]}"
+step pytest 180 $PY -m pytest "${PYTEST_OPTS[@]}" -k "not interpreter and not $AOT_LAUNCH" \
+    --junitxml="$RESULTS/pytest_$TAG.xml" "${TESTS[@]}"
+step pytest_aot_launch 60 $PY -m pytest "${PYTEST_OPTS[@]}" -k "$AOT_LAUNCH" \
+    --junitxml="$RESULTS/pytest_aot_launch_$TAG.xml" tests/test_roi_align_triton.py
 
 # 2-3. Kernel and runner benchmarks (JSON + table each).
 if ((SMOKE)); then

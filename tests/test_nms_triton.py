@@ -169,6 +169,7 @@ def test_compiled_for_hopper_keeps_the_cpu_arithmetic():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
 
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", CASES)
 def test_cuda_op_matches_the_cpu_op(name):
@@ -182,6 +183,7 @@ def test_cuda_op_matches_the_cpu_op(name):
     assert torch.equal(via_op[0].cpu(), expected_keep) and torch.equal(via_op[1].cpu(), expected_num)
 
 
+@pytest.mark.gpu
 @gpu
 def test_cuda_op_is_capturable_in_a_cuda_graph():
     case = random_case(4)
