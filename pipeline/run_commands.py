@@ -67,7 +67,8 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model, else lite)")
     p.add_argument("--checkpoint", type=Path, help="model weights")
     p.add_argument("--engine", type=Path, help="TensorRT engine (with its manifest beside it)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where the torch runner runs (default auto: CUDA when there is a device)")
     p.add_argument("--precision", choices=["fp32", "fp16"],
                    help="torch runner: fp16 runs the backbone + FPN in float16 (default fp32); "
                         "with --engine, the precision it must have been built with")
