@@ -6,8 +6,9 @@
 #   3. benchmarks/bench_cuda_runner.py: TorchRunner frames/s, R50-FPN 800x1344, batch 1/8, fp16/fp32,
 #      each row profiled: device time per model stage, custom op (RoIAlign, NMS) and kernel;
 #   4. maskstream bench with the CUDA runner, R50-FPN 800x1344, batch 8 and 1 (per-stage shares);
-#   5. if time is left: runner rows without TF32, with cuDNN autotuning, NCHW vs channels_last (on
-#      for CPU, not yet for CUDA: this decides), and with every box past the score threshold.
+#   5. if time is left: the pipeline at batch 8 with infer.overlap, runner rows without TF32, with
+#      cuDNN autotuning, NCHW vs channels_last (on for CPU, not yet for CUDA: this decides), and
+#      with every box past the score threshold.
 # Each step is time-boxed and the run goes on past a failed one; a global deadline (BUDGET_S) keeps
 # the whole under the device call's limit, most important steps first. Everything is logged to
 # $OUT/gpu_session.log, and after every step the results folder is re-packed into
@@ -172,9 +173,13 @@ else
         --out "$RESULTS/bench_r50_cuda_b1.json"
 fi
 
-# 5. Extras, only with time to spare: float32 products without TF32 (the runner's default has it, as
-# TensorRT), cuDNN autotuning, NCHW vs channels_last, and the worst case for NMS (score threshold 0).
+# 5. Extras, only with time to spare: the pipeline at batch 8 with a batch kept on the device while the
+# next fills (infer.overlap, off by default until this measures it), float32 products without TF32
+# (the runner's default has it, as TensorRT), cuDNN autotuning, NCHW vs channels_last, and the
+# worst case for NMS (score threshold 0).
 if ((!SMOKE)); then
+    step bench_pipeline_b8_overlap 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
+        --set infer.overlap=true --out "$RESULTS/bench_r50_cuda_b8_overlap.json"
     step runner_no_tf32 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 fp32 \
         --no-tf32 --out "$RESULTS/cuda_runner_${TAG}_no_tf32.json"
     step runner_cudnn_benchmark 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \

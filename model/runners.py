@@ -3,6 +3,8 @@
     runner = make_runner(RunnerSpec(engine=Path("maskrcnn.engine")))   # chosen once, at start
     out = runner.infer(images, image_sizes)    # uint8 [B, 3, H, W], int [B, 2] (h, w)
     out["boxes"]                               # float32 [B, K, 4]; keys = model.static.OUTPUT_NAMES
+    batch = runner.submit(images, image_sizes) # the same, started: on CUDA it returns at once,
+    out = batch.result()                       # and result() waits for the device
 
 Every runner returns the same fixed-shape arrays: num_detections int64 [B], boxes float32 [B, K, 4],
 scores float32 [B, K], labels int64 [B, K], mask_probs float32 [B, K, 28, 28]; rows past
@@ -31,6 +33,8 @@ from plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorr
 
 __all__ = [
     "OUTPUT_DTYPES",
+    "Completed",
+    "PendingBatch",
     "Runner",
     "RunnerSpec",
     "TensorRTRunner",
@@ -50,10 +54,39 @@ OUTPUT_DTYPES: dict[str, type[np.generic]] = {
 }
 
 
+class PendingBatch(Protocol):
+    """A batch given to `Runner.submit`: `result()` waits for it and returns its outputs."""
+
+    def result(self) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A batch that ran to the end inside `submit` (CPU, TensorRT): its outputs, the caller's own."""
+
+    outputs: dict[str, np.ndarray]
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self.outputs
+
+
+class _OnDevice:
+    """A batch queued on a CUDA stream, its outputs copied into page-locked arrays behind it."""
+
+    def __init__(self, outputs: dict[str, np.ndarray], done: torch.cuda.Event):
+        self._outputs, self._done = outputs, done
+
+    def result(self) -> dict[str, np.ndarray]:
+        self._done.synchronize()
+        return self._outputs
+
+
 class Runner(Protocol):
     input_shape: tuple[int, int, int, int]
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def submit(self, images: np.ndarray, image_sizes: np.ndarray) -> PendingBatch: ...
 
     def input_buffer(self) -> np.ndarray: ...
 
@@ -68,11 +101,13 @@ class HostBatch:
         self.tensor = torch.zeros(shape, dtype=torch.uint8, pin_memory=pinned)
         self.array: np.ndarray = self.tensor.numpy()
 
+    def holds(self, images: np.ndarray) -> bool:
+        """Whether `images` is this buffer (the caller filled it in place)."""
+        return images.__array_interface__["data"][0] == self.tensor.data_ptr() and images.shape == self.array.shape
+
     def as_tensor(self, images: np.ndarray) -> torch.Tensor:
         """`images` as a CPU tensor: the page-locked one itself when the caller filled this buffer."""
-        if images.__array_interface__["data"][0] == self.tensor.data_ptr() and images.shape == self.array.shape:
-            return self.tensor
-        return torch.from_numpy(images)
+        return self.tensor if self.holds(images) else torch.from_numpy(images)
 
 
 def check_inputs(images: Any, image_sizes: Any, shape: tuple[int, int, int, int]) -> None:
@@ -92,6 +127,9 @@ def check_inputs(images: Any, image_sizes: Any, shape: tuple[int, int, int, int]
     hs, ws = image_sizes[:, 0], image_sizes[:, 1]
     if (hs < 1).any() or (hs > h).any() or (ws < 1).any() or (ws > w).any():
         raise ValueError(f"image_sizes: every (h, w) must be within 1..{h} x 1..{w}, got {image_sizes.tolist()}")
+
+
+_TORCH_OUTPUT_DTYPES = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, dtype in OUTPUT_DTYPES.items()}
 
 
 def _to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -143,7 +181,14 @@ class TorchRunner:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
-        self._host = HostBatch(self.input_shape, pinned=device == "cuda")
+        # The batches callers fill in place (input_buffer()). On CUDA two, page-locked, taken in
+        # turn by `submit`: one fills while the other is copied in and run. Outputs likewise.
+        cuda = device == "cuda"
+        self._hosts = [HostBatch(self.input_shape, pinned=cuda) for _ in range(2 if cuda else 1)]
+        self._host_sizes = [torch.zeros((self.input_shape[0], 2), dtype=torch.int64, pin_memory=cuda)
+                            for _ in self._hosts]
+        self._host_outputs: list[dict[str, torch.Tensor] | None] = [None] * len(self._hosts)
+        self._slot = 0  # the batch input_buffer() hands out
         self.graph_error: str | None = None  # why CUDA graphs are not used, once tried
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_in: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -159,16 +204,47 @@ class TorchRunner:
         return cls(build(config=config, checkpoint=checkpoint), device=device, precision=precision)
 
     def input_buffer(self) -> np.ndarray:
-        return self._host.array
+        return self._hosts[self._slot].array
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         check_inputs(images, image_sizes, self.input_shape)
         # Copies to the device may be asynchronous: reading the outputs back waits for them.
-        return _to_numpy(self._run(self._host.as_tensor(images), torch.from_numpy(image_sizes.astype(np.int64))))
+        return _to_numpy(self._run(self._host_tensor(images), torch.from_numpy(image_sizes.astype(np.int64))))
+
+    def submit(self, images: np.ndarray, image_sizes: np.ndarray) -> PendingBatch:
+        """Start a batch. On CUDA this returns once the copy in, the forward and the copy out are
+        queued, and input_buffer() then hands out the other batch to fill meanwhile; the result's
+        arrays are reused two submits later, so copy what must outlive that. On CPU it runs here."""
+        if self.device != "cuda":
+            return Completed(self.infer(images, image_sizes))
+        check_inputs(images, image_sizes, self.input_shape)
+        slot, self._slot = self._slot, (self._slot + 1) % len(self._hosts)
+        # Page-locked sizes too: a copy from pageable memory may wait for the stream.
+        sizes = self._host_sizes[slot].copy_(torch.from_numpy(image_sizes.astype(np.int64)))
+        outputs = self._run(self._host_tensor(images), sizes)
+        host = self._host_outputs[slot]
+        if host is None:  # shapes are fixed: allocated on the first batch of each slot
+            host = {name: torch.empty(outputs[name].shape, dtype=_TORCH_OUTPUT_DTYPES[name], pin_memory=True)
+                    for name in OUTPUT_NAMES}
+            self._host_outputs[slot] = host
+        for name in OUTPUT_NAMES:
+            host[name].copy_(outputs[name].to(host[name].dtype), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _OnDevice({name: host[name].numpy() for name in OUTPUT_NAMES}, done)
+
+    def _host_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """`images` as a CPU tensor: one of the page-locked batches when the caller filled one."""
+        for host in self._hosts:
+            if host.holds(images):
+                return host.tensor
+        return torch.from_numpy(images)
 
     def _eager(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            return self.static(images.to(self.device, non_blocking=True), image_sizes.to(self.device))
+            # Both copies asynchronous: a blocking one waits for the stream (a batch submitted before).
+            sizes = image_sizes.to(self.device, non_blocking=True)
+            return self.static(images.to(self.device, non_blocking=True), sizes)
 
     def _first_cuda_call(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         static_in = (images.to("cuda"), image_sizes.to("cuda"))
@@ -195,7 +271,7 @@ class TorchRunner:
     def _replay(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         assert self._graph is not None and self._static_in is not None and self._static_out is not None
         self._static_in[0].copy_(images, non_blocking=True)
-        self._static_in[1].copy_(image_sizes)
+        self._static_in[1].copy_(image_sizes, non_blocking=True)  # a blocking copy waits for the stream
         self._graph.replay()
         return {name: t.clone() for name, t in self._static_out.items()}
 
@@ -309,6 +385,10 @@ class TensorRTRunner:
 
     def input_buffer(self) -> np.ndarray:
         return self._host.array
+
+    def submit(self, images: np.ndarray, image_sizes: np.ndarray) -> PendingBatch:
+        """`infer`, run to the end here: one engine context runs one batch at a time."""
+        return Completed(self.infer(images, image_sizes))
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         check_inputs(images, image_sizes, self.input_shape)

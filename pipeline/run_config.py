@@ -75,6 +75,7 @@ class InferOptions:
     batch_timeout_s: float = 0.005
     staleness_s: float = 1.0  # live frames older than this at inference are dropped
     threads: int = 0  # torch intra-op threads in the inference process; 0: all cores
+    overlap: bool = False  # CUDA: keep a batch on the device while the next fills (pipeline/stages/infer.py)
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,8 @@ def plan(cfg: RunConfig) -> Plan:
                             precision=cfg.model.precision)
         specs.append(StageSpec(
             infer.main,
-            infer.InferConfig(runner, cfg.model.seed, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live),
+            infer.InferConfig(runner, cfg.model.seed, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
+                              overlap=cfg.infer.overlap),
             wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads)))
         names = class_names(model_cfg.num_classes, model_cfg.class_names)
         specs += [

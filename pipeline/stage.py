@@ -20,9 +20,10 @@ stream has overtaken in that queue goes to `overtaken(message)` (the stage count
 instead of `process`, so a slow stage answers for the newest frame, not for a backlog.
 
 The loop owns the sockets (pipeline.transport), stamps headers with the stage's receive and
-send times, sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every
-heartbeat_s, and survives bad input: a malformed message is counted and logged with the
-socket and what was wrong, a message whose processing raises is counted and logged, and the
+send times (an output wrapped in `Timed` gives when the stage's work on it began instead),
+sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every heartbeat_s, and
+survives bad input: a malformed message is counted and logged with the socket and what was
+wrong, a message whose processing raises is counted and logged, and the
 loop goes on. Signals: SIGINT is ignored (the supervisor decides; a terminal's Ctrl-C reaches
 the whole process group), SIGTERM stops the loop at once (close() still runs), SIGUSR1 asks a
 source to drain. A stage whose parent (the supervisor) has died stops too.
@@ -54,8 +55,21 @@ __all__ = ["OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_so
 log = logging.getLogger("maskstream.stage")
 
 
+@dataclass(frozen=True)
+class Timed:
+    """A stage's output whose work began at `start` (time.monotonic()), not when the message that
+    released it arrived: the inference stage's batch kept on the device while the next one fills
+    began when it was submitted, and its frames' stamps must say so."""
+
+    message: Message
+    start: float
+
+
+Output = Message | Timed
+
+
 class Stage(Protocol):
-    def process(self, message: Message) -> Message | Sequence[Message] | None: ...
+    def process(self, message: Message) -> Output | Sequence[Output] | None: ...
 
 
 class Source(Protocol):
@@ -202,8 +216,11 @@ class _Loop:
         self.metrics.inc(ERRORS, stream)
         log.warning("%s", self.last_error)
 
-    def send(self, message: Message, start: float, block: bool = True) -> bool:
+    def send(self, message: Output, start: float, block: bool = True) -> bool:
         """Stamp and send one message; False if it was dropped (block=False and no room)."""
+        if isinstance(message, Timed):
+            start = message.start
+            message = message.message
         stream = message.header.stream_id
         message = dataclasses.replace(message, header=message.header.stamped(self.kind, start, time.monotonic()))
         if self.outbox is None and message.header.stamps:  # the last stage; the first stamp is the decode time
@@ -234,7 +251,7 @@ class _Loop:
         self.readers.close()
 
 
-def _outputs(result: Message | Sequence[Message] | None) -> Sequence[Message]:
+def _outputs(result: Output | Sequence[Output] | None) -> Sequence[Output]:
     if result is None:
         return ()
     if isinstance(result, Sequence):
@@ -258,7 +275,7 @@ def _start(make: Callable[[_Loop], Any], wiring: Wiring) -> tuple[_Loop, Any]:
     return loop, stage
 
 
-def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], start: float) -> Sequence[Message]:
+def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], start: float) -> Sequence[Output]:
     """One received message through the stage's `action` (process, or overtaken). A function
     of its own so that nothing here (the input's arrays point into ring slots) outlives it."""
     assert loop.inbox is not None

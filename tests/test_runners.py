@@ -26,6 +26,7 @@ from model.fuse import fold_batch_norms
 from model.mask_rcnn import build, default_config
 from model.runners import (
     OUTPUT_DTYPES,
+    Completed,
     RunnerSpec,
     TensorRTRunner,
     TorchRunner,
@@ -140,13 +141,22 @@ def test_torch_runner_rejects_bad_inputs(net, frames, images, sizes, error, mess
     assert message in str(info.value)
 
 
+def test_cpu_submit_runs_the_batch_at_once(net, frames):
+    runner = TorchRunner(net, device="cpu")
+    pending = runner.submit(*frames)
+    assert isinstance(pending, Completed)  # on CPU submit runs to the end; the stage then overlaps nothing
+    want = runner.infer(*frames)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(pending.result()[name], want[name], err_msg=name)
+
+
 def test_torch_runner_input_buffer_is_the_fast_path_for_the_same_result(net, frames):
     runner = TorchRunner(net, device="cpu")
     buffer = runner.input_buffer()
     assert buffer.dtype == np.uint8 and buffer.shape == runner.input_shape and buffer is runner.input_buffer()
     buffer[...] = frames[0]
     filled = runner.infer(buffer, frames[1])
-    assert runner._host.as_tensor(buffer) is runner._host.tensor  # no copy on the way in
+    assert runner._host_tensor(buffer) is runner._hosts[0].tensor  # no copy on the way in
     other = runner.infer(frames[0].copy(), frames[1])  # any array still works
     for name in OUTPUT_NAMES:
         np.testing.assert_array_equal(filled[name], other[name], err_msg=name)
@@ -166,7 +176,7 @@ def test_torch_runner_cuda_graph_replays_the_eager_outputs(net, frames):
     """The whole static graph (Triton RoIAlign and NMS included) captures into one CUDA graph, and
     its replays give what the same graph gives eagerly on the device."""
     graphed = TorchRunner(net, device="cuda")
-    assert graphed._host.tensor.is_pinned()  # the batch the inference stage fills: DMA to the device
+    assert all(host.tensor.is_pinned() for host in graphed._hosts)  # the batches the stage fills: DMA
     graphed.input_buffer()[...] = frames[0]
     first = graphed.infer(graphed.input_buffer(), frames[1])  # warm-up + capture + first replay
     assert graphed.graph_error is None
@@ -177,6 +187,30 @@ def test_torch_runner_cuda_graph_replays_the_eager_outputs(net, frames):
         np.testing.assert_array_equal(again[name], first[name], err_msg=name)
         np.testing.assert_allclose(first[name], eager[name], rtol=1e-4, atol=1e-4, err_msg=name)
     assert (first["num_detections"] == SHAPE.detections).all()  # score threshold 0: every slot filled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_torch_runner_cuda_submit_overlaps_and_gives_what_infer_gives(net, frames):
+    """submit returns with the batch queued; the next input_buffer() is the other page-locked
+    batch, filled while the first runs; each result equals infer's on the same frames."""
+    runner = TorchRunner(net, device="cuda")
+    first_buffer = runner.input_buffer()
+    first_buffer[...] = frames[0]
+    want = runner.infer(first_buffer, frames[1])
+    flipped = frames[0][::-1].copy()  # the batch's frames in the other order
+    want_flipped = runner.infer(flipped, frames[1][::-1].copy())
+
+    pending = runner.submit(first_buffer, frames[1])
+    second_buffer = runner.input_buffer()
+    assert second_buffer.ctypes.data != first_buffer.ctypes.data  # the other batch, free to fill now
+    second_buffer[...] = flipped
+    pending_flipped = runner.submit(second_buffer, frames[1][::-1].copy())
+    assert runner.input_buffer().ctypes.data == first_buffer.ctypes.data
+    got, got_flipped = pending.result(), pending_flipped.result()
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        np.testing.assert_array_equal(got_flipped[name], want_flipped[name], err_msg=name)
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -1,14 +1,22 @@
-"""Stage classes without sockets: decode's colour conversion, preprocess geometry, postprocess
-output, publish's reordering."""
+"""Stage classes without sockets: decode's colour conversion, preprocess geometry, inference
+batching, postprocess output, publish's reordering."""
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import av
 import numpy as np
 import pytest
 
+from model.config import StaticGraphConfig
+from model.mask_rcnn import default_config
+from model.runners import RunnerSpec
 from pipeline.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
 from pipeline.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
 from pipeline.reorder import Reorderer
+from pipeline.stage import Timed
+from pipeline.stages.infer import InferConfig, InferStage
 from pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
 from pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
 
@@ -87,3 +95,57 @@ def test_live_never_waits_and_drops_late_frames():
     order = Reorderer({"s": True}, gap_timeout_s=10, overtake_limit=100)
     assert [m.header.seq for m in order.push(_f(2))] == [2]
     assert order.push(_f(1)) == [] and order.streams["s"].lost == 1
+
+
+# ----------------------------------------------------------------------------- infer
+
+
+def _infer_stage(overlap: bool) -> InferStage:
+    cfg = default_config("lite")
+    cfg = dataclasses.replace(
+        cfg, static=StaticGraphConfig(batch=2, height=128, width=160, detections=10),
+        roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=10),
+        rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
+    )
+    return InferStage(InferConfig(RunnerSpec(config=cfg, device="cpu"), seed=0, overlap=overlap))
+
+
+def _model_input(stream: str, seq: int) -> ModelInput:
+    image = np.random.default_rng(seq).integers(0, 256, (3, 128, 160), dtype=np.uint8)
+    return ModelInput(Header(stream, seq), image, (128, 160 - 8 * seq), (240, 320))
+
+
+def _key(output):
+    message = output.message if isinstance(output, Timed) else output
+    if isinstance(message, EndOfStream):
+        return (message.header.stream_id, message.header.seq, "end")
+    return (message.header.stream_id, message.header.seq, message.boxes.tobytes(), message.mask_probs.tobytes())
+
+
+def test_infer_overlap_gives_the_same_results_one_batch_later_and_ends_streams_after_their_frames():
+    """With overlap a batch's results leave when the next batch goes in (or on the idle flush),
+    in order, each stamped from its submission; an end of stream drains what is in flight."""
+    arrivals = [_model_input("a", 0), _model_input("b", 0), _model_input("a", 1), _model_input("b", 1),
+                _model_input("a", 2)]
+    runs = {}
+    for overlap in (False, True):
+        stage, steps = _infer_stage(overlap), []
+        for message in arrivals:
+            steps.append([_key(out) for out in stage.process(message)])
+        steps.append([_key(out) for out in stage.process(EndOfStream(Header("a", 3)))])
+        steps.append([_key(out) for out in stage.flush()])  # nothing left
+        runs[overlap] = steps
+        assert stage.idle_timeout_s is None and not stage.pending and stage.in_flight is None
+    sync, overlapped = runs[False], runs[True]
+    assert [len(step) for step in sync] == [0, 2, 0, 2, 0, 2, 0]  # a2 runs alone at the end of stream a
+    assert [len(step) for step in overlapped] == [0, 0, 0, 2, 0, 4, 0]  # a batch later; the end drains both
+    assert sum(sync, []) == sum(overlapped, [])  # same frames, same order, same outputs
+
+    stage = _infer_stage(True)
+    before = time.monotonic()
+    assert stage.process(_model_input("a", 0)) == [] and stage.process(_model_input("a", 1)) == []
+    assert stage.in_flight is not None and stage.idle_timeout_s == stage.config.batch_timeout_s
+    idle = stage.flush()  # nothing arrived for batch_timeout_s: the batch in flight comes out
+    assert [_key(out)[:2] for out in idle] == [("a", 0), ("a", 1)]
+    assert all(isinstance(out, Timed) and before <= out.start <= time.monotonic() for out in idle)
+    assert stage.idle_timeout_s is None

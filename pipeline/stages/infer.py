@@ -3,6 +3,12 @@
 The runner is chosen once, at start (model.runners.make_runner). A partial batch runs once no
 frame arrived for batch_timeout_s. Live frames older than staleness_s are dropped here, so
 a slow model answers for the newest frames instead of working through a backlog.
+
+overlap (CUDA): a batch is submitted and left on the device while the next one fills; its
+results go out when that next batch is submitted (or nothing arrived for batch_timeout_s), so
+copying frames in and sending results no longer wait on the device, nor the device on them.
+Its frames' stamps start when it was submitted (`Timed`). Off, each batch runs to the end
+before the stage takes the next frame. A live frame waits at most one batch longer with it.
 """
 from __future__ import annotations
 
@@ -13,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.runners import RunnerSpec, make_runner
+from model.runners import Completed, PendingBatch, RunnerSpec, make_runner
 from pipeline.messages import EndOfStream, Message, ModelInput, RawDetections, StreamProgress
-from pipeline.stage import Wiring, run_stage
+from pipeline.stage import Output, Timed, Wiring, run_stage
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,14 @@ class InferConfig:
     batch_timeout_s: float = 0.005
     staleness_s: float = 1.0
     live_streams: tuple[str, ...] = ()
+    overlap: bool = False  # keep one batch on the device while the next fills (see the module docstring)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    frames: list[ModelInput]
+    outputs: PendingBatch
+    submitted_at: float  # time.monotonic(): where its frames' infer stamps start
 
 
 class InferStage:
@@ -39,6 +53,7 @@ class InferStage:
         # would otherwise land on the first frame, a latency spike a live stream pays in drops.
         self.runner.infer(self.images, np.array([[height, width]] * batch, dtype=np.int64))
         self.pending: list[ModelInput] = []
+        self.in_flight: _Batch | None = None  # with overlap: the batch on the device
         self.drops: dict[str, int] = {}
         self.frames: dict[str, int] = {}
 
@@ -46,7 +61,7 @@ class InferStage:
     def live_streams(self) -> tuple[str, ...]:
         return self.config.live_streams
 
-    def overtaken(self, message: Message) -> list[Message]:
+    def overtaken(self, message: Message) -> list[Output]:
         """A live frame a newer one of its stream has overtaken in the queue: dropped, counted.
         An end of stream is never dropped (a restarted source's messages may follow it)."""
         if isinstance(message, EndOfStream):
@@ -56,13 +71,13 @@ class InferStage:
 
     @property
     def idle_timeout_s(self) -> float | None:
-        return self.config.batch_timeout_s if self.pending else None
+        return self.config.batch_timeout_s if self.pending or self.in_flight else None
 
-    def process(self, message: Message) -> list[Message]:
+    def process(self, message: Message) -> list[Output]:
         if isinstance(message, EndOfStream):  # its drops complete the stream's account
             stream = message.header.stream_id
             header = message.header.with_drops("infer", self.drops[stream]) if stream in self.drops else message.header
-            return [*self.flush(), dataclasses.replace(message, header=header)]
+            return [*self._drain(), dataclasses.replace(message, header=header)]
         if not isinstance(message, ModelInput):
             raise TypeError(f"expected ModelInput or EndOfStream, got {type(message).__name__}")
         stream = message.header.stream_id
@@ -78,20 +93,47 @@ class InferStage:
         self.pending.append(message)
         return self.flush() if len(self.pending) == len(self.images) else []
 
-    def flush(self) -> list[Message]:
-        if not self.pending:
-            return []
+    def flush(self) -> list[Output]:
+        """Run the pending frames and return their results; with overlap, submit them and return
+        the results of the batch that was on the device instead (the next call returns theirs)."""
+        done = [self.in_flight] if self.in_flight is not None else []
+        self.in_flight = None
+        if self.pending:
+            batch = self._submit()
+            if self.config.overlap:
+                self.in_flight = batch  # submitted before the wait below: the device goes on at once
+            else:
+                done.append(batch)
+        return [result for batch in done for result in self._results(batch)]
+
+    def _drain(self) -> list[Output]:
+        """Every frame the stage holds, run and returned (an end of stream follows its frames)."""
+        results = self.flush()  # the batch on the device, if any; submits the pending frames
+        return results + self.flush()  # with overlap, those just submitted
+
+    def _submit(self) -> _Batch:
         batch, _, height, width = self.images.shape
         sizes = np.array([[height, width]] * batch, dtype=np.int64)  # rows past the pending ones: any valid size
         sizes[: len(self.pending)] = [m.valid_hw for m in self.pending]
-        out = self.runner.infer(self.images, sizes)
-        results: list[Message] = []
-        for i, m in enumerate(self.pending):
+        submitted_at = time.monotonic()
+        outputs = (self.runner.submit(self.images, sizes) if self.config.overlap
+                   else Completed(self.runner.infer(self.images, sizes)))
+        frames, self.pending = self.pending, []
+        self.images = self.runner.input_buffer()  # with overlap on CUDA, the other page-locked batch
+        return _Batch(frames, outputs, submitted_at)
+
+    def _results(self, batch: _Batch) -> list[Output]:
+        out = batch.outputs.result()
+        results: list[Output] = []
+        for i, m in enumerate(batch.frames):
             n, stream = int(out["num_detections"][i]), m.header.stream_id
             self.frames[stream] = self.frames.get(stream, 0) + 1
-            results.append(RawDetections(m.header, out["boxes"][i, :n], out["scores"][i, :n], out["labels"][i, :n],
-                                         out["mask_probs"][i, :n], m.valid_hw, m.frame_hw))
-        self.pending = []
+            # Copies: a submitted batch's arrays are the runner's, reused two batches later, and
+            # sending may read them after this returns.
+            detections = RawDetections(m.header, out["boxes"][i, :n].copy(), out["scores"][i, :n].copy(),
+                                       out["labels"][i, :n].copy(), out["mask_probs"][i, :n].copy(), m.valid_hw,
+                                       m.frame_hw)
+            results.append(Timed(detections, batch.submitted_at))
         return results
 
     def progress(self) -> tuple[StreamProgress, ...]:
