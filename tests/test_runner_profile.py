@@ -1,7 +1,6 @@
 """benchmarks/runner_profile.py: the per-stage profile bench_cuda_runner.py --profile records (CPU here)."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.config import StaticGraphConfig
-from model.mask_rcnn import build, default_config
+from model.mask_rcnn import build
 from model.static import StaticMaskRCNN, with_precision
+from tests.test_runners import SHAPE, tiny_config
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "runner_profile.py"
 _SPEC = importlib.util.spec_from_file_location("runner_profile", _PATH)
@@ -20,19 +19,10 @@ assert _SPEC is not None and _SPEC.loader is not None
 runner_profile = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(runner_profile)
 
-SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
-
-
 @pytest.fixture(scope="module")
 def static():
-    cfg = default_config("lite")
-    cfg = dataclasses.replace(
-        cfg, static=SHAPE,
-        roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=SHAPE.detections),
-        rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
-    )
     torch.manual_seed(0)
-    return StaticMaskRCNN(build(config=cfg).eval(), SHAPE).eval()
+    return StaticMaskRCNN(build(config=tiny_config()).eval(), SHAPE).eval()
 
 
 def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(static):

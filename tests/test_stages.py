@@ -2,15 +2,12 @@
 batching, postprocess output, publish's reordering."""
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import av
 import numpy as np
 import pytest
 
-from model.config import StaticGraphConfig
-from model.mask_rcnn import default_config
 from model.runners import RunnerSpec
 from pipeline.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
 from pipeline.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
@@ -19,6 +16,7 @@ from pipeline.stage import Timed
 from pipeline.stages.infer import InferConfig, InferStage
 from pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
 from pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
+from tests.test_runners import SHAPE, tiny_config
 
 
 def _decoded(pix_fmt, height=120, width=160):
@@ -101,18 +99,12 @@ def test_live_never_waits_and_drops_late_frames():
 
 
 def _infer_stage(overlap: bool) -> InferStage:
-    cfg = default_config("lite")
-    cfg = dataclasses.replace(
-        cfg, static=StaticGraphConfig(batch=2, height=128, width=160, detections=10),
-        roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=10),
-        rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
-    )
-    return InferStage(InferConfig(RunnerSpec(config=cfg, device="cpu"), seed=0, overlap=overlap))
+    return InferStage(InferConfig(RunnerSpec(config=tiny_config(), device="cpu"), seed=0, overlap=overlap))
 
 
 def _model_input(stream: str, seq: int) -> ModelInput:
-    image = np.random.default_rng(seq).integers(0, 256, (3, 128, 160), dtype=np.uint8)
-    return ModelInput(Header(stream, seq), image, (128, 160 - 8 * seq), (240, 320))
+    image = np.random.default_rng(seq).integers(0, 256, (3, SHAPE.height, SHAPE.width), dtype=np.uint8)
+    return ModelInput(Header(stream, seq), image, (SHAPE.height, SHAPE.width - 8 * seq), (240, 320))
 
 
 def _key(output):
