@@ -52,7 +52,7 @@ from model.fuse import fold_batch_norms
 from model.mask_rcnn import build
 from model.runners import TorchRunner
 from model.static import StaticMaskRCNN, with_precision
-from model.synthetic import make_scene
+from model.synthetic import scene_batch
 from pipeline.bench import machine
 from pipeline.config import load_config
 
@@ -65,8 +65,7 @@ H200_PEAK_TFLOPS = 790.0
 
 def frames(batch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic scenes (shapes over textured backgrounds) as uint8 [B, 3, H, W] and sizes [B, 2]."""
-    images = np.stack([make_scene(seed, height=height, width=width).image.transpose(2, 0, 1) for seed in range(batch)])
-    return np.ascontiguousarray(images), np.array([[height, width]] * batch, dtype=np.int64)
+    return scene_batch(batch, height, width), np.array([[height, width]] * batch, dtype=np.int64)
 
 
 def count_gflop(static: StaticMaskRCNN, device: str) -> float:

@@ -28,7 +28,7 @@ from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from model.config import ModelConfig
 from model.mask_rcnn import build
 from model.runners import TorchRunner
-from model.synthetic import make_scene
+from model.synthetic import scene_batch
 from pipeline.bench import machine
 from pipeline.config import load_config
 
@@ -66,7 +66,7 @@ def main() -> int:
                                    channels_last=layout == "channels_last") for layout in ("nchw", "channels_last")}
     b, _, h, w = runners["nchw"].input_shape
     sizes = np.array([[h, w]] * b, dtype=np.int64)
-    frames = np.stack([make_scene(seed, height=h, width=w).image.transpose(2, 0, 1) for seed in range(b)])
+    frames = scene_batch(b, h, w)
     outputs = {}
     for layout, runner in runners.items():
         runner.input_buffer()[...] = frames

@@ -118,6 +118,11 @@ def make_scene(
     return Scene(seed=int(seed), image=pixels, masks=masks, boxes=boxes, labels=labels)
 
 
+def scene_batch(batch: int, height: int, width: int) -> np.ndarray:
+    """Scenes of seeds 0..batch-1 as one uint8 [B, 3, H, W] array: a runner's input batch."""
+    return np.stack([make_scene(seed, height=height, width=width).image.transpose(2, 0, 1) for seed in range(batch)])
+
+
 def _background(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     h, w = xs.shape
     start, end = rng.uniform(30, 225, size=(2, 3))

@@ -35,7 +35,7 @@ from model.runners import (
     runner_choice,
 )
 from model.static import OUTPUT_NAMES, HalfBackbone, StaticMaskRCNN, export
-from model.synthetic import make_scene
+from model.synthetic import scene_batch
 from pipeline.cli import main
 from pipeline.config import load_config
 from plugins.roi_align.registration import SPEC_PATH, plugin_version, tensorrt_version
@@ -433,8 +433,7 @@ def bundled():
         pytest.skip(f"{BUNDLED_CHECKPOINT} not present")
     net = build(config=load_config(ModelConfig, BUNDLED_CONFIG), checkpoint=BUNDLED_CHECKPOINT).eval()
     b, _, h, w = StaticMaskRCNN(net).shape
-    images = np.stack([make_scene(seed, height=h, width=w).image.transpose(2, 0, 1) for seed in range(b)])
-    return net, images, np.array([[h, w]] * b, dtype=np.int64)
+    return net, scene_batch(b, h, w), np.array([[h, w]] * b, dtype=np.int64)
 
 
 def assert_same_detections(got, want, box_px, score):
