@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
+from device_option import add_device_option  # benchmarks/, beside this script
+from golden_state import golden_state
 from runner_profile import format_profile, profile_forward  # beside this script too
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -141,7 +142,7 @@ def profile_row(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument("--variant", choices=["v1", "v2", "lite"], default="v1",
                         help="picks configs/model_<variant>.yaml unless --model-config names one")
     parser.add_argument("--model-config", type=Path, help="model YAML")
@@ -164,9 +165,6 @@ def main() -> int:
                         help="dense fp16 rate to compare with (default: measured on the lent H200)")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/cuda_runner_<device>.json)")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
     out = args.out or ROOT / "results" / f"cuda_runner_{args.device}.json"
     torch.set_flush_denormal(True)  # as the CLI does: CPU float32 denormals from random weights
     if args.cudnn_benchmark:

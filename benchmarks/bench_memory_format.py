@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from device_option import add_device_option  # benchmarks/, beside this script
 
 from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from model.config import ModelConfig
@@ -47,7 +48,7 @@ def timed(runner: TorchRunner, sizes: np.ndarray, iters: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_option(parser, default="cpu")
     parser.add_argument("--model-config", type=Path, help="model YAML (default: the bundled model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
@@ -55,9 +56,6 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=8, help="infer() calls per layout per round")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
     torch.set_flush_denormal(True)  # as the CLI does
     cfg = load_config(ModelConfig, args.model_config or BUNDLED_CONFIG, args.set)
     torch.manual_seed(0)

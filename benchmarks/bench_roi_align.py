@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from device_option import add_device_option  # benchmarks/, beside this script
 
 from model.ops import multiscale_roi_align
 from model.ops.roi_align import assign_levels, multiscale_roi_align_per_level_loop
@@ -134,7 +135,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_option(parser)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1344)
     parser.add_argument("--channels", type=int, default=256)
@@ -147,9 +148,6 @@ def main() -> int:
     parser.add_argument("--no-torchvision", action="store_true", help="leave torchvision's MultiScaleRoIAlign out")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/roi_align_<device>.json)")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
     out = args.out or ROOT / "results" / f"roi_align_{args.device}.json"
     if args.device == "cpu":
         # Random features have no denormals, but the op's float32 weights can produce them; as in the CLI.
