@@ -176,14 +176,14 @@ class TorchRunner:
             # Module.to takes memory_format (4-D weights only), which torch's type stubs leave out.
             self.static = self.static.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.device = device
-        self.tf32 = device == "cuda" and tf32
-        if device == "cuda":
+        cuda = device == "cuda"
+        self.tf32 = cuda and tf32
+        if cuda:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
         # The batches callers fill in place (input_buffer()). On CUDA two, page-locked, taken in
         # turn by `submit`: one fills while the other is copied in and run. Outputs likewise.
-        cuda = device == "cuda"
         self._hosts = [HostBatch(self.input_shape, pinned=cuda) for _ in range(2 if cuda else 1)]
         self._host_sizes = [torch.zeros((self.input_shape[0], 2), dtype=torch.int64, pin_memory=cuda)
                             for _ in self._hosts]
@@ -195,7 +195,7 @@ class TorchRunner:
         self._static_out: dict[str, torch.Tensor] | None = None
         # Chosen once: CPU runs eagerly; CUDA decides on the first call (capture or eager).
         self._run: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = (
-            self._first_cuda_call if device == "cuda" and cuda_graph else self._eager
+            self._first_cuda_call if cuda and cuda_graph else self._eager
         )
 
     @classmethod
