@@ -3,8 +3,8 @@
 A stage is plain Python that never touches a socket:
 
     class Stage(Protocol):
-        def process(self, message) -> Message | Sequence[Message] | None: ...
-        # optional: flush() -> Sequence[Message], called when nothing arrived for idle_timeout_s
+        def process(self, message) -> Output | Sequence[Output] | None: ...  # Output: Message | Timed
+        # optional: flush() -> Sequence[Output], called when nothing arrived for idle_timeout_s
         #           (None: never); progress() -> tuple[StreamProgress, ...]; close();
         #           live_streams + overtaken(message): see below
 
