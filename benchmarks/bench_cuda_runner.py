@@ -3,8 +3,8 @@
 What runs is exactly what the pipeline's inference stage runs (model.runners.TorchRunner): batch
 norms folded, on CUDA the Triton RoIAlign and a CUDA graph captured on the first call (when the
 capture fails the runner goes on eagerly and says why in `graph_error`, reported here).
-"fp16" is the runner's and the engine build's fp16 (model.static.with_precision): backbone + FPN in float16, their
-features cast back to float32, so RPN, heads, NMS and RoIAlign stay float32.
+"fp16" is the runner's and the engine build's fp16 (model.static.with_precision): backbone + FPN and mask head +
+predictor in float16, their outputs cast back to float32, so RPN, box head, NMS and RoIAlign stay float32.
 
     python benchmarks/bench_cuda_runner.py      # configs/model_v1.yaml: 800x1344, batch 1 and 8, fp16 + fp32
     python benchmarks/bench_cuda_runner.py --device cpu --variant lite --height 128 --width 160 --iters 2 \
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import shlex
 import statistics
@@ -140,6 +141,10 @@ def profile_row(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray) -> d
         return {"profile_error": f"{type(exc).__name__}: {exc}"}
 
 
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['precision']} batch {row['batch']}" + (" compiled" if row["compiled"] else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_option(parser)
@@ -155,6 +160,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls after the first")
     parser.add_argument("--score-thresh", type=float, help="box score threshold (default: the config's)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run eagerly on CUDA")
+    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
+                        help="TorchRunner(compile=...): the forward through torch.compile; 'off on' measures both, "
+                             "side by side (compiled rows are not profiled: the stage hooks need the eager graph)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convolutions in NHWC on CUDA too (the runner's CUDA default is NCHW)")
     parser.add_argument("--no-tf32", action="store_true",
                         help="float32 products and convolutions in float32 on CUDA (default: TF32, as TensorRT)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
@@ -191,27 +201,29 @@ def main() -> int:
         # A copy with the precision's casts (model.static.with_precision, as the runner and the
         # engine build apply them), folded first: the norm scales merge in float32, then round once.
         net = with_precision(copy.deepcopy(folded), precision)
-        for batch in args.batches:
-            static = StaticMaskRCNN(net, dataclasses.replace(shape, batch=batch))
-            row: dict[str, Any] = {"precision": precision, "batch": batch}
+        for batch, compiled in itertools.product(args.batches, [mode == "on" for mode in args.compile]):
+            # Each row its own copy: a runner converts its module's layout in place (channels_last).
+            static = StaticMaskRCNN(copy.deepcopy(net), dataclasses.replace(shape, batch=batch))
+            row: dict[str, Any] = {"precision": precision, "batch": batch, "compiled": compiled,
+                                   "channels_last": args.channels_last or args.device == "cpu"}
             try:
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 runner = TorchRunner(static, device=args.device, cuda_graph=not args.no_cuda_graph,
-                                     tf32=not args.no_tf32)
+                                     tf32=not args.no_tf32, compile=compiled, channels_last=row["channels_last"])
                 row.update(measure(runner, images[:batch], sizes[:batch], args.iters, args.warmup))
                 if args.device == "cuda":
                     row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 row["achieved_tflops"] = gflop * row["device_fps"] / 1e3
-                if args.profile:
+                if args.profile and not compiled:
                     row.update(profile_row(runner, images[:batch], sizes[:batch]))
                 del runner
             except Exception as exc:  # one failing row (out of memory, say) must not lose the others
                 row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
-            print(f"  {precision} batch {batch}: " + (row.get("error") or
-                  f"{row['device_fps']:.1f} frames/s on device, {row['infer_fps']:.1f} through infer()"),
-                  file=sys.stderr)
+            print(f"  {_label(row)}: " + (row.get("error") or
+                  f"{row['device_fps']:.1f} frames/s on device, {row['infer_fps']:.1f} through infer(), "
+                  f"first call {row['first_call_s']:.1f} s"), file=sys.stderr)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
 
@@ -243,15 +255,16 @@ def main() -> int:
 
     print(f"TorchRunner {cfg.variant} {args.height}x{args.width} on {device_name}, {gflop:.0f} GFLOP/frame, "
           f"floor {result['floor_ms_per_frame']:.2f} ms/frame at {args.peak_tflops:g} TFLOP/s")
-    print(f"{'prec':<5} {'batch':>5} {'graph':>5} {'ms/batch':>9} {'frames/s':>9} {'infer ms':>9} {'infer f/s':>9} "
-          f"{'TFLOP/s':>8} {'of peak':>7} {'GPU GB':>7}")
+    print(f"{'prec':<5} {'batch':>5} {'comp':>4} {'graph':>5} {'ms/batch':>9} {'frames/s':>9} {'infer ms':>9} "
+          f"{'infer f/s':>9} {'TFLOP/s':>8} {'of peak':>7} {'GPU GB':>7}")
     for row in rows:
         if "error" in row:
-            print(f"{row['precision']:<5} {row['batch']:>5}  failed: {row['error']}")
+            print(f"{_label(row)}  failed: {row['error']}")
             continue
         mem = row.get("peak_gpu_memory_gb")
         tflops = row["achieved_tflops"]
-        print(f"{row['precision']:<5} {row['batch']:>5} {'yes' if row['cuda_graph'] else 'no':>5} "
+        print(f"{row['precision']:<5} {row['batch']:>5} {'yes' if row['compiled'] else 'no':>4} "
+              f"{'yes' if row['cuda_graph'] else 'no':>5} "
               f"{row['device_ms_per_batch']:>9.2f} {row['device_fps']:>9.1f} "
               f"{row['infer_ms_per_batch']['median']:>9.2f} {row['infer_fps']:>9.1f} "
               f"{tflops:>8.1f} {tflops / args.peak_tflops:>7.1%} {'-' if mem is None else f'{mem:.1f}':>7}")
@@ -259,9 +272,9 @@ def main() -> int:
             print(f"      graph_error: {row['graph_error'][:300]}")
     for row in rows:
         if "profile" in row:
-            print(f"\n{row['precision']} batch {row['batch']}, {format_profile(row['profile'])}")
+            print(f"\n{_label(row)}, {format_profile(row['profile'])}")
         elif "profile_error" in row:
-            print(f"\n{row['precision']} batch {row['batch']}: profile failed: {row['profile_error']}")
+            print(f"\n{_label(row)}: profile failed: {row['profile_error']}")
     print(f"wrote {out}")
     return 1 if any("error" in row for row in rows) else 0
 

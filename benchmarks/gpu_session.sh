@@ -153,7 +153,7 @@ else
         --iters 30 --profile --out "$RESULTS/cuda_runner_$TAG.json"
 fi
 
-# 4. The pipeline: maskstream bench, offline, the CUDA runner in fp16 (backbone + FPN),
+# 4. The pipeline: maskstream bench, offline, the CUDA runner in fp16 (backbone + FPN, mask head),
 # asl_walk.mkv (89 frames, 640x480, the README's CPU rows) played as 8 streams; without it the generated clip.
 CLIP=$SHARED_DIR/data/videos/asl_walk.mkv
 SOURCE=()
@@ -188,6 +188,21 @@ if ((!SMOKE)); then
         --precision fp16 --set static.batch=8 --iters 10 --rounds 2 --out "$RESULTS/cuda_channels_last_${TAG}.json"
     step runner_score_thresh_0 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
         --score-thresh 0 --out "$RESULTS/cuda_runner_${TAG}_score0.json"
+fi
+
+# 6. torch.compile (model.compile / TorchRunner(compile=True)): whether inductor's fused kernels (bias,
+# ReLU and residual adds in one pass; the first session's profile had the bias adds alone at 6.8 of
+# 33.6 ms) are worth a compile at start. Last: a full run reaches it only with time left; on its own:
+#   ONLY="pytest_compile runner_compile bench_pipeline_b8 bench_pipeline_b8_compile" BUDGET_S=420 bash ...
+if ((!SMOKE)); then
+    step runner_compile 240 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
+        --compile off on --iters 30 --profile --out "$RESULTS/cuda_runner_${TAG}_compile.json"
+    step pytest_compile 120 $PY -m pytest "${PYTEST_OPTS[@]}" -k "compiled or fp16 or half or cuda_graph" \
+        --junitxml="$RESULTS/pytest_compile_$TAG.xml" tests/test_runners.py
+    step bench_pipeline_b8_compile 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
+        --set model.compile=true --set supervisor.heartbeat_timeout_s=600 --out "$RESULTS/bench_r50_cuda_b8_compile.json"
+    step runner_compile_b1 200 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 1 --precisions fp16 \
+        --compile off on --iters 30 --out "$RESULTS/cuda_runner_${TAG}_compile_b1.json"
 fi
 
 echo

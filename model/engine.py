@@ -10,9 +10,11 @@ into one serialized engine, no partitioning, no torch fallback. The two custom o
 
 Precision. TensorRT 11 networks are strongly typed only (no BuilderFlag.FP16), and torch-tensorrt
 compiles with explicit typing (default from 2.10; `enabled_precisions` is gone in 2.13), so the
-precision is what the graph's dtypes say. "fp16" casts in the graph: the backbone + FPN (most of
-the FLOPs) run in float16 and their features are cast back to float32, so boxes, the heads, NMS
-and RoIAlign stay float32 (an fp16 box coordinate near 1000 px is only good to 0.5 px).
+precision is what the graph's dtypes say. "fp16" casts in the graph (model.static.with_precision):
+the backbone + FPN (most of the FLOPs) run in float16 and their features are cast back to float32,
+so the RPN, the box head, NMS and RoIAlign stay float32 (an fp16 box coordinate near 1000 px is
+only good to 0.5 px); the mask head + predictor run in float16 from the RoIAligned features, the
+logits of each box's own class cast back to float32 before the sigmoid.
 
 TensorRT is imported lazily: without it this module still imports and `build_engine` raises
 `TensorRTUnavailable` saying what to install.

@@ -70,7 +70,7 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="where the torch runner runs (default auto: CUDA when there is a device)")
     p.add_argument("--precision", choices=["fp32", "fp16"],
-                   help="torch runner: fp16 runs the backbone + FPN in float16 (default fp32); "
+                   help="torch runner: fp16 runs the backbone + FPN and mask head in float16 (default fp32); "
                         "with --engine, the precision it must have been built with")
 
 

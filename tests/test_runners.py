@@ -34,7 +34,7 @@ from model.runners import (
     make_runner,
     runner_choice,
 )
-from model.static import OUTPUT_NAMES, HalfBackbone, StaticMaskRCNN, export
+from model.static import OUTPUT_NAMES, HalfBackbone, HalfMaskHead, HalfMaskPredictor, StaticMaskRCNN, export
 from model.synthetic import scene_batch
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -162,6 +162,19 @@ def test_torch_runner_input_buffer_is_the_fast_path_for_the_same_result(net, fra
         np.testing.assert_array_equal(filled[name], other[name], err_msg=name)
 
 
+def test_torch_runner_compiled_gives_the_eager_outputs(net, frames):
+    """torch.compile (inductor, fullgraph: the custom RoIAlign and NMS ops included) runs the same
+    graph: same detections, same boxes up to float rounding of the fused kernels."""
+    compiled = TorchRunner(net, device="cpu", compile=True)
+    assert compiled.compiled and not compiled.asynchronous  # CPU: submit runs to the end
+    out = compiled.infer(*frames)  # compiles here (about a minute and a half on 2 cores)
+    want = TorchRunner(net, device="cpu").infer(*frames)
+    np.testing.assert_array_equal(out["num_detections"], want["num_detections"])
+    np.testing.assert_array_equal(out["labels"], want["labels"])
+    for name in ("boxes", "scores", "mask_probs"):
+        np.testing.assert_allclose(out[name], want[name], rtol=1e-4, atol=1e-3, err_msg=name)
+
+
 def test_torch_runner_device_errors(net):
     with pytest.raises(ValueError, match="device: expected 'cpu' or 'cuda'"):
         TorchRunner(net, device="gpu")
@@ -187,6 +200,22 @@ def test_torch_runner_cuda_graph_replays_the_eager_outputs(net, frames):
         np.testing.assert_array_equal(again[name], first[name], err_msg=name)
         np.testing.assert_allclose(first[name], eager[name], rtol=1e-4, atol=1e-4, err_msg=name)
     assert (first["num_detections"] == SHAPE.detections).all()  # score threshold 0: every slot filled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_torch_runner_compiled_cuda_graph_gives_the_eager_outputs(net, frames):
+    """The inductor-compiled forward (Triton kernels of its own beside ours) captures into one CUDA
+    graph too, and finds what the eager graph finds on the device."""
+    compiled = TorchRunner(net, device="cuda", compile=True)
+    assert compiled.asynchronous
+    out = compiled.infer(*frames)  # compile in the warm-up, then capture
+    assert compiled.graph_error is None and compiled._graph is not None
+    eager = TorchRunner(net, device="cuda", cuda_graph=False).infer(*frames)
+    np.testing.assert_array_equal(out["num_detections"], eager["num_detections"])
+    np.testing.assert_array_equal(out["labels"], eager["labels"])
+    for name in ("boxes", "scores", "mask_probs"):
+        np.testing.assert_allclose(out[name], eager[name], rtol=1e-3, atol=1e-3, err_msg=name)
 
 
 @pytest.mark.gpu
@@ -360,18 +389,47 @@ def test_roi_align_nodes_give_every_plugin_attribute_in_order():
         op_arguments(target, nodes[0].args[:5], {})
 
 
-def test_fp16_graph_casts_the_backbone_only():
-    """fp16 = float16 convolutions in the backbone/FPN; boxes, NMS and RoIAlign stay float32."""
+# The model parts whose arithmetic a precision sets, by attribute name (in a module path).
+PARTS = ("backbone", "rpn", "box_head", "box_predictor", "mask_head", "mask_predictor")
+
+
+def test_fp16_graph_casts_the_backbone_and_the_mask_branch():
+    """fp16 = float16 convolutions in the backbone/FPN and in the mask head + predictor; the RPN,
+    the box head, NMS and RoIAlign stay float32, and so does each box's own class's mask logits,
+    cast after the class is picked (in RoIHeads.mask_probs, outside any model part)."""
     torch.manual_seed(0)
     program = export(prepare_static(None, tiny_config(), "fp16"))
-    dtypes: dict[str, set[torch.dtype]] = {}
-    for node in program.graph.nodes:  # dtype of each call's first input
+    dtypes: dict[str, set[torch.dtype]] = {}  # op -> dtype of each call's first input
+    by_part: dict[tuple[str, str], set[torch.dtype]] = {}  # (op, model part) -> the same
+    casts: list[tuple[str, torch.dtype, torch.dtype]] = []  # (model part, from, to) of float casts
+    for node in program.graph.nodes:
         first = node.args[0] if node.op == "call_function" and node.args else None
-        if isinstance(first, torch.fx.Node) and isinstance(first.meta.get("val"), torch.Tensor):
-            dtypes.setdefault(str(node.target), set()).add(first.meta["val"].dtype)
-    assert dtypes["aten.conv2d.default"] == {torch.float16, torch.float32}  # backbone+FPN half, heads float
-    assert dtypes["maskstream.multiscale_roi_align.default"] == {torch.float32}
-    assert dtypes["maskstream.batched_nms_padded.default"] == {torch.float32}
+        if not (isinstance(first, torch.fx.Node) and isinstance(first.meta.get("val"), torch.Tensor)):
+            continue
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        path = stack[-1][0].split(".") if stack else []
+        part = next((name for name in PARTS if name in path), "")
+        source = first.meta["val"].dtype
+        dtypes.setdefault(str(node.target), set()).add(source)
+        by_part.setdefault((str(node.target), part), set()).add(source)
+        if str(node.target) == "aten.to.dtype" and source.is_floating_point and source != node.args[1]:
+            casts.append((part, source, node.args[1]))
+    half, full = {torch.float16}, {torch.float32}
+    assert dtypes["aten.conv2d.default"] == half | full
+    assert {part for op, part in by_part if op == "aten.conv2d.default"} == {
+        "backbone", "rpn", "mask_head", "mask_predictor"}  # the lite box head is fully connected
+    for part in ("backbone", "mask_head", "mask_predictor"):
+        assert by_part["aten.conv2d.default", part] == half, part
+    assert by_part["aten.conv_transpose2d.input", "mask_predictor"] == half
+    assert by_part["aten.conv2d.default", "rpn"] == full
+    assert dtypes["aten.linear.default"] == full  # box head and predictor
+    assert dtypes["maskstream.multiscale_roi_align.default"] == full
+    assert dtypes["maskstream.batched_nms_padded.default"] == full
+    # The casts in the graph, each where a half region starts or ends (TensorRT compiles these).
+    f16, f32 = torch.float16, torch.float32
+    assert sorted(casts, key=str) == sorted(
+        [("backbone", f32, f16)] + [("backbone", f16, f32)] * 5  # the image in; P2..P6 out
+        + [("mask_head", f32, f16), ("", f16, f32)], key=str)  # RoIAligned in; the picked class's logits out
 
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
@@ -409,12 +467,24 @@ def test_tensorrt_stubs_do_not_count_as_tensorrt():
     assert tensorrt_version() is None
 
 
-def test_torch_runner_fp16_halves_the_backbone_only(net, frames):
+def backbone_only_fp16(net):
+    """The fp16 graph as it was before the mask branch ran in float16: the backbone's casts only."""
+    folded = fold_batch_norms(net)
+    folded.backbone = HalfBackbone(folded.backbone)  # type: ignore[assignment]
+    return StaticMaskRCNN(folded)
+
+
+def test_torch_runner_fp16_halves_the_backbone_and_the_mask_branch(net, frames):
     runner = TorchRunner(net, device="cpu", precision="fp16")
-    assert isinstance(runner.static.model.backbone, HalfBackbone)
-    assert {p.dtype for p in runner.static.model.backbone.parameters()} == {torch.float16}
-    assert {p.dtype for p in runner.static.model.roi_heads.parameters()} == {torch.float32}
-    assert {p.dtype for p in net.backbone.parameters()} == {torch.float32}  # the caller's model is left alone
+    model = runner.static.model
+    assert isinstance(model.backbone, HalfBackbone)
+    assert isinstance(model.roi_heads.mask_head, HalfMaskHead)
+    assert isinstance(model.roi_heads.mask_predictor, HalfMaskPredictor)
+    for part in (model.backbone, model.roi_heads.mask_head, model.roi_heads.mask_predictor):
+        assert {p.dtype for p in part.parameters()} == {torch.float16}
+    for part in (model.rpn, model.roi_heads.box_head, model.roi_heads.box_predictor):
+        assert {p.dtype for p in part.parameters()} == {torch.float32}
+    assert {p.dtype for p in net.parameters()} == {torch.float32}  # the caller's model is left alone
     out = runner.infer(*frames)
     fp32 = TorchRunner(net, device="cpu").infer(*frames)
     for name in OUTPUT_NAMES:
@@ -423,6 +493,7 @@ def test_torch_runner_fp16_halves_the_backbone_only(net, frames):
     spec = RunnerSpec(config=tiny_config(), device="cpu", precision="fp16")
     assert make_runner(spec).precision == "fp16"
     assert TorchRunner(prepare_static(None, tiny_config(), "fp16")).precision == "fp16"  # the graph's own casts
+    assert TorchRunner(backbone_only_fp16(net)).precision == "fp16"  # told by the backbone
 
 
 @pytest.fixture(scope="module")
@@ -449,7 +520,33 @@ def test_fp16_finds_what_fp32_finds_with_the_bundled_model(bundled):
     """The same objects, boxes within a pixel, scores within float16's precision."""
     net, images, sizes = bundled
     full = TorchRunner(net, precision="fp32").infer(images, sizes)
-    assert_same_detections(TorchRunner(net, precision="fp16").infer(images, sizes), full, box_px=1.0, score=2e-2)
+    half = TorchRunner(net, precision="fp16").infer(images, sizes)
+    assert_same_detections(half, full, box_px=1.0, score=2e-2)
+    # Mostly the backbone's float16: 0.03 at most on these scenes (the mask branch's own share: 5e-4).
+    n = full["num_detections"]
+    for i in range(len(n)):
+        np.testing.assert_allclose(half["mask_probs"][i, :n[i]], full["mask_probs"][i, :n[i]], atol=0.1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_fp16_mask_branch_changes_only_the_mask_probs_with_the_bundled_model(bundled, device):
+    """The mask head + predictor in float16 leave boxes, scores and labels bit for bit as a graph
+    with only the backbone in float16 has them; mask probabilities move by float16 rounding (on
+    the CPU 4.6e-4 at most on these scenes). On CUDA two runners are compared to the CUDA graph
+    test's 1e-4, and the float32 mask branch it replaces ran in TF32 (inputs rounded to float16's
+    10 mantissa bits), so its mask probabilities had rounding of their own."""
+    net, images, sizes = bundled
+    new = TorchRunner(net, device=device, precision="fp16").infer(images, sizes)
+    old = TorchRunner(backbone_only_fp16(net), device=device).infer(images, sizes)
+    same, mask = (0.0, 2e-3) if device == "cpu" else (1e-4, 1e-2)
+    for name in ("num_detections", "labels"):
+        np.testing.assert_array_equal(new[name], old[name], err_msg=name)
+    for name in ("boxes", "scores"):  # tolerance 0 on the CPU: equal bit for bit
+        np.testing.assert_allclose(new[name], old[name], rtol=same, atol=same, err_msg=name)
+    assert old["num_detections"].min() > 0
+    np.testing.assert_allclose(new["mask_probs"], old["mask_probs"], atol=mask, rtol=0)
+    assert not np.array_equal(new["mask_probs"], old["mask_probs"])  # the mask branch did run in float16
 
 
 def test_channels_last_changes_only_rounding(bundled):

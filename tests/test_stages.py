@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from model.runners import RunnerSpec
+from pipeline.config import load_config
 from pipeline.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
 from pipeline.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
 from pipeline.reorder import Reorderer
+from pipeline.run_config import CONFIG_DIR, RunConfig
 from pipeline.stage import Timed
 from pipeline.stages.infer import InferConfig, InferStage
 from pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
@@ -98,7 +100,7 @@ def test_live_never_waits_and_drops_late_frames():
 # ----------------------------------------------------------------------------- infer
 
 
-def _infer_stage(overlap: bool) -> InferStage:
+def _infer_stage(overlap: bool | None) -> InferStage:
     return InferStage(InferConfig(RunnerSpec(config=tiny_config(), device="cpu"), seed=0, overlap=overlap))
 
 
@@ -112,6 +114,17 @@ def _key(output):
     if isinstance(message, EndOfStream):
         return (message.header.stream_id, message.header.seq, "end")
     return (message.header.stream_id, message.header.seq, message.boxes.tobytes(), message.mask_probs.tobytes())
+
+
+def test_infer_overlap_defaults_to_whether_the_runner_submits_asynchronously():
+    """Unset, overlap follows the runner: on for torch on CUDA, off where submit() runs to the end
+    (a batch held back there would only delay its results); asked for, it is on anywhere."""
+    stage = _infer_stage(None)
+    assert not stage.runner.asynchronous and not stage.overlap
+    assert _infer_stage(True).overlap and not _infer_stage(False).overlap
+    shipped = load_config(RunConfig, CONFIG_DIR / "pipeline.yaml")
+    assert shipped.infer.overlap is None and not shipped.model.compile
+    assert load_config(RunConfig, None, ["infer.overlap=true"]).infer.overlap is True
 
 
 def test_infer_overlap_gives_the_same_results_one_batch_later_and_ends_streams_after_their_frames():

@@ -6,17 +6,18 @@ import torch
 
 import model
 from model.config import StaticGraphConfig
-from model.static import OUTPUT_NAMES, StaticMaskRCNN, export, pad_value
+from model.static import OUTPUT_NAMES, PRECISIONS, StaticMaskRCNN, export, pad_value, with_precision
 
 SHAPE = StaticGraphConfig(batch=2, height=192, width=256, detections=20)
 
 
-@pytest.fixture(scope="module")
-def static():
+@pytest.fixture(scope="module", params=PRECISIONS)
+def static(request):
+    """The graph in each precision: fp16's casts (model.static.with_precision) are graph nodes too."""
     torch.manual_seed(0)
     # Untrained heads score every class about 1/91; a zero threshold keeps detections flowing.
     m = model.build("lite", box_score_thresh=0.0, box_detections_per_img=SHAPE.detections).eval()
-    return StaticMaskRCNN(m, SHAPE).eval()
+    return StaticMaskRCNN(with_precision(m, request.param), SHAPE).eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_output_contract(static, frames):
     assert out["num_detections"].shape == (b,) and out["num_detections"].dtype == torch.int64
     assert out["boxes"].shape == (b, k, 4) and out["boxes"].dtype == torch.float32
     assert out["scores"].shape == (b, k) and out["labels"].shape == (b, k)
-    assert out["mask_probs"].shape == (b, k, 28, 28)
+    assert out["mask_probs"].shape == (b, k, 28, 28) and out["mask_probs"].dtype == torch.float32
     assert (out["num_detections"] == k).all()
     # boxes are clipped to each frame's valid region
     assert out["boxes"][1, :, 2].max() <= 224 and out["boxes"][1, :, 3].max() <= 160
