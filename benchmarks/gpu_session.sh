@@ -4,11 +4,13 @@
 #      through cuda.bindings with TensorRT's argument list, TorchRunner's CUDA graph, TensorRT if any);
 #   2. benchmarks/bench_roi_align.py: Triton kernel vs the per-level loop (and torchvision), 1000 RoIs;
 #   3. benchmarks/bench_cuda_runner.py: TorchRunner frames/s, R50-FPN 800x1344, batch 1/8, fp16/fp32,
-#      each row profiled: device time per model stage, custom op (RoIAlign, NMS) and kernel;
+#      eager and torch.compile'd side by side, each eager row profiled: device time per model stage,
+#      custom op (RoIAlign, NMS) and kernel;
 #   4. maskstream bench with the CUDA runner, R50-FPN 800x1344, batch 8 and 1 (per-stage shares);
-#   5. if time is left: the pipeline at batch 8 with infer.overlap, runner rows without TF32, with
-#      cuDNN autotuning, NCHW vs channels_last (on for CPU, not yet for CUDA: this decides), and
-#      with every box past the score threshold.
+#   5. if time is left: the pipeline at batch 8 without torch.compile and without infer.overlap,
+#      runner rows without TF32, with cuDNN autotuning, NCHW vs channels_last (on for CPU; 1.08x
+#      on the H200 eagerly, which inductor's own layout choice may make moot), and with every box
+#      past the score threshold.
 # Each step is time-boxed and the run goes on past a failed one; a global deadline (BUDGET_S) keeps
 # the whole under the device call's limit, most important steps first. Everything is logged to
 # $OUT/gpu_session.log, and after every step the results folder is re-packed into
@@ -133,7 +135,9 @@ TESTS=(tests/test_roi_align_triton.py tests/test_runners.py tests/test_tensorrt.
 AOT_LAUNCH=launched_like_tensorrt
 PYTEST_OPTS=(-q -p no:cacheprovider -rs --durations=15)
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout=150)
-step pytest 180 $PY -m pytest "${PYTEST_OPTS[@]}" -k "not interpreter and not $AOT_LAUNCH" \
+# The CPU compile test is left out too: CI runs it, and on the lent machine it outlasted this step.
+step pytest 180 $PY -m pytest "${PYTEST_OPTS[@]}" \
+    -k "not interpreter and not $AOT_LAUNCH and not compiled_gives_the_eager_outputs" \
     --junitxml="$RESULTS/pytest_$TAG.xml" "${TESTS[@]}"
 step pytest_aot_launch 60 $PY -m pytest "${PYTEST_OPTS[@]}" -k "$AOT_LAUNCH" \
     --junitxml="$RESULTS/pytest_aot_launch_$TAG.xml" tests/test_roi_align_triton.py
@@ -149,8 +153,8 @@ if ((SMOKE)); then
 else
     step bench_roi_align 120 $PY benchmarks/bench_roi_align.py --device cuda --batches 1 8 \
         --out "$RESULTS/roi_align_$TAG.json"
-    step bench_cuda_runner 200 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 1 8 --precisions fp16 fp32 \
-        --iters 30 --profile --out "$RESULTS/cuda_runner_$TAG.json"
+    step bench_cuda_runner 280 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 1 8 --precisions fp16 fp32 \
+        --compile off on --iters 30 --profile --out "$RESULTS/cuda_runner_$TAG.json"
 fi
 
 # 4. The pipeline: maskstream bench, offline, the CUDA runner in fp16 (backbone + FPN, mask head),
@@ -173,13 +177,15 @@ else
         --out "$RESULTS/bench_r50_cuda_b1.json"
 fi
 
-# 5. Extras, only with time to spare: the pipeline at batch 8 with a batch kept on the device while the
-# next fills (infer.overlap, off by default until this measures it), float32 products without TF32
-# (the runner's default has it, as TensorRT), cuDNN autotuning, NCHW vs channels_last, and the
-# worst case for NMS (score threshold 0).
+# 5. Extras, only with time to spare: the pipeline at batch 8 without its two CUDA defaults, one at
+# a time (the forward compiled, a batch kept on the device while the next fills), float32 products
+# without TF32 (the runner's default has it, as TensorRT), cuDNN autotuning, NCHW vs channels_last,
+# and the worst case for NMS (score threshold 0).
 if ((!SMOKE)); then
-    step bench_pipeline_b8_overlap 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
-        --set infer.overlap=true --out "$RESULTS/bench_r50_cuda_b8_overlap.json"
+    step bench_pipeline_b8_eager 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
+        --set model.compile=false --out "$RESULTS/bench_r50_cuda_b8_eager.json"
+    step bench_pipeline_b8_no_overlap 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" \
+        --set model.static.batch=8 --set infer.overlap=false --out "$RESULTS/bench_r50_cuda_b8_no_overlap.json"
     step runner_no_tf32 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 fp32 \
         --no-tf32 --out "$RESULTS/cuda_runner_${TAG}_no_tf32.json"
     step runner_cudnn_benchmark 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
@@ -188,21 +194,6 @@ if ((!SMOKE)); then
         --precision fp16 --set static.batch=8 --iters 10 --rounds 2 --out "$RESULTS/cuda_channels_last_${TAG}.json"
     step runner_score_thresh_0 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
         --score-thresh 0 --out "$RESULTS/cuda_runner_${TAG}_score0.json"
-fi
-
-# 6. torch.compile (model.compile / TorchRunner(compile=True)): whether inductor's fused kernels (bias,
-# ReLU and residual adds in one pass; the first session's profile had the bias adds alone at 6.8 of
-# 33.6 ms) are worth a compile at start. Last: a full run reaches it only with time left; on its own:
-#   ONLY="pytest_compile runner_compile bench_pipeline_b8 bench_pipeline_b8_compile" BUDGET_S=420 bash ...
-if ((!SMOKE)); then
-    step runner_compile 240 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
-        --compile off on --iters 30 --profile --out "$RESULTS/cuda_runner_${TAG}_compile.json"
-    step pytest_compile 120 $PY -m pytest "${PYTEST_OPTS[@]}" -k "compiled or fp16 or half or cuda_graph" \
-        --junitxml="$RESULTS/pytest_compile_$TAG.xml" tests/test_runners.py
-    step bench_pipeline_b8_compile 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
-        --set model.compile=true --set supervisor.heartbeat_timeout_s=600 --out "$RESULTS/bench_r50_cuda_b8_compile.json"
-    step runner_compile_b1 200 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 1 --precisions fp16 \
-        --compile off on --iters 30 --out "$RESULTS/cuda_runner_${TAG}_compile_b1.json"
 fi
 
 echo

@@ -168,11 +168,7 @@ def test_torch_runner_compiled_gives_the_eager_outputs(net, frames):
     compiled = TorchRunner(net, device="cpu", compile=True)
     assert compiled.compiled and not compiled.asynchronous  # CPU: submit runs to the end
     out = compiled.infer(*frames)  # compiles here (about a minute and a half on 2 cores)
-    want = TorchRunner(net, device="cpu").infer(*frames)
-    np.testing.assert_array_equal(out["num_detections"], want["num_detections"])
-    np.testing.assert_array_equal(out["labels"], want["labels"])
-    for name in ("boxes", "scores", "mask_probs"):
-        np.testing.assert_allclose(out[name], want[name], rtol=1e-4, atol=1e-3, err_msg=name)
+    assert_same_detections(out, TorchRunner(net, device="cpu").infer(*frames), box_px=1e-3, score=1e-5, mask=1e-4)
 
 
 def test_torch_runner_device_errors(net):
@@ -212,10 +208,8 @@ def test_torch_runner_compiled_cuda_graph_gives_the_eager_outputs(net, frames):
     out = compiled.infer(*frames)  # compile in the warm-up, then capture
     assert compiled.graph_error is None and compiled._graph is not None
     eager = TorchRunner(net, device="cuda", cuda_graph=False).infer(*frames)
-    np.testing.assert_array_equal(out["num_detections"], eager["num_detections"])
-    np.testing.assert_array_equal(out["labels"], eager["labels"])
-    for name in ("boxes", "scores", "mask_probs"):
-        np.testing.assert_allclose(out[name], eager[name], rtol=1e-3, atol=1e-3, err_msg=name)
+    # Tolerances 10x the CPU test's: inductor may pick other convolution layouts, so other TF32 roundings.
+    assert_same_detections(out, eager, box_px=1e-2, score=1e-3, mask=1e-2)
 
 
 @pytest.mark.gpu
@@ -344,6 +338,8 @@ def test_make_runner_choice_on_this_machine(net, tmp_path):
     runner = make_runner(RunnerSpec(config=tiny_config(), device="cpu", input_shape=(2, 3, 128, 160)))
     assert isinstance(runner, TorchRunner) and runner.device == "cpu"
     assert runner.input_shape == (2, 3, 128, 160)
+    assert not runner.compiled  # compile unset: on for CUDA only (a CPU compile costs more than it gains)
+    assert make_runner(RunnerSpec(config=tiny_config(), device="cpu", compile=True)).compiled  # compiles lazily
     with pytest.raises(ValueError, match=r"the caller expects \[1, 3, 128, 160\]"):
         make_runner(RunnerSpec(config=tiny_config(), device="cpu", input_shape=(1, 3, 128, 160)))
     with pytest.raises(EngineMismatch, match="no manifest"):
@@ -507,13 +503,26 @@ def bundled():
     return net, scene_batch(b, h, w), np.array([[h, w]] * b, dtype=np.int64)
 
 
-def assert_same_detections(got, want, box_px, score):
+def assert_same_detections(got: dict[str, np.ndarray], want: dict[str, np.ndarray], box_px: float, score: float,
+                           mask: float | None = None) -> None:
+    """The same detections per frame, in any order: each of `got`'s matches one of `want`'s with the
+    same label, its box within box_px and score within `score` (and mask probabilities within
+    `mask`, if given). Order is left out: a different rounding (fused kernels, another device,
+    float16) reorders detections whose scores tie, and the untrained tiny model's all do, to the
+    last bits (about 1/91 each)."""
     np.testing.assert_array_equal(got["num_detections"], want["num_detections"])
     assert want["num_detections"].min() > 0
     for i, n in enumerate(want["num_detections"]):
-        np.testing.assert_array_equal(got["labels"][i, :n], want["labels"][i, :n])
-        np.testing.assert_allclose(got["boxes"][i, :n], want["boxes"][i, :n], atol=box_px)
-        np.testing.assert_allclose(got["scores"][i, :n], want["scores"][i, :n], atol=score)
+        unmatched = list(range(n))
+        for k in range(n):
+            match = next((j for j in unmatched if got["labels"][i, k] == want["labels"][i, j]
+                          and np.abs(got["boxes"][i, k] - want["boxes"][i, j]).max() <= box_px
+                          and abs(got["scores"][i, k] - want["scores"][i, j]) <= score), None)
+            assert match is not None, f"frame {i}: detection {k} {got['labels'][i, k]} {got['boxes'][i, k]} not found"
+            unmatched.remove(match)
+            if mask is not None:
+                np.testing.assert_allclose(got["mask_probs"][i, k], want["mask_probs"][i, match], atol=mask,
+                                           err_msg=f"frame {i} detection {k}")
 
 
 def test_fp16_finds_what_fp32_finds_with_the_bundled_model(bundled):

@@ -123,7 +123,7 @@ def test_infer_overlap_defaults_to_whether_the_runner_submits_asynchronously():
     assert not stage.runner.asynchronous and not stage.overlap
     assert _infer_stage(True).overlap and not _infer_stage(False).overlap
     shipped = load_config(RunConfig, CONFIG_DIR / "pipeline.yaml")
-    assert shipped.infer.overlap is None and not shipped.model.compile
+    assert shipped.infer.overlap is None and shipped.model.compile is None
     assert load_config(RunConfig, None, ["infer.overlap=true"]).infer.overlap is True
 
 
