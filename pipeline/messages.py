@@ -197,6 +197,7 @@ class StageReport:
     streams: tuple[StreamProgress, ...] = ()
     fatal: str = ""
     gpu_mb: float | None = None  # peak of this process's torch CUDA allocator; None where it has not used CUDA
+    starting: bool = False  # sent while the stage is still being made (loading, compiling): alive, not ready
 
 
 Message = Frame | ModelInput | RawDetections | Detections | EndOfStream

@@ -21,7 +21,8 @@ instead of `process`, so a slow stage answers for the newest frame, not for a ba
 
 The loop owns the sockets (pipeline.transport), stamps headers with the stage's receive and
 send times (an output wrapped in `Timed` gives when the stage's work on it began instead),
-sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every heartbeat_s, and
+sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every heartbeat_s (also while
+the stage is being made, marked `starting`: a model compiling at start is not a hung stage), and
 survives bad input: a malformed message is counted and logged with the socket and what was
 wrong, a message whose processing raises is counted and logged, and the
 loop goes on. Signals: SIGINT is ignored (the supervisor decides; a terminal's Ctrl-C reaches
@@ -32,12 +33,14 @@ A process's arrays must not outlive `process()`: ring slots are released right a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -206,7 +209,9 @@ class _Loop:
         self.reporter.send(
             StageReport(
                 stage=self.wiring.stage, pid=os.getpid(), sent_at=now, last_error=self.last_error,
-                busy_s=self.busy_s, streams=streams, fatal=fatal, gpu_mb=gpu_memory_mb(), **self.counts,
+                busy_s=self.busy_s, streams=streams, fatal=fatal, gpu_mb=gpu_memory_mb(),
+                received=self.counts["received"], sent=self.counts["sent"], malformed=self.counts["malformed"],
+                errors=self.counts["errors"],
             ),
             self.metrics.snapshot(),
         )
@@ -259,12 +264,46 @@ def _outputs(result: Output | Sequence[Output] | None) -> Sequence[Output]:
     return (result,)
 
 
+@contextlib.contextmanager
+def _starting_heartbeats(wiring: Wiring) -> Iterator[None]:
+    """Heartbeats marked `starting` while the stage is being made. Making one may take long (the
+    inference stage loads its model and, on CUDA, compiles it: ~20 s for R50-FPN on an H200, more
+    with a cold cache on a slower host), and the supervisor kills a stage that is silent for
+    heartbeat_timeout_s. Sent from a thread with its own socket (ZeroMQ sockets are not
+    thread-safe); the thread also stops the process, as the loop would, if the supervisor dies."""
+    done = threading.Event()
+
+    def beat() -> None:
+        sender, nothing_yet = ReportSender(wiring.reports), StageMetrics(wiring.kind).snapshot()
+        try:
+            while not done.wait(wiring.heartbeat_s):
+                if wiring.parent_pid and os.getppid() != wiring.parent_pid:
+                    os.kill(os.getpid(), signal.SIGTERM)  # StageStopped in the main thread
+                    return
+                sender.send(StageReport(stage=wiring.stage, pid=os.getpid(), sent_at=time.monotonic(),
+                                        starting=True), nothing_yet)
+        finally:
+            sender.close()
+
+    thread = threading.Thread(target=beat, name="starting-heartbeats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _start(make: Callable[[_Loop], Any], wiring: Wiring) -> tuple[_Loop, Any]:
-    """Sockets first (so a fatal error can be reported), then the stage itself."""
+    """Sockets first (so a fatal error can be reported), then the stage itself, reporting meanwhile."""
     _setup_process(wiring)
     loop = _Loop(wiring)
     try:
-        stage = make(loop)
+        with _starting_heartbeats(wiring):
+            stage = make(loop)
+    except StageStopped:  # told to stop (or the supervisor died) while starting: not a failure
+        loop.close()
+        raise SystemExit(0) from None
     except Exception as exc:
         loop.error(f"cannot start: {type(exc).__name__}: {exc}")
         loop.report(force=True, fatal=loop.last_error)

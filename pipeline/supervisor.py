@@ -110,8 +110,9 @@ class Supervisor:
         failure, interrupted = "", False
         drain_deadline: float | None = None
         last_move, last_published = time.monotonic(), -1
-        # Decoders start once inference is ready (its first report comes after the model is
-        # loaded): a live source started earlier would only drop the frames of the warm-up.
+        # Decoders start once inference is ready (its first report not marked `starting` comes
+        # after the model is loaded and warmed up): a live source started earlier would only drop
+        # the frames of the warm-up.
         held = [name for name in self.specs if self.specs[name].stream_id is not None]
         try:
             for name in sorted(self.specs, key=_start_order):
@@ -223,7 +224,8 @@ class Supervisor:
         )
 
     def _inference_ready(self) -> bool:
-        return any(name.split(".", 1)[0] == "infer" and not report.fatal for name, report in self.latest.items())
+        return any(name.split(".", 1)[0] == "infer" and not report.fatal and not report.starting
+                   for name, report in self.latest.items())
 
     def _drain(self) -> None:
         for name, spec in self.specs.items():

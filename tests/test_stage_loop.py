@@ -1,0 +1,89 @@
+"""The stage loop's own process behaviour, over real sockets in a real spawned process."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+from pipeline.messages import StageReport
+from pipeline.stage import Wiring, run_stage
+from pipeline.supervisor import Supervisor
+from pipeline.transport import ReportInbox
+
+HEARTBEAT_S = 0.2
+
+
+class Idle:
+    def process(self, message):
+        return None
+
+
+class SlowToMake:
+    """A stage that takes `seconds` to make, as a model that loads and compiles at start does."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self) -> Idle:
+        time.sleep(self.seconds)
+        return Idle()
+
+
+def _start(tmp_path, make_seconds: float):
+    inbox = ReportInbox(f"ipc://{tmp_path}/reports")
+    wiring = Wiring(stage="slow.0", reports=f"ipc://{tmp_path}/reports", inbox=f"ipc://{tmp_path}/inbox",
+                    heartbeat_s=HEARTBEAT_S, parent_pid=os.getpid())
+    process = multiprocessing.get_context("spawn").Process(target=run_stage, args=(SlowToMake(make_seconds), wiring))
+    process.start()
+    return inbox, process
+
+
+def _reports_until(inbox: ReportInbox, done, timeout_s: float = 30.0) -> list[StageReport]:
+    reports: list[StageReport] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not done(reports):
+        reports += [report for report, _ in inbox.recv_all(0.1)]
+    assert done(reports), f"gave up after {timeout_s} s with {reports}"
+    return reports
+
+
+def test_a_stage_being_made_reports_starting_then_ready(tmp_path):
+    """While it is made the stage sends heartbeats marked `starting` (so a supervisor neither kills
+    it as hung nor takes it for ready); once made, its reports are plain ones."""
+    inbox, process = _start(tmp_path, make_seconds=2.0)
+    try:
+        reports = _reports_until(inbox, lambda rs: any(not r.starting for r in rs))
+        first_ready = next(i for i, r in enumerate(reports) if not r.starting)
+        # ~2 s of making at 0.2 s beats, less the process's own start-up (imports) before them.
+        assert sum(r.starting for r in reports[:first_ready]) >= 3
+        assert all(r.pid == process.pid and r.stage == "slow.0" and not r.fatal for r in reports)
+    finally:
+        process.terminate()
+        process.join(10)
+        inbox.close()
+    assert process.exitcode == 0
+
+
+def test_a_stage_stopped_while_being_made_exits_cleanly_without_a_fatal_report(tmp_path):
+    inbox, process = _start(tmp_path, make_seconds=60.0)
+    try:
+        _reports_until(inbox, lambda rs: sum(r.starting for r in rs) >= 2)
+        process.terminate()  # the supervisor stopping the run during a long start
+        process.join(10)
+        assert process.exitcode == 0  # at once, not after the minute of making
+        assert not any(report.fatal for report, _ in inbox.recv_all(0.5))
+    finally:
+        if process.is_alive():
+            process.kill()
+        inbox.close()
+
+
+def test_the_supervisor_holds_the_sources_until_inference_reports_ready():
+    """A `starting` heartbeat keeps the inference stage alive in the supervisor's eyes, but the
+    decoders start only on its first plain report (after its model is made and warmed up)."""
+    supervisor = Supervisor([], "ipc:///nonexistent", ())
+    assert not supervisor._inference_ready()
+    supervisor.latest["infer.0"] = StageReport("infer.0", 7, 1.0, starting=True)
+    assert not supervisor._inference_ready()
+    supervisor.latest["infer.0"] = StageReport("infer.0", 7, 1.5)
+    assert supervisor._inference_ready()
