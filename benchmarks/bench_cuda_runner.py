@@ -129,6 +129,7 @@ def measure(runner: TorchRunner, images: np.ndarray, sizes: np.ndarray, iters: i
         "mean_detections": float(out["num_detections"].mean()),
         "cuda_graph": runner._graph is not None,
         "graph_error": runner.graph_error,
+        "compile_error": runner.compile_error,
     }
 
 
@@ -270,6 +271,8 @@ def main() -> int:
               f"{tflops:>8.1f} {tflops / args.peak_tflops:>7.1%} {'-' if mem is None else f'{mem:.1f}':>7}")
         if row["graph_error"] and args.device == "cuda":
             print(f"      graph_error: {row['graph_error'][:300]}")
+        if row["compile_error"]:
+            print(f"      compile_error: {row['compile_error'][:300]}")
     for row in rows:
         if "profile" in row:
             print(f"\n{_label(row)}, {format_profile(row['profile'])}")

@@ -16,6 +16,7 @@ num_detections are zero.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ __all__ = [
     "make_runner",
     "runner_choice",
 ]
+
+log = logging.getLogger("maskstream.runners")
 
 OUTPUT_DTYPES: dict[str, type[np.generic]] = {
     "num_detections": np.int64,
@@ -183,8 +186,9 @@ class TorchRunner:
         self.precision: Precision = "fp16" if isinstance(static.model.backbone, HalfBackbone) else "fp32"
         # Convolutions in NHWC (channels_last): oneDNN's native layout, 1.35x faster per frame for the
         # bundled lite model on this project's CPU host with the same outputs to 3e-5 px
-        # (benchmarks/results/cpu_channels_last.json). None: on for CPU; CUDA keeps NCHW until
-        # measured there (benchmarks/bench_memory_format.py --device cuda, in gpu_session.sh).
+        # (benchmarks/results/cpu_channels_last.json). None: on for CPU; CUDA keeps NCHW: 1.08x for
+        # the eager graph on an H200 (cuda_channels_last_h200.json), and the compiled graph (the
+        # CUDA default) has inductor choose its layouts itself.
         self.channels_last = device == "cpu" if channels_last is None else channels_last
         if self.channels_last:
             # Module.to takes memory_format (4-D weights only), which torch's type stubs leave out.
@@ -193,10 +197,11 @@ class TorchRunner:
         cuda = device == "cuda"
         self.asynchronous = cuda
         self.compiled = compile
-        # What the runner calls: the module itself, or inductor's compilation of it (compiled on
-        # the first call, inside the warm-up before any CUDA graph capture).
+        self.compile_error: str | None = None  # why the forward runs uncompiled after all
+        # What the runner calls: the module itself, or inductor's compilation of it, compiled on
+        # the first call (inside the warm-up, before any CUDA graph capture).
         self._forward: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = (
-            torch.compile(self.static, fullgraph=True, dynamic=False) if compile else self.static)
+            self._first_compiled_call if compile else self.static)
         self.tf32 = cuda and tf32
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -265,6 +270,19 @@ class TorchRunner:
             # Both copies asynchronous: a blocking one waits for the stream (a batch submitted before).
             sizes = image_sizes.to(self.device, non_blocking=True)
             return self._forward(images.to(self.device, non_blocking=True), sizes)
+
+    def _first_compiled_call(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        compiled = torch.compile(self.static, fullgraph=True, dynamic=False)
+        try:
+            outputs = compiled(images, image_sizes)
+        except Exception as exc:  # e.g. no C compiler for Triton's launcher, an op inductor cannot lower
+            self.compiled = False
+            self.compile_error = f"torch.compile failed, running uncompiled: {type(exc).__name__}: {exc}"
+            log.warning("%s", self.compile_error)
+            self._forward = self.static
+            return self.static(images, image_sizes)
+        self._forward = compiled
+        return outputs
 
     def _first_cuda_call(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         static_in = (images.to("cuda"), image_sizes.to("cuda"))

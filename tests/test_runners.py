@@ -171,6 +171,28 @@ def test_torch_runner_compiled_gives_the_eager_outputs(net, frames):
     assert_same_detections(out, TorchRunner(net, device="cpu").infer(*frames), box_px=1e-3, score=1e-5, mask=1e-4)
 
 
+def test_torch_runner_that_cannot_compile_runs_uncompiled_and_says_why(net, frames, monkeypatch, caplog):
+    """A failing compile (no C compiler for Triton's launcher, an op inductor cannot lower: here
+    injected) must not stop a pipeline: the runner goes on with the uncompiled graph, the same
+    outputs, and the reason in compile_error and the log."""
+    def cannot_compile(module, **options):
+        def call(*inputs):
+            raise RuntimeError("no C compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    runner = TorchRunner(net, device="cpu", compile=True)
+    with caplog.at_level("WARNING", logger="maskstream.runners"):
+        out = runner.infer(*frames)
+    assert not runner.compiled and runner.compile_error is not None
+    assert "RuntimeError: no C compiler found" in runner.compile_error and runner.compile_error in caplog.text
+    want = TorchRunner(net, device="cpu").infer(*frames)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(out[name], want[name], err_msg=name)
+    runner.infer(*frames)  # tried once: the next calls go straight to the uncompiled graph
+    assert caplog.text.count("torch.compile failed") == 1
+
+
 def test_torch_runner_device_errors(net):
     with pytest.raises(ValueError, match="device: expected 'cpu' or 'cuda'"):
         TorchRunner(net, device="gpu")

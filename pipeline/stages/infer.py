@@ -16,6 +16,7 @@ it gains nothing, so it is off there unless asked for.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ import torch
 from model.runners import Completed, PendingBatch, RunnerSpec, make_runner
 from pipeline.messages import EndOfStream, Message, ModelInput, RawDetections, StreamProgress
 from pipeline.stage import Output, Timed, Wiring, run_stage
+
+log = logging.getLogger("maskstream.infer")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class InferStage:
         # (allocator, kernel selection; on CUDA the Triton compiles and the CUDA graph capture)
         # would otherwise land on the first frame, a latency spike a live stream pays in drops.
         self.runner.infer(self.images, np.array([[height, width]] * batch, dtype=np.int64))
+        # A torch runner that could not compile or capture its graph still runs, slower: say so.
+        for problem in (getattr(self.runner, "compile_error", None), getattr(self.runner, "graph_error", None)):
+            if problem:
+                log.warning("infer: %s", problem)
         self.pending: list[ModelInput] = []
         self.in_flight: _Batch | None = None  # with overlap: the batch on the device
         self.drops: dict[str, int] = {}
