@@ -154,7 +154,8 @@ def doctor(args: argparse.Namespace) -> int:
     runner = {
         "tensorrt": f"TensorRTRunner ({args.engine})" + ("" if trt else " -- would fail: TensorRT not installed"),
         "torch-cuda": "TorchRunner on cuda (no --engine given)" + (
-            "; RoIAlign and NMS in Triton, the forward replayed as a CUDA graph" if importlib.util.find_spec("triton")
+            "; RoIAlign and NMS in Triton, the forward torch.compile'd at start (model.compile) and replayed as "
+            "a CUDA graph" if importlib.util.find_spec("triton")
             else "; without Triton, RoIAlign and NMS fall back to torch code that waits on the host: no CUDA graph"),
         "torch-cpu": "TorchRunner on cpu (no --engine given, no CUDA device)",
     }[choice]
