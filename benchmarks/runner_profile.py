@@ -18,12 +18,13 @@ Times are device (kernel) times on CUDA and CPU times on a CPU, in ms per forwar
 
     from runner_profile import profile_forward      # benchmarks/, beside bench_cuda_runner.py
     report = profile_forward(runner.static, images, sizes, calls=3)
+    report = profile_forward(runner.static, images, sizes, forward=runner._forward)  # compiled: no stages
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -118,9 +119,15 @@ def _kernels(averages: Any, cuda: bool) -> list[Any]:
 
 
 def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor, calls: int = 3,
-                    top: int = 15) -> dict[str, Any]:
-    """Profile `calls` forwards of `static` (a StaticMaskRCNN) on inputs already on its device."""
+                    top: int = 15, forward: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Profile `calls` forwards of `static` (a StaticMaskRCNN) on inputs already on its device.
+
+    forward: what to call instead of `static` itself, e.g. the runner's torch.compile'd forward.
+    Its report has no stages (inductor's fused kernels belong to no one module, and module hooks
+    do not run inside a compiled graph): only the total, the custom ops and the kernels."""
     cuda = images.is_cuda
+    by_stage = forward is None
+    run = static if forward is None else forward
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
     def spent(event: Any, total: bool = True) -> float:  # ms, device time on CUDA, CPU time on a CPU
@@ -129,8 +136,9 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
         return (event.cpu_time_total if total else event.self_cpu_time_total) / 1e3
 
     spans: dict[str, list[tuple[Any, Any]]] = {name: [] for name in (*STAGES, "forward")}
-    with torch.inference_mode(), _stage_ranges(static.model, spans, cuda):
-        static(images, sizes)  # lazy initialisation stays out of the profile
+    hooks = _stage_ranges(static.model, spans, cuda) if by_stage else nullcontext()
+    with torch.inference_mode(), hooks:
+        run(images, sizes)  # lazy initialisation stays out of the profile
         for pairs in spans.values():  # in place: the hooks hold this dict
             pairs.clear()
         if cuda:
@@ -139,7 +147,7 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
             for _ in range(calls):
                 with record_function(_FORWARD):
                     start = _mark(cuda)
-                    static(images, sizes)
+                    run(images, sizes)
                     spans["forward"].append((start, _mark(cuda)))
             if cuda:
                 torch.cuda.synchronize()
@@ -147,7 +155,7 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
 
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     total = sum(spent(e) for e in events if e.name == _FORWARD) / calls
-    stages = {name: 0.0 for name in STAGES}
+    stages = {name: 0.0 for name in STAGES} if by_stage else {}
     ops: dict[tuple[str, str], float] = {}
     for event in events:
         if event.name.startswith(_PREFIX) and event.name != _FORWARD:
@@ -155,8 +163,9 @@ def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor
         elif event.name in CUSTOM_OPS:
             key = (_enclosing_stage(event), event.name.split("::")[1])
             ops[key] = ops.get(key, 0.0) + spent(event) / calls
-    stages["other"] = total - sum(stages.values())
-    span_ms["other"] = span_ms["forward"] - sum(span_ms[name] for name in STAGES)
+    if by_stage:
+        stages["other"] = total - sum(stages.values())
+        span_ms["other"] = span_ms["forward"] - sum(span_ms[name] for name in STAGES)
 
     kernels = _kernels(prof.key_averages(), cuda)
     kernels.sort(key=lambda a: spent(a, total=False), reverse=True)
@@ -178,8 +187,10 @@ def format_profile(report: dict[str, Any]) -> str:
     """The report as three small tables."""
     lines = [f"per forward, {report['time']}, mean of {report['calls']}: total {report['total_ms']:.2f} ms "
              f"(span, {report['span']}: {report['span_total_ms']:.2f} ms)"]
-    lines += [f"  {'stage':<16} {'ms':>8} {'share':>6} {'span ms':>8}"]
-    lines += [f"  {s['stage']:<16} {s['ms']:>8.2f} {s['share']:>6.1%} {s['span_ms']:>8.2f}" for s in report["stages"]]
+    if report["stages"]:
+        lines += [f"  {'stage':<16} {'ms':>8} {'share':>6} {'span ms':>8}"]
+        lines += [f"  {s['stage']:<16} {s['ms']:>8.2f} {s['share']:>6.1%} {s['span_ms']:>8.2f}"
+                  for s in report["stages"]]
     lines += [f"  {'op (in stage)':<40} {'ms':>8}"]
     lines += [f"  {o['op'] + ' (' + o['stage'] + ')':<40} {o['ms']:>8.2f}" for o in report["ops"]]
     lines += [f"  {'kernel':<70} {'ms':>8} {'count':>6}"]

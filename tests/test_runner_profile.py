@@ -46,6 +46,23 @@ def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(static
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in static.modules())
 
 
+def test_profile_of_another_forward_has_its_ops_and_kernels_but_no_stages(static):
+    """A compiled forward (any callable in its place) is profiled whole: the total, the custom ops
+    and the kernels; no stage hooks are placed."""
+    calls = []
+
+    def forward(images, sizes):
+        calls.append(1)
+        return static(images, sizes)
+
+    report = runner_profile.profile_forward(static, *static.example_inputs(), calls=2, forward=forward)
+    assert len(calls) == 3  # one warm-up, two profiled
+    assert report["stages"] == [] and report["total_ms"] > 0 and report["kernels"]
+    assert {o["op"] for o in report["ops"]} == {"batched_nms_padded", "multiscale_roi_align"}
+    text = runner_profile.format_profile(report)
+    assert "total" in text and "stage " not in text
+
+
 def test_stage_modules_found_through_the_fp16_wrapper(static):
     half = with_precision(build(config=static.model.cfg).eval(), "fp16")
     assert set(runner_profile.stage_modules(half)) == set(runner_profile.STAGES)
