@@ -33,7 +33,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 # Model parts timed as stages, by attribute name (unique in MaskRCNN, whether or not wrapped in
-# HalfBackbone, HalfMaskHead or HalfMaskPredictor).
+# HalfBackbone or HalfMaskHead).
 STAGES = ("body", "fpn", "rpn", "box_head", "box_predictor", "mask_head", "mask_predictor")
 CUSTOM_OPS = ("maskstream::multiscale_roi_align", "maskstream::batched_nms_padded")
 _PREFIX = "stage/"

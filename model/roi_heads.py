@@ -119,7 +119,7 @@ class RoIHeads(nn.Module):
         logits = self.mask_logits(features, boxes)
         logits = logits.view(b, r, logits.shape[1], *logits.shape[-2:])  # [B, R, C, 28, 28]
         index = labels.view(b, r, 1, 1, 1).expand(-1, -1, 1, *logits.shape[-2:])
-        # float(): float16 logits (model.static.HalfMaskPredictor) are cast after the pick, 1/C of them.
+        # float(): an fp16 graph's float16 logits (model.static.with_precision) cast after the pick, 1/C of them.
         return logits.gather(2, index).squeeze(2).float().sigmoid()
 
     def detect(

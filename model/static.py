@@ -53,7 +53,9 @@ class HalfBackbone(nn.Module):
 
 class HalfMaskHead(nn.Module):
     """Mask head in float16: the RoIAligned float32 features cast in, float16 handed on to the
-    mask predictor (HalfMaskPredictor)."""
+    mask predictor, which is in float16 itself and needs no cast: its float16 logits go on to
+    `RoIHeads.mask_probs`, which picks each box's class first and casts only that [B, R, 28, 28]
+    slice to float32 for the sigmoid (casting all 91 classes' logits would move 91x the bytes)."""
 
     def __init__(self, mask_head: nn.Module):
         super().__init__()
@@ -61,19 +63,6 @@ class HalfMaskHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x.half())
-
-
-class HalfMaskPredictor(nn.Module):
-    """Mask predictor in float16, its logits handed on in float16: `RoIHeads.mask_probs` picks each
-    box's class first and casts only that [B, R, 28, 28] slice to float32 for the sigmoid (the
-    cast of all 91 classes' logits would move 91x the bytes for the same result)."""
-
-    def __init__(self, mask_predictor: nn.Module):
-        super().__init__()
-        self.inner = mask_predictor.half()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x)
 
 
 def with_precision(net: MaskRCNN, precision: str) -> MaskRCNN:
@@ -87,7 +76,7 @@ def with_precision(net: MaskRCNN, precision: str) -> MaskRCNN:
         net.backbone = HalfBackbone(net.backbone)  # type: ignore[assignment]
         heads = net.roi_heads
         heads.mask_head = HalfMaskHead(heads.mask_head)
-        heads.mask_predictor = HalfMaskPredictor(heads.mask_predictor)  # type: ignore[assignment]
+        heads.mask_predictor.half()  # float16 in from the head, float16 logits out: no cast of its own
     return net
 
 
