@@ -159,6 +159,11 @@ def _raise_stopped(signum: int, frame: Any) -> None:
     raise StageStopped(f"signal {signum}")
 
 
+def _supervisor_gone(wiring: Wiring) -> bool:
+    """Whether the supervisor that started this stage has exited (the stage was reparented)."""
+    return bool(wiring.parent_pid) and os.getppid() != wiring.parent_pid
+
+
 def gpu_memory_mb() -> float | None:
     """Peak MB this process's torch CUDA allocator has reserved, None where it has not used CUDA.
 
@@ -198,7 +203,7 @@ class _Loop:
         if not force and now < self.next_report:
             return
         self.next_report = now + self.wiring.heartbeat_s
-        if self.wiring.parent_pid and os.getppid() != self.wiring.parent_pid:
+        if _supervisor_gone(self.wiring):
             raise StageStopped("the supervisor has exited")
         streams = self.progress()
         for progress in streams:  # the stage counts its drops (see StreamProgress); metrics follow them
@@ -277,7 +282,7 @@ def _starting_heartbeats(wiring: Wiring) -> Iterator[None]:
         sender, nothing_yet = ReportSender(wiring.reports), StageMetrics(wiring.kind).snapshot()
         try:
             while not done.wait(wiring.heartbeat_s):
-                if wiring.parent_pid and os.getppid() != wiring.parent_pid:
+                if _supervisor_gone(wiring):
                     os.kill(os.getpid(), signal.SIGTERM)  # StageStopped in the main thread
                     return
                 sender.send(StageReport(stage=wiring.stage, pid=os.getpid(), sent_at=time.monotonic(),
