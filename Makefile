@@ -46,8 +46,8 @@ run: venv
 	$(BIN)/maskstream run --out-dir out/
 
 lint: venv
-	$(BIN)/ruff check pipeline model plugins tests benchmarks
-	$(BIN)/mypy pipeline model plugins
+	$(BIN)/ruff check pipeline model plugins configs tests benchmarks
+	$(BIN)/mypy pipeline model plugins configs
 
 # What a lent GPU machine (no network; python3 3.12 with torch, triton, numpy, cv2, yaml, msgpack)
 # needs besides the working tree, for benchmarks/gpu_session.sh: the wheels it lacks, at the versions

@@ -21,14 +21,13 @@ import statistics
 import time
 from pathlib import Path
 
+import maskstream.model as model
 import torch
 from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
-
-import model
-from model.fuse import fold_batch_norms
-from model.ops.roi_align import multiscale_roi_align_per_level_loop
-from model.roi_heads import SAMPLING_RATIO
-from model.synthetic import make_scene
+from maskstream.model.fuse import fold_batch_norms
+from maskstream.model.ops.roi_align import multiscale_roi_align_per_level_loop
+from maskstream.model.roi_heads import SAMPLING_RATIO
+from maskstream.model.synthetic import make_scene
 
 ROOT = Path(__file__).resolve().parent
 

@@ -26,7 +26,7 @@ Weights: the parity goldens' (../shared/reference/golden_weights.py, or $MASKSTR
 when present, else the model's seeded init; timing does not depend on them except through how many
 boxes pass the score threshold into NMS (--score-thresh 0 is the worst case). Prints a table last
 and writes JSON (default benchmarks/results/cuda_runner_<device>.json). --profile adds, per row,
-where the forward's time goes: per model stage, custom op and kernel (benchmarks/runner_profile.py).
+where the forward's time goes: per model stage, custom op and kernel (pipeline/bench/runner_profile.py).
 """
 from __future__ import annotations
 
@@ -46,17 +46,16 @@ import numpy as np
 import torch
 from device_option import add_device_option  # benchmarks/, beside this script
 from golden_state import golden_state
-from runner_profile import format_profile, profile_forward  # beside this script too
+from maskstream.model.config import ModelConfig
+from maskstream.model.fuse import fold_batch_norms
+from maskstream.model.mask_rcnn import build
+from maskstream.model.runners import TorchRunner
+from maskstream.model.static import StaticMaskRCNN, with_precision
+from maskstream.model.synthetic import scene_batch
+from maskstream.pipeline.bench.measure import machine
+from maskstream.pipeline.bench.runner_profile import format_profile, profile_forward
+from maskstream.pipeline.config import load_config
 from torch.utils.flop_counter import FlopCounterMode
-
-from model.config import ModelConfig
-from model.fuse import fold_batch_norms
-from model.mask_rcnn import build
-from model.runners import TorchRunner
-from model.static import StaticMaskRCNN, with_precision
-from model.synthetic import scene_batch
-from pipeline.bench import machine
-from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT.parent / "configs"

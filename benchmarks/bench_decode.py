@@ -36,13 +36,12 @@ from pathlib import Path
 
 import av
 import numpy as np
-
-from pipeline.messages import EndOfStream, Frame
-from pipeline.shm_ring import Ring, RingReaders
-from pipeline.sources import SourceSpec
-from pipeline.stage import OutputBuffers, Wiring
-from pipeline.stages import decode
-from pipeline.transport import Inbox, unpack
+from maskstream.pipeline.media.sources import SourceSpec
+from maskstream.pipeline.runtime.messages import EndOfStream, Frame
+from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
+from maskstream.pipeline.runtime.stage import OutputBuffers, Wiring
+from maskstream.pipeline.runtime.transport import Inbox, unpack
+from maskstream.pipeline.stages import decode
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

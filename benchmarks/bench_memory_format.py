@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from device_option import add_device_option  # benchmarks/, beside this script
-
-from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from model.config import ModelConfig
-from model.mask_rcnn import build
-from model.runners import TorchRunner
-from model.synthetic import scene_batch
-from pipeline.bench import machine
-from pipeline.config import load_config
+from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+from maskstream.model.config import ModelConfig
+from maskstream.model.mask_rcnn import build
+from maskstream.model.runners import TorchRunner
+from maskstream.model.synthetic import scene_batch
+from maskstream.pipeline.bench.measure import machine
+from maskstream.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent
 

@@ -1,6 +1,6 @@
 """Pipeline efficiency: end-to-end frames/s of the multi-process pipeline divided by the
 frames/s of a bare single-process loop (decode + the same preprocess, runner and postprocess,
-one frame after another, with the decode stage's pixel route: pipeline.pixels.frame_pixels)
+one frame after another, with the decode stage's pixel route: pipeline.media.pixels.frame_pixels)
 on the same video and runner, measured side by side in one run.
 
     python benchmarks/bench_pipeline.py [--model bundled|tiny] [--video PATH] [--rounds 2] [--set KEY=VALUE]
@@ -31,17 +31,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-
-from pipeline.cli import build_parser
-from pipeline.messages import Frame, Header, RawDetections
-from pipeline.pixels import PixelRoute
-from pipeline.run_commands import run_config
-from pipeline.run_config import RunConfig, plan
-from pipeline.sources import SourceSpec, VideoSource
-from pipeline.stages.infer import InferConfig, InferStage
-from pipeline.stages.postprocess import PostprocessStage
-from pipeline.stages.preprocess import PreprocessStage
-from pipeline.supervisor import SteadyRate, Supervisor
+from maskstream.pipeline.cli.main import build_parser
+from maskstream.pipeline.cli.run import run_config
+from maskstream.pipeline.media.pixels import PixelRoute
+from maskstream.pipeline.media.sources import SourceSpec, VideoSource
+from maskstream.pipeline.run_config import RunConfig, plan
+from maskstream.pipeline.runtime.messages import Frame, Header, RawDetections
+from maskstream.pipeline.runtime.supervisor import SteadyRate, Supervisor
+from maskstream.pipeline.stages.infer import InferConfig, InferStage
+from maskstream.pipeline.stages.postprocess import PostprocessStage
+from maskstream.pipeline.stages.preprocess import PreprocessStage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -37,10 +37,9 @@ from typing import Any
 
 import torch
 from device_option import add_device_option  # benchmarks/, beside this script
-
-from model.ops import multiscale_roi_align
-from model.ops.roi_align import assign_levels, multiscale_roi_align_per_level_loop
-from pipeline.bench import machine
+from maskstream.model.ops import multiscale_roi_align
+from maskstream.model.ops.roi_align import assign_levels, multiscale_roi_align_per_level_loop
+from maskstream.pipeline.bench.measure import machine
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -8,7 +8,7 @@ median per message):
                  descriptor (this pipeline before: convert, then copy into the slot);
 - ring_in_place: the decoder's yuv420p planes (3.1 MB) written straight into a claimed slot
                  and sent by reference, nothing converted or copied again (the decode stage
-                 now: pipeline.stage.OutputBuffers + pipeline.pixels.frame_pixels).
+                 now: pipeline.runtime.stage.OutputBuffers + pipeline.media.pixels.frame_pixels).
 
     python benchmarks/bench_transport.py [--messages 200] [--rounds 3]
 
@@ -44,13 +44,12 @@ import av
 import cv2
 import numpy as np
 import zmq
-
-from pipeline.messages import Frame, Header
-from pipeline.pixels import RGB24, frame_pixels
-from pipeline.shm_ring import Ring, RingReaders
-from pipeline.stage import OutputBuffers
-from pipeline.stages.preprocess import fit_to_input
-from pipeline.transport import Inbox, Outbox, pack, unpack
+from maskstream.pipeline.media.pixels import RGB24, frame_pixels
+from maskstream.pipeline.runtime.messages import Frame, Header
+from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
+from maskstream.pipeline.runtime.stage import OutputBuffers
+from maskstream.pipeline.runtime.transport import Inbox, Outbox, pack, unpack
+from maskstream.pipeline.stages.preprocess import fit_to_input
 
 SHAPE = (1080, 1920, 3)
 MODES = ("zmq_bytes", "ring_copy", "ring_in_place")

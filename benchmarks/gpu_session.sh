@@ -167,13 +167,13 @@ if ((SMOKE)); then
           --set model.static.height=128 --set model.static.width=160 --set model.static.detections=10
           --set model.roi_heads.detections_per_img=10 --set model.rpn.pre_nms_top_n_test=200
           --set model.rpn.post_nms_top_n_test=100)
-    step bench_pipeline_b2 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=2 \
+    step bench_pipeline_b2 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=2 \
         --out "$RESULTS/bench_lite_${TAG}_b2.json"
 else
     PIPE=(--model-config configs/model_v1.yaml --device cuda --precision fp16 --streams 8 --workers 4)
-    step bench_pipeline_b8 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
+    step bench_pipeline_b8 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
         --out "$RESULTS/bench_r50_cuda_b8.json"
-    step bench_pipeline_b1 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=1 \
+    step bench_pipeline_b1 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=1 \
         --out "$RESULTS/bench_r50_cuda_b1.json"
 fi
 
@@ -182,9 +182,9 @@ fi
 # without TF32 (the runner's default has it, as TensorRT), cuDNN autotuning, NCHW vs channels_last,
 # and the worst case for NMS (score threshold 0).
 if ((!SMOKE)); then
-    step bench_pipeline_b8_eager 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
+    step bench_pipeline_b8_eager 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
         --set model.compile=false --out "$RESULTS/bench_r50_cuda_b8_eager.json"
-    step bench_pipeline_b8_no_overlap 150 $PY -m pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" \
+    step bench_pipeline_b8_no_overlap 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" \
         --set model.static.batch=8 --set infer.overlap=false --out "$RESULTS/bench_r50_cuda_b8_no_overlap.json"
     step runner_no_tf32 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 fp32 \
         --no-tf32 --out "$RESULTS/cuda_runner_${TAG}_no_tf32.json"

@@ -17,10 +17,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+from maskstream.model.coco import COCO_CATEGORY_NAMES
+from maskstream.model.datasets import DatasetError
 from pycocotools import mask as _pycoco_mask
-
-from model.coco import COCO_CATEGORY_NAMES
-from model.datasets import DatasetError
 
 # pycocotools' stubs type RLEs as TypedDicts; ours come from JSON as plain dicts.
 mask_utils: Any = _pycoco_mask

@@ -25,10 +25,9 @@ from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
+from maskstream.model.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from maskstream.model.synthetic import make_scene, to_coco
 from pycocotools import mask as _pycoco_mask
-
-from model.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from model.synthetic import make_scene, to_coco
 
 # pycocotools' stubs type RLEs as TypedDicts; ours come from JSON as plain dicts.
 mask_utils: Any = _pycoco_mask
@@ -102,7 +101,7 @@ def open_dataset(spec: DatasetSpec) -> Dataset:
         return SyntheticDataset(s.count, s.seed, s.height, s.width, s.max_objects)
     if spec.path is None:
         raise DatasetError(f"dataset format {spec.format!r}: `path` is required")
-    from model import converters  # converters import this module's helpers
+    from maskstream.model import converters  # converters import this module's helpers
 
     if spec.format == "coco":
         return CocoDataset.from_json(spec.path, spec.images, categories=spec.categories, drop_empty=spec.drop_empty)

@@ -31,12 +31,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-
-from model.checkpoint import file_sha256
-from model.coco import class_names
-from model.config import ModelConfig
-from model.static import PRECISIONS, Precision, with_precision
-from plugins.roi_align.registration import (
+from maskstream.model.checkpoint import file_sha256
+from maskstream.model.coco import class_names
+from maskstream.model.config import ModelConfig
+from maskstream.model.static import PRECISIONS, Precision, with_precision
+from maskstream.plugins.roi_align.registration import (
     INSTALL_HINT,
     PLUGIN_ID,
     TensorRTUnavailable,
@@ -220,9 +219,8 @@ def _register_converters() -> None:
     global _converters_registered
     if _converters_registered:
         return
+    import maskstream.model.ops  # noqa: F401  (registers torch.ops.maskstream.*)
     from torch_tensorrt.dynamo.conversion import dynamo_tensorrt_converter
-
-    import model.ops  # noqa: F401  (registers torch.ops.maskstream.*)
 
     register_plugin()
     dynamo_tensorrt_converter(torch.ops.maskstream.multiscale_roi_align.default)(_roi_align_converter)
@@ -378,8 +376,8 @@ def _nms_converter(ctx: Any, target: Any, args: tuple[Any, ...], kwargs: dict[st
 
 def prepare_static(checkpoint: str | Path | None, config: ModelConfig, precision: Precision) -> Any:
     """The StaticMaskRCNN to compile, in eval mode, with the precision's casts in the graph."""
-    from model.mask_rcnn import build
-    from model.static import StaticMaskRCNN
+    from maskstream.model.mask_rcnn import build
+    from maskstream.model.static import StaticMaskRCNN
 
     return StaticMaskRCNN(with_precision(build(config=config, checkpoint=checkpoint).eval(), precision)).eval()
 
@@ -388,7 +386,7 @@ def build_engine(
     checkpoint: str | Path, config: ModelConfig, out: str | Path, precision: Precision = "fp32"
 ) -> EngineManifest:
     """Compile the static graph of `checkpoint` into `out` (NAME.engine) and write NAME.json beside it."""
-    from model.static import OUTPUT_NAMES, export
+    from maskstream.model.static import OUTPUT_NAMES, export
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")

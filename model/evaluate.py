@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from maskstream.model.coco import class_names as model_class_names
+from maskstream.model.datasets import Dataset, DatasetError
+from maskstream.model.mask_rcnn import MaskRCNN
+from maskstream.model.postprocess import paste_masks_in_image
 from pycocotools import mask as _pycoco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from model.coco import class_names as model_class_names
-from model.datasets import Dataset, DatasetError
-from model.mask_rcnn import MaskRCNN
-from model.postprocess import paste_masks_in_image
 
 # pycocotools' stubs type RLEs as TypedDicts; ours come from JSON as plain dicts.
 mask_utils: Any = _pycoco_mask

@@ -11,9 +11,8 @@ import copy
 from typing import TypeVar
 
 import torch
+from maskstream.model.backbone import FrozenBatchNorm2d
 from torch import nn
-
-from model.backbone import FrozenBatchNorm2d
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 M = TypeVar("M", bound=nn.Module)

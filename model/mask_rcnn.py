@@ -15,14 +15,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-
-from model import transform
-from model.backbone import BackboneWithFPN, FrozenBatchNorm2d, MobileNetV2Body, NormLayer, ResNet50Body
-from model.checkpoint import CheckpointError, file_sha256, load_weights
-from model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig, Variant
-from model.postprocess import paste_masks_in_image
-from model.roi_heads import (
+from maskstream.model import transform
+from maskstream.model.backbone import BackboneWithFPN, FrozenBatchNorm2d, MobileNetV2Body, NormLayer, ResNet50Body
+from maskstream.model.checkpoint import CheckpointError, file_sha256, load_weights
+from maskstream.model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig, Variant
+from maskstream.model.postprocess import paste_masks_in_image
+from maskstream.model.roi_heads import (
     BOX_POOL_SIZE,
     FastRCNNPredictor,
     MaskRCNNPredictor,
@@ -31,7 +29,8 @@ from model.roi_heads import (
     conv_fc_head,
     mask_head,
 )
-from model.rpn import RegionProposalNetwork
+from maskstream.model.rpn import RegionProposalNetwork
+from torch import Tensor, nn
 
 
 class MaskRCNN(nn.Module):

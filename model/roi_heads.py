@@ -9,13 +9,12 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from maskstream.model import ops  # noqa: F401  (registers torch.ops.maskstream.*)
+from maskstream.model.backbone import NormLayer, conv_norm_act
+from maskstream.model.boxes import BoxCoder, box_iou, clip_boxes, is_large_enough
+from maskstream.model.config import RoIHeadsConfig
+from maskstream.model.matching import Matcher, sample_balanced
 from torch import Tensor, nn
-
-from model import ops  # noqa: F401  (registers torch.ops.maskstream.*)
-from model.backbone import NormLayer, conv_norm_act
-from model.boxes import BoxCoder, box_iou, clip_boxes, is_large_enough
-from model.config import RoIHeadsConfig
-from model.matching import Matcher, sample_balanced
 
 BOX_POOL_SIZE = 7
 MASK_POOL_SIZE = 14

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from maskstream.model import ops  # noqa: F401  (registers torch.ops.maskstream.*)
+from maskstream.model.anchors import AnchorGenerator
+from maskstream.model.backbone import conv_norm_act
+from maskstream.model.boxes import BoxCoder, box_iou, clip_boxes, is_large_enough
+from maskstream.model.config import RPNConfig
+from maskstream.model.matching import Matcher, sample_balanced
 from torch import Tensor, nn
-
-from model import ops  # noqa: F401  (registers torch.ops.maskstream.*)
-from model.anchors import AnchorGenerator
-from model.backbone import conv_norm_act
-from model.boxes import BoxCoder, box_iou, clip_boxes, is_large_enough
-from model.config import RPNConfig
-from model.matching import Matcher, sample_balanced
 
 
 class RPNHead(nn.Module):

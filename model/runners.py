@@ -24,13 +24,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-
-from model.config import ModelConfig
-from model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
-from model.fuse import fold_batch_norms
-from model.mask_rcnn import MaskRCNN, build
-from model.static import OUTPUT_NAMES, HalfBackbone, Precision, StaticMaskRCNN, with_precision
-from plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
+from maskstream.model.config import ModelConfig
+from maskstream.model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
+from maskstream.model.fuse import fold_batch_norms
+from maskstream.model.mask_rcnn import MaskRCNN, build
+from maskstream.model.static import OUTPUT_NAMES, HalfBackbone, Precision, StaticMaskRCNN, with_precision
+from maskstream.plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
 
 __all__ = [
     "OUTPUT_DTYPES",

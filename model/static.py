@@ -16,10 +16,9 @@ import typing
 from typing import Literal
 
 import torch
+from maskstream.model.config import StaticGraphConfig
+from maskstream.model.mask_rcnn import MaskRCNN
 from torch import Tensor, nn
-
-from model.config import StaticGraphConfig
-from model.mask_rcnn import MaskRCNN
 
 OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "mask_probs")
 
@@ -72,7 +71,7 @@ def with_precision(net: MaskRCNN, precision: str) -> MaskRCNN:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16":
         # Each wrapper keeps its module's call signature and attribute name (stage names in
-        # benchmarks/runner_profile.py); model.runners tells fp16 by the HalfBackbone.
+        # pipeline/bench/runner_profile.py); model.runners tells fp16 by the HalfBackbone.
         net.backbone = HalfBackbone(net.backbone)  # type: ignore[assignment]
         heads = net.roi_heads
         heads.mask_head = HalfMaskHead(heads.mask_head)

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from model.postprocess import encode_rle
+from maskstream.model.postprocess import encode_rle
 
 __all__ = [
     "CLASS_NAMES",

@@ -23,13 +23,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from maskstream.model.checkpoint import CheckpointError, load_weights, read_state_dict
+from maskstream.model.config import ModelConfig
+from maskstream.model.datasets import Dataset, DatasetError, DatasetSpec, Sample, open_dataset
+from maskstream.model.mask_rcnn import MaskRCNN, load_imagenet_backbone
+from maskstream.model.plot import write_loss_plot
 from torch import Tensor, nn
-
-from model.checkpoint import CheckpointError, load_weights, read_state_dict
-from model.config import ModelConfig
-from model.datasets import Dataset, DatasetError, DatasetSpec, Sample, open_dataset
-from model.mask_rcnn import MaskRCNN, load_imagenet_backbone
-from model.plot import write_loss_plot
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")

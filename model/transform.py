@@ -10,9 +10,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from maskstream.model.config import TransformConfig
 from torch import Tensor
-
-from model.config import TransformConfig
 
 
 def check_images(images: list[Tensor]) -> None:

@@ -1,7 +1,7 @@
 """Reading a maskstream publisher from Python: a SUB socket that yields decoded messages.
 
-    from pipeline.client import Subscriber, masks
-    from pipeline.messages import Detections
+    from maskstream.pipeline.client import Subscriber, masks
+    from maskstream.pipeline.runtime.messages import Detections
 
     with Subscriber("tcp://127.0.0.1:5556", streams=["cam0"]) as sub:
         for msg in sub:                                  # Detections, then EndOfStream at the end
@@ -39,8 +39,7 @@ import msgpack
 import numpy as np
 import pycocotools.mask as mask_utils
 import zmq
-
-from pipeline.messages import SCHEMA_VERSION, Detections, EndOfStream, Message, MessageError, decode
+from maskstream.pipeline.runtime.messages import SCHEMA_VERSION, Detections, EndOfStream, Message, MessageError, decode
 
 __all__ = [
     "SchemaVersionError",

@@ -15,18 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from model.coco import class_names
-from model.config import ModelConfig
-from model.runners import RunnerSpec
-from model.static import pad_value
-from pipeline.config import load_config
-from pipeline.shm_ring import Ring
-from pipeline.sources import Policy, SourceSpec, resolve_policy
-from pipeline.stage import Wiring
-from pipeline.stages import decode, infer, postprocess, preprocess, publish
-from pipeline.supervisor import StageSpec, SupervisorConfig
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from maskstream.configs import CONFIG_DIR
+from maskstream.model.coco import class_names
+from maskstream.model.config import ModelConfig
+from maskstream.model.runners import RunnerSpec
+from maskstream.model.static import pad_value
+from maskstream.pipeline.config import load_config
+from maskstream.pipeline.media.sources import Policy, SourceSpec, resolve_policy
+from maskstream.pipeline.runtime.shm_ring import Ring
+from maskstream.pipeline.runtime.stage import Wiring
+from maskstream.pipeline.runtime.supervisor import StageSpec, SupervisorConfig
+from maskstream.pipeline.stages import decode, infer, postprocess, preprocess, publish
 
 
 @dataclass(frozen=True)
@@ -96,13 +95,13 @@ class RunConfig:
     infer: InferOptions = field(default_factory=InferOptions)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     # Publish skips an offline frame lost with a dead stage once the stream's later frames fill
-    # more than every queue could hold (see pipeline.reorder), or after this long without news.
+    # more than every queue could hold (see pipeline.runtime.reorder), or after this long without news.
     gap_timeout_s: float = 300.0
 
 
 def default_model() -> tuple[Path, Path | None]:
     """(model YAML, checkpoint) used when the run config names neither."""
-    from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+    from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 
     if BUNDLED_CHECKPOINT.is_file():
         return BUNDLED_CONFIG, BUNDLED_CHECKPOINT
@@ -117,7 +116,7 @@ SAMPLE_CLIP = {"frames": 50, "seed": 0, "height": 320, "width": 576, "fps": 25, 
 
 def write_sample_clip(directory: Path) -> Path:
     """Write the sample clip (and its ground truth, *_annotations.json) into directory; its path."""
-    from model.synthetic import write_synthetic_clip  # only the demo needs it
+    from maskstream.model.synthetic import write_synthetic_clip  # only the demo needs it
 
     clip, _ = write_synthetic_clip(directory / "sample_clip.mp4", **SAMPLE_CLIP)
     return clip

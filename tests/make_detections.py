@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pycocotools.mask as mask_utils
-
-from pipeline.messages import Detections, EndOfStream, Header, StageStamp
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, StageStamp
 
 FRAME_HW = (120, 160)
 CLASS_NAMES = ("__background__", "square", "disc")

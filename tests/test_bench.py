@@ -14,19 +14,19 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+from maskstream.pipeline.bench.measure import bench_fields, process_gpu_mb, search_rate
+from maskstream.pipeline.cli.main import main
+from maskstream.pipeline.media.sources import SourceSpec, VideoSource
+from maskstream.pipeline.media.video import write_test_clip
+from maskstream.pipeline.runtime.messages import StageReport
+from maskstream.pipeline.runtime.stage import gpu_memory_mb
 
-from pipeline.bench import bench_fields, process_gpu_mb, search_rate
-from pipeline.cli import main
-from pipeline.messages import StageReport
-from pipeline.sources import SourceSpec, VideoSource
-from pipeline.stage import gpu_memory_mb
-from pipeline.video import write_test_clip
 from tests.test_pipeline import AFTER_INFERENCE_S, INFER_STALENESS_S, ROOT, STAGES, TINY_MODEL
 
 
 def maskstream_bench(args, tmp_path):
     sets = [x for s in (*TINY_MODEL, f"transport.endpoint_dir={tmp_path}") for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "pipeline.cli", "bench", *sets, *args]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "bench", *sets, *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
     return done.returncode, done.stdout, done.stderr
 

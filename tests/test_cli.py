@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-from model.postprocess import decode_box_cropped_rle
-from model.synthetic import make_scene
-from pipeline.cli import main
-from pipeline.images import read_rgb, write_rgb
+from maskstream.model.postprocess import decode_box_cropped_rle
+from maskstream.model.synthetic import make_scene
+from maskstream.pipeline.cli.main import main
+from maskstream.pipeline.media.images import read_rgb, write_rgb
 
 
 def test_segment_writes_results_and_survives_a_bad_file(tmp_path, capsys):
@@ -44,9 +43,9 @@ def test_segment_rejects_a_bad_override(tmp_path, capsys):
 
 
 def test_run_and_bench_take_the_same_model_options():
-    from pipeline.bench_commands import bench_config
-    from pipeline.cli import build_parser
-    from pipeline.run_commands import run_config
+    from maskstream.pipeline.cli.bench import bench_config
+    from maskstream.pipeline.cli.main import build_parser
+    from maskstream.pipeline.cli.run import run_config
 
     parser = build_parser()
     for command, to_config in (("run", run_config), ("bench", bench_config)):

@@ -19,10 +19,18 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import zmq
+from maskstream.model.postprocess import decode_box_cropped_rle
+from maskstream.pipeline.client import SchemaVersionError, SeqTracker, Subscriber, crop_rles, mask, masks, rles, to_json
+from maskstream.pipeline.runtime.messages import (
+    SCHEMA_VERSION,
+    Detections,
+    EndOfStream,
+    Header,
+    MessageError,
+    StageStamp,
+    encode,
+)
 
-from model.postprocess import decode_box_cropped_rle
-from pipeline.client import SchemaVersionError, SeqTracker, Subscriber, crop_rles, mask, masks, rles, to_json
-from pipeline.messages import SCHEMA_VERSION, Detections, EndOfStream, Header, MessageError, StageStamp, encode
 from tests.make_detections import FRAME_HW, end_of_stream, make_detections
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +186,7 @@ def test_to_json_keeps_the_segment_layout():
 
 def run_subscribe(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "subscribe", *args],
+        [sys.executable, "-m", "maskstream.pipeline.cli", "subscribe", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-
-from pipeline.config import (
+from maskstream.pipeline.config import (
     ConfigError,
     config_to_dict,
     dump_config,

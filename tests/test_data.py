@@ -8,11 +8,18 @@ import av
 import cv2
 import numpy as np
 import pytest
+from maskstream.model.converters import COCO80_IDS, davis_to_coco, instance_png_to_coco, yolo_seg_to_coco
+from maskstream.model.datasets import (
+    CocoDataset,
+    DatasetError,
+    DatasetSpec,
+    SyntheticDataset,
+    SyntheticSpec,
+    open_dataset,
+)
+from maskstream.model.synthetic import make_clip, make_scene, to_coco, write_synthetic_clip, write_synthetic_dataset
 from pycocotools import mask as mask_utils
 
-from model.converters import COCO80_IDS, davis_to_coco, instance_png_to_coco, yolo_seg_to_coco
-from model.datasets import CocoDataset, DatasetError, DatasetSpec, SyntheticDataset, SyntheticSpec, open_dataset
-from model.synthetic import make_clip, make_scene, to_coco, write_synthetic_clip, write_synthetic_dataset
 from tests.conftest import DATA, require
 
 

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+from maskstream.model.config import ModelConfig
+from maskstream.model.datasets import SyntheticDataset
+from maskstream.model.evaluate import coco_metrics, evaluate, label_mapping, metrics_table
+from maskstream.model.mask_rcnn import MaskRCNN, build
+from maskstream.pipeline.cli.main import main
+from maskstream.pipeline.config import dump_config, load_config
 from pycocotools.coco import COCO
 
-from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from model.config import ModelConfig
-from model.datasets import SyntheticDataset
-from model.evaluate import coco_metrics, evaluate, label_mapping, metrics_table
-from model.mask_rcnn import MaskRCNN, build
-from pipeline.cli import main
-from pipeline.config import dump_config, load_config
 from tests.test_train import TINY_MODEL
 
 

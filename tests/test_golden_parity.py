@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 
+import maskstream.model as model
 import numpy as np
 import pytest
 import torch
+from maskstream.model.config import StaticGraphConfig
+from maskstream.model.postprocess import decode_rle, encode_rle, mask_iou_rle, paste_masks_in_image
+from maskstream.model.static import OUTPUT_NAMES, StaticMaskRCNN, export, pad_value
+from maskstream.pipeline.media.images import read_rgb
 
-import model
-from model.config import StaticGraphConfig
-from model.postprocess import decode_rle, encode_rle, mask_iou_rle, paste_masks_in_image
-from model.static import OUTPUT_NAMES, StaticMaskRCNN, export, pad_value
-from pipeline.images import read_rgb
 from tests.conftest import REFERENCE, require
 
 IMAGES = ["astronaut", "coffee"]

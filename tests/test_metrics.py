@@ -10,8 +10,7 @@ import urllib.request
 
 import msgpack
 import pytest
-
-from pipeline.metrics import (
+from maskstream.pipeline.runtime.metrics import (
     DROPS,
     FRAMES_IN,
     QUEUE_DEPTH,

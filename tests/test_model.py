@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 
+import maskstream.model as model
 import pytest
 import torch
+from maskstream.model.checkpoint import CheckpointError
+from maskstream.model.mask_rcnn import imagenet_mobilenet_v2_path
+from maskstream.model.synthetic import make_scene
 
-import model
-from model.checkpoint import CheckpointError
-from model.mask_rcnn import imagenet_mobilenet_v2_path
-from model.synthetic import make_scene
 from tests.conftest import REFERENCE, require
 
 MANIFESTS = {"v1": "torchvision_maskrcnn_resnet50_fpn.json", "v2": "torchvision_maskrcnn_resnet50_fpn_v2.json"}
@@ -144,8 +144,8 @@ def test_training_losses_are_finite_and_backpropagate(lite):
 
 def test_mask_targets_are_torchvision_roi_align_of_the_matched_mask():
     """project_masks_on_boxes = RoIAlign(scale 1, adaptive sampling) of each box's own gt mask."""
-    from model.ops import roi_align_reference
-    from model.roi_heads import project_masks_on_boxes
+    from maskstream.model.ops import roi_align_reference
+    from maskstream.model.roi_heads import project_masks_on_boxes
 
     g = torch.Generator().manual_seed(3)
     masks = (torch.rand(3, 40, 50, generator=g) > 0.5).to(torch.uint8)
@@ -162,8 +162,8 @@ def test_mask_targets_are_torchvision_roi_align_of_the_matched_mask():
 
 @pytest.mark.parametrize("variant", ["v1", "v2", "lite"])
 def test_shipped_configs_mirror_the_defaults(variant):
-    from pipeline.cli import CONFIG_DIR
-    from pipeline.config import load_config
+    from maskstream.pipeline.cli.main import CONFIG_DIR
+    from maskstream.pipeline.config import load_config
 
     assert load_config(model.ModelConfig, CONFIG_DIR / f"model_{variant}.yaml") == model.default_config(variant)
 
@@ -189,7 +189,7 @@ def test_v2_runs_eval_and_train():
 
 @pytest.mark.parametrize("variant", ["v2", "lite"])
 def test_folded_batch_norms_give_the_same_detections(variant):
-    from model.fuse import fold_batch_norms
+    from maskstream.model.fuse import fold_batch_norms
 
     torch.manual_seed(0)
     m = model.build(variant, min_size=128, max_size=160, box_score_thresh=0.0, box_detections_per_img=5).eval()
@@ -211,7 +211,7 @@ def test_folded_batch_norms_give_the_same_detections(variant):
 
 @pytest.mark.parametrize(("fine", "coarse"), [((8, 12), (4, 6)), ((9, 12), (5, 6)), ((8, 8), (3, 3))])
 def test_fpn_top_down_add_equals_nearest_upsample(fine, coarse):
-    from model.backbone import add_upsampled
+    from maskstream.model.backbone import add_upsampled
 
     a, b = torch.randn(2, 3, *fine), torch.randn(2, 3, *coarse)
     expected = a + torch.nn.functional.interpolate(b, size=fine, mode="nearest")

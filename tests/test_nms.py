@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from model.ops import batched_nms, batched_nms_padded, batched_nms_reference
-from model.ops.nms import _largest_not_above
+from maskstream.model.ops import batched_nms, batched_nms_padded, batched_nms_reference
+from maskstream.model.ops.nms import _largest_not_above
 
 nms_module = importlib.import_module("model.ops.nms")
 

@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
+from maskstream.model.ops import batched_nms_padded
 
-from model.ops import batched_nms_padded
 from tests.test_nms import clustered
 
 pytest.importorskip("triton")
 
-from model.ops.nms_triton import (  # noqa: E402  (after the skip: these import triton)
+from maskstream.model.ops.nms_triton import (  # noqa: E402  (after the skip: these import triton)
     CHUNK,
     ENABLE_FP_FUSION,
     KEPT_BLOCK,
@@ -20,6 +20,7 @@ from model.ops.nms_triton import (  # noqa: E402  (after the skip: these import 
     nms_walk_kernel,
     triton_batched_nms_padded,
 )
+
 from tests.triton_interpreter import INTERPRETING, interpret  # noqa: E402
 
 INF, NAN = float("inf"), float("nan")
@@ -91,7 +92,7 @@ CASES.update({
 
 
 def _run(case: dict, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    from model.ops import nms_triton
+    from maskstream.model.ops import nms_triton
 
     nms_triton.CHUNK, nms_triton.KEPT_BLOCK = case.get("chunk", CHUNK), case.get("kept_block", KEPT_BLOCK)
     try:

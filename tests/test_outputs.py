@@ -8,12 +8,12 @@ import json
 import av
 import numpy as np
 import pytest
+from maskstream.model.postprocess import decode_box_cropped_rle, encode_rle
+from maskstream.pipeline.media.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter, OutputError
+from maskstream.pipeline.media.video import clip_frame_number, write_test_clip
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from model.postprocess import decode_box_cropped_rle, encode_rle
-from pipeline.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter, OutputError
-from pipeline.video import clip_frame_number, write_test_clip
 from tests.make_detections import CLASS_NAMES, FRAME_HW, end_of_stream, make_detections
 
 FRAMES = 20

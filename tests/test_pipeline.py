@@ -20,10 +20,10 @@ from pathlib import Path
 import av
 import pytest
 import zmq
+from maskstream.pipeline.client import Subscriber
+from maskstream.pipeline.media.video import write_test_clip
+from maskstream.pipeline.runtime.messages import Detections
 
-from pipeline.client import Subscriber
-from pipeline.messages import Detections
-from pipeline.video import write_test_clip
 from tests.conftest import DATA, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,8 @@ def clips(tmp_path_factory):
 
 def maskstream_run(args, tmp_path, extra_sets=(), wait=True, model_sets=TINY_MODEL, **kw):
     sets = [x for s in (*model_sets, *extra_sets) for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--quiet", "--out-dir", str(tmp_path / "out"), *sets, *args,
-           "--set", f"transport.endpoint_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--out-dir", str(tmp_path / "out"),
+           *sets, *args, "--set", f"transport.endpoint_dir={tmp_path}"]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     if not wait:
         return process
@@ -379,7 +379,7 @@ def _lines_of(out, stream):
 
 def _stage_of(pid):
     # The stage process writes its name ("decode.slow", "infer.0") to /proc/self/comm as it starts
-    # (pipeline.stage._setup_process; /proc keeps 15 characters); before that it reads "python".
+    # (pipeline.runtime.stage._setup_process; /proc keeps 15 characters); before that it reads "python".
     name = Path(f"/proc/{pid}/comm").read_text().strip()
     kind, _, stream = name.partition(".")
     return kind, (stream or None) if kind == "decode" else None

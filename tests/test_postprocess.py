@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from model.postprocess import (
+from maskstream.model.postprocess import (
     decode_box_cropped_rle,
     decode_rle,
     encode_box_cropped_rle,
@@ -15,6 +14,7 @@ from model.postprocess import (
     rescale_boxes,
     uncrop,
 )
+
 from tests.conftest import REFERENCE
 
 # ------------------------------------------------------------------ slow reference

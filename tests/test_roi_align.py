@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from model.ops import (
+from maskstream.model.ops import (
     assign_levels,
     multiscale_roi_align,
     multiscale_roi_align_per_level_loop,
     roi_align,
     roi_align_reference,
 )
-from model.ops.roi_align import _roi_align_one_box
+from maskstream.model.ops.roi_align import _roi_align_one_box
 
 SPEC = json.loads((Path(__file__).resolve().parents[1] / "plugins" / "roi_align" / "spec.json").read_text())
 TOL = SPEC["tolerances"]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from maskstream.model.ops import assign_levels, multiscale_roi_align, roi_align_reference
 
-from model.ops import assign_levels, multiscale_roi_align, roi_align_reference
 from tests.test_roi_align import pyramid, random_boxes, special_boxes
 
 pytest.importorskip("triton")
 
-from plugins.roi_align.aot import (  # noqa: E402  (after the skip: these import triton)
+from maskstream.plugins.roi_align.aot import (  # noqa: E402  (after the skip: these import triton)
     INPUTS,
     OUTPUTS,
     compile_ptx,
@@ -23,7 +23,7 @@ from plugins.roi_align.aot import (  # noqa: E402  (after the skip: these import
     ptx_version_for_toolchain,
     strip_trailing_params,
 )
-from plugins.roi_align.kernel import (  # noqa: E402
+from maskstream.plugins.roi_align.kernel import (  # noqa: E402
     BLOCK,
     EXTRA_ARGS,
     NUM_WARPS,
@@ -31,6 +31,7 @@ from plugins.roi_align.kernel import (  # noqa: E402
     roi_align_kernel,
     triton_multiscale_roi_align,
 )
+
 from tests.triton_interpreter import INTERPRETING, interpret  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

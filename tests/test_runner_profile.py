@@ -1,23 +1,17 @@
-"""benchmarks/runner_profile.py: the per-stage profile bench_cuda_runner.py --profile records (CPU here)."""
+"""pipeline/bench/runner_profile.py: the per-stage profile bench_cuda_runner.py --profile records (CPU here)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from maskstream.model.mask_rcnn import build
+from maskstream.model.static import StaticMaskRCNN, with_precision
+from maskstream.pipeline.bench import runner_profile
 from torch import nn
 
-from model.mask_rcnn import build
-from model.static import StaticMaskRCNN, with_precision
 from tests.test_runners import SHAPE, tiny_config
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "runner_profile.py"
-_SPEC = importlib.util.spec_from_file_location("runner_profile", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-runner_profile = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(runner_profile)
 
 @pytest.fixture(scope="module")
 def static():

@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from model.config import ModelConfig, StaticGraphConfig
-from model.engine import (
+from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+from maskstream.model.config import ModelConfig, StaticGraphConfig
+from maskstream.model.engine import (
     EngineManifest,
     EngineMismatch,
     ManifestError,
@@ -22,9 +21,9 @@ from model.engine import (
     op_arguments,
     prepare_static,
 )
-from model.fuse import fold_batch_norms
-from model.mask_rcnn import build, default_config
-from model.runners import (
+from maskstream.model.fuse import fold_batch_norms
+from maskstream.model.mask_rcnn import build, default_config
+from maskstream.model.runners import (
     OUTPUT_DTYPES,
     Completed,
     RunnerSpec,
@@ -34,11 +33,11 @@ from model.runners import (
     make_runner,
     runner_choice,
 )
-from model.static import OUTPUT_NAMES, HalfBackbone, HalfMaskHead, StaticMaskRCNN, export
-from model.synthetic import scene_batch
-from pipeline.cli import main
-from pipeline.config import load_config
-from plugins.roi_align.registration import SPEC_PATH, plugin_version, tensorrt_version
+from maskstream.model.static import OUTPUT_NAMES, HalfBackbone, HalfMaskHead, StaticMaskRCNN, export
+from maskstream.model.synthetic import scene_batch
+from maskstream.pipeline.cli.main import main
+from maskstream.pipeline.config import load_config
+from maskstream.plugins.roi_align.registration import SPEC_PATH, plugin_version, tensorrt_version
 
 SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
 NO_TENSORRT = tensorrt_version() is None

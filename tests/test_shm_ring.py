@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.shm_ring import Ring, RingFull, RingReaders, SlotReclaimed
+from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders, SlotReclaimed
 
 
 def _name(tag: str) -> str:
@@ -87,7 +86,7 @@ def test_segment_removed_when_the_owner_process_is_killed():
     # A supervisor killed with SIGKILL: its resource tracker (its own process, shared with the
     # stages it spawned) unlinks the segments once every process that held it has gone.
     name = _name("e")
-    code = (f"from pipeline.shm_ring import Ring; import time; Ring.create({name!r}, 1, 8); "
+    code = (f"from maskstream.pipeline.runtime.shm_ring import Ring; import time; Ring.create({name!r}, 1, 8); "
             "print('ready', flush=True); time.sleep(60)")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

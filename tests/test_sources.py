@@ -1,4 +1,4 @@
-"""pipeline.sources on real files and a real RTSP server (GStreamer, tests/rtsp_server.py)."""
+"""maskstream.pipeline.media.sources on real files and a real RTSP server (GStreamer, tests/rtsp_server.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import time
 import av
 import numpy as np
 import pytest
+from maskstream.pipeline.media.sources import SourceError, SourceSpec, VideoSource, resolve_policy
+from maskstream.pipeline.media.video import clip_frame_number, write_test_clip
 
-from pipeline.sources import SourceError, SourceSpec, VideoSource, resolve_policy
-from pipeline.video import clip_frame_number, write_test_clip
 from tests.conftest import DATA, require
 
 VIDEOS = DATA / "videos"

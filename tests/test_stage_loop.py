@@ -5,10 +5,10 @@ import multiprocessing
 import os
 import time
 
-from pipeline.messages import StageReport
-from pipeline.stage import Wiring, run_stage
-from pipeline.supervisor import Supervisor
-from pipeline.transport import ReportInbox
+from maskstream.pipeline.runtime.messages import StageReport
+from maskstream.pipeline.runtime.stage import Wiring, run_stage
+from maskstream.pipeline.runtime.supervisor import Supervisor
+from maskstream.pipeline.runtime.transport import ReportInbox
 
 HEARTBEAT_S = 0.2
 

@@ -7,17 +7,17 @@ import time
 import av
 import numpy as np
 import pytest
+from maskstream.model.runners import RunnerSpec
+from maskstream.pipeline.config import load_config
+from maskstream.pipeline.media.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
+from maskstream.pipeline.run_config import CONFIG_DIR, RunConfig
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
+from maskstream.pipeline.runtime.reorder import Reorderer
+from maskstream.pipeline.runtime.stage import Timed
+from maskstream.pipeline.stages.infer import InferConfig, InferStage
+from maskstream.pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
+from maskstream.pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
 
-from model.runners import RunnerSpec
-from pipeline.config import load_config
-from pipeline.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
-from pipeline.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
-from pipeline.reorder import Reorderer
-from pipeline.run_config import CONFIG_DIR, RunConfig
-from pipeline.stage import Timed
-from pipeline.stages.infer import InferConfig, InferStage
-from pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
-from pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
 from tests.test_runners import SHAPE, tiny_config
 
 

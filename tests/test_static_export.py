@@ -1,12 +1,11 @@
 """The static inference graph: fixed shapes, exports with torch.export, same outputs as eager."""
 from __future__ import annotations
 
+import maskstream.model as model
 import pytest
 import torch
-
-import model
-from model.config import StaticGraphConfig
-from model.static import OUTPUT_NAMES, PRECISIONS, StaticMaskRCNN, export, pad_value, with_precision
+from maskstream.model.config import StaticGraphConfig
+from maskstream.model.static import OUTPUT_NAMES, PRECISIONS, StaticMaskRCNN, export, pad_value, with_precision
 
 SHAPE = StaticGraphConfig(batch=2, height=192, width=256, detections=20)
 

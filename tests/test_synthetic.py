@@ -8,11 +8,8 @@ import zlib
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
-from model.postprocess import decode_rle
-from model.synthetic import (
+from maskstream.model.postprocess import decode_rle
+from maskstream.model.synthetic import (
     CLASS_NAMES,
     encode_png,
     make_scene,
@@ -21,6 +18,8 @@ from model.synthetic import (
     write_png,
     write_sample_images,
 )
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 
 def test_deterministic():

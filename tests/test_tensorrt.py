@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from maskstream.model.engine import build_engine, manifest_path, torch_tensorrt_version
+from maskstream.model.mask_rcnn import build
+from maskstream.model.runners import TensorRTRunner, TorchRunner
+from maskstream.model.static import OUTPUT_NAMES
+from maskstream.plugins.roi_align.registration import PLUGIN_ID, plugin_version, register_plugin, tensorrt_version
 
-from model.engine import build_engine, manifest_path, torch_tensorrt_version
-from model.mask_rcnn import build
-from model.runners import TensorRTRunner, TorchRunner
-from model.static import OUTPUT_NAMES
-from plugins.roi_align.registration import PLUGIN_ID, plugin_version, register_plugin, tensorrt_version
 from tests.test_runners import SHAPE, tiny_config
 
 pytestmark = [

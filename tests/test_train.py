@@ -10,13 +10,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-from model.checkpoint import read_state_dict
-from model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig
-from model.datasets import CocoDataset, DatasetError, Sample, SyntheticDataset
-from model.mask_rcnn import MaskRCNN
-from model.synthetic import write_synthetic_dataset
-from model.train import (
+from maskstream.model.checkpoint import read_state_dict
+from maskstream.model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig
+from maskstream.model.datasets import CocoDataset, DatasetError, Sample, SyntheticDataset
+from maskstream.model.mask_rcnn import MaskRCNN
+from maskstream.model.synthetic import write_synthetic_dataset
+from maskstream.model.train import (
     AugmentConfig,
     SampleOrder,
     SolverConfig,
@@ -27,8 +26,8 @@ from model.train import (
     save_half_weights,
     train,
 )
-from pipeline.cli import main
-from pipeline.config import config_to_dict, load_config
+from maskstream.pipeline.cli.main import main
+from maskstream.pipeline.config import config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +244,7 @@ def test_shipped_train_configs_mirror_the_dataclass(name):
 
 def test_train_command_end_to_end(tmp_path, capsys):
     model_yaml = tmp_path / "tiny.yaml"
-    from pipeline.config import dump_config
+    from maskstream.pipeline.config import dump_config
 
     model_yaml.write_text(dump_config(TINY_MODEL))
     out = tmp_path / "run"

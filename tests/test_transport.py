@@ -6,11 +6,18 @@ import time
 
 import numpy as np
 import pytest
-
-from pipeline.messages import Frame, Header, MessageError, StageReport, StreamProgress, decode_report, encode_report
-from pipeline.shm_ring import Ring, RingReaders
-from pipeline.stage import with_queued
-from pipeline.transport import Inbox, Outbox, pack, unpack
+from maskstream.pipeline.runtime.messages import (
+    Frame,
+    Header,
+    MessageError,
+    StageReport,
+    StreamProgress,
+    decode_report,
+    encode_report,
+)
+from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
+from maskstream.pipeline.runtime.stage import with_queued
+from maskstream.pipeline.runtime.transport import Inbox, Outbox, pack, unpack
 
 
 def test_frame_through_ring_and_inline_is_the_same():

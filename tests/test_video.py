@@ -1,12 +1,19 @@
-"""pipeline.video: writing, probing and the numbered test clips, on real encoders and files."""
+"""pipeline.media.video: writing, probing and the numbered test clips, on real encoders and files."""
 
 from __future__ import annotations
 
 import av
 import numpy as np
 import pytest
+from maskstream.pipeline.media.video import (
+    VideoError,
+    VideoWriter,
+    clip_frame_number,
+    default_codec,
+    probe,
+    write_test_clip,
+)
 
-from pipeline.video import VideoError, VideoWriter, clip_frame_number, default_codec, probe, write_test_clip
 from tests.conftest import DATA, require
 
 CODECS = ["mpeg4", *(["libx264"] if "libx264" in av.codecs_available else [])]

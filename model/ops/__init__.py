@@ -1,6 +1,6 @@
 """Custom ops of the model, registered under `torch.ops.maskstream` when this package is imported."""
-from model.ops.nms import batched_nms, batched_nms_padded, batched_nms_reference
-from model.ops.roi_align import (
+from maskstream.model.ops.nms import batched_nms, batched_nms_padded, batched_nms_reference
+from maskstream.model.ops.roi_align import (
     assign_levels,
     multiscale_roi_align,
     multiscale_roi_align_per_level_loop,

@@ -197,7 +197,7 @@ def _(boxes, scores, classes, iou_threshold, score_threshold, max_output):
     args = (boxes, scores, classes, iou_threshold, score_threshold, max_output)
     _check_padded_inputs(boxes, scores, classes, max_output)
     if boxes.dtype == torch.float32 and importlib.util.find_spec("triton") is not None:
-        from model.ops.nms_triton import triton_batched_nms_padded
+        from maskstream.model.ops.nms_triton import triton_batched_nms_padded
 
         return triton_batched_nms_padded(*args)
     return _batched_nms_padded_op._init_fn(*args)

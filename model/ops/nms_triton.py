@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from maskstream.model.ops.nms import _largest_not_above
 from torch import Tensor
-
-from model.ops.nms import _largest_not_above
 
 # Rows per chunk and kept boxes per IoU block: a [KEPT_BLOCK, CHUNK] block is 16k lanes (16 per
 # thread at 4 warps), and a chunk of 128 is the CPU walk's measured sweet spot as well.

@@ -384,7 +384,7 @@ def _(p2, p3, p4, p5, boxes, output_size, sampling_ratio=2, aligned=False, canon
     args = (p2, p3, p4, p5, boxes, output_size, sampling_ratio, aligned, canonical_level, canonical_scale,
             first_level)
     if p2.dtype in (torch.float16, torch.float32) and importlib.util.find_spec("triton") is not None:
-        from plugins.roi_align.kernel import triton_multiscale_roi_align
+        from maskstream.plugins.roi_align.kernel import triton_multiscale_roi_align
 
         return triton_multiscale_roi_align(*args)
     return _multiscale_roi_align_op._init_fn(*args)

@@ -4,7 +4,7 @@ A broken source ends its own stream with an EndOfStream whose error names it; th
 streams, in their own processes, never notice. seq is the source's frame index (offset by
 resume_from after a restart, so a live stream's seq never goes back). A frame's yuv420p planes
 are written straight into a shared-memory slot (stage.OutputBuffers) and go as they are, so
-sending copies nothing and preprocess converts only the shrunk picture (pipeline.pixels).
+sending copies nothing and preprocess converts only the shrunk picture (pipeline.media.pixels).
 
 Every frame is accounted for: header.drops carries, cumulatively, the frames dropped before
 this one by the source (live: replaced or stale) and by this stage (live: no room downstream);
@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pipeline.messages import EndOfStream, Frame, Header, Message, StageStamp, StreamProgress
-from pipeline.pixels import PixelRoute
-from pipeline.sources import SourceError, SourceSpec, VideoSource
-from pipeline.stage import OutputBuffers, Wiring, run_source
+from maskstream.pipeline.media.pixels import PixelRoute
+from maskstream.pipeline.media.sources import SourceError, SourceSpec, VideoSource
+from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Header, Message, StageStamp, StreamProgress
+from maskstream.pipeline.runtime.stage import OutputBuffers, Wiring, run_source
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from model.runners import Completed, PendingBatch, RunnerSpec, make_runner
-from pipeline.messages import EndOfStream, Message, ModelInput, RawDetections, StreamProgress
-from pipeline.stage import Output, Timed, Wiring, run_stage
+from maskstream.model.runners import Completed, PendingBatch, RunnerSpec, make_runner
+from maskstream.pipeline.runtime.messages import EndOfStream, Message, ModelInput, RawDetections, StreamProgress
+from maskstream.pipeline.runtime.stage import Output, Timed, Wiring, run_stage
 
 log = logging.getLogger("maskstream.infer")
 

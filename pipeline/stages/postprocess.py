@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from model.postprocess import encode_box_cropped_rle, rescale_boxes
-from pipeline.messages import Detections, EndOfStream, Message, RawDetections
-from pipeline.stage import Wiring, run_stage
+from maskstream.model.postprocess import encode_box_cropped_rle, rescale_boxes
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Message, RawDetections
+from maskstream.pipeline.runtime.stage import Wiring, run_stage
 
 
 @dataclass(frozen=True)

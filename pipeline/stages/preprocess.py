@@ -2,7 +2,7 @@
 
 uint8 all the way; the pad colour is model.static.pad_value, which the graph normalises to
 about zero, like the eager path's zero padding after normalisation. A yuv420p frame's planes
-are shrunk first and only the small picture is converted to RGB (pipeline.pixels).
+are shrunk first and only the small picture is converted to RGB (pipeline.media.pixels).
 """
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from pipeline.messages import EndOfStream, Frame, Message, ModelInput
-from pipeline.pixels import PLANAR, RGB24, yuv420p_frame_hw, yuv420p_to_rgb_resized
-from pipeline.stage import Wiring, run_stage
+from maskstream.pipeline.media.pixels import PLANAR, RGB24, yuv420p_frame_hw, yuv420p_to_rgb_resized
+from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Message, ModelInput
+from maskstream.pipeline.runtime.stage import Wiring, run_stage
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,16 @@
 """publish: per-stream order restored, then the ZeroMQ PUB output (topic = stream id) and the
 offline files (JSONL, COCO results, annotated video), written here so that no message is
-lost to PUB/SUB's drop-when-slow (pipeline.outputs writes them)."""
+lost to PUB/SUB's drop-when-slow (pipeline.media.outputs writes them)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.messages import Detections, EndOfStream, Header, Message, StreamProgress
-from pipeline.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter
-from pipeline.reorder import Reorderer
-from pipeline.stage import Wiring, run_stage
+from maskstream.pipeline.media.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, Message, StreamProgress
+from maskstream.pipeline.runtime.reorder import Reorderer
+from maskstream.pipeline.runtime.stage import Wiring, run_stage
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class PublishConfig:
     jsonl: Path | None = None
     coco: Path | None = None
     gap_timeout_s: float = 300.0
-    overtake_limit: int = 256  # see pipeline.reorder
+    overtake_limit: int = 256  # see pipeline.runtime.reorder
 
 
 class PublishStage:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import triton
+from maskstream.plugins.roi_align.kernel import BLOCK, ENABLE_FP_FUSION, EXTRA_ARGS, NUM_WARPS, roi_align_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from plugins.roi_align.kernel import BLOCK, ENABLE_FP_FUSION, EXTRA_ARGS, NUM_WARPS, roi_align_kernel
 
 INPUTS = ("p2", "p3", "p4", "p5", "boxes")
 OUTPUTS = ("out",)

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from maskstream.model.ops.roi_align import LEVEL_EPS, _check_inputs
 from torch import Tensor
-
-from model.ops.roi_align import LEVEL_EPS, _check_inputs
 
 # Names of the int32 extra arguments, in kernel order; TensorRT builds its SymIntExprs in this order.
 EXTRA_ARGS = ("R", "C", "H2", "W2", "H3", "W3", "H4", "W4", "H5", "W5")

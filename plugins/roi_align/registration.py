@@ -59,8 +59,7 @@ def _build_gpu() -> tuple[int, int | None]:
     """(arch, PTX ISA cap) for the GPU the engine is built on: arch 90 = sm_90; the cap keeps
     Triton's bundled ptxas from emitting a `.version` this driver refuses (None: no cap known)."""
     import torch
-
-    from plugins.roi_align import aot
+    from maskstream.plugins.roi_align import aot
 
     major, minor = torch.cuda.get_device_capability()
     try:
@@ -127,7 +126,7 @@ def register_plugin() -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        from plugins.roi_align import aot, kernel
+        from maskstream.plugins.roi_align import aot, kernel
 
         dtype: Literal["float32", "float16"]
         if p2.dtype == trt.float32:

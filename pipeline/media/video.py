@@ -6,7 +6,7 @@
     write_test_clip("clip.mp4", frames=30)       # moving shapes; frame number drawn in
     clip_frame_number(decoded_rgb)               # -> the number drawn into that frame
 
-Reading frames, from files and live sources alike, is `pipeline.sources`. Everything here
+Reading frames, from files and live sources alike, is `pipeline.media.sources`. Everything here
 raises `VideoError` (or `ValueError` for a wrong argument), naming the path and the problem.
 
 The test clip draws its frame number as a row of black/white blocks, big enough to survive
@@ -55,7 +55,7 @@ class VideoInfo:
 
 
 def stream_info(container: av.container.InputContainer, stream: av.VideoStream) -> VideoInfo:
-    """VideoInfo of an open input stream (shared with pipeline.sources)."""
+    """VideoInfo of an open input stream (shared with pipeline.media.sources)."""
     rate = stream.average_rate or stream.guessed_rate
     if stream.duration is not None and stream.time_base is not None:
         duration_s: float | None = float(stream.duration * stream.time_base)

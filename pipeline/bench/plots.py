@@ -10,8 +10,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from model.plot import PALETTE
+from maskstream.model.plot import PALETTE
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BLACK, _GRID, _GREY = (0, 0, 0), (225, 225, 225), (170, 170, 170)

@@ -1,6 +1,6 @@
 """`maskstream bench`: run the real pipeline and report per-stage and end-to-end throughput,
 latency percentiles, drops, CPU/memory per process (GPU memory where there is a GPU); a table
-on stdout, JSON and PNG plots beside --out. Measurement: pipeline.bench; plots: pipeline.bench_plots.
+on stdout, JSON and PNG plots beside --out. Measurement: pipeline.bench.measure; plots: pipeline.bench.plots.
 
     maskstream bench --source clip.mp4                                # offline: maximum throughput
     maskstream bench --source clip.mp4 --mode live --rate 30 --streams 2
@@ -27,12 +27,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import BenchError, live_config, machine, measure, repeat_sources, search_rate, summarize, table
-from pipeline.bench_plots import write_plots
-from pipeline.config import ConfigError
-from pipeline.run_commands import add_model_selection, run_config
-from pipeline.run_config import CONFIG_DIR, RunConfig, model_config, write_sample_clip
-from pipeline.sources import resolve_policy
+from maskstream.pipeline.bench.measure import (
+    BenchError,
+    live_config,
+    machine,
+    measure,
+    repeat_sources,
+    search_rate,
+    summarize,
+    table,
+)
+from maskstream.pipeline.bench.plots import write_plots
+from maskstream.pipeline.cli.run import add_model_selection, run_config
+from maskstream.pipeline.config import ConfigError
+from maskstream.pipeline.media.sources import resolve_policy
+from maskstream.pipeline.run_config import CONFIG_DIR, RunConfig, model_config, write_sample_clip
 
 
 def add_parsers(subparsers: Any) -> None:

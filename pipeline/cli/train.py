@@ -12,17 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-
-from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from model.config import ModelConfig
-from model.datasets import Dataset, DatasetSpec, SyntheticSpec, open_dataset
-from model.evaluate import EvalReport, evaluate, metrics_table, write_results
-from model.mask_rcnn import MaskRCNN, build
-from model.train import IterationRecord, TrainConfig, check_classes, pick_device, train
-from pipeline.config import dump_config, load_config
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
+from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+from maskstream.model.config import ModelConfig
+from maskstream.model.datasets import Dataset, DatasetSpec, SyntheticSpec, open_dataset
+from maskstream.model.evaluate import EvalReport, evaluate, metrics_table, write_results
+from maskstream.model.mask_rcnn import MaskRCNN, build
+from maskstream.model.train import IterationRecord, TrainConfig, check_classes, pick_device, train
+from maskstream.pipeline.config import dump_config, load_config
 
 # --------------------------------------------------------------------------- progress
 
@@ -114,7 +110,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def build_engine_after_training(checkpoint: Path, model_cfg: ModelConfig, out: Path) -> int:
-    from model.engine import TensorRTUnavailable, build_engine
+    from maskstream.model.engine import TensorRTUnavailable, build_engine
 
     try:
         manifest = build_engine(checkpoint, model_cfg, out)
@@ -181,7 +177,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def synthetic_command(args: argparse.Namespace) -> int:
-    from model.synthetic import write_synthetic_clip, write_synthetic_dataset
+    from maskstream.model.synthetic import write_synthetic_clip, write_synthetic_dataset
 
     start = time.perf_counter()
     out = Path(args.out)

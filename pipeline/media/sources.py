@@ -60,8 +60,7 @@ from urllib.parse import urlsplit
 
 import av
 import numpy as np
-
-from pipeline.video import VideoError, VideoInfo, first_video_stream, stream_info
+from maskstream.pipeline.media.video import VideoError, VideoInfo, first_video_stream, stream_info
 
 __all__ = [
     "DecodedFrame",
@@ -202,7 +201,7 @@ class VideoSource:
 
     convert turns a decoded av.VideoFrame into the yielded image, in the thread that reads;
     default: uint8 [H, W, 3] RGB in a fresh array. The decode stage passes one that writes the
-    frame's planes straight into a shared-memory slot (pipeline.pixels).
+    frame's planes straight into a shared-memory slot (pipeline.media.pixels).
     """
 
     def __init__(self, spec: SourceSpec | str, convert: Callable[[av.VideoFrame], np.ndarray] | None = None) -> None:

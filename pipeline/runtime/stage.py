@@ -19,9 +19,9 @@ takes every message already waiting, and a live stream's frame that a newer one 
 stream has overtaken in that queue goes to `overtaken(message)` (the stage counts the drop)
 instead of `process`, so a slow stage answers for the newest frame, not for a backlog.
 
-The loop owns the sockets (pipeline.transport), stamps headers with the stage's receive and
+The loop owns the sockets (pipeline.runtime.transport), stamps headers with the stage's receive and
 send times (an output wrapped in `Timed` gives when the stage's work on it began instead),
-sends a `StageReport` heartbeat (+ a pipeline.metrics snapshot) every heartbeat_s (also while
+sends a `StageReport` heartbeat (+ a pipeline.runtime.metrics snapshot) every heartbeat_s (also while
 the stage is being made, marked `starting`: a model compiling at start is not a hung stage), and
 survives bad input: a malformed message is counted and logged with the socket and what was
 wrong, a message whose processing raises is counted and logged, and the
@@ -47,11 +47,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-
-from pipeline.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
-from pipeline.metrics import DROPS, END_TO_END_SECONDS, ERRORS, FRAMES_IN, FRAMES_OUT, STAGE_SECONDS, StageMetrics
-from pipeline.shm_ring import Ring, RingFull, RingReaders
-from pipeline.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
+from maskstream.pipeline.runtime.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
+from maskstream.pipeline.runtime.metrics import (
+    DROPS,
+    END_TO_END_SECONDS,
+    ERRORS,
+    FRAMES_IN,
+    FRAMES_OUT,
+    STAGE_SECONDS,
+    StageMetrics,
+)
+from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders
+from maskstream.pipeline.runtime.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
 
 __all__ = ["OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
 
@@ -87,7 +94,7 @@ class Source(Protocol):
 
 class OutputBuffers:
     """Arrays for a stage's outgoing pixels, placed in a claimed slot of its ring (see
-    pipeline.shm_ring.Ring.claim), so that sending them copies nothing.
+    pipeline.runtime.shm_ring.Ring.claim), so that sending them copies nothing.
 
     wait=True (offline) waits for a free slot, sending heartbeats meanwhile; wait=False
     (live) never waits: with every slot busy the array is ordinary memory, and the send that

@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pipeline.client import Subscriber
-from pipeline.messages import Detections, EndOfStream, MessageError, StageReport, StageStamp
-from pipeline.run_config import RunConfig, plan
-from pipeline.supervisor import RunReport, Supervisor
+from maskstream.pipeline.client import Subscriber
+from maskstream.pipeline.run_config import RunConfig, plan
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, MessageError, StageReport, StageStamp
+from maskstream.pipeline.runtime.supervisor import RunReport, Supervisor
 
 __all__ = ["BenchError", "Measurement", "bench_fields", "live_config", "machine", "measure", "search_rate",
            "summarize", "table"]

@@ -130,7 +130,7 @@ class HistogramSample:
 @dataclass(frozen=True)
 class MetricsSnapshot:
     """The metrics of one worker process of a stage at one moment; only scalars and tuples,
-    so any encoder (msgpack, pipeline.messages-style) can carry it. `from_dict` rebuilds it
+    so any encoder (msgpack, pipeline.runtime.messages-style) can carry it. `from_dict` rebuilds it
     from `dataclasses.asdict` output after a round trip."""
 
     stage: str

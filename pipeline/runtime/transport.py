@@ -12,7 +12,7 @@ Sockets (endpoints on loopback: ipc:// paths or tcp://127.0.0.1):
 
 Internal wire (between stages only): [topic, header, slots, buffers...] where `slots` is a
 msgpack map {buffer index: [ring, slot, generation, nbytes]} for buffers that travel in a
-shared-memory ring (pipeline.shm_ring) instead of the socket; the buffer frame at that
+shared-memory ring (pipeline.runtime.shm_ring) instead of the socket; the buffer frame at that
 index is empty. Without a ring every buffer goes inline, as across hosts.
 """
 from __future__ import annotations
@@ -23,10 +23,17 @@ from typing import Any
 
 import msgpack
 import zmq
-
-from pipeline.messages import Message, MessageError, StageReport, decode, decode_report, encode, encode_report
-from pipeline.metrics import MetricsSnapshot
-from pipeline.shm_ring import Ring, RingFull, RingReaders, SlotReclaimed, SlotRef
+from maskstream.pipeline.runtime.messages import (
+    Message,
+    MessageError,
+    StageReport,
+    decode,
+    decode_report,
+    encode,
+    encode_report,
+)
+from maskstream.pipeline.runtime.metrics import MetricsSnapshot
+from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders, SlotReclaimed, SlotRef
 
 __all__ = [
     "Inbox",

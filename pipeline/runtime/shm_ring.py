@@ -6,7 +6,7 @@ releases it. Copying 6.2 MB through an ipc socket costs ~2-3 ms of CPU per hop o
 machine class; `write` (copy into a slot) costs one memcpy (~0.2-0.5 ms) on the producer
 side and nothing on the consumer side; `claim` costs no copy at all: the producer makes
 its pixels straight in the slot (e.g. the decoder's colour conversion writes there) and
-pipeline.transport.pack recognises the claimed slot and sends its reference
+pipeline.runtime.transport.pack recognises the claimed slot and sends its reference
 (see benchmarks/bench_transport.py).
 
 Layout of the segment:
@@ -148,7 +148,7 @@ class Ring:
         """A free slot's first nbytes, writable, for the producer to fill in place (waits as `write`).
 
         Sending a message whose buffer is exactly this view moves the slot into the message
-        (`take_claim`, called by pipeline.transport.pack) instead of copying it; a claim never
+        (`take_claim`, called by pipeline.runtime.transport.pack) instead of copying it; a claim never
         sent is given back by `release_claims`."""
         ref = self._acquire(nbytes, timeout_s, reclaim_after_s, on_wait)
         self._claims[ref.slot] = ref

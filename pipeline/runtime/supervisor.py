@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.messages import StageReport, StreamProgress
-from pipeline.metrics import MetricsBoard
-from pipeline.stage import Wiring
-from pipeline.transport import ReportInbox
+from maskstream.pipeline.runtime.messages import StageReport, StreamProgress
+from maskstream.pipeline.runtime.metrics import MetricsBoard
+from maskstream.pipeline.runtime.stage import Wiring
+from maskstream.pipeline.runtime.transport import ReportInbox
 
 __all__ = ["RunReport", "StageSpec", "StreamResult", "Supervisor", "SupervisorConfig"]
 

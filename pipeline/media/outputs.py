@@ -15,7 +15,7 @@ what it already has when something goes wrong:
 - AnnotatedVideoWriter finishes the video file when closed, with every frame written so far.
 
 Missing parent directories are created. Errors name the file: `OutputError` (an OSError)
-for files that cannot be opened or written (`pipeline.video.VideoError` from the video
+for files that cannot be opened or written (`pipeline.media.video.VideoError` from the video
 encoder), ValueError for messages that do not fit (wrong stream, out of order, wrong size).
 """
 
@@ -30,11 +30,10 @@ from typing import IO, Any
 
 import av
 import numpy as np
-
-from pipeline.annotate import draw_detections
-from pipeline.client import SeqTracker, masks, rles, to_json
-from pipeline.messages import Detections, EndOfStream, Header
-from pipeline.video import VideoWriter
+from maskstream.pipeline.client import SeqTracker, masks, rles, to_json
+from maskstream.pipeline.media.annotate import draw_detections
+from maskstream.pipeline.media.video import VideoWriter
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 
 __all__ = ["AnnotatedVideoWriter", "CocoResultsWriter", "JsonlWriter", "OutputError"]
 
@@ -209,7 +208,7 @@ class AnnotatedVideoWriter(_Writer):
     the video keeps the source's length and timing. After an EndOfStream the rest of the
     source is copied undrawn; closing without one ends the video at the last frame written.
 
-    fps: the output rate (default: the source's). codec/crf: see pipeline.video.VideoWriter."""
+    fps: the output rate (default: the source's). codec/crf: see pipeline.media.video.VideoWriter."""
 
     def __init__(
         self,

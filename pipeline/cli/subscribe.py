@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.client import SchemaVersionError, Subscriber, to_json
-from pipeline.messages import MessageError
-from pipeline.outputs import JsonlWriter, OutputError
+from maskstream.pipeline.client import SchemaVersionError, Subscriber, to_json
+from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
+from maskstream.pipeline.runtime.messages import MessageError
 
 
 def add_parsers(subparsers: Any) -> None:

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, load_config
-from pipeline.metrics import MetricsBoard, MetricsServer
-from pipeline.run_config import (
+from maskstream.pipeline.config import ConfigError, load_config
+from maskstream.pipeline.media.video import VideoError, probe
+from maskstream.pipeline.run_config import (
     CONFIG_DIR,
     ModelSelection,
     RunConfig,
@@ -35,8 +35,8 @@ from pipeline.run_config import (
     plan,
     write_sample_clip,
 )
-from pipeline.supervisor import RunReport, SteadyRate, Supervisor
-from pipeline.video import VideoError, probe
+from maskstream.pipeline.runtime.metrics import MetricsBoard, MetricsServer
+from maskstream.pipeline.runtime.supervisor import RunReport, SteadyRate, Supervisor
 
 _SELECTION_FIELDS = {f.name for f in dataclasses.fields(ModelSelection)}
 
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _sample_score(truth: Path, results: Path) -> str:
     """COCO AP of the run's results on the generated clip, whose ground truth is exact."""
-    from model.evaluate import coco_metrics  # pycocotools: only this check needs it here
+    from maskstream.model.evaluate import coco_metrics  # pycocotools: only this check needs it here
 
     metrics, _ = coco_metrics(json.loads(truth.read_text()), json.loads(results.read_text()))
     return (f"against the sample clip's ground truth ({truth.name}): bbox AP {metrics['bbox']['AP']:.3f}, "

@@ -9,27 +9,25 @@ import sys
 import time
 from pathlib import Path
 
+import maskstream.model as model
 import torch
-
-import model
-from model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from model.checkpoint import CheckpointError
-from model.coco import class_names
-from model.config import ModelConfig
-from model.engine import TensorRTUnavailable, build_engine, torch_tensorrt_version
-from model.fuse import fold_batch_norms
-from model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
-from model.synthetic import write_sample_images
-from pipeline.annotate import draw_detections
-from pipeline.bench_commands import add_parsers as add_bench_parsers
-from pipeline.config import ConfigError, load_config
-from pipeline.images import IMAGE_SUFFIXES, read_rgb, write_rgb
-from pipeline.run_commands import add_parsers as add_run_parsers
-from pipeline.subscribe_commands import add_parsers as add_subscribe_parsers
-from pipeline.train_commands import add_parsers as add_training_parsers
-from plugins.roi_align.registration import tensorrt_version
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from maskstream.configs import CONFIG_DIR
+from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+from maskstream.model.checkpoint import CheckpointError
+from maskstream.model.coco import class_names
+from maskstream.model.config import ModelConfig
+from maskstream.model.engine import TensorRTUnavailable, build_engine, torch_tensorrt_version
+from maskstream.model.fuse import fold_batch_norms
+from maskstream.model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
+from maskstream.model.synthetic import write_sample_images
+from maskstream.pipeline.cli.bench import add_parsers as add_bench_parsers
+from maskstream.pipeline.cli.run import add_parsers as add_run_parsers
+from maskstream.pipeline.cli.subscribe import add_parsers as add_subscribe_parsers
+from maskstream.pipeline.cli.train import add_parsers as add_training_parsers
+from maskstream.pipeline.config import ConfigError, load_config
+from maskstream.pipeline.media.annotate import draw_detections
+from maskstream.pipeline.media.images import IMAGE_SUFFIXES, read_rgb, write_rgb
+from maskstream.plugins.roi_align.registration import tensorrt_version
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -130,7 +128,7 @@ def _package(module: str, distribution: str) -> str:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    from model.runners import RunnerSpec, runner_choice
+    from maskstream.model.runners import RunnerSpec, runner_choice
 
     cuda_build = torch.version.cuda
     if torch.cuda.is_available():

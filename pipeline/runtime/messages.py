@@ -105,7 +105,7 @@ class Frame:
 
     pixel_format "rgb24": image is uint8 [H, W, 3] RGB; "yuv420p" / "yuvj420p": uint8
     [H * 3 / 2, W], the decoder's I420 planes as they are (BT.601, limited / full range, H and W
-    even), see pipeline.pixels."""
+    even), see pipeline.media.pixels."""
 
     header: Header
     image: np.ndarray

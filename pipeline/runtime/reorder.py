@@ -18,7 +18,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from pipeline.messages import EndOfStream, Message
+from maskstream.pipeline.runtime.messages import EndOfStream, Message
 
 
 @dataclass
