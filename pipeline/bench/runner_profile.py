@@ -28,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from maskstream.model.static import StaticMaskRCNN
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
@@ -118,9 +119,9 @@ def _kernels(averages: Any, cuda: bool) -> list[Any]:
             and not getattr(a, "is_user_annotation", False) and not a.key.startswith(_PREFIX)]
 
 
-def profile_forward(static: nn.Module, images: torch.Tensor, sizes: torch.Tensor, calls: int = 3,
+def profile_forward(static: StaticMaskRCNN, images: torch.Tensor, sizes: torch.Tensor, calls: int = 3,
                     top: int = 15, forward: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Profile `calls` forwards of `static` (a StaticMaskRCNN) on inputs already on its device.
+    """Profile `calls` forwards of `static` on inputs already on its device.
 
     forward: what to call instead of `static` itself, e.g. the runner's torch.compile'd forward.
     Its report has no stages (inductor's fused kernels belong to no one module, and module hooks
