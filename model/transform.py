@@ -32,13 +32,16 @@ def check_images(images: list[Tensor]) -> None:
 
 
 def resized_hw(hw: Sequence[int], cfg: TransformConfig) -> tuple[float, tuple[int, int]]:
-    """Scale so the short side is min_size unless the long side would pass max_size.
+    """Scale so the short side is min_size unless the long side would pass max_size, and the
+    size F.interpolate gives for it.
 
-    The scale is computed in float32, as torchvision does, so output sizes agree with it.
+    Python floats, as torchvision's eager GeneralizedRCNNTransform computes it (its float32
+    tensor arithmetic is only for scripting and tracing): in float32, 800 / 427 makes a
+    427-pixel side 799 pixels instead of 800. interpolate floors size * scale in double.
     """
-    side = torch.tensor(hw, dtype=torch.float32)
-    scale = torch.min(cfg.min_size / side.min(), cfg.max_size / side.max()).item()
-    return scale, (math.floor(hw[0] * scale), math.floor(hw[1] * scale))
+    h, w = int(hw[0]), int(hw[1])
+    scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
+    return scale, (math.floor(h * scale), math.floor(w * scale))
 
 
 def normalize(image: Tensor, cfg: TransformConfig) -> Tensor:
