@@ -1,10 +1,14 @@
 """Loading weights with errors that name what does not fit."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from maskstream.model.config import ModelConfig, Variant, default_config
 from torch import nn
 
 MAX_LISTED = 8
@@ -75,3 +79,41 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# One key that only each variant's checkpoints have (torchvision's names, which ours share).
+_VARIANT_KEYS: tuple[tuple[Variant, str], ...] = (
+    ("lite", "backbone.body.features.0.0.weight"),  # MobileNetV2 body
+    ("v2", "roi_heads.box_head.0.0.weight"),  # 4 conv + 1 FC box head
+    ("v1", "roi_heads.box_head.fc6.weight"),  # 2 FC box head
+)
+_CLASSES_KEY = "roi_heads.box_predictor.cls_score.weight"  # [num_classes, representation]
+_FPN_KEY = "backbone.fpn.inner_blocks.0.0.weight"  # [fpn_channels, C, 1, 1]
+_MASK_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
+
+
+def identify(state: Mapping[str, Any], source: str | Path = "state dict") -> ModelConfig:
+    """The model config a checkpoint was made for, read from its keys and shapes: the variant,
+    the number of classes and the widths that vary between our configs. What weights cannot say
+    (input size, anchors, thresholds) is the variant's default: a config file says otherwise."""
+    variant = next((v for v, key in _VARIANT_KEYS if key in state), None)
+    if variant is None or _CLASSES_KEY not in state or _FPN_KEY not in state or _MASK_KEY not in state:
+        raise CheckpointError(_not_a_mask_rcnn(state, source))
+    classes, representation = (int(n) for n in state[_CLASSES_KEY].shape)
+    return dataclasses.replace(default_config(variant), num_classes=classes, box_representation=representation,
+                               fpn_channels=int(state[_FPN_KEY].shape[0]))
+
+
+def _not_a_mask_rcnn(state: Mapping[str, Any], source: str | Path) -> str:
+    keys = list(state)
+    if any(key.startswith("roi_heads.box_predictor") for key in keys) and _MASK_KEY not in state:
+        looks = "a detector without a mask head (Faster R-CNN?)"
+    elif "fc.weight" in state or "classifier.1.weight" in state:
+        looks = "an image classifier (it has a classification layer and no detection heads)"
+    elif not keys:
+        looks = "empty"
+    else:
+        looks = "no Mask R-CNN this project knows"
+    return (f"checkpoint {source}: {len(keys)} tensors, {looks}; expected torchvision's maskrcnn_resnet50_fpn "
+            f"(v1: {_VARIANT_KEYS[2][1]!r}), maskrcnn_resnet50_fpn_v2 ({_VARIANT_KEYS[1][1]!r}) or the lite variant "
+            f"({_VARIANT_KEYS[0][1]!r}), each with {_CLASSES_KEY!r} and {_MASK_KEY!r}; first keys: {_listing(keys)}")

@@ -75,3 +75,18 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     static: StaticGraphConfig = field(default_factory=StaticGraphConfig)
+
+
+def default_config(variant: Variant) -> ModelConfig:
+    if variant in ("v1", "v2"):
+        return ModelConfig(variant=variant)
+    if variant == "lite":
+        # A CPU budget: narrower pyramid and heads, 512-pixel short side.
+        return ModelConfig(
+            variant="lite",
+            fpn_channels=128,
+            box_representation=512,
+            transform=TransformConfig(min_size=512, max_size=853),
+            static=StaticGraphConfig(height=512, width=864),
+        )
+    raise ValueError(f"variant: expected one of 'v1', 'v2', 'lite', got {variant!r}")

@@ -18,7 +18,13 @@ import torch
 from maskstream.model import transform
 from maskstream.model.backbone import BackboneWithFPN, FrozenBatchNorm2d, MobileNetV2Body, NormLayer, ResNet50Body
 from maskstream.model.checkpoint import CheckpointError, file_sha256, load_weights
-from maskstream.model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig, Variant
+from maskstream.model.config import (
+    ModelConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    Variant,
+    default_config,
+)
 from maskstream.model.postprocess import paste_masks_in_image
 from maskstream.model.roi_heads import (
     BOX_POOL_SIZE,
@@ -110,21 +116,6 @@ _TORCHVISION_KWARGS = {  # torchvision MaskRCNN keyword -> (config section, fiel
     **{f"box_{f.name}": ("roi_heads", f.name) for f in dataclasses.fields(RoIHeadsConfig)},
     "bbox_reg_weights": ("roi_heads", "bbox_reg_weights"),
 }
-
-
-def default_config(variant: Variant) -> ModelConfig:
-    if variant in ("v1", "v2"):
-        return ModelConfig(variant=variant)
-    if variant == "lite":
-        # A CPU budget: narrower pyramid and heads, 512-pixel short side.
-        return ModelConfig(
-            variant="lite",
-            fpn_channels=128,
-            box_representation=512,
-            transform=TransformConfig(min_size=512, max_size=853),
-            static=StaticGraphConfig(height=512, width=864),
-        )
-    raise ValueError(f"variant: expected one of 'v1', 'v2', 'lite', got {variant!r}")
 
 
 def build(
