@@ -49,7 +49,7 @@ from golden_state import golden_state
 from maskstream.model.config import ModelConfig
 from maskstream.model.fuse import fold_batch_norms
 from maskstream.model.mask_rcnn import build
-from maskstream.model.runners import TorchRunner
+from maskstream.model.runners import TorchRunner, configure_process
 from maskstream.model.static import StaticMaskRCNN, with_precision
 from maskstream.model.synthetic import scene_batch
 from maskstream.pipeline.bench.measure import machine
@@ -179,6 +179,7 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out or ROOT / "results" / f"cuda_runner_{args.device}.json"
     torch.set_flush_denormal(True)  # as the CLI does: CPU float32 denormals from random weights
+    configure_process(tf32=not args.no_tf32)  # as the inference stage's entry point does
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 

@@ -27,7 +27,7 @@ from device_option import add_device_option  # benchmarks/, beside this script
 from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from maskstream.model.config import ModelConfig
 from maskstream.model.mask_rcnn import build
-from maskstream.model.runners import TorchRunner
+from maskstream.model.runners import TorchRunner, configure_process
 from maskstream.model.synthetic import scene_batch
 from maskstream.pipeline.bench.measure import machine
 from maskstream.pipeline.config import load_config
@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_flush_denormal(True)  # as the CLI does
+    configure_process()  # as the inference stage's entry point does
     cfg = load_config(ModelConfig, args.model_config or BUNDLED_CONFIG, args.set)
     torch.manual_seed(0)
     net = build(config=cfg, checkpoint=None if args.model_config else BUNDLED_CHECKPOINT).eval()

@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from maskstream.model.runners import configure_process
 from maskstream.pipeline.cli.main import build_parser
 from maskstream.pipeline.cli.run import run_config
 from maskstream.pipeline.media.pixels import PixelRoute
@@ -63,7 +64,7 @@ def bare_loop(cfg: RunConfig, video: str) -> tuple[int, float]:
     torch.set_num_threads(os.cpu_count() or 1)
     cv2.setNumThreads(1)
     infer_cfg: InferConfig = configs["infer"]
-    torch.manual_seed(infer_cfg.seed)
+    configure_process(infer_cfg.runner.tf32)  # as the inference stage's entry point does
     runner_stage = InferStage(infer_cfg)
     pre, post = PreprocessStage(configs["preprocess"]), PostprocessStage(configs["postprocess"])
     frames, start = 0, 0.0

@@ -13,9 +13,14 @@ num_detections are zero.
   a CUDA graph on the first call and replays it after, when the graph can be captured (every op
   on the device, no host synchronisation); otherwise it runs eagerly and says why in `graph_error`.
 - `TensorRTRunner`: a TensorRT engine file, refused unless its manifest (NAME.json) matches.
+
+Each runner says what it takes and gives as a `model.contract.InferenceContract` (`runner.contract`);
+the inference stage refuses a runner whose contract is not the one the run was planned with.
+Process-wide torch settings (TF32) are the process entry point's: `configure_process`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +30,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 from maskstream.model.config import ModelConfig
+from maskstream.model.contract import InferenceContract, Precision
 from maskstream.model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
 from maskstream.model.fuse import fold_batch_norms
 from maskstream.model.mask_rcnn import MaskRCNN, build
-from maskstream.model.static import OUTPUT_NAMES, HalfBackbone, Precision, StaticMaskRCNN, with_precision
+from maskstream.model.static import OUTPUT_NAMES, HalfBackbone, StaticMaskRCNN, with_precision
 from maskstream.plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
 
 __all__ = [
@@ -41,6 +47,8 @@ __all__ = [
     "TorchRunner",
     "check_inputs",
     "check_manifest",
+    "configure_process",
+    "engine_manifest",
     "make_runner",
     "runner_choice",
 ]
@@ -85,9 +93,13 @@ class _OnDevice:
 
 class Runner(Protocol):
     input_shape: tuple[int, int, int, int]
+    contract: InferenceContract  # what it takes and gives: shape, K, classes, normalisation, precision
     # Whether submit() returns before the batch has run (a CUDA stream), so a caller gains by
     # filling the next batch before it waits; False: submit() runs the batch to the end.
     asynchronous: bool
+    # Why the runner runs slower than it could (uncompiled, no CUDA graph): None when it does not.
+    compile_error: str | None
+    graph_error: str | None
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -144,6 +156,25 @@ def _to_numpy(outputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- torch
 
 
+def configure_process(tf32: bool = True) -> None:
+    """torch's process-wide settings a CUDA TorchRunner is made for; call once in the process's
+    entry point (the inference stage's `main`), before making the runner: torch reads them when the
+    forward is compiled and captured, and eager calls read them on every call.
+
+    tf32: float32 matrix products and convolutions may round their inputs to TF32 on tensor cores
+    (Ampere and later), as a TensorRT engine's float32 layers do by default (BuilderFlag.TF32).
+    torch's own defaults allow it for convolutions but not for matrix products, which would leave
+    the box head's fully connected layers on the slower float32 units. False keeps both in float32."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _process_tf32() -> bool | None:
+    """Whether this process runs float32 products in TF32 (both flags), False if in neither, None if mixed."""
+    flags = {torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32}
+    return flags.pop() if len(flags) == 1 else None
+
+
 class TorchRunner:
     """`StaticMaskRCNN` on "cpu" or "cuda" (CUDA graph replay on CUDA when capturable), its
     convolutions channels_last on CPU.
@@ -155,17 +186,14 @@ class TorchRunner:
     compile: the forward through torch.compile (inductor, whole graph, static shapes) before the
     CUDA graph is captured. Inductor fuses what eager torch runs as separate passes over each
     activation: a convolution's bias add, its ReLU and the residual add become one kernel, and the
-    fp16 casts ride along. On an H200, R50-FPN 800x1344 fp16 batch 8: 417 vs 236 frames/s on
-    the device, for a 21 s compile on the first call (benchmarks/results/cuda_runner_h200_compile.json);
-    inductor caches it on disk for the next start. On a 2-core CPU it compiles for a minute or
-    more and the lite model ran no faster. Outputs equal up to float rounding (which may swap
-    detections whose scores tie).
+    fp16 casts ride along. The compile on the first call takes long (inductor caches it on disk
+    for the next start), which a GPU's faster forward repays and a small CPU's does not (see
+    benchmarks/results and the README for the figures). Outputs equal up to float rounding (which
+    may swap detections whose scores tie).
 
-    tf32 (CUDA): float32 matrix products and convolutions may round their inputs to TF32 on tensor
-    cores (Ampere and later), as a TensorRT engine's float32 layers do by default (BuilderFlag.TF32).
-    torch's own defaults allow it for convolutions but not for matrix products, which leaves the box
-    head's 12544x1024 layer (26 GFLOP per frame at 1000 proposals) on the slower float32 units.
-    False keeps both in float32. The flags are torch's, process-wide: the last runner made sets them."""
+    tf32 (CUDA): whether float32 products may run in TF32 (see `configure_process`). The flags are
+    torch's, process-wide, so the runner does not set them: it is refused unless the process has
+    them as asked (configure_process(tf32) first)."""
 
     def __init__(self, model: MaskRCNN | StaticMaskRCNN, device: str = "cpu", cuda_graph: bool = True,
                  precision: Precision = "fp32", channels_last: bool | None = None, tf32: bool = True,
@@ -176,6 +204,12 @@ class TorchRunner:
             raise ValueError("device: 'cuda' asked for, but torch has no CUDA device")
         if isinstance(model, StaticMaskRCNN) and precision != "fp32":
             raise ValueError("precision: applies to a MaskRCNN; this StaticMaskRCNN already has its casts")
+        if device == "cuda" and _process_tf32() is not tf32:
+            raise ValueError(
+                f"tf32: {tf32} asked for, but this process has torch.backends.cuda.matmul.allow_tf32="
+                f"{torch.backends.cuda.matmul.allow_tf32} and torch.backends.cudnn.allow_tf32="
+                f"{torch.backends.cudnn.allow_tf32}: call model.runners.configure_process(tf32={tf32}) "
+                "in the process's entry point first (process-wide flags, which no constructor sets)")
         # Norm layers folded into the convs (same outputs, one pass less per activation), in
         # float32 before any cast to float16, so each merged weight rounds once.
         static = model if isinstance(model, StaticMaskRCNN) else StaticMaskRCNN(
@@ -183,11 +217,10 @@ class TorchRunner:
         self.static = static.eval().to(device)
         # What the graph runs, also for a StaticMaskRCNN handed in with its casts already applied.
         self.precision: Precision = "fp16" if isinstance(static.model.backbone, HalfBackbone) else "fp32"
-        # Convolutions in NHWC (channels_last): oneDNN's native layout, 1.35x faster per frame for the
-        # bundled lite model on this project's CPU host with the same outputs to 3e-5 px
-        # (benchmarks/results/cpu_channels_last.json). None: on for CPU; CUDA keeps NCHW: 1.08x for
-        # the eager graph on an H200 (cuda_channels_last_h200.json), and the compiled graph (the
-        # CUDA default) has inductor choose its layouts itself.
+        # Convolutions in NHWC (channels_last): oneDNN's native layout, faster on a CPU with the same
+        # outputs up to rounding (benchmarks/bench_memory_format.py measures it). None: on for CPU;
+        # CUDA keeps NCHW: the eager graph gains little there, and the compiled graph (the CUDA
+        # default) has inductor choose its layouts itself.
         self.channels_last = device == "cpu" if channels_last is None else channels_last
         if self.channels_last:
             # Module.to takes memory_format (4-D weights only), which torch's type stubs leave out.
@@ -202,10 +235,11 @@ class TorchRunner:
         self._forward: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = (
             self._first_compiled_call if compile else self.static)
         self.tf32 = cuda and tf32
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
         self.input_shape: tuple[int, int, int, int] = static.shape  # type: ignore[assignment]
+        b, _, h, w = self.input_shape
+        self.contract = dataclasses.replace(InferenceContract.from_model_config(static.model.cfg, self.precision),
+                                            batch=b, height=h, width=w,
+                                            detections=static.model.roi_heads.detections_per_img)
         # The batches callers fill in place (input_buffer()). On CUDA two, page-locked, taken in
         # turn by `submit`: one fills while the other is copied in and run. Outputs likewise.
         self._hosts = [HostBatch(self.input_shape, pinned=cuda) for _ in range(2 if cuda else 1)]
@@ -221,11 +255,6 @@ class TorchRunner:
         self._run: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = (
             self._first_cuda_call if cuda and cuda_graph else self._eager
         )
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path | None, config: ModelConfig, device: str = "cpu",
-                        precision: Precision = "fp32") -> TorchRunner:
-        return cls(build(config=config, checkpoint=checkpoint), device=device, precision=precision)
 
     def input_buffer(self) -> np.ndarray:
         return self._hosts[self._slot].array
@@ -368,19 +397,25 @@ def _dims(dims: Any) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
+def engine_manifest(engine_path: str | Path) -> EngineManifest:
+    """The manifest beside an engine (NAME.json); EngineMismatch if there is none."""
+    path = Path(engine_path)
+    sidecar = manifest_path(path)
+    if not sidecar.is_file():
+        raise EngineMismatch(
+            f"{path}: no manifest {sidecar.name} beside the engine, so nothing says what it was built from; "
+            "rebuild it with `maskstream build-engine`"
+        )
+    return EngineManifest.read(sidecar)
+
+
 class TensorRTRunner:
     """A TensorRT engine built by `build_engine`, run with `execute_async_v3` on torch CUDA buffers."""
 
     def __init__(self, engine_path: str | Path, input_shape: tuple[int, int, int, int] | None = None,
                  precision: Precision | None = None):
         path = Path(engine_path)
-        sidecar = manifest_path(path)
-        if not sidecar.is_file():
-            raise EngineMismatch(
-                f"{path}: no manifest {sidecar.name} beside the engine, so nothing says what it was built from; "
-                "rebuild it with `maskstream build-engine`"
-            )
-        self.manifest = EngineManifest.read(sidecar)
+        self.manifest = engine_manifest(path)
         version = tensorrt_version()
         if version is None:
             raise TensorRTUnavailable(f"{path}: running an engine needs TensorRT, not installed: {INSTALL_HINT}")
@@ -393,7 +428,10 @@ class TensorRTRunner:
         import tensorrt as trt
 
         self.input_shape: tuple[int, int, int, int] = self.manifest.input_shape
+        self.contract = InferenceContract.from_manifest(self.manifest)
         self.asynchronous = False  # infer() synchronises its stream; submit() runs to the end
+        self.compile_error: str | None = None  # built ahead of time: nothing to compile or capture here
+        self.graph_error: str | None = None
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -465,6 +503,10 @@ class RunnerSpec:
     # The torch runner's forward through torch.compile (TorchRunner); None: on CUDA, where it
     # pays for its compile at start many times over, not on a CPU.
     compile: bool | None = None
+    # The torch runner: initialises whatever the checkpoint does not cover (same seed, same weights).
+    seed: int = 0
+    # The torch runner on CUDA: float32 products in TF32 (configure_process sets the process for it).
+    tf32: bool = True
 
 
 def runner_choice(spec: RunnerSpec) -> str:
@@ -482,9 +524,12 @@ def make_runner(spec: RunnerSpec) -> TensorRTRunner | TorchRunner:
     if choice == "tensorrt":
         assert spec.engine is not None
         return TensorRTRunner(spec.engine, input_shape=spec.input_shape, precision=spec.precision)
-    runner = TorchRunner(build(config=spec.config, checkpoint=spec.checkpoint), device=choice.removeprefix("torch-"),
-                         precision=spec.precision or "fp32",
-                         compile=choice == "torch-cuda" if spec.compile is None else spec.compile)
+    # The seed drawn from a forked generator: the process's own random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        net = build(config=spec.config, checkpoint=spec.checkpoint)
+    runner = TorchRunner(net, device=choice.removeprefix("torch-"), precision=spec.precision or "fp32",
+                         compile=choice == "torch-cuda" if spec.compile is None else spec.compile, tf32=spec.tf32)
     if spec.input_shape is not None and tuple(spec.input_shape) != runner.input_shape:
         raise ValueError(f"input_shape: the config's static graph takes {list(runner.input_shape)}, "
                          f"the caller expects {list(spec.input_shape)}")

@@ -8,15 +8,14 @@
     labels int64 [B, K], mask_probs float32 [B, K, 28, 28]; rows past num_detections are zero.
 
 Normalisation is inside the graph. The preprocess should pad with the mean colour
-(`pad_value()`), which normalises to ~0 like torchvision's zero padding after normalisation.
+(`pad_value()`, model.contract.pad_rgb), which normalises to ~0 like torchvision's zero padding
+after normalisation.
 """
 from __future__ import annotations
 
-import typing
-from typing import Literal
-
 import torch
 from maskstream.model.config import StaticGraphConfig
+from maskstream.model.contract import PRECISIONS, Precision, pad_rgb
 from maskstream.model.mask_rcnn import MaskRCNN
 from torch import Tensor, nn
 
@@ -29,14 +28,15 @@ OUTPUT_NAMES = ("num_detections", "boxes", "scores", "labels", "mask_probs")
 #   compared in float32 (an fp16 box coordinate near 1000 px is only good to 0.5 px);
 # - the mask head + predictor run in float16 too: the RoIAligned float32 features are cast to
 #   float16 at the mask head's input, and the logits of each box's own class back to float32
-#   before the sigmoid, so mask_probs are float32. In float32 (TF32) these 4 + 2 convs on
-#   14x14/28x28 took 5.3 ms of a 33.6 ms forward (R50-FPN 800x1344, batch 8, 100 detections per
-#   frame, H200); in float16 they run on tensor cores at about twice the rate. A mask probability
-#   is only thresholded at 0.5 when pasted, so float16's ~1e-3 is far below what changes a pixel.
+#   before the sigmoid, so mask_probs are float32. These 4 + 2 convs on 14x14/28x28 run once per
+#   detection, a share of the forward that grows with K; in float16 they run on tensor cores. A
+#   mask probability is only thresholded at 0.5 when pasted, so float16's ~1e-3 is far below
+#   what changes a pixel.
 # Boxes, scores and labels do not depend on the mask branch: they are those of a graph with only
-# the backbone in float16, bit for bit.
-Precision = Literal["fp32", "fp16"]
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+# the backbone in float16, bit for bit. (Precision and PRECISIONS live in model.contract, which
+# the torch-free stages import.)
+__all__ = ["OUTPUT_NAMES", "PRECISIONS", "HalfBackbone", "HalfMaskHead", "Precision", "StaticMaskRCNN", "export",
+           "pad_value", "with_precision"]
 
 
 class HalfBackbone(nn.Module):
@@ -141,7 +141,7 @@ class StaticMaskRCNN(nn.Module):
 
 def pad_value(model: MaskRCNN) -> tuple[int, int, int]:
     """uint8 RGB that normalises to (about) zero: the colour to pad frames with."""
-    return tuple(round(m * 255) for m in model.cfg.transform.image_mean)  # type: ignore[return-value]
+    return pad_rgb(model.cfg.transform.image_mean)
 
 
 def export(static: StaticMaskRCNN, device: str | torch.device = "cpu") -> torch.export.ExportedProgram:

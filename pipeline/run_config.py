@@ -1,6 +1,11 @@
 """`maskstream run`'s settings (mirrored key for key by configs/pipeline.yaml) and the plan they
 make: which stage processes, with which configs, wired to which endpoints and rings.
 
+The inference contract (input shape, K, class names, normalisation, precision) is decided once,
+in `inference_contract()`: from the engine's manifest with --engine, else from the model config.
+Preprocess, inference and postprocess all get that one object; an engine that disagrees with what
+was asked for is refused here, before any stage starts.
+
 The default model is chosen in one place, `default_model()`: the bundled trained model when
 its weights are present (model/bundled), else the untrained lite variant. Without sources,
 `maskstream run` runs `write_sample_clip()`'s generated clip; without outputs, it writes
@@ -16,10 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 from maskstream.configs import CONFIG_DIR
-from maskstream.model.coco import class_names
 from maskstream.model.config import ModelConfig
-from maskstream.model.runners import RunnerSpec
-from maskstream.model.static import pad_value
+from maskstream.model.contract import InferenceContract
+from maskstream.model.runners import RunnerSpec, engine_manifest
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.sources import Policy, SourceSpec, resolve_policy
 from maskstream.pipeline.runtime.shm_ring import Ring
@@ -38,8 +42,8 @@ class ModelSelection:
     # checked against its manifest
     precision: Literal["fp32", "fp16"] | None = None
     # torch runner: its forward through torch.compile (inductor fuses bias, ReLU and residual adds into
-    # one pass each); the first start compiles (cached on disk after). None: on CUDA (1.77x the
-    # runner's frames/s on an H200), off on a CPU. See model.runners.TorchRunner.
+    # one pass each); the first start compiles (cached on disk after). None: on CUDA, where the faster
+    # forward repays the compile; off on a CPU, where it does not. See model.runners.TorchRunner.
     compile: bool | None = None
     seed: int = 0  # initialises whatever no checkpoint covers (same seed, same outputs)
     overrides: tuple[str, ...] = ()  # model config overrides, "roi_heads.score_thresh=0.0"
@@ -80,7 +84,7 @@ class InferOptions:
     staleness_s: float = 1.0  # live frames older than this at inference are dropped
     threads: int = 0  # torch intra-op threads in the inference process; 0: all cores
     # Keep a batch on the device while the next fills (pipeline/stages/infer.py). None: wherever the
-    # runner's submit is asynchronous (torch on CUDA): 1.27x pipeline frames/s measured on an H200.
+    # runner's submit is asynchronous (torch on CUDA), the only runner where it gains anything.
     overlap: bool | None = None
 
 
@@ -146,6 +150,25 @@ def model_config(selection: ModelSelection) -> tuple[ModelConfig, Path | None]:
     return load_config(ModelConfig, path, selection.overrides), checkpoint
 
 
+def inference_contract(selection: ModelSelection, model_cfg: ModelConfig) -> InferenceContract:
+    """What every stage is built for: the engine's manifest with an engine, else `model_cfg`'s static
+    graph. An engine is refused (ContractMismatch, naming the field) when its manifest disagrees with
+    what was asked for explicitly: the precision, and a model config or model overrides (without
+    them the manifest alone says what the engine takes: the default model's config is nobody's ask)."""
+    asked = InferenceContract.from_model_config(model_cfg, selection.precision or "fp32")
+    if selection.engine is None:
+        return asked
+    contract = InferenceContract.from_manifest(engine_manifest(selection.engine))
+    source = f"{selection.engine} (manifest)"
+    if selection.precision is not None:
+        asked.check(contract, source, "--precision", only=("precision",))
+    if selection.config is not None or selection.overrides:
+        path = selection.config if selection.config is not None else default_model()[0]
+        what = f"the model config {path}" + (" with its overrides" if selection.overrides else "")
+        asked.check(contract, source, what, ignore=("precision",))
+    return contract
+
+
 def stream_ids(sources: tuple[str, ...]) -> tuple[str, ...]:
     """Readable, unique ids: the file stem (or host) of each source, numbered when they repeat."""
     stems = [Path(url.split("?")[0].rstrip("/")).stem or f"stream{i}" for i, url in enumerate(sources)]
@@ -176,7 +199,8 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.workers < 1:
         raise ValueError(f"workers: expected >= 1, got {cfg.workers}")
     model_cfg, checkpoint = model_config(cfg.model)
-    height, width = model_cfg.static.height, model_cfg.static.width
+    contract = inference_contract(cfg.model, model_cfg)
+    height, width = contract.input_hw
     ids = stream_ids(cfg.sources)
     src = cfg.source
     sources = {
@@ -214,7 +238,6 @@ def plan(cfg: RunConfig) -> Plan:
             return Wiring(stage=stage, reports=reports, hwm=cfg.transport.hwm, **kw)  # type: ignore[arg-type]
 
         live = tuple(sid for sid in ids if sources[sid].policy == "live")
-        pad = _pad(model_cfg)
         specs = [
             StageSpec(decode.main, decode.DecodeConfig(sid, sources[sid]),
                       wiring(f"decode.{sid}", outboxes=pre_in,
@@ -223,21 +246,21 @@ def plan(cfg: RunConfig) -> Plan:
             for i, sid in enumerate(ids)
         ]
         specs += [
-            StageSpec(preprocess.main, preprocess.PreprocessConfig((height, width), pad),
+            StageSpec(preprocess.main, preprocess.PreprocessConfig(contract),
                       wiring(f"preprocess.{i}", inbox=pre_in[i], outboxes=(infer_in,),
                              ring=ring(f"preprocess-{i}", 3 * height * width)))
             for i in workers
         ]
         runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device,
-                            precision=cfg.model.precision, compile=cfg.model.compile)
+                            input_shape=contract.input_shape, precision=cfg.model.precision, compile=cfg.model.compile,
+                            seed=cfg.model.seed)
         specs.append(StageSpec(
             infer.main,
-            infer.InferConfig(runner, cfg.model.seed, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
+            infer.InferConfig(runner, contract, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
                               overlap=cfg.infer.overlap),
             wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads)))
-        names = class_names(model_cfg.num_classes, model_cfg.class_names)
         specs += [
-            StageSpec(postprocess.main, postprocess.PostprocessConfig(names),
+            StageSpec(postprocess.main, postprocess.PostprocessConfig(contract),
                       wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,)))
             for i in workers
         ]
@@ -262,15 +285,5 @@ def _overtake_limit(cfg: RunConfig, streams: int) -> int:
     return 2 * held
 
 
-def _pad(model_cfg: ModelConfig) -> tuple[int, int, int]:
-    # pad_value reads only cfg.transform.image_mean; no need to build a network for it.
-    holder = type("ConfigHolder", (), {"cfg": model_cfg})()
-    return pad_value(holder)  # type: ignore[arg-type]
-
-
 def _annotate_path(path: Path, stream_id: str, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}.{stream_id}{path.suffix}")
-
-
-def with_sources(cfg: RunConfig, sources: list[str]) -> RunConfig:
-    return dataclasses.replace(cfg, sources=tuple(sources)) if sources else cfg

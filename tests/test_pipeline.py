@@ -134,8 +134,11 @@ def test_wrong_engine_is_a_clear_startup_failure(tmp_path):
     engine.write_bytes(b"not an engine")
     clip = write_test_clip(tmp_path / "c.mp4", frames=3)
     code, stdout, stderr = maskstream_run(["--source", str(clip), "--engine", str(engine)], tmp_path)
-    assert code == 3
-    assert "infer.0" in stderr and "model.engine" in stderr and "manifest" in stderr
+    # Refused while the run is planned (the manifest gives every stage its inference contract),
+    # before any stage process exists: no run summary, nothing written.
+    assert code == 2
+    assert f"error: {engine}: no manifest model.json beside the engine" in stderr
+    assert "frames in" not in stdout and not (tmp_path / "out").exists()
 
 
 # Offline, a decoder runs ahead of publish by what the rings and socket pipes hold: ~20 frames

@@ -30,6 +30,7 @@ from maskstream.model.runners import (
     TensorRTRunner,
     TorchRunner,
     check_manifest,
+    configure_process,
     make_runner,
     runner_choice,
 )
@@ -52,6 +53,16 @@ def tiny_config():
         roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=SHAPE.detections),
         rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tf32_process():
+    """The inference stage's process settings (its `main` calls configure_process), which a CUDA
+    TorchRunner checks; restored after this module."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    configure_process(tf32=True)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.fixture(scope="module")
@@ -588,11 +599,16 @@ def test_channels_last_changes_only_rounding(bundled):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 def test_cuda_tf32_sets_torch_flags_and_finds_what_float32_finds(bundled):
-    """tf32=False: float32 products in float32; the default (as a TensorRT engine): the same objects."""
+    """tf32=False: float32 products in float32; the default (as a TensorRT engine): the same objects.
+    The flags are the process's (configure_process); a runner asked for others is refused."""
     net, images, sizes = bundled
+    with pytest.raises(ValueError, match=r"call model.runners.configure_process\(tf32=False\)"):
+        TorchRunner(net, device="cuda", tf32=False)  # the process is set for TF32 (tf32_process)
+    configure_process(tf32=False)
     strict = TorchRunner(net, device="cuda", tf32=False)
     assert not strict.tf32 and not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     full = strict.infer(images, sizes)
+    configure_process(tf32=True)
     fast = TorchRunner(net, device="cuda")
     assert fast.tf32 and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     # TF32 rounds products' inputs to float16's 10 mantissa bits: fp16's tolerances.

@@ -5,15 +5,21 @@ import multiprocessing
 import os
 import time
 
-from maskstream.pipeline.runtime.messages import StageReport
-from maskstream.pipeline.runtime.stage import Wiring, run_stage
+import numpy as np
+from maskstream.pipeline.runtime.messages import Frame, Header, StageReport
+from maskstream.pipeline.runtime.stage import Source, Stage, Wiring, run_stage
 from maskstream.pipeline.runtime.supervisor import Supervisor
 from maskstream.pipeline.runtime.transport import ReportInbox
+from maskstream.pipeline.stages.decode import DecodeStage
+from maskstream.pipeline.stages.infer import InferStage
+from maskstream.pipeline.stages.postprocess import PostprocessStage
+from maskstream.pipeline.stages.preprocess import PreprocessStage
+from maskstream.pipeline.stages.publish import PublishStage
 
 HEARTBEAT_S = 0.2
 
 
-class Idle:
+class Idle(Stage):
     def process(self, message):
         return None
 
@@ -27,6 +33,21 @@ class SlowToMake:
     def __call__(self) -> Idle:
         time.sleep(self.seconds)
         return Idle()
+
+
+class Echo(Stage):
+    def process(self, message):
+        return [message]
+
+
+def test_the_stage_protocol_declares_every_hook_the_loop_calls_with_defaults():
+    """run_stage calls these directly (no getattr): a stage overrides only what it uses."""
+    stage, frame = Echo(), Frame(Header("s", 0), np.zeros((1, 1, 3), np.uint8))
+    assert stage.flush() == () and stage.idle_timeout_s is None and stage.live_streams == ()
+    assert stage.overtaken(frame) == [frame] and stage.progress() == () and stage.close() is None
+    # explicit subclasses, so they inherit the defaults (issubclass needs a runtime-checkable protocol)
+    assert all(Stage in cls.__mro__ for cls in (PreprocessStage, InferStage, PostprocessStage, PublishStage))
+    assert Source in DecodeStage.__mro__
 
 
 def _start(tmp_path, make_seconds: float):

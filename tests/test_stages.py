@@ -7,6 +7,7 @@ import time
 import av
 import numpy as np
 import pytest
+from maskstream.model.contract import InferenceContract
 from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
@@ -19,6 +20,12 @@ from maskstream.pipeline.stages.postprocess import PostprocessConfig, Postproces
 from maskstream.pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
 
 from tests.test_runners import SHAPE, tiny_config
+
+TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # pad colour (124, 116, 104)
+
+
+def contract(height: int, width: int, mean=TORCHVISION_MEAN, names=("bg", "thing")) -> InferenceContract:
+    return InferenceContract(1, height, width, 10, names, mean, TORCHVISION_STD)
 
 
 def _decoded(pix_fmt, height=120, width=160):
@@ -46,7 +53,7 @@ def test_frame_pixels_keep_4_2_0_planes_and_convert_anything_else():
 def test_4_2_0_frames_preprocess_like_rgb_frames(pix_fmt):
     frame, rgb = _decoded(pix_fmt, 240, 320)
     planes, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
-    config = PreprocessConfig((96, 160), (124, 116, 104))
+    config = PreprocessConfig(contract(96, 160))
     from_rgb = PreprocessStage(config).process(Frame(Header("s", 0), rgb))
     from_yuv = PreprocessStage(config).process(Frame(Header("s", 0), planes, pixel_format))
     assert from_yuv.frame_hw == from_rgb.frame_hw == (240, 320) and from_yuv.valid_hw == from_rgb.valid_hw == (96, 128)
@@ -62,14 +69,17 @@ def test_fit_keeps_aspect_and_pads_with_the_pad_colour():
     out, valid = fit_to_input(image, (192, 320), (124, 116, 104))
     assert out.shape == (3, 192, 320) and valid == (192, 256)
     assert (out[:, :, :256] == 200).all() and (out[:, 0, 256:].T == (124, 116, 104)).all()
-    message = PreprocessStage(PreprocessConfig((192, 320), (0, 0, 0))).process(Frame(Header("s", 0), image))
+    assert contract(192, 320).pad_rgb == (124, 116, 104)
+    black = PreprocessConfig(contract(192, 320, mean=(0, 0, 0)))
+    message = PreprocessStage(black).process(Frame(Header("s", 0), image))
     assert isinstance(message, ModelInput) and message.frame_hw == (480, 640) and message.valid_hw == (192, 256)
+    assert (message.image[:, 0, 256:] == 0).all()  # the contract's pad colour: its mean, here black
 
 
 def test_postprocess_rescales_boxes_and_crops_masks():
     raw = RawDetections(Header("s", 3), np.array([[10, 10, 50, 30]], np.float32), np.array([0.9], np.float32),
                         np.array([1]), np.ones((1, 28, 28), np.float32), valid_hw=(120, 160), frame_hw=(240, 320))
-    det = PostprocessStage(PostprocessConfig(("bg", "thing"))).process(raw)
+    det = PostprocessStage(PostprocessConfig(contract(128, 160))).process(raw)
     assert isinstance(det, Detections) and det.class_names == ("thing",)
     np.testing.assert_allclose(det.boxes, [[20, 20, 100, 60]])
     x0, y0, x1, y1 = det.crop_boxes[0]
@@ -101,7 +111,9 @@ def test_live_never_waits_and_drops_late_frames():
 
 
 def _infer_stage(overlap: bool | None) -> InferStage:
-    return InferStage(InferConfig(RunnerSpec(config=tiny_config(), device="cpu"), seed=0, overlap=overlap))
+    config = tiny_config()
+    return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
+                                  InferenceContract.from_model_config(config), overlap=overlap))
 
 
 def _model_input(stream: str, seq: int) -> ModelInput:

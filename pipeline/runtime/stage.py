@@ -1,15 +1,18 @@
 """The one stage loop every stage process runs: receive -> decode -> process -> encode -> send.
 
-A stage is plain Python that never touches a socket:
+A stage is plain Python that never touches a socket: a `Stage` (below) declares every hook the
+loop calls, with defaults, so a stage subclasses it and overrides only what it uses:
 
     class Stage(Protocol):
-        def process(self, message) -> Output | Sequence[Output] | None: ...  # Output: Message | Timed
-        # optional: flush() -> Sequence[Output], called when nothing arrived for idle_timeout_s
-        #           (None: never); progress() -> tuple[StreamProgress, ...]; close();
-        #           live_streams + overtaken(message): see below
+        def process(self, message) -> Output | Sequence[Output] | None  # Output: Message | Timed
+        def flush(self) -> Sequence[Output]  # called when nothing arrived for idle_timeout_s
+        idle_timeout_s: float | None         # None: flush is never called
+        def progress(self) -> tuple[StreamProgress, ...]  # per stream, in every heartbeat
+        def close(self) -> None              # once, when the loop ends
+        live_streams: tuple[str, ...]        # + overtaken(message): see below
 
-A source stage (decode) instead yields messages from `messages()`, may be asked to `stop()`
-(drain: end its stream early, cleanly) and is told about frames dropped for lack of room.
+A source stage (decode, a `Source`) instead yields messages from `messages()`, may be asked to
+`stop()` (drain: end its stream early, cleanly) and is told about frames dropped for lack of room.
 It is made with an `OutputBuffers`, which hands out arrays that lie in the stage's
 shared-memory ring: pixels written there (the decoder's frame planes) are sent without a
 single copy.
@@ -44,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from maskstream.pipeline.runtime.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
@@ -76,13 +79,45 @@ class Timed:
 
 
 Output = Message | Timed
+StageT = TypeVar("StageT", "Stage", "Source")
 
 
 class Stage(Protocol):
+    """Every hook run_stage calls. A stage subclasses this and overrides what it uses; the
+    defaults do nothing (no idle flush, no per-stream progress, no live streams)."""
+
     def process(self, message: Message) -> Output | Sequence[Output] | None: ...
+
+    def flush(self) -> Sequence[Output]:
+        """What the stage releases when nothing arrived for idle_timeout_s."""
+        return ()
+
+    @property
+    def idle_timeout_s(self) -> float | None:
+        """How long without input before flush() is called; None: never (asked before each receive)."""
+        return None
+
+    @property
+    def live_streams(self) -> tuple[str, ...]:
+        """Stream ids whose queued frames may be overtaken (see the module docstring)."""
+        return ()
+
+    def overtaken(self, message: Message) -> Output | Sequence[Output] | None:
+        """A live stream's message that a newer one of its stream overtook in the queue."""
+        return self.process(message)
+
+    def progress(self) -> tuple[StreamProgress, ...]:
+        """Per stream, in every heartbeat (see StreamProgress)."""
+        return ()
+
+    def close(self) -> None:
+        """Once, when the loop ends (also on SIGTERM)."""
+        return None  # a body, so that mypy does not take the default for an abstract method
 
 
 class Source(Protocol):
+    """Every hook run_source calls; progress() has a default."""
+
     live: bool
 
     def messages(self) -> Iterator[Message]: ...
@@ -90,6 +125,9 @@ class Source(Protocol):
     def stop(self) -> None: ...
 
     def dropped(self, message: Message) -> None: ...
+
+    def progress(self) -> tuple[StreamProgress, ...]:
+        return ()
 
 
 class OutputBuffers:
@@ -154,12 +192,15 @@ def _setup_process(wiring: Wiring) -> None:
     except OSError:
         pass
     import cv2
-    import torch
 
     cv2.setNumThreads(1)
-    if wiring.torch_threads:
-        torch.set_num_threads(wiring.torch_threads)
-    torch.set_flush_denormal(True)
+    # Only in a stage that has loaded torch already (its module imports it, and the process
+    # imported that module to start it): the others never load it, for these flags or otherwise.
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if wiring.torch_threads:
+            torch.set_num_threads(wiring.torch_threads)
+        torch.set_flush_denormal(True)
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
@@ -279,10 +320,10 @@ def _outputs(result: Output | Sequence[Output] | None) -> Sequence[Output]:
 @contextlib.contextmanager
 def _starting_heartbeats(wiring: Wiring) -> Iterator[None]:
     """Heartbeats marked `starting` while the stage is being made. Making one may take long (the
-    inference stage loads its model and, on CUDA, compiles it: ~20 s for R50-FPN on an H200, more
-    with a cold cache on a slower host), and the supervisor kills a stage that is silent for
-    heartbeat_timeout_s. Sent from a thread with its own socket (ZeroMQ sockets are not
-    thread-safe); the thread also stops the process, as the loop would, if the supervisor dies."""
+    inference stage loads its model and, on CUDA, compiles it, longer still with a cold cache on a
+    slower host), and the supervisor kills a stage that is silent for heartbeat_timeout_s. Sent
+    from a thread with its own socket (ZeroMQ sockets are not thread-safe); the thread also stops
+    the process, as the loop would, if the supervisor dies."""
     done = threading.Event()
 
     def beat() -> None:
@@ -306,7 +347,7 @@ def _starting_heartbeats(wiring: Wiring) -> Iterator[None]:
         thread.join()
 
 
-def _start(make: Callable[[_Loop], Any], wiring: Wiring) -> tuple[_Loop, Any]:
+def _start(make: Callable[[_Loop], StageT], wiring: Wiring) -> tuple[_Loop, StageT]:
     """Sockets first (so a fatal error can be reported), then the stage itself, reporting meanwhile."""
     _setup_process(wiring)
     loop = _Loop(wiring)
@@ -322,7 +363,7 @@ def _start(make: Callable[[_Loop], Any], wiring: Wiring) -> tuple[_Loop, Any]:
         loop.close()
         # The process entry point: a non-zero exit code is how the supervisor learns it for sure.
         raise SystemExit(1) from None
-    loop.progress = getattr(stage, "progress", tuple)
+    loop.progress = stage.progress
     return loop, stage
 
 
@@ -358,33 +399,29 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
     """Serve a stage until SIGTERM or the supervisor's death."""
     loop, stage = _start(lambda loop: make(), wiring)
     assert loop.inbox is not None, f"{wiring.stage}: a stage needs an inbox"
-    flush = getattr(stage, "flush", None)
-    live = {stream.encode() for stream in getattr(stage, "live_streams", ())}  # topics
-    overtaken: Callable[[Message], Any] = getattr(stage, "overtaken", stage.process)
+    live = {stream.encode() for stream in stage.live_streams}  # topics
     try:
         loop.report(force=True)
         while True:
-            idle = getattr(stage, "idle_timeout_s", None)
+            idle = stage.idle_timeout_s
             frames = loop.inbox.recv(min(wiring.heartbeat_s, idle) if idle is not None else wiring.heartbeat_s)
             start = time.monotonic()
             if frames is None:
-                if idle is not None and flush is not None:
-                    for message in flush():
+                if idle is not None:
+                    for message in stage.flush():
                         loop.send(message, start)
                 loop.report()
                 continue
             # limit: more than a hop holds (both sides' high-water marks), so all that waits is seen
             for queued, was_overtaken in with_queued(loop.inbox, frames, live, limit=4 * wiring.hwm + 8):
-                for message in _handle(loop, overtaken if was_overtaken else stage.process, queued, start):
+                for message in _handle(loop, stage.overtaken if was_overtaken else stage.process, queued, start):
                     loop.send(message, start)
                 start = time.monotonic()
             loop.report()
     except StageStopped:
         pass
     finally:
-        close = getattr(stage, "close", None)
-        if close is not None:
-            close()
+        stage.close()
         loop.report(force=True)
         loop.close()
 

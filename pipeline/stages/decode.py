@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from maskstream.pipeline.media.pixels import PixelRoute
 from maskstream.pipeline.media.sources import SourceError, SourceSpec, VideoSource
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Header, Message, StageStamp, StreamProgress
-from maskstream.pipeline.runtime.stage import OutputBuffers, Wiring, run_source
+from maskstream.pipeline.runtime.stage import OutputBuffers, Source, Wiring, run_source
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class DecodeConfig:
     resume_from: int = 0
 
 
-class DecodeStage:
+class DecodeStage(Source):
     def __init__(self, config: DecodeConfig, buffers: OutputBuffers | None = None):
         self.config = config
         self.buffers = buffers or OutputBuffers()

@@ -1,17 +1,18 @@
 """infer: `ModelInput` -> `RawDetections`, batching frames across streams up to the runner's batch.
 
-The runner is chosen once, at start (model.runners.make_runner). A partial batch runs once no
-frame arrived for batch_timeout_s. Live frames older than staleness_s are dropped here, so
-a slow model answers for the newest frames instead of working through a backlog.
+The runner is chosen once, at start (model.runners.make_runner), and refused unless it takes and
+gives what the run was planned with (the `InferenceContract`: the shape preprocess pads to, K,
+the class names postprocess uses). A partial batch runs once no frame arrived for
+batch_timeout_s. Live frames older than staleness_s are dropped here, so a slow model answers for
+the newest frames instead of working through a backlog.
 
 overlap (on by default with the CUDA runner): a batch is submitted and left on the device while
 the next one fills; its results go out when that next batch is submitted (or nothing arrived for
 batch_timeout_s), so copying frames in and sending results no longer wait on the device, nor the
-device on them: 210 vs 165 frames/s for R50-FPN 800x1344 at batch 8 on an H200
-(benchmarks/results/bench_r50_cuda_b8*.json). Its frames' stamps start when it was submitted
-(`Timed`). Off, each batch runs to the end before the stage takes the next frame. A live frame
-waits at most one batch longer with it. Where submit() runs the batch to the end (CPU, TensorRT)
-it gains nothing, so it is off there unless asked for.
+device on them (`maskstream bench` measures the gain). Its frames' stamps start when it was
+submitted (`Timed`). Off, each batch runs to the end before the stage takes the next frame. A
+live frame waits at most one batch longer with it. Where submit() runs the batch to the end
+(CPU, TensorRT) it gains nothing, so it is off there unless asked for.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from maskstream.model.runners import Completed, PendingBatch, RunnerSpec, make_runner
+from maskstream.model.contract import InferenceContract
+from maskstream.model.runners import Completed, PendingBatch, RunnerSpec, configure_process, make_runner
 from maskstream.pipeline.runtime.messages import EndOfStream, Message, ModelInput, RawDetections, StreamProgress
-from maskstream.pipeline.runtime.stage import Output, Timed, Wiring, run_stage
+from maskstream.pipeline.runtime.stage import Output, Stage, Timed, Wiring, run_stage
 
 log = logging.getLogger("maskstream.infer")
 
@@ -32,7 +33,7 @@ log = logging.getLogger("maskstream.infer")
 @dataclass(frozen=True)
 class InferConfig:
     runner: RunnerSpec
-    seed: int = 0  # weights no checkpoint covers (untrained heads) are drawn from it: same run, same outputs
+    contract: InferenceContract  # what the runner must take and give (pipeline.run_config.plan decides it)
     batch_timeout_s: float = 0.005
     staleness_s: float = 1.0
     live_streams: tuple[str, ...] = ()
@@ -48,11 +49,11 @@ class _Batch:
     submitted_at: float  # time.monotonic(): where its frames' infer stamps start
 
 
-class InferStage:
+class InferStage(Stage):
     def __init__(self, config: InferConfig):
         self.config = config
-        torch.manual_seed(config.seed)
         self.runner = make_runner(config.runner)
+        config.contract.check(self.runner.contract, "infer: the runner", "the run's inference contract")
         self.overlap = self.runner.asynchronous if config.overlap is None else config.overlap
         batch, _, height, width = self.runner.input_shape
         self.images = self.runner.input_buffer()  # the batch, filled in place (page-locked for a GPU)
@@ -61,7 +62,7 @@ class InferStage:
         # would otherwise land on the first frame, a latency spike a live stream pays in drops.
         self.runner.infer(self.images, np.array([[height, width]] * batch, dtype=np.int64))
         # A torch runner that could not compile or capture its graph still runs, slower: say so.
-        for problem in (getattr(self.runner, "compile_error", None), getattr(self.runner, "graph_error", None)):
+        for problem in (self.runner.compile_error, self.runner.graph_error):
             if problem:
                 log.warning("infer: %s", problem)
         self.pending: list[ModelInput] = []
@@ -153,4 +154,5 @@ class InferStage:
 
 
 def main(config: InferConfig, wiring: Wiring) -> None:
+    configure_process(tf32=config.runner.tf32)  # process-wide torch flags: here, not in a constructor
     run_stage(lambda: InferStage(config), wiring)

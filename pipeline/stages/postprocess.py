@@ -1,22 +1,33 @@
 """postprocess: `RawDetections` -> `Detections`: boxes back to frame pixels, masks pasted into
-their boxes and cut to the frame, box-cropped COCO RLE (full-frame masks never travel)."""
+their boxes and cut to the frame, box-cropped COCO RLE (full-frame masks never travel); labels
+named by the run's `InferenceContract` (model.contract), the one the runner is checked against."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from maskstream.model.postprocess import encode_box_cropped_rle, rescale_boxes
+from maskstream.model.contract import InferenceContract
+from maskstream.model.postprocess import encode_box_cropped_rle
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Message, RawDetections
-from maskstream.pipeline.runtime.stage import Wiring, run_stage
+from maskstream.pipeline.runtime.stage import Stage, Wiring, run_stage
 
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    class_names: tuple[str, ...]  # index = label
+    contract: InferenceContract  # its class_names name the labels (index = label)
     mask_threshold: float = 0.5
 
 
-class PostprocessStage:
+def rescale_boxes(boxes: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+    """float32 [N, 4] xyxy boxes in an image of `from_hw` -> the same boxes in `to_hw`: torchvision's
+    `resize_boxes` (model.postprocess.rescale_boxes) in numpy, the same float32 ratios and products,
+    so that this process needs no torch."""
+    ratio_h = np.float32(to_hw[0]) / np.float32(from_hw[0])
+    ratio_w = np.float32(to_hw[1]) / np.float32(from_hw[1])
+    return boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)  # [N, 4]
+
+
+class PostprocessStage(Stage):
     def __init__(self, config: PostprocessConfig):
         self.config = config
 
@@ -31,7 +42,7 @@ class PostprocessStage:
         for i, (probs, box) in enumerate(zip(message.mask_probs, boxes)):
             rle, crops[i] = encode_box_cropped_rle(probs, box, frame_hw, self.config.mask_threshold)
             counts.append(rle["counts"].encode("ascii"))
-        names = self.config.class_names
+        names = self.config.contract.class_names
         labels = message.labels.astype(np.int32)
         return Detections(
             message.header, frame_hw, boxes, message.scores.astype(np.float32), labels,

@@ -1,7 +1,8 @@
 """preprocess: `Frame` -> `ModelInput`: resize (aspect kept) and pad to the runner's fixed input.
 
-uint8 all the way; the pad colour is model.static.pad_value, which the graph normalises to
-about zero, like the eager path's zero padding after normalisation. A yuv420p frame's planes
+The input size and the pad colour come from the run's `InferenceContract` (model.contract), the
+one the runner is checked against. uint8 all the way; the pad colour is the mean colour, which
+the graph normalises to about zero, like the eager path's zero padding after normalisation. A yuv420p frame's planes
 are shrunk first and only the small picture is converted to RGB (pipeline.media.pixels).
 """
 from __future__ import annotations
@@ -10,15 +11,15 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from maskstream.model.contract import InferenceContract
 from maskstream.pipeline.media.pixels import PLANAR, RGB24, yuv420p_frame_hw, yuv420p_to_rgb_resized
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Message, ModelInput
-from maskstream.pipeline.runtime.stage import Wiring, run_stage
+from maskstream.pipeline.runtime.stage import Stage, Wiring, run_stage
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    input_hw: tuple[int, int]  # the runner's (H, W)
-    pad_rgb: tuple[int, int, int]  # model.static.pad_value(model)
+    contract: InferenceContract  # pads to its (H, W) with its pad_rgb
 
 
 def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[int, int, int],
@@ -51,7 +52,7 @@ def frame_hw(image: np.ndarray, pixel_format: str) -> tuple[int, int]:
     return int(image.shape[0]), int(image.shape[1])
 
 
-class PreprocessStage:
+class PreprocessStage(Stage):
     def __init__(self, config: PreprocessConfig):
         self.config = config
 
@@ -60,7 +61,8 @@ class PreprocessStage:
             return message
         if not isinstance(message, Frame):
             raise TypeError(f"expected Frame or EndOfStream, got {type(message).__name__}")
-        image, valid = fit_to_input(message.image, self.config.input_hw, self.config.pad_rgb, message.pixel_format)
+        contract = self.config.contract
+        image, valid = fit_to_input(message.image, contract.input_hw, contract.pad_rgb, message.pixel_format)
         return ModelInput(message.header, image, valid, frame_hw(message.image, message.pixel_format))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from maskstream.pipeline.media.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, Message, StreamProgress
 from maskstream.pipeline.runtime.reorder import Reorderer
-from maskstream.pipeline.runtime.stage import Wiring, run_stage
+from maskstream.pipeline.runtime.stage import Stage, Wiring, run_stage
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class PublishConfig:
     overtake_limit: int = 256  # see pipeline.runtime.reorder
 
 
-class PublishStage:
+class PublishStage(Stage):
     def __init__(self, config: PublishConfig):
         live = {s.stream_id: s.live for s in config.streams}
         self.order = Reorderer(live, config.gap_timeout_s, config.overtake_limit)
