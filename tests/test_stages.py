@@ -86,6 +86,19 @@ def test_postprocess_rescales_boxes_and_crops_masks():
     assert x0 <= 20 and x1 >= 100 and y0 <= 20 and y1 >= 60
 
 
+def test_postprocess_rescales_boxes_bit_for_bit_as_torchvision_does():
+    """The stage's numpy rescale (its process needs no torch) against model.postprocess's torch one,
+    torchvision's resize_boxes operation for operation: the same float32 ratios and products."""
+    from maskstream.model.postprocess import rescale_boxes as torch_rescale
+    from maskstream.pipeline.stages.postprocess import rescale_boxes
+
+    rng = np.random.default_rng(0)
+    for from_hw, to_hw in (((120, 160), (240, 320)), ((800, 1344), (1080, 1920)), ((512, 864), (333, 601))):
+        boxes = (rng.random((50, 4)) * np.array([*from_hw[::-1], *from_hw[::-1]])).astype(np.float32)
+        got = rescale_boxes(boxes, from_hw, to_hw)
+        assert got.dtype == np.float32 and np.array_equal(got, torch_rescale(boxes, from_hw, to_hw))
+
+
 def _f(seq):
     return EndOfStream(Header("s", seq)) if seq == 4 else Frame(Header("s", seq), np.zeros((1, 1, 3), np.uint8))
 
