@@ -6,7 +6,6 @@ plus P6 ("pool", a stride-2 max-pool of P5) used only by the RPN.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -253,9 +252,3 @@ class BackboneWithFPN(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.fpn(self.body(x))
-
-
-def feature_dict(features: list[Tensor]) -> OrderedDict[str, Tensor]:
-    """torchvision's names for the pyramid levels: '0'..'3' and 'pool'."""
-    names = [str(i) for i in range(len(features) - 1)] + ["pool"]
-    return OrderedDict(zip(names, features))

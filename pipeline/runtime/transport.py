@@ -85,9 +85,6 @@ class Received:
         self.message = message
         self._refs = refs
 
-    def intact(self) -> bool:
-        return all(ring.intact(ref) for ring, ref in self._refs)
-
     def release(self) -> None:
         for ring, ref in self._refs:
             ring.release(ref)
