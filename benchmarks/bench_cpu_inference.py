@@ -25,7 +25,7 @@ import maskstream.model as model
 import torch
 from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
 from maskstream.model.fuse import fold_batch_norms
-from maskstream.model.ops.roi_align import multiscale_roi_align_per_level_loop
+from maskstream.model.ops.roi_align import RoIAlignAttrs, multiscale_roi_align_per_level_loop
 from maskstream.model.roi_heads import SAMPLING_RATIO
 from maskstream.model.synthetic import make_scene
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 
 def per_level_loop_pool(features, boxes, output_size):
     """torchvision's MultiScaleRoIAlign: assign levels, loop over levels in Python, scatter back."""
-    pooled = multiscale_roi_align_per_level_loop(features[:4], boxes, output_size, SAMPLING_RATIO)
+    pooled = multiscale_roi_align_per_level_loop(features[:4], boxes, RoIAlignAttrs(output_size, SAMPLING_RATIO))
     return pooled.flatten(0, 1)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from device_option import add_device_option  # benchmarks/, beside this script
 from maskstream.model.ops import multiscale_roi_align
-from maskstream.model.ops.roi_align import assign_levels, multiscale_roi_align_per_level_loop
+from maskstream.model.ops.roi_align import RoIAlignAttrs, assign_levels, multiscale_roi_align_per_level_loop
 from maskstream.pipeline.bench.measure import machine
 
 ROOT = Path(__file__).resolve().parent
@@ -154,6 +154,7 @@ def main() -> int:
 
     rows = []
     s = args.output_size
+    attrs = RoIAlignAttrs(s, SAMPLING_RATIO)
     for batch in args.batches:
         for dtype_name in args.dtypes:
             gen = torch.Generator().manual_seed(0)
@@ -162,9 +163,8 @@ def main() -> int:
             boxes = proposal_boxes(batch, args.boxes, args.height, args.width, gen).to(args.device, dtype)
             levels = torch.bincount(assign_levels(boxes).flatten().clamp(min=0).cpu(), minlength=4).tolist()
             impls: dict[str, Callable[[], torch.Tensor]] = {
-                "op": lambda f=features, b=boxes: multiscale_roi_align(f, b, s, SAMPLING_RATIO),
-                "per_level_loop": lambda f=features, b=boxes: multiscale_roi_align_per_level_loop(
-                    f, b, s, SAMPLING_RATIO),
+                "op": lambda f=features, b=boxes: multiscale_roi_align(f, b, attrs),
+                "per_level_loop": lambda f=features, b=boxes: multiscale_roi_align_per_level_loop(f, b, attrs),
             }
             tv = None if args.no_torchvision else torchvision_pool(features, boxes, s, (args.height, args.width))
             if tv is not None:

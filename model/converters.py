@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 from maskstream.model.coco import COCO_CATEGORY_NAMES
-from maskstream.model.datasets import DatasetError
+from maskstream.model.dataset_error import DatasetError
 from pycocotools import mask as _pycoco_mask
 
 # pycocotools' stubs type RLEs as TypedDicts; ours come from JSON as plain dicts.

@@ -25,6 +25,8 @@ from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
+from maskstream.model import converters
+from maskstream.model.dataset_error import DatasetError
 from maskstream.model.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from maskstream.model.synthetic import make_scene, to_coco
 from pycocotools import mask as _pycoco_mask
@@ -32,9 +34,19 @@ from pycocotools import mask as _pycoco_mask
 # pycocotools' stubs type RLEs as TypedDicts; ours come from JSON as plain dicts.
 mask_utils: Any = _pycoco_mask
 
-
-class DatasetError(ValueError):
-    """A dataset (or one of its images) that cannot be used, with the file and entry named."""
+__all__ = [
+    "CocoDataset",
+    "Dataset",
+    "DatasetError",
+    "DatasetFormat",
+    "DatasetSpec",
+    "Sample",
+    "SyntheticDataset",
+    "SyntheticSpec",
+    "open_dataset",
+    "read_image",
+    "segmentation_rle",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,8 +113,6 @@ def open_dataset(spec: DatasetSpec) -> Dataset:
         return SyntheticDataset(s.count, s.seed, s.height, s.width, s.max_objects)
     if spec.path is None:
         raise DatasetError(f"dataset format {spec.format!r}: `path` is required")
-    from maskstream.model import converters  # converters import this module's helpers
-
     if spec.format == "coco":
         return CocoDataset.from_json(spec.path, spec.images, categories=spec.categories, drop_empty=spec.drop_empty)
     if spec.format == "yolo_seg":

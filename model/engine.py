@@ -17,7 +17,7 @@ only good to 0.5 px); the mask head + predictor run in float16 from the RoIAlign
 logits of each box's own class cast back to float32 before the sigmoid.
 
 TensorRT is imported lazily: without it this module still imports and `build_engine` raises
-`TensorRTUnavailable` saying what to install.
+`TensorRTUnavailable` (plugins/tensorrt_env.py, which detects TensorRT) saying what to install.
 """
 from __future__ import annotations
 
@@ -35,24 +35,16 @@ from maskstream.model.checkpoint import file_sha256
 from maskstream.model.coco import class_names
 from maskstream.model.config import ModelConfig
 from maskstream.model.static import PRECISIONS, Precision, with_precision
-from maskstream.plugins.roi_align.registration import (
-    INSTALL_HINT,
-    PLUGIN_ID,
-    TensorRTUnavailable,
-    plugin_version,
-    register_plugin,
-    tensorrt_version,
-)
+from maskstream.plugins.roi_align.registration import PLUGIN_ID, plugin_version, register_plugin
+from maskstream.plugins.tensorrt_env import INSTALL_HINT, TensorRTUnavailable, tensorrt_version
 
 __all__ = [
     "EngineManifest",
     "EngineMismatch",
     "ManifestError",
     "Precision",
-    "TensorRTUnavailable",
     "build_engine",
     "manifest_path",
-    "torch_tensorrt_version",
 ]
 
 NMS_OP = "maskstream::batched_nms_padded"
@@ -180,18 +172,6 @@ def _plain(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- availability
-
-
-def torch_tensorrt_version() -> str | None:
-    """torch-tensorrt's version if it imports (it needs a real TensorRT), else None."""
-    if tensorrt_version() is None:
-        return None
-    try:
-        import torch_tensorrt
-    except Exception:  # it fails in many ways when its pins do not match torch/TensorRT
-        return None
-    version = getattr(torch_tensorrt, "__version__", None)
-    return version if isinstance(version, str) else None
 
 
 def _require_toolchain() -> tuple[str, str]:

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from maskstream.model.config import ModelConfig
 from maskstream.model.contract import InferenceContract, Precision
-from maskstream.model.engine import EngineManifest, EngineMismatch, TensorRTUnavailable, manifest_path
+from maskstream.model.engine import EngineManifest, EngineMismatch, manifest_path
 from maskstream.model.fuse import fold_batch_norms
 from maskstream.model.mask_rcnn import MaskRCNN, build
 from maskstream.model.static import OUTPUT_NAMES, HalfBackbone, StaticMaskRCNN, with_precision
-from maskstream.plugins.roi_align.registration import INSTALL_HINT, plugin_version, tensorrt_version
+from maskstream.plugins.roi_align.registration import plugin_version
+from maskstream.plugins.tensorrt_env import INSTALL_HINT, TensorRTUnavailable, tensorrt_version
 
 __all__ = [
     "OUTPUT_DTYPES",

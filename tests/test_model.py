@@ -144,7 +144,7 @@ def test_training_losses_are_finite_and_backpropagate(lite):
 
 def test_mask_targets_are_torchvision_roi_align_of_the_matched_mask():
     """project_masks_on_boxes = RoIAlign(scale 1, adaptive sampling) of each box's own gt mask."""
-    from maskstream.model.ops import roi_align_reference
+    from maskstream.model.ops import RoIAlignAttrs, roi_align_reference
     from maskstream.model.roi_heads import project_masks_on_boxes
 
     g = torch.Generator().manual_seed(3)
@@ -155,7 +155,8 @@ def test_mask_targets_are_torchvision_roi_align_of_the_matched_mask():
     # The reference is multi-level; with first_level=0 and canonical_level=0 every box here
     # maps to level 0, whose scale is 1.
     levels = [masks.double()[None]] * 4
-    ref = roi_align_reference(levels, boxes.double()[None], 28, sampling_ratio=-1, canonical_level=0, first_level=0)
+    attrs = RoIAlignAttrs(28, sampling_ratio=-1, canonical_level=0, first_level=0)
+    ref = roi_align_reference(levels, boxes.double()[None], attrs)
     ref = ref[0, torch.arange(3), matched]  # [R, 28, 28]
     torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from maskstream.model.ops import batched_nms, batched_nms_padded, batched_nms_reference
-from maskstream.model.ops.nms import _largest_not_above
+from maskstream.model.ops.iou_threshold import largest_not_above
 
 nms_module = importlib.import_module("model.ops.nms")
 
@@ -113,7 +113,7 @@ def test_ties_keep_lower_index_first():
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.1 + 0.2, 1 / 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_threshold_in_dtype_keeps_the_double_comparison(threshold, dtype):
-    t = _largest_not_above(threshold, dtype)
+    t = largest_not_above(threshold, dtype)
     above = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
     assert t.dtype == dtype and t.item() <= threshold < above.item()
 

@@ -1,6 +1,7 @@
 """multiscale_roi_align: the op against the float64 loop reference, with the spec's tolerances."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from maskstream.model.ops import (
+    RoIAlignAttrs,
     assign_levels,
     multiscale_roi_align,
     multiscale_roi_align_per_level_loop,
@@ -73,9 +75,10 @@ def test_float32_matches_reference(seed):
     aligned = bool((seed // 8) % 2)
     features, boxes = pyramid(gen, b, c, h, w), random_boxes(gen, b, r, h, w)
 
-    out = multiscale_roi_align(features, boxes, size, sampling_ratio, aligned)
+    attrs = RoIAlignAttrs(size, sampling_ratio, aligned)
+    out = multiscale_roi_align(features, boxes, attrs)
     assert out.shape == (b, r, c, size, size) and out.dtype == torch.float32
-    assert_matches(out, roi_align_reference(features, boxes, size, sampling_ratio, aligned), "float32")
+    assert_matches(out, roi_align_reference(features, boxes, attrs), "float32")
 
 
 def test_random_cases_cover_every_level_and_the_no_level_case():
@@ -91,8 +94,9 @@ def test_random_cases_cover_every_level_and_the_no_level_case():
 def test_other_sampling_ratios_match_reference(sampling_ratio, aligned):
     gen = torch.Generator().manual_seed(100 + sampling_ratio)
     features, boxes = pyramid(gen, 2, 3, 96, 128), random_boxes(gen, 2, 6, 96, 128)
-    out = multiscale_roi_align(features, boxes, 4, sampling_ratio, aligned)
-    assert_matches(out, roi_align_reference(features, boxes, 4, sampling_ratio, aligned), "float32")
+    attrs = RoIAlignAttrs(4, sampling_ratio, aligned)
+    out = multiscale_roi_align(features, boxes, attrs)
+    assert_matches(out, roi_align_reference(features, boxes, attrs), "float32")
 
 
 @pytest.mark.parametrize("dtype_name", ["float64", "float16"])
@@ -102,10 +106,11 @@ def test_other_dtypes_match_reference(dtype_name):
         gen = torch.Generator().manual_seed(200 + seed)
         features = pyramid(gen, 2, 4, 128, 96, dtype)
         boxes = random_boxes(gen, 2, 8, 128, 96).to(dtype)
-        out = multiscale_roi_align(features, boxes, 7, aligned=bool(seed % 2))
+        attrs = RoIAlignAttrs(7, aligned=bool(seed % 2))
+        out = multiscale_roi_align(features, boxes, attrs)
         assert out.dtype == dtype
         # The reference reads the same (float16-rounded) inputs, converted exactly to float64.
-        assert_matches(out, roi_align_reference(features, boxes, 7, aligned=bool(seed % 2)), dtype_name)
+        assert_matches(out, roi_align_reference(features, boxes, attrs), dtype_name)
 
 
 def test_level_mapping_boundaries():
@@ -116,7 +121,7 @@ def test_level_mapping_boundaries():
                           box(5000.0), [0, 0, -10, 10], [0, float("nan"), 10, 10]])
     assert assign_levels(boxes).tolist() == [0, 0, 0, 1, 2, 2, 3, 3, -1, -1]
     # first_level shifts the clamp range, not the mapping.
-    assert assign_levels(boxes, first_level=3).tolist() == [0, 0, 0, 0, 1, 1, 2, 3, -1, -1]
+    assert assign_levels(boxes, RoIAlignAttrs(7, first_level=3)).tolist() == [0, 0, 0, 0, 1, 1, 2, 3, -1, -1]
     # The 1e-6 after log2 lifts sizes a hair under a boundary (visible in float64) to the level above.
     near = torch.tensor([box(112 * (1 - 1e-9)), box(112 * (1 - 1e-5))], dtype=torch.float64)
     assert assign_levels(near).tolist() == [1, 0]
@@ -129,15 +134,16 @@ def test_samples_exactly_on_the_valid_border_count():
     features = pyramid(gen, 1, 2, 64, 64)
     h2 = features[0].shape[2]
     boxes = torch.tensor([[[-2.0, 4, -2, 20], [4, 4 * h2 + 2, 20, 4 * h2 + 2], [-2, -2, -2, -2]]])
-    out = multiscale_roi_align(features, boxes, 3, 2, True)
+    attrs = RoIAlignAttrs(3, 2, True)
+    out = multiscale_roi_align(features, boxes, attrs)
     assert torch.count_nonzero(out) == out.numel()
-    assert_matches(out, roi_align_reference(features, boxes, 3, 2, True), "float32")
+    assert_matches(out, roi_align_reference(features, boxes, attrs), "float32")
 
 
 def test_empty_boxes():
     gen = torch.Generator().manual_seed(0)
     features = pyramid(gen, 2, 3, 64, 64)
-    out = multiscale_roi_align(features, torch.zeros(2, 0, 4), 7)
+    out = multiscale_roi_align(features, torch.zeros(2, 0, 4), RoIAlignAttrs(7))
     assert out.shape == (2, 0, 3, 7, 7)
 
 
@@ -145,7 +151,7 @@ def test_boxes_pooling_nothing_give_zeros():
     gen = torch.Generator().manual_seed(0)
     features = pyramid(gen, 1, 3, 64, 64)
     boxes = torch.tensor([[[100, 100, 140, 150], [-90, -80, -60, -50], [40, 10, 20, 50], [0, 0, float("nan"), 5]]])
-    out = multiscale_roi_align(features, boxes.float(), 5)
+    out = multiscale_roi_align(features, boxes.float(), RoIAlignAttrs(5))
     assert torch.count_nonzero(out) == 0
 
 
@@ -171,8 +177,8 @@ def test_per_level_loop_equals_op():
     features, boxes = pyramid(gen, 2, 5, 160, 128), random_boxes(gen, 2, 40, 160, 128)
     for size, aligned in ((7, False), (14, True)):
         torch.testing.assert_close(
-            multiscale_roi_align_per_level_loop(features, boxes, size, 2, aligned),
-            multiscale_roi_align(features, boxes, size, 2, aligned),
+            multiscale_roi_align_per_level_loop(features, boxes, RoIAlignAttrs(size, 2, aligned)),
+            multiscale_roi_align(features, boxes, RoIAlignAttrs(size, 2, aligned)),
             **{k: TOL["float32"][k] for k in ("atol", "rtol")},
         )
 
@@ -186,7 +192,7 @@ def test_gradcheck(sampling_ratio, aligned):
     boxes = random_boxes(gen, 2, 5, 32, 32).double()
 
     def pool(*levels):
-        return multiscale_roi_align(levels, boxes, 3, sampling_ratio, aligned)
+        return multiscale_roi_align(levels, boxes, RoIAlignAttrs(3, sampling_ratio, aligned))
 
     # The full Jacobian for the model's setting, random projections (fast_mode) for the others.
     fast = (sampling_ratio, aligned) != (2, False)
@@ -201,7 +207,7 @@ def test_float16_backward_follows_float32():
     grads = {}
     for dtype in (torch.float32, torch.float16):
         levels = [f.detach().to(dtype).requires_grad_() for f in features]
-        out = multiscale_roi_align(levels, boxes.to(dtype), 7)
+        out = multiscale_roi_align(levels, boxes.to(dtype), RoIAlignAttrs(7))
         out.backward(torch.ones_like(out))
         grads[dtype] = [f.grad for f in levels]
     for g16, g32 in zip(grads[torch.float16], grads[torch.float32]):
@@ -248,7 +254,7 @@ def test_bad_inputs_raise_clear_errors(mutate, error, message):
     gen = torch.Generator().manual_seed(9)
     features, boxes = mutate(pyramid(gen, 2, 3, 64, 64), random_boxes(gen, 2, 4, 64, 64))
     with pytest.raises(error, match=message):
-        multiscale_roi_align(features, boxes, 7)
+        multiscale_roi_align(features, boxes, RoIAlignAttrs(7))
     if len(features) == 4:  # the op itself checks too, for callers that skip the wrapper
         with pytest.raises(error, match=message):
             torch.ops.maskstream.multiscale_roi_align(*features, boxes, 7)
@@ -257,7 +263,26 @@ def test_bad_inputs_raise_clear_errors(mutate, error, message):
 def test_output_size_must_be_positive():
     gen = torch.Generator().manual_seed(10)
     with pytest.raises(ValueError, match="output_size must be >= 1, got 0"):
-        multiscale_roi_align(pyramid(gen, 1, 1, 64, 64), torch.zeros(1, 1, 4), 0)
+        multiscale_roi_align(pyramid(gen, 1, 1, 64, 64), torch.zeros(1, 1, 4), RoIAlignAttrs(0))
+    with pytest.raises(ValueError, match="output_size must be >= 1, got 0"):  # the op, called flat
+        torch.ops.maskstream.multiscale_roi_align(*pyramid(gen, 1, 1, 64, 64), torch.zeros(1, 1, 4), 0)
+
+
+def test_attributes_are_the_schema_and_the_spec():
+    """RoIAlignAttrs is the one list of attributes: the op's schema is made from it, and spec.json
+    (the plugin's contract, and TensorRT's plugin fields) names the same ones with the same defaults."""
+    schema = torch.ops.maskstream.multiscale_roi_align.default._schema.arguments
+    fields = dataclasses.fields(RoIAlignAttrs)
+    assert [a.name for a in schema] == ["p2", "p3", "p4", "p5", "boxes", *(f.name for f in fields)]
+    assert [a["name"] for a in SPEC["attributes"]] == [f.name for f in fields]
+    for f, spec, arg in zip(fields, SPEC["attributes"], schema[5:]):
+        if f.default is dataclasses.MISSING:
+            assert spec.get("required") and not arg.has_default_value()
+        else:
+            assert spec["default"] == f.default == arg.default_value and type(spec["default"]) is type(f.default)
+    attrs = RoIAlignAttrs(14, 0, True, 3, 112, 1)
+    assert RoIAlignAttrs.from_op_args(attrs.op_args()) == attrs
+    assert RoIAlignAttrs.from_op_args((7,)) == RoIAlignAttrs(7)  # left-out trailing arguments: defaults
 
 
 @pytest.mark.gpu
@@ -265,5 +290,5 @@ def test_output_size_must_be_positive():
 def test_cuda_tensors_match_cpu():
     gen = torch.Generator().manual_seed(11)
     features, boxes = pyramid(gen, 2, 8, 128, 128), random_boxes(gen, 2, 30, 128, 128)
-    out = multiscale_roi_align([f.cuda() for f in features], boxes.cuda(), 7)
-    assert_matches(out.cpu(), multiscale_roi_align(features, boxes, 7).double(), "float32")
+    out = multiscale_roi_align([f.cuda() for f in features], boxes.cuda(), RoIAlignAttrs(7))
+    assert_matches(out.cpu(), multiscale_roi_align(features, boxes, RoIAlignAttrs(7)).double(), "float32")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from maskstream.model.ops import assign_levels, multiscale_roi_align, roi_align_reference
+from maskstream.model.ops import RoIAlignAttrs, assign_levels, multiscale_roi_align, roi_align_reference
 
 from tests.test_roi_align import pyramid, random_boxes, special_boxes
 
@@ -92,9 +92,13 @@ def _dtype_name(case: dict) -> str:
     return str(case["features"][0].dtype).removeprefix("torch.")
 
 
+def reference(case: dict) -> torch.Tensor:
+    return roi_align_reference(case["features"], case["boxes"], RoIAlignAttrs(**case["attrs"]))
+
+
 def _run(case: dict, device: str = "cpu") -> torch.Tensor:
     features = [f.to(device) for f in case["features"]]
-    return triton_multiscale_roi_align(*features, case["boxes"].to(device), **case["attrs"])
+    return triton_multiscale_roi_align(features, case["boxes"].to(device), RoIAlignAttrs(**case["attrs"]))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,7 @@ def test_interpreter_matches_reference(interpreted, name):
     b, r = case["boxes"].shape[:2]
     c, s = case["features"][0].shape[1], case["attrs"]["output_size"]
     assert out.shape == (b, r, c, s, s) and out.dtype == case["features"][0].dtype
-    assert_matches(out, roi_align_reference(case["features"], case["boxes"], **case["attrs"]), _dtype_name(case))
+    assert_matches(out, reference(case), _dtype_name(case))
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
@@ -132,7 +136,7 @@ def test_interpreter_levels_match_assign_levels(interpreted, dtype_name):
 def test_launcher_rejects_float64():
     features = [torch.zeros(1, 1, 8 >> k, 8 >> k, dtype=torch.float64) for k in range(4)]
     with pytest.raises(TypeError, match="float16 or float32"):
-        triton_multiscale_roi_align(*features, torch.zeros(1, 1, 4, dtype=torch.float64), 7)
+        triton_multiscale_roi_align(features, torch.zeros(1, 1, 4, dtype=torch.float64), RoIAlignAttrs(7))
 
 
 # ----------------------------------------------------------------------------- ABI and AOT
@@ -158,7 +162,7 @@ PTR, I32 = ".u64 .ptr .global .align 1", ".u32"
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("dtype_name", DTYPES)
 def test_aot_ptx_has_the_tensorrt_abi(dtype_name, arch):
-    kernel = compile_ptx(dtype_name, 7, arch=arch)
+    kernel = compile_ptx(dtype_name, RoIAlignAttrs(7), arch=arch)
     name, params = parse_ptx_entry(kernel.ptx)
     assert name == kernel.name == "roi_align_kernel"
     assert params == [PTR] * len(INPUTS) + [I32] * len(EXTRA_ARGS) + [PTR] * len(OUTPUTS)
@@ -175,13 +179,14 @@ def test_aot_ptx_has_the_tensorrt_abi(dtype_name, arch):
 
 @aot
 def test_aot_other_attributes_and_ptx_cap():
-    kernel = compile_ptx("float16", 14, sampling_ratio=0, aligned=True, ptx_version=ptx_version_for_driver(12080))
+    kernel = compile_ptx("float16", RoIAlignAttrs(14, sampling_ratio=0, aligned=True),
+                         ptx_version=ptx_version_for_driver(12080))
     assert kernel.ptx_version == "8.7" and kernel.param_count == 16
     assert ptx_version_for_driver(13000) == 90
     # A driver newer than Triton's ptxas (CUDA 13.0 beside Triton 3.6's 12.8): the toolchain's ISA caps it.
     newest = ptx_version_for_toolchain(90)
-    capped = compile_ptx("float32", 7, ptx_version=ptx_version_for_driver(99000))
-    assert capped.ptx_version == f"{newest // 10}.{newest % 10}" == compile_ptx("float32", 7).ptx_version
+    capped = compile_ptx("float32", RoIAlignAttrs(7), ptx_version=ptx_version_for_driver(99000))
+    assert capped.ptx_version == f"{newest // 10}.{newest % 10}" == compile_ptx("float32", RoIAlignAttrs(7)).ptx_version
 
 
 def test_strip_refuses_a_used_hidden_param():
@@ -208,10 +213,10 @@ def test_cuda_launcher_matches_reference(name):
     make, args = CASES[name]
     case = make(*args)
     out = _run(case, "cuda")
-    assert_matches(out, roi_align_reference(case["features"], case["boxes"], **case["attrs"]), _dtype_name(case))
+    assert_matches(out, reference(case), _dtype_name(case))
     # The op on CUDA dispatches to this kernel.
     features = [f.cuda() for f in case["features"]]
-    via_op = multiscale_roi_align(features, case["boxes"].cuda(), **case["attrs"])
+    via_op = multiscale_roi_align(features, case["boxes"].cuda(), RoIAlignAttrs(**case["attrs"]))
     torch.testing.assert_close(via_op, out, atol=0, rtol=0)
 
 
@@ -243,15 +248,14 @@ def test_aot_ptx_launched_like_tensorrt(dtype_name):
     case = random_case(3, dtype_name)
     features = [f.cuda().contiguous() for f in case["features"]]
     boxes = case["boxes"].cuda().contiguous()
-    attrs = case["attrs"]
+    attrs = RoIAlignAttrs(**case["attrs"])
     b, r = boxes.shape[:2]
-    c, s = features[0].shape[1], attrs["output_size"]
+    c, s = features[0].shape[1], attrs.output_size
     out = torch.full((b, r, c, s, s), float("nan"), device="cuda", dtype=features[0].dtype)
 
     major, minor = torch.cuda.get_device_capability()
     ptx_cap = ptx_version_for_driver(_check(driver.cuDriverGetVersion()))
-    kernel = compile_ptx(dtype_name, s, attrs["sampling_ratio"], attrs["aligned"], arch=10 * major + minor,
-                         ptx_version=ptx_cap)
+    kernel = compile_ptx(dtype_name, attrs, arch=10 * major + minor, ptx_version=ptx_cap)
     torch.cuda.synchronize()  # the primary context is current from here on
     image = kernel.ptx.encode() + b"\0"
     module = _check(driver.cuModuleLoadData(image))
@@ -269,5 +273,5 @@ def test_aot_ptx_launched_like_tensorrt(dtype_name):
     torch.cuda.synchronize()
     _check(driver.cuModuleUnload(module))
 
-    assert_matches(out, roi_align_reference(case["features"], case["boxes"], **attrs), dtype_name)
+    assert_matches(out, reference(case), dtype_name)
     torch.testing.assert_close(out, _run(case, "cuda"), atol=0, rtol=0)

@@ -14,7 +14,6 @@ from maskstream.model.engine import (
     EngineManifest,
     EngineMismatch,
     ManifestError,
-    TensorRTUnavailable,
     build_engine,
     manifest_path,
     nms_score_threshold,
@@ -38,7 +37,8 @@ from maskstream.model.static import OUTPUT_NAMES, HalfBackbone, HalfMaskHead, St
 from maskstream.model.synthetic import scene_batch
 from maskstream.pipeline.cli.main import main
 from maskstream.pipeline.config import load_config
-from maskstream.plugins.roi_align.registration import SPEC_PATH, plugin_version, tensorrt_version
+from maskstream.plugins.roi_align.registration import SPEC_PATH, plugin_version
+from maskstream.plugins.tensorrt_env import TensorRTUnavailable, tensorrt_version
 
 SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
 NO_TENSORRT = tensorrt_version() is None

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from maskstream.model.engine import build_engine, manifest_path, torch_tensorrt_version
+from maskstream.model.engine import build_engine, manifest_path
 from maskstream.model.mask_rcnn import build
 from maskstream.model.runners import TensorRTRunner, TorchRunner
 from maskstream.model.static import OUTPUT_NAMES
-from maskstream.plugins.roi_align.registration import PLUGIN_ID, plugin_version, register_plugin, tensorrt_version
+from maskstream.plugins.roi_align.registration import PLUGIN_ID, plugin_version, register_plugin
+from maskstream.plugins.tensorrt_env import tensorrt_version, torch_tensorrt_version
 
 from tests.test_runners import SHAPE, tiny_config
 

@@ -1,6 +1,7 @@
 """Custom ops of the model, registered under `torch.ops.maskstream` when this package is imported."""
 from maskstream.model.ops.nms import batched_nms, batched_nms_padded, batched_nms_reference
 from maskstream.model.ops.roi_align import (
+    RoIAlignAttrs,
     assign_levels,
     multiscale_roi_align,
     multiscale_roi_align_per_level_loop,
@@ -10,6 +11,7 @@ from maskstream.model.ops.roi_align import (
 )
 
 __all__ = [
+    "RoIAlignAttrs",
     "assign_levels",
     "batched_nms",
     "batched_nms_padded",

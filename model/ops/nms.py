@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from maskstream.model.ops.iou_threshold import largest_not_above
 from torch import Tensor
 
 # Rows per chunk. Short chunks waste little work past the max_output-th kept box (the RPN and
@@ -64,20 +65,6 @@ def _check_padded_inputs(boxes: Tensor, scores: Tensor, classes: Tensor, max_out
     _check_inputs(boxes, scores, classes, batched=True)
     if max_output < 0:
         raise ValueError(f"max_output must be >= 0, got {max_output}")
-
-
-def _largest_not_above(threshold: float, dtype: torch.dtype) -> Tensor:
-    """The largest `dtype` value t with t <= threshold, as a 0-d tensor.
-
-    torchvision's kernel compares a float IoU with a double threshold. For an IoU value v of
-    `dtype`, `v > threshold` holds exactly when `v > t`, so the comparison can stay in `dtype`
-    without converting whole IoU blocks to float64.
-    """
-    exact = torch.tensor(threshold, dtype=torch.float64)
-    t = exact.to(dtype)
-    if t.to(torch.float64) > exact:
-        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
-    return t
 
 
 def _area(boxes: Tensor) -> Tensor:
@@ -149,7 +136,7 @@ def _nms_one_image(
         order = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices]
     boxes, classes = boxes[order], classes[order]
     areas = _area(boxes)
-    threshold = _largest_not_above(iou_threshold, boxes.dtype).to(boxes.device)
+    threshold = largest_not_above(iou_threshold, boxes.dtype).to(boxes.device)
     if max_output is not None:
         # One walk in global score order, so it can stop once max_output boxes are kept.
         return order[_walk(boxes, areas, classes, threshold, max_output)]

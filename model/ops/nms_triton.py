@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from maskstream.model.ops.nms import _largest_not_above
+from maskstream.model.ops.iou_threshold import largest_not_above
 from torch import Tensor
 
 # Rows per chunk and kept boxes per IoU block: a [KEPT_BLOCK, CHUNK] block is 16k lanes (16 per
@@ -166,7 +166,7 @@ def triton_batched_nms_padded(
     kept = torch.empty((b, max_output, 5), dtype=torch.float32, device=device)
     kept_classes = torch.empty((b, max_output), dtype=torch.int64, device=device)
     # Exactly representable in float32, so passing it as a float32 scalar loses nothing.
-    threshold = float(_largest_not_above(iou_threshold, torch.float32))
+    threshold = float(largest_not_above(iou_threshold, torch.float32))
     nms_walk_kernel[(b,)](
         sorted_boxes, areas.contiguous(), sorted_classes, order, count, n, max_output, threshold,
         keep, num, kept, kept_classes,

@@ -1,7 +1,8 @@
 """RoIAlign over the four FPN levels P2..P5 as one custom op: `torch.ops.maskstream.multiscale_roi_align`.
 
 Semantics are torchvision's `MultiScaleRoIAlign` followed by its CPU `roi_align` kernel; the
-contract, edge cases and tolerances are in plugins/roi_align/README.md and spec.json.
+contract, edge cases and tolerances are in plugins/roi_align/README.md and spec.json; its attributes
+and input checks, shared with the Triton kernel and the TensorRT plugin, in plugins/roi_align/contract.py.
 
 Three implementations of the same numbers live here:
 - `roi_align_reference`: float64 Python loops, a line-by-line transcription of the kernel.
@@ -21,55 +22,22 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from maskstream.plugins.roi_align.contract import LEVEL_EPS, NUM_LEVELS, OP_NAME, RoIAlignAttrs, check_inputs
 from torch import Tensor
 
-NUM_LEVELS = 4
-SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
-# torchvision's LevelMapper epsilon, added after log2 so exact powers of two land on their level.
-LEVEL_EPS = 1e-6
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_inputs(
-    features: Sequence[Tensor], boxes: Tensor, output_size: int, num_levels: int = NUM_LEVELS
-) -> None:
-    """Raise a clear error for anything the kernels would silently misread."""
-    if len(features) != num_levels:
-        raise ValueError(f"expected {num_levels} feature levels (P2..P5), got {len(features)}")
-    first = features[0]
-    for i, f in enumerate(features):
-        if not isinstance(f, Tensor) or f.dim() != 4:
-            what = f"a {f.dim()}-d tensor" if isinstance(f, Tensor) else type(f).__name__
-            raise ValueError(f"features[{i}] must be a [B, C, H, W] tensor, got {what}")
-        if f.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"features[{i}] must be float16, float32 or float64, got {f.dtype}")
-        if f.dtype != first.dtype:
-            raise TypeError(f"all feature levels must share one dtype: features[0] is {first.dtype}, "
-                            f"features[{i}] is {f.dtype}")
-        if f.device != first.device:
-            raise ValueError(f"all feature levels must be on one device: features[0] is on {first.device}, "
-                             f"features[{i}] is on {f.device}")
-        if f.shape[0] != first.shape[0] or f.shape[1] != first.shape[1]:
-            raise ValueError(f"all feature levels must share batch and channels: features[0] is "
-                             f"{tuple(first.shape)}, features[{i}] is {tuple(f.shape)}")
-        if f.shape[2] < 1 or f.shape[3] < 1:
-            raise ValueError(f"features[{i}] has an empty spatial size {tuple(f.shape)}")
-    if not isinstance(boxes, Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4:
-        got = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-        raise ValueError(f"boxes must be [B, R, 4] (x1, y1, x2, y2), got {got}")
-    if boxes.shape[0] != first.shape[0]:
-        raise ValueError(f"boxes batch {boxes.shape[0]} does not match features batch {first.shape[0]}")
-    if boxes.dtype != first.dtype:
-        raise TypeError(f"boxes must have the features' dtype {first.dtype}, got {boxes.dtype}")
-    if boxes.device != first.device:
-        raise ValueError(f"boxes are on {boxes.device} but features are on {first.device}")
-    if output_size < 1:
-        raise ValueError(f"output_size must be >= 1, got {output_size}")
+__all__ = [
+    "RoIAlignAttrs",
+    "assign_levels",
+    "multiscale_roi_align",
+    "multiscale_roi_align_per_level_loop",
+    "roi_align",
+    "roi_align_reference",
+    "roi_align_rois",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,14 +49,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- level mapping
 
 
-def assign_levels(
-    boxes: Tensor,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-    num_levels: int = NUM_LEVELS,
-) -> Tensor:
+def assign_levels(boxes: Tensor, attrs: RoIAlignAttrs | None = None, num_levels: int = NUM_LEVELS) -> Tensor:
     """Boxes [..., 4] -> level index [...] int64 in 0..num_levels-1, or -1 for no level.
+
+    The mapping reads attrs' canonical_level, canonical_scale and first_level (None: the defaults).
 
     torchvision's LevelMapper (FPN paper eq. 1), evaluated in the boxes' own dtype as torchvision
     does, so a box exactly on a level boundary lands where torchvision puts it. Zero-area boxes
@@ -96,17 +60,21 @@ def assign_levels(
     coordinate gives a NaN level, which in torchvision matches no level and leaves that box's
     output at zero; it is made explicit here as -1.
     """
+    a = attrs if attrs is not None else _LEVEL_DEFAULTS
     s = torch.sqrt((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
-    lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(LEVEL_EPS, dtype=s.dtype))
-    lvl = torch.clamp(lvl, min=first_level, max=first_level + num_levels - 1)
+    lvl = torch.floor(a.canonical_level + torch.log2(s / a.canonical_scale) + torch.tensor(LEVEL_EPS, dtype=s.dtype))
+    lvl = torch.clamp(lvl, min=a.first_level, max=a.first_level + num_levels - 1)
     nan = torch.isnan(lvl)
-    index = torch.where(nan, torch.zeros_like(lvl), lvl - first_level).to(torch.int64)
+    index = torch.where(nan, torch.zeros_like(lvl), lvl - a.first_level).to(torch.int64)
     return torch.where(nan, torch.full_like(index, -1), index)
 
 
-def level_scale(level: int, first_level: int = 2) -> float:
-    """Spatial scale of level index `level` (0 = P{first_level}): 1 / 2**(first_level + level)."""
-    return 1.0 / 2 ** (first_level + level)
+# Level mapping only reads the mapper's fields; output_size is a placeholder.
+_LEVEL_DEFAULTS = RoIAlignAttrs(output_size=1)
+
+
+def _level_scales(attrs: RoIAlignAttrs) -> list[float]:
+    return [attrs.spatial_scale(level) for level in range(NUM_LEVELS)]
 
 
 # ----------------------------------------------------------------------------- sampling matrix
@@ -347,107 +315,85 @@ def _level_shapes(*features: Tensor) -> list[tuple[int, int]]:
     return [(f.shape[2], f.shape[3]) for f in features]
 
 
-@torch.library.custom_op("maskstream::multiscale_roi_align", mutates_args=())
-def _multiscale_roi_align_op(
-    p2: Tensor,
-    p3: Tensor,
-    p4: Tensor,
-    p5: Tensor,
-    boxes: Tensor,
-    output_size: int,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-) -> Tensor:
-    features = (p2, p3, p4, p5)
-    _check_inputs(features, boxes, output_size)
-    level = assign_levels(boxes, canonical_level, canonical_scale, first_level)
-    scales = [level_scale(lvl, first_level) for lvl in range(NUM_LEVELS)]
-    return _apply(features, boxes, level, scales, output_size, sampling_ratio, aligned)
+# The schema's attribute arguments come from RoIAlignAttrs, and the implementations take them as
+# `*attrs` in that order: the attribute list is written once, in plugins/roi_align/contract.py.
+@torch.library.custom_op(
+    OP_NAME,
+    mutates_args=(),
+    schema=f"(Tensor p2, Tensor p3, Tensor p4, Tensor p5, Tensor boxes, {RoIAlignAttrs.schema()}) -> Tensor",
+)
+def _multiscale_roi_align_op(p2: Tensor, p3: Tensor, p4: Tensor, p5: Tensor, boxes: Tensor, *values: Any) -> Tensor:
+    features, attrs = (p2, p3, p4, p5), RoIAlignAttrs.from_op_args(values)
+    check_inputs(features, boxes, attrs.output_size)
+    level = assign_levels(boxes, attrs)
+    return _apply(features, boxes, level, _level_scales(attrs), attrs.output_size, attrs.sampling_ratio, attrs.aligned)
 
 
 @_multiscale_roi_align_op.register_fake
-def _(p2, p3, p4, p5, boxes, output_size, sampling_ratio=2, aligned=False, canonical_level=4,
-      canonical_scale=224, first_level=2):
-    _check_inputs((p2, p3, p4, p5), boxes, output_size)
-    return p2.new_empty((boxes.shape[0], boxes.shape[1], p2.shape[1], output_size, output_size))
+def _(p2, p3, p4, p5, boxes, *values):
+    s = RoIAlignAttrs.from_op_args(values).output_size
+    check_inputs((p2, p3, p4, p5), boxes, s)
+    return p2.new_empty((boxes.shape[0], boxes.shape[1], p2.shape[1], s, s))
 
 
 @_multiscale_roi_align_op.register_kernel("cuda")
-def _(p2, p3, p4, p5, boxes, output_size, sampling_ratio=2, aligned=False, canonical_level=4,
-      canonical_scale=224, first_level=2):
+def _(p2, p3, p4, p5, boxes, *values):
     # On CUDA the forward is the Triton kernel (plugins/roi_align/kernel.py), the same code the
     # TensorRT plugin embeds. It is imported here, not at the top: triton is slow to import and
     # absent from CPU-only installs. float64, or no triton, stays with the sampling-matrix code.
-    args = (p2, p3, p4, p5, boxes, output_size, sampling_ratio, aligned, canonical_level, canonical_scale,
-            first_level)
     if p2.dtype in (torch.float16, torch.float32) and importlib.util.find_spec("triton") is not None:
         from maskstream.plugins.roi_align.kernel import triton_multiscale_roi_align
 
-        return triton_multiscale_roi_align(*args)
-    return _multiscale_roi_align_op._init_fn(*args)
+        return triton_multiscale_roi_align((p2, p3, p4, p5), boxes, RoIAlignAttrs.from_op_args(values))
+    return _multiscale_roi_align_op._init_fn(p2, p3, p4, p5, boxes, *values)
 
 
-@torch.library.custom_op("maskstream::multiscale_roi_align_backward", mutates_args=())
+@torch.library.custom_op(
+    "maskstream::multiscale_roi_align_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad, Tensor boxes, SymInt[] level_sizes, {RoIAlignAttrs.schema()})"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+)
 def _multiscale_roi_align_backward_op(
-    grad: Tensor,
-    boxes: Tensor,
-    level_sizes: list[int],
-    sampling_ratio: int,
-    aligned: bool,
-    canonical_level: int,
-    canonical_scale: int,
-    first_level: int,
+    grad: Tensor, boxes: Tensor, level_sizes: list[int], *values: Any
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradient w.r.t. P2..P5; level_sizes = [H2, W2, H3, W3, H4, W4, H5, W5]."""
+    attrs = RoIAlignAttrs.from_op_args(values)
     shapes = list(zip(level_sizes[0::2], level_sizes[1::2]))
-    level = assign_levels(boxes, canonical_level, canonical_scale, first_level)
-    scales = [level_scale(lvl, first_level) for lvl in range(NUM_LEVELS)]
-    g2, g3, g4, g5 = _apply_transpose(grad, boxes, level, shapes, scales, sampling_ratio, aligned)
+    level = assign_levels(boxes, attrs)
+    g2, g3, g4, g5 = _apply_transpose(grad, boxes, level, shapes, _level_scales(attrs), attrs.sampling_ratio,
+                                      attrs.aligned)
     return g2, g3, g4, g5
 
 
 @_multiscale_roi_align_backward_op.register_fake
-def _(grad, boxes, level_sizes, sampling_ratio, aligned, canonical_level, canonical_scale, first_level):
+def _(grad, boxes, level_sizes, *values):
     b, c = grad.shape[0], grad.shape[2]
     h2, w2, h3, w3, h4, w4, h5, w5 = level_sizes
     return tuple(grad.new_empty((b, c, h, w)) for h, w in ((h2, w2), (h3, w3), (h4, w4), (h5, w5)))
 
 
 def _setup_context(ctx, inputs, output):
-    p2, p3, p4, p5, boxes, _, sampling_ratio, aligned, canonical_level, canonical_scale, first_level = inputs
+    p2, p3, p4, p5, boxes, *values = inputs
     ctx.save_for_backward(boxes)
     ctx.level_sizes = [size for h_w in _level_shapes(p2, p3, p4, p5) for size in h_w]
-    ctx.attrs = (sampling_ratio, aligned, canonical_level, canonical_scale, first_level)
+    ctx.attrs = RoIAlignAttrs.from_op_args(values)
 
 
 def _backward(ctx, grad):
     (boxes,) = ctx.saved_tensors
-    grads = torch.ops.maskstream.multiscale_roi_align_backward(grad, boxes, ctx.level_sizes, *ctx.attrs)
+    grads = torch.ops.maskstream.multiscale_roi_align_backward(grad, boxes, ctx.level_sizes, *ctx.attrs.op_args())
     # Boxes are not differentiated (torchvision neither); the rest are attributes.
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, *(None for _ in ctx.attrs.op_args()))
 
 
 _multiscale_roi_align_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def multiscale_roi_align(
-    features: Sequence[Tensor],
-    boxes: Tensor,
-    output_size: int,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-) -> Tensor:
+def multiscale_roi_align(features: Sequence[Tensor], boxes: Tensor, attrs: RoIAlignAttrs) -> Tensor:
     """P2..P5 [B, C, H_l, W_l] and boxes [B, R, 4] in image pixels -> pooled [B, R, C, S, S]."""
-    _check_inputs(features, boxes, output_size)
-    return torch.ops.maskstream.multiscale_roi_align(
-        *features, boxes, output_size, sampling_ratio, aligned, canonical_level, canonical_scale, first_level
-    )
+    check_inputs(features, boxes, attrs.output_size)
+    return torch.ops.maskstream.multiscale_roi_align(*features, boxes, *attrs.op_args())
 
 
 # ----------------------------------------------------------------------------- single level + baseline
@@ -462,7 +408,7 @@ def roi_align(
     aligned: bool = False,
 ) -> Tensor:
     """One level: feature [B, C, H, W], boxes [B, R, 4] -> [B, R, C, S, S] (torchvision's roi_align)."""
-    _check_inputs([feature], boxes, output_size, num_levels=1)
+    check_inputs([feature], boxes, output_size, num_levels=1)
     level = torch.zeros(boxes.shape[:2], dtype=torch.int64, device=boxes.device)
     return _apply([feature], boxes, level, [spatial_scale], output_size, sampling_ratio, aligned)
 
@@ -480,29 +426,20 @@ def roi_align_rois(
     return _pool(matrix, [feature], s)  # [K, C, S, S]
 
 
-def multiscale_roi_align_per_level_loop(
-    features: Sequence[Tensor],
-    boxes: Tensor,
-    output_size: int,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-) -> Tensor:
+def multiscale_roi_align_per_level_loop(features: Sequence[Tensor], boxes: Tensor, attrs: RoIAlignAttrs) -> Tensor:
     """Baseline with the op's semantics, written the way torchvision's MultiScaleRoIAlign is:
     select each level's boxes, pool them with the single-level kernel, scatter the rows back."""
-    _check_inputs(features, boxes, output_size)
+    check_inputs(features, boxes, attrs.output_size)
     b, r = boxes.shape[:2]
-    c, s = features[0].shape[1], output_size
+    c, s = features[0].shape[1], attrs.output_size
     batch = torch.arange(b, device=boxes.device, dtype=boxes.dtype).view(b, 1, 1).expand(b, r, 1)
     rois = torch.cat([batch, boxes], -1).reshape(b * r, 5)  # [B*R, 5]
-    levels = assign_levels(boxes, canonical_level, canonical_scale, first_level).reshape(-1)
+    levels = assign_levels(boxes, attrs).reshape(-1)
     result = features[0].new_zeros((b * r, c, s, s))
     for level, feature in enumerate(features):
         idx = torch.nonzero(levels == level).squeeze(1)
         result[idx] = roi_align_rois(
-            feature, rois[idx], level_scale(level, first_level), s, sampling_ratio, aligned
+            feature, rois[idx], attrs.spatial_scale(level), s, attrs.sampling_ratio, attrs.aligned
         )
     return result.view(b, r, c, s, s)
 
@@ -564,33 +501,24 @@ def _roi_align_one_box(
     return out
 
 
-def roi_align_reference(
-    features: Sequence[Tensor],
-    boxes: Tensor,
-    output_size: int,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-) -> Tensor:
+def roi_align_reference(features: Sequence[Tensor], boxes: Tensor, attrs: RoIAlignAttrs) -> Tensor:
     """Slow float64 loop reference of the op -> [B, R, C, S, S] float64 (small shapes only).
 
     Levels are assigned in the boxes' own dtype (as the op and torchvision do); everything after
     that runs in float64 on the inputs converted exactly.
     """
-    _check_inputs(features, boxes, output_size)
-    levels = assign_levels(boxes, canonical_level, canonical_scale, first_level).tolist()
+    check_inputs(features, boxes, attrs.output_size)
+    levels = assign_levels(boxes, attrs).tolist()
     maps = [f.detach().cpu().to(torch.float64).numpy() for f in features]
     boxes64 = boxes.detach().cpu().to(torch.float64).tolist()
     b, r = boxes.shape[:2]
-    c, s = features[0].shape[1], output_size
+    c, s = features[0].shape[1], attrs.output_size
     out = np.zeros((b, r, c, s, s))
     for i in range(b):
         for j in range(r):
             lvl = levels[i][j]
             if lvl < 0:
                 continue  # NaN level: torchvision pools this box on no level
-            scale = level_scale(lvl, first_level)
-            out[i, j] = _roi_align_one_box(maps[lvl][i], boxes64[i][j], scale, s, sampling_ratio, aligned)
+            scale = attrs.spatial_scale(lvl)
+            out[i, j] = _roi_align_one_box(maps[lvl][i], boxes64[i][j], scale, s, attrs.sampling_ratio, attrs.aligned)
     return torch.from_numpy(out)

@@ -16,7 +16,7 @@ from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from maskstream.model.checkpoint import CheckpointError
 from maskstream.model.coco import class_names
 from maskstream.model.config import ModelConfig
-from maskstream.model.engine import TensorRTUnavailable, build_engine, torch_tensorrt_version
+from maskstream.model.engine import build_engine
 from maskstream.model.fuse import fold_batch_norms
 from maskstream.model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
 from maskstream.model.synthetic import write_sample_images
@@ -27,7 +27,7 @@ from maskstream.pipeline.cli.train import add_parsers as add_training_parsers
 from maskstream.pipeline.config import ConfigError, load_config
 from maskstream.pipeline.media.annotate import draw_detections
 from maskstream.pipeline.media.images import IMAGE_SUFFIXES, read_rgb, write_rgb
-from maskstream.plugins.roi_align.registration import tensorrt_version
+from maskstream.plugins.tensorrt_env import TensorRTUnavailable, tensorrt_version, torch_tensorrt_version
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:

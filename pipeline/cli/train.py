@@ -110,7 +110,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def build_engine_after_training(checkpoint: Path, model_cfg: ModelConfig, out: Path) -> int:
-    from maskstream.model.engine import TensorRTUnavailable, build_engine
+    from maskstream.model.engine import build_engine
+    from maskstream.plugins.tensorrt_env import TensorRTUnavailable
 
     try:
         manifest = build_engine(checkpoint, model_cfg, out)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import triton
-from maskstream.plugins.roi_align.kernel import BLOCK, ENABLE_FP_FUSION, EXTRA_ARGS, NUM_WARPS, roi_align_kernel
+from maskstream.plugins.roi_align.contract import RoIAlignAttrs
+from maskstream.plugins.roi_align.kernel import ENABLE_FP_FUSION, EXTRA_ARGS, NUM_WARPS, constexprs, roi_align_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -102,15 +103,7 @@ def ptx_version_for_toolchain(arch: int) -> int:
 
 
 def compile_ptx(
-    dtype: Literal["float32", "float16"],
-    output_size: int,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-    arch: int = 90,
-    ptx_version: int | None = None,
+    dtype: Literal["float32", "float16"], attrs: RoIAlignAttrs, arch: int = 90, ptx_version: int | None = None
 ) -> AotKernel:
     """PTX of `roi_align_kernel` for one attribute set and dtype, for GPU architecture `arch` (90 = sm_90).
 
@@ -121,22 +114,16 @@ def compile_ptx(
     """
     if dtype not in _POINTER:
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    if output_size < 1:
-        raise ValueError(f"output_size must be >= 1, got {output_size}")
     pointer = _POINTER[dtype]
     signature = {name: pointer for name in INPUTS}
     signature.update({name: "i32" for name in EXTRA_ARGS})
     signature.update({name: pointer for name in OUTPUTS})
-    constexprs = {
-        "OUTPUT_SIZE": output_size, "SAMPLING_RATIO": sampling_ratio, "ALIGNED": bool(aligned),
-        "CANONICAL_LEVEL": canonical_level, "CANONICAL_SCALE": canonical_scale, "FIRST_LEVEL": first_level,
-        "BLOCK": BLOCK,
-    }
-    signature.update({name: "constexpr" for name in constexprs})
+    constants = constexprs(attrs)
+    signature.update({name: "constexpr" for name in constants})
     options: dict[str, object] = {"num_warps": NUM_WARPS, "enable_fp_fusion": ENABLE_FP_FUSION}
     if ptx_version is not None:
         options["ptx_version"] = min(ptx_version, ptx_version_for_toolchain(arch))
-    source = ASTSource(fn=roi_align_kernel, signature=signature, constexprs=constexprs)
+    source = ASTSource(fn=roi_align_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     meta = compiled.metadata
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):

@@ -14,16 +14,20 @@ scalars computed once per program.
 ABI, fixed by TensorRT's AOT plugins (input pointers, then int32 extras, then output pointers):
     roi_align_kernel(p2, p3, p4, p5, boxes, R, C, H2, W2, H3, W3, H4, W4, H5, W5, out, <constexprs>)
 B is implied by the grid (`launch_grid`); float attributes cannot be passed as extras, so every
-attribute is a constexpr and each attribute set is its own compiled kernel.
+attribute is a constexpr and each attribute set is its own compiled kernel (`constexprs`).
+
+A leaf: it imports triton, torch and the op's contract (plugins/roi_align/contract.py), nothing of
+the model that dispatches to it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from maskstream.model.ops.roi_align import LEVEL_EPS, _check_inputs
+from maskstream.plugins.roi_align.contract import LEVEL_EPS, RoIAlignAttrs, check_inputs
 from torch import Tensor
 
 # Names of the int32 extra arguments, in kernel order; TensorRT builds its SymIntExprs in this order.
@@ -37,6 +41,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.float32)
 # the tests check; the kernel is bound by its gathers, not by arithmetic.
 ENABLE_FP_FUSION = False
 _LEVEL_EPS = tl.constexpr(LEVEL_EPS)  # a jit function may read module globals only as constexpr
+
+
+def constexprs(attrs: RoIAlignAttrs) -> dict[str, Any]:
+    """The kernel's constexpr arguments for one attribute set (BLOCK included), by name."""
+    return {
+        "OUTPUT_SIZE": attrs.output_size, "SAMPLING_RATIO": attrs.sampling_ratio, "ALIGNED": bool(attrs.aligned),
+        "CANONICAL_LEVEL": attrs.canonical_level, "CANONICAL_SCALE": attrs.canonical_scale,
+        "FIRST_LEVEL": attrs.first_level, "BLOCK": BLOCK,
+    }
 
 
 def launch_grid(batch: Any, boxes_per_image: Any, channels: Any, output_size: int) -> tuple[Any, Any, int]:
@@ -179,43 +192,27 @@ def roi_align_kernel(
     tl.store(out + box.to(tl.int64) * (C * bins) + offs, result.to(out.dtype.element_ty), mask=in_box)
 
 
-def triton_multiscale_roi_align(
-    p2: Tensor,
-    p3: Tensor,
-    p4: Tensor,
-    p5: Tensor,
-    boxes: Tensor,
-    output_size: int,
-    sampling_ratio: int = 2,
-    aligned: bool = False,
-    canonical_level: int = 4,
-    canonical_scale: int = 224,
-    first_level: int = 2,
-) -> Tensor:
-    """The op through the Triton kernel -> [B, R, C, S, S] in the features' dtype.
+def triton_multiscale_roi_align(features: Sequence[Tensor], boxes: Tensor, attrs: RoIAlignAttrs) -> Tensor:
+    """The op through the Triton kernel: P2..P5, boxes [B, R, 4] -> [B, R, C, S, S] in the features' dtype.
 
     CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before this module was imported.
     """
-    features = (p2, p3, p4, p5)
-    _check_inputs(features, boxes, output_size)
+    check_inputs(features, boxes, attrs.output_size)
+    p2 = features[0]
     if p2.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton RoIAlign takes float16 or float32 features, got {p2.dtype}")
     b, r = boxes.shape[:2]
-    c = p2.shape[1]
+    c, s = p2.shape[1], attrs.output_size
     if max(f.numel() for f in features) >= 2**31 or b * r * 4 >= 2**31:
         raise ValueError("the Triton RoIAlign indexes boxes and feature rows with int32; inputs are too large")
-    out = p2.new_empty((b, r, c, output_size, output_size))
-    grid = launch_grid(b, r, c, output_size)
+    out = p2.new_empty((b, r, c, s, s))
+    grid = launch_grid(b, r, c, s)
     if min(grid) == 0:
         return out
     p2, p3, p4, p5, boxes = (t.contiguous() for t in (*features, boxes))
     sizes = [size for f in (p2, p3, p4, p5) for size in f.shape[2:]]
     roi_align_kernel[grid](
         p2, p3, p4, p5, boxes, r, c, *sizes, out,
-        OUTPUT_SIZE=output_size, SAMPLING_RATIO=sampling_ratio, ALIGNED=bool(aligned),
-        CANONICAL_LEVEL=canonical_level, CANONICAL_SCALE=canonical_scale, FIRST_LEVEL=first_level,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=ENABLE_FP_FUSION,
+        **constexprs(attrs), num_warps=NUM_WARPS, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     return out
-
-

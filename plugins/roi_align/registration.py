@@ -9,7 +9,10 @@ trtexec). TensorRT launches it with the kernel arguments in a fixed order: input
 Float constants (spatial scales) cannot be extras; the kernel bakes them in as constexprs.
 
 The plugin id equals the torch op's qualified name, and the attributes are the op's non-tensor
-arguments in its schema order; `model.engine._roi_align_converter` adds the plugin to the network.
+arguments in its schema order (`contract.RoIAlignAttrs`'s fields: TensorRT reads them from the
+functions' signatures, so they are spelled out here and converted to one `RoIAlignAttrs` at once);
+`model.engine._roi_align_converter` adds the plugin to the network. TensorRT itself is detected by
+plugins/tensorrt_env.py.
 
 No `from __future__ import annotations` here: `tensorrt.plugin` inspects the decorated functions'
 annotations at registration and needs real classes, not strings.
@@ -19,35 +22,12 @@ import json
 from pathlib import Path
 from typing import Literal
 
-PLUGIN_ID = "maskstream::multiscale_roi_align"
+from maskstream.plugins.roi_align.contract import OP_NAME, RoIAlignAttrs
+from maskstream.plugins.tensorrt_env import INSTALL_HINT, TensorRTUnavailable, tensorrt_version
+
+PLUGIN_ID = OP_NAME
 SPEC_PATH = Path(__file__).resolve().parent / "spec.json"
-INSTALL_HINT = (
-    "install it with `pip install 'maskstream[tensorrt]'` on a machine with an NVIDIA GPU "
-    "(TensorRT's wheels come from NVIDIA's index; torch-tensorrt 2.11/2.12/2.13 pair with torch 2.11/2.12/2.13 "
-    "and TensorRT 10.15/10.16/11.0)"
-)
-
 _registered = False
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT (or torch-tensorrt) is missing or too old for what was asked."""
-
-
-def tensorrt_version() -> str | None:
-    """The installed TensorRT's version, or None.
-
-    With `tensorrt-stubs` installed, `import tensorrt` succeeds as an empty namespace package, so the
-    import alone proves nothing: a real TensorRT has `__version__` and `Builder`.
-    """
-    try:
-        import tensorrt
-    except (ImportError, OSError):  # OSError: the bindings are there but libnvinfer is not
-        return None
-    version = getattr(tensorrt, "__version__", None)
-    if not isinstance(version, str) or not hasattr(tensorrt, "Builder"):
-        return None
-    return version
 
 
 def plugin_version() -> int:
@@ -136,17 +116,9 @@ def register_plugin() -> None:
         else:
             raise TypeError(f"{PLUGIN_ID}: features must be float32 or float16, got {p2.dtype}")
         arch, ptx_version = _build_gpu()
-        compiled = aot.compile_ptx(
-            dtype,
-            output_size,
-            sampling_ratio=sampling_ratio,
-            aligned=aligned,
-            canonical_level=canonical_level,
-            canonical_scale=canonical_scale,
-            first_level=first_level,
-            arch=arch,
-            ptx_version=ptx_version,
-        )
+        attrs = RoIAlignAttrs.from_op_args(
+            (output_size, sampling_ratio, aligned, canonical_level, canonical_scale, first_level))
+        compiled = aot.compile_ptx(dtype, attrs, arch=arch, ptx_version=ptx_version)
         # Symbolic sizes, resolved by TensorRT from the actual shapes at run time.
         sizes = {
             "B": boxes.shape_expr[0],
