@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TYPINGS = ROOT / ".venv" / "typings" / "tensorrt_bindings" / "tensorrt.pyi"
 TENSORRT_MODULES = ["-m", "maskstream.model.engine", "-m", "maskstream.model.runners",
-                    "-p", "maskstream.plugins.roi_align"]
+                    "-m", "maskstream.plugins.tensorrt_env", "-p", "maskstream.plugins.roi_align"]
 VIEW = ROOT / ".venv" / "srcview" / "maskstream"  # the package as mypy finds it (`make venv`)
 MISUSE = """import tensorrt as trt
 logger: trt.ILogger = trt.Logger(trt.Logger.WARNING)
