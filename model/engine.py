@@ -21,16 +21,15 @@ TensorRT is imported lazily: without it this module still imports and `build_eng
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
+from maskstream.configs import codec
 from maskstream.model.checkpoint import file_sha256
 from maskstream.model.coco import class_names
 from maskstream.model.config import ModelConfig
@@ -84,31 +83,25 @@ class EngineManifest:
     config: dict[str, Any]  # the ModelConfig, as a plain dict
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(EngineManifest)
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        # Built in code (build_engine) as well as read: either way what is written must read back.
+        try:
+            codec.check(self)
+        except codec.CodecError as exc:
+            raise ManifestError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        plain: dict[str, Any] = codec.to_plain(self)
+        return plain
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> EngineManifest:
+        """The manifest of JSON data; every key required, none unknown, types as declared."""
         if not isinstance(data, dict):
             raise ManifestError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        missing = [n for n in names if n not in data]
-        if unknown or missing:
-            parts = ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else [])
-            raise ManifestError(f"{source}: " + "; ".join(parts))
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {
-            n: tuple(data[n]) if _is_tuple(hints[n]) and isinstance(data[n], list) else data[n] for n in names
-        }
         try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ManifestError(f"{source}: {exc}") from exc
+            return codec.from_plain(cls, data)
+        except codec.CodecError as exc:
+            raise ManifestError(f"{source}: {exc}") from None
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -130,45 +123,6 @@ class EngineManifest:
 def manifest_path(engine_path: str | Path) -> Path:
     """`NAME.engine` -> `NAME.json`."""
     return Path(engine_path).with_suffix(".json")
-
-
-def _is_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple
-
-
-def _check_type(name: str, value: Any, tp: Any) -> None:
-    """The few types the manifest uses; bool is not an int here."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        ok = value in args and isinstance(value, str)
-        want = " or ".join(repr(a) for a in args)
-    elif origin is tuple:
-        item = args[0]
-        ok = isinstance(value, tuple) and (len(args) == 2 and args[1] is Ellipsis or len(value) == len(args))
-        ok = ok and all(_is_instance(v, item) for v in value)
-        want = f"a list of {item.__name__}" + ("" if args[-1] is Ellipsis else f" of length {len(args)}")
-    elif origin is dict:
-        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
-        want = "an object"
-    else:
-        ok = _is_instance(value, tp)
-        want = tp.__name__
-    if not ok:
-        raise ManifestError(f"{name}: expected {want}, got {value!r}")
-
-
-def _is_instance(value: Any, tp: type) -> bool:
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 # ----------------------------------------------------------------------------- availability
@@ -414,7 +368,7 @@ def build_engine(
         torch_tensorrt_version=tt_version,
         plugin_version=plugin_version(),
         checkpoint_sha256=file_sha256(checkpoint),
-        config=_plain(dataclasses.asdict(config)),
+        config=codec.to_plain(config),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(engine_bytes)

@@ -7,21 +7,21 @@ override), the dotted key and what was expected, so a typo fails at start-up ins
 silently running with a default.
 
 Supported field types: int, float, str, bool, pathlib.Path, Literal[...], X | None,
-unions, tuple[X, ...], tuple[X, Y], list[X], dict[str, X] and nested dataclasses.
+unions, tuple[X, ...], tuple[X, Y], list[X], dict[str, X] and nested dataclasses. The type
+rules and their errors are the package's one codec (configs/codec.py, shared with engine
+manifests and message headers); this module adds YAML and the overrides on top.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, TypeVar
 
 import yaml
+from maskstream.configs import codec
 
 __all__ = [
     "ConfigError",
@@ -35,7 +35,6 @@ __all__ = [
 T = TypeVar("T")
 
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_MISSING = object()
 
 
 class ConfigError(ValueError):
@@ -94,7 +93,7 @@ def loads_config(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {_given(data)}")
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {codec.given(data)}")
 
     # Overrides are merged into the raw mapping before building, so an override can also
     # supply a required key the file lacks. `origins` remembers which keys came from which
@@ -106,7 +105,10 @@ def loads_config(
         _check_override_path(cls, keys, label)
         _assign(data, keys, value)
         origins.append((keys, label))
-    return _Builder(source, origins).build(cls, data, ())
+    try:
+        return codec.from_plain(cls, data)
+    except codec.CodecError as exc:
+        raise _blame(exc, source, origins) from exc
 
 
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
@@ -129,7 +131,7 @@ def config_to_dict(obj: Any) -> dict[str, Any]:
     """Plain dict of a config dataclass: field order kept, tuples as lists, Paths as str."""
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"config_to_dict: expected a dataclass instance, got {obj!r}")
-    out = _plain(obj)
+    out = codec.to_plain(obj)
     assert isinstance(out, dict)
     return out
 
@@ -152,17 +154,17 @@ def _check_override_path(cls: type, keys: tuple[str, ...], label: str) -> None:
     """Reject an override naming a key the dataclass tree does not have."""
     tp: Any = cls
     for depth, key in enumerate(keys):
-        section = _dataclass_in(tp)
+        section = codec.dataclass_in(tp)
         where = ".".join(keys[:depth])
         if section is None:
             raise ConfigError(
-                f"{label}: {where} is a {_describe(tp)} value, not a section; it has no key {key!r}"
+                f"{label}: {where} is a {codec.describe(tp)} value, not a section; it has no key {key!r}"
             )
-        hints = _field_types(section)
+        hints = codec.field_types(section)
         if key not in hints:
             raise ConfigError(
                 f"{label}: unknown key {'.'.join(keys[: depth + 1])!r}"
-                f"{_valid_keys_hint(key, hints)}"
+                f"{codec.valid_keys_hint(key, hints)}"
             )
         tp = hints[key]
 
@@ -177,227 +179,9 @@ def _assign(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
     node[keys[-1]] = value
 
 
-# --------------------------------------------------------------------------- building
-
-
-class _Builder:
-    """Converts raw YAML data to typed values; knows where each value came from."""
-
-    def __init__(self, source: str, origins: list[tuple[tuple[str, ...], str]]):
-        self.source = source
-        self.origins = origins
-
-    def error(self, path: tuple[str | int, ...], message: str) -> ConfigError:
-        source = self.source
-        for keys, label in self.origins:  # the last override covering `path` set it
-            if path[: len(keys)] == keys:
-                source = label
-        where = _format_path(path)
-        return ConfigError(f"{source}: {where + ': ' if where else ''}{message}")
-
-    def build(self, cls: type[T], data: Any, path: tuple[str | int, ...]) -> T:
-        if not isinstance(data, Mapping):
-            raise self.error(path, f"expected a mapping for {cls.__name__}, got {_given(data)}")
-        hints = _field_types(cls)
-        for key in data:
-            if key not in hints:
-                hint = _valid_keys_hint(str(key), hints)
-                raise self.error((*path, str(key)), f"unknown key{hint}")
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if not field.init:
-                continue
-            value = data.get(field.name, _MISSING)
-            if value is _MISSING:
-                no_default = (
-                    field.default is dataclasses.MISSING
-                    and field.default_factory is dataclasses.MISSING
-                )
-                if no_default:
-                    raise self.error(
-                        (*path, field.name),
-                        f"missing required key (expected {_describe(hints[field.name])})",
-                    )
-                continue
-            kwargs[field.name] = self.convert(value, hints[field.name], (*path, field.name))
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:  # the dataclass's own __post_init__ checks
-            raise self.error(path, str(exc)) from exc
-
-    def convert(self, value: Any, tp: Any, path: tuple[str | int, ...]) -> Any:
-        origin = typing.get_origin(tp)
-        args = typing.get_args(tp)
-
-        if tp is Any:
-            return value
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            return self.build(tp, value, path)
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-        elif tp is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif tp is float:
-            # An int is a fine float (`lr: 1`); a bool is not, although Python says it is.
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        elif tp is str:
-            if isinstance(value, str):
-                return value
-        elif tp is Path:
-            if isinstance(value, (str, Path)):
-                return Path(value)
-        elif tp is type(None):
-            if value is None:
-                return None
-        elif origin is Literal:
-            # Compare with the type too: YAML `1` must not match Literal[True].
-            for option in args:
-                if value == option and type(value) is type(option):
-                    return option
-        elif origin in (Union, types.UnionType):
-            return self._convert_union(value, args, tp, path)
-        elif origin is tuple:
-            if isinstance(value, (list, tuple)):
-                return self._convert_tuple(value, args, tp, path)
-        elif origin is list:
-            if isinstance(value, (list, tuple)):
-                return [self.convert(v, args[0], (*path, i)) for i, v in enumerate(value)]
-        elif origin is dict:
-            if isinstance(value, Mapping):
-                return self._convert_dict(value, args, path)
-        else:
-            where = _format_path(path)
-            raise TypeError(f"config field {where}: unsupported type annotation {tp!r}")
-        raise self.error(path, f"expected {_describe(tp)}, got {_given(value)}")
-
-    def _convert_union(
-        self, value: Any, args: tuple[Any, ...], tp: Any, path: tuple[str | int, ...]
-    ) -> Any:
-        if value is None:
-            if type(None) in args:
-                return None
-            raise self.error(path, f"expected {_describe(tp)}, got null")
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:  # Optional[X]: X's own message is the most precise one
-            return self.convert(value, members[0], path)
-        for member in members:
-            try:
-                return self.convert(value, member, path)
-            except ConfigError:
-                continue
-        raise self.error(path, f"expected {_describe(tp)}, got {_given(value)}")
-
-    def _convert_tuple(
-        self, value: Sequence[Any], args: tuple[Any, ...], tp: Any, path: tuple[str | int, ...]
-    ) -> tuple[Any, ...]:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(self.convert(v, args[0], (*path, i)) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise self.error(
-                path, f"expected {_describe(tp)} ({len(args)} items), got {_given(value)}"
-            )
-        return tuple(self.convert(v, a, (*path, i)) for i, (v, a) in enumerate(zip(value, args)))
-
-    def _convert_dict(
-        self, value: Mapping[Any, Any], args: tuple[Any, ...], path: tuple[str | int, ...]
-    ) -> dict[Any, Any]:
-        key_tp, value_tp = args if args else (str, Any)
-        out = {}
-        for k, v in value.items():
-            key = self.convert(k, key_tp, (*path, str(k)))
-            out[key] = self.convert(v, value_tp, (*path, str(k)))
-        return out
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved hints of the init fields; works with `from __future__ import annotations`."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except NameError as exc:
-        raise TypeError(
-            f"config dataclass {cls.__name__}: cannot resolve a type hint ({exc}); "
-            f"define the types it names at module level"
-        ) from exc
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    """The dataclass inside `tp` (itself, or X of `X | None`), else None."""
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return tp
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        if len(found) == 1 and isinstance(found[0], type):
-            return found[0]
-    return None
-
-
-def _valid_keys_hint(key: str, hints: Mapping[str, Any]) -> str:
-    valid = list(hints)
-    close = difflib.get_close_matches(key, valid, n=1)
-    guess = f"; did you mean {close[0]!r}?" if close else ""
-    return f" (valid keys: {', '.join(valid) or 'none'}){guess}"
-
-
-def _format_path(path: Sequence[str | int]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _describe(tp: Any) -> str:
-    """Human wording of a type hint for error messages."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return f"a mapping ({tp.__name__})"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}"
-        return f"a list [{', '.join(_describe(a) for a in args)}]"
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if origin is dict:
-        return f"a mapping of {_describe(args[1])}" if args else "a mapping"
-    if tp is Path:
-        return "str (a path)"
-    return getattr(tp, "__name__", repr(tp))
-
-
-def _given(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        text = repr(list(value))
-        kind = f"list of {len(value)}"
-    else:
-        text = repr(value)
-        kind = type(value).__name__
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{kind} {text}"
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
+def _blame(exc: codec.CodecError, source: str, origins: list[tuple[tuple[str, ...], str]]) -> ConfigError:
+    """The codec's error, blaming the last override that covers its path, else the file."""
+    for keys, label in origins:
+        if exc.path[: len(keys)] == keys:
+            source = label
+    return ConfigError(f"{source}: {exc}")

@@ -110,3 +110,15 @@ def test_no_import_cycles():
         cycles.append(" -> ".join(cycle))
         graph[cycle[-2]].discard(cycle[-1])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_kernels_and_shared_pieces_are_leaves():
+    """The Triton kernels import only their contract (besides triton and torch), and what several
+    layers share sits below all of them, importing nothing of the package."""
+    graph = import_graph(PACKAGE_DIRS)
+    assert graph["maskstream.plugins.roi_align.kernel"] == {"maskstream.plugins.roi_align.contract"}
+    assert graph["maskstream.model.ops.nms_triton"] == {"maskstream.model.ops.iou_threshold"}
+    for leaf in ("maskstream.configs.codec", "maskstream.plugins.roi_align.contract",
+                 "maskstream.model.ops.iou_threshold", "maskstream.plugins.tensorrt_env",
+                 "maskstream.model.dataset_error"):
+        assert graph[leaf] == set(), leaf

@@ -284,14 +284,16 @@ def test_manifest_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d.update(colour="blue"), "unknown keys ['colour']"),
-        (lambda d: d.pop("checkpoint_sha256"), "missing keys ['checkpoint_sha256']"),
-        (lambda d: d.update(precision="int8"), "precision: expected 'fp32' or 'fp16'"),
-        (lambda d: d.update(input_shape=[2, 3, 128]), "input_shape: expected a list of int of length 4"),
-        (lambda d: d.update(plugin_version="1"), "plugin_version: expected int"),
-        (lambda d: d.update(detections=True), "detections: expected int"),
-        (lambda d: d.update(image_mean=[0.5, "x", 0.5]), "image_mean: expected a list of float"),
-        (lambda d: d.update(config=[1]), "config: expected an object"),
+        # The package's one codec (configs/codec.py) words these as it words config errors.
+        (lambda d: d.update(colour="blue"), "colour: unknown key (valid keys: input_shape, "),
+        (lambda d: d.pop("checkpoint_sha256"), "checkpoint_sha256: missing required key (expected str)"),
+        (lambda d: d.update(precision="int8"), "precision: expected one of 'fp32', 'fp16', got str 'int8'"),
+        (lambda d: d.update(input_shape=[2, 3, 128]),
+         "input_shape: expected a list [int, int, int, int] (4 items), got list of 3 [2, 3, 128]"),
+        (lambda d: d.update(plugin_version="1"), "plugin_version: expected int, got str '1'"),
+        (lambda d: d.update(detections=True), "detections: expected int, got bool True"),
+        (lambda d: d.update(image_mean=[0.5, "x", 0.5]), "image_mean[1]: expected float, got str 'x'"),
+        (lambda d: d.update(config=[1]), "config: expected a mapping, got list of 1 [1]"),
     ],
 )
 def test_manifest_read_is_strict(tmp_path, edit, message):
@@ -313,6 +315,15 @@ def test_manifest_read_errors(tmp_path):
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(ManifestError, match="expected a JSON object"):
         EngineManifest.read(tmp_path / "list.json")
+
+
+def test_manifest_built_in_code_is_checked_too():
+    with pytest.raises(ManifestError, match=r"input_shape: expected tuple \(a list \[int, int, int, int\]\), got list"):
+        manifest(input_shape=[2, 3, 128, 160])
+    with pytest.raises(ManifestError, match="precision: expected one of 'fp32', 'fp16', got str 'int8'"):
+        manifest(precision="int8")
+    with pytest.raises(ManifestError, match=r"class_names\[1\]: expected str, got int 1"):
+        manifest(class_names=("__background__", 1))
 
 
 GOOD = dict(tensorrt_version="11.0.0.114", plugin_version=1, input_shape=(2, 3, 128, 160))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+import msgpack
 import numpy as np
 import pytest
 from maskstream.pipeline.runtime.messages import (
@@ -11,8 +12,11 @@ from maskstream.pipeline.runtime.messages import (
     Header,
     MessageError,
     StageReport,
+    StageStamp,
     StreamProgress,
+    decode,
     decode_report,
+    encode,
     encode_report,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
@@ -76,6 +80,69 @@ def test_stage_report_round_trip():
     assert decode_report(encode_report(on_gpu)).gpu_mb == 5120.5
     with pytest.raises(MessageError):
         decode_report(b"\x01")
+
+
+# The wire as this schema version wrote it before the header checks moved to configs/codec.py;
+# subscribers built against it must keep reading it, byte for byte.
+FRAME_HEADER = (
+    "83a17601a46b696e64a54672616d65a66669656c647383a668656164657285a973747265616d5f6964a363616da373657107a57074"
+    "735f73cb3fd0000000000000a67374616d70739183a57374616765a66465636f6465a57374617274cb3ff0000000000000a3656e64"
+    "cb3ff8000000000000a564726f70739192a66465636f646502a5696d61676583a26e6400a56474797065a37c7531a5736861706593"
+    "020303ac706978656c5f666f726d6174a57267623234"
+)
+REPORT = (
+    "83a17601a46b696e64ab53746167655265706f7274a66669656c64738da57374616765a7696e6665722e30a37069640ca773656e74"
+    "5f6174cb400c000000000000a8726563656976656401a473656e7400a96d616c666f726d656400a66572726f727300aa6c6173745f"
+    "6572726f72a0a6627573795f73cb0000000000000000a773747265616d739186a973747265616d5f6964a363616da66672616d6573"
+    "04a564726f707301a86e6578745f73657105a5656e646564c3a56572726f72a178a5666174616ca0a66770755f6d62cb3ff8000000"
+    "000000a87374617274696e67c2"
+)
+
+
+def test_wire_format_is_pinned():
+    frame = Frame(Header("cam", 7, 0.25, stamps=(StageStamp("decode", 1.0, 1.5),), drops=(("decode", 2),)),
+                  np.arange(18, dtype=np.uint8).reshape(2, 3, 3))
+    topic, header, buffer = (bytes(f) for f in encode(frame))
+    assert (topic, header.hex(), buffer) == (b"cam", FRAME_HEADER, bytes(range(18)))
+    decoded = decode([topic, header, buffer])
+    assert decoded.header == frame.header and np.array_equal(decoded.image, frame.image)
+    report = StageReport("infer.0", 12, 3.5, received=1, streams=(StreamProgress("cam", 4, 1, 5, True, "x"),),
+                         gpu_mb=1.5)
+    assert encode_report(report).hex() == REPORT and decode_report(bytes.fromhex(REPORT)) == report
+
+
+def _with_fields(edit) -> list[bytes]:
+    """A valid Frame's frames with its header's fields edited."""
+    topic, header, buffer = (bytes(f) for f in encode(Frame(Header("cam", 7, stamps=(StageStamp("d", 1.0, 2.0),)),
+                                                            np.zeros((2, 2, 3), np.uint8))))
+    meta = msgpack.unpackb(header)
+    edit(meta["fields"])
+    return [topic, msgpack.packb(meta, use_bin_type=True), buffer]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f["header"].update(seq="7"), "Frame.header.seq: expected int, got str '7'"),
+    (lambda f: f["header"].update(seq=True), "Frame.header.seq: expected int, got bool True"),
+    (lambda f: f["header"].update(pts_s="now"), "Frame.header.pts_s: expected float, got str 'now'"),
+    (lambda f: f["header"]["stamps"][0].update(end=None), r"Frame.header.stamps\[0\].end: expected float, got null"),
+    (lambda f: f["header"].update(drops=[["d", 1, 2]]), r"Frame.header.drops\[0\]: expected a list \[str, int\] \(2"),
+    (lambda f: f["header"].update(colour=1), "Frame.header.colour: unknown key"),
+    (lambda f: f.pop("header"), "Frame.header: missing required key"),
+    (lambda f: f.update(pixel_format=b"rgb24"), "Frame.pixel_format: expected str, got bytes"),
+    (lambda f: f.update(image={"nd": 3, "dtype": "|u1", "shape": [2, 2, 3]}), "Frame.image: buffer 3 missing"),
+    (lambda f: f.update(image={"nd": 0, "dtype": "|u1", "shape": [2, 2, 4]}),
+     "Frame.image: buffer 0 holds 12 bytes"),
+])
+def test_malformed_headers_name_the_field(edit, message):
+    with pytest.raises(MessageError, match=message):
+        decode(_with_fields(edit))
+
+
+def test_a_report_field_of_the_wrong_type_is_refused():
+    raw = msgpack.unpackb(encode_report(StageReport("s", 1, 2.0)))
+    raw["fields"]["starting"] = "yes"  # a bool field: checked now, as every other type
+    with pytest.raises(MessageError, match="StageReport.starting: expected bool, got str 'yes'"):
+        decode_report(msgpack.packb(raw, use_bin_type=True))
 
 
 def test_live_frames_overtaken_in_the_queue_are_marked_and_the_rest_kept_in_order(tmp_path):

@@ -23,20 +23,21 @@ counters, per-stream progress, a fatal error); `encode_report`/`decode_report` c
 with the same strict machinery, on the supervisor's socket only.
 
 `decode` trusts nothing: a foreign or truncated message raises `MessageError` saying which
-part was wrong, so a stage can drop it and keep serving the other streams.
+part was wrong, so a stage can drop it and keep serving the other streams. The header's fields
+are checked by the package's one codec (configs/codec.py: the type rules of configs and engine
+manifests too), compiled once per message class; arrays are its one extra leaf type.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import msgpack
 import numpy as np
+from maskstream.configs import codec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -214,7 +215,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
     if kind not in _KINDS:
         raise MessageError(f"encode: expected one of {sorted(_KINDS)}, got {type(message).__name__}")
     buffers: list[memoryview] = []
-    fields = {f.name: _pack(getattr(message, f.name), buffers) for f in dataclasses.fields(message)}
+    fields = codec.to_plain(message, lambda value: _pack_leaf(value, buffers))
     header = msgpack.packb({"v": SCHEMA_VERSION, "kind": kind, "fields": fields}, use_bin_type=True)
     return [topic_of(message), header, *buffers]
 
@@ -244,7 +245,7 @@ def decode(frames: Sequence[Any]) -> Message:
 
 def encode_report(report: StageReport) -> bytes:
     """One msgpack frame (a report carries no arrays)."""
-    fields = {f.name: _pack(getattr(report, f.name), []) for f in dataclasses.fields(report)}
+    fields = codec.to_plain(report, lambda value: _pack_leaf(value, []))
     return msgpack.packb({"v": SCHEMA_VERSION, "kind": "StageReport", "fields": fields}, use_bin_type=True)
 
 
@@ -262,86 +263,45 @@ def decode_report(frame: Any) -> StageReport:
 # ---------------------------------------------------------------------------- internals
 
 
-def _pack(value: Any, buffers: list[memoryview]) -> Any:
+def _pack_leaf(value: Any, buffers: list[memoryview]) -> Any:
+    """What codec.to_plain leaves to the messages: arrays become buffer references, numpy scalars
+    Python ones."""
     if isinstance(value, np.ndarray):
         array = np.ascontiguousarray(value)
         # reshape(-1) first: memoryview cannot cast a view with a zero in its shape
         buffers.append(array.reshape(-1).data.cast("B"))
         return {"nd": len(buffers) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
-    if dataclasses.is_dataclass(value):
-        return {f.name: _pack(getattr(value, f.name), buffers) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        return [_pack(v, buffers) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def _build(cls: type, raw: Any, buffers: list[memoryview], where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise MessageError(f"{where}: expected a map of fields, got {type(raw).__name__}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = set(raw) - set(names)
-    if unknown:
-        raise MessageError(f"{where}: unknown field(s) {sorted(unknown)}")
-    values = {}
-    for field in dataclasses.fields(cls):
-        if field.name not in raw:
-            if field.default is dataclasses.MISSING:
-                raise MessageError(f"{where}: missing field {field.name!r}")
-            continue
-        values[field.name] = _unpack(hints[field.name], raw[field.name], buffers, f"{where}.{field.name}")
-    return cls(**values)
+def _build(cls: type[Any], raw: Any, buffers: list[memoryview], where: str) -> Any:
+    try:
+        return _CODEC.from_plain(cls, raw, buffers)
+    except codec.CodecError as exc:
+        raise MessageError(f"{codec.format_path((where, *exc.path))}: {exc.problem}") from None
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    # Resolving the annotations is most of a small message's decode time: once per class.
-    return get_type_hints(cls)
-
-
-def _unpack(hint: Any, raw: Any, buffers: list[memoryview], where: str) -> Any:
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is np.ndarray:
-        return _array(raw, buffers, where)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _build(hint, raw, buffers, where)
-    if origin in (Union, types.UnionType):
-        if raw is None and type(None) in args:
-            return None
-        (inner,) = (a for a in args if a is not type(None))
-        return _unpack(inner, raw, buffers, where)
-    if origin is tuple:
-        if not isinstance(raw, list):
-            raise MessageError(f"{where}: expected a list, got {type(raw).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_unpack(args[0], v, buffers, f"{where}[{i}]") for i, v in enumerate(raw))
-        if len(raw) != len(args):
-            raise MessageError(f"{where}: expected {len(args)} items, got {len(raw)}")
-        return tuple(_unpack(a, v, buffers, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, raw)))
-    if hint is float and isinstance(raw, int) and not isinstance(raw, bool):
-        return float(raw)
-    if hint in (int, float, str, bytes) and (type(raw) is not hint):
-        raise MessageError(f"{where}: expected {hint.__name__}, got {type(raw).__name__}")
-    return raw
-
-
-def _array(raw: Any, buffers: list[memoryview], where: str) -> np.ndarray:
-    if not isinstance(raw, dict) or set(raw) != {"nd", "dtype", "shape"}:
-        raise MessageError(f"{where}: expected an array reference {{nd, dtype, shape}}")
+def _array(raw: Any, buffers: list[memoryview]) -> np.ndarray:
+    """An array field: a reference {nd, dtype, shape} to one of the message's buffers."""
+    if not isinstance(raw, dict) or raw.keys() != _ARRAY_KEYS:
+        raise codec.CodecError((), "expected an array reference {nd, dtype, shape}")
     index, shape = raw["nd"], raw["shape"]
     if not isinstance(index, int) or not 0 <= index < len(buffers):
-        raise MessageError(f"{where}: buffer {index!r} missing, the message has {len(buffers)} buffer(s)")
+        raise codec.CodecError((), f"buffer {index!r} missing, the message has {len(buffers)} buffer(s)")
     try:
         dtype = np.dtype(raw["dtype"])
     except TypeError:
-        raise MessageError(f"{where}: unknown dtype {raw['dtype']!r}") from None
+        raise codec.CodecError((), f"unknown dtype {raw['dtype']!r}") from None
     if dtype.hasobject or not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise MessageError(f"{where}: bad dtype {raw['dtype']!r} or shape {shape!r}")
+        raise codec.CodecError((), f"bad dtype {raw['dtype']!r} or shape {shape!r}")
     expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     if buffers[index].nbytes != expected:
-        raise MessageError(
-            f"{where}: buffer {index} holds {buffers[index].nbytes} bytes, {dtype}{shape} needs {expected}"
-        )
+        raise codec.CodecError((), f"buffer {index} holds {buffers[index].nbytes} bytes, {dtype}{shape} "
+                                   f"needs {expected}")
     return np.frombuffer(buffers[index], dtype=dtype).reshape(shape)
+
+
+_ARRAY_KEYS = frozenset({"nd", "dtype", "shape"})
+_CODEC = codec.Codec(leaves={np.ndarray: _array})
