@@ -60,12 +60,13 @@ def assign_levels(boxes: Tensor, attrs: RoIAlignAttrs | None = None, num_levels:
     coordinate gives a NaN level, which in torchvision matches no level and leaves that box's
     output at zero; it is made explicit here as -1.
     """
-    a = attrs if attrs is not None else _LEVEL_DEFAULTS
+    mapper = attrs if attrs is not None else _LEVEL_DEFAULTS
+    k0, s0, k_min = mapper.canonical_level, mapper.canonical_scale, mapper.first_level
     s = torch.sqrt((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
-    lvl = torch.floor(a.canonical_level + torch.log2(s / a.canonical_scale) + torch.tensor(LEVEL_EPS, dtype=s.dtype))
-    lvl = torch.clamp(lvl, min=a.first_level, max=a.first_level + num_levels - 1)
+    lvl = torch.floor(k0 + torch.log2(s / s0) + torch.tensor(LEVEL_EPS, dtype=s.dtype))
+    lvl = torch.clamp(lvl, min=k_min, max=k_min + num_levels - 1)
     nan = torch.isnan(lvl)
-    index = torch.where(nan, torch.zeros_like(lvl), lvl - a.first_level).to(torch.int64)
+    index = torch.where(nan, torch.zeros_like(lvl), lvl - k_min).to(torch.int64)
     return torch.where(nan, torch.full_like(index, -1), index)
 
 
