@@ -2,10 +2,11 @@
 
 A cycle hidden behind an import inside a function still ties two modules into one: neither can
 be read, tested or replaced alone, and the lazy import only hides the order problem until the
-day someone moves it to the top. So every import counts here, wherever it is written (module
-level, inside functions, under `if TYPE_CHECKING`), and the graph of the package's own modules
-must be acyclic. The modules are the files of the design card's four folders, parsed with `ast`,
-not imported: the graph is what the source says, whatever is installed.
+day someone moves it to the top. So every import that can run counts here, wherever it is
+written (module level, inside functions and methods), and the graph of the package's own modules
+must be acyclic. Imports under `if TYPE_CHECKING:` never run and are left out. The modules are
+the files of the design card's four folders, parsed with `ast`, not imported: the graph is what
+the source says, whatever is installed.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def imports_of(module: str, path: Path, known: dict[str, Path]) -> set[str]:
     `import a.b` is an edge to a.b; `from a import n` to the module a.n when there is one, else
     to a (n is a name defined in a); relative imports are resolved against `module`."""
     edges = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             edges.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -46,6 +47,19 @@ def imports_of(module: str, path: Path, known: dict[str, Path]) -> set[str]:
                 base = ".".join([*anchor, node.module] if node.module else anchor)
             edges.update(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names)
     return {name for name in edges if name in known and name != module}
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of `tree` except the bodies of `if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`)."""
+    nodes, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return nodes
 
 
 def import_graph(dirs: dict[str, Path]) -> dict[str, set[str]]:
@@ -89,17 +103,18 @@ def test_find_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_lazy_relative_and_from_package_imports_are_edges(tmp_path):
+def test_lazy_relative_and_from_package_imports_are_edges_type_only_ones_not(tmp_path):
     folder = tmp_path / "pkg"
     (folder / "sub").mkdir(parents=True)
     (folder / "__init__.py").write_text("")
     (folder / "sub" / "__init__.py").write_text("from .c import VALUE\n")
     (folder / "a.py").write_text("def f():\n    from . import b\n    return b\n")
     (folder / "b.py").write_text("from pkg.sub import VALUE\n\ndef g():\n    import pkg.a\n")
-    (folder / "sub" / "c.py").write_text("VALUE = 1\n")
+    (folder / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.b\n"
+                                         "else:\n    import pkg.sub\nVALUE = 1\n")
     graph = import_graph({"pkg": folder})
     assert graph == {"pkg": set(), "pkg.sub": {"pkg.sub.c"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.sub", "pkg.a"},
-                     "pkg.sub.c": set()}
+                     "pkg.sub.c": {"pkg.sub"}}  # a type-only import is no edge
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
 
 
