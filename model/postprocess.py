@@ -1,32 +1,28 @@
-"""After inference: boxes back to frame pixels, masks pasted into their boxes, COCO RLE.
+"""After inference: boxes back to frame pixels, masks pasted into their boxes, box-cropped RLE.
 
 `rescale_boxes` and `paste_masks_in_image` reproduce torchvision's
 `transform.resize_boxes` and `roi_heads.paste_masks_in_image` operation for operation
 (same float32 ratios, same box expansion, same int64 truncation, same bilinear
 `F.interpolate`), so our masks are bit-identical to torchvision's. The pipeline never
 ships full-frame masks: `paste_mask_cropped` / `encode_box_cropped_rle` give the part of
-one pasted mask that lies inside the frame, plus where it goes.
+one pasted mask that lies inside the frame, plus where it goes. The RLE itself, and decoding
+it, is torch-free and lives in `model.rle`.
 
 Arrays may be numpy or torch; results come back as the same kind as the main input.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
+from maskstream.model.rle import _check_hw, encode_crop_rle
 
 __all__ = [
-    "decode_box_cropped_rle",
-    "decode_rle",
     "encode_box_cropped_rle",
-    "encode_rle",
-    "mask_iou_rle",
     "paste_mask_cropped",
     "paste_masks_in_image",
     "rescale_boxes",
@@ -183,40 +179,7 @@ def _paste_one(
     return resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0], (x0, y0)
 
 
-# --------------------------------------------------------------------------- RLE
-
-
-def encode_rle(binary_mask: np.ndarray | torch.Tensor) -> dict[str, Any]:
-    """COCO compressed RLE of a [H,W] mask (nonzero = foreground), counts as str (JSON-able)."""
-    m = _as_numpy(binary_mask, "binary_mask")
-    if m.ndim != 2 or m.dtype not in (np.bool_, np.uint8):
-        raise ValueError(
-            f"binary_mask: expected a [H, W] bool or uint8 mask, got {m.dtype} {list(m.shape)}"
-        )
-    # pycocotools reads column-major uint8 and starts a run at every change of value,
-    # so 0/255 or 0/2 masks must become 0/1 first.
-    rle = mask_utils.encode(np.asfortranarray(m != 0, dtype=np.uint8))
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    return {"size": [int(s) for s in rle["size"]], "counts": counts}
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """[H,W] uint8 0/1 mask of a COCO RLE (compressed str/bytes or uncompressed list)."""
-    coco = _coco_rle(rle, "rle")
-    with warnings.catch_warnings():
-        # pycocotools' array wrapper predates numpy 2's `copy` keyword; harmless noise
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        return np.ascontiguousarray(mask_utils.decode(coco))
-
-
-def mask_iou_rle(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Intersection over union of two RLE masks of the same size (0.0 if both empty)."""
-    ra, rb = _coco_rle(a, "a"), _coco_rle(b, "b")
-    if list(ra["size"]) != list(rb["size"]):
-        raise ValueError(f"b: expected an RLE of size {ra['size']} like a, got {rb['size']}")
-    return float(np.asarray(mask_utils.iou([ra], [rb], [0]))[0, 0])
+# --------------------------------------------------------------------------- box-cropped RLE
 
 
 def encode_box_cropped_rle(
@@ -228,52 +191,12 @@ def encode_box_cropped_rle(
     """One instance for the wire: RLE of its in-frame crop and that crop's box.
 
     The crop box (x0, y0, x1, y1) is in frame pixels with exclusive ends, so the RLE's
-    size is [y1 - y0, x1 - x0]. Foreground is `prob > threshold` (COCO eval uses 0.5).
+    size is [y1 - y0, x1 - x0] (`model.rle` holds the format and decodes it). Foreground
+    is `prob > threshold` (COCO eval uses 0.5).
     """
     probs, _ = _as_tensor(mask_probs, "mask_probs")
-    crop, (x0, y0) = paste_mask_cropped(probs, box, img_hw)
-    binary = (crop > threshold).numpy()
-    h, w = binary.shape
-    return encode_rle(binary), (x0, y0, x0 + w, y0 + h)
-
-
-def decode_box_cropped_rle(
-    rle: dict[str, Any], crop_box: Sequence[int], img_hw: Sequence[int]
-) -> np.ndarray:
-    """Full-frame [H,W] uint8 mask from `encode_box_cropped_rle`'s output."""
-    x0, y0, x1, y1 = (int(v) for v in crop_box)
-    crop = decode_rle(rle)
-    if crop.shape != (y1 - y0, x1 - x0):
-        raise ValueError(
-            f"crop_box: {tuple(crop_box)} implies a {y1 - y0}x{x1 - x0} crop, "
-            f"but the RLE is {crop.shape[0]}x{crop.shape[1]}"
-        )
-    return uncrop(crop, (x0, y0), img_hw)
-
-
-def _coco_rle(rle: Any, name: str) -> Any:
-    """Validated copy of an RLE dict in the form pycocotools' C code accepts."""
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(
-            f"{name}: expected a COCO RLE dict with 'size' and 'counts', got {rle!r:.80}"
-        )
-    size = rle["size"]
-    if (
-        not isinstance(size, (list, tuple))
-        or len(size) != 2
-        or not all(isinstance(s, (int, np.integer)) and s >= 0 for s in size)
-    ):
-        raise ValueError(f"{name}: expected 'size' [H, W] of non-negative ints, got {size!r}")
-    h, w = int(size[0]), int(size[1])
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    if isinstance(counts, list):  # uncompressed, as in COCO iscrowd annotations
-        uncompressed: Any = {"size": [h, w], "counts": counts}
-        return mask_utils.frPyObjects(uncompressed, h, w)
-    if isinstance(counts, bytes):
-        return {"size": [h, w], "counts": counts}
-    raise ValueError(f"{name}: expected 'counts' str, bytes or list, got {type(counts).__name__}")
+    crop, origin = paste_mask_cropped(probs, box, img_hw)
+    return encode_crop_rle((crop > threshold).numpy(), origin)
 
 
 # --------------------------------------------------------------------------- checks
@@ -290,14 +213,6 @@ def _as_tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
     raise ValueError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return x
-    raise ValueError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
-
-
 def _back(t: torch.Tensor, to_numpy: bool) -> np.ndarray | torch.Tensor:
     return t.numpy() if to_numpy else t
 
@@ -307,17 +222,6 @@ def _check_boxes(t: torch.Tensor, name: str) -> None:
         raise ValueError(
             f"{name}: expected floating [N, 4] xyxy boxes, got {t.dtype} {list(t.shape)}"
         )
-
-
-def _check_hw(hw: Sequence[int], name: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in hw)
-        ok = all(int(v) == v for v in hw)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or h <= 0 or w <= 0:
-        raise ValueError(f"{name}: expected (height, width) positive ints, got {hw!r}")
-    return h, w
 
 
 def _check_padding(padding: int) -> None:

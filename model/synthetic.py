@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from maskstream.model.postprocess import encode_rle
+from maskstream.model.rle import encode_rle
 
 __all__ = [
     "CLASS_NAMES",

@@ -20,25 +20,31 @@ produced, so a jump in seq is a frame that was dropped (by a live stage under lo
 this socket's high-water mark). `sub.last_gap` is how many frames were missing just before
 the last message returned; `sub.stats[stream]` keeps the totals.
 
-`masks`, `mask`, `crop_rles`, `rles` and `to_json` work on any Detections, however it was
-obtained; `to_json` is also the line format of `maskstream subscribe` and of JSONL outputs.
+`masks`, `mask`, `crop_rles`, `rles`, `to_json` and `SeqTracker` are `pipeline.results`'s,
+re-exported here: they work on any Detections, however it was obtained; `to_json` is also the
+line format of `maskstream subscribe` and of JSONL outputs. Neither module imports torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import msgpack
-import numpy as np
-import pycocotools.mask as mask_utils
 import zmq
+from maskstream.pipeline.results import (
+    Published,
+    SeqTracker,
+    StreamStats,
+    crop_rles,
+    mask,
+    masks,
+    rles,
+    to_json,
+)
 from maskstream.pipeline.runtime.messages import SCHEMA_VERSION, Detections, EndOfStream, Message, MessageError, decode
 
 __all__ = [
@@ -53,166 +59,9 @@ __all__ = [
     "to_json",
 ]
 
-Published = Detections | EndOfStream
-
 
 class SchemaVersionError(MessageError):
     """The publisher speaks another wire-schema version than this client reads."""
-
-
-# ---------------------------------------------------------------------------- masks
-
-
-def crop_rles(det: Detections) -> list[dict[str, Any]]:
-    """pycocotools RLE objects of the instances' crops (size [y1 - y0, x1 - x0] of crop_boxes[i])."""
-    out = []
-    for i, counts in enumerate(det.rle_counts):
-        x0, y0, x1, y1 = (int(v) for v in det.crop_boxes[i])
-        out.append({"size": [y1 - y0, x1 - x0], "counts": counts})
-    return out
-
-
-def mask(det: Detections, i: int) -> np.ndarray:
-    """Full-frame uint8 0/1 mask [H, W] of instance i."""
-    out = np.zeros(det.frame_hw, dtype=np.uint8)
-    _paste_crop(det, i, out)
-    return out
-
-
-def masks(det: Detections) -> np.ndarray:
-    """Full-frame uint8 0/1 masks [N, H, W] of all instances (N may be 0)."""
-    out = np.zeros((len(det.rle_counts), *det.frame_hw), dtype=np.uint8)
-    for i in range(len(det.rle_counts)):
-        _paste_crop(det, i, out[i])
-    return out
-
-
-def _paste_crop(det: Detections, i: int, out: np.ndarray) -> None:
-    # model.postprocess.decode_box_cropped_rle does the same, but importing it pulls in torch
-    # (~2 s and hundreds of MB), which a downstream subscriber should not have to pay for.
-    where = f"stream {det.header.stream_id!r} seq {det.header.seq} instance {i}"
-    if not 0 <= i < len(det.rle_counts):
-        raise IndexError(f"{where}: no such instance, the frame has {len(det.rle_counts)}")
-    height, width = out.shape
-    x0, y0, x1, y1 = (int(v) for v in det.crop_boxes[i])
-    if not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
-        raise ValueError(f"{where}: crop box {(x0, y0, x1, y1)} does not fit in a {height}x{width} frame")
-    if x1 == x0 or y1 == y0:  # the box lay wholly outside the frame: an empty mask
-        return
-    try:
-        with warnings.catch_warnings():
-            # pycocotools' array wrapper predates numpy 2's `copy` keyword; harmless noise
-            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-            crop = mask_utils.decode({"size": [y1 - y0, x1 - x0], "counts": det.rle_counts[i]})
-    except Exception as exc:  # pycocotools raises assorted types for corrupt counts
-        raise ValueError(f"{where}: RLE counts do not decode ({type(exc).__name__}: {exc})") from None
-    out[y0:y1, x0:x1] = crop
-
-
-def rles(det: Detections) -> list[dict[str, Any]]:
-    """Full-frame pycocotools RLE objects ({"size": [H, W], "counts": bytes}), as COCO results want.
-
-    Built by decoding each crop, placing it in the frame and re-encoding: O(H*W) per
-    instance, which is fine for writing results, not for a hot loop."""
-    out: list[dict[str, Any]] = []
-    for i in range(len(det.rle_counts)):
-        rle = mask_utils.encode(np.asfortranarray(mask(det, i)))
-        out.append({"size": list(rle["size"]), "counts": rle["counts"]})
-    return out
-
-
-# ---------------------------------------------------------------------------- sequence gaps
-
-
-@dataclass(frozen=True)
-class StreamStats:
-    """What a reader has seen of one stream.
-
-    missed: frames whose seq never arrived, summed over gaps (frames before the first one
-    received are not counted: a reader that joins late has not missed them); gaps: how many
-    jumps; restarts: how often seq went backwards (the stream began again)."""
-
-    received: int = 0
-    missed: int = 0
-    gaps: int = 0
-    restarts: int = 0
-    first_seq: int | None = None
-    last_seq: int | None = None
-    ended: bool = False
-    error: str = ""
-
-
-class SeqTracker:
-    """Per-stream seq bookkeeping, shared by the Subscriber and the JSONL writer."""
-
-    def __init__(self) -> None:
-        self.stats: dict[str, StreamStats] = {}
-
-    def observe(self, message: Published) -> int:
-        """Record one message; returns how many frames were missing just before it."""
-        sid, seq = message.header.stream_id, message.header.seq
-        ended = isinstance(message, EndOfStream)
-        before = self.stats.get(sid)
-        if before is None:
-            gap, restarted, before = 0, 0, StreamStats(first_seq=seq)
-        else:
-            expected = 0 if before.last_seq is None else before.last_seq + 1
-            restarted = int(before.ended or seq < expected)
-            gap = 0 if restarted else seq - expected
-        # An EndOfStream's seq is one past the last frame, so it also reveals dropped tail frames.
-        last = seq - 1 if ended else seq
-        self.stats[sid] = dataclasses.replace(
-            before,
-            received=before.received + 1,
-            missed=before.missed + gap,
-            gaps=before.gaps + (gap > 0),
-            restarts=before.restarts + restarted,
-            last_seq=last if last >= 0 else None,
-            ended=ended,
-            error=message.error if isinstance(message, EndOfStream) else "",
-        )
-        return gap
-
-
-# ---------------------------------------------------------------------------- JSON
-
-
-def to_json(message: Published, gap: int | None = None) -> dict[str, Any]:
-    """A JSON-able dict of a Detections or EndOfStream message (the JSONL line format).
-
-    Detections keep `maskstream segment`'s per-detection layout (box, label, class_name,
-    score, mask: {crop_box, rle: {size, counts as str}}), so one reader reads both."""
-    header = message.header
-    line: dict[str, Any] = {
-        "kind": type(message).__name__,
-        "stream_id": header.stream_id,
-        "seq": header.seq,
-        "pts_s": header.pts_s,
-        "stamps": [{"stage": s.stage, "start": s.start, "end": s.end} for s in header.stamps],
-        "drops": {stage: n for stage, n in header.drops},
-    }
-    if gap is not None:
-        line["gap"] = gap
-    if isinstance(message, EndOfStream):
-        line["error"] = message.error
-        return line
-    if not isinstance(message, Detections):
-        raise ValueError(f"to_json: expected Detections or EndOfStream, got {type(message).__name__}")
-    line["height"], line["width"] = (int(v) for v in message.frame_hw)
-    line["detections"] = [
-        {
-            "box": [round(float(v), 2) for v in message.boxes[i]],
-            "label": int(message.labels[i]),
-            "class_name": message.class_names[i],
-            "score": round(float(message.scores[i]), 4),
-            "mask": {
-                "crop_box": [int(v) for v in message.crop_boxes[i]],
-                "rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-            },
-        }
-        for i, rle in enumerate(crop_rles(message))
-    ]
-    return line
 
 
 # ---------------------------------------------------------------------------- the socket

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from maskstream.model.postprocess import decode_box_cropped_rle
+from maskstream.model.rle import decode_box_cropped_rle
 from maskstream.model.synthetic import make_scene
 from maskstream.pipeline.cli.main import main
 from maskstream.pipeline.media.images import read_rgb, write_rgb

@@ -19,7 +19,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import zmq
-from maskstream.model.postprocess import decode_box_cropped_rle
+from maskstream.model.rle import decode_box_cropped_rle
 from maskstream.pipeline.client import SchemaVersionError, SeqTracker, Subscriber, crop_rles, mask, masks, rles, to_json
 from maskstream.pipeline.runtime.messages import (
     SCHEMA_VERSION,

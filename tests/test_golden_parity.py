@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 from maskstream.model.config import StaticGraphConfig
-from maskstream.model.postprocess import decode_rle, encode_rle, mask_iou_rle, paste_masks_in_image
+from maskstream.model.postprocess import paste_masks_in_image
+from maskstream.model.rle import decode_rle, encode_rle, mask_iou_rle
 from maskstream.model.static import OUTPUT_NAMES, StaticMaskRCNN, export, pad_value
 from maskstream.pipeline.media.images import read_rgb
 

@@ -8,7 +8,7 @@ import json
 import av
 import numpy as np
 import pytest
-from maskstream.model.postprocess import decode_box_cropped_rle, encode_rle
+from maskstream.model.rle import decode_box_cropped_rle, encode_rle
 from maskstream.pipeline.media.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter, OutputError
 from maskstream.pipeline.media.video import clip_frame_number, write_test_clip
 from pycocotools.coco import COCO

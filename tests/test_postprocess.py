@@ -4,16 +4,13 @@ import numpy as np
 import pytest
 import torch
 from maskstream.model.postprocess import (
-    decode_box_cropped_rle,
-    decode_rle,
     encode_box_cropped_rle,
-    encode_rle,
-    mask_iou_rle,
     paste_mask_cropped,
     paste_masks_in_image,
     rescale_boxes,
     uncrop,
 )
+from maskstream.model.rle import decode_box_cropped_rle, decode_rle, encode_rle
 
 from tests.conftest import REFERENCE
 
@@ -189,49 +186,6 @@ def test_rescale_boxes_uses_float32_ratios():
     assert rescale_boxes(torch.zeros((0, 4)), (10, 10), (5, 5)).shape == (0, 4)
 
 
-# ------------------------------------------------------------------ RLE
-
-
-def test_rle_round_trip():
-    g = np.random.default_rng(0)
-    cases = [
-        g.random((17, 23)) > 0.5,
-        np.zeros((5, 7), bool),
-        np.ones((5, 7), bool),
-        (g.random((9, 4)) > 0.3).astype(np.uint8) * 255,  # nonzero counts as foreground
-        torch.from_numpy(g.random((6, 6)) > 0.5),
-    ]
-    for mask in cases:
-        rle = encode_rle(mask)
-        assert isinstance(rle["counts"], str)
-        json.dumps(rle)
-        decoded = decode_rle(json.loads(json.dumps(rle)))
-        assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
-        np.testing.assert_array_equal(decoded, np.asarray(mask) != 0)
-
-
-def test_decode_uncompressed_and_bytes():
-    mask = np.zeros((4, 3), np.uint8)
-    mask[1:3, 1] = 1
-    # column-major runs: 5 zeros, 2 ones, 5 zeros
-    np.testing.assert_array_equal(decode_rle({"size": [4, 3], "counts": [5, 2, 5]}), mask)
-    rle = encode_rle(mask)
-    np.testing.assert_array_equal(
-        decode_rle({"size": rle["size"], "counts": rle["counts"].encode()}), mask
-    )
-
-
-def test_mask_iou_rle():
-    a = np.zeros((10, 10), bool)
-    b = np.zeros((10, 10), bool)
-    a[0:4, 0:4] = True  # 16
-    b[2:6, 2:6] = True  # 16, overlap 4
-    assert mask_iou_rle(encode_rle(a), encode_rle(b)) == pytest.approx(4 / 28)
-    assert mask_iou_rle(encode_rle(a), encode_rle(a)) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="b: expected an RLE of size"):
-        mask_iou_rle(encode_rle(a), encode_rle(np.zeros((3, 3), bool)))
-
-
 # ------------------------------------------------------------------ bad input
 
 
@@ -298,25 +252,8 @@ def test_mask_iou_rle():
             r"from_hw: expected \(height, width\)",
         ),
         (
-            lambda: encode_rle(np.zeros((2, 3, 1), bool)),
-            r"binary_mask: expected a \[H, W\] bool or uint8 mask, got bool \[2, 3, 1\]",
-        ),
-        (
-            lambda: encode_rle(np.zeros((2, 3), np.float32)),
-            r"binary_mask: expected a \[H, W\] bool or uint8 mask, got float32",
-        ),
-        (
-            lambda: decode_rle({"counts": "abc"}),
-            r"rle: expected a COCO RLE dict with 'size' and 'counts'",
-        ),
-        (lambda: decode_rle({"size": [2], "counts": "abc"}), r"rle: expected 'size' \[H, W\]"),
-        (
             lambda: uncrop(np.ones((3, 3)), (8, 0), (9, 9)),
             r"origin: crop of 3x3 at \(x0=8, y0=0\) does not fit in a 9x9 frame",
-        ),
-        (
-            lambda: decode_box_cropped_rle(encode_rle(np.ones((2, 2), bool)), (0, 0, 3, 2), (9, 9)),
-            r"crop_box: \(0, 0, 3, 2\) implies a 2x3 crop, but the RLE is 2x2",
         ),
     ],
 )

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-from maskstream.model.postprocess import decode_rle
+from maskstream.model.rle import decode_rle
 from maskstream.model.synthetic import (
     CLASS_NAMES,
     encode_png,

@@ -18,7 +18,8 @@ from maskstream.model.coco import class_names
 from maskstream.model.config import ModelConfig
 from maskstream.model.engine import build_engine
 from maskstream.model.fuse import fold_batch_norms
-from maskstream.model.postprocess import decode_box_cropped_rle, encode_box_cropped_rle
+from maskstream.model.postprocess import encode_box_cropped_rle
+from maskstream.model.rle import decode_box_cropped_rle
 from maskstream.model.synthetic import write_sample_images
 from maskstream.pipeline.cli.bench import add_parsers as add_bench_parsers
 from maskstream.pipeline.cli.run import add_parsers as add_run_parsers

@@ -30,14 +30,12 @@ from typing import IO, Any
 
 import av
 import numpy as np
-from maskstream.pipeline.client import SeqTracker, masks, rles, to_json
 from maskstream.pipeline.media.annotate import draw_detections
 from maskstream.pipeline.media.video import VideoWriter
+from maskstream.pipeline.results import Published, SeqTracker, masks, rles, to_json
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 
 __all__ = ["AnnotatedVideoWriter", "CocoResultsWriter", "JsonlWriter", "OutputError"]
-
-Published = Detections | EndOfStream
 
 
 class OutputError(OSError):
@@ -91,7 +89,7 @@ def _open_for_writing(path: Path) -> IO[str]:
 
 
 class JsonlWriter(_Writer):
-    """One JSON line per message (`pipeline.client.to_json`, with "gap"; format in docs/schema.md).
+    """One JSON line per message (`pipeline.results.to_json`, with "gap"; format in docs/schema.md).
 
     Detections lines carry the frame; an EndOfStream line ends a stream (its "error" says
     why when the source failed). Several streams may share one file: lines carry stream_id."""

@@ -142,7 +142,7 @@ class Detections:
 
     Masks are box-cropped COCO RLE: mask i covers crop_boxes[i] (x0, y0, x1, y1, ends
     exclusive) and its RLE has size [y1 - y0, x1 - x0]; full-frame masks never travel.
-    `model.postprocess.decode_box_cropped_rle` rebuilds the full-frame mask."""
+    `model.rle.decode_box_cropped_rle` (or `pipeline.results.masks`) rebuilds the full-frame masks."""
 
     header: Header
     frame_hw: tuple[int, int]
