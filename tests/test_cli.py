@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from maskstream.model.rle import decode_box_cropped_rle
 from maskstream.model.synthetic import make_scene
 from maskstream.pipeline.cli.main import main
 from maskstream.pipeline.media.images import read_rgb, write_rgb
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_segment_writes_results_and_survives_a_bad_file(tmp_path, capsys):
@@ -52,3 +57,47 @@ def test_run_and_bench_take_the_same_model_options():
         cfg = to_config(parser.parse_args([command, "--precision", "fp16", "--device", "cpu"]))
         assert (cfg.model.precision, cfg.model.device) == ("fp16", "cpu"), command
         assert to_config(parser.parse_args([command])).model.precision is None  # fp32, or the engine's own
+
+
+# Each CLI handler imports its heavy dependencies itself (cli/main.py says why): a torch import put
+# back at the top of any CLI module, or of a module they import to build the parser, fails these.
+STARTUP_PROBE = """
+import argparse, socket, sys
+from maskstream.pipeline.cli.main import build_parser, main
+
+commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+for argv in (["--help"], *([command, "--help"] for command in commands)):
+    try:
+        main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, argv
+with socket.socket() as s:  # a port nobody publishes on: subscribe starts, waits, times out
+    s.bind(("127.0.0.1", 0))
+    endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+assert main(["subscribe", endpoint, "--timeout", "0.2", "--out", sys.argv[1]]) == 1
+print(len(commands), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_help_and_subscribe_start_without_torch(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", STARTUP_PROBE, str(tmp_path / "sub.jsonl")], cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    commands, imported = out.stdout.splitlines()[-1].split(" ", 1)  # after the help texts
+    assert int(commands) >= 9 and imported == "[]", out.stdout[-2000:]
+
+
+def test_module_entry_point_help_imports_no_torch():
+    """`python -m maskstream.pipeline.cli`, as a user and each spawned stage start it, seen by -X importtime."""
+    for args in (["--help"], ["subscribe", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "maskstream.pipeline.cli", *args], cwd=REPO,
+            capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0 and "usage: maskstream" in out.stdout, out.stderr[-2000:]
+        lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in lines}
+        assert "maskstream.pipeline.cli.main" in imported  # the measurement saw the CLI being imported
+        assert "torch" not in imported, args

@@ -25,23 +25,14 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from maskstream.pipeline.bench.measure import (
-    BenchError,
-    live_config,
-    machine,
-    measure,
-    repeat_sources,
-    search_rate,
-    summarize,
-    table,
-)
-from maskstream.pipeline.bench.plots import write_plots
+from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.cli.run import add_model_selection, run_config
 from maskstream.pipeline.config import ConfigError
-from maskstream.pipeline.media.sources import resolve_policy
-from maskstream.pipeline.run_config import CONFIG_DIR, RunConfig, model_config, write_sample_clip
+
+if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
+    from maskstream.pipeline.run_config import RunConfig
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -75,6 +66,8 @@ def add_parsers(subparsers: Any) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the first bad option."""
+    from maskstream.pipeline.media.sources import resolve_policy
+
     if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
         raise ValueError(f"--rate: expected frames/s > 0, got {args.rate}")
     if args.mode == "live" and args.rate is None and not args.find_rate:
@@ -100,6 +93,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def bench_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig of `maskstream run` with the same options, without file outputs."""
+    from maskstream.pipeline.bench.measure import repeat_sources
+
     namespace = argparse.Namespace(**{**vars(args), "out": None, "coco": None, "annotate": None, "metrics_port": None,
                                       "policy": None})
     cfg = run_config(namespace)
@@ -111,6 +106,18 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
 
 
 def bench(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.bench.measure import (
+        BenchError,
+        machine,
+        measure,
+        repeat_sources,
+        search_rate,
+        summarize,
+        table,
+    )
+    from maskstream.pipeline.bench.plots import write_plots
+    from maskstream.pipeline.run_config import write_sample_clip
+
     try:
         check_args(args)
         cfg = bench_config(args)
@@ -165,11 +172,15 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _live_run(cfg: RunConfig, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    from maskstream.pipeline.bench.measure import live_config, measure, summarize
+
     frames = args.max_frames or max(2, math.ceil(rate * args.duration))
     return summarize(measure(live_config(cfg, rate, args.streams, frames)), "live", rate)
 
 
 def _model_description(cfg: RunConfig) -> dict[str, Any]:
+    from maskstream.pipeline.run_config import model_config
+
     model_cfg, checkpoint = model_config(cfg.model)
     return {"variant": model_cfg.variant, "config": str(cfg.model.config) if cfg.model.config else "bundled default",
             "checkpoint": str(checkpoint) if checkpoint else None, "engine": str(cfg.model.engine or "") or None,

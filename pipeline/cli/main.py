@@ -1,34 +1,33 @@
-"""`maskstream` command line. The only module that prints or exits."""
+"""`maskstream` command line. The only module that prints or exits.
+
+Building the parser imports only light modules; each command's handler imports its heavy
+dependencies (torch, the model, the pipeline runtime, PyAV, OpenCV) inside itself. `maskstream
+--help` and `maskstream subscribe` then start without torch, and so does every stage process
+that a run spawns: spawn imports the `maskstream` script, and with it this module, again in
+each child. The other CLI modules follow the same rule.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import maskstream.model as model
-import torch
 from maskstream.configs import CONFIG_DIR
-from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from maskstream.model.checkpoint import CheckpointError
-from maskstream.model.coco import class_names
 from maskstream.model.config import ModelConfig
-from maskstream.model.engine import build_engine
-from maskstream.model.fuse import fold_batch_norms
-from maskstream.model.postprocess import encode_box_cropped_rle
-from maskstream.model.rle import decode_box_cropped_rle
-from maskstream.model.synthetic import write_sample_images
+from maskstream.pipeline.cli import prepare_torch
 from maskstream.pipeline.cli.bench import add_parsers as add_bench_parsers
 from maskstream.pipeline.cli.run import add_parsers as add_run_parsers
 from maskstream.pipeline.cli.subscribe import add_parsers as add_subscribe_parsers
 from maskstream.pipeline.cli.train import add_parsers as add_training_parsers
 from maskstream.pipeline.config import ConfigError, load_config
-from maskstream.pipeline.media.annotate import draw_detections
-from maskstream.pipeline.media.images import IMAGE_SUFFIXES, read_rgb, write_rgb
-from maskstream.plugins.tensorrt_env import TensorRTUnavailable, tensorrt_version, torch_tensorrt_version
+from maskstream.plugins.tensorrt_env import TensorRTUnavailable
+
+if TYPE_CHECKING:
+    from maskstream.pipeline.runtime.messages import Detections, Header
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -40,6 +39,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
+    from maskstream.pipeline.media.images import IMAGE_SUFFIXES
+
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -51,6 +52,18 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 
 def segment(args: argparse.Namespace) -> int:
+    import torch
+    from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+    from maskstream.model.coco import class_names
+    from maskstream.model.fuse import fold_batch_norms
+    from maskstream.model.mask_rcnn import build
+    from maskstream.model.synthetic import write_sample_images
+    from maskstream.pipeline.media.annotate import draw_detections
+    from maskstream.pipeline.media.images import read_rgb, write_rgb
+    from maskstream.pipeline.results import frame_record, masks
+    from maskstream.pipeline.runtime.messages import Header
+
+    prepare_torch()
     out_dir = Path(args.out)
     if args.checkpoint is None and args.config is None and args.variant == "lite" and BUNDLED_CHECKPOINT.is_file():
         # The default: the bundled lite model, trained on the synthetic shapes the sample scenes show.
@@ -66,14 +79,14 @@ def segment(args: argparse.Namespace) -> int:
             "not meaningful",
             file=sys.stderr,
         )
-    net = fold_batch_norms(model.build(config=cfg, checkpoint=args.checkpoint, weights_backbone=weights_backbone))
+    net = fold_batch_norms(build(config=cfg, checkpoint=args.checkpoint, weights_backbone=weights_backbone))
     names = class_names(cfg.num_classes, cfg.class_names)
 
     paths = image_paths(args.images) if args.images else write_sample_images(out_dir / "samples", count=4, seed=0)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     with open(out_dir / "results.jsonl", "w", encoding="utf-8") as results:
-        for path in paths:
+        for index, path in enumerate(paths):
             try:
                 image = read_rgb(path)
             except (OSError, ValueError) as exc:  # one bad file never stops the others
@@ -81,33 +94,43 @@ def segment(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
             start = time.perf_counter()
-            [det] = net.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
+            [out] = net.predict([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
             seconds = time.perf_counter() - start
-            record = {"image": str(path), "height": image.shape[0], "width": image.shape[1], "detections": []}
-            full_masks = []
-            for box, label, score, probs in zip(det["boxes"], det["labels"], det["scores"], det["mask_probs"]):
-                rle, crop_box = encode_box_cropped_rle(probs, box, image.shape[:2])
-                record["detections"].append(
-                    {
-                        "box": [round(float(v), 2) for v in box],
-                        "label": int(label),
-                        "class_name": names[int(label)],
-                        "score": round(float(score), 4),
-                        "mask": {"crop_box": list(crop_box), "rle": rle},
-                    }
-                )
-                full_masks.append(decode_box_cropped_rle(rle, crop_box, image.shape[:2]))
-            results.write(json.dumps(record) + "\n")
-            annotated = draw_detections(
-                image, det["boxes"].numpy(), det["labels"].numpy(), det["scores"].numpy(), full_masks, names
-            )
+            # An image is a one-frame stream: the same Detections the pipeline publishes, so its
+            # record and masks come from the same code as `maskstream run`'s.
+            det = image_detections(out, Header(path.stem, index), image.shape[:2], names)
+            results.write(json.dumps({"image": str(path), **frame_record(det)}) + "\n")
+            annotated = draw_detections(image, det.boxes, det.labels, det.scores, masks(det), names)
             write_rgb(out_dir / "annotated" / f"{path.stem}.png", annotated)
-            print(f"{path.name}: {len(full_masks)} detections in {seconds:.2f} s")
+            print(f"{path.name}: {len(det.rle_counts)} detections in {seconds:.2f} s")
     print(f"wrote {out_dir / 'results.jsonl'} and {out_dir / 'annotated'}/")
     return 1 if failures else 0
 
 
+def image_detections(
+    out: dict[str, Any], header: Header, image_hw: tuple[int, ...], names: Sequence[str]
+) -> Detections:
+    """MaskRCNN.predict's output for one image (boxes in image pixels) as a Detections message."""
+    import numpy as np
+    from maskstream.model.postprocess import encode_box_cropped_rle
+    from maskstream.pipeline.runtime.messages import Detections
+
+    frame_hw = (int(image_hw[0]), int(image_hw[1]))
+    crop_boxes, counts = np.zeros((len(out["boxes"]), 4), dtype=np.int32), []
+    for i, (box, probs) in enumerate(zip(out["boxes"], out["mask_probs"])):
+        rle, crop_boxes[i] = encode_box_cropped_rle(probs, box, frame_hw)
+        counts.append(rle["counts"].encode("ascii"))
+    labels = out["labels"].numpy().astype(np.int32)
+    return Detections(
+        header, frame_hw, out["boxes"].numpy(), out["scores"].numpy(), labels,
+        tuple(names[label] for label in labels.tolist()), crop_boxes, tuple(counts),
+    )
+
+
 def build_engine_command(args: argparse.Namespace) -> int:
+    from maskstream.model.engine import build_engine
+
+    prepare_torch()
     cfg = model_config(args)
     out = Path(args.out)
     manifest = build_engine(args.checkpoint, cfg, out, precision=args.precision)
@@ -120,6 +143,9 @@ def build_engine_command(args: argparse.Namespace) -> int:
 
 def _package(module: str, distribution: str) -> str:
     """Version of an optional package found without importing it (importing zmq is the transport's job)."""
+    import importlib.metadata
+    import importlib.util
+
     if importlib.util.find_spec(module) is None:
         return "not installed"
     try:
@@ -129,7 +155,11 @@ def _package(module: str, distribution: str) -> str:
 
 
 def doctor(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import torch
     from maskstream.model.runners import RunnerSpec, runner_choice
+    from maskstream.plugins.tensorrt_env import tensorrt_version, torch_tensorrt_version
 
     cuda_build = torch.version.cuda
     if torch.cuda.is_available():
@@ -202,13 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Process-wide, so it belongs to the entry point: float32 denormals (which untrained or
-    # badly scaled weights produce in deep activations) made R50-FPN features 1.4-3x slower
-    # here, and flushing them changes nothing a detector can see.
-    torch.set_flush_denormal(True)
+    # ValueError also covers model.checkpoint's CheckpointError, a module that imports torch
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, TensorRTUnavailable) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, TensorRTUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

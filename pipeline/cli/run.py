@@ -21,24 +21,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.config import ConfigError, load_config
-from maskstream.pipeline.media.video import VideoError, probe
-from maskstream.pipeline.run_config import (
-    CONFIG_DIR,
-    ModelSelection,
-    RunConfig,
-    default_model,
-    default_outputs,
-    has_outputs,
-    plan,
-    write_sample_clip,
-)
-from maskstream.pipeline.runtime.metrics import MetricsBoard, MetricsServer
-from maskstream.pipeline.runtime.supervisor import RunReport, SteadyRate, Supervisor
 
-_SELECTION_FIELDS = {f.name for f in dataclasses.fields(ModelSelection)}
+if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
+    from maskstream.pipeline.run_config import ModelSelection, RunConfig
+    from maskstream.pipeline.runtime.supervisor import RunReport, SteadyRate, Supervisor
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -75,11 +65,14 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
+    from maskstream.pipeline.run_config import ModelSelection, RunConfig
+
+    selection_fields = {f.name for f in dataclasses.fields(ModelSelection)}
     pipeline_sets, model_sets = [], []
     for item in args.set:
         key = item.partition("=")[0].strip()
         parts = key.split(".")
-        if parts[0] == "model" and len(parts) > 1 and parts[1] not in _SELECTION_FIELDS:
+        if parts[0] == "model" and len(parts) > 1 and parts[1] not in selection_fields:
             model_sets.append(item.split(".", 1)[1])
         else:
             pipeline_sets.append(item)
@@ -106,6 +99,10 @@ def _replace(obj: Any, keys: list[str], value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.run_config import default_outputs, has_outputs, plan, write_sample_clip
+    from maskstream.pipeline.runtime.metrics import MetricsBoard, MetricsServer
+    from maskstream.pipeline.runtime.supervisor import SteadyRate, Supervisor
+
     try:
         cfg = run_config(args)
     except ConfigError as exc:
@@ -163,6 +160,8 @@ def _sample_score(truth: Path, results: Path) -> str:
 
 
 def _model_note(selection: ModelSelection) -> None:
+    from maskstream.pipeline.run_config import default_model
+
     if selection.engine is not None:
         return
     if selection.config is None and selection.checkpoint is None:
@@ -178,6 +177,8 @@ def _model_note(selection: ModelSelection) -> None:
 
 
 def _frame_count(url: str) -> int | None:
+    from maskstream.pipeline.media.video import VideoError, probe
+
     try:
         return probe(url).frames or None
     except (VideoError, OSError, ValueError):

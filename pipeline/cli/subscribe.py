@@ -12,11 +12,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from maskstream.pipeline.client import SchemaVersionError, Subscriber, to_json
-from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
-from maskstream.pipeline.runtime.messages import MessageError
+if TYPE_CHECKING:  # the handler imports these itself: see cli/main.py
+    from maskstream.pipeline.client import Subscriber
+    from maskstream.pipeline.media.outputs import JsonlWriter
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -45,6 +45,9 @@ def _positive_int(text: str) -> int:
 
 
 def subscribe(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.client import Subscriber
+    from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
+
     status = 0
     with Subscriber(args.endpoint, streams=args.streams, timeout_s=args.timeout) as sub:
         try:
@@ -77,6 +80,10 @@ def subscribe(args: argparse.Namespace) -> int:
 
 
 def _receive(sub: Subscriber, writer: JsonlWriter | None, count: int | None) -> int:
+    from maskstream.pipeline.client import SchemaVersionError
+    from maskstream.pipeline.results import to_json
+    from maskstream.pipeline.runtime.messages import MessageError
+
     received = 0
     while count is None or received < count:
         try:

@@ -10,15 +10,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from maskstream.model.config import ModelConfig
-from maskstream.model.datasets import Dataset, DatasetSpec, SyntheticSpec, open_dataset
-from maskstream.model.evaluate import EvalReport, evaluate, metrics_table, write_results
-from maskstream.model.mask_rcnn import MaskRCNN, build
-from maskstream.model.train import IterationRecord, TrainConfig, check_classes, pick_device, train
+from maskstream.pipeline.cli import prepare_torch
 from maskstream.pipeline.config import dump_config, load_config
+
+if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
+    from maskstream.model.datasets import Dataset
+    from maskstream.model.evaluate import EvalReport
+    from maskstream.model.mask_rcnn import MaskRCNN
+    from maskstream.model.train import IterationRecord
 
 # --------------------------------------------------------------------------- progress
 
@@ -72,6 +75,12 @@ def describe_dataset(name: str, data: Dataset) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    import torch
+    from maskstream.model.datasets import open_dataset
+    from maskstream.model.mask_rcnn import build
+    from maskstream.model.train import TrainConfig, check_classes, train
+
+    prepare_torch()
     cfg = load_config(TrainConfig, args.config, args.set)
     model_cfg = load_model_config(cfg.model.config, cfg.model.overrides)
     if cfg.threads > 0:
@@ -127,6 +136,8 @@ def build_engine_after_training(checkpoint: Path, model_cfg: ModelConfig, out: P
 
 
 def run_eval(net: MaskRCNN, data: Dataset, class_agnostic: bool, results_path: Path) -> EvalReport:
+    from maskstream.model.evaluate import evaluate, metrics_table, write_results
+
     report = evaluate(net, data, class_agnostic=class_agnostic, progress=eval_progress)
     write_results(results_path, report.results)
     (results_path.with_name(results_path.stem + "_metrics.json")).write_text(
@@ -155,6 +166,11 @@ def eval_model_config(args: argparse.Namespace) -> Path:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from maskstream.model.datasets import DatasetSpec, SyntheticSpec, open_dataset
+    from maskstream.model.mask_rcnn import build
+    from maskstream.model.train import pick_device
+
+    prepare_torch()
     if args.checkpoint is None:
         args.checkpoint = BUNDLED_CHECKPOINT
     model_cfg = load_model_config(eval_model_config(args), args.set)
