@@ -1,12 +1,12 @@
-"""After inference: boxes back to frame pixels, masks pasted into their boxes, box-cropped RLE.
+"""After inference: boxes back to frame pixels, masks pasted into their boxes.
 
 `rescale_boxes` and `paste_masks_in_image` reproduce torchvision's
 `transform.resize_boxes` and `roi_heads.paste_masks_in_image` operation for operation
 (same float32 ratios, same box expansion, same int64 truncation, same bilinear
 `F.interpolate`), so our masks are bit-identical to torchvision's. The pipeline never
-ships full-frame masks: `paste_mask_cropped` / `encode_box_cropped_rle` give the part of
-one pasted mask that lies inside the frame, plus where it goes. The RLE itself, and decoding
-it, is torch-free and lives in `model.rle`.
+ships full-frame masks: `paste_mask_cropped` gives the part of one pasted mask that lies
+inside the frame, plus where it goes; `model.rle.encode_box_cropped_rle` does the same paste in
+numpy (the postprocess stage runs without torch) and encodes it for the wire.
 
 Arrays may be numpy or torch; results come back as the same kind as the main input.
 """
@@ -19,10 +19,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from maskstream.model.rle import _check_hw, encode_crop_rle
+from maskstream.model.rle import _check_hw
 
 __all__ = [
-    "encode_box_cropped_rle",
     "paste_mask_cropped",
     "paste_masks_in_image",
     "rescale_boxes",
@@ -177,26 +176,6 @@ def _paste_one(
         padded.expand((1, 1, -1, -1)), size=(h, w), mode="bilinear", align_corners=False
     )[0, 0]  # [h, w]
     return resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0], (x0, y0)
-
-
-# --------------------------------------------------------------------------- box-cropped RLE
-
-
-def encode_box_cropped_rle(
-    mask_probs: np.ndarray | torch.Tensor,
-    box: Any,
-    img_hw: Sequence[int],
-    threshold: float = 0.5,
-) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
-    """One instance for the wire: RLE of its in-frame crop and that crop's box.
-
-    The crop box (x0, y0, x1, y1) is in frame pixels with exclusive ends, so the RLE's
-    size is [y1 - y0, x1 - x0] (`model.rle` holds the format and decodes it). Foreground
-    is `prob > threshold` (COCO eval uses 0.5).
-    """
-    probs, _ = _as_tensor(mask_probs, "mask_probs")
-    crop, origin = paste_mask_cropped(probs, box, img_hw)
-    return encode_crop_rle((crop > threshold).numpy(), origin)
 
 
 # --------------------------------------------------------------------------- checks

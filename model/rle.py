@@ -1,14 +1,21 @@
 """COCO run-length encoding of masks, and the box-cropped form the pipeline ships.
 
-numpy and pycocotools only, no torch: subscribers and the output writers decode masks with
-this module (through `pipeline.results`) without paying for the model's imports.
+numpy and pycocotools only, no torch: the postprocess stage encodes masks with this module,
+and subscribers and the output writers decode them (through `pipeline.results`), without
+paying for the model's imports.
 
 Box-cropped RLE (docs/schema.md): an instance's mask travels as the COCO RLE of its part
 inside the frame, cut to `crop_box` (x0, y0, x1, y1 in frame pixels, ends exclusive), so the
-RLE's size is [y1 - y0, x1 - x0]. `encode_crop_rle` makes one from a binary crop and where it
-sits (`model.postprocess.encode_box_cropped_rle` first pastes the model's mask probabilities,
-which takes torch); `decode_box_cropped_rle` and `paste_box_cropped_rle` give the full-frame
-mask back.
+RLE's size is [y1 - y0, x1 - x0]. `encode_box_cropped_rle` makes one from the model's [M, M]
+mask probabilities and box (`encode_crop_rle` from a binary crop already cut to the frame);
+`decode_box_cropped_rle` and `paste_box_cropped_rle` give the full-frame mask back.
+
+The paste in `encode_box_cropped_rle` is torchvision's `paste_masks_in_image` (as
+`model.postprocess.paste_mask_cropped` does it in torch): the same box expansion in the box's
+dtype, the same integer box, the same source pixels and float32 weights of the bilinear
+resize. Only the last rounding of a blended value may differ from torch's CPU kernel (whose
+multiply-adds the compiler may fuse), so a pixel whose probability lies within one float32
+step of the threshold can fall the other way; every other pixel is decided as torch decides it.
 
 Masks may be numpy arrays or torch tensors (read through `.detach().cpu().numpy()`, without
 this module importing torch); results are numpy.
@@ -26,11 +33,16 @@ import pycocotools.mask as mask_utils
 __all__ = [
     "decode_box_cropped_rle",
     "decode_rle",
+    "encode_box_cropped_rle",
     "encode_crop_rle",
     "encode_rle",
     "mask_iou_rle",
     "paste_box_cropped_rle",
 ]
+
+
+# Above this many crop pixels the run-by-run blend beats gathering rows (measured on a CPU).
+_GATHER_MAX_PIXELS = 1 << 17
 
 
 def encode_rle(binary_mask: Any) -> dict[str, Any]:
@@ -71,6 +83,25 @@ def encode_crop_rle(binary_crop: Any, origin: Sequence[int]) -> tuple[dict[str, 
     return rle, (x0, y0, x0 + w, y0 + h)
 
 
+def encode_box_cropped_rle(
+    mask_probs: Any, box: Any, img_hw: Sequence[int], threshold: float = 0.5
+) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
+    """One instance for the wire: its [M, M] mask probabilities pasted into its box (frame
+    pixels, xyxy), cut to the frame and thresholded (foreground: prob > threshold; COCO eval
+    uses 0.5) -> (RLE of that crop, the crop box). Probabilities are blended in float32."""
+    probs = _as_numpy(mask_probs, "mask_probs")
+    if probs.ndim != 2 or probs.shape[0] != probs.shape[1] or not np.issubdtype(probs.dtype, np.floating):
+        raise ValueError(
+            f"mask_probs: expected floating [M, M] mask probabilities, got {probs.dtype} {list(probs.shape)}"
+        )
+    b = _as_numpy(np.asarray(box) if isinstance(box, (list, tuple)) else box, "box")
+    if b.shape != (4,) or not np.issubdtype(b.dtype, np.floating) or not np.isfinite(b).all():
+        got = b.tolist() if b.size <= 4 else list(b.shape)
+        raise ValueError(f"box: expected finite floating [4] xyxy, got {b.dtype} {got}")
+    binary, origin = _paste_thresholded(probs.astype(np.float32), b, _check_hw(img_hw, "img_hw"), threshold)
+    return encode_crop_rle(binary, origin)
+
+
 def decode_box_cropped_rle(rle: dict[str, Any], crop_box: Sequence[int], img_hw: Sequence[int]) -> np.ndarray:
     """Full-frame [H,W] uint8 0/1 mask of a box-cropped RLE (a JSON line's "rle" and "crop_box")."""
     out = np.zeros(_check_hw(img_hw, "img_hw"), dtype=np.uint8)
@@ -91,6 +122,69 @@ def paste_box_cropped_rle(rle: dict[str, Any], crop_box: Sequence[int], out: np.
         raise ValueError(f"crop_box: {box} implies a {y1 - y0}x{x1 - x0} crop, but the RLE is {h}x{w}")
     if x1 > x0 and y1 > y0:  # else the box lay wholly outside the frame: an empty mask
         out[y0:y1, x0:x1] = _decode(coco, "rle")
+
+
+def _paste_thresholded(
+    probs: np.ndarray, box: np.ndarray, img_hw: tuple[int, int], threshold: float
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """torchvision's paste of one mask (padding 1), cut to the frame: (bool crop, (x0, y0))."""
+    # The box grows by (M + 2) / M about its centre, so that the zero border the padding adds
+    # falls outside the original box; kept in torchvision's operation order and in the box's
+    # dtype, since the integer box truncates it and one ulp can move a mask edge by a pixel.
+    f = box.dtype.type
+    scale = f(float(probs.shape[0] + 2) / probs.shape[0])
+    w_half = (box[2] - box[0]) * f(0.5) * scale
+    h_half = (box[3] - box[1]) * f(0.5) * scale
+    x_c = (box[2] + box[0]) * f(0.5)
+    y_c = (box[3] + box[1]) * f(0.5)
+    bx0, by0, bx1, by1 = (int(v) for v in (x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half))
+    im_h, im_w = img_hw
+    # Integer boxes include their last pixel (torchvision's TO_REMOVE); the clamps keep a box
+    # wholly outside the frame from giving negative slice ends.
+    w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+    x0, y0 = min(max(bx0, 0), im_w), min(max(by0, 0), im_h)
+    x1, y1 = max(min(bx1 + 1, im_w), x0), max(min(by1 + 1, im_h), y0)
+    out = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    if out.size == 0:
+        return out, (x0, y0)
+    padded = np.pad(probs, 1).astype(np.float64)  # [M + 2, M + 2]
+    n = padded.shape[0]
+    c0, c1, cw0, cw1 = _linear_taps(n, w, x0 - bx0, x1 - bx0)
+    r0, r1, rw0, rw1 = _linear_taps(n, h, y0 - by0, y1 - by0)
+    rows = (padded[:, c0] * cw0 + padded[:, c1] * cw1).astype(np.float32)  # [M + 2, x1 - x0]
+    cut = np.float32(threshold)  # torch compares a float32 tensor with the threshold in float32
+    if out.size <= _GATHER_MAX_PIXELS:  # few numpy calls: what a small crop's time goes to
+        blend = rows[r0]
+        blend *= rw0[:, None]
+        upper = rows[r1]
+        upper *= rw1[:, None]
+        blend += upper
+        np.greater(blend, cut, out=out)
+        return out, (x0, y0)
+    # A large crop's output rows come in runs that blend the same two source rows: one
+    # broadcast per run spares the memory traffic of gathered row copies. Same values.
+    starts = np.flatnonzero(np.diff(r0, prepend=-1))
+    for a, z in zip(starts, [*starts[1:], len(r0)]):
+        blend = np.multiply.outer(rw0[a:z], rows[r0[a]])
+        blend += np.multiply.outer(rw1[a:z], rows[r1[a]])
+        np.greater(blend, cut, out=out[a:z])
+    return out, (x0, y0)
+
+
+def _linear_taps(
+    in_size: int, out_size: int, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For outputs start..stop-1 of a bilinear resize in_size -> out_size (align_corners=False):
+    the two source indices and their float32 weights, computed as torch's CPU kernel does."""
+    i = np.arange(start, stop)
+    if in_size == out_size:
+        return i, i, np.ones(len(i), np.float32), np.zeros(len(i), np.float32)
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    # scale * (i + 0.5) - 0.5 is exact in float64 here, so this rounds once, as a fused multiply-add does
+    src = np.maximum((scale * (i + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+    return i0, np.where(i0 < in_size - 1, i0 + 1, i0), np.float32(1) - w1, w1
 
 
 def _decode(coco: Any, name: str) -> np.ndarray:

@@ -206,10 +206,7 @@ def test_a_runner_sets_no_process_flags_and_configure_process_does():
 # ----------------------------------------------------------------------------- torch-free stages
 
 
-TORCH_FREE = ["decode", "preprocess", "publish",
-              pytest.param("postprocess", marks=pytest.mark.xfail(
-                  strict=True, reason="encode_box_cropped_rle still comes from model.postprocess (torch) until its "
-                                      "torch-free twin lands in pipeline/results.py"))]
+TORCH_FREE = ["decode", "preprocess", "publish", "postprocess"]
 
 
 @pytest.mark.parametrize("stage", TORCH_FREE)

@@ -7,6 +7,7 @@ import torch
 from maskstream.model.rle import (
     decode_box_cropped_rle,
     decode_rle,
+    encode_box_cropped_rle,
     encode_crop_rle,
     encode_rle,
     mask_iou_rle,
@@ -77,6 +78,15 @@ def test_crop_round_trip(crop_hw, origin, frame_hw):
     np.testing.assert_array_equal(decode_box_cropped_rle(json.loads(json.dumps(rle)), crop_box, frame_hw), expected)
 
 
+def test_encoder_takes_torch_tensors_and_lists_as_numpy():
+    g = np.random.default_rng(3)
+    probs, box = g.random((28, 28)).astype(np.float32), np.array([3.2, 4.7, 30.1, 22.9], np.float32)
+    expected = encode_box_cropped_rle(probs, box, (24, 32))
+    assert encode_box_cropped_rle(torch.from_numpy(probs).requires_grad_(), torch.from_numpy(box), (24, 32)) == expected
+    assert encode_box_cropped_rle(probs, [float(v) for v in box], (24, 32))[1] == expected[1]
+    assert expected[1] == (2, 4, 32, 24)  # the box grown by 30/28 about its centre, cut to the frame
+
+
 def test_paste_writes_only_the_crop_box():
     frame = np.full((6, 8), 7, np.uint8)
     rle, crop_box = encode_crop_rle(np.ones((2, 3), bool), (4, 1))
@@ -125,6 +135,28 @@ def test_corrupt_counts_are_a_value_error():
             r"img_hw: expected \(height, width\) positive ints, got \(0, 9\)",
         ),
         (lambda: encode_rle([[1, 0]]), r"binary_mask: expected a numpy array or torch tensor, got list"),
+        (
+            lambda: encode_box_cropped_rle(np.zeros((28, 27), np.float32), np.zeros(4, np.float32), (9, 9)),
+            r"mask_probs: expected floating \[M, M\] mask probabilities, got float32 \[28, 27\]",
+        ),
+        (
+            lambda: encode_box_cropped_rle(np.zeros((28, 28), np.uint8), np.zeros(4, np.float32), (9, 9)),
+            r"mask_probs: expected floating .*uint8",
+        ),
+        (
+            lambda: encode_box_cropped_rle(np.zeros((28, 28), np.float32), np.zeros(3, np.float32), (9, 9)),
+            r"box: expected finite floating \[4\] xyxy",
+        ),
+        (
+            lambda: encode_box_cropped_rle(
+                np.zeros((28, 28), np.float32), np.array([0, 0, np.nan, 4], np.float32), (9, 9)
+            ),
+            r"box: expected finite floating \[4\] xyxy, got float32 \[0.0, 0.0, nan, 4.0\]",
+        ),
+        (
+            lambda: encode_box_cropped_rle(np.zeros((28, 28), np.float32), np.zeros(4, np.float32), (9, -1)),
+            r"img_hw: expected \(height, width\) positive ints",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(call, match):

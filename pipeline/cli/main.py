@@ -112,7 +112,7 @@ def image_detections(
 ) -> Detections:
     """MaskRCNN.predict's output for one image (boxes in image pixels) as a Detections message."""
     import numpy as np
-    from maskstream.model.postprocess import encode_box_cropped_rle
+    from maskstream.model.rle import encode_box_cropped_rle
     from maskstream.pipeline.runtime.messages import Detections
 
     frame_hw = (int(image_hw[0]), int(image_hw[1]))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from maskstream.model.contract import InferenceContract
-from maskstream.model.postprocess import encode_box_cropped_rle
+from maskstream.model.rle import encode_box_cropped_rle
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Message, RawDetections
 from maskstream.pipeline.runtime.stage import Stage, Wiring, run_stage
 
