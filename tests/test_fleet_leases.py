@@ -1,0 +1,228 @@
+"""Cameras and leases against a real server: runtime add/remove, spread by capacity, failover after SIGKILL."""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import pytest
+from maskstream.pipeline.config import dump_config
+from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
+from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.leases import (
+    CameraExists,
+    CameraNotFound,
+    CameraRegistry,
+    CameraStatus,
+    LeaseManager,
+)
+from maskstream.pipeline.fleet.results import stream_token
+
+from tests.fleet_agent import Agent
+
+FAILOVER_GOAL_S = 10.0
+
+
+@pytest.fixture
+def config(nats_server):
+    # the lease settings are the defaults: the failover measured here is the one users get
+    return FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=2.0))
+
+
+@pytest.fixture
+def registry(config):
+    with FleetClient.connect(config, name="admin") as client:
+        reg = CameraRegistry(client)
+        reg.ensure()
+        yield reg
+
+
+@pytest.fixture
+def nodes(config):
+    """Start lease managers (each on its own connection); all stopped at the end."""
+    made = []
+
+    def start(name, capacity):
+        client = FleetClient.connect(config, name=name)
+        manager = LeaseManager(client, name, capacity)
+        manager.start()
+        made.append(manager)
+        return manager
+
+    yield start
+    for manager in made:
+        manager.stop()
+        manager.client.close()
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not within {timeout_s} s")
+
+
+_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # events read but not yet asked for
+
+
+def first_event(manager, kind, camera, timeout_s):
+    """The first not yet returned event of that kind for that camera (others are kept for later calls)."""
+    seen = _seen.setdefault(manager, [])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for i, event in enumerate(seen):
+            if event.kind == kind and event.camera.name == camera:
+                return seen.pop(i)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {kind} event for {camera} on {manager.node} within {timeout_s} s: {seen}")
+        seen.extend(manager.events(timeout_s=left))
+
+
+def test_cameras_are_added_replaced_listed_and_removed(registry):
+    registry.add("door", "rtsp://127.0.0.1:8554/door", {"rtsp_transport": "udp"})
+    registry.add("yard.north", "rtsp://127.0.0.1:8554/yard")
+    with pytest.raises(CameraExists, match="door"):
+        registry.add("door", "rtsp://elsewhere")
+    registry.add("door", "rtsp://127.0.0.1:8554/door2", replace=True)
+    assert [(c.name, c.url) for c in registry.cameras()] == [
+        ("door", "rtsp://127.0.0.1:8554/door2"), ("yard.north", "rtsp://127.0.0.1:8554/yard")]
+    registry.remove("yard.north")
+    with pytest.raises(CameraNotFound):
+        registry.remove("yard.north")
+    assert [c.name for c in registry.cameras()] == ["door"]
+    assert [(row.camera.name, row.lease) for row in registry.status()] == [("door", None)]
+    with pytest.raises(ValueError, match="camera name"):
+        registry.add(" bad", "rtsp://x")
+
+
+def test_runtime_add_update_and_remove_take_effect_within_seconds(registry, nodes):
+    node = nodes("host-a", capacity=4)
+    added = time.monotonic()
+    registry.add("cam0", "rtsp://127.0.0.1:8554/a")
+    acquired = first_event(node, "acquired", "cam0", timeout_s=5)
+    assert acquired.at - added < 3.0 and node.held()["cam0"].url == "rtsp://127.0.0.1:8554/a"
+
+    registry.add("cam0", "rtsp://127.0.0.1:8554/b", replace=True)
+    updated = first_event(node, "updated", "cam0", timeout_s=5)
+    assert updated.camera.url == "rtsp://127.0.0.1:8554/b"
+
+    node.report("cam0", CameraStatus(frames_per_s=12.5, frames=300, drops=2, last_error="stall at 12:00"))
+    wait_for(lambda: registry.status()[0].lease is not None and registry.status()[0].lease.status.frames == 300,
+             timeout_s=5, what="the reported status in the lease")
+    (row,) = registry.status()
+    assert (row.lease.node, row.lease.status.frames_per_s, row.lease.status.drops) == ("host-a", 12.5, 2)
+    (info,) = registry.nodes()
+    assert (info.name, info.capacity, info.held) == ("host-a", 4, 1)
+
+    removed = time.monotonic()
+    registry.remove("cam0")
+    released = first_event(node, "released", "cam0", timeout_s=5)
+    assert released.at - removed < 3.0 and node.held() == {}
+    wait_for(lambda: registry.status() == [], timeout_s=5, what="the lease gone")
+    print(f"camera add -> acquired {1000 * (acquired.at - added):.0f} ms, "
+          f"remove -> released {1000 * (released.at - removed):.0f} ms")
+
+
+def test_cameras_spread_within_capacity_and_never_on_two_nodes(registry, nodes):
+    a, b = nodes("host-a", capacity=2), nodes("host-b", capacity=3)
+    names = [f"cam{i}" for i in range(6)]
+    for name in names:
+        registry.add(name, f"rtsp://127.0.0.1:8554/{name}")
+    wait_for(lambda: len(a.held()) + len(b.held()) == 5, timeout_s=10, what="5 of 6 cameras held")
+    until = time.monotonic() + 2.5  # past claim_grace_s: nobody over capacity, nothing held twice, all the while
+    while time.monotonic() < until:
+        held_a, held_b = set(a.held()), set(b.held())
+        assert len(held_a) <= 2 and len(held_b) <= 3 and not held_a & held_b
+        time.sleep(0.05)
+    held_a, held_b = set(a.held()), set(b.held())
+    assert len(held_a) == 2 and len(held_b) == 3 and not held_a & held_b
+    rows = {row.camera.name: row.lease.node if row.lease else None for row in registry.status()}
+    assert rows == {**dict.fromkeys(held_a, "host-a"), **dict.fromkeys(held_b, "host-b"),
+                    **dict.fromkeys(set(names) - held_a - held_b, None)}
+
+    # a node that joins takes the camera nobody had room for; running cameras stay where they are
+    c = nodes("host-c", capacity=4)
+    wait_for(lambda: len(c.held()) == 1, timeout_s=5, what="host-c takes the free camera")
+    assert set(a.held()) == held_a and set(b.held()) == held_b
+
+    # a clean stop gives the cameras back at once: host-c takes both without waiting for the TTL
+    stopped = time.monotonic()
+    a.stop()
+    taken = wait_for(lambda: held_a <= set(c.held()), timeout_s=5, what="host-c takes host-a's cameras")
+    assert taken - stopped < 2.0
+    assert not set(b.held()) & set(c.held())
+
+
+def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registry, nodes, config, tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    agent = Agent(str(path), "lease", "doomed", "2")
+    try:
+        agent.expect("READY", timeout_s=30)
+        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+        registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
+        assert {agent.expect("ACQUIRED", timeout_s=10).split()[1] for _ in range(2)} == {"cam0", "cam1"}
+        survivor = nodes("survivor", capacity=2)
+        time.sleep(1.5)  # the survivor renews its presence; the agent keeps both cameras
+        assert survivor.held() == {}
+        assert {row.lease.node for row in registry.status()} == {"doomed"}
+
+        killed = agent.kill()
+        times = {}
+        for name in ("cam0", "cam1"):
+            event = first_event(survivor, "acquired", name, timeout_s=FAILOVER_GOAL_S + 5)
+            times[name] = event.at - killed
+        assert set(survivor.held()) == {"cam0", "cam1"}
+        wait_for(lambda: {row.lease.node for row in registry.status() if row.lease} == {"survivor"},
+                 timeout_s=5, what="status showing the survivor")
+    finally:
+        agent.close()
+    assert max(times.values()) < FAILOVER_GOAL_S, times
+    print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
+
+
+def test_a_lease_taken_away_is_reported_lost(registry, nodes):
+    node = nodes("host-a", capacity=1)
+    registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+    first_event(node, "acquired", "cam0", timeout_s=5)
+    # an operator deletes the lease (or the cluster let it expire): the node must stop the camera
+    client = node.client
+    kv = client.run(client.js.key_value(client.config.leases.leases_bucket))
+    client.run(kv.delete(stream_token("cam0")))
+    lost = first_event(node, "lost", "cam0", timeout_s=5)
+    assert lost.reason
+    # the camera is free again and the node has room: it claims it anew, under a later revision
+    again = first_event(node, "acquired", "cam0", timeout_s=5)
+    assert again.revision > lost.revision
+
+
+def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_cluster):
+    config = FleetConfig(nats=NatsConfig(urls=nats_cluster.urls, reconnect_wait_s=0.2, request_timeout_s=2.0),
+                         replicas=3)
+    with FleetClient.connect(config, name="admin") as admin, FleetClient.connect(config, name="host-a") as client:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        node = LeaseManager(client, "host-a", capacity=2)
+        node.start()
+        try:
+            registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+            registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
+            wait_for(lambda: len(node.held()) == 2, timeout_s=10, what="both cameras held")
+            before = {row.camera.name: row.lease.acquired_at for row in registry.status()}
+            port = int(client.state().server.rsplit(":", 1)[1])
+            server = next(s for s in nats_cluster.servers if s.port == port)
+            server.kill()
+            # two lease TTLs later the node has reconnected to another server and renewed throughout
+            time.sleep(2 * config.leases.ttl_s)
+            assert [e for e in [*_seen.get(node, []), *node.events()] if e.kind == "lost"] == []
+            assert set(node.held()) == {"cam0", "cam1"}
+            state = client.state()
+            assert state.connected and state.reconnects >= 1 and not state.server.endswith(f":{port}")
+            rows = registry.status()
+            assert {row.camera.name: row.lease.acquired_at for row in rows} == before  # the same leases
+            assert all(time.time() - row.lease.renewed_at < 2 * config.leases.renew_interval_s + 1 for row in rows)
+        finally:
+            node.stop()

@@ -1,0 +1,157 @@
+"""Results on NATS against real servers: replay from a sequence, de-duplication, a server's death."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+from maskstream.pipeline.client import SeqTracker
+from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
+from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.results import (
+    ResultPublisher,
+    ResultSubscriber,
+    ensure_results_stream,
+    subject_of,
+)
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream
+
+from tests.make_detections import end_of_stream, make_detections
+
+
+def fleet_config(urls, replicas=1):
+    return FleetConfig(nats=NatsConfig(urls=tuple(urls), reconnect_wait_s=0.2, request_timeout_s=2.0),
+                       replicas=replicas)
+
+
+@pytest.fixture
+def client(nats_server):
+    with FleetClient.connect(fleet_config([nats_server.url]), name="test") as c:
+        ensure_results_stream(c)
+        yield c
+
+
+def same(a, b):
+    assert type(a) is type(b) and a.header == b.header
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, f.name
+
+
+def test_published_results_come_back_as_the_subscriber_objects(client):
+    pub = ResultPublisher(client)
+    sent = {sid: [make_detections(sid, i)[0] for i in range(5)] + [end_of_stream(sid, 5)]
+            for sid in ("cam0", "clip.v2", "lobby door")}
+    for i in range(6):  # interleaved, as a pipeline publishes several streams
+        for sid in sent:
+            pub.publish(sent[sid][i])
+    assert pub.last_seq("clip.v2") == 5 and pub.last_seq("nowhere") is None
+
+    with ResultSubscriber.open(client, streams=["clip.v2", "lobby door"], from_seq=1, timeout_s=5) as sub:
+        got = list(sub)  # stops after both EndOfStreams
+    assert [m.header.stream_id for m in got] == ["clip.v2", "lobby door"] * 6
+    for sid in ("clip.v2", "lobby door"):
+        mine = [m for m in got if m.header.stream_id == sid]
+        for a, b in zip(mine, sent[sid]):
+            same(a, b)
+        assert isinstance(mine[-1], EndOfStream)
+        assert sub.stats[sid].received == 6 and sub.stats[sid].missed == 0 and sub.stats[sid].ended
+
+    with ResultSubscriber.open(client, streams=["c*"], from_seq=1, timeout_s=1) as sub:  # a pattern
+        ids = {sub.recv().header.stream_id for _ in range(12)}
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout_s=0.5)
+    assert ids == {"cam0", "clip.v2"}
+
+
+def test_a_result_published_twice_is_stored_once(client):
+    pub = ResultPublisher(client)
+    det, _ = make_detections("cam0", 7)
+    first = pub.publish(det)
+    again = pub.publish(det)  # a re-run job publishing the same frame
+    assert not first.duplicate and again.duplicate and again.stream_seq == first.stream_seq
+    moved = pub.publish(det, epoch="r2")  # a camera that restarted elsewhere: a new run, not a duplicate
+    assert not moved.duplicate and moved.stream_seq == first.stream_seq + 1
+    info = client.run(client.js.stream_info(client.config.results.stream, subjects_filter=">"))
+    assert info.state.messages == 2
+    assert info.state.subjects == {subject_of(client.config.results.subject_prefix, "cam0"): 2}
+
+
+def test_a_subscriber_away_for_a_while_replays_what_it_missed(client):
+    pub = ResultPublisher(client)
+    cfg = client.config
+    for i in range(40):
+        pub.publish(make_detections("cam0", i)[0])
+    sub = ResultSubscriber.connect(cfg, streams=["cam0"], from_seq=1, timeout_s=5)
+    seqs = [sub.recv().header.seq for _ in range(25)]
+    resume = sub.last_stream_seq + 1
+    sub.close()  # gone: its connection closed, its consumer left behind to expire
+
+    for i in range(40, 100):  # published while nobody reads
+        pub.publish(make_detections("cam0", i)[0])
+    pub.publish(end_of_stream("cam0", 100))
+
+    with ResultSubscriber.connect(cfg, streams=["cam0"], from_seq=resume, timeout_s=5) as sub:
+        later = list(sub)
+    seqs += [m.header.seq for m in later if isinstance(m, Detections)]
+    assert seqs == list(range(100))  # no gap, no duplicate, in order
+    assert isinstance(later[-1], EndOfStream) and later[-1].header.seq == 100
+
+
+def test_a_subscriber_started_now_sees_only_new_results(client):
+    pub = ResultPublisher(client)
+    pub.publish(make_detections("cam0", 0)[0])
+    with ResultSubscriber.open(client, streams=["cam0"], timeout_s=5) as sub:
+        with pytest.raises(TimeoutError):
+            sub.recv(timeout_s=0.3)
+        pub.publish(make_detections("cam0", 1)[0])
+        assert sub.recv().header.seq == 1
+
+
+def test_publishing_and_reading_go_on_when_a_server_is_sigkilled(nats_cluster):
+    cfg = fleet_config(nats_cluster.urls, replicas=3)
+    total = 300
+    with FleetClient.connect(cfg, name="publisher") as client:
+        ensure_results_stream(client)
+        info = client.run(client.js.stream_info(cfg.results.stream))
+        leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+        pub = ResultPublisher(client)
+        received: list = []
+        failures: list = []
+
+        def read() -> None:
+            try:
+                with ResultSubscriber.connect(cfg, streams=["cam0"], from_seq=1, timeout_s=60) as sub:
+                    received.extend(sub)
+            except Exception as exc:  # reported by the assertion below
+                failures.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        stored = []
+        killed_at = None
+        for i in range(total):
+            if i == total // 3:
+                leader.kill()  # the results stream's leader: the other two elect a new one
+                killed_at = time.monotonic()
+            stored.append(pub.publish(make_detections("cam0", i)[0]))
+            time.sleep(0.005)
+        stored.append(pub.publish(end_of_stream("cam0", total)))
+        outage = time.monotonic() - killed_at
+        reader.join(90)
+        assert not reader.is_alive() and not failures, failures
+
+        # every result stored once, read once, in order, through the election
+        assert not any(s.duplicate for s in stored)
+        assert [m.header.seq for m in received] == list(range(total + 1))
+        tracker = SeqTracker()
+        assert all(tracker.observe(m) == 0 for m in received)
+        after = client.run(client.js.stream_info(cfg.results.stream))
+        assert after.state.messages == total + 1 and after.cluster.leader != leader.name
+        print(f"server SIGKILL: {total} results stored and read through it ({outage:.1f} s from the kill to the end)")
+
+    leader.start()  # the killed server comes back and catches up
+    nats_cluster.wait_healthy()
