@@ -28,7 +28,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -75,13 +75,14 @@ class NatsServer:
     """One nats-server process; start, stop (SIGTERM), kill (SIGKILL), start again on the same ports."""
 
     def __init__(self, name: str, store: Path, port: int, monitor_port: int,
-                 cluster_port: int | None = None, routes: Sequence[int] = ()) -> None:
+                 cluster_port: int | None = None, routes: Sequence[int] = (), extra: Sequence[str] = ()) -> None:
         self.name = name
         self.store = store
         self.port = port
         self.monitor_port = monitor_port
         self.cluster_port = cluster_port
         self.routes = tuple(routes)
+        self.extra = tuple(extra)  # more nats-server options: credentials, TLS, a config file
         self.url = f"nats://127.0.0.1:{port}"
         self.log = store.parent / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -92,7 +93,7 @@ class NatsServer:
         if self.cluster_port is not None:
             args += ["--cluster_name", CLUSTER_NAME, "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
                      "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
-        return args
+        return [*args, *self.extra]
 
     @property
     def running(self) -> bool:
@@ -196,6 +197,26 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def make_nats_server(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
+    """make_nats_server(*extra options): a started single server with more options (auth, TLS)."""
+    made: list[NatsServer] = []
+
+    def make(*extra: str) -> NatsServer:
+        ports = free_ports(2)
+        server = NatsServer(f"single{len(made)}", tmp_path / f"nats-single{len(made)}", ports[0], ports[1],
+                            extra=extra)
+        made.append(server)
+        server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()
 
 
 @pytest.fixture

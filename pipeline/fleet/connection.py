@@ -79,6 +79,7 @@ class FleetClient:
         self._reconnects = 0
         self._disconnects = 0
         self._last_error = ""
+        self._refused: asyncio.Event | None = None
 
     @classmethod
     def connect(cls, config: FleetConfig, name: str = "maskstream", timeout_s: float | None = None) -> FleetClient:
@@ -90,6 +91,11 @@ class FleetClient:
             nats_cfg.connect_timeout_s + nats_cfg.reconnect_wait_s)
         try:
             client.run(client._connect(), timeout_s=budget)
+        except FleetUnavailable:
+            client.close()
+            last = f" (last error: {client._last_error})" if client._last_error else ""
+            raise FleetUnavailable(
+                f"cannot connect to NATS at {', '.join(nats_cfg.urls)} within {budget:g} s{last}") from None
         except BaseException:
             client.close()
             raise
@@ -225,22 +231,41 @@ class FleetClient:
                 options["tls_hostname"] = cfg.tls.hostname
         nc = NatsClient()
         self._nc = nc
+        self._refused = asyncio.Event()
+        # nats-py retries a refused login forever (max_reconnect_attempts=-1, so that a node rides
+        # out any outage); at start a refusal is a configuration error, reported at once.
+        connecting = asyncio.ensure_future(nc.connect(
+            # nats-py annotates these as int but uses them as seconds for asyncio: fractions work
+            servers=list(cfg.urls), name=self.name, connect_timeout=cfg.connect_timeout_s,  # type: ignore[arg-type]
+            reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
+            max_reconnect_attempts=-1, allow_reconnect=True,
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+            **options))
+        refused = asyncio.ensure_future(self._refused.wait())
         try:
-            await nc.connect(
-                # nats-py annotates these as int but uses them as seconds for asyncio: fractions work
-                servers=list(cfg.urls), name=self.name, connect_timeout=cfg.connect_timeout_s,  # type: ignore[arg-type]
-                reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
-                max_reconnect_attempts=-1, allow_reconnect=True,
-                error_cb=self._on_error, disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
-                **options)
-        except asyncio.CancelledError:
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller's time is up
+            await _cancel(connecting, refused)
             await nc.close()
             raise
-        self._js = nc.jetstream(timeout=cfg.request_timeout_s)
+        if connecting.done():
+            refused.cancel()
+            connecting.result()
+            self._js = nc.jetstream(timeout=cfg.request_timeout_s)
+            return
+        await _cancel(connecting, refused)
+        await nc.close()
+        raise FleetError(f"NATS refused this client at {', '.join(cfg.urls)}: {self._last_error} "
+                         f"(check nats.auth: method {auth.method!r})")
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
         log.debug("NATS: %s", self._last_error)
+        # at login nats-py reports the server's -ERR as a plain Error carrying its text
+        refused = isinstance(exc, nats.errors.AuthorizationError) or any(
+            text in str(exc).lower() for text in ("authorization violation", "authentication"))
+        if refused and self._js is None and self._refused is not None:
+            self._refused.set()
 
     async def _on_disconnected(self) -> None:
         self._disconnects += 1
@@ -269,6 +294,12 @@ async def kv_snapshot(kv: KeyValue) -> dict[str, tuple[int, bytes]]:
     finally:
         await watcher.stop()
     return out
+
+
+async def _cancel(*tasks: asyncio.Future[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _translated(coro: Coroutine[Any, Any, T]) -> T:
