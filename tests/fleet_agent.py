@@ -1,8 +1,9 @@
 """A fleet participant in its own process, for tests that SIGKILL it (tests/test_fleet_*.py).
 
     python -m tests.fleet_agent CONFIG.yaml lease NODE CAPACITY   # holds cameras; prints "ACQUIRED <name>"
-    python -m tests.fleet_agent CONFIG.yaml job NODE              # takes one job, never finishes it;
-                                                                  # prints "TOOK <job id> <attempt>"
+    python -m tests.fleet_agent CONFIG.yaml job NODE [FRAMES]     # takes one job, publishes results of its
+                                                                  # first FRAMES frames, never finishes it;
+                                                                  # prints "TOOK <job id> <attempt>", "PUBLISHED"
 
 It prints "READY" once it is in the fleet, then one line per event, flushed, and runs until killed.
 """
@@ -21,6 +22,9 @@ from maskstream.pipeline.fleet.config import FleetConfig
 from maskstream.pipeline.fleet.connection import FleetClient
 from maskstream.pipeline.fleet.jobs import JobWorker
 from maskstream.pipeline.fleet.leases import LeaseManager
+from maskstream.pipeline.fleet.results import ResultPublisher
+
+from tests.make_detections import make_detections
 
 
 def say(line: str) -> None:
@@ -46,6 +50,10 @@ def main(argv: list[str]) -> None:
         while job is None:
             job = worker.take(timeout_s=1.0)
         say(f"TOOK {job.job_id} {job.attempt}")
+        publisher = ResultPublisher(client)
+        for seq in range(int(argv[3]) if len(argv) > 3 else 0):
+            publisher.publish(make_detections(job.request.stream_id, seq)[0])
+        say("PUBLISHED")
         while True:  # holds the job, heartbeating, until killed
             time.sleep(1)
     else:

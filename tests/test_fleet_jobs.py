@@ -9,8 +9,10 @@ from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient
 from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
+from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, ensure_results_stream
 
 from tests.fleet_agent import Agent
+from tests.make_detections import end_of_stream, make_detections
 
 ACK_WAIT_S = 3.0
 
@@ -26,6 +28,7 @@ def queue(config):
     with FleetClient.connect(config, name="submitter") as client:
         q = JobQueue(client)
         q.ensure()
+        ensure_results_stream(client)
         yield q
 
 
@@ -76,22 +79,25 @@ def test_a_job_held_longer_than_ack_wait_is_not_redelivered(queue, config, tmp_p
         slow, other = JobWorker(a, "a"), JobWorker(b, "b")
         job = slow.take(timeout_s=5)
         assert job is not None and job.job_id == job_id
-        # the heartbeats keep it: another worker waiting 2.5 ack waits gets nothing
-        assert other.take(timeout_s=2.5 * ACK_WAIT_S) is None
+        # the heartbeats keep it: another worker waiting two ack waits gets nothing
+        assert other.take(timeout_s=2 * ACK_WAIT_S) is None
         job.done()
         assert queue.get(job_id).state == "done"
         slow.close()
         other.close()
 
 
-def test_a_job_whose_node_is_sigkilled_is_redelivered_to_another(queue, config, tmp_path):
+def test_a_job_whose_node_is_sigkilled_is_redelivered_and_its_results_stored_once(queue, config, tmp_path):
+    """The dead node published part of the job's results; the re-run publishes all: each frame is stored once."""
+    frames, partial = 30, 12
     (job_id,) = queue.submit(inputs(tmp_path, 1))
     path = tmp_path / "fleet.yaml"
     path.write_text(dump_config(config))
-    agent = Agent(str(path), "job", "doomed")
+    agent = Agent(str(path), "job", "doomed", str(partial))
     try:
         agent.expect("READY", timeout_s=30)
         assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
+        agent.expect("PUBLISHED", timeout_s=15)
         assert queue.get(job_id).node == "doomed"
         with FleetClient.connect(config, name="survivor") as client:
             worker = JobWorker(client, "survivor")
@@ -102,8 +108,18 @@ def test_a_job_whose_node_is_sigkilled_is_redelivered_to_another(queue, config, 
             assert job is not None and job.job_id == job_id and job.attempt == 2 and job.redelivered
             state = queue.get(job_id)
             assert (state.state, state.node, state.attempt) == ("running", "survivor", 2)
-            job.done()
+
+            publisher = ResultPublisher(client)
+            assert publisher.last_seq(job.request.stream_id) == partial - 1  # where the dead node got to
+            stored = [publisher.publish(make_detections(job.request.stream_id, seq)[0]) for seq in range(frames)]
+            stored.append(publisher.publish(end_of_stream(job.request.stream_id, frames)))
+            job.done()  # after every result is durable
             assert queue.get(job_id).state == "done"
+            assert [s.duplicate for s in stored] == [True] * partial + [False] * (frames - partial + 1)
+
+            with ResultSubscriber.open(client, streams=[job.request.stream_id], from_seq=1, timeout_s=5) as sub:
+                seqs = [m.header.seq for m in sub]
+            assert seqs == list(range(frames + 1))  # each frame once, in order, then the EndOfStream
             worker.close()
     finally:
         agent.close()

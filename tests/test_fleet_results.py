@@ -9,8 +9,10 @@ import time
 import numpy as np
 import pytest
 from maskstream.pipeline.client import SeqTracker
-from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
+from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, LeaseConfig, NatsConfig, ResultsConfig
 from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.jobs import ensure_jobs
+from maskstream.pipeline.fleet.leases import ensure_lease_buckets
 from maskstream.pipeline.fleet.results import (
     ResultPublisher,
     ResultSubscriber,
@@ -121,11 +123,13 @@ def test_publishing_and_reading_go_on_when_a_server_is_sigkilled(nats_cluster):
         pub = ResultPublisher(client)
         received: list = []
         failures: list = []
+        recreated: list = []
 
         def read() -> None:
             try:
                 with ResultSubscriber.connect(cfg, streams=["cam0"], from_seq=1, timeout_s=60) as sub:
                     received.extend(sub)
+                    recreated.append(sub.recreated)
             except Exception as exc:  # reported by the assertion below
                 failures.append(exc)
 
@@ -133,11 +137,14 @@ def test_publishing_and_reading_go_on_when_a_server_is_sigkilled(nats_cluster):
         reader.start()
         stored = []
         killed_at = None
+        slowest = 0.0
         for i in range(total):
             if i == total // 3:
                 leader.kill()  # the results stream's leader: the other two elect a new one
                 killed_at = time.monotonic()
+            began = time.monotonic()
             stored.append(pub.publish(make_detections("cam0", i)[0]))
+            slowest = max(slowest, time.monotonic() - began)
             time.sleep(0.005)
         stored.append(pub.publish(end_of_stream("cam0", total)))
         outage = time.monotonic() - killed_at
@@ -151,7 +158,30 @@ def test_publishing_and_reading_go_on_when_a_server_is_sigkilled(nats_cluster):
         assert all(tracker.observe(m) == 0 for m in received)
         after = client.run(client.js.stream_info(cfg.results.stream))
         assert after.state.messages == total + 1 and after.cluster.leader != leader.name
-        print(f"server SIGKILL: {total} results stored and read through it ({outage:.1f} s from the kill to the end)")
+        print(f"server SIGKILL: {total} results stored and read through it; longest publish {slowest:.2f} s, "
+              f"{outage:.1f} s from the kill to the end; the reader recreated its consumer {recreated[0]} time(s)")
 
     leader.start()  # the killed server comes back and catches up
     nats_cluster.wait_healthy()
+
+
+def test_ensure_creates_once_and_brings_existing_limits_to_the_config(nats_server):
+    base = fleet_config([nats_server.url])
+    with FleetClient.connect(base) as client:
+        for _ in range(2):  # every node ensures at start: the second time changes nothing
+            ensure_results_stream(client)
+            ensure_lease_buckets(client)
+            ensure_jobs(client)
+    changed = dataclasses.replace(
+        base, leases=LeaseConfig(ttl_s=8.0), results=ResultsConfig(max_age_s=3600.0, duplicate_window_s=60.0),
+        jobs=JobsConfig(ack_wait_s=60.0, progress_interval_s=5.0, max_deliver=2))
+    with FleetClient.connect(changed) as client:
+        ensure_results_stream(client)
+        ensure_lease_buckets(client)
+        ensure_jobs(client)
+        results = client.run(client.js.stream_info(changed.results.stream)).config
+        leases = client.run(client.js.stream_info(f"KV_{changed.leases.leases_bucket}")).config
+        consumer = client.run(client.js.consumer_info(changed.jobs.stream, changed.jobs.consumer)).config
+    assert (results.max_age, results.duplicate_window) == (3600.0, 60.0)
+    assert (leases.max_age, leases.subject_delete_marker_ttl) == (8.0, 8.0)
+    assert (consumer.ack_wait, consumer.max_deliver) == (60.0, 2)

@@ -164,28 +164,44 @@ class FleetClient:
     # ------------------------------------------------------------------ provisioning (on the loop)
 
     async def ensure_stream(self, config: api.StreamConfig) -> None:
-        """Create the stream, or bring an existing one's limits to `config`."""
+        """Create the stream, or bring an existing one's limits to `config`; returns once it has a leader."""
+        assert config.name is not None
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_EXISTS:
                 raise
-            assert config.name is not None
             await self.js.update_stream(config)
+        await self._wait_for_leader(config.name)
+
+    async def _wait_for_leader(self, stream: str, timeout_s: float = 15.0) -> None:
+        # A new replicated stream answers its first writes only once its raft group has elected a leader.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            info = await self.js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+            if loop.time() > deadline:
+                raise FleetUnavailable(f"stream {stream} has no leader after {timeout_s} s")
+            await asyncio.sleep(0.1)
 
     async def ensure_kv(self, config: api.KeyValueConfig) -> KeyValue:
         """Create the bucket, or bring an existing one's TTL, size and replicas to `config`."""
+        stream = f"KV_{config.bucket}"
         try:
-            return await self.js.create_key_value(config)
+            kv = await self.js.create_key_value(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_EXISTS:
                 raise
-        info = await self.js.stream_info(f"KV_{config.bucket}")
-        marker = config.limit_marker_ttl if config.limit_marker_ttl else None
-        await self.js.update_stream(info.config.evolve(
-            max_age=config.ttl or 0, max_bytes=config.max_bytes or -1, num_replicas=config.replicas,
-            allow_direct=bool(config.direct), subject_delete_marker_ttl=marker, allow_msg_ttl=True))
-        return await self.js.key_value(config.bucket)
+            info = await self.js.stream_info(stream)
+            marker = config.limit_marker_ttl if config.limit_marker_ttl else None
+            await self.js.update_stream(info.config.evolve(
+                max_age=config.ttl or 0, max_bytes=config.max_bytes or -1, num_replicas=config.replicas,
+                allow_direct=bool(config.direct), subject_delete_marker_ttl=marker, allow_msg_ttl=True))
+            kv = await self.js.key_value(config.bucket)
+        await self._wait_for_leader(stream)
+        return kv
 
     # ------------------------------------------------------------------ internals
 

@@ -265,11 +265,18 @@ class CameraRegistry:
 # ---------------------------------------------------------------------------- the plan
 
 
-def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]]) -> dict[str, str]:
-    """camera -> node for the free cameras; nodes: name -> (cameras held, capacity). See the module docstring."""
+def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]],
+                previous: Mapping[str, str] | None = None) -> dict[str, str]:
+    """camera -> node for the free cameras; nodes: name -> (cameras held, capacity); previous: camera -> the
+    node that held it last. See the module docstring."""
     load = {name: held for name, (held, _) in nodes.items()}
     plan: dict[str, str] = {}
     for camera in sorted(free):
+        node = (previous or {}).get(camera)
+        if node is not None and node in nodes and load[node] < nodes[node][1]:
+            plan[camera] = node
+            load[node] += 1
+    for camera in sorted(c for c in free if c not in plan):
         room = [n for n, (_, capacity) in nodes.items() if load[n] < capacity]
         if not room:
             break
@@ -292,10 +299,22 @@ class _Held:
 
 @dataclass
 class _Entry:
-    """The latest revision of a key as the watch reported it; value None: deleted or expired."""
+    """The latest revision of a key as this node knows it; value None: deleted or expired.
+
+    last: the latest value it had (for a lease: who held the camera before it came free)."""
 
     revision: int
-    value: Any
+    value: bytes | None
+    last: bytes | None = None
+
+
+def _advance(mirror: dict[str, _Entry], key: str, revision: int, value: bytes | None) -> None:
+    """Record a newer revision of `key` (an older one, from a lagging watch, changes nothing)."""
+    current = mirror.get(key)
+    if current is not None and revision < current.revision:
+        return
+    last = value if value is not None else (current.value or current.last if current is not None else None)
+    mirror[key] = _Entry(revision, value, last)
 
 
 class LeaseManager:
@@ -401,6 +420,7 @@ class LeaseManager:
             watchers = [asyncio.create_task(self._watch(kv, mirror, done))
                         for kv, mirror, done in zip((kv_cams, kv_leases, kv_nodes),
                                                     (self._cameras, self._leases, self._nodes), synced)]
+            watchers.append(asyncio.create_task(self._resync()))
             try:
                 for done in synced:
                     await done.wait()
@@ -437,7 +457,7 @@ class LeaseManager:
                     synced.set()
                     continue
                 deleted = entry.operation in (KV_DEL, KV_PURGE)
-                mirror[entry.key] = _Entry(entry.revision, None if deleted else entry.value)
+                _advance(mirror, entry.key, entry.revision, None if deleted else (entry.value or b""))
                 if entry.delta == 0:
                     synced.set()
                 if self._wake is not None:
@@ -517,7 +537,7 @@ class LeaseManager:
         nodes = {info.name: (sum(1 for lease in leases.values() if lease.node == info.name), info.capacity)
                  for info in self._decoded(self._nodes, NodeInfo).values() if info.capacity > 0}
         nodes[self.node] = (len(self._held), self.capacity)
-        plan = plan_claims(free, nodes)
+        plan = plan_claims(free, nodes, self._previous_holders(free))
         planned = [name for name in sorted(free) if plan.get(name) == self.node]
         orphans = [name for name in sorted(free) if name not in planned
                    and now - self._free_since[name] >= self.config.claim_grace_s]
@@ -541,22 +561,45 @@ class LeaseManager:
         self._held[name] = _Held(camera, revision, stamp, now)
         self._events.put(LeaseEvent("acquired", camera, time.monotonic(), revision))
 
+    def _previous_holders(self, free: list[str]) -> dict[str, str]:
+        out = {}
+        for name in free:
+            entry = self._leases.get(stream_token(name))
+            if entry is not None and entry.last is not None:
+                try:
+                    out[name] = records.unpack(Lease, entry.last).node
+                except records.RecordError:
+                    continue
+        return out
+
     async def _refresh(self, key: str) -> None:
-        stream = f"KV_{self.config.leases_bucket}"
+        """Read one lease key directly (any replica answers, even while the bucket elects a leader)."""
+        bucket = self.config.leases_bucket
         try:
-            msg = await self.client.js.get_msg(stream, subject=f"$KV.{self.config.leases_bucket}.{key}", direct=True)
-        except nats.js.errors.NotFoundError:
-            self._leases.pop(key, None)
-            return
-        except UNAVAILABLE:
+            msg = await self.client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
+        except nats.js.errors.NotFoundError:  # no message at all (expired, and its marker too): claim with 0
+            current = self._leases.get(key)
+            if current is not None:
+                self._leases[key] = _Entry(0, None, current.value or current.last)
             return
         if msg.seq is None:
             return
         headers = msg.headers or {}
         deleted = headers.get("KV-Operation") in (KV_DEL, KV_PURGE) or "Nats-Marker-Reason" in headers
-        current = self._leases.get(key)
-        if current is None or msg.seq >= current.revision:
-            self._leases[key] = _Entry(msg.seq, None if deleted else msg.data)
+        _advance(self._leases, key, msg.seq, None if deleted else (msg.data or b""))
+
+    async def _resync(self) -> None:
+        """Re-read every lease key now and then: a watch whose server died can lag for many seconds,
+        and a camera must not stay unclaimed because this node's view of it is stale."""
+        while True:
+            await asyncio.sleep(self.config.ttl_s / 2)
+            keys = [stream_token(name) for name in self._decoded(self._cameras, Camera)]
+            results = await asyncio.gather(*(self._refresh(key) for key in keys), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, (*UNAVAILABLE, nats.errors.Error)):
+                    raise result
+            if self._wake is not None:
+                self._wake.set()
 
     def _lose(self, name: str, reason: str) -> None:
         held = self._held.pop(name, None)
