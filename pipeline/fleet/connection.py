@@ -19,7 +19,7 @@ import concurrent.futures
 import logging
 import ssl
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-__all__ = ["ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "kv_snapshot"]
+__all__ = ["ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "kv_snapshot", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -310,6 +310,25 @@ async def kv_snapshot(kv: KeyValue) -> dict[str, tuple[int, bytes]]:
     finally:
         await watcher.stop()
     return out
+
+
+async def retrying(call: Callable[[], Awaitable[T]], timeout_s: float, what: str) -> T:
+    """await call(), again after each UNAVAILABLE error (backing off to 1 s), for up to timeout_s.
+
+    For writes that are safe to repeat (a message id, an ack): a server's death or a leader
+    election makes them fail for seconds, not for good."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except UNAVAILABLE as exc:
+            if loop.time() + delay > deadline:
+                raise FleetUnavailable(
+                    f"{what}: no answer within {timeout_s:g} s ({type(exc).__name__}: {exc})") from exc
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 1.0)
 
 
 async def _cancel(*tasks: asyncio.Future[Any]) -> None:

@@ -41,7 +41,7 @@ import nats.errors
 import nats.js.errors
 from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig
-from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot
+from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot, retrying
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KeyValue
@@ -277,16 +277,18 @@ class Job:
                 log.info("job %s: progress not sent (%s)", self.job_id, exc)
 
     async def _done(self) -> None:
-        await _write_state(self._worker.kv, replace(self._state, state="done", updated_at=time.time()))
-        await self._msg.ack_sync(timeout=self._worker.client.config.nats.request_timeout_s)
+        # both retried through a leader election; until ack_wait runs out the delivery is still ours
+        budget = self._worker.config.ack_wait_s
+        state = replace(self._state, state="done", updated_at=time.time())
+        await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state")
+        timeout = self._worker.client.config.nats.request_timeout_s
+        await retrying(lambda: self._msg.ack_sync(timeout=timeout), budget, f"job {self.job_id}: ack")
 
     async def _fail(self, error: str, retry: bool) -> None:
-        state: State = "queued" if retry else "failed"
-        await _write_state(self._worker.kv, replace(self._state, state=state, error=error, updated_at=time.time()))
-        if retry:
-            await self._msg.nak()
-        else:
-            await self._msg.term()
+        budget = self._worker.config.ack_wait_s
+        state = replace(self._state, state="queued" if retry else "failed", error=error, updated_at=time.time())
+        await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state")
+        await retrying(self._msg.nak if retry else self._msg.term, budget, f"job {self.job_id}: nak/term")
 
 
 class JobWorker:

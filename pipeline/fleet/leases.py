@@ -24,16 +24,26 @@ change) it
    claiming one camera exactly one wins.
 
 The claim rule (spread by capacity, least-loaded first): every node computes the same plan from
-the same view. Free cameras are taken in name order; each goes to the live node (one with a
-NodeInfo) that has room and the lowest load after the cameras planned so far, load being
-cameras held / capacity, ties to fewer cameras held, then to the node name. A node claims what
-the plan gives it. A camera that stays free for `claim_grace_s` (the planned node is stuck, or
-views differ) may be claimed by any node with room. Cameras already held are never taken away:
-a node that joins later gets new and orphaned cameras, it does not rebalance running ones.
+the same view. A free camera whose last holder is live (has a NodeInfo) and has room goes back to
+it. The other free cameras are taken in name order; each goes to the live node that has room and
+the lowest load after the cameras planned so far, load being cameras held / capacity, ties to
+fewer cameras held, then to the node name. A node claims what the plan gives it. A camera that
+stays free for `claim_grace_s` (the planned node is stuck, or views differ) may be claimed by any
+node with room. Cameras already held are never taken away: a node that joins later gets new and
+orphaned cameras, it does not rebalance running ones.
 
 Failover: a node that dies stops renewing; its leases expire `ttl_s` after their last renewal,
 the expiry markers wake the other nodes, which plan and claim at once. So a camera resumes about
-`ttl_s` (plus the server's expiry check and one claim) after its node's last renewal.
+`ttl_s` (plus the server's expiry check and one claim) after its node's last renewal. The view
+comes from KV watches, and every lease key is also re-read directly every `ttl_s / 2`: a watch
+whose server died can lag for many seconds, and replicas answer direct reads even while the
+bucket elects a leader.
+
+A server's death: nodes reconnect to the others and keep renewing. If it led the leases bucket,
+no lease can be written until the other two elect a leader (a raft election: seconds, longer
+than a short TTL); leases older than `ttl_s` then lapse, every node stops those cameras (it
+cannot prove it holds them) and claims them again, the same cameras on the same nodes. A TTL
+longer than the election rides it out, at the cost of a slower failover after a node's death.
 
 Events for the node (`LeaseManager.events`): `acquired` (start this camera; `revision` is the
 lease's revision, fit to tell this run of the camera from earlier ones), `lost` (stop now:
@@ -346,6 +356,7 @@ class LeaseManager:
         self._leases: dict[str, _Entry] = {}
         self._nodes: dict[str, _Entry] = {}
         self._free_since: dict[str, float] = {}
+        self._skipped: set[tuple[str, int]] = set()
         self._presence_sent = -math.inf
         self._presence_held = -1
         self._wake: asyncio.Event | None = None
@@ -480,7 +491,9 @@ class LeaseManager:
             try:
                 out[stream_from_token(key)] = records.unpack(cls, entry.value, key)
             except (ValueError, records.RecordError) as exc:
-                log.warning("skipping %s: %s", key, exc)
+                if (key, entry.revision) not in self._skipped:  # once, not at every tick
+                    self._skipped.add((key, entry.revision))
+                    log.warning("skipping %s: %s", key, exc)
         return out
 
     async def _presence(self, now: float) -> None:

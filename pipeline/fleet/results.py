@@ -48,7 +48,7 @@ import nats.errors
 import nats.js.errors
 from maskstream.pipeline.client import SchemaVersionError, SeqTracker, StreamStats
 from maskstream.pipeline.fleet.config import FleetConfig, ResultsConfig
-from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, FleetUnavailable
+from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, retrying
 from maskstream.pipeline.runtime.messages import (
     SCHEMA_VERSION,
     Detections,
@@ -239,21 +239,11 @@ class ResultPublisher:
         return self.client.run(self._last_seq(subject, stream_id))
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> Stored:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.publish_timeout_s
-        delay = 0.05
-        while True:
-            try:
-                ack = await self.client.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id},
-                                                   stream=self.config.stream)
-                return Stored(ack.seq, bool(ack.duplicate))
-            except UNAVAILABLE as exc:
-                if loop.time() + delay > deadline:
-                    raise FleetUnavailable(
-                        f"{subject}: not stored within {self.config.publish_timeout_s} s "
-                        f"({type(exc).__name__}: {exc})") from exc
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 1.0)
+        headers = {"Nats-Msg-Id": msg_id}
+        ack = await retrying(
+            lambda: self.client.js.publish(subject, payload, headers=headers, stream=self.config.stream),
+            self.config.publish_timeout_s, f"{subject}: result {msg_id} not stored")
+        return Stored(ack.seq, bool(ack.duplicate))
 
     async def _last_seq(self, subject: str, stream_id: str) -> int | None:
         try:
