@@ -171,8 +171,8 @@ def test_records_round_trip_and_are_strict():
     for change, needle in [
         ({"v": 2}, "record version"),
         ({"kind": "Lease"}, "expected a Camera"),
-        ({"fields": {**raw["fields"], "extra": 1}}, "unknown field"),
-        ({"fields": {"name": "door"}}, "missing field 'url'"),
+        ({"fields": {**raw["fields"], "extra": 1}}, "extra: unknown key"),
+        ({"fields": {"name": "door"}}, "url: missing required key"),
         ({"fields": {**raw["fields"], "options": {"a": 1}}}, "expected str, got int"),
         ({"fields": {**raw["fields"], "name": ""}}, "camera name"),
     ]:
