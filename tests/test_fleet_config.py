@@ -8,6 +8,8 @@ import struct
 import msgpack
 import numpy as np
 import pytest
+import yaml
+from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.client import SchemaVersionError
 from maskstream.pipeline.config import ConfigError, dump_config, load_config, loads_config
 from maskstream.pipeline.fleet import records
@@ -36,6 +38,12 @@ def test_defaults_talk_to_one_loopback_server():
     assert cfg.nats.urls == ("nats://127.0.0.1:4222",)
     assert cfg.replicas == 1 and cfg.nats.auth.method == "none" and not cfg.nats.tls.enabled
     assert loads_config(FleetConfig, dump_config(cfg)) == cfg
+
+
+def test_the_bundled_fleet_yaml_is_the_defaults_key_for_key():
+    path = CONFIG_DIR / "fleet.yaml"
+    assert load_config(FleetConfig, path) == FleetConfig()
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(FleetConfig)}
 
 
 def test_a_cluster_config_from_yaml_and_overrides(tmp_path):
