@@ -1,26 +1,17 @@
-"""Shared test fixtures: where the workplace's real data lives, skipping cleanly without it."""
+"""Shared test fixtures. Constants and builders that several test modules use live in helper
+modules beside this one (shared_data, tiny_models, pipeline_runs, op_cases, make_detections):
+a test module never imports another test module, and no two fixtures share a name
+(tests/test_layout.py checks both)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 
+from tests.shared_data import REFERENCE, require
+
 # A real RTSP server in a subprocess, for the video source tests; real NATS servers for the fleet tests.
 pytest_plugins = ["tests.rtsp_fixtures", "tests.nats_cluster"]
-
-# ../shared beside the checkout holds real videos, datasets and torchvision goldens; it is not
-# ours to commit, so every test that needs it skips when it is absent.
-SHARED = Path(os.environ.get("MASKSTREAM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-REFERENCE = SHARED / "reference"
-DATA = SHARED / "data"
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not present (real data from ../shared is not shipped with the project)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -31,4 +22,3 @@ def golden_weights():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-

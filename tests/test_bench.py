@@ -21,11 +21,11 @@ from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.runtime.messages import StageReport
 from maskstream.pipeline.runtime.stage import gpu_memory_mb
 
-from tests.test_pipeline import AFTER_INFERENCE_S, INFER_STALENESS_S, ROOT, STAGES, TINY_MODEL
+from tests.pipeline_runs import AFTER_INFERENCE_S, INFER_STALENESS_S, ROOT, STAGES, TINY_MODEL_SETS
 
 
 def maskstream_bench(args, tmp_path):
-    sets = [x for s in (*TINY_MODEL, f"transport.endpoint_dir={tmp_path}") for x in ("--set", s)]
+    sets = [x for s in (*TINY_MODEL_SETS, f"transport.endpoint_dir={tmp_path}") for x in ("--set", s)]
     cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "bench", *sets, *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
     return done.returncode, done.stdout, done.stderr

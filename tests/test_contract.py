@@ -18,11 +18,11 @@ from maskstream.pipeline.cli.main import main
 from maskstream.pipeline.run_config import ModelSelection, RunConfig, inference_contract, model_config, plan
 from maskstream.pipeline.stages.infer import InferConfig, InferStage
 
-from tests.test_runners import SHAPE, manifest, tiny_config
+from tests.tiny_models import SHAPE, tiny_manifest, tiny_runner_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LITE = ROOT / "configs" / "model_lite.yaml"
-# The lite config shaped as tests/test_runners.manifest() says its engine was built.
+# The lite config shaped as tests/tiny_models.tiny_manifest() says its engine was built.
 AS_BUILT = ("static.batch=2", "static.height=128", "static.width=160", "static.detections=10")
 
 
@@ -31,24 +31,24 @@ def _engine(tmp_path: Path, **changes) -> Path:
     load it: everything below is decided from the manifest, before any runner is made)."""
     engine = tmp_path / "tiny.engine"
     engine.write_bytes(b"not an engine")
-    manifest(**changes).write(manifest_path(engine))
+    tiny_manifest(**changes).write(manifest_path(engine))
     return engine
 
 
 def test_from_model_config_and_from_manifest():
-    cfg = tiny_config()
+    cfg = tiny_runner_config()
     contract = InferenceContract.from_model_config(cfg, "fp16")
     assert contract.input_shape == (SHAPE.batch, 3, SHAPE.height, SHAPE.width) and contract.input_hw == (128, 160)
     assert contract.detections == SHAPE.detections and contract.precision == "fp16"
     assert len(contract.class_names) == 91 and contract.class_names[1] == "person"  # COCO's for 91 classes
     assert contract.image_mean == cfg.transform.image_mean and contract.pad_rgb == (124, 116, 104)
-    built = InferenceContract.from_manifest(manifest())
+    built = InferenceContract.from_manifest(tiny_manifest())
     assert built == InferenceContract(2, 128, 160, 10, ("__background__", "person"), cfg.transform.image_mean,
                                       cfg.transform.image_std, "fp16")
 
 
 def test_check_names_the_first_field_that_differs():
-    contract = InferenceContract.from_model_config(tiny_config())
+    contract = InferenceContract.from_model_config(tiny_runner_config())
     contract.check(contract, "x", "y")
     cases = [
         (dict(height=96), "height does not match the plan: expected 128, found 96"),
@@ -108,7 +108,7 @@ def test_with_an_engine_every_stage_gets_the_manifests_contract(tmp_path):
     config says (an engine's manifest is what it takes), and the runner is told the shape."""
     engine = _engine(tmp_path)
     configs = _stage_configs(_run_config(engine=engine))
-    want = InferenceContract.from_manifest(manifest())
+    want = InferenceContract.from_manifest(tiny_manifest())
     assert configs["preprocess"].contract == configs["postprocess"].contract == want  # type: ignore[attr-defined]
     infer = configs["infer"]
     assert isinstance(infer, InferConfig) and infer.contract == want
@@ -136,7 +136,7 @@ def test_an_engine_that_matches_what_was_asked_is_taken(tmp_path):
     engine = _engine(tmp_path, class_names=names, precision="fp32")
     selection = ModelSelection(config=LITE, engine=engine, precision="fp32", overrides=AS_BUILT)
     model_cfg = dataclasses.replace(model_config(selection)[0], class_names=names)
-    assert inference_contract(selection, model_cfg) == InferenceContract.from_manifest(manifest(
+    assert inference_contract(selection, model_cfg) == InferenceContract.from_manifest(tiny_manifest(
         class_names=names, precision="fp32"))
 
 
@@ -144,7 +144,7 @@ def test_an_engine_without_manifest_is_refused_at_start(tmp_path):
     engine = tmp_path / "tiny.engine"
     engine.write_bytes(b"not an engine")
     with pytest.raises(EngineMismatch, match=r"no manifest tiny\.json beside the engine"):
-        inference_contract(ModelSelection(engine=engine), tiny_config())
+        inference_contract(ModelSelection(engine=engine), tiny_runner_config())
 
 
 def test_the_cli_refuses_a_mismatched_engine_before_starting_anything(tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_the_cli_refuses_a_mismatched_engine_before_starting_anything(tmp_path, 
 
 
 def test_the_inference_stage_refuses_a_runner_that_breaks_the_contract():
-    config = tiny_config()
+    config = tiny_runner_config()
     planned = dataclasses.replace(InferenceContract.from_model_config(config), detections=7)
     with pytest.raises(ContractMismatch, match="infer: the runner: detections does not match the run's inference "
                                                "contract: expected 7, found 10"):
@@ -169,13 +169,13 @@ def test_the_inference_stage_refuses_a_runner_that_breaks_the_contract():
 
 
 def test_a_runner_states_its_contract():
-    runner = make_runner(RunnerSpec(config=tiny_config(), device="cpu", precision="fp16"))
-    assert runner.contract == InferenceContract.from_model_config(tiny_config(), "fp16")
+    runner = make_runner(RunnerSpec(config=tiny_runner_config(), device="cpu", precision="fp16"))
+    assert runner.contract == InferenceContract.from_model_config(tiny_runner_config(), "fp16")
     assert runner.compile_error is None and runner.graph_error is None
 
 
 def test_make_runner_seeds_the_weights_without_touching_the_process_random_state():
-    spec = RunnerSpec(config=tiny_config(), device="cpu", seed=3)
+    spec = RunnerSpec(config=tiny_runner_config(), device="cpu", seed=3)
 
     def weights(runner: TorchRunner) -> torch.Tensor:
         return next(p for name, p in runner.static.named_parameters() if "mask_predictor" in name)
@@ -195,7 +195,7 @@ def test_a_runner_sets_no_process_flags_and_configure_process_does():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         configure_process(tf32=True)
-        TorchRunner(make_runner(RunnerSpec(config=tiny_config(), device="cpu")).static, device="cpu", tf32=False)
+        TorchRunner(make_runner(RunnerSpec(config=tiny_runner_config(), device="cpu")).static, device="cpu", tf32=False)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         configure_process(tf32=False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32

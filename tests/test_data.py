@@ -20,7 +20,7 @@ from maskstream.model.datasets import (
 from maskstream.model.synthetic import make_clip, make_scene, to_coco, write_synthetic_clip, write_synthetic_dataset
 from pycocotools import mask as mask_utils
 
-from tests.conftest import DATA, require
+from tests.shared_data import DATA, require
 
 
 def write_image(path, h=40, w=60, value=100):

@@ -17,7 +17,7 @@ from maskstream.pipeline.cli.main import main
 from maskstream.pipeline.config import dump_config, load_config
 from pycocotools.coco import COCO
 
-from tests.test_train import TINY_MODEL
+from tests.tiny_models import TINY_MODEL
 
 
 def perfect_results(gt, category_of=lambda c: c):

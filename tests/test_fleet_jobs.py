@@ -18,14 +18,14 @@ ACK_WAIT_S = 3.0
 
 
 @pytest.fixture
-def config(nats_server):
+def jobs_config(nats_server):
     return FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=2.0),
                        jobs=JobsConfig(ack_wait_s=ACK_WAIT_S, progress_interval_s=1.0, max_deliver=3))
 
 
 @pytest.fixture
-def queue(config):
-    with FleetClient.connect(config, name="submitter") as client:
+def queue(jobs_config):
+    with FleetClient.connect(jobs_config, name="submitter") as client:
         q = JobQueue(client)
         q.ensure()
         ensure_results_stream(client)
@@ -41,13 +41,13 @@ def inputs(tmp_path, n):
     return paths
 
 
-def test_submit_take_done_and_the_states_on_the_way(queue, config, tmp_path):
+def test_submit_take_done_and_the_states_on_the_way(queue, jobs_config, tmp_path):
     files = inputs(tmp_path, 2)
     ids = queue.submit([*files, "rtsp://127.0.0.1:8554/archive"])
     assert [s.state for s in queue.jobs()] == ["queued"] * 3
     assert [s.input for s in queue.jobs()] == [*files, "rtsp://127.0.0.1:8554/archive"]
 
-    with FleetClient.connect(config, name="node-a") as node:
+    with FleetClient.connect(jobs_config, name="node-a") as node:
         worker = JobWorker(node, "node-a")
         job = worker.take(timeout_s=5)
         assert job is not None and job.job_id == ids[0] and job.attempt == 1 and not job.redelivered
@@ -73,9 +73,9 @@ def test_submit_take_done_and_the_states_on_the_way(queue, config, tmp_path):
         queue.submit([str(tmp_path / "missing.mp4")])
 
 
-def test_a_job_held_longer_than_ack_wait_is_not_redelivered(queue, config, tmp_path):
+def test_a_job_held_longer_than_ack_wait_is_not_redelivered(queue, jobs_config, tmp_path):
     (job_id,) = queue.submit(inputs(tmp_path, 1))
-    with FleetClient.connect(config, name="a") as a, FleetClient.connect(config, name="b") as b:
+    with FleetClient.connect(jobs_config, name="a") as a, FleetClient.connect(jobs_config, name="b") as b:
         slow, other = JobWorker(a, "a"), JobWorker(b, "b")
         job = slow.take(timeout_s=5)
         assert job is not None and job.job_id == job_id
@@ -87,19 +87,19 @@ def test_a_job_held_longer_than_ack_wait_is_not_redelivered(queue, config, tmp_p
         other.close()
 
 
-def test_a_job_whose_node_is_sigkilled_is_redelivered_and_its_results_stored_once(queue, config, tmp_path):
+def test_a_job_whose_node_is_sigkilled_is_redelivered_and_its_results_stored_once(queue, jobs_config, tmp_path):
     """The dead node published part of the job's results; the re-run publishes all: each frame is stored once."""
     frames, partial = 30, 12
     (job_id,) = queue.submit(inputs(tmp_path, 1))
     path = tmp_path / "fleet.yaml"
-    path.write_text(dump_config(config))
+    path.write_text(dump_config(jobs_config))
     agent = Agent(str(path), "job", "doomed", str(partial))
     try:
         agent.expect("READY", timeout_s=30)
         assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
         agent.expect("PUBLISHED", timeout_s=15)
         assert queue.get(job_id).node == "doomed"
-        with FleetClient.connect(config, name="survivor") as client:
+        with FleetClient.connect(jobs_config, name="survivor") as client:
             worker = JobWorker(client, "survivor")
             assert worker.take(timeout_s=0.2) is None  # held by the live agent
             killed = agent.kill()

@@ -25,7 +25,7 @@ from maskstream.model.rle import decode_rle, encode_rle, mask_iou_rle
 from maskstream.model.static import OUTPUT_NAMES, StaticMaskRCNN, export, pad_value
 from maskstream.pipeline.media.images import read_rgb
 
-from tests.conftest import REFERENCE, require
+from tests.shared_data import REFERENCE, require
 
 IMAGES = ["astronaut", "coffee"]
 BOX_ATOL = 1e-3

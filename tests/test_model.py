@@ -10,7 +10,7 @@ from maskstream.model.checkpoint import CheckpointError
 from maskstream.model.mask_rcnn import imagenet_mobilenet_v2_path
 from maskstream.model.synthetic import make_scene
 
-from tests.conftest import REFERENCE, require
+from tests.shared_data import REFERENCE, require
 
 MANIFESTS = {"v1": "torchvision_maskrcnn_resnet50_fpn.json", "v2": "torchvision_maskrcnn_resnet50_fpn_v2.json"}
 

@@ -9,23 +9,9 @@ import torch
 from maskstream.model.ops import batched_nms, batched_nms_padded, batched_nms_reference
 from maskstream.model.ops.iou_threshold import largest_not_above
 
-nms_module = importlib.import_module("model.ops.nms")
+from tests.op_cases import clustered
 
-
-def clustered(gen: torch.Generator, n: int, classes: int, dtype=torch.float32):
-    """Boxes around a few centres (so suppression happens), scores on a coarse grid (so ties
-    happen), a few zero-size, inverted and NaN boxes."""
-    centres = torch.rand(6, 2, generator=gen) * 100
-    centre = centres[torch.randint(0, 6, (n,), generator=gen)] + torch.randn(n, 2, generator=gen) * 3
-    size = torch.rand(n, 2, generator=gen) * 20 + 8
-    boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
-    odd = torch.rand(n, generator=gen)
-    boxes[odd < 0.05, 2:] = boxes[odd < 0.05, :2]  # zero area
-    boxes[(odd >= 0.05) & (odd < 0.08), 2] -= 40  # x2 < x1: negative area
-    boxes[(odd >= 0.08) & (odd < 0.1), 0] = float("nan")  # NaN area: IoU NaN, suppresses nothing
-    scores = torch.randint(0, 25, (n,), generator=gen).float() / 25
-    labels = torch.randint(0, classes, (n,), generator=gen)
-    return boxes.to(dtype), scores, labels
+nms_module = importlib.import_module("maskstream.model.ops.nms")
 
 
 def check_padded(boxes, scores, labels, iou, score_threshold, max_output):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from maskstream.model.ops import batched_nms_padded
 
-from tests.test_nms import clustered
+from tests.op_cases import clustered
 
 pytest.importorskip("triton")
 
@@ -106,7 +106,7 @@ def _expected(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory) -> dict:
+def nms_interpreted(tmp_path_factory) -> dict:
     """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess."""
     cases = {name: make(*args) for name, (make, args) in CASES.items()}
     return interpret(_run, cases, tmp_path_factory.mktemp("nms_interpret"))
@@ -116,9 +116,9 @@ def interpreted(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_interpreter_matches_the_cpu_op(interpreted, name):
+def test_interpreter_matches_the_cpu_op(nms_interpreted, name):
     make, args = CASES[name]
-    keep, num = interpreted[name]
+    keep, num = nms_interpreted[name]
     expected_keep, expected_num = _expected(make(*args))
     assert keep.dtype == num.dtype == torch.int64
     assert torch.equal(num, expected_num), (num.tolist(), expected_num.tolist())

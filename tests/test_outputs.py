@@ -122,21 +122,21 @@ def test_coco_results_are_kept_when_the_block_fails_and_streams_need_ids(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
+def source_clip(tmp_path_factory):
     return write_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames=FRAMES, size=(160, 120))
 
 
-def test_annotated_video_pairs_frames_by_seq_and_keeps_dropped_frames_undrawn(clip, tmp_path):
+def test_annotated_video_pairs_frames_by_seq_and_keeps_dropped_frames_undrawn(source_clip, tmp_path):
     out = tmp_path / "annotated.mp4"
     dropped = {5, 6, 12}
     sent = {}
-    with AnnotatedVideoWriter(out, clip) as writer:
+    with AnnotatedVideoWriter(out, source_clip) as writer:
         for seq in range(FRAMES):
             if seq not in dropped:
                 sent[seq] = make_detections("cam0", seq)
                 writer.write(sent[seq][0])
         writer.write(end_of_stream("cam0", FRAMES))
-    source, annotated = decode_video(clip), decode_video(out)
+    source, annotated = decode_video(source_clip), decode_video(out)
     assert len(annotated) == len(source) == FRAMES
     assert [clip_frame_number(f) for f in annotated] == list(range(FRAMES))  # frame n is source frame n
     for seq in range(FRAMES):
@@ -153,9 +153,9 @@ def test_annotated_video_pairs_frames_by_seq_and_keeps_dropped_frames_undrawn(cl
             assert diff[~near].mean() < 4, seq
 
 
-def test_annotated_video_without_end_keeps_what_was_written_and_rejects_bad_input(clip, tmp_path):
+def test_annotated_video_without_end_keeps_what_was_written_and_rejects_bad_input(source_clip, tmp_path):
     out = tmp_path / "partial.mkv"
-    with AnnotatedVideoWriter(out, clip, fps=5) as writer:
+    with AnnotatedVideoWriter(out, source_clip, fps=5) as writer:
         writer.write(make_detections("cam0", 0)[0])
         writer.write(make_detections("cam0", 3)[0])
         with pytest.raises(ValueError, match="seq 1 arrived after frame 3 was written"):
@@ -168,7 +168,7 @@ def test_annotated_video_without_end_keeps_what_was_written_and_rejects_bad_inpu
             writer.write(make_detections("cam0", 99)[0])
     assert len(decode_video(out)) == FRAMES  # the failed seq 99 wrote every source frame on its way
 
-    with AnnotatedVideoWriter(out, clip) as writer:
+    with AnnotatedVideoWriter(out, source_clip) as writer:
         writer.write(make_detections("cam0", 2)[0])
     assert len(decode_video(out)) == 3  # closed without EndOfStream: ends at the last frame written
 

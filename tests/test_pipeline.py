@@ -24,20 +24,8 @@ from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.runtime.messages import Detections
 
-from tests.conftest import DATA, require
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = [
-    "model.static.height=128", "model.static.width=160", "model.static.detections=5",
-    "model.roi_heads.detections_per_img=5", "model.roi_heads.score_thresh=0.0",
-    "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
-    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "infer.threads=1", "gap_timeout_s=20.0",
-]
-INFER_STALENESS_S = 1.0  # configs/pipeline.yaml infer.staleness_s
-# After the staleness check a frame still goes through inference, postprocess and publish:
-# ~0.1-0.3 s each for the tiny model on a loaded 2-core box. Generous, yet far below a backlog.
-AFTER_INFERENCE_S = 2.0
-STAGES = ("decode", "preprocess", "infer", "postprocess", "publish")
+from tests.pipeline_runs import AFTER_INFERENCE_S, INFER_STALENESS_S, ROOT, STAGES, TINY_MODEL_SETS
+from tests.shared_data import DATA, require
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +35,7 @@ def clips(tmp_path_factory):
             write_test_clip(folder / "b.mp4", frames=8, size=(200, 120)))
 
 
-def maskstream_run(args, tmp_path, extra_sets=(), wait=True, model_sets=TINY_MODEL, **kw):
+def maskstream_run(args, tmp_path, extra_sets=(), wait=True, model_sets=TINY_MODEL_SETS, **kw):
     sets = [x for s in (*model_sets, *extra_sets) for x in ("--set", s)]
     cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--out-dir", str(tmp_path / "out"),
            *sets, *args, "--set", f"transport.endpoint_dir={tmp_path}"]

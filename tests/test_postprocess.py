@@ -11,7 +11,7 @@ from maskstream.model.postprocess import (
 )
 from maskstream.model.rle import decode_box_cropped_rle, decode_rle, encode_box_cropped_rle, encode_rle
 
-from tests.conftest import REFERENCE
+from tests.shared_data import REFERENCE
 
 # ------------------------------------------------------------------ slow reference
 

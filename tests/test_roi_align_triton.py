@@ -10,7 +10,7 @@ import pytest
 import torch
 from maskstream.model.ops import RoIAlignAttrs, assign_levels, multiscale_roi_align, roi_align_reference
 
-from tests.test_roi_align import pyramid, random_boxes, special_boxes
+from tests.op_cases import pyramid, random_boxes, special_boxes
 
 pytest.importorskip("triton")
 
@@ -102,7 +102,7 @@ def _run(case: dict, device: str = "cpu") -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory) -> dict:
+def roi_align_interpreted(tmp_path_factory) -> dict:
     """Every case through the kernel under TRITON_INTERPRET=1, in one subprocess."""
     cases = {name: make(*args) for name, (make, args) in CASES.items()}
     return interpret(_run, cases, tmp_path_factory.mktemp("triton_interpret"))
@@ -112,10 +112,10 @@ def interpreted(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_interpreter_matches_reference(interpreted, name):
+def test_interpreter_matches_reference(roi_align_interpreted, name):
     make, args = CASES[name]
     case = make(*args)
-    out = interpreted[name]
+    out = roi_align_interpreted[name]
     b, r = case["boxes"].shape[:2]
     c, s = case["features"][0].shape[1], case["attrs"]["output_size"]
     assert out.shape == (b, r, c, s, s) and out.dtype == case["features"][0].dtype
@@ -123,9 +123,9 @@ def test_interpreter_matches_reference(interpreted, name):
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
-def test_interpreter_levels_match_assign_levels(interpreted, dtype_name):
+def test_interpreter_levels_match_assign_levels(roi_align_interpreted, dtype_name):
     case = boundary_case(dtype_name)
-    pooled = interpreted[f"boundary-{dtype_name}"][0, :, 0, 0, 0].float()  # the top-left bin reads the level
+    pooled = roi_align_interpreted[f"boundary-{dtype_name}"][0, :, 0, 0, 0].float()  # the top-left bin reads the level
     level = assign_levels(case["boxes"])[0]
     finite = torch.isfinite(case["boxes"][0]).all(-1)
     # The weights of a sample sum to 1 up to rounding; a wrong level is off by 1.

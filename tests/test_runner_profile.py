@@ -10,17 +10,17 @@ from maskstream.model.static import StaticMaskRCNN, with_precision
 from maskstream.pipeline.bench import runner_profile
 from torch import nn
 
-from tests.test_runners import SHAPE, tiny_config
+from tests.tiny_models import SHAPE, tiny_runner_config
 
 
 @pytest.fixture(scope="module")
-def static():
+def tiny_static():
     torch.manual_seed(0)
-    return StaticMaskRCNN(build(config=tiny_config()).eval(), SHAPE).eval()
+    return StaticMaskRCNN(build(config=tiny_runner_config()).eval(), SHAPE).eval()
 
 
-def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(static):
-    report = runner_profile.profile_forward(static, *static.example_inputs(), calls=2)
+def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(tiny_static):
+    report = runner_profile.profile_forward(tiny_static, *tiny_static.example_inputs(), calls=2)
     stages = {s["stage"]: s for s in report["stages"]}
     assert list(stages) == [*runner_profile.STAGES, "other"]
     assert all(stages[name]["ms"] > 0 for name in runner_profile.STAGES)
@@ -37,19 +37,19 @@ def test_profile_charges_every_stage_and_the_custom_ops_to_where_they_ran(static
     assert report["kernels"] and all(k["ms"] >= 0 for k in report["kernels"])
     assert "total" in runner_profile.format_profile(report)
     # The hooks are gone afterwards: a later forward pays nothing for the profile.
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in static.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_static.modules())
 
 
-def test_profile_of_another_forward_has_its_ops_and_kernels_but_no_stages(static):
+def test_profile_of_another_forward_has_its_ops_and_kernels_but_no_stages(tiny_static):
     """A compiled forward (any callable in its place) is profiled whole: the total, the custom ops
     and the kernels; no stage hooks are placed."""
     calls = []
 
     def forward(images, sizes):
         calls.append(1)
-        return static(images, sizes)
+        return tiny_static(images, sizes)
 
-    report = runner_profile.profile_forward(static, *static.example_inputs(), calls=2, forward=forward)
+    report = runner_profile.profile_forward(tiny_static, *tiny_static.example_inputs(), calls=2, forward=forward)
     assert len(calls) == 3  # one warm-up, two profiled
     assert report["stages"] == [] and report["total_ms"] > 0 and report["kernels"]
     assert {o["op"] for o in report["ops"]} == {"batched_nms_padded", "multiscale_roi_align"}
@@ -57,8 +57,8 @@ def test_profile_of_another_forward_has_its_ops_and_kernels_but_no_stages(static
     assert "total" in text and "stage " not in text
 
 
-def test_stage_modules_found_through_the_fp16_wrapper(static):
-    half = with_precision(build(config=static.model.cfg).eval(), "fp16")
+def test_stage_modules_found_through_the_fp16_wrapper(tiny_static):
+    half = with_precision(build(config=tiny_static.model.cfg).eval(), "fp16")
     assert set(runner_profile.stage_modules(half)) == set(runner_profile.STAGES)
 
 

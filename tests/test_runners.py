@@ -1,7 +1,6 @@
 """Runners, engine manifest and the TensorRT-less paths, for real on this machine (no TensorRT here)."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
-from maskstream.model.config import ModelConfig, StaticGraphConfig
+from maskstream.model.config import ModelConfig
 from maskstream.model.engine import (
     EngineManifest,
     EngineMismatch,
@@ -21,7 +20,7 @@ from maskstream.model.engine import (
     prepare_static,
 )
 from maskstream.model.fuse import fold_batch_norms
-from maskstream.model.mask_rcnn import build, default_config
+from maskstream.model.mask_rcnn import build
 from maskstream.model.runners import (
     OUTPUT_DTYPES,
     Completed,
@@ -40,19 +39,9 @@ from maskstream.pipeline.config import load_config
 from maskstream.plugins.roi_align.registration import SPEC_PATH, plugin_version
 from maskstream.plugins.tensorrt_env import TensorRTUnavailable, tensorrt_version
 
-SHAPE = StaticGraphConfig(batch=2, height=128, width=160, detections=10)
+from tests.tiny_models import SHAPE, tiny_manifest, tiny_runner_config
+
 NO_TENSORRT = tensorrt_version() is None
-
-
-def tiny_config():
-    cfg = default_config("lite")
-    return dataclasses.replace(
-        cfg,
-        static=SHAPE,
-        # Untrained heads score every class about 1/91; a zero threshold keeps detections flowing.
-        roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=0.0, detections_per_img=SHAPE.detections),
-        rpn=dataclasses.replace(cfg.rpn, pre_nms_top_n_test=200, post_nms_top_n_test=100),
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,7 +57,7 @@ def tf32_process():
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return build(config=tiny_config()).eval()
+    return build(config=tiny_runner_config()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -77,31 +66,6 @@ def frames():
     images = rng.integers(0, 256, (SHAPE.batch, 3, SHAPE.height, SHAPE.width), dtype=np.uint8)
     sizes = np.array([[SHAPE.height, SHAPE.width], [96, 128]], dtype=np.int32)  # second frame letterboxed
     return images, sizes
-
-
-def manifest(**changes) -> EngineManifest:
-    cfg = tiny_config()
-    fields = dict(
-        input_shape=(2, 3, 128, 160),
-        input_dtype="uint8",
-        image_sizes_shape=(2, 2),
-        image_sizes_dtype="int64",
-        input_bindings=("images", "image_sizes"),
-        output_bindings=tuple(f"output{i}" for i in range(5)),
-        precision="fp16",
-        detections=10,
-        num_classes=91,
-        class_names=("__background__", "person"),
-        image_mean=cfg.transform.image_mean,
-        image_std=cfg.transform.image_std,
-        tensorrt_version="11.0.0.114",
-        torch_tensorrt_version="2.13.0",
-        plugin_version=1,
-        checkpoint_sha256="ab" * 32,
-        config={"variant": "lite", "rpn": {"aspect_ratios": [0.5, 1.0, 2.0]}},
-    )
-    fields.update(changes)
-    return EngineManifest(**fields)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- TorchRunner
@@ -272,7 +236,7 @@ def test_torch_runner_cuda_submit_overlaps_and_gives_what_infer_gives(net, frame
 
 
 def test_manifest_round_trip(tmp_path):
-    original = manifest()
+    original = tiny_manifest()
     path = tmp_path / "tiny.json"
     original.write(path)
     data = json.loads(path.read_text())
@@ -297,7 +261,7 @@ def test_manifest_round_trip(tmp_path):
     ],
 )
 def test_manifest_read_is_strict(tmp_path, edit, message):
-    data = manifest().to_dict()
+    data = tiny_manifest().to_dict()
     edit(data)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
@@ -319,11 +283,11 @@ def test_manifest_read_errors(tmp_path):
 
 def test_manifest_built_in_code_is_checked_too():
     with pytest.raises(ManifestError, match=r"input_shape: expected tuple \(a list \[int, int, int, int\]\), got list"):
-        manifest(input_shape=[2, 3, 128, 160])
+        tiny_manifest(input_shape=[2, 3, 128, 160])
     with pytest.raises(ManifestError, match="precision: expected one of 'fp32', 'fp16', got str 'int8'"):
-        manifest(precision="int8")
+        tiny_manifest(precision="int8")
     with pytest.raises(ManifestError, match=r"class_names\[1\]: expected str, got int 1"):
-        manifest(class_names=("__background__", 1))
+        tiny_manifest(class_names=("__background__", 1))
 
 
 GOOD = dict(tensorrt_version="11.0.0.114", plugin_version=1, input_shape=(2, 3, 128, 160))
@@ -342,16 +306,16 @@ GOOD = dict(tensorrt_version="11.0.0.114", plugin_version=1, input_shape=(2, 3, 
     ],
 )
 def test_check_manifest_names_the_mismatch(changes, expect, field, expected, found):
-    check_manifest(manifest(), **GOOD)  # type: ignore[arg-type]  # the matching case passes
+    check_manifest(tiny_manifest(), **GOOD)  # type: ignore[arg-type]  # the matching case passes
     with pytest.raises(EngineMismatch) as info:
-        check_manifest(manifest(**changes), **{**GOOD, **expect}, source="tiny.engine")  # type: ignore[arg-type]
+        check_manifest(tiny_manifest(**changes), **{**GOOD, **expect}, source="tiny.engine")  # type: ignore[arg-type]
     text = str(info.value)
     assert text.startswith("tiny.engine: manifest field " + field)
     assert f"expected {expected}, found {found}" in text
 
 
 def test_check_manifest_skips_the_shape_when_the_caller_names_none():
-    check_manifest(manifest(), tensorrt_version="11.0.0.114", plugin_version=1)
+    check_manifest(tiny_manifest(), tensorrt_version="11.0.0.114", plugin_version=1)
 
 
 def test_tensorrt_runner_refuses_an_engine_without_manifest(tmp_path):
@@ -365,7 +329,7 @@ def test_tensorrt_runner_refuses_an_engine_without_manifest(tmp_path):
 def test_tensorrt_runner_without_tensorrt(tmp_path):
     engine = tmp_path / "tiny.engine"
     engine.write_bytes(b"not an engine")
-    manifest(plugin_version=plugin_version()).write(manifest_path(engine))
+    tiny_manifest(plugin_version=plugin_version()).write(manifest_path(engine))
     with pytest.raises(TensorRTUnavailable, match=r"pip install 'maskstream\[tensorrt\]'"):
         TensorRTRunner(engine)
 
@@ -378,13 +342,13 @@ def test_make_runner_choice_on_this_machine(net, tmp_path):
     assert runner_choice(RunnerSpec()) == local
     assert runner_choice(RunnerSpec(device="cpu")) == "torch-cpu"
     assert runner_choice(RunnerSpec(engine=tmp_path / "x.engine")) == "tensorrt"
-    runner = make_runner(RunnerSpec(config=tiny_config(), device="cpu", input_shape=(2, 3, 128, 160)))
+    runner = make_runner(RunnerSpec(config=tiny_runner_config(), device="cpu", input_shape=(2, 3, 128, 160)))
     assert isinstance(runner, TorchRunner) and runner.device == "cpu"
     assert runner.input_shape == (2, 3, 128, 160)
     assert not runner.compiled  # compile unset: on for CUDA only (a CPU compile costs more than it gains)
-    assert make_runner(RunnerSpec(config=tiny_config(), device="cpu", compile=True)).compiled  # compiles lazily
+    assert make_runner(RunnerSpec(config=tiny_runner_config(), device="cpu", compile=True)).compiled  # compiles lazily
     with pytest.raises(ValueError, match=r"the caller expects \[1, 3, 128, 160\]"):
-        make_runner(RunnerSpec(config=tiny_config(), device="cpu", input_shape=(1, 3, 128, 160)))
+        make_runner(RunnerSpec(config=tiny_runner_config(), device="cpu", input_shape=(1, 3, 128, 160)))
     with pytest.raises(EngineMismatch, match="no manifest"):
         make_runner(RunnerSpec(engine=tmp_path / "x.engine"))
 
@@ -395,14 +359,14 @@ def test_make_runner_choice_on_this_machine(net, tmp_path):
 @pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
 def test_build_engine_without_tensorrt_says_what_to_install(tmp_path):
     with pytest.raises(TensorRTUnavailable) as info:
-        build_engine(tmp_path / "model.pt", tiny_config(), tmp_path / "tiny.engine")
+        build_engine(tmp_path / "model.pt", tiny_runner_config(), tmp_path / "tiny.engine")
     assert "TensorRT" in str(info.value) and "pip install 'maskstream[tensorrt]'" in str(info.value)
     assert not (tmp_path / "tiny.engine").exists()
 
 
 def test_build_engine_rejects_an_unknown_precision(tmp_path):
     with pytest.raises(ValueError, match="precision: expected one of fp32, fp16, got 'int8'"):
-        build_engine(tmp_path / "model.pt", tiny_config(), tmp_path / "tiny.engine", precision="int8")  # type: ignore[arg-type]
+        build_engine(tmp_path / "model.pt", tiny_runner_config(), tmp_path / "tiny.engine", precision="int8")  # type: ignore[arg-type]
 
 
 def test_roi_align_nodes_give_every_plugin_attribute_in_order():
@@ -411,7 +375,7 @@ def test_roi_align_nodes_give_every_plugin_attribute_in_order():
     spec = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
     tensors = [i["name"] for i in spec["inputs"]]
     attributes = [a["name"] for a in spec["attributes"]]
-    program = export(prepare_static(None, tiny_config(), "fp32"))
+    program = export(prepare_static(None, tiny_runner_config(), "fp32"))
     target = torch.ops.maskstream.multiscale_roi_align.default
     nodes = [n for n in program.graph.nodes if n.target is target]
     assert len(nodes) == 2  # box and mask poolers
@@ -437,7 +401,7 @@ def test_fp16_graph_casts_the_backbone_and_the_mask_branch():
     the box head, NMS and RoIAlign stay float32, and so does each box's own class's mask logits,
     cast after the class is picked (in RoIHeads.mask_probs, outside any model part)."""
     torch.manual_seed(0)
-    program = export(prepare_static(None, tiny_config(), "fp16"))
+    program = export(prepare_static(None, tiny_runner_config(), "fp16"))
     dtypes: dict[str, set[torch.dtype]] = {}  # op -> dtype of each call's first input
     by_part: dict[tuple[str, str], set[torch.dtype]] = {}  # (op, model part) -> the same
     casts: list[tuple[str, torch.dtype, torch.dtype]] = []  # (model part, from, to) of float casts
@@ -528,9 +492,9 @@ def test_torch_runner_fp16_halves_the_backbone_and_the_mask_branch(net, frames):
     for name in OUTPUT_NAMES:
         assert out[name].dtype == OUTPUT_DTYPES[name] and out[name].shape == fp32[name].shape, name
     assert (out["num_detections"] == SHAPE.detections).all()
-    spec = RunnerSpec(config=tiny_config(), device="cpu", precision="fp16")
+    spec = RunnerSpec(config=tiny_runner_config(), device="cpu", precision="fp16")
     assert make_runner(spec).precision == "fp16"
-    assert TorchRunner(prepare_static(None, tiny_config(), "fp16")).precision == "fp16"  # the graph's own casts
+    assert TorchRunner(prepare_static(None, tiny_runner_config(), "fp16")).precision == "fp16"  # the graph's own casts
     assert TorchRunner(backbone_only_fp16(net)).precision == "fp16"  # told by the backbone
 
 

@@ -15,7 +15,7 @@ import pytest
 from maskstream.pipeline.media.sources import SourceError, SourceSpec, VideoSource, resolve_policy
 from maskstream.pipeline.media.video import clip_frame_number, write_test_clip
 
-from tests.conftest import DATA, require
+from tests.shared_data import DATA, require
 
 VIDEOS = DATA / "videos"
 

@@ -19,7 +19,7 @@ from maskstream.pipeline.stages.infer import InferConfig, InferStage
 from maskstream.pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
 from maskstream.pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
 
-from tests.test_runners import SHAPE, tiny_config
+from tests.tiny_models import SHAPE, tiny_runner_config
 
 TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # pad colour (124, 116, 104)
 
@@ -124,7 +124,7 @@ def test_live_never_waits_and_drops_late_frames():
 
 
 def _infer_stage(overlap: bool | None) -> InferStage:
-    config = tiny_config()
+    config = tiny_runner_config()
     return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
                                   InferenceContract.from_model_config(config), overlap=overlap))
 

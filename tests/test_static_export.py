@@ -20,7 +20,7 @@ def static(request):
 
 
 @pytest.fixture(scope="module")
-def frames(static):
+def padded_frames(static):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (SHAPE.batch, 3, SHAPE.height, SHAPE.width), dtype=torch.uint8, generator=g)
     # second frame letterboxed: only its top-left 160x224 is picture
@@ -31,9 +31,9 @@ def frames(static):
     return images, sizes
 
 
-def test_output_contract(static, frames):
+def test_output_contract(static, padded_frames):
     with torch.no_grad():
-        out = static(*frames)
+        out = static(*padded_frames)
     assert tuple(out) == OUTPUT_NAMES
     b, k = SHAPE.batch, SHAPE.detections
     assert out["num_detections"].shape == (b,) and out["num_detections"].dtype == torch.int64
@@ -46,14 +46,14 @@ def test_output_contract(static, frames):
     assert ((out["mask_probs"] >= 0) & (out["mask_probs"] <= 1)).all()
 
 
-def test_export_has_no_graph_break_and_matches_eager(static, frames):
+def test_export_has_no_graph_break_and_matches_eager(static, padded_frames):
     program = export(static)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "maskstream.multiscale_roi_align.default" in targets
     assert "maskstream.batched_nms_padded.default" in targets
     with torch.no_grad():
-        eager = static(*frames)
-        exported = program.module()(*frames)
+        eager = static(*padded_frames)
+        exported = program.module()(*padded_frames)
     for name in OUTPUT_NAMES:
         torch.testing.assert_close(exported[name], eager[name], atol=1e-5, rtol=1e-5, msg=name)
 
@@ -74,8 +74,8 @@ def test_export_stays_on_the_device(static):
     assert not moved, moved
 
 
-def test_bad_input_names_what_was_expected(static, frames):
-    images, sizes = frames
+def test_bad_input_names_what_was_expected(static, padded_frames):
+    images, sizes = padded_frames
     with pytest.raises(ValueError, match=r"images: expected uint8 \[2, 3, 192, 256\].*torch.float32"):
         static(images.float(), sizes)
     with pytest.raises(ValueError, match=r"images: expected uint8 \[2, 3, 192, 256\].*\[1, 3, 192, 256\]"):

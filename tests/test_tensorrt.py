@@ -16,7 +16,7 @@ from maskstream.model.static import OUTPUT_NAMES
 from maskstream.plugins.roi_align.registration import PLUGIN_ID, plugin_version, register_plugin
 from maskstream.plugins.tensorrt_env import tensorrt_version, torch_tensorrt_version
 
-from tests.test_runners import SHAPE, tiny_config
+from tests.tiny_models import SHAPE, tiny_runner_config
 
 pytestmark = [
     pytest.mark.tensorrt,
@@ -66,7 +66,7 @@ def test_plugin_takes_its_attributes_in_registration_order_only():
 @pytest.mark.skipif(torch_tensorrt_version() is None, reason="torch-tensorrt not installed")
 def test_tiny_engine_matches_the_torch_runner(tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = tiny_runner_config()
     net = build(config=cfg).eval()
     checkpoint = tmp_path / "tiny.pt"
     torch.save(net.state_dict(), checkpoint)

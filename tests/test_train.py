@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from maskstream.model.checkpoint import read_state_dict
-from maskstream.model.config import ModelConfig, RoIHeadsConfig, RPNConfig, StaticGraphConfig, TransformConfig
+from maskstream.model.config import ModelConfig
 from maskstream.model.datasets import CocoDataset, DatasetError, Sample, SyntheticDataset
 from maskstream.model.mask_rcnn import MaskRCNN
 from maskstream.model.synthetic import write_synthetic_dataset
@@ -29,27 +29,9 @@ from maskstream.model.train import (
 from maskstream.pipeline.cli.main import main
 from maskstream.pipeline.config import config_to_dict, load_config
 
+from tests.tiny_models import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# A lite model small enough that an iteration on 128x128 scenes takes a fraction of a second.
-TINY_MODEL = ModelConfig(
-    variant="lite",
-    num_classes=5,
-    fpn_channels=32,
-    box_representation=64,
-    transform=TransformConfig(min_size=128, max_size=128),
-    rpn=RPNConfig(
-        anchor_sizes=(16, 32, 64, 128, 256),
-        pre_nms_top_n_train=200,
-        post_nms_top_n_train=100,
-        pre_nms_top_n_test=100,
-        post_nms_top_n_test=50,
-        batch_size_per_image=64,
-    ),
-    roi_heads=RoIHeadsConfig(batch_size_per_image=32, detections_per_img=10),
-    static=StaticGraphConfig(height=128, width=128, detections=10),
-)
-
 
 def tiny_config(out: Path, max_iters: int = 20, **solver) -> TrainConfig:
     return TrainConfig(

@@ -14,7 +14,7 @@ from maskstream.pipeline.media.video import (
     write_test_clip,
 )
 
-from tests.conftest import DATA, require
+from tests.shared_data import DATA, require
 
 CODECS = ["mpeg4", *(["libx264"] if "libx264" in av.codecs_available else [])]
 

@@ -20,7 +20,7 @@ from maskstream.model import zoo
 from maskstream.model.bundled import BUNDLED_CHECKPOINT
 from maskstream.model.checkpoint import CheckpointError, identify, read_state_dict
 
-from tests.conftest import SHARED
+from tests.shared_data import SHARED
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
