@@ -8,6 +8,8 @@ import av
 import numpy as np
 import pytest
 from maskstream.model.contract import InferenceContract
+from maskstream.model.postprocess import paste_masks_in_image
+from maskstream.model.rle import decode_box_cropped_rle
 from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
@@ -77,13 +79,25 @@ def test_fit_keeps_aspect_and_pads_with_the_pad_colour():
 
 
 def test_postprocess_rescales_boxes_and_crops_masks():
+    probs = np.zeros((1, 28, 28), np.float32)
+    probs[0, :, :14] = 1  # the left half of the box: a flipped, transposed or misplaced paste shows
     raw = RawDetections(Header("s", 3), np.array([[10, 10, 50, 30]], np.float32), np.array([0.9], np.float32),
-                        np.array([1]), np.ones((1, 28, 28), np.float32), valid_hw=(120, 160), frame_hw=(240, 320))
+                        np.array([1]), probs, valid_hw=(120, 160), frame_hw=(240, 320))
     det = PostprocessStage(PostprocessConfig(contract(128, 160))).process(raw)
     assert isinstance(det, Detections) and det.class_names == ("thing",)
     np.testing.assert_allclose(det.boxes, [[20, 20, 100, 60]])
     x0, y0, x1, y1 = det.crop_boxes[0]
     assert x0 <= 20 and x1 >= 100 and y0 <= 20 and y1 >= 60
+    # The RLE decodes to the left half of the frame-pixel box [20, 20, 100, 60] (a pixel of
+    # bilinear edge either way), and to exactly what the full-frame paste gives.
+    rle = {"size": [int(y1 - y0), int(x1 - x0)], "counts": det.rle_counts[0]}
+    mask = decode_box_cropped_rle(rle, det.crop_boxes[0], det.frame_hw)
+    assert mask.shape == (240, 320)
+    assert mask[20:60, 20:60].all()
+    ys, xs = np.nonzero(mask)
+    assert 19 <= ys.min() and ys.max() <= 61 and 19 <= xs.min() and xs.max() <= 61
+    expected = paste_masks_in_image(probs[:, None], det.boxes, det.frame_hw)[0, 0] > 0.5
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_postprocess_rescales_boxes_bit_for_bit_as_torchvision_does():
