@@ -4,9 +4,12 @@ a metrics log (CSV + JSONL) and a PNG of the loss curves.
     result = train(cfg, model_cfg, progress=print_record)
 
 `TrainConfig` is mirrored key for key by configs/train/*.yaml (the CLI loads it, together
-with the ModelConfig file it names, and passes both in). Every random choice of iteration
-i (which samples, flips, scales, the RPN/RoI sampling) derives from (seed, i) alone, so a run
-is reproducible on the CPU and a resumed run continues exactly as an uninterrupted one would.
+with the ModelConfig file it names, and passes both in). The inputs a file names are relative
+to that file (`resolve_paths`), so a config works from any directory and from an installed wheel.
+
+Every random choice of iteration i (which samples, flips, scales, the RPN/RoI sampling) derives
+from (seed, i) alone, so a run is reproducible on the CPU and a resumed run continues exactly as
+an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from maskstream.configs import CONFIG_DIR
 from maskstream.model.checkpoint import CheckpointError, load_weights, read_state_dict
 from maskstream.model.config import ModelConfig
 from maskstream.model.datasets import Dataset, DatasetError, DatasetSpec, Sample, open_dataset
@@ -40,7 +45,8 @@ MAX_CONSECUTIVE_BAD_SAMPLES = 20
 
 @dataclass(frozen=True)
 class ModelSource:
-    config: Path = Path("configs/model_lite_shapes.yaml")  # a ModelConfig YAML (loaded by the CLI)
+    # a ModelConfig YAML (loaded by the CLI); default: the shipped one the bundled model was trained with
+    config: Path = field(default_factory=lambda: CONFIG_DIR / "model_lite_shapes.yaml")
     overrides: tuple[str, ...] = ()  # `key=value` overrides applied to it, as `--set`
     # "imagenet": the ImageNet backbone (lite: MobileNetV2), heads from scratch; "none": all
     # from scratch; anything else: a Mask R-CNN checkpoint path (predictors replaced when the
@@ -82,7 +88,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    output_dir: Path = Path("runs/train")
+    output_dir: Path = Path("runs/train")  # relative to the working directory, unlike the inputs
     seed: int = 0
     checkpoint_every: int = 500  # also at the last iteration
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -101,6 +107,27 @@ class TrainConfig:
             raise ValueError(f"augment.scale_range: expected 0 < low <= high, got {[lo, hi]}")
         if not 0 <= self.augment.hflip_prob <= 1:
             raise ValueError(f"augment.hflip_prob: expected a probability, got {self.augment.hflip_prob}")
+
+
+_INIT_KEYWORDS = ("imagenet", "none")
+
+
+def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
+    """cfg with the relative inputs it names (model.config, a checkpoint in model.init, each
+    dataset's path and images) taken as relative to `base`, the folder of the YAML file that named
+    them. output_dir stays relative to the working directory: a run writes where it is started,
+    never beside a config that may lie inside an installed package."""
+
+    def under(path: Path) -> Path:
+        return path if path.is_absolute() else Path(os.path.normpath(base / path))
+
+    def spec(s: DatasetSpec) -> DatasetSpec:
+        return dataclasses.replace(s, path=s.path and under(s.path), images=s.images and under(s.images))
+
+    init = cfg.model.init if cfg.model.init in _INIT_KEYWORDS else str(under(Path(cfg.model.init)))
+    model = dataclasses.replace(cfg.model, config=under(cfg.model.config), init=init)
+    data = DataConfig(spec(cfg.data.train), None if cfg.data.val is None else spec(cfg.data.val))
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 # --------------------------------------------------------------------------- records

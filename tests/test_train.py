@@ -12,22 +12,25 @@ import pytest
 import torch
 from maskstream.model.checkpoint import read_state_dict
 from maskstream.model.config import ModelConfig
-from maskstream.model.datasets import CocoDataset, DatasetError, Sample, SyntheticDataset
+from maskstream.model.datasets import CocoDataset, DatasetError, DatasetSpec, Sample, SyntheticDataset
 from maskstream.model.mask_rcnn import MaskRCNN
 from maskstream.model.synthetic import write_synthetic_dataset
 from maskstream.model.train import (
     AugmentConfig,
+    DataConfig,
+    ModelSource,
     SampleOrder,
     SolverConfig,
     TrainConfig,
     hflip,
     init_model,
     learning_rate,
+    resolve_paths,
     save_half_weights,
     train,
 )
 from maskstream.pipeline.cli.main import main
-from maskstream.pipeline.config import config_to_dict, load_config
+from maskstream.pipeline.config import config_to_dict, dump_config, load_config
 
 from tests.tiny_models import TINY_MODEL
 
@@ -220,7 +223,9 @@ def test_shipped_train_configs_mirror_the_dataclass(name):
     # Every key of the dataclass is written out (dataset specs are compared where present).
     full = keys(config_to_dict(cfg))
     assert keys(written) == full, sorted(keys(written) ^ full)
-    model_cfg = load_config(ModelConfig, ROOT / cfg.model.config, list(cfg.model.overrides))
+    # No machine's paths: the model config beside the file, datasets from the command line.
+    assert not cfg.model.config.is_absolute() and cfg.data.train.path is None
+    model_cfg = load_config(ModelConfig, resolve_paths(cfg, path.parent).model.config, list(cfg.model.overrides))
     assert model_cfg.variant == "lite" and len(model_cfg.class_names) == model_cfg.num_classes
 
 
@@ -247,6 +252,56 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert set(summary["val"]) == {"bbox", "segm"}
     assert (out / "model.yaml").is_file() and (out / "config.yaml").is_file()
     assert load_config(TrainConfig, out / "config.yaml").solver.max_iters == 3
+
+
+def test_resolve_paths_takes_the_inputs_relative_to_the_config_file():
+    base = Path("/srv/experiments/cfg")
+    cfg = TrainConfig(
+        model=ModelSource(config=Path("../models/m.yaml"), init="ckpt/last.pt"),
+        data=DataConfig(DatasetSpec(format="coco", path=Path("data/ann.json"), images=Path("/abs/images")),
+                        DatasetSpec(format="synthetic")),
+        output_dir=Path("runs/x"),
+    )
+    got = resolve_paths(cfg, base)
+    assert got.model.config == Path("/srv/experiments/models/m.yaml")
+    assert got.model.init == "/srv/experiments/cfg/ckpt/last.pt"
+    assert got.data.train.path == base / "data/ann.json" and got.data.train.images == Path("/abs/images")
+    assert got.data.val == DatasetSpec(format="synthetic")  # nothing to resolve
+    assert got.output_dir == Path("runs/x")  # a run writes where it is started
+    assert resolve_paths(dataclasses.replace(cfg, model=ModelSource(init="imagenet")), base).model.init == "imagenet"
+    assert resolve_paths(TrainConfig(data=DataConfig(val=None)), base).data.val is None
+
+
+def test_train_config_finds_its_model_config_from_any_directory(tmp_path, monkeypatch, capsys):
+    """A config's own paths are relative to it; --set paths and output_dir to the working directory."""
+    (tmp_path / "exp" / "models").mkdir(parents=True)
+    (tmp_path / "exp" / "models" / "tiny.yaml").write_text(dump_config(TINY_MODEL))
+    (tmp_path / "exp" / "cfg").mkdir()
+    config = tmp_path / "exp" / "cfg" / "train.yaml"
+    config.write_text("model: {config: ../models/tiny.yaml, init: none}\n"
+                      "data: {train: {format: synthetic, synthetic: {count: 2, seed: 0, height: 96, width: 96}}}\n"
+                      "solver: {max_iters: 1, warmup_iters: 0}\noutput_dir: run\ndevice: cpu\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "--config", str(config)]) == 0, capsys.readouterr().err
+    written = load_config(TrainConfig, tmp_path / "elsewhere" / "run" / "config.yaml")
+    assert written.model.config == tmp_path / "exp" / "models" / "tiny.yaml"
+    # The same name given with --set is the working directory's: there is none here.
+    assert main(["train", "--config", str(config), "--set", "model.config=models/tiny.yaml"]) == 2
+    assert "models/tiny.yaml: cannot read config file" in capsys.readouterr().err
+
+
+def test_a_real_data_config_takes_its_dataset_from_the_command_line(tmp_path, capsys):
+    config = ROOT / "configs" / "train" / "coco128_person_car_lite.yaml"
+    out = ["--set", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", "--config", str(config), *out]) == 2
+    err = capsys.readouterr().err
+    assert "data.train reads a yolo_seg dataset, and its path is not set" in err
+    assert "--data PATH or --set data.train.path=PATH" in err
+    # Given either way, it is the dataset read (here a folder that is not there).
+    for given in (["--data", str(tmp_path / "nowhere")], ["--set", f"data.train.path={tmp_path / 'nowhere'}"]):
+        assert main(["train", "--config", str(config), *out, *given]) == 2
+        assert str(tmp_path / "nowhere") in capsys.readouterr().err
 
 
 def test_train_command_reports_a_bad_config(tmp_path, capsys):

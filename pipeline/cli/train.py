@@ -6,6 +6,7 @@ Only this module (and the rest of the CLI) prints; the library reports through r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -15,13 +16,13 @@ from typing import TYPE_CHECKING
 from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from maskstream.model.config import ModelConfig
 from maskstream.pipeline.cli import prepare_torch
-from maskstream.pipeline.config import dump_config, load_config
+from maskstream.pipeline.config import ConfigError, dump_config, load_config, loads_config
 
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
     from maskstream.model.datasets import Dataset
     from maskstream.model.evaluate import EvalReport
     from maskstream.model.mask_rcnn import MaskRCNN
-    from maskstream.model.train import IterationRecord
+    from maskstream.model.train import IterationRecord, TrainConfig
 
 # --------------------------------------------------------------------------- progress
 
@@ -74,14 +75,33 @@ def describe_dataset(name: str, data: Dataset) -> str:
     return f"{name}: {len(data)} images, classes {', '.join(data.class_names[1:])}" + (f" ({skips})" if skips else "")
 
 
+def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """--config with its inputs relative to the file, then --set and --data (relative to the working
+    directory, as any path on a command line). A dataset read from files needs its path: the shipped
+    real-data configs leave it to the command line."""
+    from maskstream.model.train import TrainConfig, resolve_paths
+
+    in_file = resolve_paths(load_config(TrainConfig, args.config), args.config.absolute().parent)
+    cfg = loads_config(TrainConfig, dump_config(in_file), args.set, source=str(args.config))
+    if args.data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, train=dataclasses.replace(cfg.data.train, path=args.data)))
+    for name, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if spec is not None and spec.format != "synthetic" and spec.path is None:
+            flag = "--data PATH or " if name == "data.train" else ""
+            raise ConfigError(f"{args.config}: {name} reads a {spec.format} dataset, and its path is not set: "
+                              f"give it with {flag}--set {name}.path=PATH")
+    return cfg
+
+
 def train_command(args: argparse.Namespace) -> int:
     import torch
     from maskstream.model.datasets import open_dataset
     from maskstream.model.mask_rcnn import build
-    from maskstream.model.train import TrainConfig, check_classes, train
+    from maskstream.model.train import check_classes, train
 
     prepare_torch()
-    cfg = load_config(TrainConfig, args.config, args.set)
+    cfg = load_train_config(args)
     model_cfg = load_model_config(cfg.model.config, cfg.model.overrides)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -217,6 +237,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="train Mask R-CNN from a configs/train/*.yaml file")
     tr.add_argument("--config", type=Path, required=True, help="training YAML (mirrors model.train.TrainConfig)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    tr.add_argument("--data", type=Path, help="the training dataset (data.train.path; the real-data configs need it)")
     tr.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
     tr.add_argument("--build-engine", action="store_true", help="end with a TensorRT engine build (needs TensorRT)")
     tr.set_defaults(func=train_command)
