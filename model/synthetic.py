@@ -9,13 +9,12 @@ scene on any machine.
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from maskstream.model.rle import encode_rle
 
@@ -432,31 +431,22 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     Path(path).write_bytes(encode_png(image))
 
 
+# OpenCV stores colour as BGR(A): the channel order our RGB(A) arrays are converted to first.
+_TO_OPENCV = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 image, using only zlib (no imaging library needed)."""
+    """PNG bytes of a uint8 image (OpenCV's encoder)."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         raise ValueError(f"image: expected a uint8 numpy array, got {_kind(image)}")
     channels = 1 if image.ndim == 2 else (image.shape[2] if image.ndim == 3 else 0)
-    colour_type = {1: 0, 3: 2, 4: 6}.get(channels)
-    if colour_type is None or image.shape[0] == 0 or image.shape[1] == 0:
+    if channels not in (1, 3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image: expected [H, W], [H, W, 3] or [H, W, 4], got {list(image.shape)}")
-    h, w = image.shape[:2]
-    rows = image.reshape(h, w * channels)  # [H, W*C]
-    # Filter type 2 ("Up", each row minus the one above, mod 256) compresses smooth
-    # images far better than raw rows and is a single vectorised subtraction.
-    up = np.diff(rows, axis=0, prepend=np.zeros((1, w * channels), np.uint8))
-    filtered = np.hstack([np.full((h, 1), 2, np.uint8), up])  # [H, 1 + W*C]
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)  # 8-bit, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6))
-        + chunk(b"IEND", b"")
-    )
+    pixels = image if channels == 1 else cv2.cvtColor(np.ascontiguousarray(image), _TO_OPENCV[channels])
+    ok, data = cv2.imencode(".png", pixels)
+    if not ok:
+        raise ValueError(f"image: OpenCV could not encode {list(image.shape)} as PNG")
+    return data.tobytes()
 
 
 def _kind(x: Any) -> str:

@@ -2,9 +2,8 @@ import contextlib
 import dataclasses
 import io
 import json
-import struct
-import zlib
 
+import av
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
@@ -152,30 +151,13 @@ def test_to_coco_rejects_empty_and_mixed():
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """Minimal reader for the files encode_png writes (8-bit, filters 0 and 2)."""
+    """A PNG as FFmpeg (PyAV) decodes it: another library than the OpenCV that encodes, so a
+    channel order or layout gone wrong in encode_png shows. 8-bit grey, RGB or RGBA only."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(tag + body), tag
-        chunks.append((tag, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert depth == 8 and interlace == 0
-    channels = {0: 1, 2: 3, 6: 4}[colour]
-    raw = zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + w * channels)
-    out = np.zeros((h, w * channels), np.uint8)
-    prev = np.zeros(w * channels, np.uint8)
-    for y in range(h):
-        kind, line = rows[y, 0], rows[y, 1:]
-        assert kind in (0, 2)
-        out[y] = line if kind == 0 else line + prev  # uint8 wraps like PNG's mod 256
-        prev = out[y]
-    return out.reshape((h, w) if channels == 1 else (h, w, channels))
+    with av.open(io.BytesIO(data), format="png_pipe") as container:
+        [frame] = container.decode(video=0)
+    assert frame.format.name in ("gray", "rgb24", "rgba"), frame.format.name
+    return frame.to_ndarray(format=frame.format.name)
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (6, 4, 3), (3, 9, 4), (1, 1, 3)])
