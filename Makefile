@@ -45,9 +45,9 @@ test: venv rtsp-server-deps
 	$(BIN)/pytest
 
 # The main job on the built-in default: the full multi-process pipeline on a generated sample
-# clip with the bundled model; writes out/annotated.mp4, out/results.jsonl, out/coco_results.json.
+# clip with the bundled model; writes annotated.mp4, results.jsonl, coco_results.json into a new runs/run-N.
 run: venv
-	$(BIN)/maskstream run --out-dir out/
+	$(BIN)/maskstream run
 
 lint: venv
 	$(BIN)/ruff check pipeline model plugins configs tests benchmarks

@@ -43,10 +43,7 @@ def read_state_dict(source: str | Path | dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(module: nn.Module, source: str | Path | dict, what: str = "checkpoint") -> None:
-    """Strict load that reports every mismatch at once: missing, unexpected, wrong shape."""
-    state = read_state_dict(source)
-    own = module.state_dict()
+def _problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
     # torchvision's frozen-BN checkpoints have no counters; the module fills them in.
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -62,9 +59,24 @@ def load_weights(module: nn.Module, source: str | Path | dict, what: str = "chec
         problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
     if wrong:
         problems.append(f"{len(wrong)} keys with the wrong shape: {_listing(wrong)}")
+    return problems
+
+
+def check_fits(module: nn.Module, source: str | Path | dict, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, once it is known to fit `module` key for key and shape for
+    shape; else CheckpointError reporting every mismatch at once: missing, unexpected, wrong shape."""
+    state = read_state_dict(source)
+    problems = _problems(module.state_dict(), state)
     if problems:
         name = source if not isinstance(source, dict) else "state dict"
         raise CheckpointError(f"{what} {name} does not fit the model: " + "; ".join(problems))
+    return state
+
+
+def load_weights(module: nn.Module, source: str | Path | dict, what: str = "checkpoint") -> None:
+    """Strict load that reports every mismatch at once: missing, unexpected, wrong shape."""
+    state = check_fits(module, source, what)
+    own = module.state_dict()
     # Weights stored in another float precision (the bundled model is saved as fp16 to halve
     # its size) take the model's own dtype here, explicitly rather than by copy_'s casting.
     state = {

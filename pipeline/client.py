@@ -23,17 +23,28 @@ the last message returned; `sub.stats[stream]` keeps the totals.
 `masks`, `mask`, `crop_rles`, `rles`, `to_json` and `SeqTracker` are `pipeline.results`'s,
 re-exported here: they work on any Detections, however it was obtained; `to_json` is also the
 line format of `maskstream subscribe` and of JSONL outputs. Neither module imports torch.
+
+Files written earlier read back as the same objects, with `read_jsonl`:
+
+    from maskstream.pipeline.client import masks, read_jsonl
+
+    for msg in read_jsonl("runs/run-1/results.jsonl"):    # maskstream run --out / subscribe --out / segment
+        if isinstance(msg, Detections):
+            print(msg.header.stream_id, msg.header.seq, masks(msg).shape)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import msgpack
+import numpy as np
 import zmq
 from maskstream.pipeline.results import (
     Published,
@@ -45,7 +56,16 @@ from maskstream.pipeline.results import (
     rles,
     to_json,
 )
-from maskstream.pipeline.runtime.messages import SCHEMA_VERSION, Detections, EndOfStream, Message, MessageError, decode
+from maskstream.pipeline.runtime.messages import (
+    SCHEMA_VERSION,
+    Detections,
+    EndOfStream,
+    Header,
+    Message,
+    MessageError,
+    StageStamp,
+    decode,
+)
 
 __all__ = [
     "SchemaVersionError",
@@ -53,8 +73,10 @@ __all__ = [
     "StreamStats",
     "Subscriber",
     "crop_rles",
+    "from_json",
     "mask",
     "masks",
+    "read_jsonl",
     "rles",
     "to_json",
 ]
@@ -185,3 +207,60 @@ def _schema_version(frames: list[bytes]) -> Any:
     except Exception:  # garbage: the caller reports the decode error instead
         return None
     return meta.get("v") if isinstance(meta, dict) else None
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def read_jsonl(path: str | Path, streams: Sequence[str] | None = None) -> Iterator[Published]:
+    """The messages of a JSONL file, in file order, as the Subscriber yields them: the lines of
+    `maskstream run --out`, `maskstream subscribe --out` (Detections, then an EndOfStream per
+    stream) or `maskstream segment` (one Detections per image: stream id the image's file stem,
+    seq its line number from 0). streams: keep only these stream ids.
+
+    Numbers come back as the file has them (boxes to 0.01 px, scores to 1e-4). A line that is
+    not such a record raises ValueError naming the file and line (a run that crashed may have
+    cut its very last line short)."""
+    path = Path(path)
+    wanted = None if streams is None else set(streams)
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                message = from_json(json.loads(line), default_seq=number - 1)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ValueError(f"{path}: line {number}: not a maskstream record ({type(exc).__name__}: {exc})") \
+                    from None
+            if wanted is None or message.header.stream_id in wanted:
+                yield message
+
+
+def from_json(record: dict[str, Any], default_seq: int = 0) -> Published:
+    """The Detections or EndOfStream a `to_json` (or `maskstream segment`) record describes;
+    default_seq numbers a segment record, which has no seq of its own."""
+    if "kind" not in record:  # maskstream segment: one image, a one-frame stream named after it
+        header = Header(Path(record["image"]).stem, default_seq)
+    else:
+        header = Header(
+            str(record["stream_id"]), int(record["seq"]),
+            None if record.get("pts_s") is None else float(record["pts_s"]),
+            tuple(StageStamp(str(s["stage"]), float(s["start"]), float(s["end"])) for s in record.get("stamps", ())),
+            tuple((str(stage), int(n)) for stage, n in record.get("drops", {}).items()),
+        )
+        if record["kind"] == "EndOfStream":
+            return EndOfStream(header, str(record.get("error", "")))
+        if record["kind"] != "Detections":
+            raise ValueError(f"kind {record['kind']!r}: expected Detections or EndOfStream")
+    found = record["detections"]
+    n = len(found)
+    return Detections(
+        header,
+        (int(record["height"]), int(record["width"])),
+        np.array([d["box"] for d in found], dtype=np.float32).reshape(n, 4),
+        np.array([d["score"] for d in found], dtype=np.float32).reshape(n),
+        np.array([d["label"] for d in found], dtype=np.int32).reshape(n),
+        tuple(str(d["class_name"]) for d in found),
+        np.array([d["mask"]["crop_box"] for d in found], dtype=np.int32).reshape(n, 4),
+        tuple(str(d["mask"]["rle"]["counts"]).encode("ascii") for d in found),
+    )

@@ -6,36 +6,48 @@ in `inference_contract()`: from the engine's manifest with --engine, else from t
 Preprocess, inference and postprocess all get that one object; an engine that disagrees with what
 was asked for is refused here, before any stage starts.
 
-The default model is chosen in one place, `default_model()`: the bundled trained model when
-its weights are present (model/bundled), else the untrained lite variant. Without sources,
-`maskstream run` runs `write_sample_clip()`'s generated clip; without outputs, it writes
-`default_outputs()` into a folder.
+The model is chosen in one place, `model_config()`: a named model (`model.name`, model.zoo; its
+weights fetched beforehand by `fetch_model()`, the one step that may download), else a checkpoint
+with the config beside it or read from its keys, else `default_model()`: the bundled trained model
+when its weights are present (model/bundled), else the untrained lite variant. `check_model()`
+says whether the checkpoint fits that config before any process starts.
+
+Sources are `URL` or `NAME=URL`; `stream_sources()` gives each its stream id (the rule is in its
+docstring). Without sources, `maskstream run` runs `write_sample_clip()`'s generated clip; without
+outputs, it writes `default_outputs()` into a folder.
+
+Importing this module loads no torch (the CLI probes sources and reports a bad path before paying
+for it); `plan()` and the model functions import what they need.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from maskstream.configs import CONFIG_DIR
 from maskstream.model.config import ModelConfig
 from maskstream.model.contract import InferenceContract
-from maskstream.model.runners import RunnerSpec, engine_manifest
-from maskstream.pipeline.config import load_config
-from maskstream.pipeline.media.sources import Policy, SourceSpec, resolve_policy
-from maskstream.pipeline.runtime.shm_ring import Ring
-from maskstream.pipeline.runtime.stage import Wiring
+from maskstream.pipeline.config import dump_config, load_config, loads_config
+from maskstream.pipeline.media.sources import Policy, SourceSpec, resolve_policy, source_kind
 from maskstream.pipeline.runtime.supervisor import StageSpec, SupervisorConfig
-from maskstream.pipeline.stages import decode, infer, postprocess, preprocess, publish
+
+if TYPE_CHECKING:
+    from maskstream.pipeline.runtime.shm_ring import Ring
 
 
 @dataclass(frozen=True)
 class ModelSelection:
-    config: Path | None = None  # model YAML; None: default_model()
-    checkpoint: Path | None = None  # None with config None: default_model()
+    # a named model (model.zoo.MODELS) or the URL of a checkpoint named name-<sha256 prefix>.pth;
+    # its weights are fetched by fetch_model(), its config is its own unless `config` is given
+    name: str | None = None
+    config: Path | None = None  # model YAML; None: the named model's, model.yaml beside the checkpoint, or its keys
+    checkpoint: Path | None = None  # None with name and config None: default_model()
     engine: Path | None = None  # a TensorRT engine: TensorRTRunner instead of torch
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch runner: fp16 = backbone + FPN and mask head in float16 (None: fp32); with an engine,
@@ -133,7 +145,7 @@ def has_outputs(outputs: OutputOptions) -> bool:
 def default_outputs(cfg: RunConfig, directory: Path) -> RunConfig:
     """cfg writing directory/results.jsonl, directory/coco_results.json and, when every source is
     a video file read offline, directory/annotated.mp4 (several streams: annotated.<stream>.mp4)."""
-    files = all(_policy(cfg, url) == "offline" and Path(url).is_file() for url in cfg.sources)
+    files = all(_policy(cfg, url) == "offline" and Path(url).is_file() for _, url in stream_sources(cfg.sources))
     outputs = dataclasses.replace(cfg.outputs, jsonl=directory / "results.jsonl", coco=directory / "coco_results.json",
                                   annotate=directory / "annotated.mp4" if files and cfg.sources else None)
     return dataclasses.replace(cfg, outputs=outputs)
@@ -143,11 +155,83 @@ def _policy(cfg: RunConfig, url: str) -> Policy:
     return resolve_policy(url) if cfg.source.policy == "auto" else cfg.source.policy
 
 
+def fetch_model(selection: ModelSelection, progress: bool = True) -> Path | None:
+    """The named model's weights on disk, downloaded now unless cached (model.zoo.fetch; raises
+    zoo.DownloadError saying from where, the expected hash and where to put the file by hand);
+    None without a name. The one step of a run that may download: plan() never does."""
+    if selection.name is None:
+        return None
+    from maskstream.model import zoo
+
+    _check_selection(selection)
+    return zoo.fetch(zoo.named_model(selection.name), progress=progress)
+
+
+def _check_selection(selection: ModelSelection) -> None:
+    if selection.name is not None and selection.checkpoint is not None:
+        raise ValueError(f"--model {selection.name} and --checkpoint {selection.checkpoint} both choose the "
+                         "weights: give one of them")
+
+
+@dataclass(frozen=True)
+class ChosenModel:
+    """What a ModelSelection means: the config, the checkpoint (None: untrained heads) and, for
+    people, where the config came from."""
+
+    config: ModelConfig
+    checkpoint: Path | None
+    config_from: str
+
+
+def choose_model(selection: ModelSelection) -> ChosenModel:
+    """The config and checkpoint `selection` means (see the module docstring); a named model's
+    weights must have been fetched (fetch_model). Raises ValueError (CheckpointError for a
+    checkpoint that is no Mask R-CNN this project knows), ConfigError for a bad config."""
+    _check_selection(selection)
+    config_path: Path | None = selection.config
+    checkpoint = selection.checkpoint
+    if selection.name is not None:
+        from maskstream.model import zoo
+
+        named = zoo.named_model(selection.name)
+        checkpoint = zoo.cached_path(named)
+        if not checkpoint.is_file():
+            raise ValueError(f"model {selection.name}: its weights are not in {checkpoint} yet (fetch_model gets them)")
+        if config_path is None:
+            config_path = named.config
+    elif checkpoint is None and config_path is None:
+        config_path, checkpoint = default_model()
+    if config_path is None:
+        assert checkpoint is not None
+        beside = checkpoint.parent / "model.yaml"  # what `maskstream train` writes next to its checkpoints
+        if beside.is_file():
+            config_path = beside
+    if config_path is not None:
+        return ChosenModel(load_config(ModelConfig, config_path, selection.overrides), checkpoint, str(config_path))
+    assert checkpoint is not None
+    from maskstream.model.checkpoint import identify, read_state_dict
+
+    identified = identify(read_state_dict(checkpoint), checkpoint)
+    cfg = loads_config(ModelConfig, dump_config(identified), selection.overrides, source=f"{checkpoint} (its keys)")
+    return ChosenModel(cfg, checkpoint, f"read from the checkpoint's keys: {cfg.variant}, {cfg.num_classes} classes")
+
+
 def model_config(selection: ModelSelection) -> tuple[ModelConfig, Path | None]:
-    path, checkpoint = default_model() if selection.config is None else (selection.config, selection.checkpoint)
-    if selection.checkpoint is not None:
-        checkpoint = selection.checkpoint
-    return load_config(ModelConfig, path, selection.overrides), checkpoint
+    """(model config, checkpoint) of `selection`: choose_model's, without the where-from."""
+    chosen = choose_model(selection)
+    return chosen.config, chosen.checkpoint
+
+
+def check_model(chosen: ChosenModel) -> None:
+    """CheckpointError, listing what does not fit, unless the checkpoint fits the config key for
+    key and shape for shape: in the CLI's process, before any stage starts (the inference stage
+    would otherwise find out after every other process is up)."""
+    if chosen.checkpoint is None:
+        return
+    from maskstream.model.checkpoint import check_fits
+    from maskstream.model.mask_rcnn import MaskRCNN
+
+    check_fits(MaskRCNN(chosen.config), chosen.checkpoint)
 
 
 def inference_contract(selection: ModelSelection, model_cfg: ModelConfig) -> InferenceContract:
@@ -158,6 +242,8 @@ def inference_contract(selection: ModelSelection, model_cfg: ModelConfig) -> Inf
     asked = InferenceContract.from_model_config(model_cfg, selection.precision or "fp32")
     if selection.engine is None:
         return asked
+    from maskstream.model.runners import engine_manifest
+
     contract = InferenceContract.from_manifest(engine_manifest(selection.engine))
     source = f"{selection.engine} (manifest)"
     if selection.precision is not None:
@@ -169,10 +255,70 @@ def inference_contract(selection: ModelSelection, model_cfg: ModelConfig) -> Inf
     return contract
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NOT_IN_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def split_source(source: str) -> tuple[str | None, str]:
+    """(name, url) of a `NAME=URL` source, (None, url) of a plain one. NAME is letters, digits and
+    `_.-`, so a URL's own `=` (in its query, after `://`) never reads as a name; a file that exists
+    under the whole text is that file."""
+    name, sep, url = source.partition("=")
+    if sep and _NAME.fullmatch(name) and url and not Path(source).exists():
+        return name, url
+    return None, source
+
+
+def stream_sources(sources: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(stream id, url) per source, in order. The ids, which are ZeroMQ topics, JSONL stream_id,
+    `--stream` of `maskstream subscribe`:
+
+    - `NAME=URL`: NAME (letters, digits, `_.-`; two sources with one name are an error);
+    - a file: its name without the suffix (`videos/street.mp4` -> `street`), a device its name
+      (`/dev/video0` -> `video0`);
+    - a URL: its host and path, without the user, password, port, query and the last suffix
+      (`rtsp://admin:pw@10.0.0.5:554/Streaming/Channels/101` -> `10.0.0.5-Streaming-Channels-101`);
+    - in every case, each run of other characters than letters, digits and `_.-` becomes `-`;
+    - an id taken already (by a name, or an earlier source) gets `-2`, `-3`, ... in source order.
+
+    The same sources in the same order give the same ids, run after run."""
+    pairs = [split_source(source) for source in sources]
+    names = [name for name, _ in pairs if name is not None]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--source: stream name(s) {', '.join(repeated)} given to more than one source")
+    taken = set(names)
+    out = []
+    for name, url in pairs:
+        if name is None:
+            base = _id_of(url)
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+            taken.add(name)
+        out.append((name, url))
+    return tuple(out)
+
+
+def _id_of(url: str) -> str:
+    kind = source_kind(url)
+    if kind == "file":
+        text = Path(urlsplit(url).path if url.startswith("file:") else url).stem
+    elif kind == "device":
+        text = Path(url).name
+    else:
+        parts = urlsplit(url)
+        path = parts.path.strip("/")
+        if "." in path.rsplit("/", 1)[-1]:
+            path = path.rsplit(".", 1)[0]
+        text = "-".join(p for p in (parts.hostname or "", path) if p)
+    return _NOT_IN_ID.sub("-", text).strip("-.") or "stream"
+
+
 def stream_ids(sources: tuple[str, ...]) -> tuple[str, ...]:
-    """Readable, unique ids: the file stem (or host) of each source, numbered when they repeat."""
-    stems = [Path(url.split("?")[0].rstrip("/")).stem or f"stream{i}" for i, url in enumerate(sources)]
-    return tuple(stem if stems.count(stem) == 1 else f"{stem}-{i}" for i, stem in enumerate(stems))
+    """The stream id of each source (stream_sources' rule)."""
+    return tuple(sid for sid, _ in stream_sources(sources))
 
 
 @dataclass
@@ -193,25 +339,52 @@ class Plan:
         self.endpoint_dir.rmdir()
 
 
-def plan(cfg: RunConfig) -> Plan:
-    if not cfg.sources:
-        raise ValueError("no sources: give --source (repeatable) or `sources:` in the config")
-    if cfg.workers < 1:
-        raise ValueError(f"workers: expected >= 1, got {cfg.workers}")
-    model_cfg, checkpoint = model_config(cfg.model)
-    contract = inference_contract(cfg.model, model_cfg)
-    height, width = contract.input_hw
-    ids = stream_ids(cfg.sources)
+def source_specs(cfg: RunConfig) -> dict[str, SourceSpec]:
+    """Each stream's SourceSpec, by stream id (stream_sources), policies resolved."""
     src = cfg.source
-    sources = {
+    return {
         sid: SourceSpec(url, policy=_policy(cfg, url),
                         rtsp_transport=src.rtsp_transport, stall_timeout_s=src.stall_timeout_s,
                         reconnect_backoff_s=src.reconnect_backoff_s, max_reconnects=src.max_reconnects,
                         staleness_s=src.staleness_s, rate_fps=src.rate_fps, max_frames=src.max_frames)
-        for sid, url in zip(ids, cfg.sources)
+        for sid, url in stream_sources(cfg.sources)
     }
+
+
+def annotate_paths(cfg: RunConfig) -> dict[str, Path]:
+    """The annotated video of each stream (--annotate PATH: one stream PATH, several NAME.<id>.SUFFIX)."""
+    ids = stream_ids(cfg.sources)
+    path = cfg.outputs.annotate
+    return {} if path is None else {sid: _annotate_path(path, sid, len(ids)) for sid in ids}
+
+
+def output_files(cfg: RunConfig) -> list[Path]:
+    """Every file a run of cfg writes (JSONL, COCO results, annotated videos)."""
+    return [p for p in (cfg.outputs.jsonl, cfg.outputs.coco, *annotate_paths(cfg).values()) if p is not None]
+
+
+def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None = None) -> Plan:
+    """The stage processes of a run (nothing started yet); log_level: pipeline.logs' level of
+    every stage process; model: choose_model(cfg.model) when the caller has it already. A named
+    model's weights must have been fetched (fetch_model)."""
+    from maskstream.model.runners import RunnerSpec
+    from maskstream.pipeline.runtime.shm_ring import Ring
+    from maskstream.pipeline.runtime.stage import Wiring
+    from maskstream.pipeline.stages import decode, infer, postprocess, preprocess, publish
+
+    if not cfg.sources:
+        raise ValueError("no sources: give --source (repeatable) or `sources:` in the config")
+    if cfg.workers < 1:
+        raise ValueError(f"workers: expected >= 1, got {cfg.workers}")
+    chosen = model or choose_model(cfg.model)
+    model_cfg, checkpoint = chosen.config, chosen.checkpoint
+    contract = inference_contract(cfg.model, model_cfg)
+    height, width = contract.input_hw
+    sources = source_specs(cfg)
+    ids = tuple(sources)
+    src = cfg.source
     out = cfg.outputs
-    annotate = {sid: _annotate_path(out.annotate, sid, len(ids)) for sid in ids if out.annotate is not None}
+    annotate = annotate_paths(cfg)
     for sid in annotate:
         if sources[sid].policy == "live" or not Path(sources[sid].url).is_file():
             raise ValueError(f"--annotate: source {sources[sid].url!r} is not a video file; annotated videos "
@@ -235,7 +408,8 @@ def plan(cfg: RunConfig) -> Plan:
         reports, infer_in, publish_in = endpoint("reports"), endpoint("infer"), endpoint("publish")
 
         def wiring(stage: str, **kw: object) -> Wiring:
-            return Wiring(stage=stage, reports=reports, hwm=cfg.transport.hwm, **kw)  # type: ignore[arg-type]
+            return Wiring(stage=stage, reports=reports, hwm=cfg.transport.hwm, log_level=log_level,
+                          **kw)  # type: ignore[arg-type]
 
         live = tuple(sid for sid in ids if sources[sid].policy == "live")
         specs = [
@@ -264,7 +438,8 @@ def plan(cfg: RunConfig) -> Plan:
                       wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,)))
             for i in workers
         ]
-        outputs = tuple(publish.StreamOutput(sid, sid in live, sources[sid].url, annotate.get(sid)) for sid in ids)
+        outputs = tuple(publish.StreamOutput(sid, sid in live, sources[sid].url, annotate.get(sid), src.max_frames)
+                        for sid in ids)
         specs.append(StageSpec(
             publish.main,
             publish.PublishConfig(outputs, out.jsonl, out.coco, cfg.gap_timeout_s, _overtake_limit(cfg, len(ids))),

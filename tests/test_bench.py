@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -53,7 +54,10 @@ def test_offline_bench_reports_every_field_accounts_every_frame_and_draws_plots(
     assert set(bench_fields()) <= set(run)
     frames = run["frames"]
     assert frames["produced"] == frames["published"] == 20 and frames["dropped"] == 0 and frames["all_accounted"]
-    assert {s: v["published"] for s, v in frames["per_stream"].items()} == {"clip-0": 10, "clip-1": 10}
+    # the second copy of a source takes the next free id (run_config.stream_sources)
+    assert {s: v["published"] for s, v in frames["per_stream"].items()} == {"clip": 10, "clip-2": 10}
+    for stream in ("clip", "clip-2"):  # progress off a terminal: timestamped lines, against the real frame count
+        assert re.search(r"\d\d:\d\d:\d\d INFO maskstream.progress: " + stream + r": 10/10 frames \(100%\)", stderr)
     for stage in STAGES:
         assert run["stages"][stage]["frames"] == 20 and run["stages"][stage]["time_s"]["n"] > 0
     for stats in stats_dicts(run):

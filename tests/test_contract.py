@@ -15,6 +15,7 @@ from maskstream.model.contract import ContractMismatch, InferenceContract
 from maskstream.model.engine import EngineMismatch, manifest_path
 from maskstream.model.runners import RunnerSpec, TorchRunner, configure_process, make_runner
 from maskstream.pipeline.cli.main import main
+from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.run_config import ModelSelection, RunConfig, inference_contract, model_config, plan
 from maskstream.pipeline.stages.infer import InferConfig, InferStage
 
@@ -149,7 +150,8 @@ def test_an_engine_without_manifest_is_refused_at_start(tmp_path):
 
 def test_the_cli_refuses_a_mismatched_engine_before_starting_anything(tmp_path, capsys):
     engine = _engine(tmp_path)
-    code = main(["run", "--quiet", "--source", str(tmp_path / "clip.mp4"), "--engine", str(engine),
+    clip = write_test_clip(tmp_path / "clip.mp4", frames=3)  # sources are probed first: a real one
+    code = main(["run", "--quiet", "--log-level", "error", "--source", str(clip), "--engine", str(engine),
                  "--model-config", str(LITE), "--out-dir", str(tmp_path / "out"),
                  "--set", f"transport.endpoint_dir={tmp_path}"])
     err = capsys.readouterr().err

@@ -106,10 +106,15 @@ def test_eval_and_synthetic_commands(tmp_path, capsys):
     direct = evaluate(build(config=TINY_MODEL, checkpoint=tmp_path / "tiny.pt"), coco_files(data))
     assert direct.results and json.loads(out.read_text()) == json.loads(json.dumps(direct.results))
     assert json.loads((tmp_path / "results_metrics.json").read_text()) == direct.metrics
-    # No model config beside the checkpoint, none given: a clear error, not a guess.
+    # No model config beside the checkpoint, none given: what the weights say (variant, classes) is
+    # read from their keys; the rest is the variant's default. Here the data is missing: exit 2.
     (tmp_path / "model.yaml").unlink()
-    assert main(["eval", "--checkpoint", str(tmp_path / "tiny.pt"), "--data", str(tmp_path / "x.json")]) == 2
-    assert "no model.yaml beside it" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "tiny.pt"), "--data", str(tmp_path / "x.json"),
+                 "--out", str(tmp_path / "again.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"read from the checkpoint's keys: lite, {TINY_MODEL.num_classes} classes" in err
+    assert str(tmp_path / "x.json") in err and err.count("error: ") == 1
+    assert not (tmp_path / "again.json").exists()
 
 
 def coco_files(folder):

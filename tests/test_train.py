@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -248,6 +249,10 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert code == 3, captured.err  # trained, evaluated; the engine needs TensorRT, which is absent here
     assert "TensorRT is not available" in captured.err
     assert "trained 3 iterations" in captured.out and "segm" in captured.out
+    # progress off a terminal: one timestamped line at the end (and one every --progress-every seconds)
+    assert re.search(r"\d\d:\d\d:\d\d INFO maskstream.progress: train: 3/3 iterations \(100%\) .*loss ",
+                     captured.err), captured.err
+    assert re.search(r"INFO maskstream.progress: eval: 2/2 images \(100%\)", captured.err)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["val"]) == {"bbox", "segm"}
     assert (out / "model.yaml").is_file() and (out / "config.yaml").is_file()

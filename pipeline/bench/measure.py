@@ -45,8 +45,9 @@ from typing import Any
 
 import numpy as np
 from maskstream.pipeline.client import Subscriber
-from maskstream.pipeline.run_config import RunConfig, plan
+from maskstream.pipeline.run_config import ChosenModel, RunConfig, plan
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, MessageError, StageReport, StageStamp
+from maskstream.pipeline.runtime.metrics import MetricsBoard
 from maskstream.pipeline.runtime.supervisor import RunReport, Supervisor
 
 __all__ = ["BenchError", "Measurement", "bench_fields", "live_config", "machine", "measure", "search_rate",
@@ -123,14 +124,19 @@ def repeat_sources(sources: tuple[str, ...], streams: int) -> tuple[str, ...]:
     return tuple(url for url in sources for _ in range(streams))
 
 
-def measure(cfg: RunConfig, sample_s: float = 0.5, drain_s: float = 3.0) -> Measurement:
-    """Run cfg's pipeline to the end of every stream and record what it published."""
+def measure(cfg: RunConfig, sample_s: float = 0.5, drain_s: float = 3.0,
+            on_progress: Callable[[Supervisor], None] | None = None, board: MetricsBoard | None = None,
+            log_level: str = "warning", model: ChosenModel | None = None) -> Measurement:
+    """Run cfg's pipeline to the end of every stream and record what it published.
+
+    on_progress: called with the supervisor on every pass of its loop (the CLI's progress);
+    board: collects the stages' metrics; log_level and model: as for run_config.plan."""
     folder = None
     if cfg.outputs.publish is None:  # the bench's own PUB endpoint, beside nothing else
         folder = Path(tempfile.mkdtemp(prefix="maskstream-bench-", dir=cfg.transport.endpoint_dir))
         cfg = dataclasses.replace(cfg, outputs=dataclasses.replace(cfg.outputs, publish=f"ipc://{folder / 'out'}"))
     assert cfg.outputs.publish is not None
-    the_plan = plan(cfg)
+    the_plan = plan(cfg, log_level, model)
     frames: list[FrameRecord] = []
     ends: dict[str, StreamEnd] = {}
     traces: dict[int, ProcessTrace] = {}
@@ -159,9 +165,14 @@ def measure(cfg: RunConfig, sample_s: float = 0.5, drain_s: float = 3.0) -> Meas
         if now >= next_sample[0]:
             next_sample[0] = now + sample_s
             _sample(supervisor, traces, gpu)
+        if on_progress is not None:
+            on_progress(supervisor)
 
     try:
-        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(watch)
+        supervisor = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board)
+        report = supervisor.run(watch)
+        if on_progress is not None:
+            on_progress(supervisor)
         drain(drain_s)  # what the publish stage sent just before it was stopped
     finally:
         subscriber.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -18,8 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from maskstream.configs import CONFIG_DIR
 from maskstream.model.config import ModelConfig
+from maskstream.model.zoo import DownloadError
+from maskstream.pipeline import logs
 from maskstream.pipeline.cli import prepare_torch
 from maskstream.pipeline.cli.bench import add_parsers as add_bench_parsers
+from maskstream.pipeline.cli.files import new_run_dir, refuse_existing
+from maskstream.pipeline.cli.options import HelpFormatter, add_logging, add_model_name, subcommand
 from maskstream.pipeline.cli.run import add_parsers as add_run_parsers
 from maskstream.pipeline.cli.subscribe import add_parsers as add_subscribe_parsers
 from maskstream.pipeline.cli.train import add_parsers as add_training_parsers
@@ -28,6 +33,8 @@ from maskstream.plugins.tensorrt_env import TensorRTUnavailable
 
 if TYPE_CHECKING:
     from maskstream.pipeline.runtime.messages import Detections, Header
+
+log = logging.getLogger("maskstream")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -51,9 +58,30 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def segment_model(args: argparse.Namespace) -> tuple[ModelConfig, Path | None]:
+    """--model, --checkpoint or --config: the model they choose (as `run` chooses it); none of
+    them: the bundled model for --variant lite, else --variant's untrained config."""
+    from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
+    from maskstream.pipeline.run_config import ModelSelection, choose_model, fetch_model
+
+    if args.model is None and args.checkpoint is None and args.config is None:
+        if args.variant == "lite" and BUNDLED_CHECKPOINT.is_file():
+            # The default: the bundled lite model, trained on the synthetic shapes the sample scenes show.
+            log.info("no --model or --checkpoint given: using the bundled model %s", BUNDLED_CHECKPOINT.name)
+            return load_config(ModelConfig, BUNDLED_CONFIG, args.set), BUNDLED_CHECKPOINT
+        log.warning("no --model or --checkpoint given, so the detection heads are untrained and the detections "
+                    "are not meaningful")
+        return model_config(args), None
+    selection = ModelSelection(name=args.model, config=args.config, checkpoint=args.checkpoint,
+                               overrides=tuple(args.set))
+    fetch_model(selection)
+    chosen = choose_model(selection)
+    log.info("model %s (config %s)", chosen.checkpoint, chosen.config_from)
+    return chosen.config, chosen.checkpoint
+
+
 def segment(args: argparse.Namespace) -> int:
     import torch
-    from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
     from maskstream.model.coco import class_names
     from maskstream.model.fuse import fold_batch_norms
     from maskstream.model.mask_rcnn import build
@@ -64,23 +92,14 @@ def segment(args: argparse.Namespace) -> int:
     from maskstream.pipeline.runtime.messages import Header
 
     prepare_torch()
-    out_dir = Path(args.out)
-    if args.checkpoint is None and args.config is None and args.variant == "lite" and BUNDLED_CHECKPOINT.is_file():
-        # The default: the bundled lite model, trained on the synthetic shapes the sample scenes show.
-        args.config, args.checkpoint = BUNDLED_CONFIG, BUNDLED_CHECKPOINT
-        print(f"note: no --checkpoint given: using the bundled model {BUNDLED_CHECKPOINT.name}", file=sys.stderr)
-    cfg = model_config(args)
-    weights_backbone = None
-    if args.checkpoint is None:
-        if cfg.variant == "lite":
-            weights_backbone = "imagenet"
-        print(
-            "note: no --checkpoint given, so the detection heads are untrained and the detections are "
-            "not meaningful",
-            file=sys.stderr,
-        )
-    net = fold_batch_norms(build(config=cfg, checkpoint=args.checkpoint, weights_backbone=weights_backbone))
+    if args.out is not None:
+        refuse_existing([Path(args.out) / "results.jsonl"], args.overwrite)
+    cfg, checkpoint = segment_model(args)
+    weights_backbone = "imagenet" if checkpoint is None and cfg.variant == "lite" else None
+    net = fold_batch_norms(build(config=cfg, checkpoint=checkpoint, weights_backbone=weights_backbone))
     names = class_names(cfg.num_classes, cfg.class_names)
+    # a new run directory (the default) is made once nothing can refuse the run
+    out_dir = Path(args.out) if args.out is not None else new_run_dir(Path("runs"), "segment")
 
     paths = image_paths(args.images) if args.images else write_sample_images(out_dir / "samples", count=4, seed=0)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,31 +216,73 @@ def doctor(args: argparse.Namespace) -> int:
 
 def add_model_options(parser: argparse.ArgumentParser, default_variant: str, checkpoint_required: bool) -> None:
     """The options that choose a model, the same for every command that loads one (read by model_config)."""
-    parser.add_argument("--variant", choices=["v1", "v2", "lite"], default=default_variant)
+    parser.add_argument("--variant", choices=["v1", "v2", "lite"], default=default_variant,
+                        help="the architecture, when no config names it")
     parser.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
     parser.add_argument(
         "--checkpoint", type=Path, required=checkpoint_required, help="model weights (ours or torchvision's Mask R-CNN)"
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model config value (repeatable)")
+
+
+SEGMENT_EXAMPLES = """
+  maskstream segment                                   # generated sample scenes, bundled model, into runs/segment-N
+  maskstream segment photos/ --model maskrcnn_resnet50_fpn_coco --out out/
+  maskstream segment a.jpg --checkpoint maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth   # config read from its keys
+"""
+BUILD_ENGINE_EXAMPLES = """
+  maskstream build-engine --checkpoint runs/train/model_final.pt --config runs/train/model.yaml --out m.engine
+  maskstream build-engine --variant v1 --checkpoint maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out r50.engine \
+      --precision fp16
+"""
+DOCTOR_EXAMPLES = """
+  maskstream doctor
+  maskstream doctor --engine r50.engine
+"""
+TOP_EXAMPLES = """
+  maskstream run --source street.mp4 --model maskrcnn_resnet50_fpn_coco    # results in runs/run-N
+  maskstream subscribe tcp://127.0.0.1:5556 --stream cam0
+  maskstream <command> --help                                              # each command's options and examples
+"""
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("maskstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed as a distribution)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskstream", description="Streaming Mask R-CNN instance segmentation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    seg = sub.add_parser("segment", help="segment still images (default: the built-in synthetic sample scenes)")
+    parser = argparse.ArgumentParser(prog="maskstream", description="Streaming Mask R-CNN instance segmentation",
+                                     epilog="examples:\n" + TOP_EXAMPLES.strip("\n"), formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="<command>")
+    seg = subcommand(sub, "segment", "segment still images (default: the built-in synthetic sample scenes)",
+                     SEGMENT_EXAMPLES)
     seg.add_argument("images", nargs="*", help="image files or folders (default: generated sample scenes)")
-    seg.add_argument("--out", default="out", help="output folder: results.jsonl, annotated/*.png")
+    seg.add_argument("--out", help="output folder: results.jsonl, annotated/*.png (default: a new runs/segment-N)")
+    seg.add_argument("--overwrite", action="store_true", help="replace the results.jsonl of an earlier run in --out")
+    add_model_name(seg)
     add_model_options(seg, default_variant="lite", checkpoint_required=False)
+    add_logging(seg)
     seg.set_defaults(func=segment)
 
-    eng = sub.add_parser("build-engine", help="compile a checkpoint into a TensorRT engine + JSON manifest")
+    eng = subcommand(sub, "build-engine", "compile a checkpoint into a TensorRT engine + JSON manifest",
+                     BUILD_ENGINE_EXAMPLES)
     add_model_options(eng, default_variant="v1", checkpoint_required=True)
     eng.add_argument("--out", required=True, help="engine file NAME.engine; the manifest goes to NAME.json")
-    eng.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    eng.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="the engine's precision")
+    add_logging(eng)
     eng.set_defaults(func=build_engine_command)
 
-    doc = sub.add_parser("doctor", help="show which optional pieces are installed and which runner would be used")
+    doc = subcommand(sub, "doctor", "show which optional pieces are installed and which runner would be used",
+                     DOCTOR_EXAMPLES)
     doc.add_argument("--engine", type=Path, help="an engine file, to show the runner it would get")
+    add_logging(doc)
     doc.set_defaults(func=doctor)
     add_run_parsers(sub)
     add_bench_parsers(sub)
@@ -231,11 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        # A bare `maskstream` is a usage error for a script (it did nothing), and a question for a
+        # person: the commands and examples go to stderr with argparse's usage-error status.
+        parser.print_help(sys.stderr)
+        return 2
+    logs.configure(args.log_level)
     # ValueError also covers model.checkpoint's CheckpointError, a module that imports torch
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, TensorRTUnavailable) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, TensorRTUnavailable, DownloadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

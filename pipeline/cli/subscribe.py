@@ -19,11 +19,18 @@ if TYPE_CHECKING:  # the handler imports these itself: see cli/main.py
     from maskstream.pipeline.media.outputs import JsonlWriter
 
 
+EXAMPLES = """
+  maskstream subscribe tcp://127.0.0.1:5556                       # every stream, JSON lines on stdout
+  maskstream subscribe tcp://127.0.0.1:5556 --stream cam0 --out cam0.jsonl
+"""
+
+
 def add_parsers(subparsers: Any) -> None:
     """Add `subscribe` to the CLI's subparsers (argparse's _SubParsersAction)."""
-    parser = subparsers.add_parser(
-        "subscribe", help="print or save the detections a running pipeline publishes (JSON lines)"
-    )
+    from maskstream.pipeline.cli.options import add_logging, subcommand
+
+    parser = subcommand(subparsers, "subscribe", "print or save the detections a running pipeline publishes "
+                        "(JSON lines)", EXAMPLES)
     parser.add_argument("endpoint", help="the pipeline's publish address, e.g. tcp://127.0.0.1:5556")
     parser.add_argument(
         "--stream", action="append", dest="streams", metavar="ID",
@@ -34,6 +41,7 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="exit with status 1 after this long without a message"
     )
+    add_logging(parser)
     parser.set_defaults(func=subscribe)
 
 

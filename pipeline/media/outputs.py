@@ -204,7 +204,9 @@ class AnnotatedVideoWriter(_Writer):
 
     Frames without a Detections message (dropped by a live stage) are written undrawn, so
     the video keeps the source's length and timing. After an EndOfStream the rest of the
-    source is copied undrawn; closing without one ends the video at the last frame written.
+    source is copied undrawn, up to max_frames frames in all (the run's source.max_frames: the
+    frames the run never processed are left out, not shown as frames without detections);
+    closing without one ends the video at the last frame written.
 
     fps: the output rate (default: the source's). codec/crf: see pipeline.media.video.VideoWriter."""
 
@@ -215,9 +217,11 @@ class AnnotatedVideoWriter(_Writer):
         fps: float | None = None,
         codec: str | None = None,
         crf: int | None = None,
+        max_frames: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.source = str(source_url)
+        self.max_frames = max_frames
         _make_parent(self.path)
         if not Path(self.source).is_file():
             raise ValueError(
@@ -259,7 +263,7 @@ class AnnotatedVideoWriter(_Writer):
         if self._ended:
             raise ValueError(f"{self.path}: stream {sid!r} got seq {message.header.seq} after its EndOfStream")
         if isinstance(message, EndOfStream):
-            while (image := self._next_source_frame()) is not None:
+            while not self._full() and (image := self._next_source_frame()) is not None:
                 self._video.write(image)
                 self.frames_written += 1
             self._ended = True
@@ -295,6 +299,9 @@ class AnnotatedVideoWriter(_Writer):
             video.close()
         finally:
             self._container.close()
+
+    def _full(self) -> bool:
+        return self.max_frames is not None and self.frames_written >= self.max_frames
 
     def _next_source_frame(self) -> np.ndarray | None:
         try:

@@ -65,11 +65,14 @@ from maskstream.pipeline.media.video import VideoError, VideoInfo, first_video_s
 __all__ = [
     "DecodedFrame",
     "Policy",
+    "Probe",
     "SourceError",
     "SourceSpec",
     "SourceStats",
     "VideoSource",
+    "probe_source",
     "resolve_policy",
+    "source_kind",
 ]
 
 log = logging.getLogger("maskstream.sources")
@@ -173,10 +176,10 @@ def resolve_policy(url: str) -> Policy:
     """'offline' for files and http(s) URLs other than HLS playlists, 'live' for everything else.
 
     VideoSource refines HLS at open(): a playlist that ends (VOD) is read offline."""
-    return "offline" if _kind(url) in ("file", "http") else "live"
+    return "offline" if source_kind(url) in ("file", "http") else "live"
 
 
-def _kind(url: str) -> SourceKind:
+def source_kind(url: str) -> SourceKind:
     if url.startswith("/dev/"):
         return "device"
     parts = urlsplit(url)
@@ -208,7 +211,7 @@ class VideoSource:
         self.spec = spec if isinstance(spec, SourceSpec) else SourceSpec(spec)
         self.convert = convert or _to_rgb
         self.policy: Policy = self.spec.policy or resolve_policy(self.spec.url)
-        self.kind = _kind(self.spec.url)
+        self.kind = source_kind(self.spec.url)
         self._reader: _OfflineReader | _LiveReader | None = None
 
     @property
@@ -261,6 +264,72 @@ class VideoSource:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- probing
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What opening a source once, before a run, found.
+
+    info: its video stream; None for a live source not reachable now (problem says why; the run
+    goes on and retries it as any reconnect). frames: how many frames an offline source will give
+    (its index, else duration x frame rate, then max_frames), None where unknown; exact: whether
+    that count is the index's."""
+
+    url: str
+    policy: Policy
+    info: VideoInfo | None
+    frames: int | None = None
+    exact: bool = False
+    problem: str = ""
+
+
+def probe_source(spec: SourceSpec, timeout_s: float = 5.0) -> Probe:
+    """Open the source and decode its first frame, within about timeout_s for a network source.
+
+    Raises SourceError for a source that cannot work: a missing file, a directory, a file that
+    is not a video or whose first frame does not decode, an offline URL that cannot be read, a
+    device this FFmpeg cannot open. A live source (camera, RTSP, live HLS) that cannot be reached
+    now is no error: the Probe says why, as the run will keep retrying it."""
+    kind = source_kind(spec.url)
+    _check_openable(spec.url, kind)
+    policy = spec.policy or (_hls_policy(spec) if kind == "hls" else resolve_policy(spec.url))
+    if kind != "file":
+        spec = dataclasses.replace(spec, stall_timeout_s=timeout_s)
+    try:
+        opened = _open_video(spec, kind, "AUTO")
+    except SourceError:
+        raise
+    except FileNotFoundError as exc:
+        raise SourceError(f"{spec.url}: no such file") from exc
+    except (av.FFmpegError, OSError) as exc:
+        if policy == "live":
+            return Probe(spec.url, policy, None, problem=_reason(exc))
+        what = "cannot open as a video" if kind == "file" else "cannot be read"
+        raise SourceError(f"{spec.url}: {what} ({_reason(exc)})") from exc
+    try:
+        try:
+            next(opened.container.decode(opened.stream))
+        except StopIteration:
+            raise SourceError(f"{spec.url}: no frame in it (an empty video)") from None
+        except (av.FFmpegError, OSError) as exc:
+            if policy == "live":
+                return Probe(spec.url, policy, opened.info, problem=f"connected, but no frame: {_reason(exc)}")
+            raise SourceError(f"{spec.url}: its first frame does not decode ({_reason(exc)})") from exc
+    finally:
+        opened.container.close()
+    info = opened.info
+    frames, exact = None, False
+    if policy == "offline":
+        if info.frames:
+            frames, exact = info.frames, True
+        elif info.duration_s and info.fps:
+            frames = max(1, round(info.duration_s * info.fps))
+        if spec.max_frames is not None and (frames is None or spec.max_frames <= frames):
+            frames, exact = spec.max_frames, frames is not None
+    return Probe(spec.url, policy, info, frames, exact)
 
 
 # ----------------------------------------------------------------------------- opening

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from maskstream.pipeline import logs
 from maskstream.pipeline.runtime.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
 from maskstream.pipeline.runtime.metrics import (
     DROPS,
@@ -174,6 +175,7 @@ class Wiring:
     heartbeat_s: float = 0.5
     parent_pid: int = 0
     torch_threads: int = 1  # 0: leave torch's default
+    log_level: str = "warning"  # pipeline.logs.LEVELS: the run's --log-level, in every stage process
 
     @property
     def kind(self) -> str:
@@ -185,6 +187,7 @@ def _setup_process(wiring: Wiring) -> None:
     # a 2-core host every stage but inference must stay on one core.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_stopped)
+    logs.configure(wiring.log_level)
     faulthandler.register(signal.SIGUSR2)  # `kill -USR2 PID` prints where a stage is stuck
     try:  # `ps -o comm` and tests tell the stages apart by name (Linux keeps 15 characters)
         with open("/proc/self/comm", "w") as comm:

@@ -19,6 +19,7 @@ class StreamOutput:
     live: bool
     source_url: str
     annotate: Path | None = None  # this stream's annotated video
+    max_frames: int | None = None  # the source's max_frames: the annotated video ends there too
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class PublishStage(Stage):
         if config.coco is not None:  # image ids: seq, with streams numbered apart
             shared.append(CocoResultsWriter(config.coco, image_id_of=lambda h: _image_id(h, index)))
         for s in config.streams:
-            own = [AnnotatedVideoWriter(s.annotate, s.source_url)] if s.annotate is not None else []
+            own = ([AnnotatedVideoWriter(s.annotate, s.source_url, max_frames=s.max_frames)]
+                   if s.annotate is not None else [])
             self.writers[s.stream_id] = [*shared, *own]
         self._all = [*shared, *(w for s in config.streams for w in self.writers[s.stream_id][len(shared):])]
 
