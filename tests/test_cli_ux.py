@@ -8,7 +8,9 @@ printed (run pytest with -s to see it), not asserted: the host is shared and loa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import re
@@ -220,7 +222,7 @@ def test_an_unreachable_camera_is_said_once_then_retried(tmp_path):
 # ----------------------------------------------------------------------------- never clobber
 
 
-def test_runs_go_to_new_directories_refuse_old_outputs_and_annotate_only_max_frames(tmp_path, clip):
+def test_runs_go_to_new_directories_refuse_old_outputs_and_annotate_only_max_frames(tmp_path, clip, monkeypatch):
     endpoint_dir = ["--set", f"transport.endpoint_dir={tmp_path}"]
     args = ["run", "--source", str(clip), "--set", "source.max_frames=5", "--progress-every", "0.2",
             *sets(TINY_MODEL), *endpoint_dir]
@@ -237,6 +239,14 @@ def test_runs_go_to_new_directories_refuse_old_outputs_and_annotate_only_max_fra
         assert sum(1 for _ in video.decode(video=0)) == 5  # the frames the run processed, not the source's 12
     assert [line["seq"] for line in map(json.loads, (run1 / "results.jsonl").read_text().splitlines())] == \
         [0, 1, 2, 3, 4, 5]
+
+    # The README's read_jsonl example, as written, on this run's results (stream "street" in runs/run-1).
+    readme = (ROOT / "README.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "read_jsonl(" in block]
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(example, "README.md", "exec"), {})
+    assert re.findall(r"^(\d+) \(", printed.getvalue(), re.M) == ["0", "1", "2", "3", "4"]  # seq, class names...
 
     before = (run1 / "results.jsonl").read_bytes()
     code, stdout, stderr, seconds = maskstream([*args, "--out-dir", str(run1)], tmp_path)
@@ -339,6 +349,22 @@ def test_progress_off_a_terminal_is_timestamped_lines(capsys):
     assert any(re.fullmatch(TIMESTAMP + r" INFO maskstream.progress: cam0: 40 frames \[00:00, .*frame/s, dropped 2, "
                             r"latency 0.21 s\]", line) for line in lines), lines
     logging.getLogger().handlers.clear()
+
+
+def test_live_progress_shows_rate_drops_and_latency(tmp_path):
+    clip = write_test_clip(tmp_path / "cam.mp4", frames=40, size=(160, 120), fps=20)
+    code, stdout, stderr, _ = maskstream(
+        ["run", "--source", f"cam0={clip}", "--policy", "live", "--out", str(tmp_path / "r.jsonl"),
+         "--progress-every", "0.5", *sets(TINY_MODEL), "--set", f"transport.endpoint_dir={tmp_path}"], tmp_path)
+    assert code == 0, stderr
+    lines = re.findall(TIMESTAMP + r" INFO maskstream.progress: cam0: (\d+) frames \[[\d:]+, .*frame/s, "
+                       r"dropped (\d+)(?:, latency (\d+\.\d\d) s)?\]", stderr)
+    assert lines, stderr
+    published, dropped, latency = lines[-1]  # the last line: where the stream ended
+    summary = re.search(r"cam0 \(.*\): (\d+) frames, (\d+) lost/dropped, ok", stdout)
+    assert summary is not None and (int(published), int(dropped)) == (int(summary.group(1)), int(summary.group(2))), \
+        (lines, stdout)
+    assert int(published) + int(dropped) <= 40 and latency and 0 < float(latency) < 10
 
 
 def test_eval_reports_progress(tmp_path, capsys):

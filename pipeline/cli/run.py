@@ -50,7 +50,7 @@ PROBE_TIMEOUT_S = 5.0
 EXAMPLES = """
   maskstream run                                            # the sample clip, bundled model, into runs/run-N
   maskstream run --source street.mp4 --model maskrcnn_resnet50_fpn_coco
-  maskstream run --source street.mp4 --out r.jsonl --annotate r.mp4 --set source.max_frames=100
+  maskstream run --source street.mp4 --out r.jsonl --annotate r.mp4 --max-frames 100
   maskstream run --source cam0=rtsp://10.0.0.5/stream --publish tcp://127.0.0.1:5556
   maskstream run --source a.mp4 --checkpoint runs/train/model_final.pt --device cuda
 """
@@ -73,6 +73,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--workers", type=int, help="preprocess and postprocess processes, each (default: config's, 1)")
+    p.add_argument("--max-frames", type=int, metavar="N",
+                   help="end every source after N frames (source.max_frames; default: all)")
     p.add_argument("--policy", choices=["auto", "offline", "live"],
                    help="override every source's policy (default auto: files offline, cameras live)")
     add_model_selection(p)
@@ -114,7 +116,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             pipeline_sets.append(item)
     flags = {
         "sources": args.source or None, "workers": args.workers,
-        "source.policy": args.policy, "outputs.jsonl": args.out, "outputs.coco": args.coco,
+        "source.policy": args.policy, "source.max_frames": args.max_frames,
+        "outputs.jsonl": args.out, "outputs.coco": args.coco,
         "outputs.annotate": args.annotate, "outputs.publish": args.publish, "outputs.metrics_port": args.metrics_port,
         "model.name": args.model, "model.config": args.model_config, "model.checkpoint": args.checkpoint,
         "model.engine": args.engine, "model.device": args.device, "model.precision": args.precision,
