@@ -39,6 +39,7 @@ from maskstream.pipeline.run_config import ModelSelection, check_model, choose_m
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 
 from tests import test_zoo
+from tests.conftest import SHARED
 from tests.make_detections import make_detections
 from tests.test_pipeline import TINY_MODEL
 
@@ -139,6 +140,22 @@ def test_a_checkpoint_alone_brings_its_config(tmp_path):
     assert "keys with the wrong shape" in str(err.value) and "[5," in str(err.value)
     with pytest.raises(ValueError, match="both choose the weights"):
         choose_model(ModelSelection(name="maskrcnn_resnet50_fpn_coco", checkpoint=alone))
+
+
+@pytest.mark.parametrize("name,variant", [("torchvision_maskrcnn_resnet50_fpn", "v1"),
+                                          ("torchvision_maskrcnn_resnet50_fpn_v2", "v2")])
+def test_a_torchvision_checkpoint_alone_is_read_and_checked(name, variant, tmp_path):
+    """torchvision's own key names and shapes (the reference manifests), saved as a file: --checkpoint alone."""
+    manifest = SHARED / "reference" / f"{name}.json"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} missing (../shared not laid out)")
+    state = {p["name"]: torch.zeros(p["shape"]) for p in json.loads(manifest.read_text())["params"]}
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    chosen = choose_model(ModelSelection(checkpoint=path))
+    assert (chosen.config.variant, chosen.config.num_classes) == (variant, 91)
+    assert chosen.config_from == f"read from the checkpoint's keys: {variant}, 91 classes"
+    check_model(chosen)  # every key and shape fits the model built from that config
 
 
 # ----------------------------------------------------------------------------- fail fast, once
