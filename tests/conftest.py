@@ -10,8 +10,9 @@ import pytest
 
 from tests.shared_data import REFERENCE, require
 
-# A real RTSP server in a subprocess, for the video source tests; real NATS servers for the fleet tests.
-pytest_plugins = ["tests.rtsp_fixtures", "tests.nats_cluster"]
+# A real RTSP server in a subprocess, for the video source tests; real NATS servers for the fleet tests;
+# a loopback HTTP model mirror for the named-model tests.
+pytest_plugins = ["tests.rtsp_fixtures", "tests.nats_cluster", "tests.model_mirror"]
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 refused fast and once, runs that never overwrite, stream ids a person can predict, progress,
 help that teaches, and results read back from files.
 
-The runs use the tiny untrained lite model of test_pipeline (128x160 input, 5 detections) or,
-for downloads, the bundled checkpoint served under a hashed name. How long each refusal took is
+The runs use the tiny untrained lite model of tests/pipeline_runs.py (128x160 input, 5 detections)
+or, for downloads, the bundled checkpoint served under a hashed name by the `mirror` fixture
+(tests/model_mirror.py). How long each refusal took is
 printed (run pytest with -s to see it), not asserted: the host is shared and loaded."""
 from __future__ import annotations
 
@@ -38,16 +39,13 @@ from maskstream.pipeline.results import to_json
 from maskstream.pipeline.run_config import ModelSelection, check_model, choose_model, split_source, stream_sources
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 
-from tests import test_zoo
-from tests.conftest import SHARED
 from tests.make_detections import make_detections
-from tests.test_pipeline import TINY_MODEL
-
-mirror = test_zoo.mirror  # the loopback HTTP server fixture, standing in for MASKSTREAM_MODEL_MIRROR
+from tests.pipeline_runs import TINY_MODEL_SETS
+from tests.shared_data import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
-TINY_SIZES = [s for s in TINY_MODEL if not s.startswith("model.config=")]  # without the untrained config
+TINY_SIZES = [s for s in TINY_MODEL_SETS if not s.startswith("model.config=")]  # without the untrained config
 
 
 def maskstream(args, cwd, env=None, timeout=240):
@@ -69,14 +67,14 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
+def street_clip(tmp_path_factory):
     return write_test_clip(tmp_path_factory.mktemp("clip") / "street.mp4", frames=12, size=(160, 120))
 
 
 # ----------------------------------------------------------------------------- named models
 
 
-def test_run_fetches_a_named_model_through_the_mirror_and_then_needs_no_server(mirror, tmp_path, clip):
+def test_run_fetches_a_named_model_through_the_mirror_and_then_needs_no_server(mirror, tmp_path, street_clip):
     import os
 
     served, server = mirror
@@ -86,7 +84,7 @@ def test_run_fetches_a_named_model_through_the_mirror_and_then_needs_no_server(m
     url = f"https://download.example.invalid/models/{name}"  # the mirror (MASKSTREAM_MODEL_MIRROR) serves it
     cache = tmp_path / "cache"
     env = dict(os.environ)  # the fixture set MASKSTREAM_MODEL_MIRROR and MASKSTREAM_CACHE_DIR
-    args = ["run", "--source", str(clip), "--model", url, "--set", "source.max_frames=2", "--quiet",
+    args = ["run", "--source", str(street_clip), "--model", url, "--set", "source.max_frames=2", "--quiet",
             *sets(TINY_SIZES), "--set", f"transport.endpoint_dir={tmp_path}"]
 
     code, stdout, stderr, seconds = maskstream([*args, "--out", str(tmp_path / "first.jsonl")], tmp_path, env)
@@ -104,14 +102,15 @@ def test_run_fetches_a_named_model_through_the_mirror_and_then_needs_no_server(m
     print(f"second run, from the cache: {seconds:.1f} s")
 
 
-def test_a_corrupt_download_is_refused_once_with_exit_2(mirror, tmp_path, clip):
+def test_a_corrupt_download_is_refused_once_with_exit_2(mirror, tmp_path, street_clip):
     import os
 
     served, _ = mirror
     model = named_model("maskrcnn_resnet50_fpn_coco")
     (served / model.file_name).write_bytes(b"not the checkpoint torchvision published" * 1000)
     code, stdout, stderr, seconds = maskstream(
-        ["run", "--source", str(clip), "--model", "maskrcnn_resnet50_fpn_coco", "--out", str(tmp_path / "r.jsonl")],
+        ["run", "--source", str(street_clip), "--model", "maskrcnn_resnet50_fpn_coco",
+         "--out", str(tmp_path / "r.jsonl")],
         tmp_path, dict(os.environ))
     assert code == 2
     [line] = [line for line in stderr.splitlines() if line.startswith("error: ")]
@@ -193,19 +192,19 @@ def _text(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_refused_before_the_model_loads_in_one_message(case, tmp_path, clip):
+def test_bad_input_is_refused_before_the_model_loads_in_one_message(case, tmp_path, street_clip):
     if case == "no GPU for --device cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     make_args, expected = BAD_INPUTS[case]
     work = tmp_path / "work"
     work.mkdir()
-    code, stdout, stderr, seconds = maskstream(["run", *make_args(work, clip)], work)
+    code, stdout, stderr, seconds = maskstream(["run", *make_args(work, street_clip)], work)
     assert code == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(expected.format(d=work)), stderr
     assert errors[0].count("error") == 1 or "error" not in errors[0][7:]  # said once, not repeated inside
     assert not stdout and not (work / "runs").exists()  # no run directory, no output
-    assert "model:" not in stderr  # refused before any model was loaded
+    assert "model:" not in stderr and "using the bundled model" not in stderr  # refused before any model loaded
     print(f"\n{case}: refused in {seconds:.2f} s (a fresh interpreter included): {errors[0][:110]}")
 
 
@@ -214,7 +213,7 @@ def test_an_unreachable_camera_is_said_once_then_retried(tmp_path):
     start = time.monotonic()
     run = subprocess.Popen(
         [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", f"cam0={camera}",
-         "--out", str(tmp_path / "r.jsonl"), *sets(TINY_MODEL), "--set", "source.max_reconnects=1",
+         "--out", str(tmp_path / "r.jsonl"), *sets(TINY_MODEL_SETS), "--set", "source.max_reconnects=1",
          "--set", "source.reconnect_backoff_s=[0.1, 0.2]", "--set", f"transport.endpoint_dir={tmp_path}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     warned_after = None
@@ -239,15 +238,15 @@ def test_an_unreachable_camera_is_said_once_then_retried(tmp_path):
 # ----------------------------------------------------------------------------- never clobber
 
 
-def test_runs_go_to_new_directories_refuse_old_outputs_and_annotate_only_max_frames(tmp_path, clip, monkeypatch):
+def test_runs_go_to_new_directories_refuse_old_outputs_and_annotate_only_max_frames(tmp_path, street_clip, monkeypatch):
     endpoint_dir = ["--set", f"transport.endpoint_dir={tmp_path}"]
-    args = ["run", "--source", str(clip), "--set", "source.max_frames=5", "--progress-every", "0.2",
-            *sets(TINY_MODEL), *endpoint_dir]
+    args = ["run", "--source", str(street_clip), "--set", "source.max_frames=5", "--progress-every", "0.2",
+            *sets(TINY_MODEL_SETS), *endpoint_dir]
     code, stdout, stderr, _ = maskstream(args, tmp_path)
     assert code == 0, stderr
     run1 = tmp_path / "runs" / "run-1"
     assert re.search(TIMESTAMP + r" INFO maskstream.run: run directory: runs/run-1\n", stderr)
-    assert re.search(TIMESTAMP + r" INFO maskstream.run: stream street <- " + re.escape(str(clip))
+    assert re.search(TIMESTAMP + r" INFO maskstream.run: stream street <- " + re.escape(str(street_clip))
                      + r" \(offline, 5 frames, 160x120\)", stderr)  # max_frames, not the file's 12
     # Not a terminal: timestamped progress lines, counted against max_frames.
     assert re.search(TIMESTAMP + r" INFO maskstream.progress: street: 5/5 frames \(100%\)", stderr), stderr
@@ -271,7 +270,7 @@ def test_runs_go_to_new_directories_refuse_old_outputs_and_annotate_only_max_fra
     [error] = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert error.startswith(f"error: {run1}/results.jsonl, {run1}/coco_results.json, {run1}/annotated.mp4: already "
                             "there") and error.endswith("add --overwrite")
-    assert (run1 / "results.jsonl").read_bytes() == before and "model:" not in stderr
+    assert (run1 / "results.jsonl").read_bytes() == before and "model:" not in stderr  # refused before the model
     print(f"\nexisting outputs refused in {seconds:.2f} s")
 
     out = tmp_path / "r.jsonl"
@@ -324,7 +323,7 @@ def test_stream_ids_follow_the_documented_rule():
         stream_sources(("cam0=a.mp4", "cam0=b.mp4"))
 
 
-def test_the_readme_stream_examples_work_as_written(tmp_path, clip):
+def test_the_readme_stream_examples_work_as_written(tmp_path, street_clip):
     """`--source cam0=...`, `maskstream subscribe ... --stream cam0` and `Subscriber(streams=["cam0"])`."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     subscriber_cli = subprocess.Popen(
@@ -332,8 +331,8 @@ def test_the_readme_stream_examples_work_as_written(tmp_path, clip):
          "--timeout", "120"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with Subscriber(endpoint, streams=["cam0"], timeout_s=120) as sub:
         run = subprocess.Popen(
-            [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", f"cam0={clip}",
-             "--source", f"cam1={clip}", "--publish", endpoint, *sets(TINY_MODEL),
+            [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", f"cam0={street_clip}",
+             "--source", f"cam1={street_clip}", "--publish", endpoint, *sets(TINY_MODEL_SETS),
              "--set", f"transport.endpoint_dir={tmp_path}"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -372,7 +371,7 @@ def test_live_progress_shows_rate_drops_and_latency(tmp_path):
     clip = write_test_clip(tmp_path / "cam.mp4", frames=40, size=(160, 120), fps=20)
     code, stdout, stderr, _ = maskstream(
         ["run", "--source", f"cam0={clip}", "--policy", "live", "--out", str(tmp_path / "r.jsonl"),
-         "--progress-every", "0.5", *sets(TINY_MODEL), "--set", f"transport.endpoint_dir={tmp_path}"], tmp_path)
+         "--progress-every", "0.5", *sets(TINY_MODEL_SETS), "--set", f"transport.endpoint_dir={tmp_path}"], tmp_path)
     assert code == 0, stderr
     lines = re.findall(TIMESTAMP + r" INFO maskstream.progress: cam0: (\d+) frames \[[\d:]+, .*frame/s, "
                        r"dropped (\d+)(?:, latency (\d+\.\d\d) s)?\]", stderr)

@@ -1,4 +1,5 @@
-"""Named models: download through a real HTTP server (a local mirror), hash check, cache, refusal.
+"""Named models: download through a real HTTP server (a local mirror: the `mirror` fixture of
+tests/model_mirror.py), hash check, cache, refusal.
 
 torchvision's own files cannot be fetched here (no network), so the downloads come from a
 loopback HTTP server standing in for MASKSTREAM_MODEL_MIRROR, as a site behind a proxy would
@@ -7,11 +8,8 @@ download.pytorch.org.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,37 +18,8 @@ from maskstream.model import zoo
 from maskstream.model.bundled import BUNDLED_CHECKPOINT
 from maskstream.model.checkpoint import CheckpointError, identify, read_state_dict
 
+from tests.model_mirror import MirrorHandler
 from tests.shared_data import SHARED
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    truncate: set[str] = set()
-
-    def log_message(self, *args):  # keep pytest's output clean
-        pass
-
-    def copyfile(self, source, outputfile):
-        if self.path.lstrip("/") in self.truncate:  # promise the whole file, send half of it
-            data = source.read()
-            outputfile.write(data[: len(data) // 2])
-            return
-        super().copyfile(source, outputfile)
-
-
-@pytest.fixture
-def mirror(tmp_path, monkeypatch):
-    """A loopback HTTP server over a folder, set as the model mirror; the cache in tmp_path."""
-    served = tmp_path / "served"
-    served.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(zoo.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/")
-    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
-    _Handler.truncate = set()
-    yield served, server
-    server.shutdown()
-    server.server_close()
 
 
 def _hashed_copy(source: Path, folder: Path, stem: str) -> Path:
@@ -86,7 +55,7 @@ def test_a_corrupt_download_is_refused_and_nothing_is_kept(mirror, tmp_path):
 def test_a_cut_download_is_never_used(mirror, tmp_path):
     served, _ = mirror
     file = _hashed_copy(BUNDLED_CHECKPOINT, served, "shapes")
-    _Handler.truncate = {file.name}
+    MirrorHandler.truncate = {file.name}
     with pytest.raises(zoo.DownloadError, match="cannot download"):  # cut short, not a hash mismatch
         zoo.fetch(zoo.named_model(f"https://example.invalid/{file.name}"), progress=False)
     assert not list((tmp_path / "cache").iterdir())

@@ -291,11 +291,12 @@ def load_model(selection: ModelSelection) -> ChosenModel:
     if chosen.checkpoint is None:
         log.warning("%s: untrained detection heads (no checkpoint, no bundled weights): the detections are "
                     "not meaningful", what)
+    elif selection.name is None and selection.checkpoint is None and selection.config is None:
+        log.info("using the bundled model %s (config %s), trained on the built-in synthetic shapes only; for real "
+                 "video use --model maskrcnn_resnet50_fpn_coco (COCO's 80 classes)", chosen.checkpoint,
+                 chosen.config_from)
     else:
         log.info("%s: %s (config %s)", what, chosen.checkpoint, chosen.config_from)
-        if selection.name is None and selection.checkpoint is None and selection.config is None:
-            log.info("the default is the bundled model, trained on the built-in synthetic shapes only; for real "
-                     "video use --model maskrcnn_resnet50_fpn_coco (COCO's 80 classes)")
     return chosen
 
 
