@@ -6,7 +6,7 @@ in `inference_contract()`: from the engine's manifest with --engine, else from t
 Preprocess, inference and postprocess all get that one object; an engine that disagrees with what
 was asked for is refused here, before any stage starts.
 
-The model is chosen in one place, `model_config()`: a named model (`model.name`, model.zoo; its
+The model is chosen in one place, `choose_model()`: a named model (`model.name`, model.zoo; its
 weights fetched beforehand by `fetch_model()`, the one step that may download), else a checkpoint
 with the config beside it or read from its keys, else `default_model()`: the bundled trained model
 when its weights are present (model/bundled), else the untrained lite variant. `check_model()`
@@ -213,7 +213,8 @@ def choose_model(selection: ModelSelection) -> ChosenModel:
 
     identified = identify(read_state_dict(checkpoint), checkpoint)
     cfg = loads_config(ModelConfig, dump_config(identified), selection.overrides, source=f"{checkpoint} (its keys)")
-    return ChosenModel(cfg, checkpoint, f"read from the checkpoint's keys: {cfg.variant}, {cfg.num_classes} classes")
+    return ChosenModel(cfg, checkpoint,
+                       f"read from the checkpoint's keys: {identified.variant}, {identified.num_classes} classes")
 
 
 def model_config(selection: ModelSelection) -> tuple[ModelConfig, Path | None]:

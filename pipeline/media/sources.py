@@ -10,6 +10,10 @@
 frame, None at the end of the source, and raises TimeoutError when nothing came in time (so a
 stage can send heartbeats while a camera is down).
 
+`probe_source(spec)` opens a source once and decodes its first frame, before a run: SourceError
+for one that cannot work (missing, a directory, not a video), a `Probe` otherwise (the frame count
+an offline source will give; for a live camera out of reach now, why, as the run will retry it).
+
 Two policies (`resolve_policy(url)` picks one when the spec does not):
 
 offline (files; http(s) URLs, HLS playlists with an end)
