@@ -110,9 +110,6 @@ class RunConfig:
     transport: TransportOptions = field(default_factory=TransportOptions)
     infer: InferOptions = field(default_factory=InferOptions)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-    # Publish skips an offline frame lost with a dead stage once the stream's later frames fill
-    # more than every queue could hold (see pipeline.runtime.reorder), or after this long without news.
-    gap_timeout_s: float = 300.0
 
 
 def default_model() -> tuple[Path, Path | None]:
@@ -417,15 +414,18 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
             StageSpec(decode.main, decode.DecodeConfig(sid, sources[sid]),
                       wiring(f"decode.{sid}", outboxes=pre_in,
                              ring=ring(f"decode-{i}", cfg.transport.frame_slot_bytes)),
-                      stream_id=sid)
+                      stream_id=sid, offline=sid not in live)
             for i, sid in enumerate(ids)
         ]
+        frame_rings = tuple(r.name for r in rings)
         specs += [
             StageSpec(preprocess.main, preprocess.PreprocessConfig(contract),
                       wiring(f"preprocess.{i}", inbox=pre_in[i], outboxes=(infer_in,),
-                             ring=ring(f"preprocess-{i}", 3 * height * width)))
+                             ring=ring(f"preprocess-{i}", 3 * height * width)),
+                      reads=frame_rings)
             for i in workers
         ]
+        input_rings = tuple(r.name for r in rings[len(frame_rings):])
         runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device,
                             input_shape=contract.input_shape, precision=cfg.model.precision, compile=cfg.model.compile,
                             seed=cfg.model.seed)
@@ -433,7 +433,7 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
             infer.main,
             infer.InferConfig(runner, contract, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
                               overlap=cfg.infer.overlap),
-            wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads)))
+            wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads), reads=input_rings))
         specs += [
             StageSpec(postprocess.main, postprocess.PostprocessConfig(contract),
                       wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,)))
@@ -441,24 +441,16 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         ]
         outputs = tuple(publish.StreamOutput(sid, sid in live, sources[sid].url, annotate.get(sid), src.max_frames)
                         for sid in ids)
+        # The journal (docs/delivery.md) is the --out JSONL, or a file of its own in the run's folder.
+        journal = out.jsonl if out.jsonl is not None else directory / "journal.jsonl"
         specs.append(StageSpec(
-            publish.main,
-            publish.PublishConfig(outputs, out.jsonl, out.coco, cfg.gap_timeout_s, _overtake_limit(cfg, len(ids))),
+            publish.main, publish.PublishConfig(outputs, journal, out.coco),
             wiring("publish.0", inbox=publish_in, publish=out.publish)))
     except BaseException:
         for r in rings:
             r.close(unlink=True)
         raise
     return Plan(specs, reports, ids, rings, directory, sources)
-
-
-def _overtake_limit(cfg: RunConfig, streams: int) -> int:
-    """How many later messages of a stream can overtake one of its frames, with room to spare:
-    each socket pipe holds up to send + receive HWM, each ring its slots, each process a batch."""
-    w, hwm = cfg.workers, cfg.transport.hwm
-    pipes = streams * w + 3 * w  # decode->preprocess, preprocess->infer, infer->postprocess, ->publish
-    held = 2 * hwm * pipes + cfg.transport.ring_slots * (streams + w) + 64
-    return 2 * held
 
 
 def _annotate_path(path: Path, stream_id: str, count: int) -> Path:

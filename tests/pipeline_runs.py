@@ -9,7 +9,7 @@ TINY_MODEL_SETS = [
     "model.static.height=128", "model.static.width=160", "model.static.detections=5",
     "model.roi_heads.detections_per_img=5", "model.roi_heads.score_thresh=0.0",
     "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
-    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "infer.threads=1", "gap_timeout_s=20.0",
+    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "infer.threads=1",
 ]
 INFER_STALENESS_S = 1.0  # configs/pipeline.yaml infer.staleness_s
 # After the staleness check a frame still goes through inference, postprocess and publish:

@@ -2,8 +2,7 @@
 a real RTSP server, a subscriber and the metrics endpoint.
 
 A tiny untrained lite model (128x160 input, 5 detections, score threshold 0, seeded heads)
-keeps a frame at ~0.1 s on a CPU and gives deterministic detections. gap_timeout_s is
-short so that a frame lost with a killed stage is given up in seconds, not minutes."""
+keeps a frame at ~0.1 s on a CPU and gives deterministic detections."""
 from __future__ import annotations
 
 import json

@@ -117,21 +117,38 @@ def _f(seq):
     return EndOfStream(Header("s", seq)) if seq == 4 else Frame(Header("s", seq), np.zeros((1, 1, 3), np.uint8))
 
 
-def test_offline_order_restored_duplicates_dropped_lost_counted():
-    order = Reorderer({"s": False}, gap_timeout_s=10, overtake_limit=100)
-    assert order.push(_f(1), now=0) == [] and order.push(_f(2), now=0) == []
-    assert [m.header.seq for m in order.push(_f(0), now=0)] == [0, 1, 2]
-    assert order.push(_f(1), now=0) == []  # a restarted decoder's duplicate
-    assert order.push(_f(4), now=1) == []  # frame 3 went down with a stage ...
-    [eos] = order.poll(now=12)  # ... and is skipped after the gap timeout
-    assert isinstance(eos, EndOfStream) and dict(eos.header.drops)["publish"] == 1
-    assert order.streams["s"].ended and order.streams["s"].lost == 1
+def test_offline_order_restored_duplicates_dropped_and_gaps_waited_for_however_long():
+    order = Reorderer({"s": False})
+    assert order.push(_f(1)) == [] and order.push(_f(2)) == []
+    assert [m.header.seq for m in order.push(_f(0))] == [0, 1, 2]
+    assert order.push(_f(1)) == [] and order.push(_f(2)) == []  # a rewound decoder's copies
+    assert order.push(_f(4)) == [] and order.push(_f(4)) == []  # frame 3 went down with a stage ...
+    assert order.holding == 1 and not order.streams["s"].ended  # ... and is waited for: a rewind sends it again
+    [three, eos] = order.push(_f(3))
+    assert three.header.seq == 3 and isinstance(eos, EndOfStream) and "publish" not in dict(eos.header.drops)
+    assert order.streams["s"].ended and order.streams["s"].lost == 0 and order.streams["s"].duplicates == 3
+    assert order.streams["s"].released == 4 and order.streams["s"].next_seq == 4
 
 
-def test_live_never_waits_and_drops_late_frames():
-    order = Reorderer({"s": True}, gap_timeout_s=10, overtake_limit=100)
-    assert [m.header.seq for m in order.push(_f(2))] == [2]
-    assert order.push(_f(1)) == [] and order.streams["s"].lost == 1
+def test_offline_frames_given_up_are_skipped_and_counted_as_lost():
+    order = Reorderer({"s": False}, give_up=(("s", 1),))
+    assert [m.header.seq for m in order.push(_f(0))] == [0]
+    [two] = order.push(_f(2))
+    assert dict(two.header.drops)["publish"] == 1 and order.streams["s"].lost == 1
+    assert order.push(_f(1)) == []  # arriving after all: too late, a duplicate
+
+
+def test_live_never_waits_and_counts_only_the_frames_no_stage_counted():
+    order = Reorderer({"s": True})
+    counted = Frame(Header("s", 3, drops=(("decode", 3),)), np.zeros((1, 1, 3), np.uint8))
+    assert [m.header.seq for m in order.push(counted)] == [3]  # 0..2 dropped by decode, counted there
+    assert order.streams["s"].lost == 0
+    [late] = order.push(Frame(Header("s", 6, drops=(("decode", 4),)), np.zeros((1, 1, 3), np.uint8)))
+    assert order.streams["s"].lost == 1 and dict(late.header.drops) == {"decode": 4, "publish": 1}  # 4, 5: one uncounted
+    assert order.push(_f(5)) == [] and order.streams["s"].duplicates == 1  # overtaken: already in the count
+    # a restarted stage counts from 0 again: its new count is all new drops
+    [after] = order.push(Frame(Header("s", 9, drops=(("decode", 2),)), np.zeros((1, 1, 3), np.uint8)))
+    assert order.streams["s"].lost == 1 and after.header.seq == 9
 
 
 # ----------------------------------------------------------------------------- infer

@@ -350,6 +350,9 @@ def _summary(report: RunReport, sources: dict[str, Any], rate: SteadyRate) -> in
         print(f"  {s.stream_id} ({sources[s.stream_id].url}): {s.frames} frames, {s.lost} lost/dropped, {state}")
     for name, count in report.restarts:
         print(f"  stage {name} restarted {count} time(s)")
+    for s in report.streams:
+        if s.rewinds:  # docs/delivery.md
+            print(f"  stream {s.stream_id} rewound {s.rewinds} time(s) to send lost frames again")
     if report.malformed:
         print(f"  {report.malformed} malformed message(s) ignored")
     # A stage's last error is shown unless it is the failure itself, which follows.

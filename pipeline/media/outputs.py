@@ -8,10 +8,13 @@
 Each writer takes the messages of a stream in the order the stream produced them, and keeps
 what it already has when something goes wrong:
 - JsonlWriter flushes every line, so after a crash the file holds every frame written so far
-  (at worst the very last line is cut short);
+  (at worst the very last line is cut short). `JsonlWriter(path, resume=True)` is how a
+  restarted publish stage goes on with it: complete lines are kept (`recovered`), a torn last
+  line is cut, and new lines are appended (the file is the pipeline's journal, docs/delivery.md);
+  `message_from_json` turns a line back into its message;
 - CocoResultsWriter holds its results in memory and writes the whole file atomically when
   closed (also when the `with` block is left by an exception), so the file is either the
-  previous one or complete;
+  previous one or complete; its results are in image id order, whatever order streams interleaved in;
 - AnnotatedVideoWriter finishes the video file when closed, with every frame written so far.
 
 Missing parent directories are created. Errors name the file: `OutputError` (an OSError)
@@ -33,9 +36,9 @@ import numpy as np
 from maskstream.pipeline.media.annotate import draw_detections
 from maskstream.pipeline.media.video import VideoWriter
 from maskstream.pipeline.results import Published, SeqTracker, masks, rles, to_json
-from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, StageStamp
 
-__all__ = ["AnnotatedVideoWriter", "CocoResultsWriter", "JsonlWriter", "OutputError"]
+__all__ = ["AnnotatedVideoWriter", "CocoResultsWriter", "JsonlWriter", "OutputError", "message_from_json"]
 
 
 class OutputError(OSError):
@@ -48,7 +51,7 @@ class _Writer:
 
     path: Path
 
-    def write(self, message: Published) -> None:
+    def write(self, message: Published) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -80,10 +83,10 @@ def _make_parent(path: Path) -> None:
         raise OutputError(f"{path}: cannot create its directory ({exc.strerror or exc})") from None
 
 
-def _open_for_writing(path: Path) -> IO[str]:
+def _open_for_writing(path: Path, append: bool = False) -> IO[str]:
     _make_parent(path)
     try:
-        return open(path, "w", encoding="utf-8")
+        return open(path, "a" if append else "w", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{path}: cannot open for writing ({exc.strerror or exc})") from None
 
@@ -92,30 +95,85 @@ class JsonlWriter(_Writer):
     """One JSON line per message (`pipeline.results.to_json`, with "gap"; format in docs/schema.md).
 
     Detections lines carry the frame; an EndOfStream line ends a stream (its "error" says
-    why when the source failed). Several streams may share one file: lines carry stream_id."""
+    why when the source failed). Several streams may share one file: lines carry stream_id.
 
-    def __init__(self, path: str | Path) -> None:
+    resume=True goes on with the file a killed writer left: its complete lines are kept (parsed,
+    in `recovered`), the bytes after the last newline (a line cut short by the kill) are cut,
+    and lines are appended after them; "gap" goes on counting from the lines kept. Without the
+    file it starts one."""
+
+    def __init__(self, path: str | Path, resume: bool = False) -> None:
         self.path = Path(path)
-        self._file: IO[str] | None = _open_for_writing(self.path)
         self._tracker = SeqTracker()
-        self.lines_written = 0
+        self.recovered: list[dict[str, Any]] = _recover_lines(self.path) if resume and self.path.exists() else []
+        for record in self.recovered:
+            self._tracker.observe(message_from_json(record))
+        self._file: IO[str] | None = _open_for_writing(self.path, append=resume)
+        self.lines_written = len(self.recovered)
 
-    def write(self, message: Published) -> None:
+    def write(self, message: Published) -> dict[str, Any]:
+        """Append the message's line; the line as a dict (what `message_from_json` reads)."""
         self._check(message)
         if self._file is None:
             raise ValueError(f"{self.path}: write after close")
-        line = json.dumps(to_json(message, gap=self._tracker.observe(message)), separators=(",", ":"))
+        record = to_json(message, gap=self._tracker.observe(message))
+        line = json.dumps(record, separators=(",", ":"))
         try:
             self._file.write(line + "\n")
             self._file.flush()  # a crash then loses at most the line being written
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write line {self.lines_written + 1} ({exc})") from None
         self.lines_written += 1
+        return record
 
     def close(self) -> None:
         if self._file is not None:
             file, self._file = self._file, None
             file.close()
+
+
+def _recover_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file a killed writer left, parsed; a torn last line is cut off."""
+    try:
+        with open(path, "r+b") as file:
+            data = file.read()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                file.truncate(keep)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot recover ({exc.strerror or exc})") from None
+    records = []
+    for number, line in enumerate(data[:keep].splitlines(), 1):
+        try:
+            record = json.loads(line)
+            message_from_json(record)  # fails here, naming the line, rather than later
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OutputError(f"{path}: line {number} is not a maskstream JSON line ({exc})") from None
+        records.append(record)
+    return records
+
+
+def message_from_json(record: dict[str, Any]) -> Published:
+    """The message a JSONL line (`pipeline.client.to_json`) was made of, as far as the line keeps it:
+    boxes to 0.01 px and scores to 1e-4, as written; masks exact."""
+    stamps = tuple(StageStamp(s["stage"], float(s["start"]), float(s["end"])) for s in record["stamps"])
+    drops = tuple((str(stage), int(n)) for stage, n in record["drops"].items())
+    pts = record["pts_s"]
+    header = Header(str(record["stream_id"]), int(record["seq"]), None if pts is None else float(pts), stamps, drops)
+    if record["kind"] == "EndOfStream":
+        return EndOfStream(header, str(record["error"]))
+    if record["kind"] != "Detections":
+        raise ValueError(f"kind {record['kind']!r}: expected Detections or EndOfStream")
+    found = record["detections"]
+    return Detections(
+        header, (int(record["height"]), int(record["width"])),
+        np.array([d["box"] for d in found], dtype=np.float32).reshape(-1, 4),
+        np.array([d["score"] for d in found], dtype=np.float32),
+        np.array([d["label"] for d in found], dtype=np.int32),
+        tuple(str(d["class_name"]) for d in found),
+        np.array([d["mask"]["crop_box"] for d in found], dtype=np.int32).reshape(-1, 4),
+        tuple(d["mask"]["rle"]["counts"].encode("ascii") for d in found),
+    )
 
 
 def _seq_of(header: Header) -> int:
@@ -125,7 +183,7 @@ def _seq_of(header: Header) -> int:
 class CocoResultsWriter(_Writer):
     """COCO detection results JSON (the list `COCO.loadRes` reads), one entry per instance:
     image_id, category_id, segmentation (full-frame RLE, counts as str), bbox [x, y, w, h]
-    in pixels, score. Written atomically (temp file + rename) at close.
+    in pixels, score. Written atomically (temp file + rename) at close, in image id order.
 
     image_id_of: the COCO image id of a frame (default: its seq, allowed for one stream only,
         since two streams would give two frames the same id).
@@ -185,6 +243,7 @@ class CocoResultsWriter(_Writer):
         if self._results is None:
             return
         results, self._results = self._results, None
+        results.sort(key=lambda result: result["image_id"])  # stable: an image's instances keep their order
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(temporary, "w", encoding="utf-8") as file:

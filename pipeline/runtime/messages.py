@@ -50,6 +50,7 @@ __all__ = [
     "ModelInput",
     "RawDetections",
     "StageReport",
+    "LostFrame",
     "StageStamp",
     "StreamProgress",
     "decode",
@@ -181,10 +182,27 @@ class StreamProgress:
 
 
 @dataclass(frozen=True)
+class LostFrame:
+    """A message a stage received and could not pass on (malformed, its processing raised, its ring
+    slot was reclaimed): the frame it was, for the supervisor to send again (docs/delivery.md).
+
+    decoded_at is the frame's "source" stamp (time.monotonic() when its decoder made it), which tells
+    a frame of the decoder's current life from one a rewind is already sending again; 0.0 when the
+    message carried none."""
+
+    stream_id: str
+    seq: int
+    decoded_at: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class StageReport:
     """stage -> supervisor: a heartbeat with the stage's counters (cumulative since start).
 
-    fatal is set on the last report of a stage that cannot go on (e.g. a wrong engine)."""
+    fatal is set on the last report of a stage that cannot go on (e.g. a wrong engine). Heartbeats
+    come from a thread of their own, so they go on while the stage works on one message for long
+    (a CPU forward): working_on says what, since working_since."""
 
     stage: str
     pid: int
@@ -199,6 +217,9 @@ class StageReport:
     fatal: str = ""
     gpu_mb: float | None = None  # peak of this process's torch CUDA allocator; None where it has not used CUDA
     starting: bool = False  # sent while the stage is still being made (loading, compiling): alive, not ready
+    working_on: str = ""  # what the stage is busy with ("ModelInput cam0#12", "reading its source"); "" idle
+    working_since: float = 0.0  # time.monotonic() when it began working on that; 0.0 when idle
+    lost: tuple[LostFrame, ...] = ()  # the latest frames this process lost (docs/delivery.md)
 
 
 Message = Frame | ModelInput | RawDetections | Detections | EndOfStream

@@ -1,94 +1,119 @@
-"""Per-stream order restored after parallel workers, by seq.
+"""Per-stream order restored after parallel workers, by seq; duplicates discarded (docs/delivery.md).
 
 offline streams: seq is contiguous (every frame, then EndOfStream at n), so messages are held
-until the next expected seq arrives. A frame lost for good (a stage process died holding it)
-would hold its stream forever, so the missing seqs are skipped and counted as lost (every
-frame is still accounted for, and a subscriber sees the gap) once more than overtake_limit
-later messages of the stream are held (more than the pipeline's queues and rings can hold
-at once, so no live frame can still be on its way), or, when nothing more arrives (e.g. only
-the EndOfStream is held), after gap_timeout_s. Without a dead stage nothing is ever lost:
-ZeroMQ PUSH/PULL between living processes does not drop.
+until the next expected seq arrives, however long that takes: a frame lost with a dead stage is
+sent again by a rewind (pipeline.runtime.supervisor), never skipped on a timer. The only frames
+skipped are those the supervisor gave up (`give_up`), counted as lost. A message below the next
+expected seq, or already held, is a copy a rewind sent again: discarded, counted as a duplicate.
 live streams: never wait. A message newer than the last one released goes out at once; an
-older one (overtaken by a faster worker) is dropped and counted: newest wins, order holds.
-Duplicates (a restarted decoder re-sending what was already released) are discarded.
+older one (overtaken by a faster worker) is discarded: newest wins, order holds. Every frame a
+live stream skips is accounted for: the drop counters its header carries (each stage's, since
+its previous message) say how many frames the stages dropped on purpose, and the rest of the
+gap, frames lost with a dead stage, is counted here as lost.
+
+`restore` replays what the journal already holds after a publish restart, so the stream resumes
+where it was (its resume point) with its counts.
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 
-from maskstream.pipeline.runtime.messages import EndOfStream, Message
+from maskstream.pipeline.runtime.messages import EndOfStream, Header, Message
+
+PUBLISH = "publish"  # the name publish's own count carries in headers' drops
 
 
 @dataclass
 class StreamOrder:
     live: bool
-    next_seq: int = 0
+    give_up: set[int] = field(default_factory=set)  # offline seqs to skip
+    next_seq: int = 0  # the resume point: every seq below it was released (or given up, or lost live)
     held: dict[int, Message] = field(default_factory=dict)
-    waiting_since: float | None = None  # when the head of the line first went missing
     released: int = 0
-    lost: int = 0  # offline: skipped after the gap timeout; live: arrived too late
-    duplicates: int = 0
+    lost: int = 0  # offline: given up; live: lost with a dead stage
+    duplicates: int = 0  # sent twice (offline) or overtaken (live): discarded
     ended: bool = False
     error: str = ""
+    drops: dict[str, int] = field(default_factory=dict)  # live: the other stages' counts last released
 
 
 class Reorderer:
-    def __init__(self, live_streams: dict[str, bool], gap_timeout_s: float, overtake_limit: int):
+    def __init__(self, live_streams: dict[str, bool], give_up: tuple[tuple[str, int], ...] = ()):
         self.streams = {sid: StreamOrder(live) for sid, live in live_streams.items()}
-        self.gap_timeout_s = gap_timeout_s
-        self.overtake_limit = overtake_limit
+        for sid, seq in give_up:
+            self._stream(sid).give_up.add(seq)
 
-    def push(self, message: Message, now: float | None = None) -> list[Message]:
+    def push(self, message: Message) -> list[Message]:
         """The messages that can be released now, in order."""
         header = message.header
-        stream = self.streams.get(header.stream_id)
-        if stream is None:
-            raise ValueError(f"stream {header.stream_id!r} is not one of this run's streams {sorted(self.streams)}")
-        if stream.ended or header.seq < stream.next_seq:
-            if stream.live and not stream.ended:
-                stream.lost += 1
-            else:
-                stream.duplicates += 1
+        stream = self._stream(header.stream_id)
+        if stream.ended or header.seq < stream.next_seq or header.seq in stream.held:
+            stream.duplicates += 1
             return []
         if stream.live:
-            stream.next_seq = header.seq
             return self._release(stream, message)
-        stream.held.setdefault(header.seq, message)
-        return self.poll(now, only=stream)
+        stream.held[header.seq] = message
+        return self._ready(stream)
 
-    def poll(self, now: float | None = None, only: StreamOrder | None = None) -> list[Message]:
-        """Release what is in order; skip gaps older than the timeout."""
-        now = time.monotonic() if now is None else now
-        out: list[Message] = []
-        for stream in (only,) if only is not None else tuple(self.streams.values()):
-            while stream.held:
-                message = stream.held.pop(stream.next_seq, None)
-                if message is not None:
-                    stream.waiting_since = None
-                    out += self._release(stream, message)
-                    continue
-                if stream.waiting_since is None:
-                    stream.waiting_since = now
-                if now - stream.waiting_since < self.gap_timeout_s and len(stream.held) <= self.overtake_limit:
-                    break
-                first = min(stream.held)
-                stream.lost += first - stream.next_seq
-                stream.next_seq, stream.waiting_since = first, None
-        return out
+    def restore(self, message: Message) -> None:
+        """A message the journal holds, released before a restart (in the journal's order)."""
+        stream = self._stream(message.header.stream_id)
+        stream.lost = dict(message.header.drops).get(PUBLISH, stream.lost)
+        stream.drops = _others(message.header)
+        self._advance(stream, message)
+
+    def resume(self) -> None:
+        """After `restore`: skip what was given up at the resume points."""
+        for stream in self.streams.values():
+            if not stream.live:
+                self._ready(stream)
 
     @property
-    def holding(self) -> bool:
-        return any(s.held for s in self.streams.values())
+    def holding(self) -> int:
+        return sum(len(s.held) for s in self.streams.values())
+
+    def _stream(self, stream_id: str) -> StreamOrder:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise ValueError(f"stream {stream_id!r} is not one of this run's streams {sorted(self.streams)}")
+        return stream
+
+    def _ready(self, stream: StreamOrder) -> list[Message]:
+        out: list[Message] = []
+        while not stream.ended:
+            message = stream.held.pop(stream.next_seq, None)
+            if message is not None:
+                out += self._release(stream, message)
+            elif stream.next_seq in stream.give_up:
+                stream.lost += 1
+                stream.next_seq += 1
+            else:
+                break
+        return out
 
     def _release(self, stream: StreamOrder, message: Message) -> list[Message]:
-        stream.next_seq = message.header.seq + 1
+        if stream.live:
+            # Frames between the last released and this one that no stage counted as its drop were lost.
+            others = _others(message.header)
+            # (a count lower than before is a restarted stage's, counting from 0 again)
+            counted = sum(n - stream.drops.get(name, 0) if n >= stream.drops.get(name, 0) else n
+                          for name, n in others.items())
+            stream.lost += max(0, message.header.seq - stream.next_seq - counted)
+            stream.drops = others
+        self._advance(stream, message)
+        if stream.lost:
+            message = dataclasses.replace(message, header=message.header.with_drops(PUBLISH, stream.lost))
+        return [message]
+
+    def _advance(self, stream: StreamOrder, message: Message) -> None:
         if isinstance(message, EndOfStream):
             stream.ended, stream.error, stream.held = True, message.error, {}
             stream.next_seq = message.header.seq
         else:
+            stream.next_seq = message.header.seq + 1
             stream.released += 1
-        if stream.lost:
-            message = dataclasses.replace(message, header=message.header.with_drops("publish", stream.lost))
-        return [message]
+
+
+def _others(header: Header) -> dict[str, int]:
+    return {name: n for name, n in header.drops if name != PUBLISH}

@@ -36,7 +36,7 @@ A process's arrays must not outlive `process()`: ring slots are released right a
 """
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import faulthandler
 import logging
@@ -49,9 +49,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import msgpack
 import numpy as np
 from maskstream.pipeline import logs
-from maskstream.pipeline.runtime.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
+from maskstream.pipeline.runtime.messages import (
+    EndOfStream,
+    Header,
+    LostFrame,
+    Message,
+    MessageError,
+    StageReport,
+    StreamProgress,
+)
 from maskstream.pipeline.runtime.metrics import (
     DROPS,
     END_TO_END_SECONDS,
@@ -59,6 +68,7 @@ from maskstream.pipeline.runtime.metrics import (
     FRAMES_IN,
     FRAMES_OUT,
     STAGE_SECONDS,
+    MetricsSnapshot,
     StageMetrics,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders
@@ -227,20 +237,104 @@ def gpu_memory_mb() -> float | None:
     return float(torch.cuda.max_memory_reserved()) / 2**20
 
 
+class _Reporter:
+    """The stage's heartbeats, sent from a thread with its own socket (ZeroMQ sockets are not
+    thread-safe), so that they go on while the main thread is busy for long: while the stage is
+    being made (loading, compiling: reports marked `starting`) and while it works on one message
+    (a CPU forward can take tens of seconds). The main thread hands over the report to send
+    (`update`) and says what it is doing (`activity`); the thread sends the latest report every
+    heartbeat_s, at once when asked, and once more when closed. It also stops the process, as the
+    loop would, once the supervisor has died."""
+
+    def __init__(self, wiring: Wiring):
+        self.wiring = wiring
+        self._latest = (StageReport(stage=wiring.stage, pid=os.getpid(), sent_at=time.monotonic(), starting=True),
+                        StageMetrics(wiring.kind).snapshot())
+        # (what, since): since is time.monotonic() when the work began, 0.0 when not working (idle, or
+        # waiting for room downstream). One tuple, assigned at once: the thread never sees half of it.
+        self.activity: tuple[str, float] = ("", 0.0)
+        self._wake, self._closing = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def update(self, report: StageReport, metrics: MetricsSnapshot, now: bool = False) -> None:
+        self._latest = (report, metrics)
+        if now:
+            self._wake.set()
+
+    def close(self) -> None:
+        """Send the latest report once more, then end the thread."""
+        self._closing.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        sender = ReportSender(self.wiring.reports)
+        try:
+            while True:
+                self._wake.wait(self.wiring.heartbeat_s)
+                self._wake.clear()
+                closing = self._closing.is_set()
+                if not closing and _supervisor_gone(self.wiring):
+                    os.kill(os.getpid(), signal.SIGTERM)  # StageStopped in the main thread
+                    return
+                (report, metrics), (what, since) = self._latest, self.activity
+                sender.send(dataclasses.replace(report, sent_at=time.monotonic(), working_on=what,
+                                                working_since=since), metrics)
+                if closing:
+                    return
+        finally:
+            sender.close()
+
+
+Identity = tuple[str, int, float]  # (stream_id, seq, decoded_at): one frame of one decoder life
+
+
+def _identity(header: Header) -> Identity:
+    first = header.stamps[0] if header.stamps else None
+    return header.stream_id, header.seq, first.start if first is not None and first.stage == "source" else 0.0
+
+
+def _claimed_identity(frames: Sequence[Any]) -> Identity | None:
+    """The frame that a message which could not be read says it was, if its header says so legibly."""
+    try:
+        first = frames[1]
+        meta = msgpack.unpackb(memoryview(first.buffer if hasattr(first, "buffer") else first), raw=False)
+        header = meta["fields"]["header"]
+        stream, seq, stamps = header["stream_id"], header["seq"], header.get("stamps") or []
+        source = stamps[0] if stamps and stamps[0]["stage"] == "source" else None
+        decoded_at = float(source["start"]) if source is not None else 0.0
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, msgpack.UnpackException):
+        return None  # garbage says nothing
+    if isinstance(stream, str) and type(seq) is int and seq >= 0:
+        return stream, seq, decoded_at
+    return None
+
+
 class _Loop:
-    """Sockets, counters and heartbeats shared by run_stage and run_source."""
+    """Sockets, counters, heartbeats and lost frames shared by run_stage and run_source."""
 
     def __init__(self, wiring: Wiring):
         self.wiring = wiring
         self.kind = wiring.kind
         self.metrics = StageMetrics(self.kind)
-        self.reporter = ReportSender(wiring.reports)
+        self.reporter = _Reporter(wiring)
+        self.reporter.start()  # first: a stage being made reports `starting`
         self.counts = {"received": 0, "sent": 0, "malformed": 0, "errors": 0}
         self.last_error = ""
         self.busy_s = 0.0
         self.next_report = 0.0
         self.progress: Callable[[], tuple[StreamProgress, ...]] = tuple
         self.drops_counted: dict[str, int] = {}
+        # Frames received and not passed on, the latest first to go: every report carries them until then,
+        # so a report the supervisor missed loses none (it handles each once).
+        self.lost: collections.deque[LostFrame] = collections.deque(maxlen=64)
+        # Frames whose input slot was reclaimed while the stage used it: what came of them is dropped
+        # when the stage gives it out (the inference stage may hold a frame for a later batch).
+        self.tainted: set[Identity] = set()
         self.inbox = Inbox(wiring.inbox, wiring.hwm) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
         self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
@@ -262,15 +356,33 @@ class _Loop:
             if progress.drops > counted:
                 self.metrics.inc(DROPS, progress.stream_id, progress.drops - counted)
                 self.drops_counted[progress.stream_id] = progress.drops
-        self.reporter.send(
+        self.reporter.update(
             StageReport(
                 stage=self.wiring.stage, pid=os.getpid(), sent_at=now, last_error=self.last_error,
                 busy_s=self.busy_s, streams=streams, fatal=fatal, gpu_mb=gpu_memory_mb(),
                 received=self.counts["received"], sent=self.counts["sent"], malformed=self.counts["malformed"],
-                errors=self.counts["errors"],
+                errors=self.counts["errors"], lost=tuple(self.lost),
             ),
             self.metrics.snapshot(),
+            now=force,
         )
+
+    def working(self, what: str) -> None:
+        self.reporter.activity = (what, time.monotonic())
+
+    def idle(self) -> None:
+        self.reporter.activity = ("", 0.0)
+
+    def waiting(self) -> None:
+        """Blocked for room downstream: no work of this stage (the watchdog's stall clock may run)."""
+        self.reporter.activity = ("waiting for room downstream", 0.0)
+        self.report()
+
+    def lose(self, frame: Identity | None, reason: str) -> None:
+        """A received frame that goes no further: reported at once, for the supervisor to send it again."""
+        if frame is not None:
+            self.lost.append(LostFrame(*frame, reason[:300]))
+            self.report(force=True)
 
     def error(self, what: str, stream: str = "") -> None:
         self.last_error = f"{self.wiring.stage}: {what}"
@@ -282,6 +394,9 @@ class _Loop:
         if isinstance(message, Timed):
             start = message.start
             message = message.message
+        if self.tainted and _identity(message.header) in self.tainted:
+            self.tainted.discard(_identity(message.header))
+            return True  # reported lost already; its pixels may have been another frame's
         stream = message.header.stream_id
         message = dataclasses.replace(message, header=message.header.stamped(self.kind, start, time.monotonic()))
         if self.outbox is None and message.header.stamps:  # the last stage; the first stamp is the decode time
@@ -290,10 +405,10 @@ class _Loop:
             self.publisher.send(message)
         elif self.outbox is not None:
             try:
-                frames, refs = pack(message, self.ring, wait_s=None if block else 0.0, on_wait=self.report)
+                frames, refs = pack(message, self.ring, wait_s=None if block else 0.0, on_wait=self.waiting)
             except RingFull:
                 return False
-            if not self.outbox.send(frames, block=block, on_wait=self.report):
+            if not self.outbox.send(frames, block=block, on_wait=self.waiting):
                 for ref in refs:
                     assert self.ring is not None
                     self.ring.release(ref)
@@ -303,7 +418,8 @@ class _Loop:
         return True
 
     def close(self) -> None:
-        for part in (self.inbox, self.outbox, self.publisher, self.reporter):
+        self.reporter.close()  # the last report goes before the context ends
+        for part in (self.inbox, self.outbox, self.publisher):
             if part is not None:
                 part.close()
         terminate()
@@ -320,43 +436,13 @@ def _outputs(result: Output | Sequence[Output] | None) -> Sequence[Output]:
     return (result,)
 
 
-@contextlib.contextmanager
-def _starting_heartbeats(wiring: Wiring) -> Iterator[None]:
-    """Heartbeats marked `starting` while the stage is being made. Making one may take long (the
-    inference stage loads its model and, on CUDA, compiles it, longer still with a cold cache on a
-    slower host), and the supervisor kills a stage that is silent for heartbeat_timeout_s. Sent
-    from a thread with its own socket (ZeroMQ sockets are not thread-safe); the thread also stops
-    the process, as the loop would, if the supervisor dies."""
-    done = threading.Event()
-
-    def beat() -> None:
-        sender, nothing_yet = ReportSender(wiring.reports), StageMetrics(wiring.kind).snapshot()
-        try:
-            while not done.wait(wiring.heartbeat_s):
-                if _supervisor_gone(wiring):
-                    os.kill(os.getpid(), signal.SIGTERM)  # StageStopped in the main thread
-                    return
-                sender.send(StageReport(stage=wiring.stage, pid=os.getpid(), sent_at=time.monotonic(),
-                                        starting=True), nothing_yet)
-        finally:
-            sender.close()
-
-    thread = threading.Thread(target=beat, name="starting-heartbeats", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
 def _start(make: Callable[[_Loop], StageT], wiring: Wiring) -> tuple[_Loop, StageT]:
-    """Sockets first (so a fatal error can be reported), then the stage itself, reporting meanwhile."""
+    """Sockets and heartbeats first (so a fatal error can be reported, and making a stage that takes
+    long is not taken for a hung one), then the stage itself."""
     _setup_process(wiring)
     loop = _Loop(wiring)
     try:
-        with _starting_heartbeats(wiring):
-            stage = make(loop)
+        stage = make(loop)
     except StageStopped:  # told to stop (or the supervisor died) while starting: not a failure
         loop.close()
         raise SystemExit(0) from None
@@ -372,7 +458,9 @@ def _start(make: Callable[[_Loop], StageT], wiring: Wiring) -> tuple[_Loop, Stag
 
 def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], start: float) -> Sequence[Output]:
     """One received message through the stage's `action` (process, or overtaken). A function
-    of its own so that nothing here (the input's arrays point into ring slots) outlives it."""
+    of its own so that nothing here (the input's arrays point into ring slots) outlives it.
+    A message that goes no further (malformed, its processing raised, its ring slot reclaimed
+    while in use) is reported lost (docs/delivery.md)."""
     assert loop.inbox is not None
     loop.counts["received"] += 1
     try:
@@ -380,18 +468,31 @@ def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], st
     except MessageError as exc:
         loop.counts["malformed"] += 1
         loop.error(f"malformed message on {loop.inbox.endpoint}: {exc}")
+        loop.lose(_claimed_identity(frames), f"{loop.wiring.stage}: malformed: {exc}")
         return ()
-    header = received.message.header
+    message = received.message
+    header = message.header
     loop.metrics.inc(FRAMES_IN, header.stream_id)
+    loop.working(f"{type(message).__name__} {header.stream_id}#{header.seq}")
+    lost = ""
     try:
-        result = action(received.message)
+        result = action(message)
     except Exception as exc:  # one bad message never stops the stage
         loop.counts["errors"] += 1
-        loop.error(f"{type(received.message).__name__} of stream {header.stream_id!r} seq {header.seq}: "
-                   f"{type(exc).__name__}: {exc}", header.stream_id)
+        lost = f"{type(exc).__name__}: {exc}"
+        loop.error(f"{type(message).__name__} of stream {header.stream_id!r} seq {header.seq}: {lost}",
+                   header.stream_id)
         result = None
     finally:
+        # Read after the work: a producer that restarted meanwhile may have written another frame there.
+        intact = received.intact()
         received.release()
+        loop.idle()
+    if not intact:
+        loop.tainted.add(_identity(header))
+        lost = lost or "its ring slot was reclaimed by a restarted producer while in use"
+    if lost:
+        loop.lose(_identity(header), f"{loop.wiring.stage}: {lost}")
     elapsed = time.monotonic() - start
     loop.busy_s += elapsed
     loop.metrics.observe(STAGE_SECONDS, header.stream_id, elapsed)
@@ -411,7 +512,10 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
             start = time.monotonic()
             if frames is None:
                 if idle is not None:
-                    for message in stage.flush():
+                    loop.working("flushing what it holds")
+                    flushed = stage.flush()
+                    loop.idle()
+                    for message in flushed:
                         loop.send(message, start)
                 loop.report()
                 continue
@@ -424,7 +528,9 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
     except StageStopped:
         pass
     finally:
+        loop.working("closing")
         stage.close()
+        loop.idle()
         loop.report(force=True)
         loop.close()
 
@@ -449,11 +555,19 @@ def _topic(frames: list[Any]) -> bytes:
 
 def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
     """Send a source's messages downstream until it ends; SIGUSR1 asks it to end early."""
-    loop, source = _start(lambda loop: make(OutputBuffers(loop.ring, loop.report)), wiring)
+    loop, source = _start(lambda loop: make(OutputBuffers(loop.ring, loop.waiting)), wiring)
     signal.signal(signal.SIGUSR1, lambda signum, frame: source.stop())
     try:
         loop.report(force=True)
-        for message in source.messages():
+        messages = source.messages()
+        while True:
+            # Reading (a file, a camera that reconnects) is this stage's work; waiting for a ring
+            # slot inside it is not (OutputBuffers calls loop.waiting), nor is sending.
+            loop.working("reading its source")
+            message = next(messages, None)
+            loop.idle()
+            if message is None:
+                break
             start = time.monotonic()
             final = isinstance(message, EndOfStream)
             # Offline waits for room (lossless); live drops the frame (newest wins) and counts it.
@@ -469,4 +583,5 @@ def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
     except StageStopped:
         pass
     finally:
+        loop.report(force=True)
         loop.close()

@@ -1,24 +1,37 @@
-"""The supervisor: starts the stage processes, watches them, restarts the dead, stops them all.
+"""The supervisor: starts the stage processes, watches them, restarts the dead, sends again what
+they lost, stops them all. docs/delivery.md is the protocol it keeps; in short:
 
 - Processes are started with multiprocessing's "spawn" context (fork with torch's thread
-  pools is unsafe), downstream stages first.
-- Every stage sends a `StageReport` every heartbeat; the publish stage's reports say, per
-  stream, how far publishing got. The run is over when every stream has ended there.
-- A stage process that exits (or stops reporting for heartbeat_timeout_s, then is killed)
-  is restarted while the others keep running, up to max_restarts times per stage; a stage
-  that fails while starting (e.g. a wrong engine: its last report says why) is not retried.
-  A restarted decoder resumes its stream at the first seq not yet published, and publish
-  discards what arrives twice; frames lost inside another dead stage are skipped by publish
-  after its gap timeout and counted, so every frame is still accounted for.
+  pools is unsafe), downstream stages first, the decoders once inference reports ready.
+- Every stage sends a `StageReport` every heartbeat, from a thread of its own (so also while it
+  works on one message for long): its counters, what it is working on since when, the frames it
+  lost. Publish's say, per stream, how far its journal got (the resume point). The run is over
+  when every stream has ended there.
+- A stage process that exits, or sends no heartbeat for heartbeat_timeout_s (start_timeout_s
+  before its first: a spawned process imports first) and is killed, is restarted while the others
+  keep running, up to max_restarts times per stage; a stage that fails while starting (e.g. a
+  wrong engine: its last report says why) is not retried. The rings it read in place are
+  reclaimed, so that their producers do not wait for slots it will never give back.
+- Offline, no frame is lost or doubled: a dead stage (other than a decoder), a frame a stage
+  reports lost (unless a rewind already sends it again), or nothing moving for stall_timeout_s
+  while work is unfinished (no stage working, no counter changing) *rewinds* the streams
+  concerned: their decoders restart at publish's resume point, and publish discards what
+  arrives twice. A rewind waits for a report of the publish process alive now. A stream rewound
+  more than max_rewinds times in a row at one resume point gives that frame up: publish is
+  restarted told to skip it, and the stream's result names it (exit status 1).
+- Live, nothing is rewound: a dead stage costs the frames it held, which publish counts as lost.
 - A decoder stays after its EndOfStream (a broken source's carries the error) until stopped:
   a ZeroMQ sender that exits loses what its receiver has not read yet.
 - SIGINT/SIGTERM: with offline streams still running, decoders are asked to drain (they end
   their streams early with an EndOfStream, frames in flight are finished, files are closed);
-  live-only runs, a second signal, or the drain timeout stop everything at once.
+  live-only runs, a second signal, or the drain timeout stop everything at once. Nothing is
+  rewound once interrupted.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -29,18 +42,23 @@ from typing import Any
 
 from maskstream.pipeline.runtime.messages import StageReport, StreamProgress
 from maskstream.pipeline.runtime.metrics import MetricsBoard
+from maskstream.pipeline.runtime.shm_ring import Ring
 from maskstream.pipeline.runtime.stage import Wiring
 from maskstream.pipeline.runtime.transport import ReportInbox
 
 __all__ = ["RunReport", "StageSpec", "StreamResult", "Supervisor", "SupervisorConfig"]
 
+log = logging.getLogger("maskstream.supervisor")
+
 
 @dataclass(frozen=True)
 class StageSpec:
     main: Callable[[Any, Wiring], None]  # the stage module's main(config, wiring)
-    config: Any
+    config: Any  # a decoder's has resume_from; publish's has recover and give_up (set on restarts)
     wiring: Wiring
     stream_id: str | None = None  # decoders: the stream they feed
+    offline: bool = False  # decoders: the stream is offline (rewound when frames are lost, drained on SIGINT)
+    reads: tuple[str, ...] = ()  # rings whose slots this stage reads in place (reclaimed when it dies)
 
     @property
     def name(self) -> str:
@@ -49,12 +67,16 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class SupervisorConfig:
-    heartbeat_timeout_s: float = 120.0  # a CPU R50 batch can take tens of seconds
-    max_restarts: int = 3
+    # No heartbeat at all for this long: hung (killed, restarted). A long forward still beats.
+    heartbeat_timeout_s: float = 120.0
+    start_timeout_s: float = 120.0  # the same before a process's first heartbeat (spawn imports first)
+    max_restarts: int = 3  # per stage
+    # Offline: rewinds of a stream in a row at one resume point before that frame is given up.
+    max_rewinds: int = 2
     drain_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
-    # All decoders done, yet a stream not ended at publish and nothing moving: its EndOfStream
-    # died with a stage. Give up on that stream after this long.
+    # Work unfinished, no stage working and no counter moving for this long: a message was lost where
+    # no stage could report it. Offline streams are rewound; a live stream's end is given up.
     stall_timeout_s: float = 60.0
 
 
@@ -62,9 +84,10 @@ class SupervisorConfig:
 class StreamResult:
     stream_id: str
     frames: int  # published
-    lost: int  # skipped by publish (a stage died holding them) or dropped live
+    lost: int  # skipped by publish (given up offline, lost with a dead stage live) or dropped live
     ended: bool
     error: str
+    rewinds: int = 0  # offline: times its decoder was restarted to send lost frames again
 
 
 @dataclass(frozen=True)
@@ -94,13 +117,29 @@ class Supervisor:
         self.latest: dict[str, StageReport] = {}
         self.seen_at: dict[str, float] = {}
         self.restarts: dict[str, int] = {name: 0 for name in self.specs}
+        self.decoders = {spec.stream_id: name for name, spec in self.specs.items() if spec.stream_id is not None}
+        self.offline = {spec.stream_id for spec in specs if spec.stream_id is not None and spec.offline}
+        self.publish = next((name for name in self.specs if name.split(".", 1)[0] == "publish"), None)
+        # Offline delivery (docs/delivery.md)
+        self.rewinds: dict[str, int] = {sid: 0 for sid in streams}
+        self.rewound_at: dict[str, float] = {}  # stream -> when its decoder's current life began
+        self.pending: dict[str, str] = {}  # streams to rewind once publish reports -> why
+        self.uncounted: set[str] = set()  # pending because publish restarted to give a frame up
+        self.stuck: dict[str, tuple[int, int]] = {}  # stream -> (resume point, rewinds there in a row)
+        self.given_up: dict[str, list[tuple[int, str]]] = {}  # stream -> (seq, why) of each frame given up
+        self.abandoned: dict[str, str] = {}  # stream -> why it can never end at publish
+        self.handled: set[tuple[int, str, int, float, str]] = set()  # lost-frame reports acted on
+        self.hung: set[str] = set()  # killed for want of heartbeats
+        self._rings: dict[str, Ring] = {}
+        self._signature: Any = None
+        self._last_move = 0.0
         self._signals = 0
         self._context = multiprocessing.get_context("spawn")
 
     # ------------------------------------------------------------------ public
 
     def publish_progress(self) -> dict[str, StreamProgress]:
-        report = self.latest.get("publish.0")
+        report = self.latest.get(self.publish) if self.publish else None
         return {p.stream_id: p for p in report.streams} if report else {}
 
     def run(self, on_progress: Callable[[Supervisor], None] | None = None) -> RunReport:
@@ -109,7 +148,6 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         failure, interrupted = "", False
         drain_deadline: float | None = None
-        last_move, last_published = time.monotonic(), -1
         # Decoders start once inference is ready (its first report not marked `starting` comes
         # after the model is loaded and warmed up): a live source started earlier would only drop
         # the frames of the warm-up.
@@ -128,12 +166,12 @@ class Supervisor:
                     held = []
                 if on_progress is not None:
                     on_progress(self)
-                progress = self.publish_progress()
-                if self.stream_ids and all(progress.get(s, StreamProgress(s)).ended for s in self.stream_ids):
+                if self._finished():
                     break
                 now = time.monotonic()
                 if self._signals and not interrupted:
                     interrupted = True
+                    self.pending.clear()
                     if self._any_offline_running():
                         drain_deadline = now + self.config.drain_timeout_s
                         self._drain()
@@ -145,22 +183,21 @@ class Supervisor:
                 failure = self._watch(now)
                 if failure:
                     break
-                published = sum(p.frames + p.next_seq for p in progress.values())
-                if published != last_published:
-                    last_published, last_move = published, now
-                elif self._decoders_done() and now - last_move > self.config.stall_timeout_s:
-                    failure = (f"streams {[s for s in self.stream_ids if not progress.get(s, StreamProgress(s)).ended]}"
-                               f" never ended at publish (their EndOfStream was lost with a stage)")
-                    break
+                if not interrupted:
+                    self._note_lost_frames()
+                    self._watch_stall(now, sources_started=not held)
+                    self._rewind()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop_all()
             self._collect(inbox, 0.0)
             inbox.close()
+            for ring in self._rings.values():
+                ring.close()
         return self._report(failure, interrupted, time.monotonic() - start)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ processes
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -170,9 +207,19 @@ class Supervisor:
         wiring = dataclasses.replace(spec.wiring, parent_pid=os.getpid())
         process = self._context.Process(target=spec.main, args=(config or spec.config, wiring), name=name,
                                         daemon=False)
+        if spec.stream_id is not None:
+            # Every frame this decoder life makes is stamped later than this (docs/delivery.md).
+            self.rewound_at[spec.stream_id] = time.monotonic()
         process.start()
         self.processes[name] = process
         self.seen_at[name] = time.monotonic()
+
+    def _stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is not None and process.is_alive():
+            process.kill()
+        if process is not None:
+            process.join()
 
     def _collect(self, inbox: ReportInbox, timeout_s: float) -> None:
         for report, metrics in inbox.recv_all(timeout_s):
@@ -184,44 +231,187 @@ class Supervisor:
             if metrics is not None and self.board is not None:
                 self.board.update(metrics)
 
+    def _current(self, name: str | None) -> StageReport | None:
+        """The latest report of the process running as `name` now (None before its first)."""
+        process = self.processes.get(name) if name is not None else None
+        report = self.latest.get(name) if name is not None else None
+        return report if process is not None and report is not None and report.pid == process.pid else None
+
     def _watch(self, now: float) -> str:
         """Restart dead or silent stages; the reason the run must stop, or ''."""
         for name, process in list(self.processes.items()):
             if process.is_alive():
-                if now - self.seen_at[name] > self.config.heartbeat_timeout_s:
+                current = self._current(name) is not None
+                limit = self.config.heartbeat_timeout_s if current else max(self.config.start_timeout_s,
+                                                                            self.config.heartbeat_timeout_s)
+                if now - self.seen_at[name] > limit:
+                    log.warning("stage %s sent no heartbeat for %.0f s: killed", name, limit)
+                    self.hung.add(name)
                     process.kill()  # hung: the next pass restarts it
                 continue
             process.join()
-            spec, report = self.specs[name], self.latest.get(name)
-            reason = (report.fatal if report and report.fatal and report.pid == process.pid
-                      else f"exit code {process.exitcode}")
+            report = self._current(name)
             if report is not None and report.fatal:
                 return f"stage {name} failed: {report.fatal}"
+            reason = ("killed: no heartbeat for " f"{self.config.heartbeat_timeout_s:.0f} s" if name in self.hung
+                      else f"exit code {process.exitcode}")
+            self.hung.discard(name)
             if self.restarts[name] >= self.config.max_restarts:
                 return f"stage {name} failed {self.restarts[name] + 1} times, last: {reason}"
             self.restarts[name] += 1
-            self._start(name, self._restart_config(spec))
+            log.warning("stage %s died (%s): restarting it", name, reason)
+            spec = self.specs[name]
+            if spec.stream_id is not None and spec.offline:
+                del self.processes[name]  # the rewind starts it again, at publish's resume point
+                self._lose([spec.stream_id], f"{name} died ({reason})")
+            elif spec.stream_id is not None:  # live: the new connection's frames number on from there
+                done = self.publish_progress().get(spec.stream_id)
+                self._start(name, dataclasses.replace(spec.config, resume_from=done.next_seq if done else 0))
+            else:
+                self._reclaim(spec.reads)
+                self._start(name, self._publish_config() if name == self.publish else spec.config)
+                self._lose(sorted(self.offline), f"{name} died ({reason})")
         return ""
 
-    def _restart_config(self, spec: StageSpec) -> Any:
-        if spec.stream_id is None:
-            return spec.config
-        done = self.publish_progress().get(spec.stream_id)
-        return dataclasses.replace(spec.config, resume_from=done.next_seq if done else 0)
+    def _reclaim(self, rings: tuple[str, ...]) -> None:
+        """Free the slots of rings a dead stage read: what it held (and what was queued for it) is
+        lost, and a slot still in use by a living reader is caught there (docs/delivery.md)."""
+        for name in rings:
+            ring = self._rings.get(name)
+            if ring is None:
+                try:
+                    ring = self._rings[name] = Ring.attach(name)
+                except ValueError:
+                    continue  # the run's rings are made before any stage; gone only in tests without them
+            ring.reclaim_all()
+
+    def _publish_config(self) -> Any:
+        """A restarted publish recovers its journal and skips every frame given up so far."""
+        assert self.publish is not None
+        give_up = tuple((sid, seq) for sid, frames in self.given_up.items() for seq, _ in frames)
+        return dataclasses.replace(self.specs[self.publish].config, recover=True, give_up=give_up)
+
+    # ------------------------------------------------------------------ offline delivery
+
+    def _lose(self, streams: list[str], why: str) -> None:
+        """Frames of these streams may have been lost: rewind the offline ones not yet ended."""
+        progress = self.publish_progress()
+        for sid in streams:
+            if sid in self.offline and sid not in self.abandoned and not progress.get(sid, StreamProgress(sid)).ended:
+                self.pending.setdefault(sid, why)
+
+    def _note_lost_frames(self) -> None:
+        progress = self.publish_progress()
+        for report in self.latest.values():
+            for lost in report.lost:
+                key = (report.pid, lost.stream_id, lost.seq, lost.decoded_at, lost.reason)
+                if key in self.handled:
+                    continue
+                self.handled.add(key)
+                done = progress.get(lost.stream_id, StreamProgress(lost.stream_id))
+                if lost.decoded_at < self.rewound_at.get(lost.stream_id, math.inf):
+                    continue  # made by an earlier life of its decoder: the rewind since sends it again
+                if done.ended or lost.seq < done.next_seq:
+                    continue  # a copy of a frame published already
+                self._lose([lost.stream_id], f"frame {lost.seq} lost by {lost.reason}")
+
+    def _watch_stall(self, now: float, sources_started: bool) -> None:
+        """The stall clock runs only while there is unfinished work and nothing works on it: no
+        stage starting or working, no counter moving, no rewind waiting. Slow is not stalled."""
+        progress = self.publish_progress()
+        unfinished = [sid for sid in self.stream_ids
+                      if not progress.get(sid, StreamProgress(sid)).ended and sid not in self.abandoned]
+        reports = {name: self._current(name) for name in self.processes}
+        signature = (tuple((name, r.pid, r.received, r.sent, r.errors, r.malformed)
+                           for name, r in sorted(self.latest.items())),
+                     tuple((p.stream_id, p.frames, p.next_seq) for p in progress.values()))
+        busy = bool(self.pending) or any(r is None or r.starting or r.working_since for r in reports.values())
+        if not sources_started or not unfinished or busy or signature != self._signature:
+            self._signature, self._last_move = signature, now
+            return
+        if now - self._last_move < self.config.stall_timeout_s:
+            return
+        self._last_move = now
+        why = f"nothing moved for {self.config.stall_timeout_s:.0f} s"
+        log.warning("%s with streams %s unfinished: rewinding them", why, unfinished)
+        self._lose(unfinished, why)
+        for sid in unfinished:
+            if sid not in self.offline and self._decoder_end(sid) is not None:
+                self.abandoned[sid] = (f"its EndOfStream was lost with a stage ({why}; a live stream is not "
+                                       "sent again)")
+
+    def _decoder_end(self, sid: str) -> int | None:
+        """The seq of the stream's EndOfStream once its current decoder has sent it."""
+        # Any life's report will do: the number of frames is the source's.
+        name = self.decoders.get(sid)
+        report = self.latest.get(name) if name is not None else None
+        if report is not None and report.streams and report.streams[0].ended:
+            return report.streams[0].next_seq
+        return None
+
+    def _rewind(self) -> None:
+        """Restart the pending streams' decoders at publish's resume point, once the publish process
+        alive now has reported (a restarted one recovers its journal first); or give a frame up."""
+        if not self.pending:
+            return
+        report = self._current(self.publish)
+        if report is None or report.starting:
+            return
+        progress = {p.stream_id: p for p in report.streams}
+        plan: dict[str, tuple[int, str]] = {}
+        give_up: list[str] = []
+        for sid, why in sorted(self.pending.items()):
+            done = progress.get(sid, StreamProgress(sid))
+            if done.ended:
+                continue
+            at, count = self.stuck.get(sid, (-1, 0))
+            if sid in self.uncounted:  # not this stream's doing: no step towards giving its frame up
+                count = count if at == done.next_seq else 0
+            else:
+                count = count + 1 if at == done.next_seq else 1
+            self.stuck[sid] = (done.next_seq, count)
+            if count <= self.config.max_rewinds:
+                plan[sid] = (done.next_seq, why)
+                continue
+            end = self._decoder_end(sid)
+            if end is not None and done.next_seq >= end:
+                self.abandoned[sid] = f"its EndOfStream never reached publish in {count - 1} rewinds (last: {why})"
+                continue
+            self.given_up.setdefault(sid, []).append((done.next_seq, f"after {count - 1} rewinds, last: {why}"))
+            give_up.append(sid)
+        self.pending.clear()
+        self.uncounted.clear()
+        if give_up:
+            # Publish learns what to skip only through its config: restarted, it recovers its journal,
+            # and everything it held or had queued is sent again.
+            log.warning("giving up frame(s) %s", ", ".join(f"{sid}#{self.given_up[sid][-1][0]}" for sid in give_up))
+            assert self.publish is not None
+            self._stop(self.publish)
+            self._start(self.publish, self._publish_config())
+            self._lose(sorted(self.offline), "publish restarted to give a frame up")
+            self.uncounted.update(self.pending)
+            return
+        for sid, (resume, why) in plan.items():
+            log.info("rewinding stream %s to frame %d (%s)", sid, resume, why)
+            name = self.decoders[sid]
+            self._stop(name)
+            self._start(name, dataclasses.replace(self.specs[name].config, resume_from=resume))
+            self.rewinds[sid] += 1
+
+    # ------------------------------------------------------------------ state
+
+    def _finished(self) -> bool:
+        progress = self.publish_progress()
+        return bool(self.stream_ids) and all(progress.get(s, StreamProgress(s)).ended or s in self.abandoned
+                                             for s in self.stream_ids)
 
     def _decoder_done(self, name: str) -> bool:
         report = self.latest.get(name)
         return report is not None and bool(report.streams) and report.streams[0].ended
 
-    def _decoders_done(self) -> bool:
-        return all(self._decoder_done(name) for name, spec in self.specs.items() if spec.stream_id is not None)
-
     def _any_offline_running(self) -> bool:
-        return any(
-            spec.stream_id is not None and name in self.processes and not self._decoder_done(name)
-            and spec.config.source.policy == "offline"
-            for name, spec in self.specs.items()
-        )
+        return any(spec.offline and name in self.processes and not self._decoder_done(name)
+                   for name, spec in self.specs.items())
 
     def _inference_ready(self) -> bool:
         return any(name.split(".", 1)[0] == "infer" and not report.fatal and not report.starting
@@ -250,14 +440,15 @@ class Supervisor:
         streams = []
         for sid in self.stream_ids:
             p = progress.get(sid, StreamProgress(sid))
-            error = p.error
+            given_up = tuple(f"frame {seq} given up ({why})" for seq, why in self.given_up.get(sid, ()))
+            error = "; ".join(e for e in (self.abandoned.get(sid, ""), *given_up, p.error) if e)
             if not p.ended and not error:
                 decoder = decoders.get(sid)
                 error = (decoder.streams[0].error if decoder and decoder.streams else "") or "did not finish"
-            # publish's count is frames lost with a dead stage (or overtaken, live); the others dropped theirs live
+            # publish's count is frames given up (or lost with a dead stage, live); the others dropped theirs live
             dropped = sum(q.drops for name, r in self.latest.items() if not name.startswith("publish")
                           for q in r.streams if q.stream_id == sid)
-            streams.append(StreamResult(sid, p.frames, p.drops + dropped, p.ended, error))
+            streams.append(StreamResult(sid, p.frames, p.drops + dropped, p.ended, error, self.rewinds.get(sid, 0)))
         errors = tuple(r.last_error for r in self.latest.values() if r.last_error)
         return RunReport(tuple(streams), tuple((n, c) for n, c in self.restarts.items() if c), failure, interrupted,
                          elapsed, sum(r.malformed for r in self.latest.values()), errors)
