@@ -206,7 +206,7 @@ class StageReport:
 
     stage: str
     pid: int
-    sent_at: float  # time.monotonic()
+    sent_at: float  # time.monotonic() when the stage made the report (its content's age)
     received: int = 0
     sent: int = 0
     malformed: int = 0

@@ -37,11 +37,13 @@ A process's arrays must not outlive `process()`: ring slots are released right a
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import faulthandler
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -74,7 +76,7 @@ from maskstream.pipeline.runtime.metrics import (
 from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders
 from maskstream.pipeline.runtime.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
 
-__all__ = ["OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
+__all__ = ["BlackBox", "OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
 
 log = logging.getLogger("maskstream.stage")
 
@@ -171,6 +173,36 @@ class StageStopped(Exception):
     """SIGTERM: leave the loop now."""
 
 
+Identity = tuple[str, int, float]  # (stream_id, seq, decoded_at): one frame of one decoder life
+
+
+class BlackBox:
+    """The frame a stage process is working on, in memory shared with its supervisor, which reads
+    it once the process has died: a frame that kills its stage at once does so before any
+    heartbeat could name it, and a death must count against the stream of the frame that caused
+    it, not against every stream (docs/delivery.md). Made by the supervisor for each process it
+    starts (`context`: its multiprocessing context), written by the stage loop at every message."""
+
+    _HEAD = struct.Struct("<qdB")  # seq, decoded_at, length of the stream id (0: not working on a frame)
+
+    def __init__(self, context: Any):
+        self._buffer = context.RawArray(ctypes.c_char, self._HEAD.size + 255)
+
+    def write(self, frame: Identity | None) -> None:
+        self._buffer[self._HEAD.size - 1] = b"\x00"  # first: a process killed mid-write leaves no half record
+        if frame is not None:
+            name = frame[0].encode()[:255]
+            self._buffer[self._HEAD.size : self._HEAD.size + len(name)] = name
+            self._HEAD.pack_into(self._buffer, 0, frame[1], frame[2], len(name))  # the length last
+
+    def read(self) -> Identity | None:
+        seq, decoded_at, length = self._HEAD.unpack_from(self._buffer, 0)
+        if not length:
+            return None
+        name = bytes(self._buffer[self._HEAD.size : self._HEAD.size + length]).decode(errors="replace")
+        return name, seq, decoded_at
+
+
 @dataclass(frozen=True)
 class Wiring:
     """Where a stage process connects; made by the supervisor, passed at process start."""
@@ -186,6 +218,7 @@ class Wiring:
     parent_pid: int = 0
     torch_threads: int = 1  # 0: leave torch's default
     log_level: str = "warning"  # pipeline.logs.LEVELS: the run's --log-level, in every stage process
+    blackbox: BlackBox | None = None  # given by the supervisor at each start
 
     @property
     def kind(self) -> str:
@@ -282,15 +315,12 @@ class _Reporter:
                     os.kill(os.getpid(), signal.SIGTERM)  # StageStopped in the main thread
                     return
                 (report, metrics), (what, since) = self._latest, self.activity
-                sender.send(dataclasses.replace(report, sent_at=time.monotonic(), working_on=what,
-                                                working_since=since), metrics)
+                # sent_at stays when the main thread made the report: how fresh its content is
+                sender.send(dataclasses.replace(report, working_on=what, working_since=since), metrics)
                 if closing:
                     return
         finally:
             sender.close()
-
-
-Identity = tuple[str, int, float]  # (stream_id, seq, decoded_at): one frame of one decoder life
 
 
 def _identity(header: Header) -> Identity:
@@ -367,11 +397,15 @@ class _Loop:
             now=force,
         )
 
-    def working(self, what: str) -> None:
+    def working(self, what: str, frame: Identity | None = None) -> None:
         self.reporter.activity = (what, time.monotonic())
+        if self.wiring.blackbox is not None:
+            self.wiring.blackbox.write(frame)
 
     def idle(self) -> None:
         self.reporter.activity = ("", 0.0)
+        if self.wiring.blackbox is not None:
+            self.wiring.blackbox.write(None)
 
     def waiting(self) -> None:
         """Blocked for room downstream: no work of this stage (the watchdog's stall clock may run)."""
@@ -473,7 +507,7 @@ def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], st
     message = received.message
     header = message.header
     loop.metrics.inc(FRAMES_IN, header.stream_id)
-    loop.working(f"{type(message).__name__} {header.stream_id}#{header.seq}")
+    loop.working(f"{type(message).__name__} {header.stream_id}#{header.seq}", _identity(header))
     lost = ""
     try:
         result = action(message)

@@ -43,7 +43,7 @@ from typing import Any
 from maskstream.pipeline.runtime.messages import StageReport, StreamProgress
 from maskstream.pipeline.runtime.metrics import MetricsBoard
 from maskstream.pipeline.runtime.shm_ring import Ring
-from maskstream.pipeline.runtime.stage import Wiring
+from maskstream.pipeline.runtime.stage import BlackBox, Wiring
 from maskstream.pipeline.runtime.transport import ReportInbox
 
 __all__ = ["RunReport", "StageSpec", "StreamResult", "Supervisor", "SupervisorConfig"]
@@ -69,7 +69,7 @@ class StageSpec:
 class SupervisorConfig:
     # No heartbeat at all for this long: hung (killed, restarted). A long forward still beats.
     heartbeat_timeout_s: float = 120.0
-    start_timeout_s: float = 120.0  # the same before a process's first heartbeat (spawn imports first)
+    start_timeout_s: float = 300.0  # the same before a process's first heartbeat (spawn imports first)
     max_restarts: int = 3  # per stage
     # Offline: rewinds of a stream in a row at one resume point before that frame is given up.
     max_rewinds: int = 2
@@ -124,12 +124,14 @@ class Supervisor:
         self.rewinds: dict[str, int] = {sid: 0 for sid in streams}
         self.rewound_at: dict[str, float] = {}  # stream -> when its decoder's current life began
         self.pending: dict[str, str] = {}  # streams to rewind once publish reports -> why
-        self.uncounted: set[str] = set()  # pending because publish restarted to give a frame up
+        self.pending_since = 0.0  # when the latest of them was asked for
+        self.blamed: set[str] = set()  # pending streams whose own frame may have caused it (towards giving up)
         self.stuck: dict[str, tuple[int, int]] = {}  # stream -> (resume point, rewinds there in a row)
         self.given_up: dict[str, list[tuple[int, str]]] = {}  # stream -> (seq, why) of each frame given up
         self.abandoned: dict[str, str] = {}  # stream -> why it can never end at publish
         self.handled: set[tuple[int, str, int, float, str]] = set()  # lost-frame reports acted on
         self.hung: set[str] = set()  # killed for want of heartbeats
+        self.boxes: dict[str, BlackBox] = {}  # what each process was working on, readable after its death
         self._rings: dict[str, Ring] = {}
         self._signature: Any = None
         self._last_move = 0.0
@@ -204,7 +206,8 @@ class Supervisor:
 
     def _start(self, name: str, config: Any = None) -> None:
         spec = self.specs[name]
-        wiring = dataclasses.replace(spec.wiring, parent_pid=os.getpid())
+        self.boxes[name] = BlackBox(self._context)
+        wiring = dataclasses.replace(spec.wiring, parent_pid=os.getpid(), blackbox=self.boxes[name])
         process = self._context.Process(target=spec.main, args=(config or spec.config, wiring), name=name,
                                         daemon=False)
         if spec.stream_id is not None:
@@ -261,16 +264,19 @@ class Supervisor:
             self.restarts[name] += 1
             log.warning("stage %s died (%s): restarting it", name, reason)
             spec = self.specs[name]
+            culprit = self.boxes[name].read()
+            died = f"{name} died ({reason})" + (f" working on {culprit[0]}#{culprit[1]}" if culprit else "")
             if spec.stream_id is not None and spec.offline:
                 del self.processes[name]  # the rewind starts it again, at publish's resume point
-                self._lose([spec.stream_id], f"{name} died ({reason})")
+                self._lose([spec.stream_id], died)
             elif spec.stream_id is not None:  # live: the new connection's frames number on from there
                 done = self.publish_progress().get(spec.stream_id)
                 self._start(name, dataclasses.replace(spec.config, resume_from=done.next_seq if done else 0))
             else:
                 self._reclaim(spec.reads)
                 self._start(name, self._publish_config() if name == self.publish else spec.config)
-                self._lose(sorted(self.offline), f"{name} died ({reason})")
+                # Every stream is sent again; only the frame it died on (if any) counts towards giving up.
+                self._lose(sorted(self.offline), died, blame=[culprit[0]] if culprit else None)
         return ""
 
     def _reclaim(self, rings: tuple[str, ...]) -> None:
@@ -293,12 +299,17 @@ class Supervisor:
 
     # ------------------------------------------------------------------ offline delivery
 
-    def _lose(self, streams: list[str], why: str) -> None:
-        """Frames of these streams may have been lost: rewind the offline ones not yet ended."""
+    def _lose(self, streams: list[str], why: str, blame: list[str] | None = None) -> None:
+        """Frames of these streams may have been lost: rewind the offline ones not yet ended. `blame`:
+        the streams whose own frame may have caused it (None: all of them), for which the rewind is a
+        step towards giving that frame up."""
         progress = self.publish_progress()
         for sid in streams:
             if sid in self.offline and sid not in self.abandoned and not progress.get(sid, StreamProgress(sid)).ended:
                 self.pending.setdefault(sid, why)
+                self.pending_since = time.monotonic()
+                if blame is None or sid in blame:
+                    self.blamed.add(sid)
 
     def _note_lost_frames(self) -> None:
         progress = self.publish_progress()
@@ -351,11 +362,13 @@ class Supervisor:
 
     def _rewind(self) -> None:
         """Restart the pending streams' decoders at publish's resume point, once the publish process
-        alive now has reported (a restarted one recovers its journal first); or give a frame up."""
+        alive now has reported how far it got since they were asked for (a restarted one recovers its
+        journal first; a resume point older than needed would only send more frames twice); or give a
+        frame up."""
         if not self.pending:
             return
         report = self._current(self.publish)
-        if report is None or report.starting:
+        if report is None or report.starting or report.sent_at < self.pending_since:
             return
         progress = {p.stream_id: p for p in report.streams}
         plan: dict[str, tuple[int, str]] = {}
@@ -365,10 +378,10 @@ class Supervisor:
             if done.ended:
                 continue
             at, count = self.stuck.get(sid, (-1, 0))
-            if sid in self.uncounted:  # not this stream's doing: no step towards giving its frame up
-                count = count if at == done.next_seq else 0
-            else:
+            if sid in self.blamed:
                 count = count + 1 if at == done.next_seq else 1
+            else:  # not this stream's doing: no step towards giving its frame up
+                count = count if at == done.next_seq else 0
             self.stuck[sid] = (done.next_seq, count)
             if count <= self.config.max_rewinds:
                 plan[sid] = (done.next_seq, why)
@@ -380,7 +393,7 @@ class Supervisor:
             self.given_up.setdefault(sid, []).append((done.next_seq, f"after {count - 1} rewinds, last: {why}"))
             give_up.append(sid)
         self.pending.clear()
-        self.uncounted.clear()
+        self.blamed.clear()
         if give_up:
             # Publish learns what to skip only through its config: restarted, it recovers its journal,
             # and everything it held or had queued is sent again.
@@ -388,8 +401,7 @@ class Supervisor:
             assert self.publish is not None
             self._stop(self.publish)
             self._start(self.publish, self._publish_config())
-            self._lose(sorted(self.offline), "publish restarted to give a frame up")
-            self.uncounted.update(self.pending)
+            self._lose(sorted(self.offline), "publish restarted to give a frame up", blame=[])
             return
         for sid, (resume, why) in plan.items():
             log.info("rewinding stream %s to frame %d (%s)", sid, resume, why)

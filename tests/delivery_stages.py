@@ -1,0 +1,91 @@
+"""Small real stages for the supervisor's delivery tests (tests/test_delivery.py): a source that
+counts frames, and an "inference" stage that makes empty detections and chokes on chosen frames,
+raising or killing its process each time it meets one, as a frame that crashes a decoder or a
+model would. Real processes, sockets and the real publish stage; no model, so each run is quick.
+A module of its own: spawn imports it in every stage process."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from maskstream.pipeline.runtime.messages import (
+    Detections,
+    EndOfStream,
+    Frame,
+    Header,
+    Message,
+    StageStamp,
+    StreamProgress,
+)
+from maskstream.pipeline.runtime.stage import Source, Stage, Wiring, run_source, run_stage
+
+
+@dataclass(frozen=True)
+class CountConfig:
+    stream_id: str
+    frames: int
+    resume_from: int = 0  # set by the supervisor on a rewind
+    seconds_per_frame: float = 0.02
+
+
+class CountSource(Source):
+    live = False
+
+    def __init__(self, config: CountConfig):
+        self.config = config
+        self.next_seq, self.ended = config.resume_from, False
+
+    def messages(self) -> Iterator[Message]:
+        sid = self.config.stream_id
+        for seq in range(self.config.resume_from, self.config.frames):
+            time.sleep(self.config.seconds_per_frame)
+            now = time.monotonic()
+            self.next_seq = seq + 1
+            yield Frame(Header(sid, seq, None, (StageStamp("source", now, now),)), np.zeros((2, 2, 3), np.uint8))
+        self.ended = True
+        now = time.monotonic()
+        yield EndOfStream(Header(sid, self.config.frames, None, (StageStamp("source", now, now),)))
+
+    def stop(self) -> None:
+        pass
+
+    def dropped(self, message: Message) -> None:
+        raise AssertionError("an offline source never drops")
+
+    def progress(self) -> tuple[StreamProgress, ...]:
+        return (StreamProgress(self.config.stream_id, 0, 0, self.next_seq, self.ended),)
+
+
+def source_main(config: CountConfig, wiring: Wiring) -> None:
+    run_source(lambda buffers: CountSource(config), wiring)
+
+
+@dataclass(frozen=True)
+class ChokeConfig:
+    poison: tuple[tuple[str, int], ...]  # (stream, seq) of the frames it chokes on
+    how: str  # "raise" (the frame is lost, the stage goes on) or "exit" (the process dies)
+
+
+class ChokeStage(Stage):
+    def __init__(self, config: ChokeConfig):
+        self.config = config
+
+    def process(self, message: Message) -> Message:
+        if isinstance(message, EndOfStream):
+            return message
+        header = message.header
+        if (header.stream_id, header.seq) in self.config.poison:
+            if self.config.how == "exit":
+                os._exit(3)
+            raise ValueError(f"cannot take frame {header.seq}")
+        empty = np.zeros((0, 4), np.float32)
+        return Detections(header, (2, 2), empty, np.zeros(0, np.float32), np.zeros(0, np.int32), (),
+                          np.zeros((0, 4), np.int32), ())
+
+
+def choke_main(config: ChokeConfig, wiring: Wiring) -> None:
+    run_stage(lambda: ChokeStage(config), wiring)
+

@@ -1,0 +1,368 @@
+"""Exactly once under faults (docs/delivery.md), for real: `maskstream run` over short generated
+videos (three streams, two workers each, offline), with --out JSONL, --coco and --annotate, and a
+stage process killed (SIGKILL) or stopped (SIGSTOP, past the heartbeat timeout) mid-run. Every
+faulted run must give what one clean run of the same input gives. Also the watchdog: slow is
+not dead (a CPU R50-FPN, a host with 8 busy processes), and a camera that never connects fails
+alone, named.
+
+The fault frames are drawn at random from a seed printed with each case (MASKSTREAM_FAULT_SEED
+replays one)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import pytest
+from maskstream.pipeline.media.video import write_test_clip
+from maskstream.pipeline.runtime.stage import Wiring
+from maskstream.pipeline.runtime.supervisor import StageSpec, Supervisor, SupervisorConfig
+from maskstream.pipeline.stages import publish
+
+from tests import delivery_stages
+from tests.make_detections import FRAME_HW, end_of_stream, make_detections
+from tests.test_pipeline import ROOT, TINY_MODEL
+
+CLIPS = {"a": (48, (160, 120)), "b": (24, (200, 120)), "c": (12, (160, 120))}
+KINDS = ("decode", "preprocess", "infer", "postprocess", "publish")
+SEED = int(os.environ.get("MASKSTREAM_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
+RUN_TIMEOUT_S = 400
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    return {name: write_test_clip(folder / f"{name}.mp4", frames=n, size=size) for name, (n, size) in CLIPS.items()}
+
+
+def start_run(videos, folder: Path, sets=(), model_sets=TINY_MODEL, extra=()) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [x for path in videos.values() for x in ("--source", str(path))]
+    overrides = [x for s in (*model_sets, *sets) for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", *sources, "--workers", "2",
+           "--out", str(folder / "r.jsonl"), "--coco", str(folder / "coco.json"),
+           "--annotate", str(folder / "annotated.mp4"), "--out-dir", str(folder / "out"),
+           "--set", f"transport.endpoint_dir={folder}", *overrides, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(run: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S) -> tuple[int, str, str]:
+    try:
+        out, err = run.communicate(timeout=timeout_s)
+    finally:
+        run.kill()
+    return run.returncode, out, err
+
+
+def outputs(folder: Path, streams=tuple(CLIPS)) -> dict:
+    """What a run wrote, without what differs between runs of the same input (stamps)."""
+    annotated = {sid: folder / f"annotated.{sid}.mp4" for sid in streams} if len(streams) > 1 else \
+        {streams[0]: folder / "annotated.mp4"}
+    lines = [json.loads(line) for line in (folder / "r.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("stamps")
+    videos = {}
+    for sid, path in annotated.items():
+        with av.open(str(path)) as video:
+            videos[sid] = sum(1 for _ in video.decode(video=0))
+    return {"lines": lines, "coco": json.loads((folder / "coco.json").read_text()), "videos": videos}
+
+
+def assert_same(got: dict, clean: dict) -> None:
+    canonical = lambda lines: sorted(json.dumps(line, sort_keys=True) for line in lines)  # noqa: E731
+    assert len(got["lines"]) == len(clean["lines"])
+    assert canonical(got["lines"]) == canonical(clean["lines"])  # every line once, no other line
+    for sid in CLIPS:  # and each stream in its order
+        assert [line for line in got["lines"] if line["stream_id"] == sid] == \
+               [line for line in clean["lines"] if line["stream_id"] == sid]
+    assert got["coco"] == clean["coco"]
+    assert got["videos"] == clean["videos"]
+
+
+@pytest.fixture(scope="module")
+def clean(videos, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clean")
+    began = time.monotonic()
+    code, stdout, stderr = finish(start_run(videos, folder))
+    assert code == 0, stderr
+    assert "restarted" not in stdout and "rewound" not in stdout
+    result = outputs(folder)
+    frames = sum(n for n, _ in CLIPS.values())
+    assert len(result["lines"]) == frames + len(CLIPS) and len(result["coco"]) == 5 * frames
+    assert result["videos"] == {sid: n for sid, (n, _) in CLIPS.items()}
+    result["seconds"] = time.monotonic() - began
+    print(f"clean run: {result['seconds']:.1f} s")
+    return result
+
+
+def stage_pids(run_pid: int, kind: str) -> dict[str, int]:
+    """The run's stage processes of `kind` by name ("preprocess.1": pid); a stage names itself in
+    /proc/PID/comm once spawn has started it (pipeline.runtime.stage._setup_process)."""
+    found = {}
+    children = subprocess.run(["pgrep", "-P", str(run_pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue  # exited since pgrep
+        if name.split(".", 1)[0] == kind:
+            found[name] = int(pid)
+    return found
+
+
+def lines_in(path: Path, stream: str | None = None) -> int:
+    if not path.exists():
+        return 0
+    complete = path.read_text().split("\n")[:-1]
+    return len(complete) if stream is None else sum(json.loads(line)["stream_id"] == stream for line in complete)
+
+
+def fault(run: subprocess.Popen, folder: Path, kind: str, at_line: int, rng: random.Random, sig: int,
+          timeout_s: float = 180) -> str:
+    """Once the run's JSONL has `at_line` lines (of stream a, for decode: its decoder is then
+    certainly mid-stream), send `sig` to one process of `kind`; its name."""
+    stream = "a" if kind == "decode" else None
+    deadline = time.monotonic() + timeout_s
+    while lines_in(folder / "r.jsonl", stream) < at_line:
+        assert run.poll() is None, f"the run ended before line {at_line}: {run.communicate()}"
+        assert time.monotonic() < deadline, f"no line {at_line} within {timeout_s} s"
+        time.sleep(0.05)
+    while True:
+        pids = stage_pids(run.pid, kind)
+        if kind == "decode":
+            pids = {name: pid for name, pid in pids.items() if name == "decode.a"}
+        if pids:
+            break
+        assert time.monotonic() < deadline, f"no {kind} stage process found"
+        time.sleep(0.05)
+    name = rng.choice(sorted(pids))
+    os.kill(pids[name], sig)
+    return name
+
+
+CASES = [(kind, "kill") for kind in KINDS] + [("any", "stop"), ("two", "kill")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "how"), CASES, ids=[f"{how}-{kind}" for kind, how in CASES])
+def test_fault_matrix_outputs_equal_a_clean_run(videos, clean, tmp_path, kind, how):
+    seed = SEED + CASES.index((kind, how))
+    rng = random.Random(seed)
+    print(f"fault seed {seed} (MASKSTREAM_FAULT_SEED={SEED})")
+    sets: list[str] = []
+    if how == "stop":
+        kind = rng.choice(KINDS)
+        sets = ["supervisor.heartbeat_timeout_s=4"]
+    kinds = rng.sample(KINDS, 2) if kind == "two" else [kind]
+    began = time.monotonic()
+    run = start_run(videos, tmp_path, sets)
+    try:
+        at_line = 0
+        victims = []
+        for k in kinds:
+            at_line = rng.randint(at_line + 2, at_line + 12) if k != "decode" else rng.randint(1, 6)
+            victims.append(fault(run, tmp_path, k, at_line, rng, signal.SIGSTOP if how == "stop" else signal.SIGKILL))
+            print(f"{how} {victims[-1]} at line {at_line}")
+        code, stdout, stderr = finish(run)
+    finally:
+        run.kill()
+    seconds = time.monotonic() - began
+    print(f"faulted run: {seconds:.1f} s (clean: {clean['seconds']:.1f} s)\n{stdout}")
+    assert code == 0, stderr
+    for victim in victims:  # it did die (or hang) and was replaced
+        assert f"stage {victim} restarted 1 time(s)" in stdout, stdout
+    assert_same(outputs(tmp_path), clean)
+
+
+# ----------------------------------------------------------------------------- the watchdog
+
+
+@pytest.mark.slow
+def test_a_host_with_8_busy_processes_is_slow_not_dead(videos, clean, tmp_path):
+    """Short watchdog timeouts on a host whose 2 cores 8 busy loops compete for: the run is much
+    slower, yet nothing is taken for hung or stalled, and it writes what a quiet run writes. (One
+    stream, the clean run's third: under that load every frame takes seconds.)"""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(8)]
+    try:
+        began = time.monotonic()
+        code, stdout, stderr = finish(start_run({"c": videos["c"]}, tmp_path, ["supervisor.heartbeat_timeout_s=10",
+                                                                              "supervisor.stall_timeout_s=5"]))
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    print(f"busy host, stream c alone: {time.monotonic() - began:.1f} s")
+    assert code == 0, stderr
+    assert "restarted" not in stdout and "rewound" not in stdout, stdout
+    got, expected = outputs(tmp_path, streams=("c",)), stream_part(clean, "c", index=2)
+    assert got["lines"] == expected["lines"] and got["coco"] == expected["coco"] and got["videos"] == expected["videos"]
+
+
+def stream_part(result: dict, sid: str, index: int) -> dict:
+    """What a run of stream `sid` alone writes, from a run's outputs where it was stream number `index`
+    (COCO image ids number streams apart: pipeline.stages.publish)."""
+    offset = index * 10_000_000
+    coco = [{**r, "image_id": r["image_id"] - offset} for r in result["coco"] if r["image_id"] // 10_000_000 == index]
+    return {"lines": [line for line in result["lines"] if line["stream_id"] == sid], "coco": coco,
+            "videos": {sid: result["videos"][sid]}}
+
+
+WATCHDOG_S = 2.0
+
+
+@pytest.mark.slow
+def test_a_cpu_r50_fpn_whose_forward_outlasts_the_watchdog_timeouts_runs_to_the_end(tmp_path):
+    """R50-FPN (v1, random weights) on one CPU thread: every forward takes longer than the heartbeat
+    and stall timeouts, yet the stage heartbeats throughout (from its heartbeat thread) and counts
+    as working, so it is neither killed nor rewound."""
+    clip = write_test_clip(tmp_path / "short.mp4", frames=3, size=(160, 120))
+    model = ["model.config=" + str(ROOT / "configs" / "model_v1.yaml"), "infer.threads=1"]
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", str(clip), "--out", str(out),
+           "--device", "cpu", *(x for s in (*model, f"supervisor.heartbeat_timeout_s={WATCHDOG_S}",
+                                            f"supervisor.stall_timeout_s={WATCHDOG_S}",
+                                            f"transport.endpoint_dir={tmp_path}") for x in ("--set", s))]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, stdout, stderr = finish(run, timeout_s=600)
+    assert code == 0, stderr
+    assert "restarted" not in stdout and "rewound" not in stdout, stdout
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["seq"] for line in lines] == [0, 1, 2, 3] and lines[-1]["kind"] == "EndOfStream"
+    forward = [s["end"] - s["start"] for line in lines[:-1] for s in line["stamps"] if s["stage"] == "infer"]
+    print(f"R50-FPN forwards on one CPU thread: {', '.join(f'{s:.1f}' for s in forward)} s")
+    assert min(forward) > WATCHDOG_S  # the case this test is about
+
+
+def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
+    """The decoder reconnecting is work in progress: no stall is declared while it tries (here for
+    longer than the stall timeout), and the run ends with exit 1 naming the camera."""
+    camera = "rtsp://127.0.0.1:1/x"
+    out = tmp_path / "r.jsonl"
+    sets = [*TINY_MODEL, "source.max_reconnects=4", "source.reconnect_backoff_s=[1.0, 4.0]",
+            "supervisor.stall_timeout_s=2", f"transport.endpoint_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", camera, "--out", str(out),
+           *(x for s in sets for x in ("--set", s))]
+    began = time.monotonic()
+    code, stdout, stderr = finish(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                   text=True), timeout_s=300)
+    assert code == 1, stderr
+    [line] = [line for line in stdout.splitlines() if line.strip().startswith("x (")]
+    assert camera in line and "FAILED" in line and "gave up after 5 connection attempts" in line, stdout
+    assert "EndOfStream was lost" not in stdout + stderr and "rewound" not in stdout
+    assert time.monotonic() - began > 1 + 2 + 4 + 4  # it did try for longer than the stall timeout
+    [end] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert end["kind"] == "EndOfStream" and camera in end["error"]
+
+
+# ----------------------------------------------------------------------------- frames that keep failing
+
+
+def _choke_run(tmp_path: Path, how: str, poison: tuple[tuple[str, int], ...], max_restarts: int = 3):
+    """A real supervisor over real processes: two counting sources, a stage choking on `poison`
+    frames, the real publish stage (journal only). Its RunReport, and the journal's lines."""
+    def wiring(stage: str, **kw) -> Wiring:
+        return Wiring(stage=stage, reports=f"ipc://{tmp_path}/reports", heartbeat_s=0.2, **kw)
+
+    journal = tmp_path / "journal.jsonl"
+    streams = {"s": 12, "t": 6}
+    specs = [StageSpec(delivery_stages.source_main, delivery_stages.CountConfig(sid, n),
+                       wiring(f"decode.{sid}", outboxes=(f"ipc://{tmp_path}/infer",)), stream_id=sid, offline=True)
+             for sid, n in streams.items()]
+    specs += [
+        StageSpec(delivery_stages.choke_main, delivery_stages.ChokeConfig(poison, how),
+                  wiring("infer.0", inbox=f"ipc://{tmp_path}/infer", outboxes=(f"ipc://{tmp_path}/publish",))),
+        StageSpec(publish.main, publish.PublishConfig(tuple(publish.StreamOutput(sid, False, "") for sid in streams),
+                                                      journal),
+                  wiring("publish.0", inbox=f"ipc://{tmp_path}/publish")),
+    ]
+    config = SupervisorConfig(heartbeat_timeout_s=30, max_restarts=max_restarts, max_rewinds=2, stall_timeout_s=30)
+    report = Supervisor(specs, f"ipc://{tmp_path}/reports", tuple(streams), config).run()
+    return report, [json.loads(line) for line in journal.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_frame_that_keeps_failing_is_given_up_after_max_rewinds_and_named(tmp_path, how):
+    report, lines = _choke_run(tmp_path, how, poison=(("s", 4),))
+    assert not report.failure, report
+    s, t = report.streams
+    # 2 rewinds at frame 4 (maybe one earlier, publish not having frames 0..3 yet), 1 after giving it up
+    assert s.ended and s.frames == 11 and s.lost == 1 and s.rewinds in (3, 4)
+    assert s.error.startswith("frame 4 given up (after 2 rewinds, last: ") and s.error.count("given up") == 1, s.error
+    assert "cannot take frame 4" in s.error if how == "raise" else "infer.0 died (exit code 3)" in s.error
+    assert t.ended and t.frames == 6 and not t.error and t.lost == 0
+    assert report.failed_streams == (s,)  # `maskstream run` exits 1
+    assert dict(report.restarts) == ({"infer.0": 3} if how == "exit" else {})
+    seqs = [line["seq"] for line in lines if line["stream_id"] == "s"]
+    assert seqs == [0, 1, 2, 3, *range(5, 13)]  # once each, in order, 4 skipped, then the end
+    after = next(line for line in lines if line["stream_id"] == "s" and line["seq"] == 5)
+    assert after["gap"] == 1 and after["drops"]["publish"] == 1
+    assert [line["seq"] for line in lines if line["stream_id"] == "t"] == list(range(7))
+
+
+def test_a_stage_that_keeps_dying_still_ends_the_run_once_its_restarts_are_spent(tmp_path):
+    report, _ = _choke_run(tmp_path, "exit", poison=(("s", 4),), max_restarts=1)
+    assert report.failure == "stage infer.0 failed 2 times, last: exit code 3"
+
+
+# ----------------------------------------------------------------------------- the journal
+
+
+def _publish(tmp_path: Path, video: Path, recover: bool = False, give_up=()) -> publish.PublishStage:
+    streams = (publish.StreamOutput("cam0", False, str(video), tmp_path / "annotated.mp4"),)
+    return publish.PublishStage(publish.PublishConfig(streams, tmp_path / "r.jsonl", tmp_path / "coco.json",
+                                                      recover=recover, give_up=give_up))
+
+
+def test_a_restarted_publish_goes_on_with_its_journal_and_remakes_the_files(tmp_path):
+    frames = 8
+    video = write_test_clip(tmp_path / "in.mp4", frames=frames, size=(FRAME_HW[1], FRAME_HW[0]))
+    clean_dir, crash_dir = tmp_path / "clean", tmp_path / "crash"
+    messages = [make_detections("cam0", seq)[0] for seq in range(frames)] + [end_of_stream("cam0", frames)]
+    stage = _publish(clean_dir, video)
+    for message in messages:
+        stage.process(message)
+    stage.close()
+
+    first = _publish(crash_dir, video)
+    for message in (messages[1], messages[0], messages[2], messages[4]):  # 4 is held, waiting for 3
+        first.process(message)
+    # killed: nothing closed, and the last line cut short by the kill
+    (crash_dir / "r.jsonl").open("a").write('{"kind":"Detections","stream_id":"cam0","se')
+    second = _publish(crash_dir, video, recover=True)
+    assert second.progress()[0].next_seq == 3 and second.progress()[0].frames == 3
+    for message in messages:  # a rewind from 0: the copies of what is done are dropped
+        second.process(message)
+    assert second.order.streams["cam0"].duplicates == 3
+    second.close()
+    assert (crash_dir / "r.jsonl").read_text() .count("\n") == frames + 1
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "stamps"}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(crash_dir / "r.jsonl") == strip(clean_dir / "r.jsonl")
+    assert (crash_dir / "coco.json").read_text() == (clean_dir / "coco.json").read_text()
+    decoded = {}
+    for folder in (clean_dir, crash_dir):
+        with av.open(str(folder / "annotated.mp4")) as container:
+            decoded[folder] = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded[crash_dir]) == frames
+    assert all((a == b).all() for a, b in zip(decoded[crash_dir], decoded[clean_dir]))
+
+
+def test_publish_recovers_a_frame_given_up_and_skips_it(tmp_path):
+    video = write_test_clip(tmp_path / "in.mp4", frames=4, size=(FRAME_HW[1], FRAME_HW[0]))
+    first = _publish(tmp_path, video, give_up=(("cam0", 1),))
+    for seq in (0, 2):
+        first.process(make_detections("cam0", seq)[0])
+    second = _publish(tmp_path, video, recover=True, give_up=(("cam0", 1),))
+    progress = second.progress()[0]
+    assert (progress.next_seq, progress.frames, progress.drops) == (3, 2, 1)
+    assert second.process(make_detections("cam0", 1)[0]) == []  # too late: given up
+    [three] = second.process(make_detections("cam0", 3)[0])
+    assert dict(three.header.drops)["publish"] == 1
+    second.close()
+    first.close()
