@@ -66,21 +66,28 @@ def source_main(config: CountConfig, wiring: Wiring) -> None:
 @dataclass(frozen=True)
 class ChokeConfig:
     poison: tuple[tuple[str, int], ...]  # (stream, seq) of the frames it chokes on
-    how: str  # "raise" (the frame is lost, the stage goes on) or "exit" (the process dies)
+    # "raise": the frame is lost, reported, the stage goes on; "exit": the process dies; "swallow":
+    # the frame is lost the first time, silently (nobody reports it: only the stall clock can tell)
+    how: str
 
 
 class ChokeStage(Stage):
     def __init__(self, config: ChokeConfig):
         self.config = config
+        self.swallowed: set[tuple[str, int]] = set()
 
-    def process(self, message: Message) -> Message:
+    def process(self, message: Message) -> Message | None:
         if isinstance(message, EndOfStream):
             return message
         header = message.header
         if (header.stream_id, header.seq) in self.config.poison:
             if self.config.how == "exit":
                 os._exit(3)
-            raise ValueError(f"cannot take frame {header.seq}")
+            if self.config.how == "raise":
+                raise ValueError(f"cannot take frame {header.seq}")
+            if (header.stream_id, header.seq) not in self.swallowed:
+                self.swallowed.add((header.stream_id, header.seq))
+                return None
         empty = np.zeros((0, 4), np.float32)
         return Detections(header, (2, 2), empty, np.zeros(0, np.float32), np.zeros(0, np.int32), (),
                           np.zeros((0, 4), np.int32), ())

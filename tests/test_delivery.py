@@ -21,6 +21,7 @@ from pathlib import Path
 import av
 import pytest
 from maskstream.pipeline.media.video import write_test_clip
+from maskstream.pipeline.runtime.messages import LostFrame, StageReport, StreamProgress
 from maskstream.pipeline.runtime.stage import Wiring
 from maskstream.pipeline.runtime.supervisor import StageSpec, Supervisor, SupervisorConfig
 from maskstream.pipeline.stages import publish
@@ -263,7 +264,8 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
 # ----------------------------------------------------------------------------- frames that keep failing
 
 
-def _choke_run(tmp_path: Path, how: str, poison: tuple[tuple[str, int], ...], max_restarts: int = 3):
+def _choke_run(tmp_path: Path, how: str, poison: tuple[tuple[str, int], ...], max_restarts: int = 3,
+               stall_timeout_s: float = 30):
     """A real supervisor over real processes: two counting sources, a stage choking on `poison`
     frames, the real publish stage (journal only). Its RunReport, and the journal's lines."""
     def wiring(stage: str, **kw) -> Wiring:
@@ -281,7 +283,8 @@ def _choke_run(tmp_path: Path, how: str, poison: tuple[tuple[str, int], ...], ma
                                                       journal),
                   wiring("publish.0", inbox=f"ipc://{tmp_path}/publish")),
     ]
-    config = SupervisorConfig(heartbeat_timeout_s=30, max_restarts=max_restarts, max_rewinds=2, stall_timeout_s=30)
+    config = SupervisorConfig(heartbeat_timeout_s=30, max_restarts=max_restarts, max_rewinds=2,
+                              stall_timeout_s=stall_timeout_s)
     report = Supervisor(specs, f"ipc://{tmp_path}/reports", tuple(streams), config).run()
     return report, [json.loads(line) for line in journal.read_text().splitlines()]
 
@@ -308,6 +311,40 @@ def test_a_frame_that_keeps_failing_is_given_up_after_max_rewinds_and_named(tmp_
 def test_a_stage_that_keeps_dying_still_ends_the_run_once_its_restarts_are_spent(tmp_path):
     report, _ = _choke_run(tmp_path, "exit", poison=(("s", 4),), max_restarts=1)
     assert report.failure == "stage infer.0 failed 2 times, last: exit code 3"
+
+
+def test_a_frame_lost_where_nobody_reports_it_is_sent_again_once_nothing_moves(tmp_path):
+    began = time.monotonic()
+    report, lines = _choke_run(tmp_path, "swallow", poison=(("s", 4), ("t", 5)), stall_timeout_s=1.5)
+    assert not report.failure and not report.failed_streams, report
+    assert [line["seq"] for line in lines if line["stream_id"] == "s"] == list(range(13))
+    assert [line["seq"] for line in lines if line["stream_id"] == "t"] == list(range(7))
+    assert [s.rewinds for s in report.streams] == [1, 1] and not report.restarts  # one stall, both streams
+    assert time.monotonic() - began > 1.5
+
+
+def test_lost_frame_reports_rewind_only_frames_of_the_current_decoder_life_not_yet_done():
+    """The supervisor's reading of LostFrame reports (docs/delivery.md, 2), on reports as they come."""
+    supervisor = Supervisor([StageSpec(delivery_stages.source_main, delivery_stages.CountConfig("s", 10),
+                                       Wiring("decode.s", "ipc:///nowhere"), stream_id="s", offline=True)],
+                            "ipc:///nowhere", ("s",))
+    supervisor.rewound_at["s"] = 50.0  # its decoder's current life began then
+    supervisor.latest["publish.0"] = StageReport("publish.0", 1, 60.0, streams=(StreamProgress("s", 3, 0, 3),))
+    supervisor.publish = "publish.0"
+
+    def lost(*frames: tuple[int, float]) -> None:
+        supervisor.latest["infer.0"] = StageReport("infer.0", 2, 61.0, lost=tuple(
+            LostFrame("s", seq, decoded_at, "infer.0: bad") for seq, decoded_at in frames))
+        supervisor._note_lost_frames()
+
+    lost((5, 40.0))  # made by an earlier life: the rewind that began this one sends it again
+    lost((2, 55.0))  # a copy of a frame done already
+    assert not supervisor.pending
+    lost((5, 40.0), (2, 55.0), (4, 55.0))  # a frame of this life, not done: rewound
+    assert supervisor.pending == {"s": "frame 4 lost by infer.0: bad"} and supervisor.blamed == {"s"}
+    supervisor.pending.clear()
+    lost((5, 40.0), (2, 55.0), (4, 55.0))  # the same reports again (every heartbeat carries them): handled once
+    assert not supervisor.pending
 
 
 # ----------------------------------------------------------------------------- the journal
@@ -366,3 +403,32 @@ def test_publish_recovers_a_frame_given_up_and_skips_it(tmp_path):
     assert dict(three.header.drops)["publish"] == 1
     second.close()
     first.close()
+
+
+# ----------------------------------------------------------------------------- live
+
+
+@pytest.mark.slow
+def test_live_a_killed_stage_costs_only_the_frames_in_flight_all_counted(tmp_path):
+    """Live, nothing is sent again: the frames inference held when it was killed, and those dropped
+    while it restarted, are counted (by publish, by decode); every frame is published or counted."""
+    frames = 480
+    clip = write_test_clip(tmp_path / "fast.mp4", frames=frames, size=(160, 120), fps=60)
+    out = tmp_path / "r.jsonl"
+    sets = [*TINY_MODEL, f"transport.endpoint_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", str(clip), "--policy", "live",
+           "--out", str(out), *(x for s in sets for x in ("--set", s))]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = fault(run, tmp_path, "infer", 10, random.Random(SEED), signal.SIGKILL)
+        code, stdout, stderr = finish(run)
+    finally:
+        run.kill()
+    assert code == 0, stderr
+    assert f"stage {victim} restarted 1 time(s)" in stdout and "rewound" not in stdout, stdout
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    end, published = lines[-1], lines[:-1]
+    assert end["kind"] == "EndOfStream" and end["seq"] == frames and not end["error"]
+    assert len(published) + sum(end["drops"].values()) == frames
+    for previous, line in zip(published, published[1:]):  # a gap in seq is exactly the drops counted in between
+        assert line["seq"] - previous["seq"] - 1 == sum(line["drops"].values()) - sum(previous["drops"].values())

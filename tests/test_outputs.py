@@ -9,7 +9,13 @@ import av
 import numpy as np
 import pytest
 from maskstream.model.rle import decode_box_cropped_rle, encode_rle
-from maskstream.pipeline.media.outputs import AnnotatedVideoWriter, CocoResultsWriter, JsonlWriter, OutputError
+from maskstream.pipeline.media.outputs import (
+    AnnotatedVideoWriter,
+    CocoResultsWriter,
+    JsonlWriter,
+    OutputError,
+    message_from_json,
+)
 from maskstream.pipeline.media.video import clip_frame_number, write_test_clip
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -174,3 +180,43 @@ def test_annotated_video_without_end_keeps_what_was_written_and_rejects_bad_inpu
 
     with pytest.raises(ValueError, match="source 'rtsp://cam/1' is not a video file"):
         AnnotatedVideoWriter(out, "rtsp://cam/1")
+
+
+def test_jsonl_resumed_keeps_complete_lines_cuts_a_torn_one_and_appends(tmp_path):
+    """What a restarted publish stage does with the journal a killed one left (docs/delivery.md)."""
+    path = tmp_path / "results.jsonl"
+    with JsonlWriter(path) as writer:
+        for seq in (0, 1):
+            writer.write(make_detections("cam0", seq)[0])
+    kept = path.read_text()
+    with path.open("a") as file:
+        file.write('{"kind":"Detections","stream_id":"cam0","seq":2,"pts')  # the kill came mid-line
+    with JsonlWriter(path, resume=True) as writer:
+        assert [r["seq"] for r in writer.recovered] == [0, 1] and writer.lines_written == 2
+        assert path.read_text() == kept  # cut back to the last complete line, nothing else touched
+        record = writer.write(make_detections("cam0", 3)[0])
+        writer.write(end_of_stream("cam0", 4))
+    assert record["seq"] == 3 and record["gap"] == 1  # the gap counts on from the lines kept
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.read_text().startswith(kept) and [ln["seq"] for ln in lines] == [0, 1, 3, 4]
+    message = message_from_json(lines[2])
+    det = make_detections("cam0", 3)[0]
+    assert message.header.seq == 3 and message.class_names == det.class_names and message.rle_counts == det.rle_counts
+    np.testing.assert_array_equal(message.crop_boxes, det.crop_boxes)
+    np.testing.assert_allclose(message.boxes, det.boxes, atol=0.005)
+
+
+def test_jsonl_resumed_refuses_a_file_that_is_not_maskstream_lines(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"kind":"Detections"}\nnot json\n')
+    with pytest.raises(OutputError, match=f"{path}: line 1 is not a maskstream JSON line"):
+        JsonlWriter(path, resume=True)
+    assert JsonlWriter(tmp_path / "absent.jsonl", resume=True).recovered == []  # nothing to resume: a new file
+
+
+def test_coco_results_are_in_image_id_order_whatever_order_they_came_in(tmp_path):
+    path = tmp_path / "coco.json"
+    with CocoResultsWriter(path, image_id_of=lambda h: (0 if h.stream_id == "a" else 100) + h.seq) as writer:
+        for stream, seq in (("b", 0), ("a", 1), ("a", 0), ("b", 1)):
+            writer.write(make_detections(stream, seq)[0])
+    assert [r["image_id"] for r in json.loads(path.read_text())] == [0, 0, 1, 1, 100, 100, 101, 101]

@@ -6,10 +6,10 @@ import os
 import time
 
 import numpy as np
-from maskstream.pipeline.runtime.messages import Frame, Header, StageReport
-from maskstream.pipeline.runtime.stage import Source, Stage, Wiring, run_stage
+from maskstream.pipeline.runtime.messages import Frame, Header, LostFrame, StageReport, StageStamp
+from maskstream.pipeline.runtime.stage import BlackBox, Source, Stage, Wiring, run_stage
 from maskstream.pipeline.runtime.supervisor import Supervisor
-from maskstream.pipeline.runtime.transport import ReportInbox
+from maskstream.pipeline.runtime.transport import Outbox, ReportInbox, pack
 from maskstream.pipeline.stages.decode import DecodeStage
 from maskstream.pipeline.stages.infer import InferStage
 from maskstream.pipeline.stages.postprocess import PostprocessStage
@@ -108,3 +108,68 @@ def test_the_supervisor_holds_the_sources_until_inference_reports_ready():
     assert not supervisor._inference_ready()
     supervisor.latest["infer.0"] = StageReport("infer.0", 7, 1.5)
     assert supervisor._inference_ready()
+
+
+class Worker(Stage):
+    """Works 2 s on frame 0 (in pure Python, as a forward's Python glue holds the GIL), chokes on
+    frame 1, kills its process on frame 2."""
+
+    def process(self, message):
+        if message.header.seq == 1:
+            raise ValueError("bad frame")
+        if message.header.seq == 2:
+            os._exit(3)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            pass
+        return None
+
+
+class MakeWorker:
+    def __call__(self) -> Worker:
+        return Worker()
+
+
+def _frame(seq: int) -> Frame:
+    stamp = StageStamp("source", 100.0 + seq, 100.0 + seq)
+    return Frame(Header("s", seq, None, (stamp,)), np.zeros((2, 2, 3), np.uint8))
+
+
+def test_heartbeats_go_on_during_long_work_saying_what_lost_frames_are_reported_and_the_black_box_names_the_last(
+        tmp_path):
+    context = multiprocessing.get_context("spawn")
+    box = BlackBox(context)
+    inbox = ReportInbox(f"ipc://{tmp_path}/reports")
+    wiring = Wiring(stage="work.0", reports=f"ipc://{tmp_path}/reports", inbox=f"ipc://{tmp_path}/inbox",
+                    heartbeat_s=HEARTBEAT_S, parent_pid=os.getpid(), blackbox=box)
+    process = context.Process(target=run_stage, args=(MakeWorker(), wiring))
+    process.start()
+    outbox = Outbox([wiring.inbox], hwm=4)
+    try:
+        _reports_until(inbox, lambda rs: any(not r.starting for r in rs))
+        outbox.send(pack(_frame(0))[0], block=True)
+        reports = _reports_until(inbox, lambda rs: sum(r.working_on == "Frame s#0" for r in rs) >= 5)
+        working = [r for r in reports if r.working_on == "Frame s#0"]
+        assert len({r.working_since for r in working}) == 1 and working[0].working_since > 0
+        outbox.send(pack(_frame(1))[0], block=True)
+        reports = _reports_until(inbox, lambda rs: any(r.lost for r in rs))
+        [lost] = next(r.lost for r in reports if r.lost)
+        assert lost == LostFrame("s", 1, 101.0, "work.0: ValueError: bad frame")
+        assert reports[-1].errors == 1 and reports[-1].received == 2
+        outbox.send(pack(_frame(2))[0], block=True)
+        process.join(30)
+        assert process.exitcode == 3 and box.read() == ("s", 2, 102.0)  # what it died on, no heartbeat needed
+    finally:
+        outbox.close()
+        if process.is_alive():
+            process.kill()
+        inbox.close()
+
+
+def test_the_black_box_is_empty_while_idle_and_keeps_long_stream_ids_whole():
+    box = BlackBox(multiprocessing.get_context("spawn"))
+    assert box.read() is None
+    box.write(("camera-" + "x" * 100, 12345678901, 3.25))
+    assert box.read() == ("camera-" + "x" * 100, 12345678901, 3.25)
+    box.write(None)
+    assert box.read() is None

@@ -24,13 +24,18 @@ instead of `process`, so a slow stage answers for the newest frame, not for a ba
 
 The loop owns the sockets (pipeline.runtime.transport), stamps headers with the stage's receive and
 send times (an output wrapped in `Timed` gives when the stage's work on it began instead),
-sends a `StageReport` heartbeat (+ a pipeline.runtime.metrics snapshot) every heartbeat_s (also while
-the stage is being made, marked `starting`: a model compiling at start is not a hung stage), and
-survives bad input: a malformed message is counted and logged with the socket and what was
-wrong, a message whose processing raises is counted and logged, and the
-loop goes on. Signals: SIGINT is ignored (the supervisor decides; a terminal's Ctrl-C reaches
-the whole process group), SIGTERM stops the loop at once (close() still runs), SIGUSR1 asks a
-source to drain. A stage whose parent (the supervisor) has died stops too.
+sends a `StageReport` heartbeat (+ a pipeline.runtime.metrics snapshot) every heartbeat_s from a
+thread of its own, so that heartbeats go on while the stage is being made (marked `starting`: a
+model compiling at start is not a hung stage) and while it works on one message for long (a CPU
+forward): each says what the stage is working on since when. It survives bad input: a malformed
+message is counted and logged with the socket and what was wrong, a message whose processing
+raises is counted and logged, and the loop goes on. Either way the frame is reported lost
+(`LostFrame`), as is one whose ring slot its producer reclaimed while the stage used it, so that
+the supervisor sends it again (docs/delivery.md); the frame being worked on is also kept in the
+process's `BlackBox`, which the supervisor reads if the process dies. Signals: SIGINT is ignored
+(the supervisor decides; a terminal's Ctrl-C reaches the whole process group), SIGTERM stops the
+loop at once (close() still runs), SIGUSR1 asks a source to drain. A stage whose parent (the
+supervisor) has died stops too.
 
 A process's arrays must not outlive `process()`: ring slots are released right after it.
 """

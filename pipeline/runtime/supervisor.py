@@ -193,6 +193,10 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop_all()
+            finished = self.processes.get(self.publish) if self.publish else None
+            if finished is not None and finished.exitcode != 0 and not failure:
+                # Its files are made when it closes: killed or failed then, they may be incomplete.
+                failure = f"stage {self.publish} did not finish its outputs (exit code {finished.exitcode})"
             self._collect(inbox, 0.0)
             inbox.close()
             for ring in self._rings.values():
@@ -256,7 +260,7 @@ class Supervisor:
             report = self._current(name)
             if report is not None and report.fatal:
                 return f"stage {name} failed: {report.fatal}"
-            reason = ("killed: no heartbeat for " f"{self.config.heartbeat_timeout_s:.0f} s" if name in self.hung
+            reason = (f"killed: no heartbeat for {self.config.heartbeat_timeout_s:.0f} s" if name in self.hung
                       else f"exit code {process.exitcode}")
             self.hung.discard(name)
             if self.restarts[name] >= self.config.max_restarts:
@@ -413,7 +417,10 @@ class Supervisor:
     # ------------------------------------------------------------------ state
 
     def _finished(self) -> bool:
-        progress = self.publish_progress()
+        """Every stream ended at publish, as the publish process alive now says (one that died after
+        saying so has not closed its files: restarted, it makes them again from its journal)."""
+        report = self._current(self.publish)
+        progress = {p.stream_id: p for p in report.streams} if report is not None else {}
         return bool(self.stream_ids) and all(progress.get(s, StreamProgress(s)).ended or s in self.abandoned
                                              for s in self.stream_ids)
 
