@@ -28,7 +28,7 @@ from maskstream.pipeline.stages import publish
 
 from tests import delivery_stages
 from tests.make_detections import FRAME_HW, end_of_stream, make_detections
-from tests.test_pipeline import ROOT, TINY_MODEL
+from tests.pipeline_runs import ROOT, TINY_MODEL_SETS
 
 CLIPS = {"a": (48, (160, 120)), "b": (24, (200, 120)), "c": (12, (160, 120))}
 KINDS = ("decode", "preprocess", "infer", "postprocess", "publish")
@@ -42,7 +42,7 @@ def videos(tmp_path_factory):
     return {name: write_test_clip(folder / f"{name}.mp4", frames=n, size=size) for name, (n, size) in CLIPS.items()}
 
 
-def start_run(videos, folder: Path, sets=(), model_sets=TINY_MODEL, extra=()) -> subprocess.Popen:
+def start_run(videos, folder: Path, sets=(), model_sets=TINY_MODEL_SETS, extra=()) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
     sources = [x for path in videos.values() for x in ("--source", str(path))]
     overrides = [x for s in (*model_sets, *sets) for x in ("--set", s)]
@@ -245,7 +245,7 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
     longer than the stall timeout), and the run ends with exit 1 naming the camera."""
     camera = "rtsp://127.0.0.1:1/x"
     out = tmp_path / "r.jsonl"
-    sets = [*TINY_MODEL, "source.max_reconnects=4", "source.reconnect_backoff_s=[1.0, 4.0]",
+    sets = [*TINY_MODEL_SETS, "source.max_reconnects=4", "source.reconnect_backoff_s=[1.0, 4.0]",
             "supervisor.stall_timeout_s=2", f"transport.endpoint_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", camera, "--out", str(out),
            *(x for s in sets for x in ("--set", s))]
@@ -415,7 +415,7 @@ def test_live_a_killed_stage_costs_only_the_frames_in_flight_all_counted(tmp_pat
     frames = 480
     clip = write_test_clip(tmp_path / "fast.mp4", frames=frames, size=(160, 120), fps=60)
     out = tmp_path / "r.jsonl"
-    sets = [*TINY_MODEL, f"transport.endpoint_dir={tmp_path}"]
+    sets = [*TINY_MODEL_SETS, f"transport.endpoint_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", str(clip), "--policy", "live",
            "--out", str(out), *(x for s in sets for x in ("--set", s))]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

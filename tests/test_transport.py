@@ -1,6 +1,7 @@
 """Internal wire: inline buffers and shared-memory slots give the same message; garbage is a clear error."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from maskstream.pipeline.runtime.messages import (
     Frame,
     Header,
+    LostFrame,
     MessageError,
     StageReport,
     StageStamp,
@@ -90,12 +92,23 @@ FRAME_HEADER = (
     "cb3ff8000000000000a564726f70739192a66465636f646502a5696d61676583a26e6400a56474797065a37c7531a5736861706593"
     "020303ac706978656c5f666f726d6174a57267623234"
 )
-REPORT = (
+# A StageReport as stages wrote it before reports said what the stage works on and what it lost
+# (docs/delivery.md): still read, the new fields at their defaults.
+REPORT_BEFORE_DELIVERY = (
     "83a17601a46b696e64ab53746167655265706f7274a66669656c64738da57374616765a7696e6665722e30a37069640ca773656e74"
     "5f6174cb400c000000000000a8726563656976656401a473656e7400a96d616c666f726d656400a66572726f727300aa6c6173745f"
     "6572726f72a0a6627573795f73cb0000000000000000a773747265616d739186a973747265616d5f6964a363616da66672616d6573"
     "04a564726f707301a86e6578745f73657105a5656e646564c3a56572726f72a178a5666174616ca0a66770755f6d62cb3ff8000000"
     "000000a87374617274696e67c2"
+)
+REPORT = (
+    "83a17601a46b696e64ab53746167655265706f7274a66669656c6473de0010a57374616765a7696e6665722e30a37069640ca77365"
+    "6e745f6174cb400c000000000000a8726563656976656401a473656e7400a96d616c666f726d656400a66572726f727300aa6c6173"
+    "745f6572726f72a0a6627573795f73cb0000000000000000a773747265616d739186a973747265616d5f6964a363616da66672616d"
+    "657304a564726f707301a86e6578745f73657105a5656e646564c3a56572726f72a178a5666174616ca0a66770755f6d62cb3ff800"
+    "0000000000a87374617274696e67c2aa776f726b696e675f6f6eb04d6f64656c496e7075742063616d2335ad776f726b696e675f73"
+    "696e6365cb400a000000000000a46c6f73749184a973747265616d5f6964a363616da373657103aa6465636f6465645f6174cb3ff0"
+    "000000000000a6726561736f6eac696e6665722e303a20626164"
 )
 
 
@@ -108,6 +121,9 @@ def test_wire_format_is_pinned():
     assert decoded.header == frame.header and np.array_equal(decoded.image, frame.image)
     report = StageReport("infer.0", 12, 3.5, received=1, streams=(StreamProgress("cam", 4, 1, 5, True, "x"),),
                          gpu_mb=1.5)
+    assert decode_report(bytes.fromhex(REPORT_BEFORE_DELIVERY)) == report
+    report = dataclasses.replace(report, working_on="ModelInput cam#5", working_since=3.25,
+                                 lost=(LostFrame("cam", 3, 1.0, "infer.0: bad"),))
     assert encode_report(report).hex() == REPORT and decode_report(bytes.fromhex(REPORT)) == report
 
 

@@ -85,6 +85,12 @@ class Received:
         self.message = message
         self._refs = refs
 
+    def intact(self) -> bool:
+        """Whether no slot was reclaimed by its producer since it was read: checked after the stage
+        used the message, a slot rewritten meanwhile makes what came of it untrustworthy
+        (docs/delivery.md, ring slots)."""
+        return all(ring.intact(ref) for ring, ref in self._refs)
+
     def release(self) -> None:
         for ring, ref in self._refs:
             ring.release(ref)
