@@ -131,7 +131,7 @@ def test_wrong_engine_is_a_clear_startup_failure(tmp_path):
 
 
 # Offline, a decoder runs ahead of publish by what the rings and socket pipes hold: ~20 frames
-# measured, loaded or quiet; 44 here as run_config._overtake_limit counts them (without its spare).
+# measured, loaded or quiet; 44 at most here (two high-water marks per socket pipe, each ring's slots).
 # Killed once 3 of its frames are published, the decoder of SLOW_FRAMES is certainly mid-stream.
 SLOW_FRAMES = 100
 

@@ -378,12 +378,14 @@ class _Loop:
             self.ring.reclaim_all()  # slots of a previous life of this stage are stale
         self.readers = RingReaders()
 
-    def report(self, force: bool = False, fatal: str = "") -> None:
+    def report(self, force: bool = False, fatal: str = "", last: bool = False) -> None:
+        """Hand the heartbeat thread a fresh report (at most every heartbeat_s unless forced); the
+        last one, made while closing, never stops the stage (it is stopping)."""
         now = time.monotonic()
         if not force and now < self.next_report:
             return
         self.next_report = now + self.wiring.heartbeat_s
-        if _supervisor_gone(self.wiring):
+        if not last and _supervisor_gone(self.wiring):
             raise StageStopped("the supervisor has exited")
         streams = self.progress()
         for progress in streams:  # the stage counts its drops (see StreamProgress); metrics follow them
@@ -487,7 +489,7 @@ def _start(make: Callable[[_Loop], StageT], wiring: Wiring) -> tuple[_Loop, Stag
         raise SystemExit(0) from None
     except Exception as exc:
         loop.error(f"cannot start: {type(exc).__name__}: {exc}")
-        loop.report(force=True, fatal=loop.last_error)
+        loop.report(force=True, fatal=loop.last_error, last=True)
         loop.close()
         # The process entry point: a non-zero exit code is how the supervisor learns it for sure.
         raise SystemExit(1) from None
@@ -570,7 +572,7 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
         loop.working("closing")
         stage.close()
         loop.idle()
-        loop.report(force=True)
+        loop.report(force=True, last=True)
         loop.close()
 
 
@@ -622,5 +624,5 @@ def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
     except StageStopped:
         pass
     finally:
-        loop.report(force=True)
+        loop.report(force=True, last=True)
         loop.close()
