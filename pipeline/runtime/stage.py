@@ -279,7 +279,7 @@ class _Reporter:
     """The stage's heartbeats, sent from a thread with its own socket (ZeroMQ sockets are not
     thread-safe), so that they go on while the main thread is busy for long: while the stage is
     being made (loading, compiling: reports marked `starting`) and while it works on one message
-    (a CPU forward can take tens of seconds). The main thread hands over the report to send
+    (a large model's forward on a CPU). The main thread hands over the report to send
     (`update`) and says what it is doing (`activity`); the thread sends the latest report every
     heartbeat_s, at once when asked, and once more when closed. It also stops the process, as the
     loop would, once the supervisor has died."""
