@@ -9,12 +9,12 @@ import av
 import numpy as np
 import pytest
 from maskstream.model.rle import decode_box_cropped_rle, encode_rle
+from maskstream.pipeline.client import from_json
 from maskstream.pipeline.media.outputs import (
     AnnotatedVideoWriter,
     CocoResultsWriter,
     JsonlWriter,
     OutputError,
-    message_from_json,
 )
 from maskstream.pipeline.media.video import clip_frame_number, write_test_clip
 from pycocotools.coco import COCO
@@ -199,7 +199,7 @@ def test_jsonl_resumed_keeps_complete_lines_cuts_a_torn_one_and_appends(tmp_path
     assert record["seq"] == 3 and record["gap"] == 1  # the gap counts on from the lines kept
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert path.read_text().startswith(kept) and [ln["seq"] for ln in lines] == [0, 1, 3, 4]
-    message = message_from_json(lines[2])
+    message = from_json(lines[2])
     det = make_detections("cam0", 3)[0]
     assert message.header.seq == 3 and message.class_names == det.class_names and message.rle_counts == det.rle_counts
     np.testing.assert_array_equal(message.crop_boxes, det.crop_boxes)

@@ -11,7 +11,7 @@ what it already has when something goes wrong:
   (at worst the very last line is cut short). `JsonlWriter(path, resume=True)` is how a
   restarted publish stage goes on with it: complete lines are kept (`recovered`), a torn last
   line is cut, and new lines are appended (the file is the pipeline's journal, docs/delivery.md);
-  `message_from_json` turns a line back into its message;
+  `pipeline.client.from_json` turns a line back into its message;
 - CocoResultsWriter holds its results in memory and writes the whole file atomically when
   closed (also when the `with` block is left by an exception), so the file is either the
   previous one or complete; its results are in image id order, whatever order streams interleaved in;
@@ -33,12 +33,13 @@ from typing import IO, Any
 
 import av
 import numpy as np
+from maskstream.pipeline.client import from_json
 from maskstream.pipeline.media.annotate import draw_detections
 from maskstream.pipeline.media.video import VideoWriter
 from maskstream.pipeline.results import Published, SeqTracker, masks, rles, to_json
-from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, StageStamp
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 
-__all__ = ["AnnotatedVideoWriter", "CocoResultsWriter", "JsonlWriter", "OutputError", "message_from_json"]
+__all__ = ["AnnotatedVideoWriter", "CocoResultsWriter", "JsonlWriter", "OutputError"]
 
 
 class OutputError(OSError):
@@ -107,12 +108,12 @@ class JsonlWriter(_Writer):
         self._tracker = SeqTracker()
         self.recovered: list[dict[str, Any]] = _recover_lines(self.path) if resume and self.path.exists() else []
         for record in self.recovered:
-            self._tracker.observe(message_from_json(record))
+            self._tracker.observe(from_json(record))
         self._file: IO[str] | None = _open_for_writing(self.path, append=resume)
         self.lines_written = len(self.recovered)
 
     def write(self, message: Published) -> dict[str, Any]:
-        """Append the message's line; the line as a dict (what `message_from_json` reads)."""
+        """Append the message's line; the line as a dict (what `pipeline.client.from_json` reads)."""
         self._check(message)
         if self._file is None:
             raise ValueError(f"{self.path}: write after close")
@@ -146,34 +147,11 @@ def _recover_lines(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(data[:keep].splitlines(), 1):
         try:
             record = json.loads(line)
-            message_from_json(record)  # fails here, naming the line, rather than later
-        except (ValueError, KeyError, TypeError) as exc:
+            from_json(record)  # fails here, naming the line, rather than later
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise OutputError(f"{path}: line {number} is not a maskstream JSON line ({exc})") from None
         records.append(record)
     return records
-
-
-def message_from_json(record: dict[str, Any]) -> Published:
-    """The message a JSONL line (`pipeline.client.to_json`) was made of, as far as the line keeps it:
-    boxes to 0.01 px and scores to 1e-4, as written; masks exact."""
-    stamps = tuple(StageStamp(s["stage"], float(s["start"]), float(s["end"])) for s in record["stamps"])
-    drops = tuple((str(stage), int(n)) for stage, n in record["drops"].items())
-    pts = record["pts_s"]
-    header = Header(str(record["stream_id"]), int(record["seq"]), None if pts is None else float(pts), stamps, drops)
-    if record["kind"] == "EndOfStream":
-        return EndOfStream(header, str(record["error"]))
-    if record["kind"] != "Detections":
-        raise ValueError(f"kind {record['kind']!r}: expected Detections or EndOfStream")
-    found = record["detections"]
-    return Detections(
-        header, (int(record["height"]), int(record["width"])),
-        np.array([d["box"] for d in found], dtype=np.float32).reshape(-1, 4),
-        np.array([d["score"] for d in found], dtype=np.float32),
-        np.array([d["label"] for d in found], dtype=np.int32),
-        tuple(str(d["class_name"]) for d in found),
-        np.array([d["mask"]["crop_box"] for d in found], dtype=np.int32).reshape(-1, 4),
-        tuple(d["mask"]["rle"]["counts"].encode("ascii") for d in found),
-    )
 
 
 def _seq_of(header: Header) -> int:

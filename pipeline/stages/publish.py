@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskstream.pipeline.client import from_json
 from maskstream.pipeline.media.outputs import (
     AnnotatedVideoWriter,
     CocoResultsWriter,
     JsonlWriter,
-    message_from_json,
 )
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, Message, StreamProgress
 from maskstream.pipeline.runtime.reorder import Reorderer
@@ -57,7 +57,7 @@ class PublishStage(Stage):
         self.videos = {s.stream_id: AnnotatedVideoWriter(s.annotate, s.source_url, max_frames=s.max_frames)
                        for s in config.streams if s.annotate is not None}
         for record in self.journal.recovered:
-            message = message_from_json(record)
+            message = from_json(record)
             self.order.restore(message)
             self._derive(message)
         self.order.resume()
@@ -70,7 +70,7 @@ class PublishStage(Stage):
             assert isinstance(out, (Detections, EndOfStream))
             record = self.journal.write(out)
             if self.coco is not None or out.header.stream_id in self.videos:
-                self._derive(message_from_json(record))
+                self._derive(from_json(record))
         return released
 
     def _derive(self, message: Detections | EndOfStream) -> None:
