@@ -253,7 +253,7 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
     code, stdout, stderr = finish(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                    text=True), timeout_s=300)
     assert code == 1, stderr
-    [line] = [line for line in stdout.splitlines() if line.strip().startswith("x (")]
+    [line] = [line for line in stdout.splitlines() if f"({camera}):" in line]  # the stream's summary line
     assert camera in line and "FAILED" in line and "gave up after 5 connection attempts" in line, stdout
     assert "EndOfStream was lost" not in stdout + stderr and "rewound" not in stdout
     assert time.monotonic() - began > 1 + 2 + 4 + 4  # it did try for longer than the stall timeout

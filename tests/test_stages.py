@@ -147,9 +147,10 @@ def test_live_never_waits_and_counts_only_the_frames_no_stage_counted():
     # 4 and 5 skipped, one of them counted by decode
     assert order.streams["s"].lost == 1 and dict(late.header.drops) == {"decode": 4, "publish": 1}
     assert order.push(_f(5)) == [] and order.streams["s"].duplicates == 1  # overtaken: already in the count
-    # a restarted stage counts from 0 again: its new count is all new drops
+    # a restarted stage counts from 0 again: its previous life's 4 leave the total, publish keeps them
     [after] = order.push(Frame(Header("s", 9, drops=(("decode", 2),)), np.zeros((1, 1, 3), np.uint8)))
-    assert order.streams["s"].lost == 1 and after.header.seq == 9
+    assert order.streams["s"].lost == 1 + 4 and dict(after.header.drops) == {"decode": 2, "publish": 5}
+    assert sum(dict(after.header.drops).values()) - sum(dict(late.header.drops).values()) == 9 - 6 - 1
 
 
 # ----------------------------------------------------------------------------- infer

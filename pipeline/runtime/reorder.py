@@ -7,9 +7,10 @@ skipped are those the supervisor gave up (`give_up`), counted as lost. A message
 expected seq, or already held, is a copy a rewind sent again: discarded, counted as a duplicate.
 live streams: never wait. A message newer than the last one released goes out at once; an
 older one (overtaken by a faster worker) is discarded: newest wins, order holds. Every frame a
-live stream skips is accounted for: the drop counters its header carries (each stage's, since
-its previous message) say how many frames the stages dropped on purpose, and the rest of the
-gap, frames lost with a dead stage, is counted here as lost.
+live stream skips is accounted for: the drop counts its header carries (each stage's, cumulative)
+grew by the frames the stages dropped on purpose, and the rest of the gap, frames lost with a
+dead stage, is counted here, so that between two messages a subscriber receives the gap in seq
+is the growth of the counts' total.
 
 `restore` replays what the journal already holds after a publish restart, so the stream resumes
 where it was (its resume point) with its counts.
@@ -35,7 +36,7 @@ class StreamOrder:
     duplicates: int = 0  # sent twice (offline) or overtaken (live): discarded
     ended: bool = False
     error: str = ""
-    drops: dict[str, int] = field(default_factory=dict)  # live: the other stages' counts last released
+    others: int = 0  # live: the sum of the other stages' drop counts on the last message released
 
 
 class Reorderer:
@@ -60,7 +61,7 @@ class Reorderer:
         """A message the journal holds, released before a restart (in the journal's order)."""
         stream = self._stream(message.header.stream_id)
         stream.lost = dict(message.header.drops).get(PUBLISH, stream.lost)
-        stream.drops = _others(message.header)
+        stream.others = sum(_others(message.header).values())
         self._advance(stream, message)
 
     def resume(self) -> None:
@@ -94,13 +95,13 @@ class Reorderer:
 
     def _release(self, stream: StreamOrder, message: Message) -> list[Message]:
         if stream.live:
-            # Frames between the last released and this one that no stage counted as its drop were lost.
-            others = _others(message.header)
-            # (a count lower than before is a restarted stage's, counting from 0 again)
-            counted = sum(n - stream.drops.get(name, 0) if n >= stream.drops.get(name, 0) else n
-                          for name, n in others.items())
-            stream.lost += max(0, message.header.seq - stream.next_seq - counted)
-            stream.drops = others
+            # The frames between the last released and this one that the other stages' counts do not
+            # account for were lost: publish counts them. A restarted stage counts from 0 again, so its
+            # previous life's drops leave the other counts' sum; counted here instead, the total a
+            # subscriber sees never goes back, and every gap is the growth of the total.
+            others = sum(_others(message.header).values())
+            stream.lost += max(0, message.header.seq - stream.next_seq - (others - stream.others))
+            stream.others = others
         self._advance(stream, message)
         if stream.lost:
             message = dataclasses.replace(message, header=message.header.with_drops(PUBLISH, stream.lost))
