@@ -26,9 +26,11 @@ The loop owns the sockets (pipeline.runtime.transport), stamps headers with the 
 send times (an output wrapped in `Timed` gives when the stage's work on it began instead),
 sends a `StageReport` heartbeat (+ a pipeline.runtime.metrics snapshot) every heartbeat_s (also while
 the stage is being made, marked `starting`: a model compiling at start is not a hung stage), and
-survives bad input: a malformed message is counted and logged with the socket and what was
-wrong, a message whose processing raises is counted and logged, and the
-loop goes on. Signals: SIGINT is ignored (the supervisor decides; a terminal's Ctrl-C reaches
+survives bad input: a malformed message (every field is checked before use, against the run's
+limits in the Wiring, ring references against the run's rings the stage reads) is counted and
+logged with the socket and what was wrong (a flood: a few lines a window), a message whose
+processing raises is counted and logged, and the loop goes on.
+Signals: SIGINT is ignored (the supervisor decides; a terminal's Ctrl-C reaches
 the whole process group), SIGTERM stops the loop at once (close() still runs), SIGUSR1 asks a
 source to drain. A stage whose parent (the supervisor) has died stops too.
 
@@ -51,7 +53,14 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from maskstream.pipeline import logs
-from maskstream.pipeline.runtime.messages import EndOfStream, Message, MessageError, StageReport, StreamProgress
+from maskstream.pipeline.runtime.messages import (
+    EndOfStream,
+    Limits,
+    Message,
+    MessageError,
+    StageReport,
+    StreamProgress,
+)
 from maskstream.pipeline.runtime.metrics import (
     DROPS,
     END_TO_END_SECONDS,
@@ -161,6 +170,35 @@ class StageStopped(Exception):
     """SIGTERM: leave the loop now."""
 
 
+# A flood of malformed messages is logged this many lines per window, then counted.
+MALFORMED_LOG_LINES = 10
+MALFORMED_LOG_WINDOW_S = 10.0
+
+
+class _Throttle:
+    """At most `lines` log lines per window of `window_s`; `held` says how many were left out."""
+
+    def __init__(self, lines: int, window_s: float):
+        self.lines, self.window_s = lines, window_s
+        self.window_start, self.logged, self.skipped = -window_s, 0, 0
+
+    def held(self, now: float) -> int | None:
+        """The count left out in a window that has just ended (once), else None."""
+        if now - self.window_start < self.window_s or not self.skipped:
+            return None
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+    def allow(self, now: float) -> bool:
+        if now - self.window_start >= self.window_s:
+            self.window_start, self.logged = now, 0
+        if self.logged < self.lines:
+            self.logged += 1
+            return True
+        self.skipped += 1
+        return False
+
+
 @dataclass(frozen=True)
 class Wiring:
     """Where a stage process connects; made by the supervisor, passed at process start."""
@@ -176,6 +214,8 @@ class Wiring:
     parent_pid: int = 0
     torch_threads: int = 1  # 0: leave torch's default
     log_level: str = "warning"  # pipeline.logs.LEVELS: the run's --log-level, in every stage process
+    limits: Limits = Limits()  # what the inbox accepts (every message is checked against them)
+    reads: tuple[str, ...] = ()  # the run's rings whose slots this stage's inbox may reference
 
     @property
     def kind(self) -> str:
@@ -241,13 +281,14 @@ class _Loop:
         self.next_report = 0.0
         self.progress: Callable[[], tuple[StreamProgress, ...]] = tuple
         self.drops_counted: dict[str, int] = {}
-        self.inbox = Inbox(wiring.inbox, wiring.hwm) if wiring.inbox else None
+        self.inbox = Inbox(wiring.inbox, wiring.hwm, wiring.limits.max_part_bytes()) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
         self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
         self.ring = Ring.attach(wiring.ring) if wiring.ring else None
         if self.ring is not None:
             self.ring.reclaim_all()  # slots of a previous life of this stage are stale
-        self.readers = RingReaders()
+        self.readers = RingReaders(wiring.reads)
+        self.malformed_log = _Throttle(MALFORMED_LOG_LINES, MALFORMED_LOG_WINDOW_S)
 
     def report(self, force: bool = False, fatal: str = "") -> None:
         now = time.monotonic()
@@ -272,10 +313,25 @@ class _Loop:
             self.metrics.snapshot(),
         )
 
-    def error(self, what: str, stream: str = "") -> None:
+    def error(self, what: str, stream: str = "", throttle: _Throttle | None = None) -> None:
         self.last_error = f"{self.wiring.stage}: {what}"
         self.metrics.inc(ERRORS, stream)
-        log.warning("%s", self.last_error)
+        if throttle is None:
+            log.warning("%s", self.last_error)
+            return
+        held = throttle.held(time.monotonic())
+        if held is not None:
+            log.warning("%s: %d more like it in the last %.0f s were not logged", self.wiring.stage, held,
+                        throttle.window_s)
+        if throttle.allow(time.monotonic()):
+            log.warning("%s", self.last_error)
+
+    def malformed(self, problem: str) -> None:
+        """A message refused before use: counted, logged with the socket and why (a flood of them is
+        logged a few lines a window, with how many were not), never passed on."""
+        assert self.inbox is not None
+        self.counts["malformed"] += 1
+        self.error(f"malformed message on {self.inbox.endpoint}: {problem}", throttle=self.malformed_log)
 
     def send(self, message: Output, start: float, block: bool = True) -> bool:
         """Stamp and send one message; False if it was dropped (block=False and no room)."""
@@ -376,10 +432,14 @@ def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], st
     assert loop.inbox is not None
     loop.counts["received"] += 1
     try:
-        received = unpack(frames, loop.readers)
+        received = unpack(frames, loop.readers, loop.wiring.limits)
     except MessageError as exc:
-        loop.counts["malformed"] += 1
-        loop.error(f"malformed message on {loop.inbox.endpoint}: {exc}")
+        loop.malformed(str(exc))
+        return ()
+    except StageStopped:
+        raise
+    except Exception as exc:  # a check that itself failed on strange input: still the input's fault
+        loop.malformed(f"{type(exc).__name__}: {exc}")
         return ()
     header = received.message.header
     loop.metrics.inc(FRAMES_IN, header.stream_id)
@@ -411,7 +471,13 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
             start = time.monotonic()
             if frames is None:
                 if idle is not None:
-                    for message in stage.flush():
+                    try:
+                        flushed = stage.flush()
+                    except Exception as exc:  # what the stage held failed (it says which frames); it goes on
+                        loop.counts["errors"] += 1
+                        loop.error(f"flush: {type(exc).__name__}: {exc}")
+                        flushed = ()
+                    for message in flushed:
                         loop.send(message, start)
                 loop.report()
                 continue
