@@ -31,13 +31,15 @@ one extra leaf type, their dtypes from an allow-list and their sizes computed in
 array's dtype and shape, lengths that must agree, values in range: valid_hw inside the input,
 boxes inside their image, labels among the classes) and against the run's `Limits` (its
 streams, the largest frame, the inference contract's input size and K, the kinds a stage's
-inbox takes). `Limits()` bounds only what no run allows (the subscriber's default).
+inbox takes, stamps of this host's clock not in the future). `Limits()` bounds only what no run
+allows (the subscriber's default).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -228,6 +230,7 @@ MAX_ERROR_CHARS = 65536  # an EndOfStream's error
 MAX_SEQ = 2**53  # seq stays exact as a JSON number
 MASK_SIZE = 28  # RawDetections.mask_probs [N, M, M]: the mask head's output (model.roi_heads)
 # A header's own fields (stamps, drops, names, an error) fit in this; the Detections' RLEs come on top.
+_CLOCK_SLACK_S = 1.0  # a stamp taken by another process of this host just now
 _HEADER_BYTES = 1 << 20
 _MARGIN_BYTES = 1 << 20
 
@@ -248,6 +251,8 @@ class Limits:
     detections: int | None = None  # K: instances per frame at most
     class_names: tuple[str, ...] = ()  # labels index these, and Detections name them so
     mask_size: int = MASK_SIZE
+    # Stamps are this host's time.monotonic() (the run's stages): none may lie in the future.
+    same_host: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - _KINDS.keys()
@@ -448,11 +453,13 @@ def _check_header(h: Header, limits: Limits) -> None:
         _fail(("header", "pts_s"), f"{h.pts_s} is not a finite number")
     if len(h.stamps) > MAX_STAMPS:
         _fail(("header", "stamps"), f"{len(h.stamps)} stamps, at most {MAX_STAMPS}")
+    latest = time.monotonic() + _CLOCK_SLACK_S if limits.same_host and h.stamps else math.inf
     for i, stamp in enumerate(h.stamps):
         if not 0 < len(stamp.stage) <= MAX_STAGE_CHARS:
             _fail(("header", "stamps", i, "stage"), f"expected 1 to {MAX_STAGE_CHARS} characters")
-        if not 0.0 <= stamp.start <= stamp.end < math.inf:
-            _fail(("header", "stamps", i), f"start {stamp.start}, end {stamp.end}: expected 0 <= start <= end, finite")
+        if not 0.0 <= stamp.start <= stamp.end < latest:
+            _fail(("header", "stamps", i), f"start {stamp.start}, end {stamp.end}: expected 0 <= start <= end, finite"
+                                           f"{', not later than now' if limits.same_host else ''}")
     if len(h.drops) > MAX_STAMPS:
         _fail(("header", "drops"), f"{len(h.drops)} entries, at most {MAX_STAMPS}")
     for i, (stage, count) in enumerate(h.drops):

@@ -321,8 +321,8 @@ class _Loop:
             return
         held = throttle.held(time.monotonic())
         if held is not None:
-            log.warning("%s: %d more like it in the last %.0f s were not logged", self.wiring.stage, held,
-                        throttle.window_s)
+            log.warning("%s: %d more malformed messages in the last %.0f s were not logged", self.wiring.stage,
+                        held, throttle.window_s)
         if throttle.allow(time.monotonic()):
             log.warning("%s", self.last_error)
 
@@ -359,6 +359,9 @@ class _Loop:
         return True
 
     def close(self) -> None:
+        held = self.malformed_log.held(float("inf"))
+        if held:
+            log.warning("%s: %d more malformed messages were not logged", self.wiring.stage, held)
         for part in (self.inbox, self.outbox, self.publisher, self.reporter):
             if part is not None:
                 part.close()
