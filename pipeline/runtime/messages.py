@@ -501,16 +501,16 @@ def _check_boxes(boxes: np.ndarray, field: str, hw: tuple[int, int], slack: floa
     if not len(boxes):
         return
     h, w = hw
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    low, high = boxes[:, :2], boxes[:, 2:]
     # NaN fails every comparison, so it is refused with the rest.
-    inside = (x0 >= 0) & (y0 >= 0) & (x0 <= x1) & (y0 <= y1) & (x1 <= w + slack) & (y1 <= h + slack)
-    if not inside.all():
+    if not ((low >= 0).all() and (high >= low).all() and (high <= (w + slack, h + slack)).all()):
+        inside = (low >= 0).all(axis=1) & (high >= low).all(axis=1) & (high <= (w + slack, h + slack)).all(axis=1)
         i = int(np.flatnonzero(~inside)[0])
         _fail((field, i), f"{boxes[i].tolist()} is not a box inside the {h}x{w} image")
 
 
 def _check_scores(scores: np.ndarray, field: str) -> None:
-    if len(scores) and not ((scores >= 0) & (scores <= 1)).all():
+    if len(scores) and not (scores.min() >= 0 and scores.max() <= 1):  # NaN fails both
         _fail((field,), "expected scores in [0, 1]")
 
 
@@ -582,13 +582,15 @@ def _check_detections(m: Detections, limits: Limits) -> None:
     _check_labels(m.labels, "labels", limits)
     if len(m.class_names) != n or len(m.rle_counts) != n:
         _fail(("class_names",), f"{len(m.class_names)} names and {len(m.rle_counts)} RLEs for {n} instances")
-    names = limits.class_names
-    for i, name in enumerate(m.class_names):
-        if names[int(m.labels[i])] != name if names else len(name) > MAX_NAME_CHARS:
-            _fail(("class_names", i), f"{name[:MAX_NAME_CHARS]!r} is not the name of label {int(m.labels[i])}")
+    names, labels = limits.class_names, m.labels.tolist()
+    if names:
+        if any(names[label] != name for label, name in zip(labels, m.class_names)):
+            i = next(i for i, (label, name) in enumerate(zip(labels, m.class_names)) if names[label] != name)
+            _fail(("class_names", i), f"{m.class_names[i][:MAX_NAME_CHARS]!r} is not the name of label {labels[i]}")
+    elif any(len(name) > MAX_NAME_CHARS for name in m.class_names):
+        _fail(("class_names",), f"a name longer than {MAX_NAME_CHARS} characters")
     size = limits.mask_size
-    for i, counts in enumerate(m.rle_counts):
-        x0, y0, x1, y1 = m.crop_boxes[i].tolist()
+    for i, (counts, (x0, y0, x1, y1)) in enumerate(zip(m.rle_counts, m.crop_boxes.tolist())):
         if len(counts) > _rle_max_bytes(y1 - y0, x1 - x0, size) or counts.translate(None, _RLE_CHARS):
             _fail(("rle_counts", i), f"not the compressed RLE of a {y1 - y0}x{x1 - x0} crop")
 
