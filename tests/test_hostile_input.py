@@ -8,14 +8,15 @@ import gc
 import multiprocessing
 import os
 import re
-import socket
-import struct
 import time
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
+from maskstream.model.contract import InferenceContract
+from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.run_config import RunConfig, plan
 from maskstream.pipeline.runtime.messages import (
@@ -33,10 +34,12 @@ from maskstream.pipeline.runtime.messages import (
     encode,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
-from maskstream.pipeline.runtime.stage import Stage, Wiring, run_stage
+from maskstream.pipeline.runtime.stage import Stage, Timed, Wiring, run_stage
 from maskstream.pipeline.runtime.transport import REPORT_MAX_BYTES, Inbox, Outbox, ReportInbox, pack, unpack
+from maskstream.pipeline.stages.infer import InferConfig, InferStage
 
-from tests.test_stages import _infer_stage, _key, _model_input
+from tests.raw_zmtp import dropped, zmtp_push
+from tests.tiny_models import SHAPE, tiny_runner_config
 
 NAMES = ("bg", "person", "car")
 LIMITS = Limits(streams=("cam",), max_frame_side=640, input_hw=(128, 160), detections=5, class_names=NAMES,
@@ -294,10 +297,27 @@ def test_valid_hw_must_lie_inside_the_input(kind, valid_hw):
     assert refused(wire(message)).startswith(f"{kind}.valid_hw: {list(valid_hw)}: expected sides >= 1, at most")
 
 
+def _infer_stage() -> InferStage:
+    config = tiny_runner_config()
+    return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
+                                  InferenceContract.from_model_config(config), overlap=False))
+
+
+def _model_input(stream: str, seq: int) -> ModelInput:
+    image = np.random.default_rng(seq).integers(0, 256, (3, SHAPE.height, SHAPE.width), dtype=np.uint8)
+    return ModelInput(Header(stream, seq), image, (SHAPE.height, SHAPE.width - 8 * seq), (240, 320))
+
+
+def _key(output: Any) -> tuple[Any, ...]:
+    """What identifies an inference result: its frame, boxes and masks."""
+    message = output.message if isinstance(output, Timed) else output
+    return (message.header.stream_id, message.header.seq, message.boxes.tobytes(), message.mask_probs.tobytes())
+
+
 def test_inference_refuses_a_frame_outside_its_input_before_it_joins_the_batch():
     """The issue: valid_hw [0, 0] made the runner raise after the frame joined the batch, and the
     full batch was never cleared (every later frame: IndexError). Refused first, it fails alone."""
-    stage, fresh = _infer_stage(False), _infer_stage(False)
+    stage, fresh = _infer_stage(), _infer_stage()
     first = _model_input("a", 0)
     assert stage.process(first) == []
     for bad in (dataclasses.replace(_model_input("a", 1), valid_hw=(0, 0)),
@@ -314,7 +334,7 @@ def test_inference_refuses_a_frame_outside_its_input_before_it_joins_the_batch()
 def test_inference_starts_an_empty_batch_after_the_runner_fails_one():
     """A batch whose run raises (here: a valid_hw the runner cannot take, slipped past process())
     costs its own frames only: the next batch starts empty and runs."""
-    stage, fresh = _infer_stage(False), _infer_stage(False)
+    stage, fresh = _infer_stage(), _infer_stage()
     stage.pending = [dataclasses.replace(_model_input("a", 0), valid_hw=(0, 0))]
     stage.images[0] = 0
     with pytest.raises(RuntimeError, match=r"the batch of a#0 failed"):
@@ -425,33 +445,6 @@ def test_the_subscriber_default_checks_consistency_but_no_run_limits():
 # ------------------------------------------------------------------ ZMQ_MAXMSGSIZE
 
 
-def _zmtp_push(path: str, declared: int, payload: bytes) -> socket.socket:
-    """A raw ZMTP 3.0 PUSH peer on an ipc endpoint that starts a frame of `declared` bytes and sends
-    `payload` of it: what a ZeroMQ receiver sees of a huge message before it is read."""
-    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    peer.connect(path)
-    peer.sendall(b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31))
-    ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 4) + b"PUSH"
-    peer.sendall(b"\x04" + bytes([len(ready)]) + ready)
-    peer.sendall(b"\x02" + struct.pack(">Q", declared) + payload)  # a long frame, the last of its message
-    return peer
-
-
-def _dropped(peer: socket.socket, within_s: float) -> bool:
-    """Whether the receiver closed the connection within `within_s`."""
-    peer.settimeout(within_s)
-    deadline = time.monotonic() + within_s
-    try:
-        while time.monotonic() < deadline:
-            if not peer.recv(4096):  # the receiver's greeting and READY come first
-                return True
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-    return False
-
-
 def test_zeromq_drops_a_frame_declared_larger_than_the_socket_allows_before_reading_it(tmp_path):
     """ZMQ_MAXMSGSIZE: the receiver hangs up on the 256 MiB frame's first bytes (without it, it
     would allocate it and wait for the rest), and goes on receiving from others."""
@@ -459,8 +452,8 @@ def test_zeromq_drops_a_frame_declared_larger_than_the_socket_allows_before_read
         endpoint = f"ipc://{tmp_path}/inbox-{limit}"
         inbox = Inbox(endpoint, hwm=4, max_part_bytes=limit)
         try:
-            peer = _zmtp_push(endpoint[len("ipc://"):], 256 << 20, bytes(1024))
-            assert _dropped(peer, within_s=2.0) == expect_dropped
+            peer = zmtp_push(endpoint[len("ipc://"):], 256 << 20, bytes(1024))
+            assert dropped(peer, within_s=2.0) == expect_dropped
             peer.close()
             outbox = Outbox([endpoint], hwm=4)
             frames, _ = pack(valid("EndOfStream"))  # type: ignore[arg-type]
@@ -538,12 +531,12 @@ def test_a_stage_process_lives_through_the_crafted_messages_of_the_issue(tmp_pat
         while not (tmp_path / "inbox").exists():  # bound once the spawned process has imported and started
             assert time.monotonic() < deadline and process.is_alive()
             time.sleep(0.1)
-        oversized = _zmtp_push(f"{tmp_path}/inbox", limits.max_part_bytes() + 1, bytes(4096))
+        oversized = zmtp_push(f"{tmp_path}/inbox", limits.max_part_bytes() + 1, bytes(4096))
         good, _ = pack(valid("Frame"))  # type: ignore[arg-type]
         assert sender.send(good, block=True)
         received = out.recv(60.0)
         assert received is not None and unpack(received, RingReaders(()), limits).message.header.seq == 7
-        assert _dropped(oversized, within_s=5.0)
+        assert dropped(oversized, within_s=5.0)
         deadline, malformed = time.monotonic() + 30, 0
         while malformed < len(crafted) and time.monotonic() < deadline:
             for report, _ in reports.recv_all(0.5):
