@@ -38,6 +38,7 @@ from maskstream.pipeline.media.sources import Policy, SourceSpec, resolve_policy
 from maskstream.pipeline.runtime.supervisor import StageSpec, SupervisorConfig
 
 if TYPE_CHECKING:
+    from maskstream.pipeline.runtime.messages import Limits
     from maskstream.pipeline.runtime.shm_ring import Ring
 
 
@@ -87,6 +88,9 @@ class TransportOptions:
     hwm: int = 2  # messages queued per socket side: small keeps live latency and memory bounded
     ring_slots: int = 8
     frame_slot_bytes: int = 1920 * 1080 * 3  # larger frames travel inline
+    # A source whose frames are taller or wider fails, naming this; the stages' sockets refuse
+    # messages larger than frames of this side (and the inference contract's K) allow.
+    max_frame_side: int = 4096
     endpoint_dir: Path | None = None  # ipc:// sockets go in a fresh temporary folder here (None: system temp)
 
 
@@ -374,6 +378,8 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         raise ValueError("no sources: give --source (repeatable) or `sources:` in the config")
     if cfg.workers < 1:
         raise ValueError(f"workers: expected >= 1, got {cfg.workers}")
+    if cfg.transport.max_frame_side < 1:
+        raise ValueError(f"transport.max_frame_side: expected >= 1, got {cfg.transport.max_frame_side}")
     chosen = model or choose_model(cfg.model)
     model_cfg, checkpoint = chosen.config, chosen.checkpoint
     contract = inference_contract(cfg.model, model_cfg)
@@ -409,9 +415,12 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
             return Wiring(stage=stage, reports=reports, hwm=cfg.transport.hwm, log_level=log_level,
                           **kw)  # type: ignore[arg-type]
 
+        def limits(kind: str) -> Limits:
+            return dataclasses.replace(message_limits(cfg, contract, ids), kinds=(kind, "EndOfStream"))
+
         live = tuple(sid for sid in ids if sources[sid].policy == "live")
         specs = [
-            StageSpec(decode.main, decode.DecodeConfig(sid, sources[sid]),
+            StageSpec(decode.main, decode.DecodeConfig(sid, sources[sid], max_frame_side=cfg.transport.max_frame_side),
                       wiring(f"decode.{sid}", outboxes=pre_in,
                              ring=ring(f"decode-{i}", cfg.transport.frame_slot_bytes)),
                       stream_id=sid, offline=sid not in live)
@@ -421,7 +430,8 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         specs += [
             StageSpec(preprocess.main, preprocess.PreprocessConfig(contract),
                       wiring(f"preprocess.{i}", inbox=pre_in[i], outboxes=(infer_in,),
-                             ring=ring(f"preprocess-{i}", 3 * height * width)),
+                             ring=ring(f"preprocess-{i}", 3 * height * width), limits=limits("Frame"),
+                             reads=frame_rings),
                       reads=frame_rings)
             for i in workers
         ]
@@ -433,10 +443,12 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
             infer.main,
             infer.InferConfig(runner, contract, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
                               overlap=cfg.infer.overlap),
-            wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads), reads=input_rings))
+            wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads,
+                   limits=limits("ModelInput"), reads=input_rings), reads=input_rings))
         specs += [
             StageSpec(postprocess.main, postprocess.PostprocessConfig(contract),
-                      wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,)))
+                      wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,),
+                             limits=limits("RawDetections")))
             for i in workers
         ]
         outputs = tuple(publish.StreamOutput(sid, sid in live, sources[sid].url, annotate.get(sid), src.max_frames)
@@ -445,12 +457,21 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         journal = out.jsonl if out.jsonl is not None else directory / "journal.jsonl"
         specs.append(StageSpec(
             publish.main, publish.PublishConfig(outputs, journal, out.coco),
-            wiring("publish.0", inbox=publish_in, publish=out.publish)))
+            wiring("publish.0", inbox=publish_in, publish=out.publish, limits=limits("Detections"))))
     except BaseException:
         for r in rings:
             r.close(unlink=True)
         raise
     return Plan(specs, reports, ids, rings, directory, sources)
+
+
+def message_limits(cfg: RunConfig, contract: InferenceContract, streams: tuple[str, ...]) -> Limits:
+    """What the run's messages may hold (each stage's inbox adds the kinds it takes): every message
+    is checked against these before use, and they size the sockets' ZMQ_MAXMSGSIZE."""
+    from maskstream.pipeline.runtime.messages import Limits
+
+    return Limits(streams=streams, max_frame_side=cfg.transport.max_frame_side, input_hw=contract.input_hw,
+                  detections=contract.detections, class_names=contract.class_names, same_host=True)
 
 
 def _annotate_path(path: Path, stream_id: str, count: int) -> Path:

@@ -30,8 +30,9 @@ free a slot early. Reclaims happen only after seconds of a full ring, so this is
 """
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -74,15 +75,15 @@ class Ring:
         self._shm = shm
         self.owner = owner
         self.name = shm.name
-        head = np.ndarray((3,), dtype=np.uint64, buffer=shm.buf)
-        if int(head[0]) != _MAGIC:
+        assert shm.buf is not None, "a freshly mapped segment has a buffer"
+        head: list[int] = np.frombuffer(shm.buf, np.uint64, 3).tolist() if shm.size >= 64 else [0, 0, 0]
+        magic, self.slots, self.slot_bytes = head
+        if magic != _MAGIC or shm.size < _data_offset(self.slots) + self.slots * self.slot_bytes:
             shm.close()
             raise ValueError(f"shared memory {shm.name!r} is not a maskstream ring")
-        self.slots, self.slot_bytes = int(head[1]), int(head[2])
         # [slots, 3]: generation, busy, written_at_ns
         self.meta = np.ndarray((self.slots, _META_FIELDS), dtype=np.int64, buffer=shm.buf, offset=64)
         self._data = _data_offset(self.slots)
-        assert shm.buf is not None, "a freshly mapped segment has a buffer"
         self._address = _address(shm.buf)  # of the mapping in this process: tells a claimed slot's buffer
         self._claims: dict[int, SlotRef] = {}  # producer: slots claimed and not yet handed to a message
 
@@ -93,17 +94,25 @@ class Ring:
         shm = shared_memory.SharedMemory(name=name, create=True, size=_data_offset(slots) + slots * slot_bytes)
         head = np.ndarray((3,), dtype=np.uint64, buffer=shm.buf)
         head[1], head[2] = slots, slot_bytes
-        np.ndarray((slots, _META_FIELDS), dtype=np.int64, buffer=shm.buf, offset=64)[:] = 0
+        meta = np.ndarray((slots, _META_FIELDS), dtype=np.int64, buffer=shm.buf, offset=64)
+        meta[:] = 0
+        # Generations start at random: a reference that this ring's producer did not hand out (a
+        # crafted or corrupted message) names a slot's current generation only by a 1 in 2**62 chance.
+        meta[:, 0] = np.frombuffer(secrets.token_bytes(8 * slots), dtype=np.int64) >> 2
+        del meta
         head[0] = _MAGIC  # last: an attacher never sees a half-initialised header
         del head
         return cls(shm, owner=True)
 
     @classmethod
     def attach(cls, name: str) -> Ring:
+        """Map an existing ring; ValueError if there is none of that name or it is not a ring."""
         try:
             shm = shared_memory.SharedMemory(name=name)
         except FileNotFoundError:
             raise ValueError(f"shared-memory ring {name!r} does not exist (its owner has exited?)") from None
+        except (OSError, ValueError) as exc:  # a name that is no segment name ("a/b")
+            raise ValueError(f"shared-memory ring {name[:100]!r}: {exc}") from None
         return cls(shm, owner=False)
 
     def slot_view(self, slot: int, nbytes: int) -> memoryview:
@@ -201,8 +210,10 @@ class Ring:
     # ------------------------------------------------------------------ consumer side
 
     def read(self, ref: SlotRef) -> memoryview:
-        """The slot's bytes, in place. Valid until `release(ref)`."""
-        if not 0 <= ref.slot < self.slots or ref.nbytes > self.slot_bytes:
+        """The slot's bytes, in place. Valid until `release(ref)`. A reference from elsewhere than this
+        ring's producer (a slot out of range, more bytes than a slot, a generation that is not the
+        slot's: stale or made up) raises ValueError or SlotReclaimed, and reads nothing."""
+        if not 0 <= ref.slot < self.slots or not 0 <= ref.nbytes <= self.slot_bytes:
             raise ValueError(f"ring {self.name!r}: no slot {ref.slot} of {ref.nbytes} bytes (ring: {self.slots} "
                              f"slots of {self.slot_bytes})")
         if not self.intact(ref):
@@ -239,14 +250,22 @@ def _address(buffer: memoryview) -> int:
 
 
 class RingReaders:
-    """A consumer's attached rings, by name (attached on first use, kept for the process's life)."""
+    """A consumer's attached rings, by name (attached on first use, kept for the process's life).
 
-    def __init__(self) -> None:
+    allowed: the names of the rings this consumer may read (the run's rings its producers write,
+    pipeline.runtime.stage.Wiring.reads); any other name is refused before anything is opened.
+    None: any ring (tools and tests that make their own)."""
+
+    def __init__(self, allowed: Iterable[str] | None = None) -> None:
         self._rings: dict[str, Ring] = {}
+        self.allowed = None if allowed is None else frozenset(allowed)
 
     def ring(self, name: str) -> Ring:
         ring = self._rings.get(name)
         if ring is None:
+            if self.allowed is not None and name not in self.allowed:
+                raise ValueError(f"ring {name[:100]!r} is not a ring this stage reads "
+                                 f"({', '.join(sorted(self.allowed)) or 'none'})")
             ring = self._rings[name] = Ring.attach(name)
         return ring
 

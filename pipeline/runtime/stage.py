@@ -28,7 +28,9 @@ sends a `StageReport` heartbeat (+ a pipeline.runtime.metrics snapshot) every he
 thread of its own, so that heartbeats go on while the stage is being made (marked `starting`: a
 model compiling at start is not a hung stage) and while it works on one message for long (a CPU
 forward): each says what the stage is working on since when. It survives bad input: a malformed
-message is counted and logged with the socket and what was wrong, a message whose processing
+message (every field is checked before use, against the run's limits in the Wiring, ring
+references against the run's rings the stage reads) is counted and logged with the socket and
+what was wrong (a flood: a few lines a window), a message whose processing
 raises is counted and logged, and the loop goes on. Either way the frame is reported lost
 (`LostFrame`), as is one whose ring slot its producer reclaimed while the stage used it, so that
 the supervisor sends it again (docs/delivery.md); the frame being worked on is also kept in the
@@ -56,12 +58,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import msgpack
 import numpy as np
 from maskstream.pipeline import logs
 from maskstream.pipeline.runtime.messages import (
     EndOfStream,
     Header,
+    Limits,
     LostFrame,
     Message,
     MessageError,
@@ -208,6 +210,35 @@ class BlackBox:
         return name, seq, decoded_at
 
 
+# A flood of malformed messages is logged this many lines per window, then counted.
+MALFORMED_LOG_LINES = 10
+MALFORMED_LOG_WINDOW_S = 10.0
+
+
+class _Throttle:
+    """At most `lines` log lines per window of `window_s`; `held` says how many were left out."""
+
+    def __init__(self, lines: int, window_s: float):
+        self.lines, self.window_s = lines, window_s
+        self.window_start, self.logged, self.skipped = -window_s, 0, 0
+
+    def held(self, now: float) -> int | None:
+        """The count left out in a window that has just ended (once), else None."""
+        if now - self.window_start < self.window_s or not self.skipped:
+            return None
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+    def allow(self, now: float) -> bool:
+        if now - self.window_start >= self.window_s:
+            self.window_start, self.logged = now, 0
+        if self.logged < self.lines:
+            self.logged += 1
+            return True
+        self.skipped += 1
+        return False
+
+
 @dataclass(frozen=True)
 class Wiring:
     """Where a stage process connects; made by the supervisor, passed at process start."""
@@ -224,6 +255,8 @@ class Wiring:
     torch_threads: int = 1  # 0: leave torch's default
     log_level: str = "warning"  # pipeline.logs.LEVELS: the run's --log-level, in every stage process
     blackbox: BlackBox | None = None  # given by the supervisor at each start
+    limits: Limits = Limits()  # what the inbox accepts (every message is checked against them)
+    reads: tuple[str, ...] = ()  # the run's rings whose slots this stage's inbox may reference
 
     @property
     def kind(self) -> str:
@@ -333,22 +366,6 @@ def _identity(header: Header) -> Identity:
     return header.stream_id, header.seq, first.start if first is not None and first.stage == "source" else 0.0
 
 
-def _claimed_identity(frames: Sequence[Any]) -> Identity | None:
-    """The frame that a message which could not be read says it was, if its header says so legibly."""
-    try:
-        first = frames[1]
-        meta = msgpack.unpackb(memoryview(first.buffer if hasattr(first, "buffer") else first), raw=False)
-        header = meta["fields"]["header"]
-        stream, seq, stamps = header["stream_id"], header["seq"], header.get("stamps") or []
-        source = stamps[0] if stamps and stamps[0]["stage"] == "source" else None
-        decoded_at = float(source["start"]) if source is not None else 0.0
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, msgpack.UnpackException):
-        return None  # garbage says nothing
-    if isinstance(stream, str) and type(seq) is int and seq >= 0:
-        return stream, seq, decoded_at
-    return None
-
-
 class _Loop:
     """Sockets, counters, heartbeats and lost frames shared by run_stage and run_source."""
 
@@ -370,13 +387,14 @@ class _Loop:
         # Frames whose input slot was reclaimed while the stage used it: what came of them is dropped
         # when the stage gives it out (the inference stage may hold a frame for a later batch).
         self.tainted: set[Identity] = set()
-        self.inbox = Inbox(wiring.inbox, wiring.hwm) if wiring.inbox else None
+        self.inbox = Inbox(wiring.inbox, wiring.hwm, wiring.limits.max_part_bytes()) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
         self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
         self.ring = Ring.attach(wiring.ring) if wiring.ring else None
         if self.ring is not None:
             self.ring.reclaim_all()  # slots of a previous life of this stage are stale
-        self.readers = RingReaders()
+        self.readers = RingReaders(wiring.reads)
+        self.malformed_log = _Throttle(MALFORMED_LOG_LINES, MALFORMED_LOG_WINDOW_S)
 
     def report(self, force: bool = False, fatal: str = "", last: bool = False) -> None:
         """Hand the heartbeat thread a fresh report (at most every heartbeat_s unless forced); the
@@ -425,10 +443,25 @@ class _Loop:
             self.lost.append(LostFrame(*frame, reason[:300]))
             self.report(force=True)
 
-    def error(self, what: str, stream: str = "") -> None:
+    def error(self, what: str, stream: str = "", throttle: _Throttle | None = None) -> None:
         self.last_error = f"{self.wiring.stage}: {what}"
         self.metrics.inc(ERRORS, stream)
-        log.warning("%s", self.last_error)
+        if throttle is None:
+            log.warning("%s", self.last_error)
+            return
+        held = throttle.held(time.monotonic())
+        if held is not None:
+            log.warning("%s: %d more malformed messages in the last %.0f s were not logged", self.wiring.stage,
+                        held, throttle.window_s)
+        if throttle.allow(time.monotonic()):
+            log.warning("%s", self.last_error)
+
+    def malformed(self, problem: str) -> None:
+        """A message refused before use: counted, logged with the socket and why (a flood of them is
+        logged a few lines a window, with how many were not), never passed on."""
+        assert self.inbox is not None
+        self.counts["malformed"] += 1
+        self.error(f"malformed message on {self.inbox.endpoint}: {problem}", throttle=self.malformed_log)
 
     def send(self, message: Output, start: float, block: bool = True) -> bool:
         """Stamp and send one message; False if it was dropped (block=False and no room)."""
@@ -459,6 +492,9 @@ class _Loop:
         return True
 
     def close(self) -> None:
+        held = self.malformed_log.held(float("inf"))
+        if held:
+            log.warning("%s: %d more malformed messages were not logged", self.wiring.stage, held)
         self.reporter.close()  # the last report goes before the context ends
         for part in (self.inbox, self.outbox, self.publisher):
             if part is not None:
@@ -505,11 +541,17 @@ def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], st
     assert loop.inbox is not None
     loop.counts["received"] += 1
     try:
-        received = unpack(frames, loop.readers)
+        received = unpack(frames, loop.readers, loop.wiring.limits)
     except MessageError as exc:
-        loop.counts["malformed"] += 1
-        loop.error(f"malformed message on {loop.inbox.endpoint}: {exc}")
-        loop.lose(_claimed_identity(frames), f"{loop.wiring.stage}: malformed: {exc}")
+        # Not reported lost: the identity a malformed message claims cannot be trusted, and a flood of
+        # them would rewind streams without end. A real frame lost this way is sent again by the
+        # stall rule (docs/delivery.md).
+        loop.malformed(str(exc))
+        return ()
+    except StageStopped:
+        raise
+    except Exception as exc:  # a check that itself failed on strange input: still the input's fault
+        loop.malformed(f"{type(exc).__name__}: {exc}")
         return ()
     message = received.message
     header = message.header
@@ -554,7 +596,12 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
             if frames is None:
                 if idle is not None:
                     loop.working("flushing what it holds")
-                    flushed = stage.flush()
+                    try:
+                        flushed = stage.flush()
+                    except Exception as exc:  # what the stage held failed (it says which frames); it goes on
+                        loop.counts["errors"] += 1
+                        loop.error(f"flush: {type(exc).__name__}: {exc}")
+                        flushed = ()
                     loop.idle()
                     for message in flushed:
                         loop.send(message, start)

@@ -14,6 +14,10 @@ Internal wire (between stages only): [topic, header, slots, buffers...] where `s
 msgpack map {buffer index: [ring, slot, generation, nbytes]} for buffers that travel in a
 shared-memory ring (pipeline.runtime.shm_ring) instead of the socket; the buffer frame at that
 index is empty. Without a ring every buffer goes inline, as across hosts.
+
+What arrives is not trusted (`unpack`): a receiving socket refuses frames larger than its
+messages can have (ZMQ_MAXMSGSIZE), a slot reference must name one of the run's rings that the
+stage reads, and every field is checked against the run's `messages.Limits`.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from typing import Any
 import msgpack
 import zmq
 from maskstream.pipeline.runtime.messages import (
+    UNBOUNDED,
+    Limits,
     Message,
     MessageError,
     StageReport,
@@ -49,6 +55,10 @@ __all__ = [
 
 # Below this a memcpy into shared memory saves nothing over the socket copy.
 RING_MIN_BYTES = 64 * 1024
+# The most buffers (array fields) a message has (RawDetections, Detections: 4).
+MAX_BUFFERS = 4
+# A stage's report and metrics snapshot: a few KiB per stream.
+REPORT_MAX_BYTES = 16 << 20
 
 
 def pack(message: Message, ring: Ring | None = None, wait_s: float | None = None,
@@ -97,39 +107,52 @@ class Received:
         self._refs = []
 
 
-def unpack(frames: Sequence[Any], rings: RingReaders) -> Received:
-    """The message of internal-wire frames; raises MessageError saying what is wrong."""
-    if len(frames) < 3:
-        raise MessageError(f"expected [topic, header, slots, buffers...], got {len(frames)} frame(s)")
+def unpack(frames: Sequence[Any], rings: RingReaders, limits: Limits = UNBOUNDED) -> Received:
+    """The message of internal-wire frames, every field checked (messages.decode with `limits`);
+    raises MessageError saying what is wrong. A slot reference must name a ring that `rings` may
+    read, a slot of it, at most a slot's bytes, the slot's current generation (a restarted
+    producer's or a made-up reference reads nothing), and its buffer frame must be empty."""
+    if not 3 <= len(frames) <= 3 + MAX_BUFFERS:
+        raise MessageError(f"expected [topic, header, slots, buffers...] with at most {MAX_BUFFERS} buffers, "
+                           f"got {len(frames)} frame(s)")
     views = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
     buffers: list[Any] = list(views[3:])
     refs: list[tuple[Ring, SlotRef]] = []
-    if views[2].nbytes:
-        try:
-            table = msgpack.unpackb(views[2], raw=False, strict_map_key=False)
-        except Exception as exc:  # msgpack raises several unrelated types for garbage
-            raise MessageError(f"slot table is not valid msgpack ({type(exc).__name__})") from None
-        if not isinstance(table, dict):
-            raise MessageError("slot table: expected a map {buffer index: [ring, slot, generation, nbytes]}")
-        for index, entry in table.items():
-            if not (isinstance(index, int) and 0 <= index < len(buffers) and isinstance(entry, list)
-                    and len(entry) == 4 and isinstance(entry[0], str)
-                    and all(isinstance(v, int) for v in entry[1:])):
-                raise MessageError(f"slot table: bad entry {index!r}: {entry!r}")
-            ref = SlotRef(*entry)
-            try:
-                ring = rings.ring(ref.ring)
-                buffers[index] = ring.read(ref)
-            except (ValueError, SlotReclaimed) as exc:
-                raise MessageError(str(exc)) from None
-            refs.append((ring, ref))
     try:
-        message = decode([views[0], views[1], *buffers])
+        if views[2].nbytes:
+            for index, ref in _slot_table(views[2], len(buffers)):
+                if buffers[index].nbytes:
+                    raise MessageError(f"slot table: buffer {index} travels in a ring slot, yet its frame holds "
+                                       f"{buffers[index].nbytes} bytes")
+                try:
+                    ring = rings.ring(ref.ring)
+                    buffers[index] = ring.read(ref)
+                except (ValueError, SlotReclaimed) as exc:
+                    raise MessageError(f"slot table: buffer {index}: {exc}") from None
+                refs.append((ring, ref))
+        message = decode([views[0], views[1], *buffers], limits)
     except MessageError:
         for ring, ref in refs:  # the slot is ours to free even if the message is garbage
             ring.release(ref)
         raise
     return Received(message, refs)
+
+
+def _slot_table(view: memoryview, buffers: int) -> list[tuple[int, SlotRef]]:
+    """(buffer index, slot reference) of a slot table {buffer index: [ring, slot, generation, nbytes]}."""
+    try:
+        table = msgpack.unpackb(view, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise MessageError(f"slot table is not valid msgpack ({type(exc).__name__})") from None
+    if type(table) is not dict:
+        raise MessageError("slot table: expected a map {buffer index: [ring, slot, generation, nbytes]}")
+    entries = []
+    for index, entry in table.items():
+        if not (type(index) is int and 0 <= index < buffers and type(entry) is list and len(entry) == 4
+                and type(entry[0]) is str and all(type(v) is int for v in entry[1:])):
+            raise MessageError(f"slot table: bad entry {index!r}: {entry!r:.200}")
+        entries.append((index, SlotRef(*entry)))
+    return entries
 
 
 def terminate() -> None:
@@ -147,13 +170,19 @@ def _context() -> zmq.Context:
 
 
 class Inbox:
-    """PULL, bound by the consuming stage."""
+    """PULL, bound by the consuming stage.
 
-    def __init__(self, endpoint: str, hwm: int):
+    max_part_bytes (messages.Limits.max_part_bytes) is the socket's ZMQ_MAXMSGSIZE: ZeroMQ drops
+    the connection of a peer that sends a larger frame (or declares one) before reading it, so an
+    oversized message never reaches memory; None: no limit."""
+
+    def __init__(self, endpoint: str, hwm: int, max_part_bytes: int | None = None):
         self.endpoint = endpoint
         self.socket = _context().socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if max_part_bytes is not None:
+            self.socket.setsockopt(zmq.MAXMSGSIZE, max_part_bytes)
         self.socket.bind(endpoint)
 
     def recv(self, timeout_s: float) -> list[zmq.Frame] | None:
@@ -251,6 +280,7 @@ class ReportInbox:
     def __init__(self, endpoint: str):
         self.socket = _context().socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, REPORT_MAX_BYTES)
         self.socket.bind(endpoint)
 
     def recv_all(self, timeout_s: float) -> list[tuple[StageReport, MetricsSnapshot | None]]:
@@ -271,7 +301,7 @@ class ReportInbox:
             if len(frames) > 1:
                 try:
                     metrics = MetricsSnapshot.from_dict(msgpack.unpackb(frames[1], raw=False))
-                except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                except Exception:  # garbage of any shape: the report still counts, without metrics
                     metrics = None
             reports.append((report, metrics))
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from maskstream.pipeline.media.pixels import PixelRoute
+from maskstream.pipeline.media.pixels import PLANAR, PixelRoute
 from maskstream.pipeline.media.sources import SourceError, SourceSpec, VideoSource
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Header, Message, StageStamp, StreamProgress
 from maskstream.pipeline.runtime.stage import OutputBuffers, Source, Wiring, run_source
@@ -30,6 +30,8 @@ class DecodeConfig:
     # Set by the supervisor on a restart: offline, frames below it were already published (skip
     # them); live, the new connection's frame indices start there.
     resume_from: int = 0
+    # A taller or wider frame ends the stream with an error: the next stages refuse it (messages.Limits).
+    max_frame_side: int | None = None
 
 
 class DecodeStage(Source):
@@ -51,6 +53,12 @@ class DecodeStage(Source):
                 for decoded in source:
                     if self._stop:
                         self.error = "interrupted: the run was asked to stop"
+                        break
+                    rows, width = decoded.image.shape[:2]
+                    height = rows * 2 // 3 if pixels.format in PLANAR else rows  # planes: [H * 3 / 2, W]
+                    if cfg.max_frame_side is not None and max(height, width) > cfg.max_frame_side:
+                        self.error = (f"frames of {width}x{height} are larger than transport.max_frame_side "
+                                      f"({cfg.max_frame_side}) allows")
                         break
                     seq = decoded.index + (cfg.resume_from if self.live else 0)
                     self.source_drops += decoded.dropped_before

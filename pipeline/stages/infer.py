@@ -98,8 +98,15 @@ class InferStage(Stage):
             if time.monotonic() - message.header.stamps[0].start > self.config.staleness_s:
                 self.drops[stream] = self.drops.get(stream, 0) + 1
                 return []
-        if message.image.shape != self.images.shape[1:]:
-            raise ValueError(f"image: expected uint8 {list(self.images.shape[1:])}, got {list(message.image.shape)}")
+        # Checked before the frame joins the batch (the inbox checked them too): a frame the runner
+        # cannot take must fail alone, not the batch it would have joined.
+        _, height, width = self.images.shape[1:]
+        if message.image.shape != self.images.shape[1:] or message.image.dtype != np.uint8:
+            raise ValueError(f"image: expected uint8 {list(self.images.shape[1:])}, got {message.image.dtype} "
+                             f"{list(message.image.shape)}")
+        valid_h, valid_w = message.valid_hw
+        if not (0 < valid_h <= height and 0 < valid_w <= width):
+            raise ValueError(f"valid_hw: {list(message.valid_hw)} is not inside the {height}x{width} input")
         self.images[len(self.pending)] = message.image  # copy out: the ring slot is released after process()
         if stream in self.drops:  # now, not at flush: the count must cover only frames before this one
             message = dataclasses.replace(message, header=message.header.with_drops("infer", self.drops[stream]))
@@ -128,10 +135,16 @@ class InferStage(Stage):
         batch, _, height, width = self.images.shape
         sizes = np.array([[height, width]] * batch, dtype=np.int64)  # rows past the pending ones: any valid size
         sizes[: len(self.pending)] = [m.valid_hw for m in self.pending]
-        submitted_at = time.monotonic()
-        outputs = (self.runner.submit(self.images, sizes) if self.overlap
-                   else Completed(self.runner.infer(self.images, sizes)))
+        # Taken before the runner runs: should it raise, these frames are lost (and said so), and
+        # the next batch starts empty instead of overflowing a full one.
         frames, self.pending = self.pending, []
+        submitted_at = time.monotonic()
+        try:
+            outputs = (self.runner.submit(self.images, sizes) if self.overlap
+                       else Completed(self.runner.infer(self.images, sizes)))
+        except Exception as exc:
+            lost = ", ".join(f"{m.header.stream_id}#{m.header.seq}" for m in frames)
+            raise RuntimeError(f"the batch of {lost} failed: {type(exc).__name__}: {exc}") from exc
         self.images = self.runner.input_buffer()  # with overlap on CUDA, the other page-locked batch
         return _Batch(frames, outputs, submitted_at)
 
