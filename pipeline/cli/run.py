@@ -17,6 +17,9 @@ failed during the run (the others and the results already written are kept; the 
 it); 2 refused at start (bad source, option, model or existing output); 3 a stage kept failing;
 130 interrupted (after a clean drain of the offline streams).
 
+Before it plans the run, it removes what runs killed without a chance to clean up left on the
+machine (shared-memory rings, socket folders: pipeline.run_config.remove_dead_runs), and says so.
+
 Settings: configs/pipeline.yaml (pipeline.run_config.RunConfig) and `--set key=value`; a key
 under model. that is not a ModelSelection field overrides the model config
 (`--set model.roi_heads.score_thresh=0.0`).
@@ -175,34 +178,39 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         log.info("run directory: %s", out_dir)
     _describe_streams(specs, probes)
-    from maskstream.pipeline.run_config import plan
+    from maskstream.pipeline.run_config import plan, remove_dead_runs
 
+    leftovers = remove_dead_runs(cfg.transport.endpoint_dir)
+    if leftovers:
+        log.info("removed %s", leftovers.describe())
     try:
         the_plan = plan(cfg, args.log_level, chosen)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    board = MetricsBoard()
-    server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
-    totals = {sid: probe.frames for sid, probe in probes.items()}
-    live = {sid for sid, probe in probes.items() if probe.policy == "live"}
-    progress = Progress(enabled=not args.quiet, every_s=args.progress_every)
-    watcher = RunProgress(progress, totals, live, board)
-    rate = SteadyRate()
+    try:  # whatever happens from here, a run that ends leaves no ring and no socket folder behind
+        board = MetricsBoard()
+        server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
+        totals = {sid: probe.frames for sid, probe in probes.items()}
+        live = {sid for sid, probe in probes.items() if probe.policy == "live"}
+        progress = Progress(enabled=not args.quiet, every_s=args.progress_every)
+        watcher = RunProgress(progress, totals, live, board)
+        rate = SteadyRate()
 
-    def watch(supervisor: Supervisor) -> None:
-        watcher(supervisor)
-        rate.update(supervisor)
+        def watch(supervisor: Supervisor) -> None:
+            watcher(supervisor)
+            rate.update(supervisor)
 
-    supervisor = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board)
-    try:
-        with _redirect_logging(progress):
-            report = supervisor.run(watch)
-        watcher(supervisor, force=True)  # where every stream ended
+        supervisor = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board)
+        try:
+            with _redirect_logging(progress):
+                report = supervisor.run(watch)
+            watcher(supervisor, force=True)  # where every stream ended
+        finally:
+            progress.close()
+            if server is not None:
+                server.close()
     finally:
-        progress.close()
-        if server is not None:
-            server.close()
         the_plan.close()
     code = _summary(report, the_plan.source_specs, rate)
     from maskstream.pipeline.run_config import output_files
