@@ -41,6 +41,7 @@ from maskstream.pipeline.runtime.supervisor import StageSpec, SupervisorConfig
 
 if TYPE_CHECKING:
     from maskstream.pipeline.runtime.shm_ring import Ring
+    from maskstream.pipeline.runtime.transport import CurveServer
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class OutputOptions:
     coco: Path | None = None
     annotate: Path | None = None  # one stream: this file; several: NAME.<stream id>.SUFFIX
     publish: str | None = None  # e.g. tcp://127.0.0.1:5556
+    # CurveZMQ for `publish` (both or neither; README: Publishing beyond this host): the publisher's
+    # secret key file, and the folder of the public key files of the subscribers let in
+    publish_key: Path | None = None
+    publish_clients: Path | None = None
     metrics_port: int | None = None
 
 
@@ -510,15 +515,47 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
                         for sid in ids)
         # The journal (docs/delivery.md) is the --out JSONL, or a file of its own in the run's folder.
         journal = out.jsonl if out.jsonl is not None else directory / "journal.jsonl"
+        curve = publish_curve(out)
         specs.append(StageSpec(
             publish.main, publish.PublishConfig(outputs, journal, out.coco),
-            wiring("publish.0", inbox=publish_in, publish=out.publish)))
+            wiring("publish.0", inbox=publish_in, publish=out.publish, publish_curve=curve)))
     except BaseException:
         for r in rings:
             r.close(unlink=True)
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return Plan(specs, reports, ids, rings, directory, sources)
+
+
+def publish_curve(outputs: OutputOptions) -> CurveServer | None:
+    """The publisher's CurveZMQ keys, checked (ValueError naming the key or folder), or None."""
+    if outputs.publish_key is None and outputs.publish_clients is None:
+        return None
+    if outputs.publish_key is None or outputs.publish_clients is None:
+        raise ValueError("outputs.publish_key (--publish-key) and outputs.publish_clients (--publish-clients) go "
+                         "together: the publisher's secret key, and the public keys of the subscribers let in")
+    if outputs.publish is None:
+        raise ValueError("outputs.publish_key: CurveZMQ keys, but nothing is published (no --publish)")
+    from maskstream.pipeline.runtime.transport import curve_server  # zmq: only where keys are given
+
+    return curve_server(outputs.publish_key, outputs.publish_clients)
+
+
+_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def publish_exposure(endpoint: str) -> str | None:
+    """Where beyond this host a publish endpoint can be reached: "every network interface", "ADDRESS";
+    None for loopback tcp and for ipc/inproc, which no other host reaches."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return None
+    host = address.rsplit(":", 1)[0] if transport == "tcp" else address
+    if host in ("*", "0.0.0.0", "::", "[::]", "[*]"):
+        return "every network interface"
+    if transport == "tcp" and (host in _LOOPBACK_HOSTS or host.startswith("127.")):
+        return None
+    return host or endpoint
 
 
 def _annotate_path(path: Path, stream_id: str, count: int) -> Path:

@@ -74,6 +74,11 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--coco", type=Path, help="COCO results JSON")
     p.add_argument("--annotate", type=Path, help="annotated video (file sources only)")
     p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--publish-key", type=Path, metavar="FILE",
+                   help="CurveZMQ: the publisher's secret key file (NAME.key_secret); encrypts the published "
+                        "results and lets in only the subscribers of --publish-clients")
+    p.add_argument("--publish-clients", type=Path, metavar="DIR",
+                   help="CurveZMQ: folder of the public key files (*.key) of the subscribers let in")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--workers", type=int, help="preprocess and postprocess processes, each (default: config's, 1)")
     p.add_argument("--max-frames", type=int, metavar="N",
@@ -124,6 +129,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "outputs.annotate": args.annotate, "outputs.publish": args.publish, "outputs.metrics_port": args.metrics_port,
         "model.name": args.model, "model.config": args.model_config, "model.checkpoint": args.checkpoint,
         "model.engine": args.engine, "model.device": args.device, "model.precision": args.precision,
+        # bench (which shares this function) has no CurveZMQ options
+        "outputs.publish_key": getattr(args, "publish_key", None),
+        "outputs.publish_clients": getattr(args, "publish_clients", None),
     }
     cfg = load_config(RunConfig, args.config, pipeline_sets)
     for key, value in flags.items():
@@ -189,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:  # whatever happens from here, a run that ends leaves no ring and no socket folder behind
+        _exposure_warning(cfg)  # after plan: its keys are checked
         board = MetricsBoard()
         server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
         totals = {sid: probe.frames for sid, probe in probes.items()}
@@ -338,6 +347,23 @@ class _redirect_logging:
     def __exit__(self, *exc: Any) -> None:
         if self._context is not None:
             self._context.__exit__(*exc)
+
+
+def _exposure_warning(cfg: RunConfig) -> None:
+    """A publish endpoint other hosts can reach is a decision: say so, naming the address."""
+    from maskstream.pipeline.run_config import publish_exposure
+
+    out = cfg.outputs
+    where = publish_exposure(out.publish) if out.publish is not None else None
+    if where is None:
+        return
+    if out.publish_key is not None:
+        how = (f"encrypted with CurveZMQ, and only the subscribers whose public keys are in {out.publish_clients} "
+               "are let in")
+    else:
+        how = ("unencrypted: anyone who can reach this host there reads every result (use tcp://127.0.0.1:PORT "
+               "for this host only, or --publish-key and --publish-clients for CurveZMQ)")
+    log.warning("--publish %s listens on %s, %s", out.publish, where, how)
 
 
 def _sample_score(truth: Path, results: Path) -> str:

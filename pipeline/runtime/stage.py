@@ -80,7 +80,16 @@ from maskstream.pipeline.runtime.metrics import (
     StageMetrics,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders
-from maskstream.pipeline.runtime.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
+from maskstream.pipeline.runtime.transport import (
+    CurveServer,
+    Inbox,
+    Outbox,
+    Publisher,
+    ReportSender,
+    pack,
+    terminate,
+    unpack,
+)
 
 __all__ = ["BlackBox", "OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
 
@@ -224,6 +233,7 @@ class Wiring:
     inbox: str | None = None  # bound here (PULL)
     outboxes: tuple[str, ...] = ()  # every instance of the next stage (PUSH)
     publish: str | None = None  # PUB endpoint bound here (the publish stage)
+    publish_curve: CurveServer | None = None  # its CurveZMQ keys (None: plain)
     ring: str | None = None  # this stage's shared-memory ring for the pixel buffers it sends
     hwm: int = 4
     heartbeat_s: float = 0.5
@@ -391,7 +401,7 @@ class _Loop:
         self.tainted: set[Identity] = set()
         self.inbox = Inbox(wiring.inbox, wiring.hwm) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
-        self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
+        self.publisher = Publisher(wiring.publish, 1000, wiring.publish_curve) if wiring.publish else None
         self.ring = Ring.attach(wiring.ring) if wiring.ring else None
         if self.ring is not None:
             self.ring.reclaim_all()  # slots of a previous life of this stage are stale
