@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,3 +146,21 @@ def test_after_kill_9_of_the_whole_group_the_next_run_leaves_shm_and_temp_as_the
     # Anything else new in /dev/shm belongs to another process still running (this host is shared).
     others = [n for n in appeared if (owner := owner_of(n)) is None or not owner_alive(*owner)]
     assert not others, f"new in {SHM_DIR} and not owned by a live process: {others}"
+
+
+def test_doctor_removes_what_dead_runs_left(tmp_path):
+    dead = f"maskstream-{dead_pid()}-1"
+    ring = SHM_DIR / f"{dead}-abc-decode-0"
+    folder = tmp_path / "maskstream-abc"
+    folder.mkdir()
+    (folder / OWNER_FILE).write_text(dead)
+    try:
+        ring.write_bytes(bytes(2_000_000))
+        done = subprocess.run([sys.executable, "-m", "maskstream.pipeline.cli", "doctor", "--endpoint-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+    finally:
+        ring.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("leftovers")]
+    assert re.search(r"removed \d+ shared-memory ring\(s\) \([\d.]+ MB\) and 1 socket folder\(s\)", line), line
+    assert not folder.exists() and not ring.exists()

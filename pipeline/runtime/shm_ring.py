@@ -273,8 +273,9 @@ _OWNED = re.compile(r"maskstream-(\d+)(?:-(\d+))?(?:-|$)")
 
 
 def owner_tag(pid: int | None = None) -> str:
-    """'maskstream-PID-START': the prefix of every ring and folder a run makes, naming its owner
-    (the process that creates them and removes them at the end: the supervisor's)."""
+    """'maskstream-PID-START': the prefix of every ring a run makes, and what its socket folder's
+    owner file says (pipeline.run_config.run_folder), naming the owner: the process that creates
+    them and removes them at the end (the supervisor's)."""
     pid = os.getpid() if pid is None else pid
     return f"maskstream-{pid}-{_process_start(pid) or 0}"
 
