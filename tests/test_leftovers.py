@@ -133,8 +133,10 @@ def test_after_kill_9_of_the_whole_group_the_next_run_leaves_shm_and_temp_as_the
     second = run(["--source", str(short), "--out", str(tmp_path / "r2.jsonl")], tmp_path, temp)
     stdout, stderr = second.communicate(timeout=240)
     assert second.returncode == 0, stderr
-    assert "removed 2 shared-memory ring(s)" in stderr and "1 socket folder(s)" in stderr
-    assert f"pid {first.pid})" in stderr
+    # (other dead runs' rings on this shared host may go too: at least the first run's two)
+    note = re.search(r"INFO maskstream\.run: removed (\d+) shared-memory ring\(s\) \([\d.]+ MB\) and 1 socket "
+                     r"folder\(s\) of dead run\(s\) \(pid ([\d, ]+)\)", stderr)
+    assert note is not None and int(note.group(1)) >= 2 and str(first.pid) in note.group(2).split(", "), stderr
 
     # torch's own compile cache (TORCHINDUCTOR_CACHE_DIR's default), which torch makes in the temporary
     # folder on first use and keeps on purpose for every later torch program of this user: on a machine
