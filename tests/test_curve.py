@@ -20,12 +20,7 @@ from maskstream.pipeline.run_config import OutputOptions, publish_curve, publish
 from maskstream.pipeline.runtime.messages import Detections, Header
 from maskstream.pipeline.runtime.transport import Publisher, curve_server
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = [
-    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "model.static.height=128", "model.static.width=160",
-    "model.static.detections=5", "model.roi_heads.detections_per_img=5", "model.rpn.pre_nms_top_n_test=100",
-    "model.rpn.post_nms_top_n_test=50", "infer.threads=1",
-]
+from tests.pipeline_runs import ROOT, TINY_MODEL_SETS
 
 
 def free_port() -> int:
@@ -122,7 +117,7 @@ def test_run_on_every_interface_warns_and_curve_subscribe_gets_every_frame_a_pla
     plain = subprocess.Popen([*subscribe, "--timeout", "200"], **pipes)
     try:
         time.sleep(1.0)  # both connected (and refused or not) before anything is published
-        sets = [x for s in TINY_MODEL for x in ("--set", s)]
+        sets = [x for s in TINY_MODEL_SETS for x in ("--set", s)]
         run = subprocess.run([sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", str(clip),
                               "--out-dir", str(tmp_path / "out"), "--publish", f"tcp://*:{port}", "--publish-key",
                               str(keys["server_secret"]), "--publish-clients", str(keys["clients"]), *sets],

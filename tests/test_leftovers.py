@@ -27,13 +27,7 @@ from maskstream.pipeline.run_config import (
 )
 from maskstream.pipeline.runtime.shm_ring import SHM_DIR, owner_alive, owner_of, owner_tag
 
-ROOT = Path(__file__).resolve().parents[1]
-# The tiny untrained lite model (as tests/test_pipeline.py's): a frame in ~0.1 s on a CPU.
-TINY_MODEL = [
-    "model.config=" + str(ROOT / "configs" / "model_lite.yaml"), "model.static.height=128", "model.static.width=160",
-    "model.static.detections=5", "model.roi_heads.detections_per_img=5", "model.rpn.pre_nms_top_n_test=100",
-    "model.rpn.post_nms_top_n_test=50", "infer.threads=1",
-]
+from tests.pipeline_runs import ROOT, TINY_MODEL_SETS
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm on this system to look into")
 
@@ -97,7 +91,7 @@ def test_a_run_folder_names_its_owner_and_plan_refuses_socket_paths_too_long_for
 
 
 def run(args: list[str], tmp_path: Path, temp: Path) -> subprocess.Popen[str]:
-    sets = [x for s in TINY_MODEL for x in ("--set", s)]
+    sets = [x for s in TINY_MODEL_SETS for x in ("--set", s)]
     cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--out-dir", str(tmp_path / "out"),
            *sets, *args]
     # The default endpoint folder, the system's temporary one, made the test's own through TMPDIR.
