@@ -9,8 +9,8 @@ enough to last --duration-s; --rate above what the model sustains on this host k
 over capacity, so frames are dropped all along (newest wins) and counted. `maskstream run` publishes
 on a loopback tcp endpoint; a subscriber here reads every message. Every --kill-every-s after the
 first frame arrives, one stage process gets SIGKILL, in turn: inference, preprocess, postprocess,
-publish, decode, ... (none in the last interval, so that the last window is measured undisturbed).
-The supervisor restarts each.
+publish, decode, ... (the last one --kill-every-s before the source's --duration-s is over, so that
+the last window is measured after the restarts have settled). The supervisor restarts each.
 
 Every second the resident memory (RSS, /proc) of the supervisor and of each stage process is
 sampled, by stage name (a restarted stage keeps its name). Memory is flat when each one's median
