@@ -16,7 +16,7 @@ import pytest
 import zmq.auth
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.media.video import write_test_clip
-from maskstream.pipeline.run_config import OutputOptions, publish_curve, publish_exposure
+from maskstream.pipeline.run_config import OutputOptions, RunConfig, publish_curve, publish_exposure
 from maskstream.pipeline.runtime.messages import Detections, Header
 from maskstream.pipeline.runtime.transport import Publisher, curve_server
 
@@ -103,6 +103,19 @@ def test_which_publish_endpoints_other_hosts_reach():
         assert publish_exposure(everywhere) == "every network interface"
     assert publish_exposure("tcp://192.168.1.5:5556") == "192.168.1.5"
     assert publish_exposure("tcp://eth0:5556") == "eth0"
+
+
+def test_a_plain_bind_beyond_loopback_is_named_in_a_warning_and_loopback_is_not(capsys):
+    from maskstream.pipeline.cli.run import _exposure_warning
+
+    _exposure_warning(RunConfig(outputs=OutputOptions(publish="tcp://*:5597")))
+    assert capsys.readouterr().err.startswith("warning: --publish tcp://*:5597 listens on every network interface, "
+                                              "unencrypted: anyone who can reach this host there reads every result")
+    _exposure_warning(RunConfig(outputs=OutputOptions(publish="tcp://10.1.2.3:5597")))
+    assert capsys.readouterr().err.startswith("warning: --publish tcp://10.1.2.3:5597 listens on 10.1.2.3, unencrypted")
+    for local in ("tcp://127.0.0.1:5597", "ipc:///tmp/x"):
+        _exposure_warning(RunConfig(outputs=OutputOptions(publish=local)))
+    assert capsys.readouterr().err == ""
 
 
 def test_run_on_every_interface_warns_and_curve_subscribe_gets_every_frame_a_plain_one_none(keys, tmp_path):
