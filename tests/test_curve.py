@@ -4,6 +4,7 @@ real keys (zmq.auth), the real pipeline and `maskstream subscribe`."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -105,17 +106,17 @@ def test_which_publish_endpoints_other_hosts_reach():
     assert publish_exposure("tcp://eth0:5556") == "eth0"
 
 
-def test_a_plain_bind_beyond_loopback_is_named_in_a_warning_and_loopback_is_not(capsys):
+def test_a_plain_bind_beyond_loopback_is_named_in_a_warning_and_loopback_is_not(caplog):
     from maskstream.pipeline.cli.run import _exposure_warning
 
-    _exposure_warning(RunConfig(outputs=OutputOptions(publish="tcp://*:5597")))
-    assert capsys.readouterr().err.startswith("warning: --publish tcp://*:5597 listens on every network interface, "
-                                              "unencrypted: anyone who can reach this host there reads every result")
-    _exposure_warning(RunConfig(outputs=OutputOptions(publish="tcp://10.1.2.3:5597")))
-    assert capsys.readouterr().err.startswith("warning: --publish tcp://10.1.2.3:5597 listens on 10.1.2.3, unencrypted")
-    for local in ("tcp://127.0.0.1:5597", "ipc:///tmp/x"):
-        _exposure_warning(RunConfig(outputs=OutputOptions(publish=local)))
-    assert capsys.readouterr().err == ""
+    caplog.set_level(logging.INFO, logger="maskstream.run")
+    for endpoint in ("tcp://*:5597", "tcp://10.1.2.3:5597", "tcp://127.0.0.1:5597", "ipc:///tmp/x"):
+        _exposure_warning(RunConfig(outputs=OutputOptions(publish=endpoint)))
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first.startswith("--publish tcp://*:5597 listens on every network interface, unencrypted: anyone who "
+                            "can reach this host there reads every result")
+    assert second.startswith("--publish tcp://10.1.2.3:5597 listens on 10.1.2.3, unencrypted")
 
 
 def test_run_on_every_interface_warns_and_curve_subscribe_gets_every_frame_a_plain_one_none(keys, tmp_path):
