@@ -66,6 +66,7 @@ from maskstream.pipeline.runtime.messages import (
     StageStamp,
     decode,
 )
+from maskstream.pipeline.runtime.transport import load_keypair
 
 __all__ = [
     "SchemaVersionError",
@@ -100,6 +101,11 @@ class Subscriber:
         TimeoutError; None waits forever.
     high_water_mark: messages queued on this side before ZeroMQ drops new ones; drops
         show up as seq gaps like any other.
+    server_key, client_key: for a publisher that uses CurveZMQ (`maskstream run --publish-key`):
+        the publisher's public key file (NAME.key) and this subscriber's secret key file
+        (NAME.key_secret, zmq.auth's format), whose public key must be among the publisher's
+        authorised ones. Without them nothing from such a publisher arrives (TimeoutError),
+        and the same with a key the publisher does not know: CurveZMQ refuses, silently.
 
     Errors: SchemaVersionError when the publisher's schema version differs (nothing can be
     read until one side upgrades); MessageError for one malformed message (the next
@@ -113,6 +119,8 @@ class Subscriber:
         timeout_s: float | None = None,
         high_water_mark: int = 1000,
         context: zmq.Context | None = None,
+        server_key: str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
         if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
             raise ValueError(f"streams: expected a list of stream ids (str) or None, got {streams!r}")
@@ -120,6 +128,14 @@ class Subscriber:
             raise ValueError("streams: expected at least one stream id, or None for all streams")
         if timeout_s is not None and not (timeout_s >= 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout_s: expected a non-negative number of seconds or None, got {timeout_s!r}")
+        if (server_key is None) != (client_key is None):
+            raise ValueError("server_key and client_key go together: the publisher's public key file and this "
+                             "subscriber's secret key file (CurveZMQ)")
+        curve = None
+        if server_key is not None and client_key is not None:
+            server_public, _ = load_keypair(Path(server_key), secret=False)
+            public, secret = load_keypair(Path(client_key), secret=True)
+            curve = (server_public, public, secret)
         self.endpoint = endpoint
         self.streams: tuple[str, ...] | None = tuple(streams) if streams is not None else None
         self.timeout_s = timeout_s
@@ -129,6 +145,8 @@ class Subscriber:
         try:
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
+            if curve is not None:
+                self._socket.curve_serverkey, self._socket.curve_publickey, self._socket.curve_secretkey = curve
             for topic in self.streams if self.streams is not None else ("",):
                 self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
             self._socket.connect(endpoint)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,13 @@ from maskstream.model.config import ModelConfig
 from maskstream.model.contract import InferenceContract
 from maskstream.pipeline.config import dump_config, load_config, loads_config
 from maskstream.pipeline.media.sources import Policy, SourceSpec, resolve_policy, source_kind
+from maskstream.pipeline.runtime.shm_ring import owner_alive, owner_of, owner_tag, remove_dead_rings
 from maskstream.pipeline.runtime.supervisor import StageSpec, SupervisorConfig
 
 if TYPE_CHECKING:
     from maskstream.pipeline.runtime.messages import Limits
     from maskstream.pipeline.runtime.shm_ring import Ring
+    from maskstream.pipeline.runtime.transport import CurveServer
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class OutputOptions:
     coco: Path | None = None
     annotate: Path | None = None  # one stream: this file; several: NAME.<stream id>.SUFFIX
     publish: str | None = None  # e.g. tcp://127.0.0.1:5556
+    # CurveZMQ for `publish` (both or neither; README: Publishing beyond this host): the publisher's
+    # secret key file, and the folder of the public key files of the subscribers let in
+    publish_key: Path | None = None
+    publish_clients: Path | None = None
     metrics_port: int | None = None
 
 
@@ -341,6 +348,65 @@ class Plan:
         self.endpoint_dir.rmdir()
 
 
+@dataclass(frozen=True)
+class Leftovers:
+    """What remove_dead_runs removed: rings (name, bytes) and socket folders of runs whose owner is gone."""
+
+    rings: tuple[tuple[str, int], ...]
+    folders: tuple[Path, ...]
+    owners: tuple[int, ...] = ()  # the pids the folders' owner files named
+
+    def __bool__(self) -> bool:
+        return bool(self.rings or self.folders)
+
+    def describe(self) -> str:
+        owners = sorted({owner[0] for owner in map(owner_of, [name for name, _ in self.rings]) if owner is not None}
+                        | set(self.owners))
+        megabytes = sum(size for _, size in self.rings) / 1e6
+        return (f"{len(self.rings)} shared-memory ring(s) ({megabytes:.1f} MB) and {len(self.folders)} socket "
+                f"folder(s) of dead run(s) (pid {', '.join(map(str, owners))})")
+
+
+OWNER_FILE = "owner"  # in a run's folder: owner_tag() of the process that made it (and removes it)
+IPC_PATH_MAX = 107  # bytes of an ipc:// socket path: Linux's sockaddr_un.sun_path, less its terminating NUL
+
+
+def run_folder(parent: Path | None = None, prefix: str = "maskstream-") -> Path:
+    """A fresh folder for a run's sockets in `parent` (None: the system's temporary folder), holding an
+    OWNER_FILE that names this process, so that remove_dead_runs can tell whether its run is over. The
+    owner goes in a file, not in the name: ipc socket paths inside must stay short."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (folder / OWNER_FILE).write_text(owner_tag())
+    return folder
+
+
+def remove_dead_runs(endpoint_dir: Path | None = None) -> Leftovers:
+    """Remove what runs killed without a chance to clean up (SIGKILL of the whole process group, a
+    power cut of the container) left behind: their shared-memory rings and their socket folders in
+    `endpoint_dir` (None: the system's temporary folder), those whose owner process has gone (see
+    pipeline.runtime.shm_ring.owner_tag). Live runs, other users' leftovers and other files stay."""
+    folders, owners = [], []
+    parent = Path(tempfile.gettempdir()) if endpoint_dir is None else endpoint_dir
+    try:
+        candidates = sorted(parent.iterdir())
+    except OSError:
+        candidates = []
+    for path in candidates:
+        if not path.name.startswith("maskstream-") or path.is_symlink() or not path.is_dir():
+            continue
+        try:  # a folder without its owner file yet (being made), or not a run's, is none of ours
+            owner = owner_of((path / OWNER_FILE).read_text(errors="replace").strip())
+        except OSError:
+            continue
+        if owner is None or owner_alive(*owner):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            folders.append(path)
+            owners.append(owner[0])
+    return Leftovers(tuple(remove_dead_rings()), tuple(folders), tuple(owners))
+
+
 def source_specs(cfg: RunConfig) -> dict[str, SourceSpec]:
     """Each stream's SourceSpec, by stream id (stream_sources), policies resolved."""
     src = cfg.source
@@ -394,12 +460,18 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
             raise ValueError(f"--annotate: source {sources[sid].url!r} is not a video file; annotated videos "
                              "re-decode the source, which a live stream cannot give again")
 
-    directory = Path(tempfile.mkdtemp(prefix="maskstream-", dir=cfg.transport.endpoint_dir))
-    tag = f"maskstream-{os.getpid()}-{directory.name.rsplit('-', 1)[-1]}"
+    directory = run_folder(cfg.transport.endpoint_dir)
+    # Named after this process (the owner, which removes them at the end), so that the rings a killed
+    # run leaves are found and removed by the next (remove_dead_runs).
+    tag = f"{owner_tag()}-{directory.name.rsplit('-', 1)[-1]}"
     rings: list[Ring] = []
 
     def endpoint(name: str) -> str:
-        return f"ipc://{directory / name}"
+        path = directory / name
+        if len(os.fsencode(path)) > IPC_PATH_MAX:
+            raise ValueError(f"transport.endpoint_dir: the socket path {path} is longer than the {IPC_PATH_MAX} bytes "
+                             "an ipc:// address may have; choose a shorter folder")
+        return f"ipc://{path}"
 
     def ring(name: str, slot_bytes: int) -> str:
         rings.append(Ring.create(f"{tag}-{name}", cfg.transport.ring_slots, slot_bytes))
@@ -455,12 +527,15 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
                         for sid in ids)
         # The journal (docs/delivery.md) is the --out JSONL, or a file of its own in the run's folder.
         journal = out.jsonl if out.jsonl is not None else directory / "journal.jsonl"
+        curve = publish_curve(out)
         specs.append(StageSpec(
             publish.main, publish.PublishConfig(outputs, journal, out.coco),
-            wiring("publish.0", inbox=publish_in, publish=out.publish, limits=limits("Detections"))))
+            wiring("publish.0", inbox=publish_in, publish=out.publish, limits=limits("Detections"),
+                   publish_curve=curve)))
     except BaseException:
         for r in rings:
             r.close(unlink=True)
+        shutil.rmtree(directory, ignore_errors=True)
         raise
     return Plan(specs, reports, ids, rings, directory, sources)
 
@@ -472,6 +547,37 @@ def message_limits(cfg: RunConfig, contract: InferenceContract, streams: tuple[s
 
     return Limits(streams=streams, max_frame_side=cfg.transport.max_frame_side, input_hw=contract.input_hw,
                   detections=contract.detections, class_names=contract.class_names, same_host=True)
+
+
+def publish_curve(outputs: OutputOptions) -> CurveServer | None:
+    """The publisher's CurveZMQ keys, checked (ValueError naming the key or folder), or None."""
+    if outputs.publish_key is None and outputs.publish_clients is None:
+        return None
+    if outputs.publish_key is None or outputs.publish_clients is None:
+        raise ValueError("outputs.publish_key (--publish-key) and outputs.publish_clients (--publish-clients) go "
+                         "together: the publisher's secret key, and the public keys of the subscribers let in")
+    if outputs.publish is None:
+        raise ValueError("outputs.publish_key: CurveZMQ keys, but nothing is published (no --publish)")
+    from maskstream.pipeline.runtime.transport import curve_server  # zmq: only where keys are given
+
+    return curve_server(outputs.publish_key, outputs.publish_clients)
+
+
+_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def publish_exposure(endpoint: str) -> str | None:
+    """Where beyond this host a publish endpoint can be reached: "every network interface", "ADDRESS";
+    None for loopback tcp and for ipc/inproc, which no other host reaches."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return None
+    host = address.rsplit(":", 1)[0] if transport == "tcp" else address
+    if host in ("*", "0.0.0.0", "::", "[::]", "[*]"):
+        return "every network interface"
+    if transport == "tcp" and (host in _LOOPBACK_HOSTS or host.startswith("127.")):
+        return None
+    return host or endpoint
 
 
 def _annotate_path(path: Path, stream_id: str, count: int) -> Path:

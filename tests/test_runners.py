@@ -449,13 +449,13 @@ def test_cli_doctor_lists_every_piece(capsys):
     lines = capsys.readouterr().out.splitlines()
     names = [line.split("  ")[0].strip() for line in lines]
     assert names == ["torch", "CUDA", "Triton", "TensorRT", "torch-tensorrt", "PyAV", "ZeroMQ", "OpenCV",
-                     "pycocotools", "runner"]
+                     "pycocotools", "runner", "leftovers"]
     text = "\n".join(lines)
     assert torch.__version__ in lines[0]
     if NO_TENSORRT:
         assert [line for line in lines if line.startswith("TensorRT ")][0].endswith("not installed")
     expected = "TorchRunner on cuda" if torch.cuda.is_available() else "TorchRunner on cpu"
-    assert expected in lines[-1], text
+    assert expected in lines[-2], text
 
 
 # ----------------------------------------------------------------------------- the stub trap

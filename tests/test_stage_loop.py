@@ -1,11 +1,15 @@
 """The stage loop's own process behaviour, over real sockets in a real spawned process."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from maskstream.pipeline.runtime.messages import Frame, Header, LostFrame, StageReport, StageStamp
 from maskstream.pipeline.runtime.stage import BlackBox, Source, Stage, Wiring, run_stage
 from maskstream.pipeline.runtime.supervisor import Supervisor
@@ -33,6 +37,29 @@ class SlowToMake:
     def __call__(self) -> Idle:
         time.sleep(self.seconds)
         return Idle()
+
+
+class BusyForAMinute(Stage):
+    """Sleeps a minute in process() (a long forward); marks its files so that a test sees it got
+    there and that close() ran. swallow: catches everything, BaseException included, as a careless
+    library might."""
+
+    def __init__(self, folder: Path, swallow: bool):
+        self.folder, self.swallow = folder, swallow
+
+    def process(self, message):
+        (self.folder / "inside").touch()
+        if not self.swallow:
+            time.sleep(60)
+            return None
+        try:
+            time.sleep(60)
+        except BaseException:  # noqa: B036 - the point of this stage
+            pass
+        return None
+
+    def close(self):
+        (self.folder / "closed").touch()
 
 
 class Echo(Stage):
@@ -173,3 +200,39 @@ def test_the_black_box_is_empty_while_idle_and_keeps_long_stream_ids_whole():
     assert box.read() == ("camera-" + "x" * 100, 12345678901, 3.25)
     box.write(None)
     assert box.read() is None
+
+
+@pytest.mark.parametrize("swallow", [False, True], ids=["plain", "swallowing-stage"])
+def test_sigterm_inside_process_stops_the_stage_at_once_and_runs_close(tmp_path, swallow):
+    """SIGTERM while process() works: the per-message error handling (which logs and skips a message
+    whose processing raises) must not take the stop for an error and serve on; a stage that itself
+    swallows the stop's exception still leaves as soon as process() returns."""
+    inbox = ReportInbox(f"ipc://{tmp_path}/reports")
+    wiring = Wiring(stage="busy.0", reports=f"ipc://{tmp_path}/reports", inbox=f"ipc://{tmp_path}/inbox",
+                    heartbeat_s=HEARTBEAT_S, parent_pid=os.getpid())
+    make = functools.partial(BusyForAMinute, tmp_path, swallow)
+    process = multiprocessing.get_context("spawn").Process(target=run_stage, args=(make, wiring))
+    process.start()
+    outbox = Outbox([wiring.inbox], hwm=4)
+    try:
+        frames, _ = pack(Frame(Header("s", 0), np.zeros((4, 4, 3), np.uint8)))
+        assert outbox.send(frames, block=True)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "inside").exists():
+            assert time.monotonic() < deadline and process.is_alive(), "the stage never got into process()"
+            time.sleep(0.05)
+        time.sleep(0.2)  # well inside the sleep
+        stopped_at = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(15)
+        took = time.monotonic() - stopped_at
+        assert not process.is_alive(), "SIGTERM inside process() was swallowed: the stage serves on"
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
+        outbox.close()
+        inbox.close()
+    assert process.exitcode == 0
+    assert took < 5.0  # the minute of process() is cut short; only the process's own exit remains
+    assert (tmp_path / "closed").exists(), "close() did not run"

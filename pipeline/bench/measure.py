@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 from maskstream.pipeline.client import Subscriber
-from maskstream.pipeline.run_config import ChosenModel, RunConfig, plan
+from maskstream.pipeline.run_config import ChosenModel, RunConfig, plan, run_folder
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, MessageError, StageReport, StageStamp
 from maskstream.pipeline.runtime.metrics import MetricsBoard
 from maskstream.pipeline.runtime.supervisor import RunReport, Supervisor
@@ -133,7 +132,7 @@ def measure(cfg: RunConfig, sample_s: float = 0.5, drain_s: float = 3.0,
     board: collects the stages' metrics; log_level and model: as for run_config.plan."""
     folder = None
     if cfg.outputs.publish is None:  # the bench's own PUB endpoint, beside nothing else
-        folder = Path(tempfile.mkdtemp(prefix="maskstream-bench-", dir=cfg.transport.endpoint_dir))
+        folder = run_folder(cfg.transport.endpoint_dir, prefix="maskstream-bench-")  # a killed bench's goes too
         cfg = dataclasses.replace(cfg, outputs=dataclasses.replace(cfg.outputs, publish=f"ipc://{folder / 'out'}"))
     assert cfg.outputs.publish is not None
     the_plan = plan(cfg, log_level, model)

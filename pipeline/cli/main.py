@@ -208,6 +208,11 @@ def doctor(args: argparse.Namespace) -> int:
         "torch-cpu": "TorchRunner on cpu (no --engine given, no CUDA device)",
     }[choice]
     rows.append(("runner", runner))
+    from maskstream.pipeline.run_config import remove_dead_runs
+
+    leftovers = remove_dead_runs(args.endpoint_dir)
+    rows.append(("leftovers", f"removed {leftovers.describe()}" if leftovers
+                 else "none (no shared-memory rings or socket folders of dead runs)"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -279,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging(eng)
     eng.set_defaults(func=build_engine_command)
 
-    doc = subcommand(sub, "doctor", "show which optional pieces are installed and which runner would be used",
-                     DOCTOR_EXAMPLES)
+    doc = subcommand(sub, "doctor", "show which optional pieces are installed and which runner would be used; "
+                     "remove what killed runs left (shared memory, socket folders)", DOCTOR_EXAMPLES)
     doc.add_argument("--engine", type=Path, help="an engine file, to show the runner it would get")
+    doc.add_argument("--endpoint-dir", type=Path,
+                     help="where runs make their socket folders (transport.endpoint_dir; default: the system's "
+                          "temporary folder): dead runs' folders there, and their rings, are removed")
     add_logging(doc)
     doc.set_defaults(func=doctor)
     add_run_parsers(sub)

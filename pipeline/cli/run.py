@@ -17,6 +17,9 @@ failed during the run (the others and the results already written are kept; the 
 it); 2 refused at start (bad source, option, model or existing output); 3 a stage kept failing;
 130 interrupted (after a clean drain of the offline streams).
 
+Before it plans the run, it removes what runs killed without a chance to clean up left on the
+machine (shared-memory rings, socket folders: pipeline.run_config.remove_dead_runs), and says so.
+
 Settings: configs/pipeline.yaml (pipeline.run_config.RunConfig) and `--set key=value`; a key
 under model. that is not a ModelSelection field overrides the model config
 (`--set model.roi_heads.score_thresh=0.0`).
@@ -71,6 +74,11 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--coco", type=Path, help="COCO results JSON")
     p.add_argument("--annotate", type=Path, help="annotated video (file sources only)")
     p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--publish-key", type=Path, metavar="FILE",
+                   help="CurveZMQ: the publisher's secret key file (NAME.key_secret); encrypts the published "
+                        "results and lets in only the subscribers of --publish-clients")
+    p.add_argument("--publish-clients", type=Path, metavar="DIR",
+                   help="CurveZMQ: folder of the public key files (*.key) of the subscribers let in")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--workers", type=int, help="preprocess and postprocess processes, each (default: config's, 1)")
     p.add_argument("--max-frames", type=int, metavar="N",
@@ -121,6 +129,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "outputs.annotate": args.annotate, "outputs.publish": args.publish, "outputs.metrics_port": args.metrics_port,
         "model.name": args.model, "model.config": args.model_config, "model.checkpoint": args.checkpoint,
         "model.engine": args.engine, "model.device": args.device, "model.precision": args.precision,
+        # bench (which shares this function) has no CurveZMQ options
+        "outputs.publish_key": getattr(args, "publish_key", None),
+        "outputs.publish_clients": getattr(args, "publish_clients", None),
     }
     cfg = load_config(RunConfig, args.config, pipeline_sets)
     for key, value in flags.items():
@@ -175,34 +186,40 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         log.info("run directory: %s", out_dir)
     _describe_streams(specs, probes)
-    from maskstream.pipeline.run_config import plan
+    from maskstream.pipeline.run_config import plan, remove_dead_runs
 
+    leftovers = remove_dead_runs(cfg.transport.endpoint_dir)
+    if leftovers:
+        log.info("removed %s", leftovers.describe())
     try:
         the_plan = plan(cfg, args.log_level, chosen)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    board = MetricsBoard()
-    server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
-    totals = {sid: probe.frames for sid, probe in probes.items()}
-    live = {sid for sid, probe in probes.items() if probe.policy == "live"}
-    progress = Progress(enabled=not args.quiet, every_s=args.progress_every)
-    watcher = RunProgress(progress, totals, live, board)
-    rate = SteadyRate()
+    try:  # whatever happens from here, a run that ends leaves no ring and no socket folder behind
+        _exposure_warning(cfg)  # after plan: its keys are checked
+        board = MetricsBoard()
+        server = MetricsServer(cfg.outputs.metrics_port, board.render).start() if cfg.outputs.metrics_port else None
+        totals = {sid: probe.frames for sid, probe in probes.items()}
+        live = {sid for sid, probe in probes.items() if probe.policy == "live"}
+        progress = Progress(enabled=not args.quiet, every_s=args.progress_every)
+        watcher = RunProgress(progress, totals, live, board)
+        rate = SteadyRate()
 
-    def watch(supervisor: Supervisor) -> None:
-        watcher(supervisor)
-        rate.update(supervisor)
+        def watch(supervisor: Supervisor) -> None:
+            watcher(supervisor)
+            rate.update(supervisor)
 
-    supervisor = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board)
-    try:
-        with _redirect_logging(progress):
-            report = supervisor.run(watch)
-        watcher(supervisor, force=True)  # where every stream ended
+        supervisor = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor, board)
+        try:
+            with _redirect_logging(progress):
+                report = supervisor.run(watch)
+            watcher(supervisor, force=True)  # where every stream ended
+        finally:
+            progress.close()
+            if server is not None:
+                server.close()
     finally:
-        progress.close()
-        if server is not None:
-            server.close()
         the_plan.close()
     code = _summary(report, the_plan.source_specs, rate)
     from maskstream.pipeline.run_config import output_files
@@ -330,6 +347,23 @@ class _redirect_logging:
     def __exit__(self, *exc: Any) -> None:
         if self._context is not None:
             self._context.__exit__(*exc)
+
+
+def _exposure_warning(cfg: RunConfig) -> None:
+    """A publish endpoint other hosts can reach is a decision: say so, naming the address."""
+    from maskstream.pipeline.run_config import publish_exposure
+
+    out = cfg.outputs
+    where = publish_exposure(out.publish) if out.publish is not None else None
+    if where is None:
+        return
+    if out.publish_key is not None:
+        how = (f"encrypted with CurveZMQ, and only the subscribers whose public keys are in {out.publish_clients} "
+               "are let in")
+    else:
+        how = ("unencrypted: anyone who can reach this host there reads every result (use tcp://127.0.0.1:PORT "
+               "for this host only, or --publish-key and --publish-clients for CurveZMQ)")
+    log.warning("--publish %s listens on %s, %s", out.publish, where, how)
 
 
 def _sample_score(truth: Path, results: Path) -> str:

@@ -2,7 +2,8 @@
 
 Part of the CLI, so it may print and choose exit statuses: one JSON line per message on
 stdout (format: docs/schema.md), a summary of received/missed frames per stream on stderr.
-Ctrl-C ends it normally (exit 0) with the files closed and the summary printed.
+Ctrl-C ends it normally (exit 0) with the files closed and the summary printed. A publisher
+with CurveZMQ keys needs --server-key and --client-key (README: Publishing beyond this host).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="exit with status 1 after this long without a message"
     )
+    parser.add_argument("--server-key", type=Path, metavar="FILE",
+                        help="CurveZMQ: the publisher's public key file (NAME.key), for a pipeline run with "
+                             "--publish-key; with --client-key")
+    parser.add_argument("--client-key", type=Path, metavar="FILE",
+                        help="CurveZMQ: this subscriber's secret key file (NAME.key_secret), whose public key is "
+                             "among the publisher's --publish-clients")
     add_logging(parser)
     parser.set_defaults(func=subscribe)
 
@@ -57,7 +64,8 @@ def subscribe(args: argparse.Namespace) -> int:
     from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
 
     status = 0
-    with Subscriber(args.endpoint, streams=args.streams, timeout_s=args.timeout) as sub:
+    with Subscriber(args.endpoint, streams=args.streams, timeout_s=args.timeout, server_key=args.server_key,
+                    client_key=args.client_key) as sub:
         try:
             writer = JsonlWriter(args.out) if args.out else None
         except OutputError as exc:

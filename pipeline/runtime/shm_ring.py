@@ -17,8 +17,12 @@ Layout of the segment:
 
 Ownership and cleanup: whoever calls `Ring.create` (the supervisor) owns the segment and
 unlinks it (`close(unlink=True)`). Processes started with multiprocessing share the
-creator's resource tracker, so if the owner dies without unlinking, the tracker unlinks
-the segment once every process that knew about it has exited: no /dev/shm leaks.
+creator's resource tracker, so if the owner alone dies without unlinking, the tracker unlinks
+the segment once every process that knew about it has exited. A SIGKILL of the whole process
+group takes the tracker too, and the segments (RAM, in /dev/shm) would stay until reboot: so a
+run names what it leaves on the machine after its owner (`owner_tag`: the process id and its
+start time, which tells a reused process id apart), and `remove_dead_rings` removes the segments
+whose owner has gone (`maskstream run` and `maskstream doctor` call it).
 
 Slots and failures: the producer marks a slot busy, the consumer marks it free. A consumer
 that dies leaves its slots busy; the producer reclaims the oldest slot once the ring has
@@ -30,15 +34,19 @@ free a slot early. Reclaims happen only after seconds of a full ring, so this is
 """
 from __future__ import annotations
 
+import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Ring", "RingFull", "RingReaders", "SlotReclaimed", "SlotRef"]
+__all__ = ["Ring", "RingFull", "RingReaders", "SlotReclaimed", "SlotRef", "owner_alive", "owner_of", "owner_tag",
+           "remove_dead_rings"]
 
 _MAGIC = 0x4D534B52494E4731  # "MSKRING1"
 _META_FIELDS = 3  # generation, busy, written_at_ns
@@ -273,3 +281,82 @@ class RingReaders:
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+
+
+# ---------------------------------------------------------------------------- owners of what a run leaves
+
+SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory, one file per segment
+# maskstream-PID-START-...: START is the owner's start time in clock ticks after boot (0 where the
+# system does not say). Names from before START was added (maskstream-PID-random-...) match with PID alone.
+_OWNED = re.compile(r"maskstream-(\d+)(?:-(\d+))?(?:-|$)")
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """'maskstream-PID-START': the prefix of every ring a run makes, and what its socket folder's
+    owner file says (pipeline.run_config.run_folder), naming the owner: the process that creates
+    them and removes them at the end (the supervisor's)."""
+    pid = os.getpid() if pid is None else pid
+    return f"maskstream-{pid}-{_process_start(pid) or 0}"
+
+
+def owner_of(name: str) -> tuple[int, int | None] | None:
+    """(pid, start time or None) of the owner a ring's or folder's name carries; None for other names."""
+    match = _OWNED.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) is not None else None
+
+
+def owner_alive(pid: int, start: int | None) -> bool:
+    """Whether the process that made a name is still running: its pid exists, is no zombie, and
+    (when the name says) started when the name says, so a pid reused by another process counts as gone."""
+    started = _process_start(pid)
+    if started is None:
+        return False
+    return start is None or not started or not start or started == start
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, from /proc); 0 where this system does not
+    say; None when there is no such process or only its zombie is left."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except OSError:
+        return 0  # exists, but cannot be read: alive as far as we can tell
+    else:
+        # after the command name, which may hold spaces and parentheses: state is field 3, starttime 22
+        fields = stat[stat.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    try:  # no /proc: the pid alone
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+def remove_dead_rings(shm_dir: Path = SHM_DIR) -> list[tuple[str, int]]:
+    """Remove the ring segments whose owner has gone (a run killed with its whole process group);
+    (name, bytes) of each removed. Another user's segments, and anything this process may not
+    remove, stay. Where the system keeps no /dev/shm, nothing is found."""
+    removed = []
+    try:
+        names = sorted(os.listdir(shm_dir))
+    except OSError:
+        return []
+    for name in names:
+        owner = owner_of(name)
+        if owner is None or owner_alive(*owner):
+            continue
+        path = shm_dir / name
+        try:
+            size = path.stat().st_size
+            path.unlink()  # shm_unlink: the memory goes once no process maps it
+        except OSError:
+            continue
+        removed.append((name, size))
+    return removed

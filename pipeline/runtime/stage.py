@@ -36,7 +36,8 @@ raises is counted and logged, and the loop goes on. Either way the frame is repo
 the supervisor sends it again (docs/delivery.md); the frame being worked on is also kept in the
 process's `BlackBox`, which the supervisor reads if the process dies. Signals: SIGINT is ignored
 (the supervisor decides; a terminal's Ctrl-C reaches the whole process group), SIGTERM stops the
-loop at once (close() still runs), SIGUSR1 asks a source to drain. A stage whose parent (the
+loop at once, even inside process() (StageStopped is no Exception: per-message error handling never
+catches it), and close() still runs; SIGUSR1 asks a source to drain. A stage whose parent (the
 supervisor) has died stops too.
 
 A process's arrays must not outlive `process()`: ring slots are released right after it.
@@ -81,7 +82,16 @@ from maskstream.pipeline.runtime.metrics import (
     StageMetrics,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders
-from maskstream.pipeline.runtime.transport import Inbox, Outbox, Publisher, ReportSender, pack, terminate, unpack
+from maskstream.pipeline.runtime.transport import (
+    CurveServer,
+    Inbox,
+    Outbox,
+    Publisher,
+    ReportSender,
+    pack,
+    terminate,
+    unpack,
+)
 
 __all__ = ["BlackBox", "OutputBuffers", "Source", "Stage", "StageStopped", "Wiring", "run_source", "run_stage"]
 
@@ -176,8 +186,14 @@ class OutputBuffers:
         return np.frombuffer(view, dtype=np.uint8).reshape(shape)
 
 
-class StageStopped(Exception):
-    """SIGTERM: leave the loop now."""
+class StageStopped(BaseException):
+    """SIGTERM (or the supervisor's death): leave the loop now.
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` catches it: the loop's
+    own per-message handler (a message whose processing raises is logged and skipped) would
+    otherwise take a stop that lands inside process() for a bad message and serve on, and so would
+    any library a stage calls. The handler also records the stop (`_stopping`), which the loop
+    checks between messages, in case something catches BaseException and does not re-raise."""
 
 
 Identity = tuple[str, int, float]  # (stream_id, seq, decoded_at): one frame of one decoder life
@@ -248,6 +264,7 @@ class Wiring:
     inbox: str | None = None  # bound here (PULL)
     outboxes: tuple[str, ...] = ()  # every instance of the next stage (PUSH)
     publish: str | None = None  # PUB endpoint bound here (the publish stage)
+    publish_curve: CurveServer | None = None  # its CurveZMQ keys (None: plain)
     ring: str | None = None  # this stage's shared-memory ring for the pixel buffers it sends
     hwm: int = 4
     heartbeat_s: float = 0.5
@@ -287,8 +304,20 @@ def _setup_process(wiring: Wiring) -> None:
         torch.set_flush_denormal(True)
 
 
+_stopping = threading.Event()  # set once by the first SIGTERM; the loops leave when they see it
+
+
 def _raise_stopped(signum: int, frame: Any) -> None:
+    if _stopping.is_set():
+        return  # already stopping: a second SIGTERM must not break into close()
+    _stopping.set()
     raise StageStopped(f"signal {signum}")
+
+
+def _check_stopped() -> None:
+    """Raise StageStopped if a stop arrived and something swallowed its exception."""
+    if _stopping.is_set():
+        raise StageStopped("stopped")
 
 
 def _supervisor_gone(wiring: Wiring) -> bool:
@@ -389,7 +418,7 @@ class _Loop:
         self.tainted: set[Identity] = set()
         self.inbox = Inbox(wiring.inbox, wiring.hwm, wiring.limits.max_part_bytes()) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
-        self.publisher = Publisher(wiring.publish, 1000) if wiring.publish else None
+        self.publisher = Publisher(wiring.publish, 1000, wiring.publish_curve) if wiring.publish else None
         self.ring = Ring.attach(wiring.ring) if wiring.ring else None
         if self.ring is not None:
             self.ring.reclaim_all()  # slots of a previous life of this stage are stale
@@ -590,6 +619,7 @@ def run_stage(make: Callable[[], Stage], wiring: Wiring) -> None:
     try:
         loop.report(force=True)
         while True:
+            _check_stopped()
             idle = stage.idle_timeout_s
             frames = loop.inbox.recv(min(wiring.heartbeat_s, idle) if idle is not None else wiring.heartbeat_s)
             start = time.monotonic()
@@ -649,6 +679,7 @@ def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
         loop.report(force=True)
         messages = source.messages()
         while True:
+            _check_stopped()
             # Reading (a file, a camera that reconnects) is this stage's work; waiting for a ring
             # slot inside it is not (OutputBuffers calls loop.waiting), nor is sending.
             loop.working("reading its source")
@@ -666,6 +697,7 @@ def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
         # its receiver has not read yet (those still in the kernel's socket buffer), so a
         # decoder that exited right after its EndOfStream would lose its last frames.
         while True:
+            _check_stopped()
             loop.report(force=True)
             time.sleep(wiring.heartbeat_s)
     except StageStopped:

@@ -7,7 +7,9 @@ Sockets (endpoints on loopback: ipc:// paths or tcp://127.0.0.1):
   messages over them round-robin, skipping a peer whose queue is full). SNDHWM/RCVHWM are
   small and explicit: when the queues are full a send waits, which is the back-pressure
   that keeps an offline pipeline lossless; a live decoder sends with `block=False` and drops.
-- `Publisher`: the PUB socket of the output, topic = stream id, plain `messages.encode` frames.
+- `Publisher`: the PUB socket of the output, topic = stream id, plain `messages.encode` frames;
+  with `CurveServer` keys, CurveZMQ: encrypted, and only subscribers whose public key is in the
+  authorised folder get anything (zmq.auth's authenticator, a thread of the publish process).
 - `ReportSender` / `ReportInbox`: stage -> supervisor heartbeats (`StageReport`).
 
 Internal wire (between stages only): [topic, header, slots, buffers...] where `slots` is a
@@ -22,11 +24,15 @@ stage reads, and every field is checked against the run's `messages.Limits`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
+import zmq.auth.certs
 from maskstream.pipeline.runtime.messages import (
     UNBOUNDED,
     Limits,
@@ -42,12 +48,15 @@ from maskstream.pipeline.runtime.metrics import MetricsSnapshot
 from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders, SlotReclaimed, SlotRef
 
 __all__ = [
+    "CurveServer",
     "Inbox",
     "Outbox",
     "Publisher",
     "ReportInbox",
     "ReportSender",
     "Received",
+    "curve_server",
+    "load_keypair",
     "pack",
     "terminate",
     "unpack",
@@ -233,25 +242,78 @@ class Outbox:
         self.socket.close(linger=0)
 
 
-class Publisher:
-    """PUB, bound; subscribers connect. Plain `messages.encode` frames (never ring slots)."""
+@dataclass(frozen=True)
+class CurveServer:
+    """CurveZMQ keys of the publisher: its secret key file and the folder of the public key files of
+    the subscribers it lets in (both in zmq.auth's format: zmq.auth.create_certificates writes NAME.key,
+    the public key, and NAME.key_secret, both keys). Made by `curve_server`, which checks them."""
 
-    def __init__(self, endpoint: str, hwm: int):
+    secret_key: Path
+    clients: Path
+
+
+def load_keypair(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) Z85 keys of a zmq.auth key file; secret=True: the file must hold the secret key
+    too (NAME.key_secret). ValueError naming the file when it cannot be read or holds no such key."""
+    try:
+        public, secret_key = zmq.auth.certs.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CurveZMQ key file ({exc}); make keys with "
+                         "python -c \"import zmq.auth; zmq.auth.create_certificates('DIR', 'NAME')\"") from None
+    if secret and secret_key is None:
+        raise ValueError(f"{path}: holds only a public key; expected the secret key file (NAME.key_secret)")
+    return public, secret_key
+
+
+def curve_server(secret_key: Path, clients: Path) -> CurveServer:
+    """CurveServer keys, checked: the publisher's secret key file, and a folder that holds at least
+    one client public key (*.key). ValueError naming what is wrong."""
+    load_keypair(secret_key, secret=True)
+    if not clients.is_dir():
+        raise ValueError(f"{clients}: expected a folder of the authorised subscribers' public key files (*.key)")
+    if not zmq.auth.certs.load_certificates(clients):
+        raise ValueError(f"{clients}: no public key files (*.key) in it: no subscriber could get in")
+    return CurveServer(secret_key, clients)
+
+
+class Publisher:
+    """PUB, bound; subscribers connect. Plain `messages.encode` frames (never ring slots).
+    With `curve`, CurveZMQ (see CurveServer); the authenticator reads the client keys at start."""
+
+    def __init__(self, endpoint: str, hwm: int, curve: CurveServer | None = None):
         self.endpoint = endpoint
+        self.auth: Any = None  # zmq.auth.thread.ThreadAuthenticator, with curve
         self.socket = _context().socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.LINGER, 1000)
         try:
+            if curve is not None:
+                public, secret = load_keypair(curve.secret_key, secret=True)
+                from zmq.auth.thread import ThreadAuthenticator  # asyncio and more: only where it is used
+
+                # Before the bind: a handshake that finds no authenticator is let through.
+                self.auth = ThreadAuthenticator(_context(), log=logging.getLogger("maskstream.publish.curve"))
+                self.auth.start()
+                self.auth.configure_curve(domain="*", location=str(curve.clients))
+                self.socket.curve_secretkey = secret
+                self.socket.curve_publickey = public
+                self.socket.curve_server = True
             self.socket.bind(endpoint)
         except zmq.ZMQError as exc:
-            self.socket.close(linger=0)
+            self.close(linger=0)
             raise ValueError(f"publish endpoint {endpoint!r}: cannot bind ({exc})") from None
+        except BaseException:
+            self.close(linger=0)
+            raise
 
     def send(self, message: Message) -> None:
         self.socket.send_multipart(encode(message), copy=False)
 
-    def close(self) -> None:
-        self.socket.close()
+    def close(self, linger: int | None = None) -> None:
+        self.socket.close(linger=linger)
+        if self.auth is not None:
+            self.auth.stop()  # its sockets are on the context, which must be without sockets to end
+            self.auth = None
 
 
 class ReportSender:
