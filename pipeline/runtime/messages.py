@@ -303,19 +303,19 @@ class Limits:
                 if k is None or side is None:
                     return None
                 # The header carries every instance's RLE and class name.
-                largest = max(largest, _HEADER_BYTES + k * (_rle_max_bytes(side, side, m) + 4 * MAX_NAME_CHARS))
+                largest = max(largest, _HEADER_BYTES + k * (int(_rle_max_bytes(side, side, m)) + 4 * MAX_NAME_CHARS))
         return largest + _MARGIN_BYTES
 
 
 UNBOUNDED = Limits()  # a message's own consistency only: what a reader without a run's limits checks
 
 
-def _rle_max_bytes(height: int, width: int, mask_size: int) -> int:
+def _rle_max_bytes(height: Any, width: Any, mask_size: int) -> Any:
     """The longest compressed RLE of a height x width crop of a pasted mask. A column of the crop is
     the M x M mask (M + 2 with the paste's padding) interpolated linearly between rows, so it crosses
     the threshold at most M + 1 times: at most M + 2 runs per column, doubled for rounding's sake,
     and never more than one run per pixel. A count takes at most 7 characters of 5 bits."""
-    return 7 * (min(height * width, (2 * mask_size + 6) * width) + 1)
+    return 7 * (np.minimum(height * width, (2 * mask_size + 6) * width) + 1)
 
 
 def topic_of(message: Message) -> bytes:
@@ -610,10 +610,15 @@ def _check_detections(m: Detections, limits: Limits) -> None:
             _fail(("class_names", i), f"{m.class_names[i][:MAX_NAME_CHARS]!r} is not the name of label {labels[i]}")
     elif any(len(name) > MAX_NAME_CHARS for name in m.class_names):
         _fail(("class_names",), f"a name longer than {MAX_NAME_CHARS} characters")
-    size = limits.mask_size
-    for i, (counts, (x0, y0, x1, y1)) in enumerate(zip(m.rle_counts, m.crop_boxes.tolist())):
-        if len(counts) > _rle_max_bytes(y1 - y0, x1 - x0, size) or counts.translate(None, _RLE_CHARS):
-            _fail(("rle_counts", i), f"not the compressed RLE of a {y1 - y0}x{x1 - x0} crop")
+    if n:  # all at once, in numpy (crop boxes lie inside the frame: their products fit int64)
+        heights = (m.crop_boxes[:, 3] - m.crop_boxes[:, 1]).astype(np.int64)
+        widths = (m.crop_boxes[:, 2] - m.crop_boxes[:, 0]).astype(np.int64)
+        longest = _rle_max_bytes(heights, widths, limits.mask_size)
+        lengths = np.fromiter(map(len, m.rle_counts), np.int64, n)
+        if (lengths > longest).any() or b"".join(m.rle_counts).translate(None, _RLE_CHARS):
+            i = next(i for i, counts in enumerate(m.rle_counts)
+                     if lengths[i] > longest[i] or counts.translate(None, _RLE_CHARS))
+            _fail(("rle_counts", i), f"not the compressed RLE of a {heights[i]}x{widths[i]} crop")
 
 
 def _check_end_of_stream(m: EndOfStream, limits: Limits) -> None:
