@@ -366,11 +366,26 @@ def test_a_restarted_publish_goes_on_with_its_journal_and_remakes_the_files(tmp_
         stage.process(message)
     stage.close()
 
-    first = _publish(crash_dir, video)
-    for message in (messages[1], messages[0], messages[2], messages[4]):  # 4 is held, waiting for 3
-        first.process(message)
-    # killed: nothing closed, and the last line cut short by the kill
-    (crash_dir / "r.jsonl").open("a").write('{"kind":"Detections","stream_id":"cam0","se')
+    # The first life runs in a child process that is killed (SIGKILL): nothing closed, nothing
+    # flushed, and the last line cut short. In this process its open writers would outlive it.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            first = _publish(crash_dir, video)
+            for message in (messages[1], messages[0], messages[2], messages[4]):  # 4 is held, waiting for 3
+                first.process(message)
+            with (crash_dir / "r.jsonl").open("a") as journal:
+                journal.write('{"kind":"Detections","stream_id":"cam0","se')
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if ended[0] == 0:  # a fork that inherited a held lock would hang: fail instead
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    status = ended[1]
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the first life ended with {status}"
     second = _publish(crash_dir, video, recover=True)
     assert second.progress()[0].next_seq == 3 and second.progress()[0].frames == 3
     for message in messages:  # a rewind from 0: the copies of what is done are dropped
