@@ -9,6 +9,7 @@ The fault frames are drawn at random from a seed printed with each case (MASKSTR
 replays one)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -125,10 +126,10 @@ def lines_in(path: Path, stream: str | None = None) -> int:
 
 
 def fault(run: subprocess.Popen, folder: Path, kind: str, at_line: int, rng: random.Random, sig: int,
-          timeout_s: float = 180) -> str:
-    """Once the run's JSONL has `at_line` lines (of stream a, for decode: its decoder is then
-    certainly mid-stream), send `sig` to one process of `kind`; its name."""
-    stream = "a" if kind == "decode" else None
+          timeout_s: float = 180, decoder: str = "a") -> str:
+    """Once the run's JSONL has `at_line` lines (of stream `decoder`, for decode: its decoder is then
+    certainly mid-stream), send `sig` to one process of `kind` (decode: `decoder`'s); its name."""
+    stream = decoder if kind == "decode" else None
     deadline = time.monotonic() + timeout_s
     while lines_in(folder / "r.jsonl", stream) < at_line:
         assert run.poll() is None, f"the run ended before line {at_line}: {run.communicate()}"
@@ -137,7 +138,7 @@ def fault(run: subprocess.Popen, folder: Path, kind: str, at_line: int, rng: ran
     while True:
         pids = stage_pids(run.pid, kind)
         if kind == "decode":
-            pids = {name: pid for name, pid in pids.items() if name == "decode.a"}
+            pids = {name: pid for name, pid in pids.items() if name == f"decode.{decoder}"}
         if pids:
             break
         assert time.monotonic() < deadline, f"no {kind} stage process found"
@@ -347,6 +348,19 @@ def test_lost_frame_reports_rewind_only_frames_of_the_current_decoder_life_not_y
     assert not supervisor.pending
 
 
+def test_a_live_decoder_started_again_numbers_on_after_every_frame_made_or_published():
+    spec = StageSpec(delivery_stages.source_main, delivery_stages.CountConfig("cam", 100),
+                     Wiring("decode.cam", "ipc:///nowhere"), stream_id="cam")
+    supervisor = Supervisor([spec], "ipc:///nowhere", ("cam",))
+    supervisor.publish = "publish.0"
+    supervisor.latest["publish.0"] = StageReport("publish.0", 1, 1.0, streams=(StreamProgress("cam", 8, 0, 10),))
+    supervisor.configs["decode.cam"] = dataclasses.replace(spec.config, resume_from=3)
+    assert supervisor._live_resume("decode.cam", ("cam", 14, 5.0)) == 15  # frames 10..14 were still on their way
+    assert supervisor._live_resume("decode.cam", None) == 10  # it made nothing: publish's next
+    supervisor.configs["decode.cam"] = dataclasses.replace(spec.config, resume_from=12)
+    assert supervisor._live_resume("decode.cam", None) == 12  # nor below where that life began
+
+
 # ----------------------------------------------------------------------------- the journal
 
 
@@ -424,26 +438,31 @@ def test_publish_recovers_a_frame_given_up_and_skips_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_live_a_killed_stage_costs_only_the_frames_in_flight_all_counted(tmp_path):
+def test_live_killed_stages_cost_only_the_frames_in_flight_all_counted(tmp_path):
     """Live, nothing is sent again: the frames inference held when it was killed, and those dropped
-    while it restarted, are counted (by publish, by decode); every frame is published or counted."""
-    frames = 480
-    clip = write_test_clip(tmp_path / "fast.mp4", frames=frames, size=(160, 120), fps=60)
+    while it restarted, are counted (by publish, by decode), and so on for the decoder and publish,
+    killed after it; every frame the source made is published or counted, once."""
+    frames = 600
+    clip = write_test_clip(tmp_path / "fast.mp4", frames=frames, size=(160, 120), fps=30)
     out = tmp_path / "r.jsonl"
     sets = [*TINY_MODEL_SETS, f"transport.endpoint_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", str(clip), "--policy", "live",
            "--out", str(out), *(x for s in sets for x in ("--set", s))]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        victim = fault(run, tmp_path, "infer", 10, random.Random(SEED), signal.SIGKILL)
+        victims = [fault(run, tmp_path, kind, at_line, random.Random(SEED), signal.SIGKILL, decoder="fast")
+                   for kind, at_line in (("infer", 5), ("decode", 15), ("publish", 25))]
         code, stdout, stderr = finish(run)
     finally:
         run.kill()
     assert code == 0, stderr
-    assert f"stage {victim} restarted 1 time(s)" in stdout and "rewound" not in stdout, stdout
+    for victim in victims:
+        assert f"stage {victim} restarted 1 time(s)" in stdout and "rewound" not in stdout, stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     end, published = lines[-1], lines[:-1]
-    assert end["kind"] == "EndOfStream" and end["seq"] == frames and not end["error"]
-    assert len(published) + sum(end["drops"].values()) == frames
+    # a file played live starts again from its first frame when its decoder restarts (numbered on)
+    assert end["kind"] == "EndOfStream" and end["seq"] >= frames and not end["error"]
+    assert len(published) + sum(end["drops"].values()) == end["seq"]
+    assert len({line["seq"] for line in published}) == len(published)
     for previous, line in zip(published, published[1:]):  # a gap in seq is exactly the drops counted in between
         assert line["seq"] - previous["seq"] - 1 == sum(line["drops"].values()) - sum(previous["drops"].values())

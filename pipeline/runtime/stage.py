@@ -31,10 +31,11 @@ forward): each says what the stage is working on since when. It survives bad inp
 message (every field is checked before use, against the run's limits in the Wiring, ring
 references against the run's rings the stage reads) is counted and logged with the socket and
 what was wrong (a flood: a few lines a window), a message whose processing
-raises is counted and logged, and the loop goes on. Either way the frame is reported lost
-(`LostFrame`), as is one whose ring slot its producer reclaimed while the stage used it, so that
-the supervisor sends it again (docs/delivery.md); the frame being worked on is also kept in the
-process's `BlackBox`, which the supervisor reads if the process dies. Signals: SIGINT is ignored
+raises is counted and logged, and the loop goes on. A message whose processing raised is reported
+lost (`LostFrame`), as is one whose ring slot its producer reclaimed while the stage used it, so that
+the supervisor sends it again (docs/delivery.md; a malformed one is not: the frame it claims to be
+cannot be trusted); the frame being worked on is also kept in the process's `BlackBox`, which the
+supervisor reads if the process dies. Signals: SIGINT is ignored
 (the supervisor decides; a terminal's Ctrl-C reaches the whole process group), SIGTERM stops the
 loop at once, even inside process() (StageStopped is no Exception: per-message error handling never
 catches it), and close() still runs; SIGUSR1 asks a source to drain. A stage whose parent (the
@@ -416,6 +417,7 @@ class _Loop:
         # Frames whose input slot was reclaimed while the stage used it: what came of them is dropped
         # when the stage gives it out (the inference stage may hold a frame for a later batch).
         self.tainted: set[Identity] = set()
+        self.source = False  # a source's black box keeps the last frame it made, not the one it works on
         self.inbox = Inbox(wiring.inbox, wiring.hwm, wiring.limits.max_part_bytes()) if wiring.inbox else None
         self.outbox = Outbox(wiring.outboxes, wiring.hwm) if wiring.outboxes else None
         self.publisher = Publisher(wiring.publish, 1000, wiring.publish_curve) if wiring.publish else None
@@ -453,13 +455,19 @@ class _Loop:
 
     def working(self, what: str, frame: Identity | None = None) -> None:
         self.reporter.activity = (what, time.monotonic())
-        if self.wiring.blackbox is not None:
+        if self.wiring.blackbox is not None and not self.source:
             self.wiring.blackbox.write(frame)
 
     def idle(self) -> None:
         self.reporter.activity = ("", 0.0)
-        if self.wiring.blackbox is not None:
+        if self.wiring.blackbox is not None and not self.source:
             self.wiring.blackbox.write(None)
+
+    def made(self, frame: Identity) -> None:
+        """A source's latest frame, kept in its black box: a live decoder started again after its
+        death numbers its frames on after every one the dead one made (no seq is made twice)."""
+        if self.wiring.blackbox is not None:
+            self.wiring.blackbox.write(frame)
 
     def waiting(self) -> None:
         """Blocked for room downstream: no work of this stage (the watchdog's stall clock may run)."""
@@ -565,7 +573,7 @@ def _start(make: Callable[[_Loop], StageT], wiring: Wiring) -> tuple[_Loop, Stag
 def _handle(loop: _Loop, action: Callable[[Message], Any], frames: list[Any], start: float) -> Sequence[Output]:
     """One received message through the stage's `action` (process, or overtaken). A function
     of its own so that nothing here (the input's arrays point into ring slots) outlives it.
-    A message that goes no further (malformed, its processing raised, its ring slot reclaimed
+    A valid message that goes no further (its processing raised, its ring slot was reclaimed
     while in use) is reported lost (docs/delivery.md)."""
     assert loop.inbox is not None
     loop.counts["received"] += 1
@@ -674,6 +682,7 @@ def _topic(frames: list[Any]) -> bytes:
 def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
     """Send a source's messages downstream until it ends; SIGUSR1 asks it to end early."""
     loop, source = _start(lambda loop: make(OutputBuffers(loop.ring, loop.waiting)), wiring)
+    loop.source = True
     signal.signal(signal.SIGUSR1, lambda signum, frame: source.stop())
     try:
         loop.report(force=True)
@@ -687,6 +696,7 @@ def run_source(make: Callable[[OutputBuffers], Source], wiring: Wiring) -> None:
             loop.idle()
             if message is None:
                 break
+            loop.made(_identity(message.header))
             start = time.monotonic()
             final = isinstance(message, EndOfStream)
             # Offline waits for room (lossless); live drops the frame (newest wins) and counts it.

@@ -132,6 +132,7 @@ class Supervisor:
         self.handled: set[tuple[int, str, int, float, str]] = set()  # lost-frame reports acted on
         self.hung: set[str] = set()  # killed for want of heartbeats
         self.boxes: dict[str, BlackBox] = {}  # what each process was working on, readable after its death
+        self.configs: dict[str, Any] = {}  # the config each process was started with
         self._rings: dict[str, Ring] = {}
         self._signature: Any = None
         self._last_move = 0.0
@@ -211,6 +212,7 @@ class Supervisor:
     def _start(self, name: str, config: Any = None) -> None:
         spec = self.specs[name]
         self.boxes[name] = BlackBox(self._context)
+        self.configs[name] = config or spec.config
         wiring = dataclasses.replace(spec.wiring, parent_pid=os.getpid(), blackbox=self.boxes[name])
         process = self._context.Process(target=spec.main, args=(config or spec.config, wiring), name=name,
                                         daemon=False)
@@ -268,20 +270,29 @@ class Supervisor:
             self.restarts[name] += 1
             log.warning("stage %s died (%s): restarting it", name, reason)
             spec = self.specs[name]
-            culprit = self.boxes[name].read()
-            died = f"{name} died ({reason})" + (f" working on {culprit[0]}#{culprit[1]}" if culprit else "")
+            culprit = self.boxes[name].read()  # a decoder's: the last frame it made
+            doing = "after making" if spec.stream_id is not None else "working on"
+            died = f"{name} died ({reason})" + (f" {doing} {culprit[0]}#{culprit[1]}" if culprit else "")
             if spec.stream_id is not None and spec.offline:
                 del self.processes[name]  # the rewind starts it again, at publish's resume point
                 self._lose([spec.stream_id], died)
-            elif spec.stream_id is not None:  # live: the new connection's frames number on from there
-                done = self.publish_progress().get(spec.stream_id)
-                self._start(name, dataclasses.replace(spec.config, resume_from=done.next_seq if done else 0))
+            elif spec.stream_id is not None:
+                self._start(name, dataclasses.replace(spec.config, resume_from=self._live_resume(name, culprit)))
             else:
                 self._reclaim(spec.reads)
                 self._start(name, self._publish_config() if name == self.publish else spec.config)
                 # Every stream is sent again; only the frame it died on (if any) counts towards giving up.
                 self._lose(sorted(self.offline), died, blame=[culprit[0]] if culprit else None)
         return ""
+
+    def _live_resume(self, name: str, made: tuple[str, int, float] | None) -> int:
+        """Where a live decoder started again numbers its frames from: after every frame the dead one
+        made (`made`: its black box) and publish saw, so that no seq is made twice (nor its drops
+        counted twice: docs/delivery.md, Live)."""
+        spec = self.specs[name]
+        assert spec.stream_id is not None
+        done = self.publish_progress().get(spec.stream_id)
+        return max(done.next_seq if done else 0, made[1] + 1 if made else 0, self.configs[name].resume_from)
 
     def _reclaim(self, rings: tuple[str, ...]) -> None:
         """Free the slots of rings a dead stage read: what it held (and what was queued for it) is
