@@ -265,6 +265,7 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                                     and received + end_drops == produced,
             "malformed": receiver.malformed,
         },
+        "stdout_tail": output.get("stdout", "")[-2000:],  # the run's summary
         "stderr_tail": output.get("stderr", "")[-3000:],
     }
 
