@@ -46,7 +46,7 @@ from tests.shared_data import DATA
 
 FAILOVER_GOAL_S = 10.0  # issue 16: a dead node's camera resumes this long after the death
 RUNTIME_CHANGE_S = 5.0  # a camera added or removed takes effect within this
-# A pipeline's cold start (spawning its stage processes, loading the model) on a loaded 2-core box
+# A pipeline's start (spawning its stage processes, loading the model) on a loaded 2-core box
 # takes from a few seconds to tens; waits for first results allow for it.
 FIRST_RESULT_S = 120.0
 
@@ -126,7 +126,7 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             for camera in ("cam0", "cam1"):
                 collector.wait(camera, lambda got: len(got) >= 5, FIRST_RESULT_S, f"{camera}'s first results")
             victim_name, acquired = holder(registry, "cam0")
-            cold_start = collector.messages("cam0")[0][0] - acquired  # lease to first result: a pipeline's start
+            pipeline_start = collector.messages("cam0")[0][0] - acquired  # lease to first result
             victim, survivor = (a, b) if victim_name == "a" else (b, a)
             cam1_before = len(collector.messages("cam1"))
 
@@ -140,11 +140,11 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             failover_s = first_new - killed
             print(f"camera failover: lease moved {lease_s:.2f} s after the SIGKILL, first new result "
                   f"{failover_s:.2f} s after it (goal {FAILOVER_GOAL_S:.0f} s: "
-                  f"{'met' if failover_s <= FAILOVER_GOAL_S else 'missed'}); a pipeline's cold start on this host "
-                  f"took {cold_start:.2f} s before, {first_new - moved[1]:.2f} s now")
+                  f"{'met' if failover_s <= FAILOVER_GOAL_S else 'missed'}); a pipeline's start on this host "
+                  f"took {pipeline_start:.2f} s before, {first_new - moved[1]:.2f} s now")
             assert lease_s <= FAILOVER_GOAL_S
             # the failover is the lease's TTL and one pipeline start, nothing waited on besides
-            assert first_new - moved[1] <= 2 * cold_start + 5.0
+            assert first_new - moved[1] <= 2 * pipeline_start + 5.0
             # the other camera went on, on its node, through the kill
             collector.wait("cam1", lambda got: len(got) > cam1_before + 10, 60, "cam1 after the kill")
             assert len(runs_of(collector.messages("cam1"))) == 1
@@ -168,9 +168,10 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             done = maskstream("fleet", "add", "cam2", servers[0].url, "--fleet-config", str(path))
             assert done.returncode == 0, done.stderr
             node, acquired = wait_for(lambda: holder(registry, "cam2"), RUNTIME_CHANGE_S, "cam2 claimed")
+            added = next(c.added_at for c in registry.cameras() if c.name == "cam2")  # stored by `fleet add`
             assert node == survivor.name and acquired - added <= RUNTIME_CHANGE_S
             got = collector.wait("cam2", lambda got: len(got) >= 1, FIRST_RESULT_S, "cam2's first result")
-            print(f"runtime add: claimed {acquired - added:.2f} s after `fleet add`, first result "
+            print(f"runtime add: claimed {acquired - added:.3f} s after `fleet add` stored it, first result "
                   f"{got[0][0] - added:.2f} s after it; remove: EndOfStream "
                   f"{collector.messages('cam0')[-1][0] - removed:.2f} s after `fleet remove`")
 
@@ -308,6 +309,16 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         assert '"error":"stopped: camera removed"' in replay.stdout.splitlines()[-1]
         assert "resume with --from-seq" in replay.stderr
 
+        # a file that is no video: its stream ends with the error, the job fails for good (no retry)
+        notes = tmp_path / "notes.mp4"
+        notes.write_text("this is not a video")
+        done = maskstream("fleet", "submit", str(notes), "--fleet-config", str(path))
+        assert done.returncode == 0, done.stderr
+        queue = JobQueue(client)
+        failed = wait_for(lambda: (s := queue.get(done.stdout.split("\t")[0])).state == "failed" and s,
+                          FIRST_RESULT_S, "the job of a file that is no video failed")
+        assert failed.attempt == 1 and "notes.mp4" in failed.error, failed
+
         # SIGTERM with a job running: handed back after --drain-timeout, resumed by another node
         done = maskstream("fleet", "submit", str(archive), "--fleet-config", str(path))
         assert done.returncode == 0, done.stderr
@@ -315,7 +326,6 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
             early = [sub.recv() for _ in range(5)]
         assert a.terminate(timeout_s=60) == 0
-        queue = JobQueue(client)
         state = queue.get(job_id)
         assert (state.state, state.attempt) == ("queued", 1) and "node stopping" in state.error
         b = nodes("b", path, tmp_path, 1)

@@ -57,6 +57,8 @@ def add_parsers(subparsers: Any) -> None:
     node.add_argument("--metrics-port", type=int, help="serve the node's Prometheus metrics on 127.0.0.1:PORT")
     node.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="on SIGTERM, how long running jobs may take to finish before they are handed back")
+    node.add_argument("--no-spare", action="store_true",
+                      help="start no pipeline process ahead of need (saves an idle process; starts are slower)")
     node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
@@ -143,7 +145,8 @@ def run_node(args: argparse.Namespace) -> int:
             "source": [], "policy": None, "out": None, "coco": None, "annotate": None, "publish": None,
             **vars(args), "metrics_port": None}))
         settings = NodeSettings(args.name, args.capacity, base, status_interval_s=args.status_interval,
-                                drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir)
+                                drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
+                                spare=not args.no_spare)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ from maskstream.pipeline.fleet.connection import FleetClient, FleetError
 from maskstream.pipeline.fleet.jobs import Job, JobWorker, ensure_jobs
 from maskstream.pipeline.fleet.leases import Camera, CameraStatus, LeaseEvent, LeaseManager, check_name
 from maskstream.pipeline.fleet.results import ResultPublisher, ensure_results_stream
-from maskstream.pipeline.fleet.runs import PipelineRun, RunSpec, hand_back
+from maskstream.pipeline.fleet.runs import PipelineRun, RunSpec, Spare, hand_back
 from maskstream.pipeline.runtime.messages import EndOfStream
 from maskstream.pipeline.runtime.metrics import MetricsSnapshot, Sample, render_prometheus
 
@@ -51,6 +51,7 @@ __all__ = ["Node", "NodeSettings", "camera_run_config", "job_run_config"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
+SPARE_AFTER_S = 5.0  # a spare taken is replaced this long after, not while its run starts up beside it
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class NodeSettings:
     drain_timeout_s: float = 30.0  # jobs still running this long after a drain began are handed back
     stop_timeout_s: float = 20.0  # a stopped pipeline gets this long to exit, then SIGKILL
     endpoint_dir: Path | None = None  # where the runs' ipc:// sockets go (None: system temp)
+    # A pipeline process started ahead, its imports done, for the next camera or job: a camera that
+    # fails over starts that much sooner. Costs one idle process.
+    spare: bool = True
 
     def __post_init__(self) -> None:
         check_name("node name", self.name)
@@ -128,6 +132,9 @@ class Node:
         self._runs = 0
         self._status_at = 0.0
         self._endpoint_dir: Path | None = None
+        self._settled: set[int] = set()  # the jobs runs whose outcome was counted (by id)
+        self._spare: Spare | None = None
+        self._spare_due = 0.0  # time.monotonic() when the next spare may start
 
     # ------------------------------------------------------------------ public
 
@@ -222,6 +229,13 @@ class Node:
         if now - self._status_at >= self.settings.status_interval_s:
             self._status_at = now
             self._report()
+        if self.settings.spare and self._spare is None and now >= self._spare_due and not draining:
+            self._spare = Spare()
+
+    def _take_spare(self) -> Spare | None:
+        spare, self._spare = self._spare, None
+        self._spare_due = time.monotonic() + SPARE_AFTER_S
+        return spare
 
     def _room(self) -> int:
         return self.settings.capacity - len(self.cameras) - len(self.jobs)
@@ -264,7 +278,7 @@ class Node:
         run = PipelineRun(RunSpec("camera", slot.camera.name, config, epoch), self.publisher,
                           stop_timeout_s=self.settings.stop_timeout_s)
         slot.run = run
-        run.start()
+        run.start(self._take_spare())
         log.info("node %s: camera %s started (epoch %s)", self.settings.name, slot.camera.name, epoch)
 
     def _stop_camera(self, slot: _CameraSlot, reason: str, end_stream: bool) -> None:
@@ -298,19 +312,26 @@ class Node:
                     slot.backoff_s = 0.0  # it ran a good while: a fresh failure starts the backoff again
                 self._camera_failed(slot, now, run.status().last_error or f"pipeline ended ({run.outcome})")
         for job_id, run in list(self.jobs.items()):
-            if run.poll():
+            finished = run.poll()
+            if finished or not run.forwarding:
+                # settled (acknowledged, failed or handed back): its slot is free while its pipeline exits
                 del self.jobs[job_id]
-                self._retire(run)
                 self._job_finished(run)
+                if finished:
+                    self._retire(run)
+                else:
+                    self.stopping.append(run)
         for run in list(self.stopping):
-            if run.poll():
+            finished = run.poll()
+            if run.job is not None and not run.forwarding:
+                self._job_finished(run)
+            if finished:
                 self.stopping.remove(run)
                 self._retire(run)
-                if run.job is not None:
-                    self._job_finished(run)
 
     def _retire(self, run: PipelineRun) -> None:
         self.counters["results"] += run.status().results
+        self._settled.discard(id(run))
 
     def _take_job(self) -> None:
         worker = self.worker
@@ -351,11 +372,14 @@ class Node:
         run = PipelineRun(RunSpec("job", job.request.stream_id, config, skip_through=skip), self.publisher, job,
                           stop_timeout_s=self.settings.stop_timeout_s)
         self.jobs[job.job_id] = run
-        run.start()
+        run.start(self._take_spare())
         log.info("node %s: job %s (attempt %d) started%s", self.settings.name, job.job_id, job.attempt,
                  f", after seq {skip}" if skip is not None else "")
 
     def _job_finished(self, run: PipelineRun) -> None:
+        if id(run) in self._settled:
+            return
+        self._settled.add(id(run))
         key = {"done": "jobs_done", "failed": "jobs_failed", "released": "jobs_handed_back"}.get(run.outcome)
         if key is not None:
             self.counters[key] += 1
@@ -416,6 +440,8 @@ class Node:
         return self._leases_released and not self.jobs and not self.stopping
 
     def _close(self) -> None:
+        if self._spare is not None:
+            self._spare.close()
         runs = [slot.run for slot in self.cameras.values() if slot.run is not None] + list(self.jobs.values())
         for run in runs:
             run.stop("node stopping", end_stream=run.job is None)

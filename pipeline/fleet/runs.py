@@ -53,7 +53,7 @@ from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 if TYPE_CHECKING:
     from maskstream.pipeline.run_config import RunConfig
 
-__all__ = ["PipelineRun", "RunSpec", "RunStatus"]
+__all__ = ["PipelineRun", "RunSpec", "RunStatus", "Spare"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,6 @@ class RunStatus:
     drops: int  # frames the pipeline dropped (the latest header's count)
     frames_per_s: float
     last_error: str
-    first_result_at: float | None  # time.monotonic()
 
 
 class PipelineRun:
@@ -100,7 +99,9 @@ class PipelineRun:
         self.publisher = publisher
         self.job = job
         self.stop_timeout_s = stop_timeout_s
-        self.outcome = ""  # how it ended: "ended" (EndOfStream stored), "done", "failed", "released", "retry", ...
+        # how it ended: a camera "ended" (its EndOfStream stored), "stopped" or "failed"; a job "done",
+        # "failed", "released" (handed back) or "unacknowledged"
+        self.outcome = ""
         self.started_at = time.monotonic()
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -112,6 +113,7 @@ class PipelineRun:
         self._stop_sent_at: float | None = None
         self._signals_sent = 0
         self._lock = threading.Lock()
+        self._conn_lock = threading.Lock()
         self._frames = 0
         self._results = 0
         self._drops = 0
@@ -119,24 +121,20 @@ class PipelineRun:
         self._last_header: Header | None = None
         self._times: deque[float] = deque()
         self._errors: list[str] = []
-        self._first_result_at: float | None = None
         self._report: tuple[str, ...] | None = None  # the pipeline's own last words (failure, stream errors)
         self._end: EndOfStream | None = None  # the stream's EndOfStream, once stored
         self._ended_at: float | None = None
 
     # ------------------------------------------------------------------ the node's side
 
-    def start(self) -> None:
+    def start(self, spare: Spare | None = None) -> None:
+        """Start forwarding, then the pipeline: in `spare` (a process started ahead) or a new one."""
         self._thread = threading.Thread(target=self._forward, name=f"forward-{self.spec.stream_id}", daemon=True)
         self._thread.start()
         self._ready.wait(10)  # the SUB socket connects before the pipeline can publish anything
-        receive, send = multiprocessing.Pipe(duplex=False)
-        context = multiprocessing.get_context("spawn")
-        self._process = context.Process(target=pipeline_process, args=(self.spec.config, send, os.getpid()),
-                                        name=f"run-{self.spec.stream_id}", daemon=False)
-        self._process.start()
-        send.close()
-        self._conn = receive
+        spare = spare if spare is not None and spare.alive else Spare()
+        spare.give(self.spec.config)
+        self._process, self._conn = spare.process, spare.status
 
     def stop(self, reason: str, end_stream: bool = False) -> None:
         """Stop forwarding now and the pipeline soon. end_stream: a camera's results end with an
@@ -170,17 +168,9 @@ class PipelineRun:
         return not alive and not forwarding
 
     @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    @property
     def forwarding(self) -> bool:
         """The thread still forwards (or ends the stream, or acknowledges the job)."""
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def exit_code(self) -> int | None:
-        return None if self._process is None else self._process.exitcode
 
     def status(self) -> RunStatus:
         now = time.monotonic()
@@ -189,8 +179,7 @@ class PipelineRun:
                 self._times.popleft()
             times = list(self._times)
             rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-            return RunStatus(self._frames, self._results, self._drops, rate, self._errors[-1] if self._errors else "",
-                             self._first_result_at)
+            return RunStatus(self._frames, self._results, self._drops, rate, self._errors[-1] if self._errors else "")
 
     def kill(self) -> None:
         """SIGKILL the pipeline process (its stages exit on their own once it is gone)."""
@@ -222,6 +211,10 @@ class PipelineRun:
                 pass
 
     def _read_status(self) -> None:
+        with self._conn_lock:  # the node's loop and the forwarding thread both read it
+            self._read_status_locked()
+
+    def _read_status_locked(self) -> None:
         conn = self._conn
         if conn is None:
             return
@@ -274,7 +267,9 @@ class PipelineRun:
                 if process is not None and not process.is_alive():
                     exited_at = exited_at or time.monotonic()
                     if time.monotonic() - exited_at > EXITED_QUIET_S:
-                        return f"the pipeline exited (code {process.exitcode}) before its EndOfStream"
+                        self._read_status()
+                        last = f": {self._report[0]}" if self._report else ""
+                        return f"the pipeline exited (code {process.exitcode}) before its EndOfStream{last}"
                 continue
             except MessageError as exc:
                 self._error(f"malformed result skipped: {exc}")
@@ -314,8 +309,6 @@ class PipelineRun:
             if isinstance(message, Detections):
                 self._frames += 1
                 self._times.append(now)
-                if self._first_result_at is None:
-                    self._first_result_at = now
         if isinstance(message, EndOfStream):
             with self._lock:
                 self._end, self._ended_at = message, now
@@ -380,8 +373,41 @@ def hand_back(job: Job, why: str) -> str:
 # ---------------------------------------------------------------------------- the pipeline process
 
 
-def pipeline_process(cfg: RunConfig, conn: Connection, parent: int) -> None:
-    """The child: plan + Supervisor.run over cfg, as `maskstream run` does, reporting to the node."""
+class Spare:
+    """A pipeline process started before it is needed: it has imported the pipeline (torch among
+    it: a good part of a pipeline's start) and waits for its RunConfig. `give(cfg)` runs it."""
+
+    def __init__(self) -> None:
+        self.status, status_end = multiprocessing.Pipe(duplex=False)
+        config_end, self._config = multiprocessing.Pipe(duplex=False)
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(target=pipeline_process, args=(config_end, status_end, os.getpid()),
+                                       name="maskstream-run", daemon=False)
+        self.process.start()
+        status_end.close()
+        config_end.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def give(self, cfg: RunConfig) -> None:
+        self._config.send(cfg)
+        self._config.close()
+
+    def close(self) -> None:
+        """End an unused spare (it exits when its pipe closes)."""
+        self._config.close()
+        self.status.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
+    """The child: waits for its RunConfig, then plan + Supervisor.run over it, as `maskstream run`
+    does, reporting to the node."""
     os.setpgrp()  # a Ctrl-C at the node's terminal is for the node, which stops its runs itself
     stopped: list[int] = []
     # Until the Supervisor installs its handlers, and again after it restores them at its end, a
@@ -391,6 +417,12 @@ def pipeline_process(cfg: RunConfig, conn: Connection, parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="watch-node", daemon=True).start()
     from maskstream.pipeline.run_config import plan
     from maskstream.pipeline.runtime.supervisor import Supervisor
+
+    try:
+        cfg = config.recv()
+    except (EOFError, OSError):  # an unused spare, or the node is gone
+        raise SystemExit(0) from None
+    config.close()
 
     sent: dict[str, float] = {"at": 0.0}
     errors_sent: set[str] = set()
