@@ -58,6 +58,7 @@ import numpy as np
 import zmq
 from maskstream.pipeline.results import (
     Published,
+    SchemaVersionError,
     SeqTracker,
     StreamStats,
     crop_rles,
@@ -91,10 +92,6 @@ __all__ = [
     "rles",
     "to_json",
 ]
-
-
-class SchemaVersionError(MessageError):
-    """The publisher speaks another wire-schema version than this client reads."""
 
 
 # ---------------------------------------------------------------------------- the socket

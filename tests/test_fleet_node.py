@@ -52,7 +52,7 @@ FIRST_RESULT_S = 120.0
 
 
 @pytest.fixture
-def nodes():
+def node_processes():
     """Start NodeProcess objects; all stopped (SIGTERM, then SIGKILL) at the end."""
     made: list[NodeProcess] = []
 
@@ -103,12 +103,12 @@ def camera_clip(tmp_path: Path, name: str) -> Path:
 # ---------------------------------------------------------------------------- cameras
 
 
-def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp_server, nodes, tmp_path):
+def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp_server, node_processes, tmp_path):
     config = FleetConfig(nats=NatsConfig(urls=nats_cluster.urls, reconnect_wait_s=0.2), replicas=3)
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     servers = [rtsp_server(camera_clip(tmp_path, f"cam{i}"), loop=True) for i in range(2)]
-    a = nodes("a", path, tmp_path, 2)
-    b = nodes("b", path, tmp_path, 2)
+    a = node_processes("a", path, tmp_path, 2)
+    b = node_processes("b", path, tmp_path, 2)
     a.wait_ready()
     b.wait_ready()
     with FleetClient.connect(config, name="test") as client:
@@ -218,13 +218,13 @@ def same_detections(a: Detections, b: Detections) -> bool:
             and np.array_equal(a.crop_boxes, b.crop_boxes) and a.rle_counts == b.rle_counts)
 
 
-def test_job_failover_every_frame_once_in_order_equal_to_a_single_host_run(nats_cluster, nodes, tmp_path):
+def test_job_failover_every_frame_once_in_order_equal_to_a_single_host_run(nats_cluster, node_processes, tmp_path):
     config = FleetConfig(nats=NatsConfig(urls=nats_cluster.urls, reconnect_wait_s=0.2), replicas=3,
                          jobs=JobsConfig(ack_wait_s=6.0, progress_interval_s=1.0, max_deliver=5))
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     files = job_files(tmp_path)
-    a = nodes("a", path, tmp_path, 1)
-    b = nodes("b", path, tmp_path, 1)
+    a = node_processes("a", path, tmp_path, 1)
+    b = node_processes("b", path, tmp_path, 1)
     a.wait_ready()
     b.wait_ready()
     with FleetClient.connect(config, name="test") as client:
@@ -273,13 +273,13 @@ def test_job_failover_every_frame_once_in_order_equal_to_a_single_host_run(nats_
 # ---------------------------------------------------------------------------- one node, one server
 
 
-def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, nodes, tmp_path):
+def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node_processes, tmp_path):
     config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2),
                          jobs=JobsConfig(ack_wait_s=6.0, progress_interval_s=1.0))
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     camera = write_test_clip(tmp_path / "door.mp4", frames=600, size=(160, 120), fps=10)
     archive = write_test_clip(tmp_path / "archive.mp4", frames=200, size=(160, 120), fps=10)
-    a = nodes("a", path, tmp_path, 2, "--drain-timeout", "1")
+    a = node_processes("a", path, tmp_path, 2, "--drain-timeout", "1")
     a.wait_ready()
     with FleetClient.connect(config, name="test") as client:
         registry = CameraRegistry(client)
@@ -328,7 +328,7 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         assert a.terminate(timeout_s=60) == 0
         state = queue.get(job_id)
         assert (state.state, state.attempt) == ("queued", 1) and "node stopping" in state.error
-        b = nodes("b", path, tmp_path, 1)
+        b = node_processes("b", path, tmp_path, 1)
         b.wait_ready()
         wait_for(lambda: queue.get(job_id).state == "done", 200, "the job done on b", every=0.5)
         assert "after seq" in b.wait_for_log(f"job {job_id} (attempt 2) started", 5)

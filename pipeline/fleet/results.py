@@ -46,9 +46,9 @@ from typing import Any
 import msgpack
 import nats.errors
 import nats.js.errors
-from maskstream.pipeline.client import SchemaVersionError, SeqTracker, StreamStats
 from maskstream.pipeline.fleet.config import FleetConfig, ResultsConfig
 from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, retrying
+from maskstream.pipeline.results import SchemaVersionError, SeqTracker, StreamStats
 from maskstream.pipeline.runtime.messages import (
     SCHEMA_VERSION,
     Detections,
