@@ -25,12 +25,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maskstream.configs import CONFIG_DIR
-from maskstream.pipeline.cli.run import add_model_selection
+from maskstream.pipeline.cli import run as run_command
+from maskstream.pipeline.cli.options import add_logging, subcommand
 from maskstream.pipeline.config import ConfigError, load_config
 
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
     from maskstream.pipeline.fleet.config import FleetConfig
     from maskstream.pipeline.fleet.connection import FleetClient
+
+log = logging.getLogger("maskstream.node")
+
+
+NODE_EXAMPLES = """
+  maskstream node --nats nats://10.0.0.1:4222 --name gpu-a --capacity 8 --metrics-port 9101
+  maskstream node --fleet-config fleet.yaml --model maskrcnn_resnet50_fpn_coco --device cuda
+"""
+FLEET_EXAMPLES = """
+  maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp
+  maskstream fleet status
+  maskstream fleet submit /shared/archive/*.mp4
+  maskstream fleet jobs --json
+"""
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -43,9 +58,10 @@ def add_parsers(subparsers: Any) -> None:
                             help="fleet YAML (FleetConfig: credentials, TLS, replicas, lease and job settings)")
     connection.add_argument("--fleet-set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a fleet config value, e.g. replicas=3")
+    add_logging(connection)
 
-    node = subparsers.add_parser("node", parents=[connection],
-                                 help="run this host's share of the fleet's cameras and jobs (until SIGTERM)")
+    node = subcommand(subparsers, "node", "run this host's share of the fleet's cameras and jobs (until SIGTERM)",
+                      NODE_EXAMPLES, parents=[connection])
     node.add_argument("--name", default=socket.gethostname(), help="the node's name in the fleet (default: hostname)")
     node.add_argument("--capacity", type=_positive_int, default=4,
                       help="pipelines at once, cameras and jobs together (default 4)")
@@ -53,7 +69,7 @@ def add_parsers(subparsers: Any) -> None:
                       help="pipeline YAML every camera and job starts from (RunConfig; its sources are ignored)")
     node.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
     node.add_argument("--workers", type=int, help="preprocess and postprocess processes of each pipeline")
-    add_model_selection(node)
+    run_command.add_model_selection(node)
     node.add_argument("--metrics-port", type=int, help="serve the node's Prometheus metrics on 127.0.0.1:PORT")
     node.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="on SIGTERM, how long running jobs may take to finish before they are handed back")
@@ -63,9 +79,15 @@ def add_parsers(subparsers: Any) -> None:
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
 
-    fleet = subparsers.add_parser("fleet", help="the fleet's cameras and jobs: add, remove, list, status, submit")
-    sub = fleet.add_subparsers(dest="fleet_command", required=True)
-    add = sub.add_parser("add", parents=[connection], help="add a live camera (nodes claim it within seconds)")
+    fleet = subcommand(subparsers, "fleet", "the fleet's cameras and jobs: add, remove, list, status, submit, jobs",
+                       FLEET_EXAMPLES)
+    sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="<fleet command>")
+
+    def leaf(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+        return subcommand(sub, name, help_text, examples, parents=[connection])
+
+    add = leaf("add", "add a live camera (nodes claim it within seconds)",
+               "  maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp")
     add.add_argument("name", help="the camera's name: also its results' stream id")
     add.add_argument("url", help="rtsp://, http(s):// URL, /dev/video* or a file every node can read")
     add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -73,23 +95,24 @@ def add_parsers(subparsers: Any) -> None:
                           "policy=offline (default live)")
     add.add_argument("--replace", action="store_true", help="change an existing camera's URL and options")
     add.set_defaults(func=fleet_add)
-    remove = sub.add_parser("remove", parents=[connection], help="remove a camera (its node stops it)")
+    remove = leaf("remove", "remove a camera (its node stops it)", "  maskstream fleet remove door")
     remove.add_argument("name")
     remove.set_defaults(func=fleet_remove)
-    listing = sub.add_parser("list", parents=[connection], help="the fleet's cameras")
+    listing = leaf("list", "the fleet's cameras", "  maskstream fleet list --json")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     listing.set_defaults(func=fleet_list)
-    status = sub.add_parser("status", parents=[connection],
-                            help="which node runs which camera (frames/s, drops, last error), and the nodes")
+    status = leaf("status", "which node runs which camera (frames/s, drops, last error), and the nodes",
+                  "  maskstream fleet status --nats nats://10.0.0.1:4222")
     status.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     status.set_defaults(func=fleet_status)
-    submit = sub.add_parser("submit", parents=[connection], help="queue offline jobs: one per file or URL")
+    submit = leaf("submit", "queue offline jobs: one per file or URL",
+                  "  maskstream fleet submit /shared/archive/*.mp4")
     submit.add_argument("inputs", nargs="+", metavar="FILE_OR_URL",
                         help="video files (on a path every node can read) or URLs")
     submit.add_argument("--no-check", action="store_true",
                         help="queue paths that do not exist here (they exist on the nodes)")
     submit.set_defaults(func=fleet_submit)
-    jobs = sub.add_parser("jobs", parents=[connection], help="every job's state, node and attempt")
+    jobs = leaf("jobs", "every job's state, node and attempt", "  maskstream fleet jobs --json")
     jobs.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     jobs.set_defaults(func=fleet_jobs)
 
@@ -132,26 +155,25 @@ def _connect(args: argparse.Namespace, name: str) -> FleetClient | None:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.cli.run import run_config
-    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.connection import FleetClient, FleetError
     from maskstream.pipeline.fleet.node import Node, NodeSettings
+    from maskstream.pipeline.run_config import remove_dead_runs
     from maskstream.pipeline.runtime.metrics import MetricsServer
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
-                        stream=sys.stderr)
     try:
         config = fleet_config(args)
-        base = run_config(argparse.Namespace(**{
-            "source": [], "policy": None, "out": None, "coco": None, "annotate": None, "publish": None,
-            **vars(args), "metrics_port": None}))
+        base = run_command.run_config(argparse.Namespace(**{**_run_defaults(), **vars(args), "metrics_port": None}))
+        run_command.check_device(base.model)
+        chosen = run_command.load_model(base.model)  # fetched and checked once, not in every pipeline
         settings = NodeSettings(args.name, args.capacity, base, status_interval_s=args.status_interval,
                                 drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
-                                spare=not args.no_spare)
-    except (ConfigError, ValueError) as exc:
+                                spare=not args.no_spare, log_level=args.log_level, model=chosen)
+    except run_command.Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from maskstream.pipeline.fleet.connection import FleetClient
-
+    leftovers = remove_dead_runs(base.transport.endpoint_dir)
+    if leftovers:
+        log.info("removed %s", leftovers.describe())
     try:
         client = FleetClient.connect(config, name=f"node-{args.name}")
     except FleetError as exc:
@@ -163,9 +185,8 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         if args.metrics_port is not None:
             server = MetricsServer(args.metrics_port, node.metrics_text).start()
-            print(f"node {args.name}: metrics at {server.url}", file=sys.stderr)
-        print(f"node {args.name}: in the fleet at {client.state().server}, capacity {args.capacity}",
-              file=sys.stderr, flush=True)
+            log.info("node %s: metrics at %s", args.name, server.url)
+        log.info("node %s: in the fleet at %s, capacity %d", args.name, client.state().server, args.capacity)
         node.run()
     except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -179,8 +200,15 @@ def run_node(args: argparse.Namespace) -> int:
         if server is not None:
             server.close()
         client.close()
-    print(f"node {args.name}: drained", file=sys.stderr)
+    log.info("node %s: drained", args.name)
     return 0
+
+
+def _run_defaults() -> dict[str, Any]:
+    """`maskstream run`'s options at their defaults: what run_config reads beyond the node's own options."""
+    parser = argparse.ArgumentParser()
+    run_command.add_parsers(parser.add_subparsers())
+    return vars(parser.parse_args(["run"]))
 
 
 # ---------------------------------------------------------------------------- fleet

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from maskstream.pipeline.fleet.connection import FleetClient, FleetError
 from maskstream.pipeline.fleet.jobs import Job, JobWorker, ensure_jobs
@@ -44,7 +43,7 @@ from maskstream.pipeline.runtime.messages import EndOfStream
 from maskstream.pipeline.runtime.metrics import MetricsSnapshot, Sample, render_prometheus
 
 if TYPE_CHECKING:
-    from maskstream.pipeline.run_config import RunConfig
+    from maskstream.pipeline.run_config import ChosenModel, RunConfig
 
 __all__ = ["Node", "NodeSettings", "camera_run_config", "job_run_config"]
 
@@ -67,6 +66,8 @@ class NodeSettings:
     # A pipeline process started ahead, its imports done, for the next camera or job: a camera that
     # fails over starts that much sooner. Costs one idle process.
     spare: bool = True
+    log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
+    model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
 
     def __post_init__(self) -> None:
         check_name("node name", self.name)
@@ -146,7 +147,10 @@ class Node:
         settings = self.settings
         ensure_results_stream(self.client)
         ensure_jobs(self.client)
-        self._endpoint_dir = Path(tempfile.mkdtemp(prefix="maskstream-node-", dir=settings.endpoint_dir))
+        from maskstream.pipeline.run_config import run_folder
+
+        # with an owner file, as a run's: remove_dead_runs clears it after a SIGKILL
+        self._endpoint_dir = run_folder(settings.endpoint_dir, prefix="maskstream-node-")
         self.manager = LeaseManager(self.client, settings.name, settings.capacity)
         self.worker = JobWorker(self.client, settings.name)
         self.manager.start()
@@ -275,7 +279,7 @@ class Node:
         except ValueError as exc:  # a bad option: reported in the camera's status, tried again later
             self._camera_failed(slot, now, str(exc))
             return
-        run = PipelineRun(RunSpec("camera", slot.camera.name, config, epoch), self.publisher,
+        run = PipelineRun(self._spec("camera", slot.camera.name, config, epoch=epoch), self.publisher,
                           stop_timeout_s=self.settings.stop_timeout_s)
         slot.run = run
         run.start(self._take_spare())
@@ -369,7 +373,7 @@ class Node:
             return
         config = job_run_config(self.settings.run, job.request.input, self._endpoint())
         skip = last.header.seq if last is not None else None
-        run = PipelineRun(RunSpec("job", job.request.stream_id, config, skip_through=skip), self.publisher, job,
+        run = PipelineRun(self._spec("job", job.request.stream_id, config, skip_through=skip), self.publisher, job,
                           stop_timeout_s=self.settings.stop_timeout_s)
         self.jobs[job.job_id] = run
         run.start(self._take_spare())
@@ -462,6 +466,10 @@ class Node:
             self._endpoint_dir.rmdir()
 
     # ------------------------------------------------------------------ helpers
+
+    def _spec(self, kind: Literal["camera", "job"], stream_id: str, config: RunConfig, epoch: str = "",
+              skip_through: int | None = None) -> RunSpec:
+        return RunSpec(kind, stream_id, config, epoch, skip_through, self.settings.log_level, self.settings.model)
 
     def _endpoint(self) -> str:
         assert self._endpoint_dir is not None

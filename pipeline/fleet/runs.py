@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Literal
 
+from maskstream.pipeline import logs
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.fleet.connection import FleetError
 from maskstream.pipeline.fleet.jobs import Job
@@ -51,7 +52,7 @@ from maskstream.pipeline.fleet.results import Published, ResultPublisher
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, MessageError
 
 if TYPE_CHECKING:
-    from maskstream.pipeline.run_config import RunConfig
+    from maskstream.pipeline.run_config import ChosenModel, RunConfig
 
 __all__ = ["PipelineRun", "RunSpec", "RunStatus", "Spare"]
 
@@ -70,6 +71,8 @@ class RunSpec:
     config: RunConfig  # one source; outputs.publish is the node's ipc:// endpoint for this run
     epoch: str = ""  # cameras: the lease revision (and restart count)
     skip_through: int | None = None  # jobs: the last seq an earlier attempt stored
+    log_level: str = "warning"  # the stage processes' (pipeline.logs)
+    model: ChosenModel | None = None  # run_config.choose_model(config.model), when the node has it already
 
     @property
     def endpoint(self) -> str:
@@ -133,7 +136,7 @@ class PipelineRun:
         self._thread.start()
         self._ready.wait(10)  # the SUB socket connects before the pipeline can publish anything
         spare = spare if spare is not None and spare.alive else Spare()
-        spare.give(self.spec.config)
+        spare.give(self.spec)
         self._process, self._conn = spare.process, spare.status
 
     def stop(self, reason: str, end_stream: bool = False) -> None:
@@ -391,8 +394,8 @@ class Spare:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def give(self, cfg: RunConfig) -> None:
-        self._config.send(cfg)
+    def give(self, spec: RunSpec) -> None:
+        self._config.send((spec.config, spec.log_level, spec.model))
         self._config.close()
 
     def close(self) -> None:
@@ -406,8 +409,8 @@ class Spare:
 
 
 def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
-    """The child: waits for its RunConfig, then plan + Supervisor.run over it, as `maskstream run`
-    does, reporting to the node."""
+    """The child: waits for its RunConfig (with the log level and the chosen model), then plan +
+    Supervisor.run over it, as `maskstream run` does, reporting to the node."""
     os.setpgrp()  # a Ctrl-C at the node's terminal is for the node, which stops its runs itself
     stopped: list[int] = []
     # Until the Supervisor installs its handlers, and again after it restores them at its end, a
@@ -419,10 +422,11 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     from maskstream.pipeline.runtime.supervisor import Supervisor
 
     try:
-        cfg = config.recv()
+        cfg, log_level, model = config.recv()
     except (EOFError, OSError):  # an unused spare, or the node is gone
         raise SystemExit(0) from None
     config.close()
+    logs.configure(log_level)
 
     sent: dict[str, float] = {"at": 0.0}
     errors_sent: set[str] = set()
@@ -439,7 +443,7 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
             _send(conn, "errors", fresh)
 
     try:
-        the_plan = plan(cfg)
+        the_plan = plan(cfg, log_level, model)
     except Exception as exc:  # noqa: BLE001  (the node reports it as the camera's or job's error)
         _send(conn, "report", [f"cannot start the pipeline: {type(exc).__name__}: {exc}"])
         raise SystemExit(2) from None
