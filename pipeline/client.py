@@ -31,6 +31,16 @@ Files written earlier read back as the same objects, with `read_jsonl`:
     for msg in read_jsonl("runs/run-1/results.jsonl"):    # maskstream run --out / subscribe --out / segment
         if isinstance(msg, Detections):
             print(msg.header.stream_id, msg.header.seq, masks(msg).shape)
+
+Fleet mode's results (docs/fleet.md) are read the same way from a NATS URL, with replay:
+
+    with Subscriber("nats://127.0.0.1:4222", streams=["cam*"], from_seq=1) as sub:   # ids or shell patterns
+        for msg in sub:
+            ...
+        sub.last_stream_seq                              # resume later with from_seq=last_stream_seq + 1
+
+(`pipeline.fleet.results.ResultSubscriber` underneath; `fleet_config` carries credentials and
+TLS, its URLs replaced by the endpoint's, comma-separated for several servers.)
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import numpy as np
 import zmq
 from maskstream.pipeline.results import (
     Published,
+    SchemaVersionError,
     SeqTracker,
     StreamStats,
     crop_rles,
@@ -81,10 +92,6 @@ __all__ = [
     "rles",
     "to_json",
 ]
-
-
-class SchemaVersionError(MessageError):
-    """The publisher speaks another wire-schema version than this client reads."""
 
 
 # ---------------------------------------------------------------------------- the socket
@@ -121,6 +128,8 @@ class Subscriber:
         context: zmq.Context | None = None,
         server_key: str | Path | None = None,
         client_key: str | Path | None = None,
+        from_seq: int | None = None,
+        fleet_config: Any = None,
     ) -> None:
         if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
             raise ValueError(f"streams: expected a list of stream ids (str) or None, got {streams!r}")
@@ -141,6 +150,15 @@ class Subscriber:
         self.timeout_s = timeout_s
         self.last_gap = 0
         self._tracker = SeqTracker()
+        self._nats: Any = None
+        if is_nats_url(endpoint):
+            if curve is not None:
+                raise ValueError("server_key and client_key are CurveZMQ's; on NATS, fleet_config holds the "
+                                 "credentials and TLS")
+            self._nats = _nats_subscriber(endpoint, streams, from_seq, timeout_s, fleet_config)
+            return
+        if from_seq is not None:
+            raise ValueError("from_seq: only results on NATS (nats://...) can be replayed from a sequence number")
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         try:
             self._socket.setsockopt(zmq.LINGER, 0)
@@ -159,10 +177,23 @@ class Subscriber:
     @property
     def stats(self) -> dict[str, StreamStats]:
         """Per stream id: received, missed, gaps, restarts, first/last seq, ended."""
+        if self._nats is not None:
+            return dict(self._nats.stats)
         return dict(self._tracker.stats)
+
+    @property
+    def last_stream_seq(self) -> int:
+        """NATS only: the results stream's sequence number of the last message read (resume after it)."""
+        if self._nats is None:
+            raise AttributeError("last_stream_seq: only results read from NATS have stream sequence numbers")
+        return int(self._nats.last_stream_seq)
 
     def recv(self, timeout_s: float | None = None) -> Published:
         """The next message of a subscribed stream; timeout_s None: the Subscriber's timeout_s."""
+        if self._nats is not None:
+            message: Published = self._nats.recv(timeout_s)
+            self.last_gap = self._nats.last_gap
+            return message
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -180,11 +211,18 @@ class Subscriber:
         return self
 
     def __next__(self) -> Published:
+        if self._nats is not None:
+            message: Published = next(self._nats)
+            self.last_gap = self._nats.last_gap
+            return message
         if self._all_ended():
             raise StopIteration
         return self.recv()
 
     def close(self) -> None:
+        if self._nats is not None:
+            self._nats.close()
+            return
         self._socket.close()
 
     def __enter__(self) -> Subscriber:
@@ -216,6 +254,25 @@ class Subscriber:
                 f"{self.endpoint}: stream {topic!r}: expected Detections or EndOfStream, got {type(message).__name__}"
             )
         return message
+
+
+def is_nats_url(endpoint: str) -> bool:
+    return endpoint.split("://", 1)[0] in ("nats", "tls")
+
+
+def _nats_subscriber(endpoint: str, streams: Sequence[str] | None, from_seq: int | None, timeout_s: float | None,
+                     fleet_config: Any) -> Any:
+    """A ResultSubscriber on the servers of `endpoint` (comma-separated); imported here, so that a
+    ZeroMQ reader never loads the NATS client."""
+    import dataclasses
+
+    from maskstream.pipeline.fleet.config import FleetConfig
+    from maskstream.pipeline.fleet.results import ResultSubscriber
+
+    config = fleet_config if fleet_config is not None else FleetConfig()
+    urls = tuple(url.strip() for url in endpoint.split(",") if url.strip())
+    config = dataclasses.replace(config, nats=dataclasses.replace(config.nats, urls=urls))
+    return ResultSubscriber.connect(config, streams, from_seq, timeout_s)
 
 
 def _schema_version(frames: list[bytes]) -> Any:

@@ -13,6 +13,7 @@ masks travel in, and its codec, is `model.rle`.
     frame_record(det)     {"height", "width", "detections": [...]}: the JSON of one frame's instances
     to_json(message)      the JSONL line of a Detections or EndOfStream (docs/schema.md)
     SeqTracker            per-stream seq bookkeeping: gaps (drops), restarts, ends
+    SchemaVersionError    a publisher of another wire-schema version (ZeroMQ and NATS readers raise it)
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_utils
 from maskstream.model.rle import paste_box_cropped_rle
-from maskstream.pipeline.runtime.messages import Detections, EndOfStream
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, MessageError
 
 __all__ = [
     "Published",
+    "SchemaVersionError",
     "SeqTracker",
     "StreamStats",
     "crop_rles",
@@ -39,6 +41,10 @@ __all__ = [
 ]
 
 Published = Detections | EndOfStream
+
+
+class SchemaVersionError(MessageError):
+    """The publisher speaks another wire-schema version than this client reads."""
 
 
 # ---------------------------------------------------------------------------- masks

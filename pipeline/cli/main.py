@@ -24,6 +24,7 @@ from maskstream.pipeline import logs
 from maskstream.pipeline.cli import prepare_torch
 from maskstream.pipeline.cli.bench import add_parsers as add_bench_parsers
 from maskstream.pipeline.cli.files import new_run_dir, refuse_existing
+from maskstream.pipeline.cli.fleet import add_parsers as add_fleet_parsers
 from maskstream.pipeline.cli.options import HelpFormatter, add_logging, add_model_name, subcommand
 from maskstream.pipeline.cli.run import add_parsers as add_run_parsers
 from maskstream.pipeline.cli.subscribe import add_parsers as add_subscribe_parsers
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parsers(sub)
     add_subscribe_parsers(sub)
     add_training_parsers(sub)
+    add_fleet_parsers(sub)
     return parser
 
 

@@ -4,6 +4,10 @@ Part of the CLI, so it may print and choose exit statuses: one JSON line per mes
 stdout (format: docs/schema.md), a summary of received/missed frames per stream on stderr.
 Ctrl-C ends it normally (exit 0) with the files closed and the summary printed. A publisher
 with CurveZMQ keys needs --server-key and --client-key (README: Publishing beyond this host).
+
+A nats:// (or tls://) endpoint reads fleet mode's results stream instead (docs/fleet.md):
+--stream takes shell patterns there (`cam*`), --from-seq replays from a stream sequence number,
+and the summary says where to resume.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ if TYPE_CHECKING:  # the handler imports these itself: see cli/main.py
 EXAMPLES = """
   maskstream subscribe tcp://127.0.0.1:5556                       # every stream, JSON lines on stdout
   maskstream subscribe tcp://127.0.0.1:5556 --stream cam0 --out cam0.jsonl
+  maskstream subscribe nats://127.0.0.1:4222 --stream 'cam*' --from-seq 1   # a fleet's results, replayed
 """
 
 
@@ -32,11 +37,18 @@ def add_parsers(subparsers: Any) -> None:
 
     parser = subcommand(subparsers, "subscribe", "print or save the detections a running pipeline publishes "
                         "(JSON lines)", EXAMPLES)
-    parser.add_argument("endpoint", help="the pipeline's publish address, e.g. tcp://127.0.0.1:5556")
+    parser.add_argument("endpoint", help="the pipeline's publish address, e.g. tcp://127.0.0.1:5556, or a fleet's "
+                                         "NATS server, e.g. nats://127.0.0.1:4222")
     parser.add_argument(
         "--stream", action="append", dest="streams", metavar="ID",
-        help="receive only this stream (repeatable; default: all). With streams given, exits after their ends",
+        help="receive only this stream (repeatable; default: all); on NATS also a pattern such as 'cam*'. "
+             "With exact streams given, exits after their ends",
     )
+    parser.add_argument("--from-seq", type=_positive_int, metavar="N",
+                        help="NATS: replay from the results stream's sequence number N (1: all it keeps; "
+                             "default: only new results)")
+    parser.add_argument("--fleet-config", type=Path, metavar="PATH",
+                        help="NATS: fleet YAML with the credentials and TLS to connect with")
     parser.add_argument("--out", type=Path, help="write the JSON lines to this file instead of stdout")
     parser.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
     parser.add_argument(
@@ -60,12 +72,21 @@ def _positive_int(text: str) -> int:
 
 
 def subscribe(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.client import Subscriber
+    from maskstream.pipeline.client import is_nats_url
     from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
 
+    fleet_errors: tuple[type[Exception], ...] = ()
+    if is_nats_url(args.endpoint):  # the NATS client is imported for NATS endpoints only
+        from maskstream.pipeline.fleet.connection import FleetError
+
+        fleet_errors = (FleetError,)
     status = 0
-    with Subscriber(args.endpoint, streams=args.streams, timeout_s=args.timeout, server_key=args.server_key,
-                    client_key=args.client_key) as sub:
+    try:
+        sub = _open(args)
+    except fleet_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with sub:
         try:
             writer = JsonlWriter(args.out) if args.out else None
         except OutputError as exc:
@@ -78,6 +99,9 @@ def subscribe(args: argparse.Namespace) -> int:
         except OutputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = 2
+        except fleet_errors as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
         except BrokenPipeError:
             # stdout's reader went away (e.g. `| head`); point stdout at devnull so the
             # interpreter's final flush does not complain about it again.
@@ -92,7 +116,24 @@ def subscribe(args: argparse.Namespace) -> int:
                 f"{sid}: {stats.received} messages, {stats.missed} frames missed in {stats.gaps} gaps, {ended}",
                 file=sys.stderr,
             )
+        if is_nats_url(args.endpoint):
+            print(f"resume with --from-seq {sub.last_stream_seq + 1}", file=sys.stderr)
     return status
+
+
+def _open(args: argparse.Namespace) -> Subscriber:
+    from maskstream.pipeline.client import Subscriber, is_nats_url
+
+    fleet = None
+    if args.fleet_config is not None:
+        from maskstream.pipeline.config import load_config
+        from maskstream.pipeline.fleet.config import FleetConfig
+
+        fleet = load_config(FleetConfig, args.fleet_config)
+    if not is_nats_url(args.endpoint) and (args.from_seq is not None or fleet is not None):
+        raise ValueError("--from-seq and --fleet-config are for NATS endpoints (nats://...)")
+    return Subscriber(args.endpoint, streams=args.streams, timeout_s=args.timeout, server_key=args.server_key,
+                      client_key=args.client_key, from_seq=args.from_seq, fleet_config=fleet)
 
 
 def _receive(sub: Subscriber, writer: JsonlWriter | None, count: int | None) -> int:

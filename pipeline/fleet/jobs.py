@@ -247,6 +247,11 @@ class Job:
     def job_id(self) -> str:
         return self.request.job_id
 
+    @property
+    def max_deliver(self) -> int:
+        """Deliveries the server makes of a job: past it, a job handed back is never delivered again."""
+        return self._worker.config.max_deliver
+
     def progress(self) -> None:
         """Tell the server now that the job is still being worked on (the heartbeat does it regularly)."""
         self._worker.client.run(self._msg.in_progress())

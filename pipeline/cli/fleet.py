@@ -1,0 +1,403 @@
+"""`maskstream node` and `maskstream fleet ...`: fleet mode on NATS JetStream (docs/fleet.md).
+
+    maskstream node --nats nats://10.0.0.1:4222 --name gpu-a --capacity 8      # one per host
+    maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp
+    maskstream fleet status                # which node runs which camera, frames/s, drops, last error
+    maskstream fleet submit /shared/archive/*.mp4
+    maskstream fleet jobs
+    maskstream subscribe nats://10.0.0.1:4222 --stream 'door' --from-seq 1
+
+Part of the CLI, so it prints and chooses exit statuses: 0 done; 1 the fleet could not be
+reached or refused; 2 a usage or config error. `node` runs until SIGTERM or Ctrl-C, then drains
+(a second signal hands everything back at once) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from maskstream.configs import CONFIG_DIR
+from maskstream.pipeline.cli import run as run_command
+from maskstream.pipeline.cli.options import add_logging, subcommand
+from maskstream.pipeline.config import ConfigError, load_config
+
+if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
+    from maskstream.pipeline.fleet.config import FleetConfig
+    from maskstream.pipeline.fleet.connection import FleetClient
+
+log = logging.getLogger("maskstream.node")
+
+
+NODE_EXAMPLES = """
+  maskstream node --nats nats://10.0.0.1:4222 --name gpu-a --capacity 8 --metrics-port 9101
+  maskstream node --fleet-config fleet.yaml --model maskrcnn_resnet50_fpn_coco --device cuda
+"""
+FLEET_EXAMPLES = """
+  maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp
+  maskstream fleet status
+  maskstream fleet submit /shared/archive/*.mp4
+  maskstream fleet jobs --json
+"""
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add `node` and `fleet` to the CLI's subparsers."""
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--nats", action="append", default=[], metavar="URL",
+                            help="a NATS server of the fleet, e.g. nats://127.0.0.1:4222 (repeatable; "
+                                 "default: the fleet config's nats.urls)")
+    connection.add_argument("--fleet-config", type=Path, default=CONFIG_DIR / "fleet.yaml",
+                            help="fleet YAML (FleetConfig: credentials, TLS, replicas, lease and job settings)")
+    connection.add_argument("--fleet-set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a fleet config value, e.g. replicas=3")
+    add_logging(connection)
+
+    node = subcommand(subparsers, "node", "run this host's share of the fleet's cameras and jobs (until SIGTERM)",
+                      NODE_EXAMPLES, parents=[connection])
+    node.add_argument("--name", default=socket.gethostname(), help="the node's name in the fleet (default: hostname)")
+    node.add_argument("--capacity", type=_positive_int, default=4,
+                      help="pipelines at once, cameras and jobs together (default 4)")
+    node.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml",
+                      help="pipeline YAML every camera and job starts from (RunConfig; its sources are ignored)")
+    node.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
+    node.add_argument("--workers", type=int, help="preprocess and postprocess processes of each pipeline")
+    run_command.add_model_selection(node)
+    node.add_argument("--metrics-port", type=int, help="serve the node's Prometheus metrics on 127.0.0.1:PORT")
+    node.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="on SIGTERM, how long running jobs may take to finish before they are handed back")
+    node.add_argument("--no-spare", action="store_true",
+                      help="start no pipeline process ahead of need (saves an idle process; starts are slower)")
+    node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
+                      help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
+    node.set_defaults(func=run_node)
+
+    fleet = subcommand(subparsers, "fleet", "the fleet's cameras and jobs: add, remove, list, status, submit, jobs",
+                       FLEET_EXAMPLES)
+    sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="<fleet command>")
+
+    def leaf(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+        return subcommand(sub, name, help_text, examples, parents=[connection])
+
+    add = leaf("add", "add a live camera (nodes claim it within seconds)",
+               "  maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp")
+    add.add_argument("name", help="the camera's name: also its results' stream id")
+    add.add_argument("url", help="rtsp://, http(s):// URL, /dev/video* or a file every node can read")
+    add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a `maskstream run` source.* setting for this camera, e.g. rtsp_transport=udp, "
+                          "policy=offline (default live)")
+    add.add_argument("--replace", action="store_true", help="change an existing camera's URL and options")
+    add.set_defaults(func=fleet_add)
+    remove = leaf("remove", "remove a camera (its node stops it)", "  maskstream fleet remove door")
+    remove.add_argument("name")
+    remove.set_defaults(func=fleet_remove)
+    listing = leaf("list", "the fleet's cameras", "  maskstream fleet list --json")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    listing.set_defaults(func=fleet_list)
+    status = leaf("status", "which node runs which camera (frames/s, drops, last error), and the nodes",
+                  "  maskstream fleet status --nats nats://10.0.0.1:4222")
+    status.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    status.set_defaults(func=fleet_status)
+    submit = leaf("submit", "queue offline jobs: one per file or URL",
+                  "  maskstream fleet submit /shared/archive/*.mp4")
+    submit.add_argument("inputs", nargs="+", metavar="FILE_OR_URL",
+                        help="video files (on a path every node can read) or URLs")
+    submit.add_argument("--no-check", action="store_true",
+                        help="queue paths that do not exist here (they exist on the nodes)")
+    submit.set_defaults(func=fleet_submit)
+    jobs = leaf("jobs", "every job's state, node and attempt", "  maskstream fleet jobs --json")
+    jobs.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    jobs.set_defaults(func=fleet_jobs)
+
+
+# A node names its jobs in its presence record within a second or two of taking them; a
+# record this much newer than a running job's state that does not name it: the node runs it no more.
+GONE_AFTER_S = 5.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def fleet_config(args: argparse.Namespace) -> FleetConfig:
+    from maskstream.pipeline.fleet.config import FleetConfig
+
+    sets = list(args.fleet_set)
+    if args.nats:
+        urls = [url for item in args.nats for url in item.split(",") if url]
+        sets.append("nats.urls=" + json.dumps(urls))
+    return load_config(FleetConfig, args.fleet_config, sets)
+
+
+def _connect(args: argparse.Namespace, name: str) -> FleetClient | None:
+    from maskstream.pipeline.fleet.connection import FleetClient, FleetError
+
+    try:
+        return FleetClient.connect(fleet_config(args), name=name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except FleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return None
+
+
+# ---------------------------------------------------------------------------- node
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.connection import FleetClient, FleetError
+    from maskstream.pipeline.fleet.node import Node, NodeSettings
+    from maskstream.pipeline.run_config import remove_dead_runs
+    from maskstream.pipeline.runtime.metrics import MetricsServer
+
+    try:
+        config = fleet_config(args)
+        base = run_command.run_config(argparse.Namespace(**{**_run_defaults(), **vars(args), "metrics_port": None}))
+        run_command.check_device(base.model)
+        chosen = run_command.load_model(base.model)  # fetched and checked once, not in every pipeline
+        settings = NodeSettings(args.name, args.capacity, base, status_interval_s=args.status_interval,
+                                drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
+                                spare=not args.no_spare, log_level=args.log_level, model=chosen)
+    except run_command.Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    leftovers = remove_dead_runs(base.transport.endpoint_dir)
+    if leftovers:
+        log.info("removed %s", leftovers.describe())
+    try:
+        client = FleetClient.connect(config, name=f"node-{args.name}")
+    except FleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    node = Node(client, settings)
+    server = None
+    previous = {sig: signal.signal(sig, lambda signum, frame: node.drain()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if args.metrics_port is not None:
+            server = MetricsServer(args.metrics_port, node.metrics_text).start()
+            log.info("node %s: metrics at %s", args.name, server.url)
+        log.info("node %s: in the fleet at %s, capacity %d", args.name, client.state().server, args.capacity)
+        node.run()
+    except FleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.close()
+        client.close()
+    log.info("node %s: drained", args.name)
+    return 0
+
+
+def _run_defaults() -> dict[str, Any]:
+    """`maskstream run`'s options at their defaults: what run_config reads beyond the node's own options."""
+    parser = argparse.ArgumentParser()
+    run_command.add_parsers(parser.add_subparsers())
+    return vars(parser.parse_args(["run"]))
+
+
+# ---------------------------------------------------------------------------- fleet
+
+
+def fleet_add(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.config import loads_config
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.leases import CameraRegistry
+    from maskstream.pipeline.run_config import SourceOptions
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --option {item}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        options[key.strip()] = value.strip()
+    try:  # a typo fails here, not on every node
+        loads_config(SourceOptions, "", [f"{k}={v}" for k, v in options.items()], source="--option")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    with client:
+        try:
+            registry = CameraRegistry(client)
+            registry.ensure()
+            camera = registry.add(args.name, args.url, options, replace=args.replace)
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(f"{'replaced' if args.replace else 'added'} camera {camera.name}: {camera.url}")
+    return 0
+
+
+def fleet_remove(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.leases import CameraRegistry
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    with client:
+        try:
+            registry = CameraRegistry(client)
+            registry.ensure()
+            registry.remove(args.name)
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(f"removed camera {args.name}")
+    return 0
+
+
+def fleet_list(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.leases import CameraRegistry
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    with client:
+        try:
+            registry = CameraRegistry(client)
+            registry.ensure()
+            cameras = registry.cameras()
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps([{"name": c.name, "url": c.url, "options": c.options} for c in cameras], indent=1))
+        return 0
+    _table(["CAMERA", "URL", "OPTIONS"],
+           [[c.name, c.url, " ".join(f"{k}={v}" for k, v in sorted(c.options.items()))] for c in cameras])
+    return 0
+
+
+def fleet_status(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.leases import CameraRegistry
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    with client:
+        try:
+            registry = CameraRegistry(client)
+            registry.ensure()
+            rows, nodes = registry.status(), registry.nodes()
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    now = time.time()
+    cameras: list[dict[str, Any]] = [{
+        "camera": row.camera.name, "url": row.camera.url,
+        "node": row.lease.node if row.lease else None,
+        "since_s": round(now - row.lease.acquired_at, 1) if row.lease else None,
+        "frames_per_s": row.lease.status.frames_per_s if row.lease else None,
+        "frames": row.lease.status.frames if row.lease else None,
+        "drops": row.lease.status.drops if row.lease else None,
+        "last_error": row.lease.status.last_error if row.lease else None,
+    } for row in rows]
+    node_rows: list[dict[str, Any]] = [
+        {"node": n.name, "cameras": n.held, "jobs": list(n.jobs), "capacity": n.capacity + len(n.jobs),
+         "up_s": round(now - n.started_at, 1)} for n in nodes]
+    if args.json:
+        print(json.dumps({"cameras": cameras, "nodes": node_rows}, indent=1))
+        return 0
+    _table(["CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "LAST ERROR"],
+           [[c["camera"], c["node"] or "(waiting for a node)", _number(c["frames_per_s"]), _number(c["frames"]),
+             _number(c["drops"]), c["last_error"] or ""] for c in cameras])
+    print()
+    _table(["NODE", "CAMERAS", "JOBS", "CAPACITY", "UP"],
+           [[n["node"], str(n["cameras"]), str(len(n["jobs"])), str(n["capacity"]), f"{n['up_s']:.0f} s"]
+            for n in node_rows])
+    return 0
+
+
+def fleet_submit(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.jobs import JobQueue
+    from maskstream.pipeline.fleet.results import ensure_results_stream
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    with client:
+        try:
+            queue = JobQueue(client)
+            queue.ensure()
+            ensure_results_stream(client)
+            ids = queue.submit(args.inputs, check_exists=not args.no_check)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    for job_id, source in zip(ids, args.inputs):
+        print(f"{job_id}\t{source}")
+    return 0
+
+
+def fleet_jobs(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.jobs import JobQueue
+    from maskstream.pipeline.fleet.leases import CameraRegistry
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    with client:
+        try:
+            queue = JobQueue(client)
+            queue.ensure()
+            registry = CameraRegistry(client)
+            registry.ensure()
+            states, nodes = queue.jobs(), {n.name: n for n in registry.nodes()}
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    rows: list[dict[str, Any]] = []
+    for s in states:
+        # a running job's node that left the fleet (or runs it no more) will not finish it: after
+        # ack_wait_s another node takes it, unless that was its last allowed delivery
+        node = nodes.get(s.node)
+        gone = s.state == "running" and (node is None or (s.job_id not in node.jobs
+                                                          and node.renewed_at > s.updated_at + GONE_AFTER_S))
+        rows.append({"job": s.job_id, "state": s.state, "node": s.node, "node_gone": gone, "attempt": s.attempt,
+                     "error": s.error, "input": s.input})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    _table(["JOB", "STATE", "NODE", "ATTEMPT", "ERROR", "INPUT"],
+           [[r["job"], r["state"], f"{r['node']} (gone)" if r["node_gone"] else r["node"], str(r["attempt"]),
+             r["error"], r["input"]] for r in rows])
+    return 0
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())

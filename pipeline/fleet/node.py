@@ -1,0 +1,481 @@
+"""`maskstream node`: one host's share of the fleet's cameras and jobs.
+
+A node holds up to `capacity` pipelines at once, cameras and jobs together. Its loop:
+
+- cameras: a `LeaseManager` claims them (spread by capacity, docs/fleet.md); each `acquired`
+  starts a live pipeline run (runs.PipelineRun) published under the camera's name with the lease
+  revision as epoch; `lost` stops it at once, silently (another node may run it already);
+  `released` (the camera was removed) and `updated` (its URL or options changed) stop it with an
+  EndOfStream, `updated` then starts it again. A camera whose pipeline ends or fails is started
+  again after a backoff, as a new epoch. A camera's options are `maskstream run`'s `source.*`
+  settings (`policy` defaults to live);
+- jobs: with a slot free and no camera waiting for a node, it takes a job from the work queue
+  and runs it with the offline policy, resuming after what an earlier attempt stored; the run
+  acknowledges it once its EndOfStream is stored (runs.py). The lease manager is offered only
+  the slots that jobs leave free;
+- status: every `status_interval_s` each camera's frames/s, frames, drops and last error go into
+  its lease, and the jobs it runs into its presence record (`fleet status`, `fleet jobs`);
+- metrics: `metrics_text()` in Prometheus' text format (pipeline.runtime.metrics);
+- drain (`drain()`, from SIGTERM/SIGINT): it takes nothing more, ends its cameras' streams and
+  releases their leases at once (others claim them without waiting for the TTL), lets its jobs
+  finish for up to `drain_timeout_s`, then hands the others back (another node resumes them
+  after their stored results). A second drain() hands everything back at once.
+
+Only the CLI prints or exits: `run()` returns when the node is drained, and raises when the
+fleet cannot be reached or the lease manager fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from maskstream.pipeline.fleet.connection import FleetClient, FleetError
+from maskstream.pipeline.fleet.jobs import Job, JobWorker, ensure_jobs
+from maskstream.pipeline.fleet.leases import Camera, CameraStatus, LeaseEvent, LeaseManager, check_name
+from maskstream.pipeline.fleet.results import ResultPublisher, ensure_results_stream
+from maskstream.pipeline.fleet.runs import PipelineRun, RunSpec, Spare, hand_back
+from maskstream.pipeline.runtime.messages import EndOfStream
+from maskstream.pipeline.runtime.metrics import MetricsSnapshot, Sample, render_prometheus
+
+if TYPE_CHECKING:
+    from maskstream.pipeline.run_config import ChosenModel, RunConfig
+
+__all__ = ["Node", "NodeSettings", "camera_run_config", "job_run_config"]
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+SPARE_AFTER_S = 5.0  # a spare taken is replaced this long after, not while its run starts up beside it
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    name: str
+    capacity: int  # pipelines at once: cameras and jobs together
+    run: RunConfig  # what every pipeline starts from: model, workers, transport, supervisor, source defaults
+    status_interval_s: float = 1.0
+    restart_backoff_s: tuple[float, float] = (1.0, 30.0)  # a failed camera's first and longest wait
+    drain_timeout_s: float = 30.0  # jobs still running this long after a drain began are handed back
+    stop_timeout_s: float = 20.0  # a stopped pipeline gets this long to exit, then SIGKILL
+    endpoint_dir: Path | None = None  # where the runs' ipc:// sockets go (None: system temp)
+    # A pipeline process started ahead, its imports done, for the next camera or job: a camera that
+    # fails over starts that much sooner. Costs one idle process.
+    spare: bool = True
+    log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
+    model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
+
+    def __post_init__(self) -> None:
+        check_name("node name", self.name)
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity: expected a number of pipelines >= 1, got {self.capacity!r}")
+        first, longest = self.restart_backoff_s
+        if not 0 < first <= longest:
+            raise ValueError(f"restart_backoff_s: expected 0 < first <= longest, got {self.restart_backoff_s}")
+        for name in ("status_interval_s", "drain_timeout_s", "stop_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number of seconds")
+
+
+def camera_run_config(base: RunConfig, camera: Camera, endpoint: str) -> RunConfig:
+    """The pipeline settings of one camera: its URL, live unless its options say otherwise, its
+    options as `source.*` settings (ConfigError for an unknown one), results on `endpoint` only."""
+    from maskstream.pipeline.config import dump_config, loads_config
+    from maskstream.pipeline.run_config import OutputOptions, SourceOptions
+
+    source = dataclasses.replace(base.source, policy="live")
+    if camera.options:
+        items = [f"{key}={value}" for key, value in sorted(camera.options.items())]
+        source = loads_config(SourceOptions, dump_config(source), items, source=f"camera {camera.name!r} options")
+    return dataclasses.replace(base, sources=(camera.url,), source=source, outputs=OutputOptions(publish=endpoint))
+
+
+def job_run_config(base: RunConfig, source: str, endpoint: str) -> RunConfig:
+    """The pipeline settings of one job: its input read offline (every frame), results on `endpoint` only."""
+    from maskstream.pipeline.run_config import OutputOptions
+
+    return dataclasses.replace(base, sources=(source,), source=dataclasses.replace(base.source, policy="offline"),
+                               outputs=OutputOptions(publish=endpoint))
+
+
+@dataclass
+class _CameraSlot:
+    camera: Camera
+    revision: int
+    run: PipelineRun | None = None
+    restarts: int = 0
+    start_at: float = 0.0  # time.monotonic() of the next start (after a failure)
+    backoff_s: float = 0.0
+
+
+class Node:
+    """One host's node. `Node(client, settings).run()` until drained (see the module docstring)."""
+
+    def __init__(self, client: FleetClient, settings: NodeSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.publisher = ResultPublisher(client)
+        self.manager: LeaseManager | None = None
+        self.worker: JobWorker | None = None
+        self.cameras: dict[str, _CameraSlot] = {}
+        self.jobs: dict[str, PipelineRun] = {}
+        self.stopping: list[PipelineRun] = []  # stopped runs whose processes have not exited yet
+        self.counters = {name: 0 for name in (
+            "leases_acquired", "leases_lost", "leases_released", "camera_restarts", "jobs_taken",
+            "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "results")}
+        self._drains = 0
+        self._drain_began: float | None = None
+        self._leases_released = False
+        self._runs = 0
+        self._status_at = 0.0
+        self._endpoint_dir: Path | None = None
+        self._settled: set[int] = set()  # the jobs runs whose outcome was counted (by id)
+        self._spare: Spare | None = None
+        self._spare_due = 0.0  # time.monotonic() when the next spare may start
+
+    # ------------------------------------------------------------------ public
+
+    def drain(self) -> None:
+        """Stop taking work and give back what is held (safe from a signal handler: it only counts)."""
+        self._drains += 1
+
+    def run(self) -> None:
+        settings = self.settings
+        ensure_results_stream(self.client)
+        ensure_jobs(self.client)
+        from maskstream.pipeline.run_config import run_folder
+
+        # with an owner file, as a run's: remove_dead_runs clears it after a SIGKILL
+        self._endpoint_dir = run_folder(settings.endpoint_dir, prefix="maskstream-node-")
+        self.manager = LeaseManager(self.client, settings.name, settings.capacity)
+        self.worker = JobWorker(self.client, settings.name)
+        self.manager.start()
+        try:
+            while not self._done():
+                self._step()
+        finally:
+            self._close()
+
+    def metrics_text(self) -> str:
+        """The node's metrics in Prometheus' text format."""
+        state = self.client.state()
+        held = len(self.manager.held()) if self.manager is not None else 0
+        gauge, counter = "gauge", "counter"
+        samples = [
+            Sample("maskstream_node_capacity", "Pipelines this node runs at most (cameras and jobs).", gauge, "",
+                   self.settings.capacity),
+            Sample("maskstream_node_streams", "Pipelines running on this node (cameras and jobs).", gauge, "",
+                   sum(1 for s in self.cameras.values() if s.run is not None) + len(self.jobs)),
+            Sample("maskstream_node_jobs", "Offline jobs running on this node.", gauge, "", len(self.jobs)),
+            Sample("maskstream_node_leases_held", "Camera leases this node holds.", gauge, "", held),
+            Sample("maskstream_node_draining", "1 while the node drains (stops taking work).", gauge, "",
+                   int(self._drains > 0)),
+            Sample("maskstream_nats_connected", "1 while the node is connected to a NATS server.", gauge, "",
+                   int(state.connected)),
+            Sample("maskstream_nats_reconnects_total", "Reconnections to the NATS cluster.", counter, "",
+                   state.reconnects),
+            Sample("maskstream_nats_disconnects_total", "Disconnections from the NATS cluster.", counter, "",
+                   state.disconnects),
+        ]
+        helps = {
+            "leases_acquired": "Camera leases this node acquired.",
+            "leases_lost": "Camera leases this node lost (another node took over, or not renewed in time).",
+            "leases_released": "Camera leases this node gave back (camera removed, node draining).",
+            "camera_restarts": "Camera pipelines started again after they ended or failed.",
+            "jobs_taken": "Offline jobs this node took from the work queue.",
+            "job_redeliveries": "Jobs this node took that an earlier attempt had not finished.",
+            "jobs_done": "Jobs this node finished and acknowledged.",
+            "jobs_failed": "Jobs this node failed for good.",
+            "jobs_handed_back": "Jobs this node handed back for another delivery.",
+            "results": "Results (Detections, EndOfStream) this node's runs stored on NATS.",
+        }
+        for key, help_text in helps.items():
+            value = self.counters[key] + (sum(run.status().results for run in self._runs_alive())
+                                          if key == "results" else 0)
+            samples.append(Sample(f"maskstream_node_{key}_total", help_text, counter, "", value))
+        for name, slot in sorted(self.cameras.items()):
+            if slot.run is None:
+                continue
+            status = slot.run.status()
+            samples += [
+                Sample("maskstream_node_stream_frames_per_second", "Frames/s published, last few seconds.", gauge,
+                       name, round(status.frames_per_s, 3)),
+                Sample("maskstream_node_stream_dropped_frames", "Frames the stream's current run dropped.", gauge,
+                       name, status.drops),
+            ]
+        snapshot = MetricsSnapshot("node", 0, time.time(), tuple(samples))
+        return render_prometheus([snapshot])
+
+    # ------------------------------------------------------------------ the loop
+
+    def _step(self) -> None:
+        manager = self.manager
+        assert manager is not None
+        if manager.error is not None:
+            raise FleetError(f"lease manager failed: {manager.error}")
+        draining = self._drains > 0  # read once: a signal may count another drain any time
+        if draining and self._drain_began is None:
+            self._begin_drain()
+        take = not draining and self._room() > 0 and not manager.unclaimed()
+        for event in manager.events(timeout_s=0.0 if take else TICK_S):
+            if not self._leases_released:  # after release_all: the releases it made itself
+                self._on_lease(event, time.monotonic())
+        now = time.monotonic()
+        self._poll_runs(now)
+        if draining:
+            self._drain_step(now)
+        elif take and self._room() > 0:
+            self._take_job()  # waits up to TICK_S for one
+        if now - self._status_at >= self.settings.status_interval_s:
+            self._status_at = now
+            self._report()
+        if self.settings.spare and self._spare is None and now >= self._spare_due and not draining:
+            self._spare = Spare()
+
+    def _take_spare(self) -> Spare | None:
+        spare, self._spare = self._spare, None
+        self._spare_due = time.monotonic() + SPARE_AFTER_S
+        return spare
+
+    def _room(self) -> int:
+        return self.settings.capacity - len(self.cameras) - len(self.jobs)
+
+    def _on_lease(self, event: LeaseEvent, now: float) -> None:
+        name = event.camera.name
+        slot = self.cameras.get(name)
+        if event.kind == "acquired":
+            self.counters["leases_acquired"] += 1
+            if slot is not None:  # a lease lost and won back before its run stopped
+                self._stop_camera(slot, "lease acquired again", end_stream=False)
+            slot = self.cameras[name] = _CameraSlot(event.camera, event.revision)
+            if self._drains == 0:
+                self._start_camera(slot, now)
+            return
+        if slot is None:
+            return
+        if event.kind == "lost":
+            self.counters["leases_lost"] += 1
+            self._stop_camera(slot, f"lease lost: {event.reason}", end_stream=False)
+            del self.cameras[name]
+        elif event.kind == "released":
+            self.counters["leases_released"] += 1
+            self._stop_camera(slot, event.reason, end_stream=True)
+            del self.cameras[name]
+        elif event.kind == "updated":
+            self._stop_camera(slot, "camera updated: URL or options changed", end_stream=True)
+            slot.camera, slot.backoff_s = event.camera, 0.0
+            slot.restarts += 1
+            self._start_camera(slot, now)
+
+    def _start_camera(self, slot: _CameraSlot, now: float) -> None:
+        endpoint = self._endpoint()
+        epoch = str(slot.revision) if slot.restarts == 0 else f"{slot.revision}-{slot.restarts}"
+        try:
+            config = camera_run_config(self.settings.run, slot.camera, endpoint)
+        except ValueError as exc:  # a bad option: reported in the camera's status, tried again later
+            self._camera_failed(slot, now, str(exc))
+            return
+        run = PipelineRun(self._spec("camera", slot.camera.name, config, epoch=epoch), self.publisher,
+                          stop_timeout_s=self.settings.stop_timeout_s)
+        slot.run = run
+        run.start(self._take_spare())
+        log.info("node %s: camera %s started (epoch %s)", self.settings.name, slot.camera.name, epoch)
+
+    def _stop_camera(self, slot: _CameraSlot, reason: str, end_stream: bool) -> None:
+        run, slot.run = slot.run, None
+        if run is not None:
+            run.stop(reason, end_stream=end_stream)
+            self.stopping.append(run)
+
+    def _camera_failed(self, slot: _CameraSlot, now: float, error: str) -> None:
+        first, longest = self.settings.restart_backoff_s
+        slot.backoff_s = min(longest, slot.backoff_s * 2) if slot.backoff_s else first
+        slot.start_at = now + slot.backoff_s
+        slot.restarts += 1
+        if self.manager is not None:
+            self.manager.report(slot.camera.name, CameraStatus(last_error=error))
+        log.warning("node %s: camera %s: %s; starting it again in %.1f s", self.settings.name, slot.camera.name,
+                    error, slot.backoff_s)
+
+    def _poll_runs(self, now: float) -> None:
+        for slot in list(self.cameras.values()):
+            run = slot.run
+            if run is None:
+                if not self._drains and now >= slot.start_at:
+                    self.counters["camera_restarts"] += 1
+                    self._start_camera(slot, now)
+                continue
+            if run.poll():  # it ended or failed by itself
+                slot.run = None
+                self._retire(run)
+                if now - run.started_at > 60:
+                    slot.backoff_s = 0.0  # it ran a good while: a fresh failure starts the backoff again
+                self._camera_failed(slot, now, run.status().last_error or f"pipeline ended ({run.outcome})")
+        for job_id, run in list(self.jobs.items()):
+            finished = run.poll()
+            if finished or not run.forwarding:
+                # settled (acknowledged, failed or handed back): its slot is free while its pipeline exits
+                del self.jobs[job_id]
+                self._job_finished(run)
+                if finished:
+                    self._retire(run)
+                else:
+                    self.stopping.append(run)
+        for run in list(self.stopping):
+            finished = run.poll()
+            if run.job is not None and not run.forwarding:
+                self._job_finished(run)
+            if finished:
+                self.stopping.remove(run)
+                self._retire(run)
+
+    def _retire(self, run: PipelineRun) -> None:
+        self.counters["results"] += run.status().results
+        self._settled.discard(id(run))
+
+    def _take_job(self) -> None:
+        worker = self.worker
+        assert worker is not None
+        try:
+            job = worker.take(timeout_s=TICK_S)
+        except FleetError as exc:
+            log.info("node %s: no job taken (%s)", self.settings.name, exc)
+            return
+        if job is None:
+            return
+        self.counters["jobs_taken"] += 1
+        if job.redelivered:
+            self.counters["job_redeliveries"] += 1
+        try:
+            self._start_job(job)
+        except (FleetError, ValueError, OSError) as exc:
+            log.warning("node %s: job %s not started: %s", self.settings.name, job.job_id, exc)
+            try:
+                outcome = hand_back(job, f"not started on {self.settings.name}: {exc}")
+                self.counters["jobs_handed_back" if outcome == "released" else "jobs_failed"] += 1
+            except FleetError:
+                pass  # delivered again after ack_wait_s
+        self._jobs_changed()
+
+    def _start_job(self, job: Job) -> None:
+        last = self.publisher.last_result(job.request.stream_id)
+        if isinstance(last, EndOfStream):  # an earlier attempt stored everything and died before its ack
+            if last.error:
+                job.fail(last.error)
+                self.counters["jobs_failed"] += 1
+            else:
+                job.done()
+                self.counters["jobs_done"] += 1
+            return
+        config = job_run_config(self.settings.run, job.request.input, self._endpoint())
+        skip = last.header.seq if last is not None else None
+        run = PipelineRun(self._spec("job", job.request.stream_id, config, skip_through=skip), self.publisher, job,
+                          stop_timeout_s=self.settings.stop_timeout_s)
+        self.jobs[job.job_id] = run
+        run.start(self._take_spare())
+        log.info("node %s: job %s (attempt %d) started%s", self.settings.name, job.job_id, job.attempt,
+                 f", after seq {skip}" if skip is not None else "")
+
+    def _job_finished(self, run: PipelineRun) -> None:
+        if id(run) in self._settled:
+            return
+        self._settled.add(id(run))
+        key = {"done": "jobs_done", "failed": "jobs_failed", "released": "jobs_handed_back"}.get(run.outcome)
+        if key is not None:
+            self.counters[key] += 1
+        assert run.job is not None
+        log.info("node %s: job %s %s", self.settings.name, run.job.job_id, run.outcome)
+        self._jobs_changed()
+
+    def _jobs_changed(self) -> None:
+        """Offer the lease manager the slots the jobs leave, and name the jobs in the presence record."""
+        if self.manager is None:
+            return
+        if not self._drains:
+            self.manager.set_capacity(max(0, self.settings.capacity - len(self.jobs)))
+        self.manager.set_jobs(sorted(self.jobs))
+
+    def _report(self) -> None:
+        manager = self.manager
+        if manager is None:
+            return
+        for name, slot in self.cameras.items():
+            if slot.run is None:
+                continue
+            status = slot.run.status()
+            manager.report(name, CameraStatus(round(status.frames_per_s, 2), status.frames, status.drops,
+                                              status.last_error))
+        manager.set_jobs(sorted(self.jobs))
+
+    # ------------------------------------------------------------------ draining
+
+    def _begin_drain(self) -> None:
+        self._drain_began = time.monotonic()
+        log.info("node %s: draining", self.settings.name)
+        if self.manager is not None:
+            self.manager.set_capacity(0)
+        for slot in self.cameras.values():
+            self._stop_camera(slot, "node stopping", end_stream=True)
+
+    def _drain_step(self, now: float) -> None:
+        assert self._drain_began is not None
+        if not self._leases_released:
+            # the cameras' EndOfStreams are out (their forwarding threads are done): give the leases back
+            forwarding = [run for run in self.stopping if run.job is None and run.forwarding]
+            if not forwarding or now - self._drain_began > self.settings.stop_timeout_s:
+                assert self.manager is not None
+                try:
+                    self.manager.release_all("node stopping")
+                except FleetError as exc:  # not acknowledged: the leases expire after ttl_s
+                    log.warning("node %s: leases not released (%s)", self.settings.name, exc)
+                self._leases_released = True
+                self.cameras.clear()
+        if self.jobs and (self._drains > 1 or now - self._drain_began > self.settings.drain_timeout_s):
+            for job_id, run in list(self.jobs.items()):
+                run.stop("node stopping: handed back to the fleet")
+                self.stopping.append(run)
+                del self.jobs[job_id]
+
+    def _done(self) -> bool:
+        return self._leases_released and not self.jobs and not self.stopping
+
+    def _close(self) -> None:
+        if self._spare is not None:
+            self._spare.close()
+        runs = [slot.run for slot in self.cameras.values() if slot.run is not None] + list(self.jobs.values())
+        for run in runs:
+            run.stop("node stopping", end_stream=run.job is None)
+        self.stopping += runs
+        deadline = time.monotonic() + self.settings.stop_timeout_s + 5
+        while self.stopping and time.monotonic() < deadline:
+            self.stopping = [run for run in self.stopping if not run.poll()]
+            time.sleep(0.1)
+        for run in self.stopping:
+            run.kill()
+        if self.manager is not None:
+            self.manager.stop(release=True)
+        if self.worker is not None:
+            self.worker.close()
+        if self._endpoint_dir is not None:
+            for path in self._endpoint_dir.iterdir():
+                path.unlink(missing_ok=True)
+            self._endpoint_dir.rmdir()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _spec(self, kind: Literal["camera", "job"], stream_id: str, config: RunConfig, epoch: str = "",
+              skip_through: int | None = None) -> RunSpec:
+        return RunSpec(kind, stream_id, config, epoch, skip_through, self.settings.log_level, self.settings.model)
+
+    def _endpoint(self) -> str:
+        assert self._endpoint_dir is not None
+        self._runs += 1
+        return f"ipc://{self._endpoint_dir / f'run{self._runs}.pub'}"
+
+    def _runs_alive(self) -> list[PipelineRun]:
+        cameras = [slot.run for slot in self.cameras.values() if slot.run is not None]
+        return cameras + list(self.jobs.values()) + self.stopping

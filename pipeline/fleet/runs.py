@@ -1,0 +1,474 @@
+"""One camera or one job on a node: a local staged pipeline in a process of its own, its results
+forwarded to NATS.
+
+A run is `maskstream run`'s public path: `run_config.plan(cfg)` and `Supervisor(...).run(...)`
+in a child process, over one source, with its ZeroMQ PUB output on an ipc:// socket of the node.
+A thread of the node reads that socket with `pipeline.client.Subscriber` and publishes every
+Detections / EndOfStream through `ResultPublisher`, under the results' stream id (the camera's
+name, the job's id) instead of the source's file stem.
+
+Why a process per run: a Supervisor's streams are fixed when it starts, and it owns its
+process's SIGINT/SIGTERM handlers (so one per process, in the main thread). Runs start, stop and
+fail apart from each other, and the node stays a small process that the pipelines cannot take
+down. docs/fleet.md says what it costs.
+
+Cameras (`kind="camera"`) are published with an epoch (the lease revision, and a restart
+count), since every run of a camera counts seq from 0 again; seq gaps are the frames the
+pipeline dropped, which the headers' drops count. A camera stopped by the node (removed, moved,
+the node draining) gets an EndOfStream from the node: seq one past the last frame published,
+the last frame's drops, the error naming why.
+
+Jobs (`kind="job"`) are published without an epoch: a re-run's message ids equal the earlier
+attempt's, so the results stream stores each frame once. A job resumes after `skip_through`,
+the last seq an earlier attempt stored, and publishes only an unbroken run of seqs after it: a
+frame missing (lost in the pipeline) ends the attempt before anything past the hole is stored,
+so the stored results are always a prefix of the job's, in order. The job is acknowledged
+(`Job.done`) once its EndOfStream is stored; a source that failed (the EndOfStream carries the
+error) fails it for good; anything else (a hole, the pipeline's death, NATS not storing,
+`stop()`) hands it back for another delivery, from the node's thread, so the main loop never
+waits on an acknowledgement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Literal
+
+from maskstream.pipeline import logs
+from maskstream.pipeline.client import Subscriber
+from maskstream.pipeline.fleet.connection import FleetError
+from maskstream.pipeline.fleet.jobs import Job
+from maskstream.pipeline.fleet.results import Published, ResultPublisher
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, MessageError
+
+if TYPE_CHECKING:
+    from maskstream.pipeline.run_config import ChosenModel, RunConfig
+
+__all__ = ["PipelineRun", "RunSpec", "RunStatus", "Spare"]
+
+log = logging.getLogger(__name__)
+
+LIVE_HWM = 1000  # a camera's results queued at the node while NATS is slow; past it they show as drops
+RATE_WINDOW_S = 5.0  # frames/s over the last few seconds
+EXITED_QUIET_S = 2.0  # after the pipeline exited, results still on their way get this long to arrive
+PROGRESS_EVERY_S = 1.0  # the pipeline process's status messages
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    kind: Literal["camera", "job"]
+    stream_id: str  # the results' stream id: the camera's name or the job's id
+    config: RunConfig  # one source; outputs.publish is the node's ipc:// endpoint for this run
+    epoch: str = ""  # cameras: the lease revision (and restart count)
+    skip_through: int | None = None  # jobs: the last seq an earlier attempt stored
+    log_level: str = "warning"  # the stage processes' (pipeline.logs)
+    model: ChosenModel | None = None  # run_config.choose_model(config.model), when the node has it already
+
+    @property
+    def endpoint(self) -> str:
+        endpoint = self.config.outputs.publish
+        assert endpoint is not None
+        return endpoint
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    frames: int  # Detections published by this run
+    results: int  # everything published (an EndOfStream too)
+    drops: int  # frames the pipeline dropped (the latest header's count)
+    frames_per_s: float
+    last_error: str
+
+
+class PipelineRun:
+    """A pipeline process and its forwarding thread. start(); poll() from the node's loop until
+    finished; stop(reason) at any time (returns at once)."""
+
+    def __init__(self, spec: RunSpec, publisher: ResultPublisher, job: Job | None = None,
+                 stop_timeout_s: float = 20.0) -> None:
+        if (spec.kind == "job") != (job is not None):
+            raise ValueError("a job run needs its Job, a camera run none")
+        self.spec = spec
+        self.publisher = publisher
+        self.job = job
+        self.stop_timeout_s = stop_timeout_s
+        # how it ended: a camera "ended" (its EndOfStream stored), "stopped" or "failed"; a job "done",
+        # "failed", "released" (handed back) or "unacknowledged"
+        self.outcome = ""
+        self.started_at = time.monotonic()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._end_stream = False
+        self._stop_sent_at: float | None = None
+        self._signals_sent = 0
+        self._lock = threading.Lock()
+        self._conn_lock = threading.Lock()
+        self._frames = 0
+        self._results = 0
+        self._drops = 0
+        self._next_seq = 0 if spec.skip_through is None else spec.skip_through + 1
+        self._last_header: Header | None = None
+        self._times: deque[float] = deque()
+        self._errors: list[str] = []
+        self._report: tuple[str, ...] | None = None  # the pipeline's own last words (failure, stream errors)
+        self._end: EndOfStream | None = None  # the stream's EndOfStream, once stored
+        self._ended_at: float | None = None
+
+    # ------------------------------------------------------------------ the node's side
+
+    def start(self, spare: Spare | None = None) -> None:
+        """Start forwarding, then the pipeline: in `spare` (a process started ahead) or a new one."""
+        self._thread = threading.Thread(target=self._forward, name=f"forward-{self.spec.stream_id}", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)  # the SUB socket connects before the pipeline can publish anything
+        spare = spare if spare is not None and spare.alive else Spare()
+        spare.give(self.spec)
+        self._process, self._conn = spare.process, spare.status
+
+    def stop(self, reason: str, end_stream: bool = False) -> None:
+        """Stop forwarding now and the pipeline soon. end_stream: a camera's results end with an
+        EndOfStream saying `reason` (a camera moved away or removed); a job is handed back."""
+        if self._stop.is_set():
+            return
+        self._stop_reason, self._end_stream = reason, end_stream
+        self._stop.set()
+        self._signal_process()
+
+    def poll(self) -> bool:
+        """Read the pipeline's status, see that a stopped one exits; True once it is all over."""
+        self._read_status()
+        process = self._process
+        if process is None:
+            return False
+        alive = process.is_alive()
+        forwarding = self._thread is not None and self._thread.is_alive()
+        if alive and not forwarding and not self._stop.is_set():
+            with self._lock:
+                ended = self._end is not None
+            # after its EndOfStream a pipeline exits by itself; one whose results could not be
+            # forwarded is of no more use
+            if not ended or time.monotonic() - (self._ended_at or 0.0) > self.stop_timeout_s:
+                self._stop.set()
+        if alive and self._stop.is_set():
+            self._signal_process()
+        if not alive:
+            process.join()
+            self._read_status()
+        return not alive and not forwarding
+
+    @property
+    def forwarding(self) -> bool:
+        """The thread still forwards (or ends the stream, or acknowledges the job)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> RunStatus:
+        now = time.monotonic()
+        with self._lock:
+            while self._times and now - self._times[0] > RATE_WINDOW_S:
+                self._times.popleft()
+            times = list(self._times)
+            rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+            return RunStatus(self._frames, self._results, self._drops, rate, self._errors[-1] if self._errors else "")
+
+    def kill(self) -> None:
+        """SIGKILL the pipeline process (its stages exit on their own once it is gone)."""
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+    # ------------------------------------------------------------------ internals (node)
+
+    def _signal_process(self) -> None:
+        """SIGTERM, again a second later (the Supervisor stops at once on a second signal), SIGKILL
+        once stop_timeout_s has passed."""
+        process = self._process
+        if process is None or not process.is_alive() or process.pid is None:
+            return
+        now = time.monotonic()
+        if self._stop_sent_at is None:
+            self._stop_sent_at = now
+        elif now - self._stop_sent_at > self.stop_timeout_s:
+            log.warning("run %s: the pipeline did not stop in %s s; killing it", self.spec.stream_id,
+                        self.stop_timeout_s)
+            process.kill()
+            return
+        if self._signals_sent < 1 + int(now - self._stop_sent_at):
+            self._signals_sent += 1
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _read_status(self) -> None:
+        with self._conn_lock:  # the node's loop and the forwarding thread both read it
+            self._read_status_locked()
+
+    def _read_status_locked(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                kind, payload = conn.recv()
+                if kind == "errors":
+                    for error in payload:
+                        self._error(error)
+                elif kind == "report":
+                    self._report = tuple(payload)
+                    for error in payload:
+                        self._error(error)
+        except (EOFError, OSError):
+            conn.close()
+            self._conn = None
+
+    def _error(self, text: str) -> None:
+        with self._lock:
+            if text and (not self._errors or self._errors[-1] != text):
+                self._errors.append(text)
+                del self._errors[:-20]
+
+    # ------------------------------------------------------------------ the forwarding thread
+
+    def _forward(self) -> None:
+        reason = ""
+        try:
+            hwm = 0 if self.spec.kind == "job" else LIVE_HWM  # 0: no limit, a job's result is never dropped here
+            with Subscriber(self.spec.endpoint, high_water_mark=hwm) as sub:
+                self._ready.set()
+                reason = self._pump(sub)
+        except Exception as exc:  # noqa: BLE001  (anything here ends this run; the node carries on)
+            reason = f"forwarding failed: {type(exc).__name__}: {exc}"
+            log.exception("run %s", self.spec.stream_id)
+        finally:
+            self._ready.set()
+            if reason:
+                self._error(reason)
+            self._finish(reason)
+
+    def _pump(self, sub: Subscriber) -> str:
+        """Forward until the stream ends, stop() or a failure; returns why it stopped ("" for the end)."""
+        exited_at: float | None = None
+        while not self._stop.is_set():
+            try:
+                message = sub.recv(timeout_s=0.2)
+            except TimeoutError:
+                process = self._process
+                if process is not None and not process.is_alive():
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > EXITED_QUIET_S:
+                        self._read_status()
+                        last = f": {self._report[0]}" if self._report else ""
+                        return f"the pipeline exited (code {process.exitcode}) before its EndOfStream{last}"
+                continue
+            except MessageError as exc:
+                self._error(f"malformed result skipped: {exc}")
+                continue
+            if self._stop.is_set():
+                break
+            outcome = self._publish(message)
+            if outcome is not None:
+                return outcome
+        return ""
+
+    def _publish(self, message: Published) -> str | None:
+        """Forward one result; None to go on, "" when the stream ended, else why forwarding stops."""
+        message = dataclasses.replace(message, header=dataclasses.replace(message.header,
+                                                                          stream_id=self.spec.stream_id))
+        seq = message.header.seq
+        if self.spec.kind == "job":
+            skip = self.spec.skip_through
+            if isinstance(message, Detections) and skip is not None and seq <= skip:
+                return None  # stored by an earlier attempt
+            if seq != self._next_seq:
+                return (f"frames {self._next_seq} to {seq - 1} missing (lost in the pipeline): stopped before "
+                        f"seq {seq} so the stored results stay in order")
+        try:
+            self.publisher.publish(message, epoch=self.spec.epoch)
+        except FleetError as exc:
+            if self.spec.kind == "job":
+                return f"results not stored: {exc}"
+            self._error(f"result {seq} not stored: {exc}")  # a camera goes on; the subscriber sees a gap
+            return None
+        now = time.monotonic()
+        with self._lock:
+            self._next_seq = seq + 1
+            self._results += 1
+            self._last_header = message.header
+            self._drops = sum(n for _, n in message.header.drops)
+            if isinstance(message, Detections):
+                self._frames += 1
+                self._times.append(now)
+        if isinstance(message, EndOfStream):
+            with self._lock:
+                self._end, self._ended_at = message, now
+            if message.error:
+                self._error(message.error)
+            return ""
+        return None
+
+    def _finish(self, reason: str) -> None:
+        """The run's last word on NATS, from this thread: a camera's EndOfStream, a job's ack or hand-back."""
+        with self._lock:
+            end = self._end
+        ended = end is not None
+        if self.spec.kind == "camera":
+            if not ended and self._stop.is_set() and self._end_stream:
+                self._end_camera(self._stop_reason)
+            self.outcome = "ended" if ended else ("stopped" if self._stop.is_set() else "failed")
+            return
+        job = self.job
+        assert job is not None
+        try:
+            if end is not None:
+                if end.error:
+                    job.fail(end.error)
+                    self.outcome = "failed"
+                else:
+                    job.done()
+                    self.outcome = "done"
+                return
+            why = self._stop_reason if self._stop.is_set() else reason or "the pipeline ended without an EndOfStream"
+            self.outcome = hand_back(job, why)
+        except (FleetError, RuntimeError) as exc:
+            # not acknowledged: the server delivers it again after ack_wait_s, and the next attempt
+            # finds what this one stored
+            self._error(f"job {job.job_id}: {exc}")
+            self.outcome = "unacknowledged"
+
+    def _end_camera(self, reason: str) -> None:
+        with self._lock:
+            header = self._last_header
+            next_seq = self._next_seq
+        drops = header.drops if header is not None else ()
+        end = EndOfStream(Header(self.spec.stream_id, next_seq, None, (), drops), f"stopped: {reason}")
+        try:
+            self.publisher.publish(end, epoch=self.spec.epoch)
+        except FleetError as exc:
+            self._error(f"EndOfStream not stored: {exc}")
+            return
+        with self._lock:
+            self._results += 1
+
+
+def hand_back(job: Job, why: str) -> str:
+    """Give a job back for another delivery, or fail it when this was its last allowed one."""
+    if job.attempt >= job.max_deliver:
+        job.fail(f"gave up after {job.attempt} attempts, the last: {why}")
+        return "failed"
+    job.fail(why, retry=True)
+    return "released"
+
+
+# ---------------------------------------------------------------------------- the pipeline process
+
+
+class Spare:
+    """A pipeline process started before it is needed: it has imported the pipeline (torch among
+    it: a good part of a pipeline's start) and waits for its RunConfig. `give(cfg)` runs it."""
+
+    def __init__(self) -> None:
+        self.status, status_end = multiprocessing.Pipe(duplex=False)
+        config_end, self._config = multiprocessing.Pipe(duplex=False)
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(target=pipeline_process, args=(config_end, status_end, os.getpid()),
+                                       name="maskstream-run", daemon=False)
+        self.process.start()
+        status_end.close()
+        config_end.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def give(self, spec: RunSpec) -> None:
+        self._config.send((spec.config, spec.log_level, spec.model))
+        self._config.close()
+
+    def close(self) -> None:
+        """End an unused spare (it exits when its pipe closes)."""
+        self._config.close()
+        self.status.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
+    """The child: waits for its RunConfig (with the log level and the chosen model), then plan +
+    Supervisor.run over it, as `maskstream run` does, reporting to the node."""
+    os.setpgrp()  # a Ctrl-C at the node's terminal is for the node, which stops its runs itself
+    stopped: list[int] = []
+    # Until the Supervisor installs its handlers, and again after it restores them at its end, a
+    # SIGTERM from the node only notes the stop: the default action would leave the run's rings
+    # and sockets behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-node", daemon=True).start()
+    from maskstream.pipeline.run_config import plan
+    from maskstream.pipeline.runtime.supervisor import Supervisor
+
+    try:
+        cfg, log_level, model = config.recv()
+    except (EOFError, OSError):  # an unused spare, or the node is gone
+        raise SystemExit(0) from None
+    config.close()
+    logs.configure(log_level)
+
+    sent: dict[str, float] = {"at": 0.0}
+    errors_sent: set[str] = set()
+
+    def watch(supervisor: Any) -> None:
+        now = time.monotonic()
+        if now - sent["at"] < PROGRESS_EVERY_S:
+            return
+        sent["at"] = now
+        errors = [r.last_error for r in list(supervisor.latest.values()) if r.last_error]
+        fresh = [e for e in errors if e not in errors_sent]
+        if fresh:
+            errors_sent.update(fresh)
+            _send(conn, "errors", fresh)
+
+    try:
+        the_plan = plan(cfg, log_level, model)
+    except Exception as exc:  # noqa: BLE001  (the node reports it as the camera's or job's error)
+        _send(conn, "report", [f"cannot start the pipeline: {type(exc).__name__}: {exc}"])
+        raise SystemExit(2) from None
+    try:
+        if stopped:
+            raise SystemExit(0)
+        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(watch)
+    finally:
+        the_plan.close()
+    words = [report.failure, *(s.error for s in report.streams), *report.stage_errors]
+    _send(conn, "report", [w for w in words if w])
+    raise SystemExit(0 if not report.failure else 3)
+
+
+def _send(conn: Connection, kind: str, payload: Sequence[str]) -> None:
+    try:
+        conn.send((kind, list(payload)))
+    except (OSError, ValueError):
+        pass  # the node is gone
+
+
+def _watch_parent(parent: int) -> None:
+    """The node died (this process was reparented): stop the pipeline, at once (two signals)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)

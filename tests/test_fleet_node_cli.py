@@ -1,0 +1,127 @@
+"""The node's and the fleet commands' parts that need no pipeline: run settings made from a camera's
+options and a job, settings checks, the commands' usage errors, metrics, and `fleet jobs` telling
+a node gone from a node at work (against a real server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from maskstream.pipeline.client import Subscriber
+from maskstream.pipeline.config import ConfigError, dump_config
+from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
+from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.jobs import JobWorker
+from maskstream.pipeline.fleet.leases import Camera, LeaseManager
+from maskstream.pipeline.fleet.node import Node, NodeSettings, camera_run_config, job_run_config
+from maskstream.pipeline.run_config import RunConfig, SourceOptions
+
+from tests.fleet_nodes import maskstream
+
+ENDPOINT = "ipc:///tmp/x.pub"
+
+
+def test_a_camera_runs_live_with_its_options_as_source_settings():
+    base = RunConfig(sources=("ignored.mp4",), workers=2, source=SourceOptions(max_reconnects=3))
+    cfg = camera_run_config(base, Camera("door", "rtsp://10.0.0.7/s", {"rtsp_transport": "udp",
+                                                                       "reconnect_backoff_s": "[0.1, 2.0]"}), ENDPOINT)
+    assert cfg.sources == ("rtsp://10.0.0.7/s",) and cfg.workers == 2
+    assert cfg.source == SourceOptions(policy="live", rtsp_transport="udp", reconnect_backoff_s=(0.1, 2.0),
+                                       max_reconnects=3)
+    assert cfg.outputs.publish == ENDPOINT and cfg.outputs.jsonl is None and cfg.outputs.metrics_port is None
+    offline = camera_run_config(base, Camera("file", "/x.mp4", {"policy": "offline"}), ENDPOINT)
+    assert offline.source.policy == "offline"
+    with pytest.raises(ConfigError, match="polcy"):
+        camera_run_config(base, Camera("door", "rtsp://x", {"polcy": "live"}), ENDPOINT)
+    with pytest.raises(ConfigError, match="rtsp_transport"):
+        camera_run_config(base, Camera("door", "rtsp://x", {"rtsp_transport": "carrier-pigeon"}), ENDPOINT)
+
+
+def test_a_job_runs_offline_whatever_the_base_says():
+    base = RunConfig(source=SourceOptions(policy="live", rate_fps=5.0))
+    cfg = job_run_config(base, "/archive/a.mp4", ENDPOINT)
+    assert cfg.sources == ("/archive/a.mp4",) and cfg.source.policy == "offline"
+    assert cfg.outputs.publish == ENDPOINT
+
+
+def test_node_settings_are_checked():
+    with pytest.raises(ValueError, match="capacity"):
+        NodeSettings("a", 0, RunConfig())
+    with pytest.raises(ValueError, match="node name"):
+        NodeSettings(" a", 1, RunConfig())
+    with pytest.raises(ValueError, match="restart_backoff_s"):
+        NodeSettings("a", 1, RunConfig(), restart_backoff_s=(5.0, 1.0))
+
+
+def test_usage_errors_are_said_before_anything_is_reached():
+    bad = maskstream("fleet", "add", "door", "rtsp://x", "--option", "polcy=live", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "unknown key 'polcy'" in bad.stderr
+    bad = maskstream("fleet", "add", "door", "rtsp://x", "--option", "novalue", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
+    bad = maskstream("subscribe", "tcp://127.0.0.1:5556", "--from-seq", "3")
+    assert bad.returncode == 2 and "--from-seq" in bad.stderr
+    bad = maskstream("node", "--nats", "nats://10.1.2.3:4222", "--name", "a")
+    assert bad.returncode == 2 and "off loopback without TLS" in bad.stderr
+    with pytest.raises(ValueError, match="from_seq"):
+        Subscriber("tcp://127.0.0.1:5556", from_seq=1)
+
+
+def test_unreachable_fleet_is_exit_status_1(tmp_path):
+    done = maskstream("fleet", "list", "--nats", "nats://127.0.0.1:1", "--fleet-set", "nats.connect_timeout_s=0.2",
+                      "--fleet-set", "nats.reconnect_wait_s=0.1")
+    assert done.returncode == 1 and "cannot connect to NATS" in done.stderr
+
+
+@pytest.fixture
+def cli_fleet(nats_server, tmp_path):
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=2.0))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    return config, path
+
+
+def test_fleet_jobs_tells_a_node_gone_from_a_node_at_work(cli_fleet, tmp_path):
+    config, path = cli_fleet
+    clips = [tmp_path / f"{name}.mp4" for name in ("a", "b")]
+    for clip in clips:
+        clip.write_bytes(b"read by nobody here")
+    done = maskstream("fleet", "submit", *map(str, clips), "--fleet-config", str(path))
+    assert done.returncode == 0, done.stderr
+    ids = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    with FleetClient.connect(config, name="ghost") as ghost, FleetClient.connect(config, name="alive") as alive:
+        # "ghost" took a job and left no presence (as a SIGKILLed node); "alive" runs one and says so
+        assert JobWorker(ghost, "ghost").take(timeout_s=5).job_id == ids[0]
+        assert JobWorker(alive, "alive").take(timeout_s=5).job_id == ids[1]
+        manager = LeaseManager(alive, "alive", 1)
+        manager.start()
+        manager.set_jobs([ids[1]])
+        try:
+            listed = maskstream("fleet", "jobs", "--json", "--fleet-config", str(path))
+            table = maskstream("fleet", "jobs", "--fleet-config", str(path))
+        finally:
+            manager.stop()
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["job"]: row for row in json.loads(listed.stdout)}
+    assert (rows[ids[0]]["state"], rows[ids[0]]["node"], rows[ids[0]]["node_gone"]) == ("running", "ghost", True)
+    assert (rows[ids[1]]["state"], rows[ids[1]]["node"], rows[ids[1]]["node_gone"]) == ("running", "alive", False)
+    assert "ghost (gone)" in table.stdout and "alive (gone)" not in table.stdout
+
+
+def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
+    config, path = cli_fleet
+    done = maskstream("fleet", "add", "door", "rtsp://127.0.0.1:8554/door", "--option", "rtsp_transport=udp",
+                      "--fleet-config", str(path))
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(maskstream("fleet", "list", "--json", "--fleet-config", str(path)).stdout)
+    assert listed == [{"name": "door", "url": "rtsp://127.0.0.1:8554/door", "options": {"rtsp_transport": "udp"}}]
+    status = json.loads(maskstream("fleet", "status", "--json", "--fleet-config", str(path)).stdout)
+    assert status == {"cameras": [{"camera": "door", "url": "rtsp://127.0.0.1:8554/door", "node": None,
+                                   "since_s": None, "frames_per_s": None, "frames": None, "drops": None,
+                                   "last_error": None}], "nodes": []}
+    with FleetClient.connect(config, name="metrics") as client:
+        text = Node(client, NodeSettings("a", 3, RunConfig())).metrics_text()
+    for line in ('maskstream_node_capacity{stage="node"} 3', 'maskstream_node_streams{stage="node"} 0',
+                 'maskstream_node_leases_held{stage="node"} 0', 'maskstream_nats_connected{stage="node"} 1',
+                 'maskstream_node_job_redeliveries_total{stage="node"} 0'):
+        assert line in text, text
+    assert "# TYPE maskstream_node_job_redeliveries_total counter" in text
