@@ -171,14 +171,19 @@ def fetch_model(selection: ModelSelection, progress: bool = True) -> Path | None
         return None
     from maskstream.model import zoo
 
-    _check_selection(selection)
+    check_selection(selection)
     return zoo.fetch(zoo.named_model(selection.name), progress=progress)
 
 
-def _check_selection(selection: ModelSelection) -> None:
+def check_selection(selection: ModelSelection) -> None:
+    """ValueError when the model flags contradict each other or --model names nothing known."""
     if selection.name is not None and selection.checkpoint is not None:
         raise ValueError(f"--model {selection.name} and --checkpoint {selection.checkpoint} both choose the "
                          "weights: give one of them")
+    if selection.name is not None:
+        from maskstream.model import zoo
+
+        zoo.named_model(selection.name)
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ def choose_model(selection: ModelSelection) -> ChosenModel:
     """The config and checkpoint `selection` means (see the module docstring); a named model's
     weights must have been fetched (fetch_model). Raises ValueError (CheckpointError for a
     checkpoint that is no Mask R-CNN this project knows), ConfigError for a bad config."""
-    _check_selection(selection)
+    check_selection(selection)
     config_path: Path | None = selection.config
     checkpoint = selection.checkpoint
     if selection.name is not None:

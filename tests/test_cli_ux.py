@@ -183,6 +183,9 @@ BAD_INPUTS = {
         "error: checkpoint {d}/resnet50.pth: 3 tensors, an image classifier"),
     "no GPU for --device cuda": (lambda d, c: ["--source", str(c), "--device", "cuda"],
                                  "error: --device cuda: no CUDA device here (torch "),
+    # without --source the run would write its sample clip into a new run directory first
+    "no GPU, the built-in sample": (lambda d, c: ["--device", "cuda"], "error: --device cuda: no CUDA device here"),
+    "unknown model, the built-in sample": (lambda d, c: ["--model", "coco"], "error: --model 'coco': unknown model"),
 }
 
 
@@ -193,7 +196,7 @@ def _text(path: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_refused_before_the_model_loads_in_one_message(case, tmp_path, street_clip):
-    if case == "no GPU for --device cuda" and torch.cuda.is_available():
+    if case.startswith("no GPU") and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     make_args, expected = BAD_INPUTS[case]
     work = tmp_path / "work"

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = run_config(args)
+        check_device(cfg.model)
+        check_model_name(cfg.model)  # both before the sample clip: a refused run leaves no run directory
         sample_truth: Path | None = None  # the generated clip's ground truth, to score the run against
         out_dir = args.out_dir
         if not cfg.sources:
@@ -171,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, sources=(str(clip),))
         specs = source_specs(cfg)  # ValueError: two sources with one name
         probes = probe_sources(specs)
-        check_device(cfg.model)
         if not has_outputs(cfg.outputs) and out_dir is not None:
             cfg = default_outputs(cfg, _out_dir(out_dir))
         _refuse_existing_outputs(cfg, args.overwrite)
@@ -261,6 +262,16 @@ def probe_sources(specs: dict[str, SourceSpec]) -> dict[str, Probe]:
             log.warning("%s (%s): not reachable now (%s); the run starts anyway and will retry it, %s, with "
                         "backoff %g..%g s", sid, spec.url, probe.problem, tries, *spec.reconnect_backoff_s)
     return probes
+
+
+def check_model_name(selection: ModelSelection) -> None:
+    """Refused when --model names no model of the catalogue (a cheap look-up: nothing fetched)."""
+    from maskstream.pipeline.run_config import check_selection
+
+    try:
+        check_selection(selection)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
 
 
 def check_device(selection: ModelSelection) -> None:
