@@ -277,14 +277,7 @@ def _sequence(kind: type, tp: Any, item_tp: Any, item: Decoder) -> Decoder:
             raise CodecError((), f"expected {describe(tp)}, got {given(value)}")
         if exact is not None and all(type(v) is exact for v in value):
             return kind(value)
-        out = []
-        for i, v in enumerate(value):
-            try:
-                out.append(item(v, context))
-            except CodecError as exc:
-                exc.path = (i, *exc.path)
-                raise
-        return kind(out)
+        return kind(_each([item] * len(value), value, context))
 
     return decode
 
@@ -297,16 +290,21 @@ def _fixed_tuple(tp: Any, items: list[Decoder]) -> Decoder:
             raise CodecError((), f"expected {describe(tp)}, got {given(value)}")
         if len(value) != n:
             raise CodecError((), f"expected {describe(tp)} ({n} items), got {given(value)}")
-        out = []
-        for i, (item, v) in enumerate(zip(items, value)):
-            try:
-                out.append(item(v, context))
-            except CodecError as exc:
-                exc.path = (i, *exc.path)
-                raise
-        return tuple(out)
+        return tuple(_each(items, value, context))
 
     return decode
+
+
+def _each(items: list[Decoder], values: Any, context: Any) -> list[Any]:
+    """Each value through its decoder; an error's path starts with the value's index."""
+    out = []
+    for i, (item, v) in enumerate(zip(items, values)):
+        try:
+            out.append(item(v, context))
+        except CodecError as exc:
+            exc.path = (i, *exc.path)
+            raise
+    return out
 
 
 def _mapping(tp: Any, key: Decoder, item: Decoder) -> Decoder:

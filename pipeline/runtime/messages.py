@@ -571,13 +571,19 @@ def _check_model_input(m: ModelInput, limits: Limits) -> None:
     _check_hw(m.frame_hw, "frame_hw", _frame_bound(limits), "transport.max_frame_side")
 
 
-def _check_raw_detections(m: RawDetections, limits: Limits) -> None:
+def _check_instances(m: RawDetections | Detections, limits: Limits, label_dtypes: tuple[np.dtype, ...]) -> int:
+    """The header and the per-instance arrays both detection messages carry; their count."""
     _check_header(m.header, limits)
     n = len(m.boxes) if m.boxes.ndim else 0
     _check_shape(m.boxes, "boxes", (_F4,), (n, 4))
     _check_count(n, limits, "boxes")
     _check_shape(m.scores, "scores", (_F4,), (n,))
-    _check_shape(m.labels, "labels", (_I8, _I4), (n,))
+    _check_shape(m.labels, "labels", label_dtypes, (n,))
+    return n
+
+
+def _check_raw_detections(m: RawDetections, limits: Limits) -> None:
+    n = _check_instances(m, limits, (_I8, _I4))
     size = limits.mask_size
     _check_shape(m.mask_probs, "mask_probs", (_F4,), (n, size, size))
     input_bound = limits.input_hw or _frame_bound(limits)
@@ -589,12 +595,7 @@ def _check_raw_detections(m: RawDetections, limits: Limits) -> None:
 
 
 def _check_detections(m: Detections, limits: Limits) -> None:
-    _check_header(m.header, limits)
-    n = len(m.boxes) if m.boxes.ndim else 0
-    _check_shape(m.boxes, "boxes", (_F4,), (n, 4))
-    _check_count(n, limits, "boxes")
-    _check_shape(m.scores, "scores", (_F4,), (n,))
-    _check_shape(m.labels, "labels", (_I4,), (n,))
+    n = _check_instances(m, limits, (_I4,))
     _check_shape(m.crop_boxes, "crop_boxes", (_I4,), (n, 4))
     _check_hw(m.frame_hw, "frame_hw", _frame_bound(limits), "transport.max_frame_side")
     _check_boxes(m.boxes, "boxes", m.frame_hw, 1.0)  # rescaled in float32 from the clipped model boxes
