@@ -130,11 +130,11 @@ def test_the_supervisor_holds_the_sources_until_inference_reports_ready():
     """A `starting` heartbeat keeps the inference stage alive in the supervisor's eyes, but the
     decoders start only on its first plain report (after its model is made and warmed up)."""
     supervisor = Supervisor([], "ipc:///nonexistent", ())
-    assert not supervisor._inference_ready()
+    assert not supervisor.inference_ready()
     supervisor.latest["infer.0"] = StageReport("infer.0", 7, 1.0, starting=True)
-    assert not supervisor._inference_ready()
+    assert not supervisor.inference_ready()
     supervisor.latest["infer.0"] = StageReport("infer.0", 7, 1.5)
-    assert supervisor._inference_ready()
+    assert supervisor.inference_ready()
 
 
 class Worker(Stage):

@@ -75,6 +75,9 @@ def add_parsers(subparsers: Any) -> None:
                       help="on SIGTERM, how long running jobs may take to finish before they are handed back")
     node.add_argument("--no-spare", action="store_true",
                       help="start no pipeline process ahead of need (saves an idle process; starts are slower)")
+    node.add_argument("--no-standby", action="store_true",
+                      help="keep no warm camera pipeline waiting (saves an idle pipeline and its copy of the model; "
+                           "a camera failing over to this node then waits for a pipeline's start)")
     node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
@@ -167,7 +170,8 @@ def run_node(args: argparse.Namespace) -> int:
         chosen = run_command.load_model(base.model)  # fetched and checked once, not in every pipeline
         settings = NodeSettings(args.name, args.capacity, base, status_interval_s=args.status_interval,
                                 drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
-                                spare=not args.no_spare, log_level=args.log_level, model=chosen)
+                                spare=not args.no_spare, standby=not args.no_standby, log_level=args.log_level,
+                                model=chosen)
     except run_command.Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

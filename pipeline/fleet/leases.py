@@ -426,6 +426,10 @@ class LeaseManager:
         if self._task is not None and not self._task.done():
             self.client.run(self._release_all(reason), timeout_s=timeout_s)
 
+    def camera_count(self) -> int:
+        """Cameras in the fleet, as this node sees it now."""
+        return len(self._decoded(self._cameras, Camera))
+
     def unclaimed(self) -> list[str]:
         """Cameras that no node holds, as this node sees the fleet now."""
         leases = self._decoded(self._leases, Lease)

@@ -38,7 +38,15 @@ from maskstream.pipeline.fleet.connection import FleetClient, FleetError
 from maskstream.pipeline.fleet.jobs import Job, JobWorker, ensure_jobs
 from maskstream.pipeline.fleet.leases import Camera, CameraStatus, LeaseEvent, LeaseManager, check_name
 from maskstream.pipeline.fleet.results import ResultPublisher, ensure_results_stream
-from maskstream.pipeline.fleet.runs import PipelineRun, RunSpec, Spare, hand_back
+from maskstream.pipeline.fleet.runs import (
+    STANDBY_STREAM,
+    STANDBY_URL,
+    PipelineRun,
+    RunSpec,
+    Spare,
+    hand_back,
+    standby_config,
+)
 from maskstream.pipeline.runtime.messages import EndOfStream
 from maskstream.pipeline.runtime.metrics import MetricsSnapshot, Sample, render_prometheus
 
@@ -51,6 +59,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 SPARE_AFTER_S = 5.0  # a spare taken is replaced this long after, not while its run starts up beside it
+STANDBY_RETRY_S = 30.0  # a standby that died unused is made again this long after
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,11 @@ class NodeSettings:
     # A pipeline process started ahead, its imports done, for the next camera or job: a camera that
     # fails over starts that much sooner. Costs one idle process.
     spare: bool = True
+    # A camera pipeline started ahead (every stage but the decoder; the model loaded and warmed up)
+    # while the fleet has cameras and the node has room: a camera this node acquires (one failing
+    # over from a dead node among them) takes it over, paying one decoder's start instead of a
+    # pipeline's. Costs one idle pipeline (its processes and a copy of the model).
+    standby: bool = True
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
 
@@ -125,7 +139,7 @@ class Node:
         self.jobs: dict[str, PipelineRun] = {}
         self.stopping: list[PipelineRun] = []  # stopped runs whose processes have not exited yet
         self.counters = {name: 0 for name in (
-            "leases_acquired", "leases_lost", "leases_released", "camera_restarts", "jobs_taken",
+            "leases_acquired", "leases_lost", "leases_released", "camera_restarts", "standby_takeovers", "jobs_taken",
             "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "results")}
         self._drains = 0
         self._drain_began: float | None = None
@@ -136,6 +150,8 @@ class Node:
         self._settled: set[int] = set()  # the jobs runs whose outcome was counted (by id)
         self._spare: Spare | None = None
         self._spare_due = 0.0  # time.monotonic() when the next spare may start
+        self._standby: Spare | None = None
+        self._standby_due = 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -172,6 +188,8 @@ class Node:
                    sum(1 for s in self.cameras.values() if s.run is not None) + len(self.jobs)),
             Sample("maskstream_node_jobs", "Offline jobs running on this node.", gauge, "", len(self.jobs)),
             Sample("maskstream_node_leases_held", "Camera leases this node holds.", gauge, "", held),
+            Sample("maskstream_node_standby_ready", "1 while a warm standby pipeline waits for a camera.", gauge, "",
+                   int(self._standby is not None and self._standby.alive and self._standby.ready)),
             Sample("maskstream_node_draining", "1 while the node drains (stops taking work).", gauge, "",
                    int(self._drains > 0)),
             Sample("maskstream_nats_connected", "1 while the node is connected to a NATS server.", gauge, "",
@@ -186,6 +204,7 @@ class Node:
             "leases_lost": "Camera leases this node lost (another node took over, or not renewed in time).",
             "leases_released": "Camera leases this node gave back (camera removed, node draining).",
             "camera_restarts": "Camera pipelines started again after they ended or failed.",
+            "standby_takeovers": "Camera runs started on the warm standby pipeline.",
             "jobs_taken": "Offline jobs this node took from the work queue.",
             "job_redeliveries": "Jobs this node took that an earlier attempt had not finished.",
             "jobs_done": "Jobs this node finished and acknowledged.",
@@ -235,11 +254,42 @@ class Node:
             self._report()
         if self.settings.spare and self._spare is None and now >= self._spare_due and not draining:
             self._spare = Spare()
+        if self.settings.standby and not draining and now >= self._standby_due:
+            self._keep_standby(now)
+
+    def _keep_standby(self, now: float) -> None:
+        """A standby pipeline while cameras could come to this node; one that died unused is made again later."""
+        standby = self._standby
+        if standby is not None and not standby.alive:
+            self._standby = None
+            standby.close()
+            self._standby_due = now + STANDBY_RETRY_S
+            log.warning("node %s: the standby pipeline exited unused (code %s); another in %.0f s", self.settings.name,
+                        standby.process.exitcode, STANDBY_RETRY_S)
+            return
+        manager = self.manager
+        if standby is None and manager is not None and self._room() > 0 and manager.camera_count() > 0:
+            config = standby_config(camera_run_config(self.settings.run, Camera(STANDBY_STREAM, STANDBY_URL),
+                                                      self._endpoint()))
+            self._standby = Spare(standby=self._spec("camera", STANDBY_STREAM, config))
+            log.info("node %s: standby pipeline starting", self.settings.name)
 
     def _take_spare(self) -> Spare | None:
         spare, self._spare = self._spare, None
         self._spare_due = time.monotonic() + SPARE_AFTER_S
         return spare
+
+    def _take_standby(self, config: RunConfig) -> tuple[RunConfig, Spare | None]:
+        """The standby pipeline if a camera run of `config` fits it (config then publishing on its
+        endpoint), else the plain spare."""
+        standby = self._standby
+        if standby is None or not standby.alive or not standby.fits(config):
+            return config, self._take_spare()
+        assert standby.standby is not None
+        self._standby = None
+        self._standby_due = time.monotonic() + SPARE_AFTER_S
+        self.counters["standby_takeovers"] += 1
+        return dataclasses.replace(config, outputs=standby.standby.config.outputs), standby
 
     def _room(self) -> int:
         return self.settings.capacity - len(self.cameras) - len(self.jobs)
@@ -279,11 +329,13 @@ class Node:
         except ValueError as exc:  # a bad option: reported in the camera's status, tried again later
             self._camera_failed(slot, now, str(exc))
             return
+        config, spare = self._take_standby(config)
         run = PipelineRun(self._spec("camera", slot.camera.name, config, epoch=epoch), self.publisher,
                           stop_timeout_s=self.settings.stop_timeout_s)
         slot.run = run
-        run.start(self._take_spare())
-        log.info("node %s: camera %s started (epoch %s)", self.settings.name, slot.camera.name, epoch)
+        run.start(spare)
+        log.info("node %s: camera %s started (epoch %s%s)", self.settings.name, slot.camera.name, epoch,
+                 ", on the standby pipeline" if spare is not None and spare.standby is not None else "")
 
     def _stop_camera(self, slot: _CameraSlot, reason: str, end_stream: bool) -> None:
         run, slot.run = slot.run, None
@@ -444,8 +496,9 @@ class Node:
         return self._leases_released and not self.jobs and not self.stopping
 
     def _close(self) -> None:
-        if self._spare is not None:
-            self._spare.close()
+        for spare in (self._spare, self._standby):
+            if spare is not None:
+                spare.close()
         runs = [slot.run for slot in self.cameras.values() if slot.run is not None] + list(self.jobs.values())
         for run in runs:
             run.stop("node stopping", end_stream=run.job is None)

@@ -54,7 +54,7 @@ from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 if TYPE_CHECKING:
     from maskstream.pipeline.run_config import ChosenModel, RunConfig
 
-__all__ = ["PipelineRun", "RunSpec", "RunStatus", "Spare"]
+__all__ = ["PipelineRun", "RunSpec", "RunStatus", "Spare", "standby_config"]
 
 log = logging.getLogger(__name__)
 
@@ -376,41 +376,94 @@ def hand_back(job: Job, why: str) -> str:
 # ---------------------------------------------------------------------------- the pipeline process
 
 
-class Spare:
-    """A pipeline process started before it is needed: it has imported the pipeline (torch among
-    it: a good part of a pipeline's start) and waits for its RunConfig. `give(cfg)` runs it."""
+STANDBY_STREAM = "standby"  # a standby pipeline's stream id inside; the node forwards under the camera's name
+STANDBY_URL = "rtsp://standby.invalid/"  # a standby's placeholder source: never opened, the camera's replaces it
 
-    def __init__(self) -> None:
+
+def standby_config(camera: RunConfig) -> RunConfig:
+    """What a standby pipeline starts with: a camera run's settings, its source a placeholder."""
+    return dataclasses.replace(camera, sources=(f"{STANDBY_STREAM}={STANDBY_URL}",))
+
+
+class Spare:
+    """A pipeline process started before it is needed; `give(spec)` runs it.
+
+    Plain (`Spare()`): it has imported the pipeline (torch among it) and waits for its RunConfig.
+    Standby (`Spare(standby=spec)`, a camera's spec made by standby_config): it has also started
+    that pipeline, every stage but the decoder (the model loaded and warmed up), and waits for a
+    camera's source: taking it over costs one decoder's start and the source's opening, not the
+    pipeline's. A camera run fits it when only its source differs (`fits`)."""
+
+    def __init__(self, standby: RunSpec | None = None) -> None:
         self.status, status_end = multiprocessing.Pipe(duplex=False)
         config_end, self._config = multiprocessing.Pipe(duplex=False)
         context = multiprocessing.get_context("spawn")
         self.process = context.Process(target=pipeline_process, args=(config_end, status_end, os.getpid()),
-                                       name="maskstream-run", daemon=False)
+                                       name="maskstream-standby" if standby else "maskstream-run", daemon=False)
         self.process.start()
         status_end.close()
         config_end.close()
+        self.standby = standby
+        self._ready = False
+        if standby is not None:
+            self._config.send(("standby", standby.config, standby.log_level, standby.model))
 
     @property
     def alive(self) -> bool:
         return self.process.is_alive()
 
+    @property
+    def ready(self) -> bool:
+        """A standby's pipeline is warm (its inference stage reported ready); a plain spare: never."""
+        if self.standby is not None and not self._ready:
+            try:
+                while self.status.poll():
+                    kind, _ = self.status.recv()
+                    self._ready = self._ready or kind == "ready"
+            except (EOFError, OSError):
+                pass
+        return self._ready
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.standby.endpoint if self.standby is not None else None
+
+    def fits(self, config: RunConfig) -> bool:
+        """A camera run of `config` can take this standby over: live, one source, every other setting
+        the standby's (its results on the standby's endpoint)."""
+        if self.standby is None or config.source.policy != "live" or len(config.sources) != 1:
+            return False
+        standby = self.standby.config
+        return dataclasses.replace(config, sources=standby.sources, source=standby.source,
+                                   outputs=standby.outputs) == standby
+
     def give(self, spec: RunSpec) -> None:
-        self._config.send((spec.config, spec.log_level, spec.model))
+        if self.standby is None:
+            self._config.send(("run", spec.config, spec.log_level, spec.model))
+        else:
+            if not self.fits(spec.config) or spec.endpoint != self.endpoint:
+                raise ValueError(f"run {spec.stream_id}: its settings do not fit this standby pipeline")
+            self._config.send(("source", spec.config, spec.log_level, spec.model))
         self._config.close()
 
-    def close(self) -> None:
-        """End an unused spare (it exits when its pipe closes)."""
+    def close(self, timeout_s: float = 20.0) -> None:
+        """End an unused spare: it exits when its pipe closes (a standby stops its pipeline first)."""
         self._config.close()
         self.status.close()
-        self.process.join(5)
+        self.process.join(timeout_s if self.standby is not None else 5)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
 
 
+class _Unused(Exception):
+    """A standby's node closed it (or died) before giving it a source."""
+
+
 def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     """The child: waits for its RunConfig (with the log level and the chosen model), then plan +
-    Supervisor.run over it, as `maskstream run` does, reporting to the node."""
+    Supervisor.run over it, as `maskstream run` does, reporting to the node. A standby ("standby"
+    first) runs its pipeline with the sources held until the camera's RunConfig comes ("source")."""
     os.setpgrp()  # a Ctrl-C at the node's terminal is for the node, which stops its runs itself
     stopped: list[int] = []
     # Until the Supervisor installs its handlers, and again after it restores them at its end, a
@@ -418,20 +471,42 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     # and sockets behind.
     signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     threading.Thread(target=_watch_parent, args=(parent,), name="watch-node", daemon=True).start()
-    from maskstream.pipeline.run_config import plan
+    from maskstream.pipeline.run_config import plan, source_specs
     from maskstream.pipeline.runtime.supervisor import Supervisor
 
     try:
-        cfg, log_level, model = config.recv()
+        kind, cfg, log_level, model = config.recv()
     except (EOFError, OSError):  # an unused spare, or the node is gone
         raise SystemExit(0) from None
-    config.close()
+    standby = kind == "standby"
+    if not standby:
+        config.close()
     logs.configure(log_level)
 
     sent: dict[str, float] = {"at": 0.0}
     errors_sent: set[str] = set()
+    waiting = [standby]  # a standby without its source yet
+    ready = [False]
+
+    def take_source(supervisor: Any) -> None:
+        if not ready[0] and supervisor.inference_ready():
+            ready[0] = True
+            _send(conn, "ready", [])
+        try:
+            if not config.poll():
+                return
+            _, camera, _, _ = config.recv()
+        except (EOFError, OSError):
+            raise _Unused from None
+        config.close()
+        waiting[0] = False
+        (spec,) = source_specs(camera).values()
+        decoders = {s.stream_id: s.config for s in the_plan.specs if s.stream_id is not None}
+        supervisor.give_sources({sid: dataclasses.replace(c, source=spec) for sid, c in decoders.items()})
 
     def watch(supervisor: Any) -> None:
+        if waiting[0]:
+            take_source(supervisor)
         now = time.monotonic()
         if now - sent["at"] < PROGRESS_EVERY_S:
             return
@@ -450,7 +525,10 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     try:
         if stopped:
             raise SystemExit(0)
-        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(watch)
+        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor,
+                            hold_sources=standby).run(watch)
+    except _Unused:
+        raise SystemExit(0) from None
     finally:
         the_plan.close()
     words = [report.failure, *(s.error for s in report.streams), *report.stage_errors]

@@ -20,6 +20,9 @@ they lost, stops them all. docs/delivery.md is the protocol it keeps; in short:
   more than max_rewinds times in a row at one resume point gives that frame up: publish is
   restarted told to skip it, and the stream's result names it (exit status 1).
 - Live, nothing is rewound: a dead stage costs the frames it held, which publish counts as lost.
+- Held sources (`hold_sources=True`): every stage but the decoders starts, and the decoders wait
+  until `give_sources()` names their sources, so a pipeline can be started and warmed up before
+  its source is known (a fleet node's standby, pipeline/fleet/runs.py).
 - A decoder stays after its EndOfStream (a broken source's carries the error) until stopped:
   a ZeroMQ sender that exits loses what its receiver has not read yet.
 - SIGINT/SIGTERM: with offline streams still running, decoders are asked to drain (they end
@@ -107,8 +110,10 @@ class RunReport:
 
 class Supervisor:
     def __init__(self, specs: list[StageSpec], reports: str, streams: tuple[str, ...],
-                 config: SupervisorConfig | None = None, board: MetricsBoard | None = None):
+                 config: SupervisorConfig | None = None, board: MetricsBoard | None = None,
+                 hold_sources: bool = False):
         self.specs = {spec.name: spec for spec in specs}
+        self.sources_given = not hold_sources
         self.reports_endpoint = reports
         self.stream_ids = streams
         self.config = config or SupervisorConfig()
@@ -145,6 +150,22 @@ class Supervisor:
         report = self.latest.get(self.publish) if self.publish else None
         return {p.stream_id: p for p in report.streams} if report else {}
 
+    def give_sources(self, configs: dict[str, Any]) -> None:
+        """The decoders' configs, by stream id, of a supervisor made with hold_sources: its decoders
+        start with these once inference is ready (at once when it is already). From on_progress."""
+        if set(configs) != set(self.decoders):
+            raise ValueError(f"give_sources: expected a config for each of the streams {sorted(self.decoders)}, "
+                             f"got {sorted(configs)}")
+        for sid, config in configs.items():
+            name = self.decoders[sid]
+            self.specs[name] = dataclasses.replace(self.specs[name], config=config)
+        self.sources_given = True
+
+    def inference_ready(self) -> bool:
+        """The inference stage reported ready: its model loaded and warmed up."""
+        return any(name.split(".", 1)[0] == "infer" and not report.fatal and not report.starting
+                   for name, report in self.latest.items())
+
     def run(self, on_progress: Callable[[Supervisor], None] | None = None) -> RunReport:
         start = time.monotonic()
         inbox = ReportInbox(self.reports_endpoint)
@@ -163,7 +184,7 @@ class Supervisor:
                 self._collect(inbox, 0.2)
                 if held and self._signals:
                     held = []  # interrupted before any source opened: nothing to drain
-                elif held and self._inference_ready():
+                elif held and self.sources_given and self.inference_ready():
                     for name in held:
                         self._start(name)
                     held = []
@@ -442,10 +463,6 @@ class Supervisor:
     def _any_offline_running(self) -> bool:
         return any(spec.offline and name in self.processes and not self._decoder_done(name)
                    for name, spec in self.specs.items())
-
-    def _inference_ready(self) -> bool:
-        return any(name.split(".", 1)[0] == "infer" and not report.fatal and not report.starting
-                   for name, report in self.latest.items())
 
     def _drain(self) -> None:
         for name, spec in self.specs.items():
