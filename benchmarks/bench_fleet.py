@@ -2,7 +2,7 @@
 to come back when its node dies.
 
     python benchmarks/bench_fleet.py [--files 3] [--frames 150] [--rounds 2] [--kills 5] [--set KEY=VALUE]
-                                     [--smoke] [--out PATH]
+                                     [--no-standby] [--only overhead|failover] [--smoke] [--out PATH]
 
 overhead: the same video files (generated clips, 320x240 at 10 frames/s) through `maskstream run`,
 one run per file, one after another, each timed from its start to its EndOfStream at a ZeroMQ
@@ -16,9 +16,11 @@ only lower. Rounds alternate the sides, so that drift in the host's load hits bo
 average is noted before each side.
 
 failover: a 3-server cluster (replicas 3, the default lease TTL), two nodes (capacity 2), one
-camera (a clip played live). --kills times: SIGKILL the node holding the camera, time until its
-lease is on the other node and until its first result from there; the killed node is started
-again. Median and max of both; the goal for the first new result is 10 s.
+camera (a clip played live). --kills times: once the other node's warm standby pipeline is ready
+(its metrics), SIGKILL the node holding the camera, time until its lease is on the other node and
+until its first result from there; the killed node is started again. Median and max of both, the
+load average at each kill; the goal for the first new result is 10 s. --no-standby measures the
+same without standby pipelines (each failover then waits for a pipeline's start).
 
 The model is the tiny untrained lite variant (128x160 input) on CPU unless --set says otherwise.
 The NATS server is the `nats-server` the project's setup installs (beside the venv's python), or
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -140,17 +143,30 @@ def stop(procs: list[subprocess.Popen[Any]]) -> None:
 
 
 class Node:
-    def __init__(self, name: str, config: Path, capacity: int, sets: list[str], log: Path) -> None:
+    def __init__(self, name: str, config: Path, capacity: int, sets: list[str], log: Path, *extra: str) -> None:
         self.name, self.log = name, log
+        self.metrics_port = free_ports(1)[0]
+        seen = log.stat().st_size if log.exists() else 0  # a node started again appends to its log
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "maskstream.pipeline.cli", "node", "--fleet-config", str(config), "--name",
-                 name, "--capacity", str(capacity), "--status-interval", "0.5",
-                 *[x for s in sets for x in ("--set", s)]], stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: "in the fleet at" in log.read_text(errors="replace") or self.proc.poll() is not None, 120,
-                 f"node {name} in the fleet")
+                 name, "--capacity", str(capacity), "--status-interval", "0.5", "--metrics-port",
+                 str(self.metrics_port), *[x for s in sets for x in ("--set", s)], *extra],
+                stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "in the fleet at" in log.read_bytes()[seen:].decode(errors="replace")
+                 or self.proc.poll() is not None, 120, f"node {name} in the fleet")
         if self.proc.poll() is not None:
             raise RuntimeError(f"node {name} exited:\n{log.read_text(errors='replace')[-3000:]}")
+
+    def metric(self, name: str) -> float:
+        """One of the node's metrics (label stage="node" only); NaN while its metrics cannot be read."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return math.nan
+        prefix = f'{name}{{stage="node"}} '
+        return float(next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix):])
 
 
 # ---------------------------------------------------------------------------- overhead
@@ -256,13 +272,14 @@ def overhead(files: list[Path], rounds: int, sets: list[str], work: Path) -> dic
 # ---------------------------------------------------------------------------- failover
 
 
-def failover(kills: int, sets: list[str], work: Path, clip: Path) -> dict[str, Any]:
+def failover(kills: int, sets: list[str], work: Path, clip: Path, standby: bool) -> dict[str, Any]:
     procs, urls = start_servers(work / "cluster", 3)
     config = FleetConfig(nats=NatsConfig(urls=tuple(urls)), replicas=3)
     path = work / "cluster.yaml"
     path.write_text(dump_config(config))
-    nodes = {name: Node(name, path, 2, sets, work / f"node-{name}.log") for name in ("a", "b")}
-    rows: list[dict[str, float]] = []
+    extra = () if standby else ("--no-standby",)
+    nodes = {name: Node(name, path, 2, sets, work / f"node-{name}.log", *extra) for name in ("a", "b")}
+    rows: list[dict[str, Any]] = []
     try:
         with FleetClient.connect(config, name="bench") as client:
             registry = CameraRegistry(client)
@@ -274,8 +291,14 @@ def failover(kills: int, sets: list[str], work: Path, clip: Path) -> dict[str, A
                 last_seq = first.header.seq
                 for _ in range(kills):
                     victim, _ = _holder(registry)
+                    survivor = nodes[next(name for name in nodes if name != victim)]
+                    if standby:  # the survivor's standby warm (model loaded), as a node running for a while has it
+                        wait_for(lambda s=survivor: s.metric("maskstream_node_standby_ready") == 1, START_TIMEOUT_S,
+                                 f"a warm standby on {survivor.name}", every=0.5)
+                        takeovers = survivor.metric("maskstream_node_standby_takeovers_total")
                     for _ in range(5):  # results flowing on the holder
                         last_seq = sub.recv().header.seq
+                    load = os.getloadavg()
                     nodes[victim].proc.kill()
                     killed = time.time()
                     nodes[victim].proc.wait()
@@ -286,18 +309,24 @@ def failover(kills: int, sets: list[str], work: Path, clip: Path) -> dict[str, A
                         if message.header.seq < last_seq:
                             break
                         last_seq = message.header.seq
-                    row = {"lease_s": moved[1] - killed, "first_result_s": time.time() - killed}
+                    row = {"lease_s": moved[1] - killed, "first_result_s": time.time() - killed,
+                           "load_average_at_kill": load}
+                    if standby:
+                        row["standby_taken"] = survivor.metric("maskstream_node_standby_takeovers_total") > takeovers
                     last_seq = message.header.seq
                     rows.append(row)
                     print(f"failover: lease moved in {row['lease_s']:.2f} s, first new result "
-                          f"{row['first_result_s']:.2f} s after the SIGKILL", flush=True)
-                    nodes[victim] = Node(victim, path, 2, sets, work / f"node-{victim}.log")
+                          f"{row['first_result_s']:.2f} s after the SIGKILL (load average {load[0]:.1f})", flush=True)
+                    nodes[victim] = Node(victim, path, 2, sets, work / f"node-{victim}.log", *extra)
     finally:
         stop([node.proc for node in nodes.values()])
         stop(procs)
     lease, result = [r["lease_s"] for r in rows], [r["first_result_s"] for r in rows]
-    return {"what": "SIGKILL of the node holding a live camera (3-server cluster, lease TTL 5 s): seconds to "
-                    "its lease on the other node, and to its first result from there",
+    return {"what": "SIGKILL of the node holding a live camera (3-server cluster, lease TTL "
+                    f"{config.leases.ttl_s:g} s, renewed every {config.leases.renew_interval_s:g} s; "
+                    f"{'the other node with a warm standby pipeline' if standby else 'no standby pipelines'}): "
+                    "seconds to its lease on the other node, and to its first result from there",
+            "standby": standby,
             "kills": rows, "lease_s_median": statistics.median(lease), "lease_s_max": max(lease),
             "first_result_s_median": statistics.median(result), "first_result_s_max": max(result),
             "goal_s": FAILOVER_GOAL_S, "pipeline_start_s": pipeline_start}
@@ -317,6 +346,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline setting")
+    parser.add_argument("--no-standby", action="store_true", help="failover without the nodes' standby pipelines")
+    parser.add_argument("--only", choices=("overhead", "failover"), help="measure only this")
     add_output_options(parser)
     args = parse_args(parser, {"files": 1, "frames": 6, "rounds": 1, "kills": 1}, None)
     for name in ("files", "frames", "rounds", "kills"):
@@ -338,21 +369,25 @@ def main() -> None:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "smoke": args.smoke,
             "model": "tiny" if not args.set else "tiny with " + ", ".join(args.set), "model_overrides": sets,
             "machine": {**machine(), "load_average_at_start": started},
-            "overhead": overhead(files, args.rounds, sets, work),
-            "failover": failover(args.kills, sets, work, clip),
         }
+        if args.only != "failover":
+            result["overhead"] = overhead(files, args.rounds, sets, work)
+        if args.only != "overhead":
+            result["failover"] = failover(args.kills, sets, work, clip, standby=not args.no_standby)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    o, f = result["overhead"], result["failover"]
-    print(f"overhead: run {o['run_fps_median']:.2f} frames/s, fleet {o['fleet_fps_median']:.2f} frames/s, "
-          f"ratio {o['ratio']:.3f} (goal >= {OVERHEAD_GOAL}); first to last result: run "
-          f"{o['run_steady_fps_median']:.2f}, fleet {o['fleet_steady_fps_median']:.2f} frames/s, ratio "
-          f"{o['steady_ratio']:.3f}")
-    print(f"failover over {len(f['kills'])} kill(s): lease moved median {f['lease_s_median']:.2f} s, max "
-          f"{f['lease_s_max']:.2f} s; first new result median {f['first_result_s_median']:.2f} s, max "
-          f"{f['first_result_s_max']:.2f} s (goal {FAILOVER_GOAL_S:.0f} s; a pipeline start here took "
-          f"{f['pipeline_start_s']:.2f} s)")
+    o, f = result.get("overhead"), result.get("failover")
+    if o is not None:
+        print(f"overhead: run {o['run_fps_median']:.2f} frames/s, fleet {o['fleet_fps_median']:.2f} frames/s, "
+              f"ratio {o['ratio']:.3f} (goal >= {OVERHEAD_GOAL}); first to last result: run "
+              f"{o['run_steady_fps_median']:.2f}, fleet {o['fleet_steady_fps_median']:.2f} frames/s, ratio "
+              f"{o['steady_ratio']:.3f}")
+    if f is not None:
+        print(f"failover over {len(f['kills'])} kill(s): lease moved median {f['lease_s_median']:.2f} s, max "
+              f"{f['lease_s_max']:.2f} s; first new result median {f['first_result_s_median']:.2f} s, max "
+              f"{f['first_result_s_max']:.2f} s (goal {FAILOVER_GOAL_S:.0f} s; a pipeline start here took "
+              f"{f['pipeline_start_s']:.2f} s)")
     print(f"load average {started[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; wrote {out}")
 
 

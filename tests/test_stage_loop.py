@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from maskstream.pipeline.runtime.messages import Frame, Header, LostFrame, StageReport, StageStamp
 from maskstream.pipeline.runtime.stage import BlackBox, Source, Stage, Wiring, run_stage
-from maskstream.pipeline.runtime.supervisor import Supervisor
+from maskstream.pipeline.runtime.supervisor import StageSpec, Supervisor
 from maskstream.pipeline.runtime.transport import Outbox, ReportInbox, pack
 from maskstream.pipeline.stages.decode import DecodeStage
 from maskstream.pipeline.stages.infer import InferStage
@@ -135,6 +135,19 @@ def test_the_supervisor_holds_the_sources_until_inference_reports_ready():
     assert not supervisor.inference_ready()
     supervisor.latest["infer.0"] = StageReport("infer.0", 7, 1.5)
     assert supervisor.inference_ready()
+
+
+def test_held_sources_are_given_per_stream_and_replace_the_decoders_configs():
+    """hold_sources: the decoders wait for give_sources(), which must name each stream once."""
+    decoder = StageSpec(print, "placeholder source", Wiring("decode.cam", "ipc:///nonexistent"), stream_id="cam")
+    supervisor = Supervisor([decoder], "ipc:///nonexistent", ("cam",), hold_sources=True)
+    assert not supervisor.sources_given
+    with pytest.raises(ValueError, match="cam"):
+        supervisor.give_sources({"other": "the camera's source"})
+    assert not supervisor.sources_given and supervisor.specs["decode.cam"].config == "placeholder source"
+    supervisor.give_sources({"cam": "the camera's source"})
+    assert supervisor.sources_given and supervisor.specs["decode.cam"].config == "the camera's source"
+    assert Supervisor([decoder], "ipc:///nonexistent", ("cam",)).sources_given  # not held: at once
 
 
 class Worker(Stage):
