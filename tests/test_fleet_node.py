@@ -19,6 +19,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -49,6 +50,9 @@ RUNTIME_CHANGE_S = 5.0  # a camera added or removed takes effect within this
 # A pipeline's start (spawning its stage processes, loading the model) on a loaded 2-core box
 # takes from a few seconds to tens; waits for first results allow for it.
 FIRST_RESULT_S = 120.0
+# The job a SIGTERM hands back: long enough that it still runs when the other job (started with
+# it) has failed, and after the drain timeout (1 s) that follows.
+ARCHIVE_FRAMES = 200
 
 
 @pytest.fixture
@@ -234,11 +238,15 @@ def test_job_failover_every_frame_once_in_order_equal_to_a_single_host_run(nats_
                          jobs=JobsConfig(ack_wait_s=6.0, progress_interval_s=1.0, max_deliver=5))
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     files = job_files(tmp_path)
+    # the single-host run of the same files goes on beside the fleet's (it shares nothing with it),
+    # so that its time overlaps the fleet's waits (node starts, the ack wait, the election)
+    reference_run = ThreadPoolExecutor(1)
+    reference_future = reference_run.submit(single_host_results, files, tmp_path)
     a = node_processes("a", path, tmp_path, 1)
     b = node_processes("b", path, tmp_path, 1)
     a.wait_ready()
     b.wait_ready()
-    with FleetClient.connect(config, name="test") as client:
+    with reference_run, FleetClient.connect(config, name="test") as client:
         queue = JobQueue(client)
         collector = ResultCollector(config)
         try:
@@ -272,7 +280,7 @@ def test_job_failover_every_frame_once_in_order_equal_to_a_single_host_run(nats_
     # the results stream, read from its start, holds each frame of each job once, in order
     with ResultSubscriber.connect(config, streams=ids, from_seq=1, timeout_s=30) as sub:
         stored = list(sub)
-    reference = single_host_results(files, tmp_path)
+    reference = reference_future.result()
     for job_id, file in zip(ids, files):
         got = [m for m in stored if m.header.stream_id == job_id]
         want = reference[file.stem]
@@ -289,7 +297,7 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
                          jobs=JobsConfig(ack_wait_s=6.0, progress_interval_s=1.0))
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     camera = write_test_clip(tmp_path / "door.mp4", frames=600, size=(160, 120), fps=10)
-    archive = write_test_clip(tmp_path / "archive.mp4", frames=200, size=(160, 120), fps=10)
+    archive = write_test_clip(tmp_path / "archive.mp4", frames=ARCHIVE_FRAMES, size=(160, 120), fps=10)
     a = node_processes("a", path, tmp_path, 2, "--drain-timeout", "1")
     a.wait_ready()
     with FleetClient.connect(config, name="test") as client:
@@ -320,20 +328,19 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         assert '"error":"stopped: camera removed"' in replay.stdout.splitlines()[-1]
         assert "resume with --from-seq" in replay.stderr
 
-        # a file that is no video: its stream ends with the error, the job fails for good (no retry)
+        # two jobs at once (the node has room for both): a file that is no video, whose stream ends
+        # with the error and which fails for good (no retry), and a video
         notes = tmp_path / "notes.mp4"
         notes.write_text("this is not a video")
-        done = maskstream("fleet", "submit", str(notes), "--fleet-config", str(path))
+        done = maskstream("fleet", "submit", str(notes), str(archive), "--fleet-config", str(path))
         assert done.returncode == 0, done.stderr
+        notes_id, job_id = [line.split("\t")[0] for line in done.stdout.splitlines()]
         queue = JobQueue(client)
-        failed = wait_for(lambda: (s := queue.get(done.stdout.split("\t")[0])).state == "failed" and s,
+        failed = wait_for(lambda: (s := queue.get(notes_id)).state == "failed" and s,
                           FIRST_RESULT_S, "the job of a file that is no video failed")
         assert failed.attempt == 1 and "notes.mp4" in failed.error, failed
 
         # SIGTERM with a job running: handed back after --drain-timeout, resumed by another node
-        done = maskstream("fleet", "submit", str(archive), "--fleet-config", str(path))
-        assert done.returncode == 0, done.stderr
-        job_id = done.stdout.split("\t")[0]
         with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
             early = [sub.recv() for _ in range(5)]
         assert a.terminate(timeout_s=60) == 0
@@ -345,4 +352,4 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         assert "after seq" in b.wait_for_log(f"job {job_id} (attempt 2) started", 5)
     with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=30) as sub:
         seqs = [m.header.seq for m in sub]
-    assert seqs == list(range(201)) and [m.header.seq for m in early] == list(range(5))
+    assert seqs == list(range(ARCHIVE_FRAMES + 1)) and [m.header.seq for m in early] == list(range(5))

@@ -76,9 +76,10 @@ class NodeSettings:
     # fails over starts that much sooner. Costs one idle process.
     spare: bool = True
     # A camera pipeline started ahead (every stage but the decoder; the model loaded and warmed up)
-    # while the fleet has cameras and the node has room: a camera this node acquires (one failing
-    # over from a dead node among them) takes it over, paying one decoder's start instead of a
-    # pipeline's. Costs one idle pipeline (its processes and a copy of the model).
+    # while the fleet has cameras (stopped when it has none) and the node has room: a camera this
+    # node acquires (one failing over from a dead node among them) takes it over, paying one
+    # decoder's start instead of a pipeline's. Costs one idle pipeline (its processes and a copy
+    # of the model).
     standby: bool = True
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
@@ -151,6 +152,7 @@ class Node:
         self._spare: Spare | None = None
         self._spare_due = 0.0  # time.monotonic() when the next spare may start
         self._standby: Spare | None = None
+        self._spares_stopping: list[Spare] = []  # stopped unused, not exited yet
         self._standby_due = 0.0
 
     # ------------------------------------------------------------------ public
@@ -256,6 +258,7 @@ class Node:
             self._spare = Spare()
         if self.settings.standby and not draining and now >= self._standby_due:
             self._keep_standby(now)
+        self._spares_stopping = [spare for spare in self._spares_stopping if spare.alive]
 
     def _keep_standby(self, now: float) -> None:
         """A standby pipeline while cameras could come to this node; one that died unused is made again later."""
@@ -268,7 +271,13 @@ class Node:
                         standby.process.exitcode, STANDBY_RETRY_S)
             return
         manager = self.manager
-        if standby is None and manager is not None and self._room() > 0 and manager.camera_count() > 0:
+        cameras = manager.camera_count() if manager is not None else 0
+        if standby is not None and cameras == 0:  # the fleet's last camera went: no use for it now
+            self._standby = None
+            standby.stop()
+            self._spares_stopping.append(standby)
+            log.info("node %s: standby pipeline stopped (no cameras in the fleet)", self.settings.name)
+        elif standby is None and self._room() > 0 and cameras > 0:
             config = standby_config(camera_run_config(self.settings.run, Camera(STANDBY_STREAM, STANDBY_URL),
                                                       self._endpoint()))
             self._standby = Spare(standby=self._spec("camera", STANDBY_STREAM, config))
@@ -496,7 +505,10 @@ class Node:
         return self._leases_released and not self.jobs and not self.stopping
 
     def _close(self) -> None:
-        for spare in (self._spare, self._standby):
+        for spare in (self._spare, self._standby, *self._spares_stopping):
+            if spare is not None:
+                spare.stop()
+        for spare in (self._spare, self._standby, *self._spares_stopping):
             if spare is not None:
                 spare.close()
         runs = [slot.run for slot in self.cameras.values() if slot.run is not None] + list(self.jobs.values())

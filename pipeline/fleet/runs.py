@@ -446,10 +446,20 @@ class Spare:
             self._config.send(("source", spec.config, spec.log_level, spec.model))
         self._config.close()
 
-    def close(self, timeout_s: float = 20.0) -> None:
-        """End an unused spare: it exits when its pipe closes (a standby stops its pipeline first)."""
+    def stop(self) -> None:
+        """Tell an unused spare to end, without waiting: it exits when its pipe closes; a standby is
+        also signalled, so that one still loading its model stops its pipeline at once."""
         self._config.close()
         self.status.close()
+        if self.standby is not None and self.process.pid is not None and self.process.is_alive():
+            try:
+                os.kill(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def close(self, timeout_s: float = 20.0) -> None:
+        """End an unused spare and wait for it (SIGKILL after timeout_s)."""
+        self.stop()
         self.process.join(timeout_s if self.standby is not None else 5)
         if self.process.is_alive():
             self.process.kill()
