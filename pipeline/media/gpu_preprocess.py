@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from maskstream.pipeline.media.pixels import COLOUR_MATRICES, PLANAR, RGB24, fit_size
 
 __all__ = ["Letterbox"]

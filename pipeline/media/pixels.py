@@ -20,8 +20,8 @@ import av
 import cv2
 import numpy as np
 
-__all__ = ["COLOUR_MATRICES", "NV12", "PLANAR", "RGB24", "YUV420P", "YUVJ420P", "PixelRoute", "fit_size", "frame_pixels", "i420_planes",
-           "yuv420p_frame_hw", "yuv420p_to_rgb_resized"]
+__all__ = ["COLOUR_MATRICES", "NV12", "PLANAR", "RGB24", "YUV420P", "YUVJ420P", "PixelRoute", "fit_size",
+           "frame_pixels", "i420_planes", "yuv420p_frame_hw", "yuv420p_to_rgb_resized"]
 
 RGB24 = "rgb24"  # uint8 [H, W, 3]
 YUV420P = "yuv420p"  # uint8 [H * 3 / 2, W]: the Y plane, then U [H/2, W/2], then V, back to back (I420); limited range

@@ -1,0 +1,106 @@
+"""The inference process making the model's input itself (infer.preprocess=infer): decode's frames
+in, the same detections out as the CPU preprocess stage followed by the inference stage; the plan
+without a preprocess stage; the choice of where preprocess runs."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import av
+import numpy as np
+import pytest
+from maskstream.model.contract import InferenceContract
+from maskstream.model.runners import RunnerSpec
+from maskstream.pipeline.config import load_config
+from maskstream.pipeline.media.pixels import RGB24, frame_pixels
+from maskstream.pipeline.run_config import CONFIG_DIR, ModelSelection, RunConfig, plan, preprocess_in_infer
+from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Header, RawDetections
+from maskstream.pipeline.runtime.stage import Timed
+from maskstream.pipeline.stages.infer import InferConfig, InferStage
+from maskstream.pipeline.stages.preprocess import PreprocessConfig, PreprocessStage
+
+from tests.tiny_models import tiny_runner_config
+
+
+def _stage(frames: bool, overlap: bool = False) -> InferStage:
+    config = tiny_runner_config()
+    return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
+                                  InferenceContract.from_model_config(config), overlap=overlap, frames=frames))
+
+
+def _frames() -> list[Frame]:
+    """Frames as decode ships them: I420 planes (a 2-mod-4 height among them) and RGB (odd size)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for seq, (height, width, fmt) in enumerate([(270, 480, "yuv420p"), (240, 320, "yuvj420p"), (241, 333, "rgb24"),
+                                                (480, 640, "yuv420p"), (100, 90, "yuv420p")]):
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if fmt == RGB24:
+            image, pixel_format = rgb, RGB24
+        else:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=fmt)
+            image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+        image.flags.writeable = False  # as a ring slot's view is
+        out.append(Frame(Header("s", seq), image, pixel_format))
+    return out
+
+
+def _results(outputs) -> list[RawDetections]:
+    return [o.message if isinstance(o, Timed) else o for o in outputs
+            if isinstance(o.message if isinstance(o, Timed) else o, RawDetections)]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_frames_preprocessed_in_the_inference_process_give_the_stage_path_detections(overlap):
+    config = tiny_runner_config()
+    pre = PreprocessStage(PreprocessConfig(InferenceContract.from_model_config(config)))
+    staged, direct = _stage(frames=False), _stage(frames=True, overlap=overlap)
+    expected, got = [], []
+    for frame in _frames():
+        expected += _results(staged.process(pre.process(frame)))
+        got += _results(direct.process(frame))
+    expected += _results(staged.process(EndOfStream(Header("s", 5))))
+    got += _results(direct.process(EndOfStream(Header("s", 5))))
+    assert [m.header.seq for m in got] == [m.header.seq for m in expected] == [0, 1, 2, 3, 4]
+    for a, b in zip(got, expected):
+        assert a.valid_hw == b.valid_hw and a.frame_hw == b.frame_hw
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.mask_probs, b.mask_probs)
+    with pytest.raises(TypeError, match="expected Frame or EndOfStream, got ModelInput"):
+        direct.process(pre.process(_frames()[0]))
+
+
+def test_preprocess_runs_in_the_inference_process_on_cuda_unless_told_otherwise():
+    assert load_config(RunConfig, CONFIG_DIR / "pipeline.yaml").infer.preprocess == "auto"
+    assert preprocess_in_infer("auto", "torch-cuda") and not preprocess_in_infer("auto", "torch-cpu")
+    assert not preprocess_in_infer("auto", "tensorrt") and not preprocess_in_infer("stage", "torch-cuda")
+    assert preprocess_in_infer("infer", "torch-cpu")
+    with pytest.raises(ValueError, match="infer.preprocess: infer needs the torch runner"):
+        preprocess_in_infer("infer", "tensorrt")
+    with pytest.raises(ValueError, match="infer.preprocess"):
+        load_config(RunConfig, None, ["infer.preprocess=gpu"])
+
+
+def _planned(cfg: RunConfig):
+    the_plan = plan(cfg)
+    the_plan.close()
+    return {spec.name: spec for spec in the_plan.specs}
+
+
+def test_a_run_that_preprocesses_in_the_inference_process_has_no_preprocess_stage(caplog):
+    base = RunConfig(sources=("a.mp4", "b.mp4"), model=ModelSelection(config=CONFIG_DIR / "model_lite.yaml",
+                                                                       device="cpu"))
+    staged = _planned(base)
+    assert {"preprocess.0", "infer.0"} <= set(staged) and not staged["infer.0"].config.frames
+    with caplog.at_level(logging.INFO, logger="maskstream.decode"):
+        direct = _planned(dataclasses.replace(base, infer=dataclasses.replace(base.infer, preprocess="infer")))
+    assert not any(name.startswith("preprocess") for name in direct)
+    infer = direct["infer.0"]
+    assert infer.config.frames and infer.wiring.limits.kinds == ("Frame", "EndOfStream")
+    decoders = [spec for name, spec in direct.items() if name.startswith("decode.")]
+    assert len(decoders) == 2 and all(spec.wiring.outboxes == (infer.wiring.inbox,) for spec in decoders)
+    assert set(infer.reads) == {spec.wiring.ring for spec in decoders}
+    # no CUDA device here: auto decodes on the CPU and says why, once per run
+    assert all(spec.config.source.decoder == "cpu" for spec in decoders)
+    reasons = [r.getMessage() for r in caplog.records if r.name == "maskstream.decode"]
+    assert len(reasons) == 1 and "NVDEC is unavailable" in reasons[0]
