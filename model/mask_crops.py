@@ -59,19 +59,30 @@ def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequen
     def on_device(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device, non_blocking=True)
 
+    # The taps of every crop row and every crop column (few: sum of heights, sum of widths), each
+    # row's and column's place in its box's resized mask starting at y0 - by0, x0 - bx0.
+    row_box = torch.repeat_interleave(torch.arange(count, device=device), on_device(crop_h),
+                                      output_size=int(crop_h.sum()))
+    col_box = torch.repeat_interleave(torch.arange(count, device=device), on_device(crop_w),
+                                      output_size=int(crop_w.sum()))
+    row_in_box = torch.arange(len(row_box), device=device) - on_device(np.cumsum(crop_h) - crop_h)[row_box]
+    col_in_box = torch.arange(len(col_box), device=device) - on_device(np.cumsum(crop_w) - crop_w)[col_box]
+    y_lo, y_hi, y_w0, y_w1 = _taps(row_in_box + on_device(y0 - by0)[row_box], on_device(out_h)[row_box], n)
+    x_lo, x_hi, x_w0, x_w1 = _taps(col_in_box + on_device(x0 - bx0)[col_box], on_device(out_w)[col_box], n)
+    # Each pixel: its box, its crop row (global row index) and crop column (global column index).
     box = torch.repeat_interleave(torch.arange(count, device=device), on_device(sizes), output_size=total)  # [P]
     local = torch.arange(total, device=device) - on_device(np.cumsum(sizes) - sizes)[box]
     width = on_device(crop_w)[box]
-    row = local // width
-    # the pixel's place in the box's resized mask (its crop starts at x0 - bx0, y0 - by0 in it)
-    out_y = row + on_device(y0 - by0)[box]
-    out_x = local - row * width + on_device(x0 - bx0)[box]
-    y_lo, y_hi, y_w0, y_w1 = _taps(out_y, on_device(out_h)[box], n)
-    x_lo, x_hi, x_w0, x_w1 = _taps(out_x, on_device(out_w)[box], n)
+    in_row = local // width
+    row = on_device(np.cumsum(crop_h) - crop_h)[box] + in_row
+    col = on_device(np.cumsum(crop_w) - crop_w)[box] + (local - in_row * width)
     base = box * (n * n)
-    top = x_w0 * padded[base + y_lo * n + x_lo] + x_w1 * padded[base + y_lo * n + x_hi]
-    bottom = x_w0 * padded[base + y_hi * n + x_lo] + x_w1 * padded[base + y_hi * n + x_hi]
-    above = (y_w0 * top + y_w1 * bottom) > threshold  # [P] bool: the only pixels copied back
+    top_row, bottom_row = base + y_lo[row] * n, base + y_hi[row] * n
+    left, right, w_left, w_right = x_lo[col], x_hi[col], x_w0[col], x_w1[col]
+    # torch's order: each source row blended across x first, then the two rows across y
+    top = w_left * padded[top_row + left] + w_right * padded[top_row + right]
+    bottom = w_left * padded[bottom_row + left] + w_right * padded[bottom_row + right]
+    above = (y_w0[row] * top + y_w1[row] * bottom) > threshold  # [P] bool: the only pixels copied back
     flat = above.cpu().numpy()
     crops, start = [], 0
     for h, w, origin in zip(crop_h, crop_w, origins):
