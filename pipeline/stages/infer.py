@@ -177,7 +177,10 @@ class InferStage(Stage):
         if self.copy_stream is None:
             return self.letterbox(planes, message.pixel_format, out)
         assert self.page_locks is not None
-        self.page_locks.register(message.image)  # once per ring: then the copy below is one DMA
+        # once per ring: then the copy below is one DMA (a frame sent inline is in no ring)
+        if not self.page_locks.register(message.image) and self.page_locks.problem is not None:
+            log.warning("infer: %s: its frames go to the device through a staging copy", self.page_locks.problem)
+            self.page_locks.problem = None  # said once per failure
         with torch.cuda.stream(self.copy_stream):
             sizes = self.letterbox(planes.to(out.device, non_blocking=True), message.pixel_format, out)
             read = torch.cuda.Event(blocking=True)  # waited for by sleeping in the driver, not spinning
