@@ -13,6 +13,7 @@ from maskstream.model.contract import InferenceContract
 from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.pixels import RGB24, frame_pixels
+from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.run_config import CONFIG_DIR, ModelSelection, RunConfig, plan, preprocess_in_infer
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Header, RawDetections
 from maskstream.pipeline.runtime.stage import Timed
@@ -104,3 +105,41 @@ def test_a_run_that_preprocesses_in_the_inference_process_has_no_preprocess_stag
     assert all(spec.config.source.decoder == "cpu" for spec in decoders)
     reasons = [r.getMessage() for r in caplog.records if r.name == "maskstream.decode"]
     assert len(reasons) == 1 and "NVDEC is unavailable" in reasons[0]
+
+
+def test_a_run_with_preprocess_in_the_inference_process_publishes_what_the_staged_run_does(tmp_path):
+    """End to end, processes and rings: decode's planes (a 2-mod-4 height) straight to the inference
+    process give the same JSONL as the preprocess stage's path, frame for frame."""
+    from tests.test_pipeline import detections, maskstream_run
+
+    clip = write_test_clip(tmp_path / "c.mp4", frames=6, size=(160, 90))
+    outputs = {}
+    for where in ("stage", "infer"):
+        out = tmp_path / f"{where}.jsonl"
+        (tmp_path / where).mkdir()
+        code, _, stderr = maskstream_run(["--source", str(clip), "--out", str(out), "--preprocess", where,
+                                          "--decode", "cpu"], tmp_path / where)
+        assert code == 0, stderr
+        outputs[where] = detections(out)
+    assert [line["seq"] for line in outputs["infer"]] == list(range(7))  # 6 frames + EndOfStream
+    assert outputs["infer"] == outputs["stage"]
+
+
+def test_page_locking_finds_the_ring_mapping_a_frame_lies_in():
+    """What cudaHostRegister is given (model.page_lock): the whole mapping of the ring a frame's
+    planes were read from, found through the array's bases; nothing for an array of its own."""
+    import mmap
+
+    from maskstream.model.page_lock import _address, _mapping_of
+    from maskstream.pipeline.runtime.shm_ring import Ring, owner_tag
+
+    ring = Ring.create(f"maskstream-{owner_tag()}-pagelock", 2, 180 * 160)
+    try:
+        planes = np.frombuffer(ring.slot_view(1, 180 * 160), np.uint8).reshape(180, 160)[:, :80]
+        mapping = _mapping_of(planes)
+        assert isinstance(mapping, mmap.mmap) and len(mapping) >= 2 * 180 * 160
+        assert _address(mapping) <= planes.ctypes.data < _address(mapping) + len(mapping)
+        assert _mapping_of(np.zeros((4, 4), np.uint8)) is None
+        del planes, mapping
+    finally:
+        ring.close(unlink=True)
