@@ -37,6 +37,7 @@ class PageLocks:
         code = torch.cuda.cudart().cudaHostRegister(address, len(mapping), _REGISTER_PORTABLE)
         if int(code) != 0:
             self.problem = f"cudaHostRegister of a {len(mapping)}-byte ring failed with CUDA error {int(code)}"
+            _take_pending_error()
             return False
         self._registered[address] = (mapping, len(mapping))
         return True
@@ -46,6 +47,16 @@ class PageLocks:
         for address in list(self._registered):
             torch.cuda.cudart().cudaHostUnregister(address)
             del self._registered[address]
+
+
+def _take_pending_error() -> None:
+    """A failed runtime call leaves its error pending in the CUDA runtime, where torch's check after
+    the next kernel launch (cudaGetLastError) would find it and fail that unrelated launch: one
+    launch here takes it instead."""
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
 
 
 def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
