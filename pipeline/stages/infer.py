@@ -67,7 +67,8 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class _Item:
-    """A frame in the batch being filled: what its results need."""
+    """A frame preprocessed here, in the batch being filled: what its results need (a
+    ModelInput's own fields)."""
 
     header: Header
     valid_hw: tuple[int, int]
@@ -76,7 +77,7 @@ class _Item:
 
 @dataclass(frozen=True)
 class _Batch:
-    frames: list[_Item]
+    frames: list[ModelInput | _Item]
     outputs: PendingBatch
     submitted_at: float  # time.monotonic(): where its frames' infer stamps start
 
@@ -109,7 +110,7 @@ class InferStage(Stage):
         for problem in (self.runner.compile_error, self.runner.graph_error):
             if problem:
                 log.warning("infer: %s", problem)
-        self.pending: list[_Item] = []
+        self.pending: list[ModelInput | _Item] = []
         self.in_flight: _Batch | None = None  # with overlap: the batch on the device
         self.drops: dict[str, int] = {}
         self.frames: dict[str, int] = {}
@@ -143,17 +144,18 @@ class InferStage(Stage):
             if time.monotonic() - message.header.stamps[0].start > self.config.staleness_s:
                 self.drops[stream] = self.drops.get(stream, 0) + 1
                 return []
+        item: ModelInput | _Item
         if isinstance(message, Frame):
-            valid_hw, frame_hw = self._preprocess(message)
+            item = _Item(message.header, *self._preprocess(message))
         else:
-            valid_hw, frame_hw = self._copy_in(message), message.frame_hw
-        header = message.header
+            self._copy_in(message)
+            item = message
         if stream in self.drops:  # now, not at flush: the count must cover only frames before this one
-            header = header.with_drops("infer", self.drops[stream])
-        self.pending.append(_Item(header, valid_hw, frame_hw))
+            item = dataclasses.replace(item, header=item.header.with_drops("infer", self.drops[stream]))
+        self.pending.append(item)
         return self.flush() if len(self.pending) == len(self.images) else []
 
-    def _copy_in(self, message: ModelInput) -> tuple[int, int]:
+    def _copy_in(self, message: ModelInput) -> None:
         # Checked before the frame joins the batch (the inbox checked them too): a frame the runner
         # cannot take must fail alone, not the batch it would have joined.
         _, height, width = self.images.shape[1:]
@@ -164,7 +166,6 @@ class InferStage(Stage):
         if not (0 < valid_h <= height and 0 < valid_w <= width):
             raise ValueError(f"valid_hw: {list(message.valid_hw)} is not inside the {height}x{width} input")
         self.images[len(self.pending)] = message.image  # copy out: the ring slot is released after process()
-        return message.valid_hw
 
     def _preprocess(self, message: Frame) -> tuple[tuple[int, int], tuple[int, int]]:
         """The frame's model input made on the device, into its row of the device batch; returns
