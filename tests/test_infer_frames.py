@@ -4,7 +4,10 @@ without a preprocess stage; the choice of where preprocess runs."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -20,6 +23,7 @@ from maskstream.pipeline.runtime.stage import Timed
 from maskstream.pipeline.stages.infer import InferConfig, InferStage
 from maskstream.pipeline.stages.preprocess import PreprocessConfig, PreprocessStage
 
+from tests.pipeline_runs import ROOT, TINY_MODEL_SETS
 from tests.tiny_models import tiny_runner_config
 
 
@@ -93,6 +97,7 @@ def test_a_run_that_preprocesses_in_the_inference_process_has_no_preprocess_stag
                                                                        device="cpu"))
     staged = _planned(base)
     assert {"preprocess.0", "infer.0"} <= set(staged) and not staged["infer.0"].config.frames
+    caplog.clear()  # the plan above said it too, where this process's log level lets it through
     with caplog.at_level(logging.INFO, logger="maskstream.decode"):
         direct = _planned(dataclasses.replace(base, infer=dataclasses.replace(base.infer, preprocess="infer")))
     assert not any(name.startswith("preprocess") for name in direct)
@@ -110,17 +115,20 @@ def test_a_run_that_preprocesses_in_the_inference_process_has_no_preprocess_stag
 def test_a_run_with_preprocess_in_the_inference_process_publishes_what_the_staged_run_does(tmp_path):
     """End to end, processes and rings: decode's planes (a 2-mod-4 height) straight to the inference
     process give the same JSONL as the preprocess stage's path, frame for frame."""
-    from tests.test_pipeline import detections, maskstream_run
-
     clip = write_test_clip(tmp_path / "c.mp4", frames=6, size=(160, 90))
     outputs = {}
     for where in ("stage", "infer"):
         out = tmp_path / f"{where}.jsonl"
         (tmp_path / where).mkdir()
-        code, _, stderr = maskstream_run(["--source", str(clip), "--out", str(out), "--preprocess", where,
-                                          "--decode", "cpu"], tmp_path / where)
-        assert code == 0, stderr
-        outputs[where] = detections(out)
+        sets = [x for s in TINY_MODEL_SETS for x in ("--set", s)]
+        done = subprocess.run([sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--out-dir",
+                               str(tmp_path / where / "out"), *sets, "--source", str(clip), "--out", str(out),
+                               "--preprocess", where, "--decode", "cpu", "--set",
+                               f"transport.endpoint_dir={tmp_path / where}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=150)
+        assert done.returncode == 0, done.stderr
+        outputs[where] = [{k: v for k, v in json.loads(line).items() if k != "stamps"}  # stamps differ per run
+                          for line in out.read_text().splitlines()]
     assert [line["seq"] for line in outputs["infer"]] == list(range(7))  # 6 frames + EndOfStream
     assert outputs["infer"] == outputs["stage"]
 

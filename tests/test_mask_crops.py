@@ -11,7 +11,7 @@ from maskstream.model.mask_crops import binary_crops
 from maskstream.model.postprocess import paste_mask_cropped
 from maskstream.model.rle import decode_rle, encode_box_cropped_rle
 
-from tests.test_postprocess import random_cases
+from tests.paste_cases import random_cases
 
 
 def test_binary_crops_decide_every_pixel_as_the_numpy_paste_does():
