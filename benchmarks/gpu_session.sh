@@ -1,36 +1,37 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3 and 6 in one run, for a CUDA machine without network access:
-#   1. the GPU tests (Triton RoIAlign and NMS compiled for real, the stripped AOT PTX launched
-#      through cuda.bindings with TensorRT's argument list, TorchRunner's CUDA graph, TensorRT if any);
-#   2. benchmarks/bench_roi_align.py: Triton kernel vs the per-level loop (and torchvision), 1000 RoIs;
-#   3. benchmarks/bench_cuda_runner.py: TorchRunner frames/s, R50-FPN 800x1344, batch 1/8, fp16/fp32,
-#      eager and torch.compile'd side by side, each eager row profiled: device time per model stage,
-#      custom op (RoIAlign, NMS) and kernel;
-#   4. maskstream bench with the CUDA runner, R50-FPN 800x1344, batch 8 and 1 (per-stage shares);
-#   5. if time is left: the pipeline at batch 8 without torch.compile and without infer.overlap,
-#      runner rows without TF32, with cuDNN autotuning, NCHW vs channels_last (on for CPU; 1.08x
-#      on the H200 eagerly, which inductor's own layout choice may make moot), and with every box
-#      past the score threshold.
+# The must-shows of issue 17 (the GPU data path) in one device call, for a CUDA machine without
+# network access; R50-FPN v1 800x1344 fp16 batch 8 unless said, on a synthetic 1080p H.264 clip
+# (the clip writer's, 1920x1080, 30 frames/s: no real 1080p clip is at hand), every pair measured
+# in this one run, side by side. "before" = CPU decode + the CPU preprocess stage (main's path),
+# "after" = --decode auto (NVDEC where FFmpeg opens the device) + --preprocess infer:
+#   1. bench_cuda_runner: the runner alone, fp16 batch 8, compiled (the pipeline's CUDA default);
+#   2. maskstream bench offline, 8 streams, after and before: pipeline/runner ratio, per-stage
+#      shares, host CPU per process (-> CPU cores per 100 frames/s);
+#   3. bench_nvdec: the decode stage on NVDEC vs on the CPU (frames/s, CPU cores);
+#   4. maskstream bench live at 30 frames/s per stream, N streams where N is 90% of the offline
+#      rate over 30, after and before: p99 end to end and drops (sustained: p99 <= 250 ms, < 1%);
+#   5. bench_mask_paste: today's CPU postprocess vs the device paste (model.mask_crops);
+#   6. with time left: the lite model's pair likewise.
+#   Then benchmarks/gpu17_summary.py puts them side by side: $OUT/gpu17_summary_$TAG.json.
+# (Issues 3 and 6's steps, whose results are in benchmarks/results, are in this file's git history.)
 # Each step is time-boxed and the run goes on past a failed one; a global deadline (BUDGET_S) keeps
 # the whole under the device call's limit, most important steps first. Everything is logged to
 # $OUT/gpu_session.log, and after every step the results folder is re-packed into
 # $OUT/gpu_results.tar.gz, so a run cut short still returns what it finished.
 #
 # Prepare here (no GPU needed), once per checkout:   make gpu-carry
-#   -> .whl/: the wheels the GPU image lacks (av, pyzmq, pycocotools), installed to /tmp/site there,
-#      and .whl/shared/: golden_weights.py + manifests and asl_walk.mkv from ../shared (which does
-#      not travel with the working tree). .whl/ is git-ignored; about 38 MB, tree + carry < 64 MiB.
+#   -> .whl/: the wheels the GPU image lacks (av, pyzmq, pycocotools), installed to /tmp/site there.
 # Then one device call (the workplace's `run` tool):
 #   command:   bash benchmarks/gpu_session.sh
 #   carry:     [".whl"]
-#   timeout_s: 540          (9 min; BUDGET_S below is 500: the steps end ~40 s before the call's limit)
-# The machine stays warm 30 s after a call: to redo some steps at once, without paying another start,
-#   command:   ONLY="bench_cuda_runner bench_pipeline_b8" BUDGET_S=200 bash benchmarks/gpu_session.sh
-# (step names as in the summary; the environment step always runs).
-# Afterwards: tar -xzf <files_at>/gpu_results.tar.gz -C benchmarks/results/  (files named *_h200.*,
-# bench_r50_cuda_b*.*), read gpu_session.log, and summarise in README.md.
+#   timeout_s: 560          (BUDGET_S below is 520: the steps end before the call's limit)
+# To redo some steps at once on the warm machine:
+#   command:   ONLY="pipeline_after live_r50_after" BUDGET_S=200 bash benchmarks/gpu_session.sh
+# (step names as in the summary; the environment and the clip always run).
+# Afterwards: tar -xzf <files_at>/gpu_results.tar.gz -C benchmarks/results/ (files named *_$TAG.*),
+# read gpu_session.log and gpu17_summary_$TAG.json, and summarise in README.md and issue 17.
 #
-# Dry run on a CPU machine (tiny sizes, device cpu, .venv's python, no install):
+# Dry run on a CPU machine (tiny model and clip, device cpu, .venv's python, no install):
 #   bash benchmarks/gpu_session.sh --cpu-smoke        # OUT defaults to /tmp/gpu_out
 set -u
 cd "$(dirname "$0")/.."
@@ -39,12 +40,12 @@ ROOT=$PWD
 SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
 OUT=${OUT:-/tmp/gpu_out}
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-520}
 ONLY=${ONLY:-}  # space-separated step names to run; empty: all
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 RESULTS=$(mktemp -d /tmp/gpu_results.XXXXXX)
-trap 'rm -rf "$RESULTS"' EXIT  # everything in it is packed into $OUT after each step
+trap 'rm -rf "$RESULTS" "${PACKAGE_DIR:-}"' EXIT  # everything in RESULTS is packed into $OUT after each step
 LOG=$OUT/gpu_session.log
 mkdir -p "$OUT"
 : > "$LOG"
@@ -82,15 +83,18 @@ step() {
 }
 
 export PYTHONUNBUFFERED=1
+# The import package without installing it: maskstream/ of links to the four folders (pyproject's
+# package-dir; maskstream is a namespace package), first on PYTHONPATH, also for the stage processes.
+PACKAGE_DIR=$(mktemp -d /tmp/gpu_package.XXXXXX)
+mkdir -p "$PACKAGE_DIR/maskstream"
+for folder in pipeline model plugins configs; do ln -s "$ROOT/$folder" "$PACKAGE_DIR/maskstream/$folder"; done
 if ((SMOKE)); then
     PY=${PY:-$ROOT/.venv/bin/python}
     TAG=cpu_smoke
-    DEVICE=cpu
-    export PYTHONPATH=$ROOT
+    export PYTHONPATH=$PACKAGE_DIR:$ROOT:$ROOT/benchmarks
 else
     PY=${PY:-python3}
     TAG=${TAG:-h200}
-    DEVICE=cuda
     # The image's python3 has torch, triton, numpy, cv2, yaml, msgpack; the rest comes as wheels.
     if ls .whl/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -98,11 +102,10 @@ else
     else
         echo "WARNING: no .whl/*.whl carried (make gpu-carry, and carry [\".whl\"]): av/zmq/pycocotools missing"
     fi
-    export PYTHONPATH=/tmp/site:$ROOT
+    export PYTHONPATH=/tmp/site:$PACKAGE_DIR:$ROOT:$ROOT/benchmarks
 fi
-# Goldens and the clip travel inside .whl (../shared does not travel); else the tests skip what needs them.
+# Goldens travel inside .whl where carried (../shared does not travel).
 [ -d "$ROOT/.whl/shared" ] && export MASKSTREAM_SHARED=$ROOT/.whl/shared
-SHARED_DIR=${MASKSTREAM_SHARED:-$ROOT/../shared}
 
 echo "=== environment ($(date -u +%FT%TZ), smoke=$SMOKE, budget ${BUDGET_S}s)"
 (git rev-parse HEAD && git status --short) 2>/dev/null || echo "git: not available (working tree copy)"
@@ -124,77 +127,72 @@ EOF
 nproc
 archive
 
-# 1. Tests. The interpreter tests are left out: on Triton 3.6 with numpy >= 2.4 its interpreter
-# cannot iterate range(<scalar>) (it converts a 1-element array with int(), an error since numpy
-# 2.4; fixed in later Triton), and they run in CI anyway. What is left is what needs the GPU.
-TESTS=(tests/test_roi_align_triton.py tests/test_runners.py tests/test_tensorrt.py tests/test_roi_align.py
-       tests/test_nms.py)
-[ -f tests/test_nms_triton.py ] && TESTS+=(tests/test_nms_triton.py)
-# The raw driver launch of the AOT PTX runs alone, after the rest: a fault there would leave the
-# process's CUDA context unusable and fail every GPU test after it.
-AOT_LAUNCH=launched_like_tensorrt
-PYTEST_OPTS=(-q -p no:cacheprovider -rs --durations=15)
-$PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout=150)
-# The CPU compile test is left out too: CI runs it, and on the lent machine it outlasted this step.
-step pytest 180 $PY -m pytest "${PYTEST_OPTS[@]}" \
-    -k "not interpreter and not $AOT_LAUNCH and not compiled_gives_the_eager_outputs" \
-    --junitxml="$RESULTS/pytest_$TAG.xml" "${TESTS[@]}"
-step pytest_aot_launch 60 $PY -m pytest "${PYTEST_OPTS[@]}" -k "$AOT_LAUNCH" \
-    --junitxml="$RESULTS/pytest_aot_launch_$TAG.xml" tests/test_roi_align_triton.py
+# The 1080p H.264 clip (the clip writer's; 240 frames = 8 s at 30 frames/s).
+CLIP_DIR=$(mktemp -d /tmp/gpu_clip.XXXXXX)
+CLIP=$CLIP_DIR/synthetic_1080p.mp4
+if ((SMOKE)); then CLIP_SIZE="(192, 108)"; CLIP_FRAMES=24; else CLIP_SIZE="(1920, 1080)"; CLIP_FRAMES=240; fi
+$PY -c "from maskstream.pipeline.media.video import write_test_clip
+write_test_clip('$CLIP', frames=$CLIP_FRAMES, size=$CLIP_SIZE, fps=30.0, codec='libx264')" \
+    || echo "WARNING: could not write the 1080p clip"
+$PY -c "from maskstream.pipeline.media.hwdecode import nvdec_problem; print('NVDEC:', nvdec_problem() or 'available')"
 
-# 2-3. Kernel and runner benchmarks (JSON + table each).
 if ((SMOKE)); then
-    step bench_roi_align 120 $PY benchmarks/bench_roi_align.py --device cpu --batches 1 --channels 64 --boxes 100 \
-        --repeats 1 --out "$RESULTS/roi_align_$TAG.json"
-    TINY=(--variant lite --height 128 --width 160 --set roi_heads.detections_per_img=10 --set static.detections=10
-          --set rpn.pre_nms_top_n_test=200 --set rpn.post_nms_top_n_test=100)
-    step bench_cuda_runner 120 $PY benchmarks/bench_cuda_runner.py --device cpu "${TINY[@]}" --batches 1 2 \
-        --iters 2 --warmup 0 --profile --out "$RESULTS/cuda_runner_$TAG.json"
+    MODEL=(--model-config configs/model_lite.yaml --device cpu --precision fp16
+           --set model.static.height=128 --set model.static.width=160 --set model.static.detections=10
+           --set model.roi_heads.detections_per_img=10 --set model.rpn.pre_nms_top_n_test=200
+           --set model.rpn.post_nms_top_n_test=100 --set model.static.batch=2)
+    RUNNER=(--device cpu --variant lite --height 128 --width 160 --set roi_heads.detections_per_img=10
+            --set static.detections=10 --set rpn.pre_nms_top_n_test=200 --set rpn.post_nms_top_n_test=100
+            --batches 2 --precisions fp16 --iters 2 --warmup 0)
+    STREAMS=2; FRAMES=4; WORKERS=1; LIVE_S=1; MASK=(--device cpu --smoke)
+    LITE=("${MODEL[@]}")
 else
-    step bench_roi_align 120 $PY benchmarks/bench_roi_align.py --device cuda --batches 1 8 \
-        --out "$RESULTS/roi_align_$TAG.json"
-    step bench_cuda_runner 280 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 1 8 --precisions fp16 fp32 \
-        --compile off on --iters 30 --profile --out "$RESULTS/cuda_runner_$TAG.json"
+    MODEL=(--model-config configs/model_v1.yaml --device cuda --precision fp16 --set model.static.batch=8)
+    RUNNER=(--device cuda --variant v1 --batches 8 --precisions fp16 --compile on --iters 30)
+    STREAMS=8; FRAMES=150; WORKERS=4; LIVE_S=8; MASK=(--device cuda --boxes 10 50 100 --frames 30)
+    LITE=(--model-config configs/model_lite.yaml --device cuda --precision fp16 --set model.static.batch=8)
 fi
+AFTER=(--decode auto --preprocess infer)
+BEFORE=(--decode cpu --preprocess stage)
+BENCH=("$PY" -m maskstream.pipeline.cli bench --source "$CLIP" --no-plots --overwrite --workers "$WORKERS")
 
-# 4. The pipeline: maskstream bench, offline, the CUDA runner in fp16 (backbone + FPN, mask head),
-# asl_walk.mkv (89 frames, 640x480, the README's CPU rows) played as 8 streams; without it the generated clip.
-CLIP=$SHARED_DIR/data/videos/asl_walk.mkv
-SOURCE=()
-[ -f "$CLIP" ] && SOURCE=(--source "$CLIP")
-if ((SMOKE)); then
-    PIPE=(--model-config configs/model_lite.yaml --device cpu --precision fp16 --streams 2 --max-frames 4 --workers 1
-          --set model.static.height=128 --set model.static.width=160 --set model.static.detections=10
-          --set model.roi_heads.detections_per_img=10 --set model.rpn.pre_nms_top_n_test=200
-          --set model.rpn.post_nms_top_n_test=100)
-    step bench_pipeline_b2 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=2 \
-        --out "$RESULTS/bench_lite_${TAG}_b2.json"
-else
-    PIPE=(--model-config configs/model_v1.yaml --device cuda --precision fp16 --streams 8 --workers 4)
-    step bench_pipeline_b8 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
-        --out "$RESULTS/bench_r50_cuda_b8.json"
-    step bench_pipeline_b1 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=1 \
-        --out "$RESULTS/bench_r50_cuda_b1.json"
-fi
+# streams N for a live run at 30 frames/s: 90% of the offline frames/s in FILE over 30, at least 1
+live_streams() {
+    $PY -c "import json, sys; print(max(1, int(json.load(open(sys.argv[1]))['run']['throughput_fps'] * 0.9 // 30)))" \
+        "$1" 2>/dev/null || echo 1
+}
 
-# 5. Extras, only with time to spare: the pipeline at batch 8 without its two CUDA defaults, one at
-# a time (the forward compiled, a batch kept on the device while the next fills), float32 products
-# without TF32 (the runner's default has it, as TensorRT), cuDNN autotuning, NCHW vs channels_last,
-# and the worst case for NMS (score threshold 0).
-if ((!SMOKE)); then
-    step bench_pipeline_b8_eager 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" --set model.static.batch=8 \
-        --set model.compile=false --out "$RESULTS/bench_r50_cuda_b8_eager.json"
-    step bench_pipeline_b8_no_overlap 150 $PY -m maskstream.pipeline.cli bench "${SOURCE[@]}" "${PIPE[@]}" \
-        --set model.static.batch=8 --set infer.overlap=false --out "$RESULTS/bench_r50_cuda_b8_no_overlap.json"
-    step runner_no_tf32 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 fp32 \
-        --no-tf32 --out "$RESULTS/cuda_runner_${TAG}_no_tf32.json"
-    step runner_cudnn_benchmark 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
-        --cudnn-benchmark --out "$RESULTS/cuda_runner_${TAG}_cudnn_benchmark.json"
-    step runner_channels_last 90 $PY benchmarks/bench_memory_format.py --device cuda --model-config configs/model_v1.yaml \
-        --precision fp16 --set static.batch=8 --iters 10 --rounds 2 --out "$RESULTS/cuda_channels_last_${TAG}.json"
-    step runner_score_thresh_0 90 $PY benchmarks/bench_cuda_runner.py --device cuda --batches 8 --precisions fp16 \
-        --score-thresh 0 --out "$RESULTS/cuda_runner_${TAG}_score0.json"
-fi
+# 1-2. The runner alone, then the pipeline after and before (the ratio and CPU use).
+step bench_cuda_runner 150 $PY benchmarks/bench_cuda_runner.py "${RUNNER[@]}" --out "$RESULTS/cuda_runner_$TAG.json"
+step pipeline_after 120 "${BENCH[@]}" "${MODEL[@]}" "${AFTER[@]}" --streams "$STREAMS" --max-frames "$FRAMES" \
+    --out "$RESULTS/bench_r50_1080p_after_$TAG.json"
+step pipeline_before 120 "${BENCH[@]}" "${MODEL[@]}" "${BEFORE[@]}" --streams "$STREAMS" --max-frames "$FRAMES" \
+    --out "$RESULTS/bench_r50_1080p_before_$TAG.json"
+# 3. Decode alone.
+step bench_nvdec 60 $PY benchmarks/bench_nvdec.py --video "$CLIP" --rounds 2 --out "$RESULTS/nvdec_decode.json"
+# 4. Live 1080p streams at 30 frames/s, as many as the offline rate suggests.
+step live_r50_after 90 "${BENCH[@]}" "${MODEL[@]}" "${AFTER[@]}" --mode live --rate 30 \
+    --streams "$(live_streams "$RESULTS/bench_r50_1080p_after_$TAG.json")" --duration "$LIVE_S" \
+    --out "$RESULTS/bench_r50_live_after_$TAG.json"
+step live_r50_before 90 "${BENCH[@]}" "${MODEL[@]}" "${BEFORE[@]}" --mode live --rate 30 \
+    --streams "$(live_streams "$RESULTS/bench_r50_1080p_before_$TAG.json")" --duration "$LIVE_S" \
+    --out "$RESULTS/bench_r50_live_before_$TAG.json"
+# 5. Masks.
+step bench_mask_paste 45 $PY benchmarks/bench_mask_paste.py "${MASK[@]}" --out "$RESULTS"
+# 6. The lite model's pair, with time left: offline for N, then live.
+step lite_offline_after 60 "${BENCH[@]}" "${LITE[@]}" "${AFTER[@]}" --streams "$STREAMS" --max-frames "$FRAMES" \
+    --out "$RESULTS/bench_lite_1080p_after_$TAG.json"
+step live_lite_after 60 "${BENCH[@]}" "${LITE[@]}" "${AFTER[@]}" --mode live --rate 30 \
+    --streams "$(live_streams "$RESULTS/bench_lite_1080p_after_$TAG.json")" --duration "$LIVE_S" \
+    --out "$RESULTS/bench_lite_live_after_$TAG.json"
+step lite_offline_before 60 "${BENCH[@]}" "${LITE[@]}" "${BEFORE[@]}" --streams "$STREAMS" --max-frames "$FRAMES" \
+    --out "$RESULTS/bench_lite_1080p_before_$TAG.json"
+step live_lite_before 60 "${BENCH[@]}" "${LITE[@]}" "${BEFORE[@]}" --mode live --rate 30 \
+    --streams "$(live_streams "$RESULTS/bench_lite_1080p_before_$TAG.json")" --duration "$LIVE_S" \
+    --out "$RESULTS/bench_lite_live_before_$TAG.json"
+
+$PY benchmarks/gpu17_summary.py "$RESULTS" "$TAG" && cp "$RESULTS/gpu17_summary_$TAG.json" "$OUT/"
+rm -rf "$CLIP_DIR"
 
 echo
 echo "=== summary ($(($(date +%s) - START))s)"

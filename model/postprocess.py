@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from maskstream.model.rle import _check_hw
 
 __all__ = [
+    "expand_boxes",
     "paste_mask_cropped",
     "paste_masks_in_image",
     "rescale_boxes",
@@ -80,7 +81,7 @@ def paste_masks_in_image(
     _check_padding(padding)
 
     padded, scale = _expand_masks(m, padding)  # [N, 1, M+2p, M+2p]
-    int_boxes = _expand_boxes(b, scale).to(dtype=torch.int64)
+    int_boxes = expand_boxes(b, scale).to(dtype=torch.int64)
     out = m.new_zeros((m.shape[0], 1, im_h, im_w))
     for i in range(m.shape[0]):
         crop, (x0, y0) = _paste_one(padded[i, 0], int_boxes[i], im_h, im_w)
@@ -109,7 +110,7 @@ def paste_mask_cropped(
     _check_padding(padding)
 
     padded, scale = _expand_masks(m, padding)  # [M+2p, M+2p]
-    int_box = _expand_boxes(b[None], scale).to(dtype=torch.int64)[0]
+    int_box = expand_boxes(b[None], scale).to(dtype=torch.int64)[0]
     crop, origin = _paste_one(padded, int_box, im_h, im_w)
     return _back(crop, was_numpy), origin  # type: ignore[return-value]
 
@@ -139,7 +140,7 @@ def _expand_masks(mask: torch.Tensor, padding: int) -> tuple[torch.Tensor, float
     return F.pad(mask, (padding,) * 4), scale
 
 
-def _expand_boxes(boxes: torch.Tensor, scale: float) -> torch.Tensor:
+def expand_boxes(boxes: torch.Tensor, scale: float) -> torch.Tensor:
     # Kept in torchvision's exact operation order: the boxes are truncated to int64
     # afterwards, so one ulp of difference here can move a mask edge by a pixel.
     w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5

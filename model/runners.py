@@ -47,6 +47,7 @@ __all__ = [
     "TensorRTRunner",
     "TorchRunner",
     "check_inputs",
+    "check_sizes",
     "check_manifest",
     "configure_process",
     "engine_manifest",
@@ -135,6 +136,12 @@ def check_inputs(images: Any, image_sizes: Any, shape: tuple[int, int, int, int]
         raise TypeError(f"images: expected a numpy array uint8 {list(shape)}, got {type(images).__name__}")
     if images.dtype != np.uint8 or images.shape != shape:
         raise ValueError(f"images: expected uint8 {list(shape)} (B, 3, H, W), got {images.dtype} {list(images.shape)}")
+    check_sizes(image_sizes, shape)
+
+
+def check_sizes(image_sizes: Any, shape: tuple[int, int, int, int]) -> None:
+    """Raise a clear error unless image_sizes is int [B, 2] within the (H, W) of `shape`."""
+    b, _, h, w = shape
     if not isinstance(image_sizes, np.ndarray):
         raise TypeError(f"image_sizes: expected a numpy integer array [{b}, 2], got {type(image_sizes).__name__}")
     if not np.issubdtype(image_sizes.dtype, np.integer) or image_sizes.shape != (b, 2):
@@ -247,6 +254,7 @@ class TorchRunner:
         self._host_sizes = [torch.zeros((self.input_shape[0], 2), dtype=torch.int64, pin_memory=cuda)
                             for _ in self._hosts]
         self._host_outputs: list[dict[str, torch.Tensor] | None] = [None] * len(self._hosts)
+        self._devices: list[torch.Tensor | None] = [None] * len(self._hosts)  # device_buffer()'s
         self._slot = 0  # the batch input_buffer() hands out
         self.graph_error: str | None = None  # why CUDA graphs are not used, once tried
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -260,6 +268,16 @@ class TorchRunner:
     def input_buffer(self) -> np.ndarray:
         return self._hosts[self._slot].array
 
+    def device_buffer(self) -> torch.Tensor:
+        """The batch to fill in place on the runner's device (uint8 [B, 3, H, W]) for
+        `submit_device`: what a preprocess on the device writes into. Two on CUDA, taken in turn
+        like the host batches."""
+        if self._devices[self._slot] is None:  # allocated on first use: most callers fill host batches
+            self._devices[self._slot] = torch.zeros(self.input_shape, dtype=torch.uint8, device=self.device)
+        batch = self._devices[self._slot]
+        assert batch is not None
+        return batch
+
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         check_inputs(images, image_sizes, self.input_shape)
         # Copies to the device may be asynchronous: reading the outputs back waits for them.
@@ -272,10 +290,24 @@ class TorchRunner:
         if self.device != "cuda":
             return Completed(self.infer(images, image_sizes))
         check_inputs(images, image_sizes, self.input_shape)
+        return self._submit(self._host_tensor(images), image_sizes)
+
+    def submit_device(self, images: torch.Tensor, image_sizes: np.ndarray) -> PendingBatch:
+        """`submit` of a batch already on the runner's device (device_buffer()): nothing to copy in."""
+        if images.device.type != self.device or images.dtype != torch.uint8 or tuple(images.shape) != self.input_shape:
+            raise ValueError(f"images: expected uint8 {list(self.input_shape)} on {self.device}, got {images.dtype} "
+                             f"{list(images.shape)} on {images.device}")
+        check_sizes(image_sizes, self.input_shape)
+        if self.device != "cuda":
+            self._slot = (self._slot + 1) % len(self._hosts)
+            return Completed(_to_numpy(self._run(images, torch.from_numpy(image_sizes.astype(np.int64)))))
+        return self._submit(images, image_sizes)
+
+    def _submit(self, images: torch.Tensor, image_sizes: np.ndarray) -> PendingBatch:
         slot, self._slot = self._slot, (self._slot + 1) % len(self._hosts)
         # Page-locked sizes too: a copy from pageable memory may wait for the stream.
         sizes = self._host_sizes[slot].copy_(torch.from_numpy(image_sizes.astype(np.int64)))
-        outputs = self._run(self._host_tensor(images), sizes)
+        outputs = self._run(images, sizes)
         host = self._host_outputs[slot]
         if host is None:  # shapes are fixed: allocated on the first batch of each slot
             host = {name: torch.empty(outputs[name].shape, dtype=_TORCH_OUTPUT_DTYPES[name], pin_memory=True)
@@ -283,7 +315,8 @@ class TorchRunner:
             self._host_outputs[slot] = host
         for name in OUTPUT_NAMES:
             host[name].copy_(outputs[name].to(host[name].dtype), non_blocking=True)
-        done = torch.cuda.Event()
+        # blocking: result() sleeps in the driver until the batch is done instead of spinning a core
+        done = torch.cuda.Event(blocking=True)
         done.record()
         return _OnDevice({name: host[name].numpy() for name in OUTPUT_NAMES}, done)
 

@@ -75,6 +75,9 @@ class SourceOptions:
     staleness_s: float = 0.5
     rate_fps: float | None = None  # files read live: play at this rate instead of their timestamps
     max_frames: int | None = None  # every source ends after this many frames
+    # auto: NVDEC where FFmpeg can open a CUDA device, else the CPU (the reason logged); nvdec: an
+    # error where it cannot. Chosen once, when the run is planned (pipeline.media.hwdecode).
+    decode: Literal["auto", "cpu", "nvdec"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ class InferOptions:
     # Keep a batch on the device while the next fills (pipeline/stages/infer.py). None: wherever the
     # runner's submit is asynchronous (torch on CUDA), the only runner where it gains anything.
     overlap: bool | None = None
+    # Where frames become the model's input: "stage" (the preprocess processes, on the CPU) or
+    # "infer" (the inference process, on the runner's device: pipeline.media.gpu_preprocess; the
+    # run then has no preprocess stage). auto: infer with the torch runner on CUDA, else stage.
+    preprocess: Literal["auto", "stage", "infer"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -440,7 +447,8 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
     """The stage processes of a run (nothing started yet); log_level: pipeline.logs' level of
     every stage process; model: choose_model(cfg.model) when the caller has it already. A named
     model's weights must have been fetched (fetch_model)."""
-    from maskstream.model.runners import RunnerSpec
+    from maskstream.model.runners import RunnerSpec, runner_choice
+    from maskstream.pipeline.media.hwdecode import choose_decoder
     from maskstream.pipeline.runtime.shm_ring import Ring
     from maskstream.pipeline.runtime.stage import Wiring
     from maskstream.pipeline.stages import decode, infer, postprocess, preprocess, publish
@@ -455,11 +463,16 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
     model_cfg, checkpoint = chosen.config, chosen.checkpoint
     contract = inference_contract(cfg.model, model_cfg)
     height, width = contract.input_hw
-    sources = source_specs(cfg)
+    decoder = choose_decoder(cfg.source.decode).decoder  # once per run; a fallback logs its reason
+    sources = {sid: dataclasses.replace(spec, decoder=decoder) for sid, spec in source_specs(cfg).items()}
     ids = tuple(sources)
     src = cfg.source
     out = cfg.outputs
     annotate = annotate_paths(cfg)
+    runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device,
+                        input_shape=contract.input_shape, precision=cfg.model.precision, compile=cfg.model.compile,
+                        seed=cfg.model.seed)
+    on_device = preprocess_in_infer(cfg.infer.preprocess, runner_choice(runner))
     for sid in annotate:
         if sources[sid].policy == "live" or not Path(sources[sid].url).is_file():
             raise ValueError(f"--annotate: source {sources[sid].url!r} is not a video file; annotated videos "
@@ -498,30 +511,28 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         live = tuple(sid for sid in ids if sources[sid].policy == "live")
         specs = [
             StageSpec(decode.main, decode.DecodeConfig(sid, sources[sid], max_frame_side=cfg.transport.max_frame_side),
-                      wiring(f"decode.{sid}", outboxes=pre_in,
+                      wiring(f"decode.{sid}", outboxes=(infer_in,) if on_device else pre_in,
                              ring=ring(f"decode-{i}", cfg.transport.frame_slot_bytes)),
                       stream_id=sid, offline=sid not in live)
             for i, sid in enumerate(ids)
         ]
         frame_rings = tuple(r.name for r in rings)
-        specs += [
-            StageSpec(preprocess.main, preprocess.PreprocessConfig(contract),
-                      wiring(f"preprocess.{i}", inbox=pre_in[i], outboxes=(infer_in,),
-                             ring=ring(f"preprocess-{i}", 3 * height * width), limits=limits("Frame"),
-                             reads=frame_rings),
-                      reads=frame_rings)
-            for i in workers
-        ]
-        input_rings = tuple(r.name for r in rings[len(frame_rings):])
-        runner = RunnerSpec(engine=cfg.model.engine, checkpoint=checkpoint, config=model_cfg, device=cfg.model.device,
-                            input_shape=contract.input_shape, precision=cfg.model.precision, compile=cfg.model.compile,
-                            seed=cfg.model.seed)
+        if not on_device:  # else the inference process makes the model's input from decode's frames
+            specs += [
+                StageSpec(preprocess.main, preprocess.PreprocessConfig(contract),
+                          wiring(f"preprocess.{i}", inbox=pre_in[i], outboxes=(infer_in,),
+                                 ring=ring(f"preprocess-{i}", 3 * height * width), limits=limits("Frame"),
+                                 reads=frame_rings),
+                          reads=frame_rings)
+                for i in workers
+            ]
+        input_rings = frame_rings if on_device else tuple(r.name for r in rings[len(frame_rings):])
         specs.append(StageSpec(
             infer.main,
             infer.InferConfig(runner, contract, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
-                              overlap=cfg.infer.overlap),
+                              overlap=cfg.infer.overlap, frames=on_device),
             wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads,
-                   limits=limits("ModelInput"), reads=input_rings), reads=input_rings))
+                   limits=limits("Frame" if on_device else "ModelInput"), reads=input_rings), reads=input_rings))
         specs += [
             StageSpec(postprocess.main, postprocess.PostprocessConfig(contract),
                       wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,),
@@ -543,6 +554,17 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return Plan(specs, reports, ids, rings, directory, sources)
+
+
+def preprocess_in_infer(preprocess: str, runner: str) -> bool:
+    """Whether the inference process makes the model's input (infer.preprocess, for the runner
+    model.runners.runner_choice names); ValueError where that runner cannot."""
+    if preprocess not in ("auto", "stage", "infer"):
+        raise ValueError(f"infer.preprocess: expected auto, stage or infer, got {preprocess!r}")
+    if preprocess == "infer" and runner == "tensorrt":
+        raise ValueError("infer.preprocess: infer needs the torch runner (the TensorRT runner takes the "
+                         "preprocess stage's inputs): use stage or auto")
+    return preprocess == "infer" or (preprocess == "auto" and runner == "torch-cuda")
 
 
 def message_limits(cfg: RunConfig, contract: InferenceContract, streams: tuple[str, ...]) -> Limits:

@@ -11,6 +11,7 @@ from maskstream.model.postprocess import (
 )
 from maskstream.model.rle import decode_box_cropped_rle, decode_rle, encode_box_cropped_rle, encode_rle
 
+from tests.paste_cases import random_cases
 from tests.shared_data import REFERENCE
 
 # ------------------------------------------------------------------ slow reference
@@ -57,31 +58,6 @@ def reference_paste(mask: np.ndarray, box: np.ndarray, im_h: int, im_w: int) -> 
             if 0 <= fy < im_h and 0 <= fx < im_w and fy <= y1 and fx <= x1:
                 frame[fy, fx] = resized[y, x]
     return frame
-
-
-def random_cases(seed: int, n: int, im_h: int, im_w: int):
-    g = np.random.default_rng(seed)
-    masks = g.random((n, 1, 28, 28)).astype(np.float32)
-    boxes = []
-    for i in range(n):
-        kind = i % 5
-        if kind == 0:  # inside
-            x0, y0 = g.uniform(0, max(im_w - 20, 1)), g.uniform(0, max(im_h - 20, 1))
-            w, h = g.uniform(2, 40), g.uniform(2, 40)
-        elif kind == 1:  # hanging over the left/top edge
-            x0, y0 = g.uniform(-15, 2), g.uniform(-15, 2)
-            w, h = g.uniform(5, 30), g.uniform(5, 30)
-        elif kind == 2:  # hanging over the right/bottom edge
-            x0, y0 = g.uniform(im_w - 10, im_w), g.uniform(im_h - 10, im_h)
-            w, h = g.uniform(5, 30), g.uniform(5, 30)
-        elif kind == 3:  # tiny, down to zero size
-            x0, y0 = g.uniform(0, im_w - 3), g.uniform(0, im_h - 3)
-            w, h = g.choice([0.0, 0.3, 0.9, 1.7]), g.choice([0.0, 0.5, 1.2])
-        else:  # bigger than the frame
-            x0, y0 = g.uniform(-20, 0), g.uniform(-20, 0)
-            w, h = im_w + g.uniform(0, 40), im_h + g.uniform(0, 40)
-        boxes.append([x0, y0, x0 + w, y0 + h])
-    return masks, np.asarray(boxes, dtype=np.float32)
 
 
 # ------------------------------------------------------------------ pasting

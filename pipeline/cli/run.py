@@ -96,7 +96,7 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def add_model_selection(p: argparse.ArgumentParser) -> None:
-    """The model options `run` and `bench` share (config keys model.*)."""
+    """The model options `run` and `bench` share (config keys model.*, source.decode, infer.preprocess)."""
     add_model_name(p)
     p.add_argument("--model-config", type=Path,
                    help="model YAML (default: the named model's, else model.yaml beside --checkpoint, else read "
@@ -108,6 +108,12 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16"],
                    help="torch runner: fp16 runs the backbone + FPN and mask head in float16 (default fp32); "
                         "with --engine, the precision it must have been built with")
+    p.add_argument("--decode", choices=["auto", "cpu", "nvdec"],
+                   help="video decoder (source.decode): auto (default) NVDEC when FFmpeg can open a CUDA device, "
+                        "else the CPU, saying why; nvdec: an error where it cannot")
+    p.add_argument("--preprocess", choices=["auto", "stage", "infer"],
+                   help="where frames become the model's input (infer.preprocess): stage, CPU processes; infer, "
+                        "the inference process on the runner's device; auto (default): infer with torch on CUDA")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -129,6 +135,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "outputs.annotate": args.annotate, "outputs.publish": args.publish, "outputs.metrics_port": args.metrics_port,
         "model.name": args.model, "model.config": args.model_config, "model.checkpoint": args.checkpoint,
         "model.engine": args.engine, "model.device": args.device, "model.precision": args.precision,
+        "source.decode": getattr(args, "decode", None), "infer.preprocess": getattr(args, "preprocess", None),
         # bench (which shares this function) has no CurveZMQ options
         "outputs.publish_key": getattr(args, "publish_key", None),
         "outputs.publish_clients": getattr(args, "publish_clients", None),

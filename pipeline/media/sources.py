@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 
 import av
 import numpy as np
+from maskstream.pipeline.media.hwdecode import hwaccel
 from maskstream.pipeline.media.video import VideoError, VideoInfo, first_video_stream, stream_info
 
 __all__ = [
@@ -111,6 +112,8 @@ class SourceSpec:
     max_reconnects: int | None = None  # attempts in a row without a frame; None: forever
     staleness_s: float = 0.5  # live: a frame older than this when taken is dropped
     options: dict[str, str] = field(default_factory=dict)
+    # "nvdec": FFmpeg's CUDA hwaccel (pipeline.media.hwdecode: the run checked the device once, at start)
+    decoder: Literal["cpu", "nvdec"] = "cpu"
 
     def __post_init__(self) -> None:
         first, largest = self.reconnect_backoff_s
@@ -136,6 +139,7 @@ class SourceSpec:
             f"rtsp_transport must be 'tcp' or 'udp', got {self.rtsp_transport!r}"
             if self.rtsp_transport not in ("tcp", "udp")
             else "",
+            f"decoder must be 'cpu' or 'nvdec', got {self.decoder!r}" if self.decoder not in ("cpu", "nvdec") else "",
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -384,19 +388,24 @@ def _open_container(spec: SourceSpec, kind: SourceKind) -> av.container.InputCon
     elif kind == "device":
         fmt = "v4l2"
     options.update(spec.options)
+    accel = hwaccel(spec.decoder)
     if kind == "file":
-        return av.open(spec.url, options=options)
+        return av.open(spec.url, options=options, hwaccel=accel)
     # PyAV's interrupt callback aborts a blocked open/read after these; FFmpeg's RTSP retries
     # once, so a frozen server is noticed after about twice the read timeout = stall_timeout_s.
     timeout = (max(spec.stall_timeout_s, 1.0), spec.stall_timeout_s / 2)
-    return av.open(spec.url, format=fmt, options=options, timeout=timeout)
+    return av.open(spec.url, format=fmt, options=options, timeout=timeout, hwaccel=accel)
 
 
 def _open_video(spec: SourceSpec, kind: SourceKind, threads: Literal["AUTO", "SLICE"]) -> _Opened:
     container = _open_container(spec, kind)
     try:
         stream = first_video_stream(container, spec.url, SourceError)
-        stream.thread_type = threads
+        if not stream.codec_context.is_hwaccel:  # NVDEC decodes whole frames itself: no CPU threads to add
+            if spec.decoder == "nvdec":
+                log.warning("%s: NVDEC cannot decode its %s stream: decoding it on the CPU", spec.url,
+                            stream.codec.name)
+            stream.thread_type = threads
         return _Opened(container, stream, stream_info(container, stream))
     except BaseException:
         container.close()

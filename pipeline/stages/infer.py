@@ -13,18 +13,38 @@ device on them (`maskstream bench` measures the gain). Its frames' stamps start 
 submitted (`Timed`). Off, each batch runs to the end before the stage takes the next frame. A
 live frame waits at most one batch longer with it. Where submit() runs the batch to the end
 (CPU, TensorRT) it gains nothing, so it is off there unless asked for.
+
+frames (the plan's choice with the CUDA runner, infer.preprocess): the stage takes decode's
+`Frame`s, in their native planes, instead of the preprocess stage's `ModelInput`s, and makes the
+model's input itself on the runner's device (pipeline.media.gpu_preprocess, equal to the CPU
+preprocess), straight into the runner's device batch: no resized frame is made on the CPU or
+copied through it. On CUDA the decoders' rings are page-locked (model.page_lock) so each frame's
+planes go to the device in one DMA, on a stream of their own, which the stage waits for (without
+spinning) before the ring slot is released; the batch on the device is not waited for.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from maskstream.model.contract import InferenceContract
-from maskstream.model.runners import Completed, PendingBatch, RunnerSpec, configure_process, make_runner
-from maskstream.pipeline.runtime.messages import EndOfStream, Message, ModelInput, RawDetections, StreamProgress
+from maskstream.model.page_lock import PageLocks
+from maskstream.model.runners import Completed, PendingBatch, RunnerSpec, TorchRunner, configure_process, make_runner
+from maskstream.pipeline.media.gpu_preprocess import Letterbox
+from maskstream.pipeline.runtime.messages import (
+    EndOfStream,
+    Frame,
+    Header,
+    Message,
+    ModelInput,
+    RawDetections,
+    StreamProgress,
+)
 from maskstream.pipeline.runtime.stage import Output, Stage, Timed, Wiring, run_stage
 
 log = logging.getLogger("maskstream.infer")
@@ -40,11 +60,24 @@ class InferConfig:
     # Keep one batch on the device while the next fills (see the module docstring); None: when the
     # runner's submit() is asynchronous (torch on CUDA), where nothing else would overlap them.
     overlap: bool | None = None
+    # Take decode's Frames and preprocess them on the runner's device (see the module docstring);
+    # False: the preprocess stage's ModelInputs.
+    frames: bool = False
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A frame preprocessed here, in the batch being filled: what its results need (a
+    ModelInput's own fields)."""
+
+    header: Header
+    valid_hw: tuple[int, int]
+    frame_hw: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class _Batch:
-    frames: list[ModelInput]
+    frames: list[ModelInput | _Item]
     outputs: PendingBatch
     submitted_at: float  # time.monotonic(): where its frames' infer stamps start
 
@@ -57,6 +90,18 @@ class InferStage(Stage):
         self.overlap = self.runner.asynchronous if config.overlap is None else config.overlap
         batch, _, height, width = self.runner.input_shape
         self.images = self.runner.input_buffer()  # the batch, filled in place (page-locked for a GPU)
+        self.device_images: torch.Tensor | None = None  # with frames: the batch on the device, filled in place
+        self.letterbox: Letterbox | None = None
+        self.page_locks: PageLocks | None = None
+        self.copy_stream: torch.cuda.Stream | None = None
+        if config.frames:
+            if not isinstance(self.runner, TorchRunner):
+                raise ValueError("infer: frames (preprocess in the inference process) needs the torch runner; "
+                                 "plan the run with infer.preprocess=stage")
+            self.device_images = self.runner.device_buffer()
+            self.letterbox = Letterbox(config.contract.input_hw, config.contract.pad_rgb)
+            if self.runner.device == "cuda":
+                self.page_locks, self.copy_stream = PageLocks(), torch.cuda.Stream()
         # One inference before the stage reports ready (decoders start only then): lazy set-up
         # (allocator, kernel selection; on CUDA the Triton compiles and the CUDA graph capture)
         # would otherwise land on the first frame, a latency spike a live stream pays in drops.
@@ -65,7 +110,7 @@ class InferStage(Stage):
         for problem in (self.runner.compile_error, self.runner.graph_error):
             if problem:
                 log.warning("infer: %s", problem)
-        self.pending: list[ModelInput] = []
+        self.pending: list[ModelInput | _Item] = []
         self.in_flight: _Batch | None = None  # with overlap: the batch on the device
         self.drops: dict[str, int] = {}
         self.frames: dict[str, int] = {}
@@ -91,13 +136,26 @@ class InferStage(Stage):
             stream = message.header.stream_id
             header = message.header.with_drops("infer", self.drops[stream]) if stream in self.drops else message.header
             return [*self._drain(), dataclasses.replace(message, header=header)]
-        if not isinstance(message, ModelInput):
-            raise TypeError(f"expected ModelInput or EndOfStream, got {type(message).__name__}")
+        expected = Frame if self.config.frames else ModelInput
+        if not isinstance(message, expected):
+            raise TypeError(f"expected {expected.__name__} or EndOfStream, got {type(message).__name__}")
         stream = message.header.stream_id
         if stream in self.config.live_streams and message.header.stamps:
             if time.monotonic() - message.header.stamps[0].start > self.config.staleness_s:
                 self.drops[stream] = self.drops.get(stream, 0) + 1
                 return []
+        item: ModelInput | _Item
+        if isinstance(message, Frame):
+            item = _Item(message.header, *self._preprocess(message))
+        else:
+            self._copy_in(message)
+            item = message
+        if stream in self.drops:  # now, not at flush: the count must cover only frames before this one
+            item = dataclasses.replace(item, header=item.header.with_drops("infer", self.drops[stream]))
+        self.pending.append(item)
+        return self.flush() if len(self.pending) == len(self.images) else []
+
+    def _copy_in(self, message: ModelInput) -> None:
         # Checked before the frame joins the batch (the inbox checked them too): a frame the runner
         # cannot take must fail alone, not the batch it would have joined.
         _, height, width = self.images.shape[1:]
@@ -108,10 +166,28 @@ class InferStage(Stage):
         if not (0 < valid_h <= height and 0 < valid_w <= width):
             raise ValueError(f"valid_hw: {list(message.valid_hw)} is not inside the {height}x{width} input")
         self.images[len(self.pending)] = message.image  # copy out: the ring slot is released after process()
-        if stream in self.drops:  # now, not at flush: the count must cover only frames before this one
-            message = dataclasses.replace(message, header=message.header.with_drops("infer", self.drops[stream]))
-        self.pending.append(message)
-        return self.flush() if len(self.pending) == len(self.images) else []
+
+    def _preprocess(self, message: Frame) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The frame's model input made on the device, into its row of the device batch; returns
+        once nothing reads the frame's planes any more (the ring slot is released after process())."""
+        assert self.letterbox is not None and self.device_images is not None
+        out = self.device_images[len(self.pending)]
+        with warnings.catch_warnings():  # a ring slot is read-only; nothing here writes to it
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            planes = torch.from_numpy(message.image)
+        if self.copy_stream is None:
+            return self.letterbox(planes, message.pixel_format, out)
+        assert self.page_locks is not None
+        # once per ring: then the copy below is one DMA (a frame sent inline is in no ring)
+        if not self.page_locks.register(message.image) and self.page_locks.problem is not None:
+            log.warning("infer: %s: its frames go to the device through a staging copy", self.page_locks.problem)
+            self.page_locks.problem = None  # said once per failure
+        with torch.cuda.stream(self.copy_stream):
+            sizes = self.letterbox(planes.to(out.device, non_blocking=True), message.pixel_format, out)
+            read = torch.cuda.Event(blocking=True)  # waited for by sleeping in the driver, not spinning
+            read.record(self.copy_stream)
+        read.synchronize()
+        return sizes
 
     def flush(self) -> list[Output]:
         """Run the pending frames and return their results; with overlap, submit them and return
@@ -140,12 +216,21 @@ class InferStage(Stage):
         frames, self.pending = self.pending, []
         submitted_at = time.monotonic()
         try:
-            outputs = (self.runner.submit(self.images, sizes) if self.overlap
-                       else Completed(self.runner.infer(self.images, sizes)))
+            if self.device_images is not None:
+                assert isinstance(self.runner, TorchRunner)
+                outputs = self.runner.submit_device(self.device_images, sizes)
+                if not self.overlap:
+                    outputs = Completed(outputs.result())
+            else:
+                outputs = (self.runner.submit(self.images, sizes) if self.overlap
+                           else Completed(self.runner.infer(self.images, sizes)))
         except Exception as exc:
             lost = ", ".join(f"{m.header.stream_id}#{m.header.seq}" for m in frames)
             raise RuntimeError(f"the batch of {lost} failed: {type(exc).__name__}: {exc}") from exc
         self.images = self.runner.input_buffer()  # with overlap on CUDA, the other page-locked batch
+        if self.device_images is not None:
+            assert isinstance(self.runner, TorchRunner)
+            self.device_images = self.runner.device_buffer()
         return _Batch(frames, outputs, submitted_at)
 
     def _results(self, batch: _Batch) -> list[Output]:
@@ -164,6 +249,10 @@ class InferStage(Stage):
 
     def progress(self) -> tuple[StreamProgress, ...]:
         return tuple(StreamProgress(s, n, self.drops.get(s, 0)) for s, n in self.frames.items())
+
+    def close(self) -> None:
+        if self.page_locks is not None:  # before the stage loop unmaps the rings
+            self.page_locks.close()
 
 
 def main(config: InferConfig, wiring: Wiring) -> None:

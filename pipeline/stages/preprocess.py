@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from maskstream.model.contract import InferenceContract
-from maskstream.pipeline.media.pixels import PLANAR, RGB24, yuv420p_frame_hw, yuv420p_to_rgb_resized
+from maskstream.pipeline.media.pixels import PLANAR, RGB24, fit_size, yuv420p_frame_hw, yuv420p_to_rgb_resized
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Message, ModelInput
 from maskstream.pipeline.runtime.stage import Stage, Wiring, run_stage
 
@@ -26,10 +26,8 @@ def fit_to_input(image: np.ndarray, input_hw: tuple[int, int], pad_rgb: tuple[in
                  pixel_format: str = RGB24) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 [H, W, 3] RGB (or yuv420p planes) -> (uint8 [3, h, w] RGB resized into the top-left
     corner, padded; valid (h, w))."""
-    height, width = frame_hw(image, pixel_format)
     in_h, in_w = input_hw
-    scale = min(in_h / height, in_w / width)
-    valid = (max(1, min(in_h, int(height * scale))), max(1, min(in_w, int(width * scale))))
+    valid = fit_size(frame_hw(image, pixel_format), input_hw)
     # INTER_AREA would alias less when shrinking, but bilinear is what the eager path uses.
     if pixel_format in PLANAR:
         resized = yuv420p_to_rgb_resized(image, valid, pixel_format)  # [h, w, 3]

@@ -1,0 +1,104 @@
+"""Masks pasted and thresholded where the model ran, and only each box's binary crop copied back.
+
+The postprocess stage pastes each instance's 28x28 probabilities into its box in numpy
+(model.rle.encode_box_cropped_rle). Where the masks are on a GPU, `binary_crops` does the same
+paste for every instance of a frame at once, as torch ops on the masks' device: one flat tensor
+holds the in-frame crops of all boxes back to back, each pixel's bilinear blend computed from its
+box's taps (torchvision's `paste_masks_in_image`: the box grown by (M + 2) / M, the integer box,
+`F.interpolate(..., mode="bilinear", align_corners=False)` of the zero-padded mask), thresholded
+there, and copied to the host once: the crops' pixels as bytes, nothing of the rest of the frame,
+no float probabilities. The crops are those of `model.postprocess.paste_mask_cropped`; a pixel may
+only differ from the numpy paste where its probability lies within one float32 step of the
+threshold (the last rounding of a blend, as between numpy's and torch's CPU pastes).
+
+    crops = binary_crops(mask_probs, boxes, frame_hw)   # [N, M, M] probs, [N, 4] frame-pixel boxes
+    for crop, (x0, y0) in crops: encode_crop_rle(crop, (x0, y0))
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from maskstream.model.postprocess import expand_boxes
+
+__all__ = ["binary_crops"]
+
+
+def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequence[int], threshold: float = 0.5
+                 ) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """float [N, M, M] mask probabilities and float32 [N, 4] xyxy boxes in frame pixels (same
+    device) -> per instance (bool crop [h, w] of its pasted mask inside the frame, (x0, y0) where
+    the crop's top-left pixel lies): paste_mask_cropped(...) > threshold for each, in one pass."""
+    if mask_probs.ndim != 3 or mask_probs.shape[1] != mask_probs.shape[2] or not mask_probs.is_floating_point():
+        raise ValueError(f"mask_probs: expected floating [N, M, M], got {mask_probs.dtype} {list(mask_probs.shape)}")
+    if boxes.shape != (mask_probs.shape[0], 4) or not boxes.is_floating_point():
+        raise ValueError(f"boxes: expected floating [{mask_probs.shape[0]}, 4] xyxy, got {boxes.dtype} "
+                         f"{list(boxes.shape)}")
+    im_h, im_w = (int(v) for v in frame_hw)
+    count, size = mask_probs.shape[0], mask_probs.shape[1]
+    if count == 0:
+        return []
+    device = mask_probs.device
+    padded = F.pad(mask_probs.float(), (1, 1, 1, 1)).reshape(-1)  # [N * n * n], n = M + 2
+    n = size + 2
+    ints = expand_boxes(boxes, float(n) / size).to(torch.int64)  # [N, 4] the integer boxes, torchvision's
+    # The crop geometry, on the host: it sizes the flat output and is the crops' placement anyway.
+    bx0, by0, bx1, by1 = ints.cpu().numpy().T
+    out_w, out_h = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)  # the resized mask's size
+    x0, y0 = np.clip(bx0, 0, im_w), np.clip(by0, 0, im_h)
+    x1, y1 = np.maximum(np.minimum(bx1 + 1, im_w), x0), np.maximum(np.minimum(by1 + 1, im_h), y0)
+    crop_w, crop_h = x1 - x0, y1 - y0
+    sizes = crop_w * crop_h
+    total = int(sizes.sum())
+    origins = [(int(a), int(b)) for a, b in zip(x0, y0)]
+    if total == 0:
+        return [(np.zeros((int(h), int(w)), bool), o) for h, w, o in zip(crop_h, crop_w, origins)]
+
+    def on_device(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device, non_blocking=True)
+
+    # The taps of every crop row and every crop column (few: sum of heights, sum of widths), each
+    # row's and column's place in its box's resized mask starting at y0 - by0, x0 - bx0.
+    row_box = torch.repeat_interleave(torch.arange(count, device=device), on_device(crop_h),
+                                      output_size=int(crop_h.sum()))
+    col_box = torch.repeat_interleave(torch.arange(count, device=device), on_device(crop_w),
+                                      output_size=int(crop_w.sum()))
+    row_in_box = torch.arange(len(row_box), device=device) - on_device(np.cumsum(crop_h) - crop_h)[row_box]
+    col_in_box = torch.arange(len(col_box), device=device) - on_device(np.cumsum(crop_w) - crop_w)[col_box]
+    y_lo, y_hi, y_w0, y_w1 = _taps(row_in_box + on_device(y0 - by0)[row_box], on_device(out_h)[row_box], n)
+    x_lo, x_hi, x_w0, x_w1 = _taps(col_in_box + on_device(x0 - bx0)[col_box], on_device(out_w)[col_box], n)
+    # Each pixel: its box, its crop row (global row index) and crop column (global column index).
+    box = torch.repeat_interleave(torch.arange(count, device=device), on_device(sizes), output_size=total)  # [P]
+    local = torch.arange(total, device=device) - on_device(np.cumsum(sizes) - sizes)[box]
+    width = on_device(crop_w)[box]
+    in_row = local // width
+    row = on_device(np.cumsum(crop_h) - crop_h)[box] + in_row
+    col = on_device(np.cumsum(crop_w) - crop_w)[box] + (local - in_row * width)
+    base = box * (n * n)
+    top_row, bottom_row = base + y_lo[row] * n, base + y_hi[row] * n
+    left, right, w_left, w_right = x_lo[col], x_hi[col], x_w0[col], x_w1[col]
+    # torch's order: each source row blended across x first, then the two rows across y
+    top = w_left * padded[top_row + left] + w_right * padded[top_row + right]
+    bottom = w_left * padded[bottom_row + left] + w_right * padded[bottom_row + right]
+    above = (y_w0[row] * top + y_w1[row] * bottom) > threshold  # [P] bool: the only pixels copied back
+    flat = above.cpu().numpy()
+    crops, start = [], 0
+    for h, w, origin in zip(crop_h, crop_w, origins):
+        crops.append((flat[start : start + h * w].reshape(int(h), int(w)), origin))
+        start += int(h * w)
+    return crops
+
+
+def _taps(out_index: torch.Tensor, out_size: torch.Tensor, in_size: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch's bilinear resize (align_corners=False) of in_size -> out_size (per pixel) at
+    out_index: the two source indices and their float32 weights, as its CPU kernel computes them:
+    a float32 scale, the source coordinate in float64 (exact here) rounded once to float32."""
+    scale = torch.tensor(float(in_size), dtype=torch.float32, device=out_index.device) / out_size.float()
+    src = (scale.double() * (out_index.double() + 0.5) - 0.5).float().clamp_(min=0)
+    lo = src.to(torch.int64)  # non-negative: truncation is floor
+    hi = torch.where(lo < in_size - 1, lo + 1, lo)
+    w1 = src - lo.float()
+    return lo, hi, 1.0 - w1, w1
