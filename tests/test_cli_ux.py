@@ -401,9 +401,17 @@ def _subparsers(parser):
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+def _commands(parser, prefix=""):
+    """Every (sub)command's parser by its full name, e.g. 'fleet add', nested groups included."""
+    for name, sub in _subparsers(parser).items():
+        yield prefix + name, sub
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            yield from _commands(sub, prefix + name + " ")
+
+
 def test_help_shows_every_default_an_example_and_the_version(capsys):
     parser = build_parser()
-    for name, sub in _subparsers(parser).items():
+    for name, sub in _commands(parser):
         text = " ".join(sub.format_help().split())
         assert "examples: maskstream " + name in text, name
         formatter = sub._get_formatter()

@@ -84,7 +84,8 @@ def add_parsers(subparsers: Any) -> None:
 
     fleet = subcommand(subparsers, "fleet", "the fleet's cameras and jobs: add, remove, list, status, submit, jobs",
                        FLEET_EXAMPLES)
-    sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="<fleet command>")
+    sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="<fleet command>",
+                               help="what to do with the fleet (each has its own --help)")
 
     def leaf(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
         return subcommand(sub, name, help_text, examples, parents=[connection])
@@ -99,7 +100,7 @@ def add_parsers(subparsers: Any) -> None:
     add.add_argument("--replace", action="store_true", help="change an existing camera's URL and options")
     add.set_defaults(func=fleet_add)
     remove = leaf("remove", "remove a camera (its node stops it)", "  maskstream fleet remove door")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the camera's name, as `fleet list` shows it")
     remove.set_defaults(func=fleet_remove)
     listing = leaf("list", "the fleet's cameras", "  maskstream fleet list --json")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
