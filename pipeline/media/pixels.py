@@ -24,7 +24,9 @@ __all__ = ["PLANAR", "RGB24", "YUV420P", "YUVJ420P", "PixelRoute", "frame_pixels
            "yuv420p_to_rgb_resized"]
 
 RGB24 = "rgb24"  # uint8 [H, W, 3]
-YUV420P = "yuv420p"  # uint8 [H * 3 / 2, W]: Y rows, then U as H/4 rows of W, then V alike (I420); limited range
+YUV420P = "yuv420p"  # uint8 [H * 3 / 2, W]: Y rows, then the bytes of U [H/2, W/2], then of V (I420,
+# PyAV's to_ndarray layout); limited range. A chroma plane is H/4 rows of W only when H % 4 == 0: the
+# planes are read from the flat bytes after the Y rows, so H % 4 == 2 (e.g. 202 rows) fits too
 YUVJ420P = "yuvj420p"  # the same layout, full range (Y, Cb, Cr all 0..255)
 PLANAR = (YUV420P, YUVJ420P)
 
@@ -53,13 +55,10 @@ def frame_pixels(frame: av.VideoFrame, allocate: Callable[[tuple[int, ...]], np.
     height, width = frame.height, frame.width
     if frame.format.name in PLANAR and height % 2 == 0 and width % 2 == 0:
         out = allocate((height * 3 // 2, width))
-        rows = (height, height // 4, height // 4)  # a chroma plane [H/2, W/2] is H/4 rows of W here
-        start = 0
-        for plane, count, plane_width in zip(frame.planes, rows, (width, width // 2, width // 2)):
+        for plane, target in zip(frame.planes, (out[:height], *_chroma_planes(out, height, width))):
             # a plane's rows may be padded (line_size >= width): copy the useful part only
-            lines = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(-1, plane.line_size)[:, :plane_width]
-            out[start : start + count].reshape(lines.shape)[:] = lines
-            start += count
+            lines = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(-1, plane.line_size)
+            target[:] = lines[: target.shape[0], : target.shape[1]]
         full = frame.format.name == YUVJ420P or frame.color_range == _FULL_RANGE
         return out, YUVJ420P if full else YUV420P
     out = allocate((height, width, 3))
@@ -81,9 +80,17 @@ class PixelRoute:
         return image
 
 
+def _chroma_planes(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views U, V [H/2, W/2] of the I420 planes `image` [H * 3 / 2, W] (C-contiguous: a slot or
+    a new array), from the flat bytes after the Y rows."""
+    chroma = image[height:].reshape(-1)  # a view: rows of a C-contiguous array are contiguous
+    size = (height // 2) * (width // 2)
+    return chroma[:size].reshape(height // 2, width // 2), chroma[size:].reshape(height // 2, width // 2)
+
+
 def yuv420p_frame_hw(image: np.ndarray) -> tuple[int, int]:
     """(H, W) of the frame whose I420 planes `image` [H * 3 / 2, W] holds."""
-    if image.ndim != 2 or image.shape[0] % 3 or (image.shape[0] // 3) % 2 or image.shape[1] % 2:
+    if image.ndim != 2 or image.shape[0] % 3 or image.shape[1] % 2:
         raise ValueError(f"image: expected yuv420p planes uint8 [H * 3 / 2, W] with H, W even, got {list(image.shape)}")
     return image.shape[0] * 2 // 3, image.shape[1]
 
@@ -94,9 +101,7 @@ def yuv420p_to_rgb_resized(image: np.ndarray, size_hw: tuple[int, int], pixel_fo
     only the small picture is converted."""
     height, width = yuv420p_frame_hw(image)
     h, w = size_hw
-    quarter = height // 4
     y = cv2.resize(image[:height], (w, h), interpolation=cv2.INTER_LINEAR)  # [h, w]
-    chroma = [cv2.resize(image[start : start + quarter].reshape(height // 2, width // 2), (w, h),
-                         interpolation=cv2.INTER_LINEAR)  # [h, w]
-              for start in (height, height + quarter)]
+    chroma = [cv2.resize(plane, (w, h), interpolation=cv2.INTER_LINEAR)  # [h, w]
+              for plane in _chroma_planes(np.ascontiguousarray(image), height, width)]
     return cv2.transform(cv2.merge([y, *chroma]), _MATRICES[pixel_format])  # [h, w, 3], saturated to 0..255
