@@ -147,9 +147,9 @@ class Subscriber:
             raise ValueError("streams: expected at least one stream id, or None for all streams")
         if timeout_s is not None and not (timeout_s >= 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout_s: expected a non-negative number of seconds or None, got {timeout_s!r}")
-        if max_message_bytes is not None and (isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int)
-                                              or max_message_bytes < 1):
-            raise ValueError(f"max_message_bytes: expected a positive number of bytes or None, got {max_message_bytes!r}")
+        limit = max_message_bytes
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"max_message_bytes: expected a positive number of bytes or None, got {limit!r}")
         if (server_key is None) != (client_key is None):
             raise ValueError("server_key and client_key go together: the publisher's public key file and this "
                              "subscriber's secret key file (CurveZMQ)")
