@@ -61,7 +61,8 @@ def test_4_2_0_frames_preprocess_like_rgb_frames(pix_fmt, height, valid_hw):
     config = PreprocessConfig(contract(96, 160))
     from_rgb = PreprocessStage(config).process(Frame(Header("s", 0), rgb))
     from_yuv = PreprocessStage(config).process(Frame(Header("s", 0), planes, pixel_format))
-    assert from_yuv.frame_hw == from_rgb.frame_hw == (height, 320) and from_yuv.valid_hw == from_rgb.valid_hw == valid_hw
+    assert from_yuv.frame_hw == from_rgb.frame_hw == (height, 320)
+    assert from_yuv.valid_hw == from_rgb.valid_hw == valid_hw
     # shrinking the planes before converting vs after: a couple of levels on a smooth picture
     difference = np.abs(from_yuv.image.astype(int) - from_rgb.image)
     assert difference.mean() < 1.5 and difference.max() <= 12
