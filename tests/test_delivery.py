@@ -266,26 +266,26 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
 
 
 def _choke_run(tmp_path: Path, how: str, poison: tuple[tuple[str, int], ...], max_restarts: int = 3,
-               stall_timeout_s: float = 30):
+               stall_timeout_s: float = 30, streams: dict[str, int] | None = None, drain_timeout_s: float = 120):
     """A real supervisor over real processes: two counting sources, a stage choking on `poison`
     frames, the real publish stage (journal only). Its RunReport, and the journal's lines."""
     def wiring(stage: str, **kw) -> Wiring:
         return Wiring(stage=stage, reports=f"ipc://{tmp_path}/reports", heartbeat_s=0.2, **kw)
 
     journal = tmp_path / "journal.jsonl"
-    streams = {"s": 12, "t": 6}
+    streams = streams or {"s": 12, "t": 6}
     specs = [StageSpec(delivery_stages.source_main, delivery_stages.CountConfig(sid, n),
                        wiring(f"decode.{sid}", outboxes=(f"ipc://{tmp_path}/infer",)), stream_id=sid, offline=True)
              for sid, n in streams.items()]
     specs += [
-        StageSpec(delivery_stages.choke_main, delivery_stages.ChokeConfig(poison, how),
+        StageSpec(delivery_stages.choke_main, delivery_stages.ChokeConfig(poison, how, str(tmp_path / "choked")),
                   wiring("infer.0", inbox=f"ipc://{tmp_path}/infer", outboxes=(f"ipc://{tmp_path}/publish",))),
         StageSpec(publish.main, publish.PublishConfig(tuple(publish.StreamOutput(sid, False, "") for sid in streams),
                                                       journal),
                   wiring("publish.0", inbox=f"ipc://{tmp_path}/publish")),
     ]
     config = SupervisorConfig(heartbeat_timeout_s=30, max_restarts=max_restarts, max_rewinds=2,
-                              stall_timeout_s=stall_timeout_s)
+                              stall_timeout_s=stall_timeout_s, drain_timeout_s=drain_timeout_s)
     report = Supervisor(specs, f"ipc://{tmp_path}/reports", tuple(streams), config).run()
     return report, [json.loads(line) for line in journal.read_text().splitlines()]
 
@@ -322,6 +322,24 @@ def test_a_frame_lost_where_nobody_reports_it_is_sent_again_once_nothing_moves(t
     assert [line["seq"] for line in lines if line["stream_id"] == "t"] == list(range(7))
     assert [s.rewinds for s in report.streams] == [1, 1] and not report.restarts  # one stall, both streams
     assert time.monotonic() - began > 1.5
+
+
+def test_sigint_while_frames_await_a_rewind_drains_promptly_and_every_stream_ends_whole(tmp_path):
+    """SIGINT comes as inference dies on s#4 (it sends the signal, then exits): frames of both
+    streams may have gone with it. The rewinds still happen, their decoders drained at once: each
+    stream ends where its decoder stopped, in order and whole, long before the drain timeout."""
+    began = time.monotonic()
+    report, lines = _choke_run(tmp_path, "interrupt", poison=(("s", 4),), streams={"s": 400, "t": 300},
+                               drain_timeout_s=60)
+    assert time.monotonic() - began < 30
+    assert report.interrupted and not report.failure, report
+    assert dict(report.restarts) == {"infer.0": 1}
+    for result in report.streams:
+        assert result.ended and result.lost == 0 and result.error.startswith("interrupted"), result
+        seqs = [line["seq"] for line in lines if line["stream_id"] == result.stream_id]
+        assert seqs == list(range(len(seqs))) and result.frames == len(seqs) - 1  # frames, then the end
+    s, t = report.streams
+    assert s.rewinds == 1 and s.frames >= 4 and s.frames < 400 and t.frames < 300
 
 
 def test_lost_frame_reports_rewind_only_frames_of_the_current_decoder_life_not_yet_done():
