@@ -1,8 +1,8 @@
 """Small real stages for the supervisor's delivery tests (tests/test_delivery.py): a source that
 counts frames (and ends early when asked to drain, as decode does), and an "inference" stage that
 makes empty detections and chokes on chosen frames, raising or killing its process each time it
-meets one, as a frame that crashes a decoder or a model would. Real processes, sockets and the real publish stage; no model, so each run is quick.
-A module of its own: spawn imports it in every stage process."""
+meets one, as a frame that crashes a decoder or a model would. Real processes, sockets and the
+real publish stage; no model, so each run is quick. A module of its own: spawn imports it in every stage process."""
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from maskstream.pipeline.stages import publish
 from tests import delivery_stages
 from tests.make_detections import FRAME_HW, end_of_stream, make_detections
 from tests.pipeline_runs import ROOT, TINY_MODEL_SETS
+from tests.rtsp_fixtures import RtspServer, rtsp_server_missing
 
 CLIPS = {"a": (48, (160, 120)), "b": (24, (200, 120)), "c": (12, (160, 120))}
 KINDS = ("decode", "preprocess", "infer", "postprocess", "publish")
@@ -260,6 +262,54 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
     assert time.monotonic() - began > 1 + 2 + 4 + 4  # it did try for longer than the stall timeout
     [end] = [json.loads(line) for line in out.read_text().splitlines()]
     assert end["kind"] == "EndOfStream" and camera in end["error"]
+
+
+def test_a_camera_that_connects_late_is_waited_for_not_killed_nor_abandoned(tmp_path):
+    """A camera down at the start, for longer than the stall and heartbeat timeouts, then up: the
+    decoder reconnecting is work, so nothing is killed, restarted or abandoned, and its frames are
+    published once it connects. SIGINT then ends the run (exit 130)."""
+    missing = rtsp_server_missing()
+    if missing:
+        pytest.skip(missing)
+    if "libx264" not in av.codecs_available:
+        pytest.skip("the RTSP server sends H.264 as is, and this FFmpeg has no libx264 to make a clip")
+    video = write_test_clip(tmp_path / "camera.mp4", frames=100, size=(160, 120), fps=12.5, codec="libx264")
+    server = RtspServer(video, loop=True)
+    with socket.socket() as probe:  # the camera's port, known before it listens
+        probe.bind(("127.0.0.1", 0))
+        server.port = probe.getsockname()[1]
+    camera = f"rtsp://127.0.0.1:{server.port}/stream"
+    out = tmp_path / "r.jsonl"
+    sets = [*TINY_MODEL_SETS, "source.max_reconnects=100", "source.reconnect_backoff_s=[0.5, 1.0]",
+            "supervisor.stall_timeout_s=2", "supervisor.heartbeat_timeout_s=4", f"transport.endpoint_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", f"cam={camera}",
+           "--out", str(out), *(x for s in sets for x in ("--set", s))]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not stage_pids(run.pid, "decode"):  # decoders start once inference is ready
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline, "the decoder never started"
+            time.sleep(0.2)
+        time.sleep(8)  # down for longer than the stall timeout and the heartbeat timeout, both
+        assert run.poll() is None, run.communicate()
+        server.start()
+        while lines_in(out) < 5:
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline + 60, "no frames after the camera came up"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        code, stdout, stderr = finish(run, timeout_s=60)
+    finally:
+        run.kill()
+        server.close()
+    assert code == 130, stderr
+    for word in ("restarted", "rewound", "no heartbeat", "nothing moved", "EndOfStream was lost"):
+        assert word not in stdout + stderr, stdout + stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    seqs = [line["seq"] for line in lines]
+    assert len(lines) >= 5 and seqs == sorted(set(seqs))  # live: in order, each once (a live-only run stops at once)
+    assert all(line["kind"] == "Detections" for line in lines)
 
 
 # ----------------------------------------------------------------------------- frames that keep failing
