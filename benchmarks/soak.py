@@ -18,11 +18,15 @@ RSS in the last window (the final interval, less its first quarter) is within 5%
 first (the first interval, less its first quarter: a stage's memory settles after its first frames).
 
 Frames: the stream's EndOfStream says how many frames the source produced (its seq) and how many each
-stage dropped (its drops); the run's own summary says how many it published and lost or dropped. Every
-frame is accounted for when published + dropped = produced, both in the run's summary and as the
-subscriber saw it (frames received + drops in the EndOfStream). Writes soak_<model>.json (see --out)
-with the load average of the host before and after (a busy host slows the pipeline; the source keeps
-its rate).
+stage dropped (its drops); the run's own summary says how many it published and lost or dropped; the
+run's journal (--out JSONL, kept here) holds every frame published, once. Every frame is accounted
+for when published + dropped = produced, in the run's summary and in the journal (its distinct seqs,
+none twice, + the EndOfStream's drops). The subscriber's view is checked against the journal: it
+receives nothing the journal lacks, nothing twice, and misses only frames published around a restart
+of publish (docs/delivery.md: one killed between its journal line and its PUB send costs subscribers
+that frame, and PUB/SUB loses what a new publisher sends before a subscriber's reconnection reaches it;
+both show to the subscriber as gaps in seq). Writes soak_<model>.json (see --out) with the load
+average of the host before and after (a busy host slows the pipeline; the source keeps its rate).
 
 --smoke: the tiny model, 40 s with a kill after 15 s (one kill), at 30 frames/s.
 """
@@ -56,6 +60,9 @@ from options import add_output_options, parse_args, results_file
 STREAM = "soak"  # the clip's stem: the stream id, and decode's process name decode.soak
 KILL_ORDER = ("infer.0", "preprocess.0", "postprocess.0", "publish.0", f"decode.{STREAM}")
 FLAT = 0.05  # relative change of median RSS allowed between the first and the last window
+# A frame the subscriber misses counts as publish's restart's when it was published this soon after a
+# kill of publish: its process start, imports and journal recovery come first (seconds on a busy host).
+AFTER_PUBLISH_KILL_S = 30.0
 SIZE = (320, 240)  # width, height of the generated clip
 
 
@@ -159,6 +166,18 @@ def summary_counts(stdout: str) -> dict[str, Any]:
             "restarts": restarts}
 
 
+def journal_frames(path: Path) -> list[tuple[int, float]]:
+    """(seq, when publish released it: its last stamp's end) of every Detections line in the run's journal."""
+    if not path.exists():
+        return []
+    frames = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "Detections":
+            frames.append((int(record["seq"]), max(s["end"] for s in record["stamps"])))
+    return frames
+
+
 def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     frames = int(args.duration_s * args.rate)
     clip = write_clip(folder / f"{STREAM}.mp4", frames, args.rate)
@@ -168,8 +187,10 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     receiver.connected.wait(10)
     sets = ["source.policy=live", f"source.rate_fps={args.rate}", f"supervisor.max_restarts={args.max_restarts}",
             *(tiny_run_overrides() if args.model == "tiny" else []), *args.set]
+    journal = folder / "journal.jsonl"
     command = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", str(clip),
-               "--publish", endpoint, "--workers", str(args.workers), "--out-dir", str(folder / "out"),
+               "--publish", endpoint, "--out", str(journal), "--workers", str(args.workers),
+               "--out-dir", str(folder / "out"),
                *(x for s in sets for x in ("--set", s))]
     load_before = machine()
     started = time.monotonic()
@@ -198,7 +219,8 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 name = KILL_ORDER[len(kills) % len(KILL_ORDER)]
                 if name in pids:  # else it is being restarted still: try again at the next sample
                     os.kill(pids[name], signal.SIGKILL)
-                    kills.append({"at_s": round(at, 1), "stage": name, "pid": pids[name]})
+                    kills.append({"at_s": round(at, 1), "stage": name, "pid": pids[name],
+                                  "monotonic": time.monotonic()})
                     print(f"{at:7.1f} s: killed {name} (pid {pids[name]})", flush=True)
     finally:
         timed_out = run.poll() is None
@@ -231,6 +253,15 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     received = len(set(receiver.seqs))
     reported = (summary["published"] + summary["lost_or_dropped"]
                 if summary["published"] is not None else None)
+    published = journal_frames(journal)  # seq -> when publish released it (host monotonic clock)
+    journal_seqs = [seq for seq, _ in published]
+    in_journal = dict(published)
+    publish_kills = [k["monotonic"] for k in kills if k["stage"].startswith("publish")]
+    missed = sorted(set(in_journal) - set(receiver.seqs))
+    after_kill = [seq for seq in missed
+                  if any(0 <= in_journal[seq] - at <= AFTER_PUBLISH_KILL_S for at in publish_kills)]
+    for kill in kills:
+        kill.pop("monotonic")
     return {
         "what": "soak: a live source over capacity, a stage killed every interval; RSS per process and every "
                 "frame's fate",
@@ -264,6 +295,19 @@ def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "accounted_subscriber": produced is not None and end_drops is not None
                                     and received + end_drops == produced,
             "malformed": receiver.malformed,
+            # The journal: every frame published, each once
+            "published_journal": len(set(journal_seqs)),
+            "published_twice_journal": len(journal_seqs) - len(set(journal_seqs)),
+            "accounted_journal": produced is not None and end_drops is not None and journal_seqs != []
+                                 and len(journal_seqs) == len(set(journal_seqs)) == summary["published"]
+                                 and len(journal_seqs) + end_drops == produced,
+            # The subscriber against the journal
+            "received_not_published": len(set(receiver.seqs) - set(in_journal)),
+            "missed_by_subscriber": len(missed),
+            "missed_after_publish_kill": len(after_kill),
+            "missed_seqs": missed[:100],
+            "subscriber_consistent": not set(receiver.seqs) - set(in_journal) and len(after_kill) == len(missed)
+                                     and len(receiver.seqs) == received,
         },
         "stdout_tail": output.get("stdout", "")[-2000:],  # the run's summary
         "stderr_tail": output.get("stderr", "")[-3000:],
@@ -300,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
           f"lost/dropped ({'all' if f['accounted_run'] else 'NOT all'} accounted); subscriber: {f['received']} "
           f"received + {f['dropped_end_of_stream']} dropped ({'all' if f['accounted_subscriber'] else 'NOT all'} "
           f"accounted); {len(result['kills'])} kills, exit {result['exit_code']}")
+    print(f"journal: {f['published_journal']} frames published, {f['published_twice_journal']} twice "
+          f"({'all' if f['accounted_journal'] else 'NOT all'} accounted with the drops); subscriber: "
+          f"{f['received_twice']} received twice, {f['received_not_published']} not in the journal, "
+          f"{f['missed_by_subscriber']} missed ({f['missed_after_publish_kill']} within {AFTER_PUBLISH_KILL_S:.0f} s "
+          f"after a kill of publish)")
     load = result["machine"]
     print(f"load average {load['load_average_before'][0]:.2f} before, {load['load_average_after'][0]:.2f} after; "
           f"wrote {out}")

@@ -96,6 +96,9 @@ __all__ = [
 
 # ---------------------------------------------------------------------------- the socket
 
+# A Detections' largest part is its RLE strings of box-cropped masks: far below this at any frame size.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
 
 class Subscriber:
     """A ZeroMQ SUB socket connected to a maskstream publisher; iterate it for messages.
@@ -113,6 +116,12 @@ class Subscriber:
         (NAME.key_secret, zmq.auth's format), whose public key must be among the publisher's
         authorised ones. Without them nothing from such a publisher arrives (TimeoutError),
         and the same with a key the publisher does not know: CurveZMQ refuses, silently.
+    max_message_bytes: the largest ZeroMQ message part accepted (ZMQ_MAXMSGSIZE; None: no limit),
+        so that a rogue or broken peer cannot make this process buffer whatever it sends. The
+        default holds any real Detections many times over. ZeroMQ drops the connection that sends
+        a larger part (a protocol error, after which it would never connect again by itself);
+        this subscriber then connects again: the frames published meanwhile show as seq gaps.
+        ZeroMQ only (on NATS the server's max_payload bounds messages).
 
     Errors: SchemaVersionError when the publisher's schema version differs (nothing can be
     read until one side upgrades); MessageError for one malformed message (the next
@@ -130,6 +139,7 @@ class Subscriber:
         client_key: str | Path | None = None,
         from_seq: int | None = None,
         fleet_config: Any = None,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if isinstance(streams, (str, bytes)) or (streams is not None and not all(isinstance(s, str) for s in streams)):
             raise ValueError(f"streams: expected a list of stream ids (str) or None, got {streams!r}")
@@ -137,6 +147,9 @@ class Subscriber:
             raise ValueError("streams: expected at least one stream id, or None for all streams")
         if timeout_s is not None and not (timeout_s >= 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout_s: expected a non-negative number of seconds or None, got {timeout_s!r}")
+        limit = max_message_bytes
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"max_message_bytes: expected a positive number of bytes or None, got {limit!r}")
         if (server_key is None) != (client_key is None):
             raise ValueError("server_key and client_key go together: the publisher's public key file and this "
                              "subscriber's secret key file (CurveZMQ)")
@@ -163,11 +176,17 @@ class Subscriber:
         try:
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
+            self._socket.setsockopt(zmq.MAXMSGSIZE, -1 if max_message_bytes is None else max_message_bytes)
             if curve is not None:
                 self._socket.curve_serverkey, self._socket.curve_publickey, self._socket.curve_secretkey = curve
             for topic in self.streams if self.streams is not None else ("",):
                 self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
             self._socket.connect(endpoint)
+            # Told of every dropped connection, so that one dropped for good (an oversized part) is made again.
+            self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._poller = zmq.Poller()
+            self._poller.register(self._socket, zmq.POLLIN)
+            self._poller.register(self._monitor, zmq.POLLIN)
         except zmq.ZMQError as exc:
             self._socket.close()
             raise ValueError(
@@ -198,8 +217,12 @@ class Subscriber:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._socket.poll(wait_ms):
-                raise TimeoutError(f"{self.endpoint}: no message in {timeout} s")
+            ready = dict(self._poller.poll(wait_ms))
+            if self._socket not in ready:
+                if self._monitor not in ready:
+                    raise TimeoutError(f"{self.endpoint}: no message in {timeout} s")
+                self._reconnect()
+                continue
             frames = self._socket.recv_multipart()
             if self.streams is not None and frames[0].decode(errors="replace") not in self.streams:
                 continue  # a longer topic that only shares a prefix with a subscribed one
@@ -223,7 +246,21 @@ class Subscriber:
         if self._nats is not None:
             self._nats.close()
             return
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close()
+
+    def _reconnect(self) -> None:
+        """After a dropped connection, once every message it delivered has been read: connect
+        afresh. ZeroMQ reconnects by itself after a network error but never after a protocol
+        error (a part over max_message_bytes); a fresh connection serves both."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()  # the events: each says "disconnected", none needs reading
+        try:
+            self._socket.disconnect(self.endpoint)
+        except zmq.ZMQError:  # the connection has gone entirely already
+            pass
+        self._socket.connect(self.endpoint)
 
     def __enter__(self) -> Subscriber:
         return self

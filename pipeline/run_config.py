@@ -383,6 +383,14 @@ OWNER_FILE = "owner"  # in a run's folder: owner_tag() of the process that made 
 IPC_PATH_MAX = 107  # bytes of an ipc:// socket path: Linux's sockaddr_un.sun_path, less its terminating NUL
 
 
+def check_ipc_path(path: Path, what: str, advice: str) -> None:
+    """ValueError naming `what` when `path` cannot be an ipc:// socket: checked while planning, since a
+    stage that cannot bind its socket fails at every restart."""
+    if len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise ValueError(f"{what}: the socket path {path} is longer than the {IPC_PATH_MAX} bytes an ipc:// "
+                         f"address may have; {advice}")
+
+
 def run_folder(parent: Path | None = None, prefix: str = "maskstream-") -> Path:
     """A fresh folder for a run's sockets in `parent` (None: the system's temporary folder), holding an
     OWNER_FILE that names this process, so that remove_dead_runs can tell whether its run is over. The
@@ -459,6 +467,11 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         raise ValueError(f"workers: expected >= 1, got {cfg.workers}")
     if cfg.transport.max_frame_side < 1:
         raise ValueError(f"transport.max_frame_side: expected >= 1, got {cfg.transport.max_frame_side}")
+    if cfg.outputs.publish is not None and cfg.outputs.publish.startswith("ipc://"):
+        # Refused rather than bound elsewhere: subscribers connect to the address given. A publish
+        # stage that cannot bind it would fail and be restarted until the restart budget runs out.
+        check_ipc_path(Path(cfg.outputs.publish.removeprefix("ipc://")), "outputs.publish (--publish)",
+                       "choose a shorter path")
     chosen = model or choose_model(cfg.model)
     model_cfg, checkpoint = chosen.config, chosen.checkpoint
     contract = inference_contract(cfg.model, model_cfg)
@@ -486,9 +499,7 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
 
     def endpoint(name: str) -> str:
         path = directory / name
-        if len(os.fsencode(path)) > IPC_PATH_MAX:
-            raise ValueError(f"transport.endpoint_dir: the socket path {path} is longer than the {IPC_PATH_MAX} bytes "
-                             "an ipc:// address may have; choose a shorter folder")
+        check_ipc_path(path, "transport.endpoint_dir", "choose a shorter folder")
         return f"ipc://{path}"
 
     def ring(name: str, slot_bytes: int) -> str:

@@ -1,11 +1,12 @@
 """Small real stages for the supervisor's delivery tests (tests/test_delivery.py): a source that
-counts frames, and an "inference" stage that makes empty detections and chokes on chosen frames,
-raising or killing its process each time it meets one, as a frame that crashes a decoder or a
-model would. Real processes, sockets and the real publish stage; no model, so each run is quick.
-A module of its own: spawn imports it in every stage process."""
+counts frames (and ends early when asked to drain, as decode does), and an "inference" stage that
+makes empty detections and chokes on chosen frames, raising or killing its process each time it
+meets one, as a frame that crashes a decoder or a model would. Real processes, sockets and the
+real publish stage; no model, so each run is quick. A module of its own: spawn imports it in every stage process."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,21 +37,25 @@ class CountSource(Source):
 
     def __init__(self, config: CountConfig):
         self.config = config
-        self.next_seq, self.ended = config.resume_from, False
+        self.next_seq, self.ended, self.stopped = config.resume_from, False, False
 
     def messages(self) -> Iterator[Message]:
         sid = self.config.stream_id
+        error = ""
         for seq in range(self.config.resume_from, self.config.frames):
             time.sleep(self.config.seconds_per_frame)
+            if self.stopped:
+                error = "interrupted: the run was asked to stop"
+                break
             now = time.monotonic()
             self.next_seq = seq + 1
             yield Frame(Header(sid, seq, None, (StageStamp("source", now, now),)), np.zeros((2, 2, 3), np.uint8))
         self.ended = True
         now = time.monotonic()
-        yield EndOfStream(Header(sid, self.config.frames, None, (StageStamp("source", now, now),)))
+        yield EndOfStream(Header(sid, self.next_seq, None, (StageStamp("source", now, now),)), error)
 
     def stop(self) -> None:
-        pass
+        self.stopped = True
 
     def dropped(self, message: Message) -> None:
         raise AssertionError("an offline source never drops")
@@ -67,8 +72,11 @@ def source_main(config: CountConfig, wiring: Wiring) -> None:
 class ChokeConfig:
     poison: tuple[tuple[str, int], ...]  # (stream, seq) of the frames it chokes on
     # "raise": the frame is lost, reported, the stage goes on; "exit": the process dies; "swallow":
-    # the frame is lost the first time, silently (nobody reports it: only the stall clock can tell)
+    # the frame is lost the first time, silently (nobody reports it: only the stall clock can tell);
+    # "interrupt": the first time (in any life: `marker` remembers), the process sends SIGINT to its
+    # parent, the supervisor, and dies, so that the run is interrupted while that frame awaits a rewind
     how: str
+    marker: str = ""
 
 
 class ChokeStage(Stage):
@@ -82,6 +90,10 @@ class ChokeStage(Stage):
         header = message.header
         if (header.stream_id, header.seq) in self.config.poison:
             if self.config.how == "exit":
+                os._exit(3)
+            if self.config.how == "interrupt" and not os.path.exists(self.config.marker):
+                open(self.config.marker, "x").close()
+                os.kill(os.getppid(), signal.SIGINT)
                 os._exit(3)
             if self.config.how == "raise":
                 raise ValueError(f"cannot take frame {header.seq}")

@@ -153,6 +153,29 @@ def test_schema_version_mismatch_is_a_clear_error_and_a_bad_message_is_skippable
         assert sub.recv().header.seq == 0  # the stream goes on after a bad message
 
 
+def test_a_message_part_over_max_message_bytes_is_refused_and_the_stream_goes_on(publisher):
+    """ZMQ_MAXMSGSIZE on the SUB socket: the oversized part never reaches this process's memory
+    (ZeroMQ drops the connection that sent it, for good); the subscriber connects again and later
+    messages arrive, the frames lost meanwhile counted as missed."""
+    with Subscriber(publisher.endpoint, streams=["cam0"], timeout_s=10, max_message_bytes=1 << 20) as sub:
+        publisher.wait_for_subscribers({"cam0"})
+        publisher.send([b"cam0", b"\x00" * (2 << 20)], make_detections("cam0", 0)[0])
+        with pytest.raises(TimeoutError):  # the connection was dropped at the big part: seq 0 is lost with it
+            sub.recv(timeout_s=2)
+        # The new connection's subscription reaches the PUB when it does: send until one arrives.
+        received, seq, deadline = None, 1, time.monotonic() + 20
+        while received is None and time.monotonic() < deadline:
+            publisher.send(make_detections("cam0", seq)[0])
+            try:
+                received = sub.recv(timeout_s=0.5)
+            except TimeoutError:
+                seq += 1
+        assert isinstance(received, Detections) and received.header.seq >= 1
+        assert sub.stats["cam0"].first_seq == received.header.seq and sub.stats["cam0"].received == 1
+    with pytest.raises(ValueError, match="max_message_bytes: expected a positive number of bytes or None"):
+        Subscriber(publisher.endpoint, max_message_bytes=0)
+
+
 def test_timeout_and_bad_arguments(publisher):
     with Subscriber(publisher.endpoint, timeout_s=0.2) as sub:
         started = time.monotonic()

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from maskstream.pipeline.stages import publish
 from tests import delivery_stages
 from tests.make_detections import FRAME_HW, end_of_stream, make_detections
 from tests.pipeline_runs import ROOT, TINY_MODEL_SETS
+from tests.rtsp_fixtures import RtspServer, rtsp_server_missing
 
 CLIPS = {"a": (48, (160, 120)), "b": (24, (200, 120)), "c": (12, (160, 120))}
 KINDS = ("decode", "preprocess", "infer", "postprocess", "publish")
@@ -148,7 +150,7 @@ def fault(run: subprocess.Popen, folder: Path, kind: str, at_line: int, rng: ran
     return name
 
 
-CASES = [(kind, "kill") for kind in KINDS] + [("any", "stop"), ("two", "kill")]
+CASES = [(kind, how) for how in ("kill", "stop") for kind in KINDS] + [("two", "kill")]
 
 
 @pytest.mark.slow
@@ -157,10 +159,7 @@ def test_fault_matrix_outputs_equal_a_clean_run(videos, clean, tmp_path, kind, h
     seed = SEED + CASES.index((kind, how))
     rng = random.Random(seed)
     print(f"fault seed {seed} (MASKSTREAM_FAULT_SEED={SEED})")
-    sets: list[str] = []
-    if how == "stop":
-        kind = rng.choice(KINDS)
-        sets = ["supervisor.heartbeat_timeout_s=4"]
+    sets = ["supervisor.heartbeat_timeout_s=4"] if how == "stop" else []
     kinds = rng.sample(KINDS, 2) if kind == "two" else [kind]
     began = time.monotonic()
     run = start_run(videos, tmp_path, sets)
@@ -262,30 +261,78 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
     assert end["kind"] == "EndOfStream" and camera in end["error"]
 
 
+def test_a_camera_that_connects_late_is_waited_for_not_killed_nor_abandoned(tmp_path):
+    """A camera down at the start, for longer than the stall and heartbeat timeouts, then up: the
+    decoder reconnecting is work, so nothing is killed, restarted or abandoned, and its frames are
+    published once it connects. SIGINT then ends the run (exit 130)."""
+    missing = rtsp_server_missing()
+    if missing:
+        pytest.skip(missing)
+    if "libx264" not in av.codecs_available:
+        pytest.skip("the RTSP server sends H.264 as is, and this FFmpeg has no libx264 to make a clip")
+    video = write_test_clip(tmp_path / "camera.mp4", frames=100, size=(160, 120), fps=12.5, codec="libx264")
+    server = RtspServer(video, loop=True)
+    with socket.socket() as probe:  # the camera's port, known before it listens
+        probe.bind(("127.0.0.1", 0))
+        server.port = probe.getsockname()[1]
+    camera = f"rtsp://127.0.0.1:{server.port}/stream"
+    out = tmp_path / "r.jsonl"
+    sets = [*TINY_MODEL_SETS, "source.max_reconnects=100", "source.reconnect_backoff_s=[0.5, 1.0]",
+            "supervisor.stall_timeout_s=2", "supervisor.heartbeat_timeout_s=4", f"transport.endpoint_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "run", "--quiet", "--source", f"cam={camera}",
+           "--out", str(out), *(x for s in sets for x in ("--set", s))]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not stage_pids(run.pid, "decode"):  # decoders start once inference is ready
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline, "the decoder never started"
+            time.sleep(0.2)
+        time.sleep(8)  # down for longer than the stall timeout and the heartbeat timeout, both
+        assert run.poll() is None, run.communicate()
+        server.start()
+        while lines_in(out) < 5:
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline + 60, "no frames after the camera came up"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        code, stdout, stderr = finish(run, timeout_s=60)
+    finally:
+        run.kill()
+        server.close()
+    assert code == 130, stderr
+    for word in ("restarted", "rewound", "no heartbeat", "nothing moved", "EndOfStream was lost"):
+        assert word not in stdout + stderr, stdout + stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    seqs = [line["seq"] for line in lines]
+    assert len(lines) >= 5 and seqs == sorted(set(seqs))  # live: in order, each once (a live-only run stops at once)
+    assert all(line["kind"] == "Detections" for line in lines)
+
+
 # ----------------------------------------------------------------------------- frames that keep failing
 
 
 def _choke_run(tmp_path: Path, how: str, poison: tuple[tuple[str, int], ...], max_restarts: int = 3,
-               stall_timeout_s: float = 30):
+               stall_timeout_s: float = 30, streams: dict[str, int] | None = None, drain_timeout_s: float = 120):
     """A real supervisor over real processes: two counting sources, a stage choking on `poison`
     frames, the real publish stage (journal only). Its RunReport, and the journal's lines."""
     def wiring(stage: str, **kw) -> Wiring:
         return Wiring(stage=stage, reports=f"ipc://{tmp_path}/reports", heartbeat_s=0.2, **kw)
 
     journal = tmp_path / "journal.jsonl"
-    streams = {"s": 12, "t": 6}
+    streams = streams or {"s": 12, "t": 6}
     specs = [StageSpec(delivery_stages.source_main, delivery_stages.CountConfig(sid, n),
                        wiring(f"decode.{sid}", outboxes=(f"ipc://{tmp_path}/infer",)), stream_id=sid, offline=True)
              for sid, n in streams.items()]
     specs += [
-        StageSpec(delivery_stages.choke_main, delivery_stages.ChokeConfig(poison, how),
+        StageSpec(delivery_stages.choke_main, delivery_stages.ChokeConfig(poison, how, str(tmp_path / "choked")),
                   wiring("infer.0", inbox=f"ipc://{tmp_path}/infer", outboxes=(f"ipc://{tmp_path}/publish",))),
         StageSpec(publish.main, publish.PublishConfig(tuple(publish.StreamOutput(sid, False, "") for sid in streams),
                                                       journal),
                   wiring("publish.0", inbox=f"ipc://{tmp_path}/publish")),
     ]
     config = SupervisorConfig(heartbeat_timeout_s=30, max_restarts=max_restarts, max_rewinds=2,
-                              stall_timeout_s=stall_timeout_s)
+                              stall_timeout_s=stall_timeout_s, drain_timeout_s=drain_timeout_s)
     report = Supervisor(specs, f"ipc://{tmp_path}/reports", tuple(streams), config).run()
     return report, [json.loads(line) for line in journal.read_text().splitlines()]
 
@@ -322,6 +369,24 @@ def test_a_frame_lost_where_nobody_reports_it_is_sent_again_once_nothing_moves(t
     assert [line["seq"] for line in lines if line["stream_id"] == "t"] == list(range(7))
     assert [s.rewinds for s in report.streams] == [1, 1] and not report.restarts  # one stall, both streams
     assert time.monotonic() - began > 1.5
+
+
+def test_sigint_while_frames_await_a_rewind_drains_promptly_and_every_stream_ends_whole(tmp_path):
+    """SIGINT comes as inference dies on s#4 (it sends the signal, then exits): frames of both
+    streams may have gone with it. The rewinds still happen, their decoders drained at once: each
+    stream ends where its decoder stopped, in order and whole, long before the drain timeout."""
+    began = time.monotonic()
+    report, lines = _choke_run(tmp_path, "interrupt", poison=(("s", 4),), streams={"s": 400, "t": 300},
+                               drain_timeout_s=60)
+    assert time.monotonic() - began < 30
+    assert report.interrupted and not report.failure, report
+    assert dict(report.restarts) == {"infer.0": 1}
+    for result in report.streams:
+        assert result.ended and result.lost == 0 and result.error.startswith("interrupted"), result
+        seqs = [line["seq"] for line in lines if line["stream_id"] == result.stream_id]
+        assert seqs == list(range(len(seqs))) and result.frames == len(seqs) - 1  # frames, then the end
+    s, t = report.streams
+    assert s.rewinds == 1 and s.frames >= 4 and s.frames < 400 and t.frames < 300
 
 
 def test_lost_frame_reports_rewind_only_frames_of_the_current_decoder_life_not_yet_done():

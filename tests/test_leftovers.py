@@ -19,6 +19,7 @@ from maskstream.pipeline.run_config import (
     IPC_PATH_MAX,
     OWNER_FILE,
     Leftovers,
+    OutputOptions,
     RunConfig,
     TransportOptions,
     plan,
@@ -88,6 +89,16 @@ def test_a_run_folder_names_its_owner_and_plan_refuses_socket_paths_too_long_for
         plan(cfg)
     assert list(deep.iterdir()) == []  # its folder went with the refusal
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(owner_tag())]
+    # A --publish ipc:// path too long: refused while planning too, not a publish stage restarted
+    # until the budget ends (exit 3 after four lives).
+    short = tmp_path / "s"
+    short.mkdir()
+    publish = f"ipc://{deep}/{'p' * 8}"
+    cfg = RunConfig(sources=("a.mp4",), transport=TransportOptions(endpoint_dir=short),
+                    outputs=OutputOptions(publish=publish))
+    with pytest.raises(ValueError, match=r"outputs.publish \(--publish\): the socket path .* is longer than the 107"):
+        plan(cfg)
+    assert list(short.iterdir()) == []
 
 
 def run(args: list[str], tmp_path: Path, temp: Path) -> subprocess.Popen[str]:

@@ -41,9 +41,10 @@ def _decoded(pix_fmt, height=120, width=160):
     return frame, frame.to_ndarray(format="rgb24")
 
 
-def test_frame_pixels_keep_4_2_0_planes_and_convert_anything_else():
+@pytest.mark.parametrize("height", [120, 202])  # 202 % 4 == 2: a chroma plane is no whole number of rows of W
+def test_frame_pixels_keep_4_2_0_planes_and_convert_anything_else(height):
     for pix_fmt, expected in (("yuv420p", YUV420P), ("yuvj420p", YUVJ420P)):  # limited and full range
-        frame, _ = _decoded(pix_fmt)
+        frame, _ = _decoded(pix_fmt, height)
         image, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
         assert pixel_format == expected and np.array_equal(image, frame.to_ndarray(format=pix_fmt))
     frame, rgb = _decoded("yuv444p")  # other subsampling: RGB by FFmpeg
@@ -52,13 +53,16 @@ def test_frame_pixels_keep_4_2_0_planes_and_convert_anything_else():
 
 
 @pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuvj420p"])
-def test_4_2_0_frames_preprocess_like_rgb_frames(pix_fmt):
-    frame, rgb = _decoded(pix_fmt, 240, 320)
+@pytest.mark.parametrize(("height", "valid_hw"), [(240, (96, 128)), (202, (96, 152))])  # 202: H % 4 == 2
+def test_4_2_0_frames_preprocess_like_rgb_frames(pix_fmt, height, valid_hw):
+    frame, rgb = _decoded(pix_fmt, height, 320)
     planes, pixel_format = frame_pixels(frame, lambda shape: np.empty(shape, np.uint8))
+    assert pixel_format != RGB24  # the planes' own route, not swscale's
     config = PreprocessConfig(contract(96, 160))
     from_rgb = PreprocessStage(config).process(Frame(Header("s", 0), rgb))
     from_yuv = PreprocessStage(config).process(Frame(Header("s", 0), planes, pixel_format))
-    assert from_yuv.frame_hw == from_rgb.frame_hw == (240, 320) and from_yuv.valid_hw == from_rgb.valid_hw == (96, 128)
+    assert from_yuv.frame_hw == from_rgb.frame_hw == (height, 320)
+    assert from_yuv.valid_hw == from_rgb.valid_hw == valid_hw
     # shrinking the planes before converting vs after: a couple of levels on a smooth picture
     difference = np.abs(from_yuv.image.astype(int) - from_rgb.image)
     assert difference.mean() < 1.5 and difference.max() <= 12

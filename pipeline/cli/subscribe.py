@@ -60,6 +60,10 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--client-key", type=Path, metavar="FILE",
                         help="CurveZMQ: this subscriber's secret key file (NAME.key_secret), whose public key is "
                              "among the publisher's --publish-clients")
+    parser.add_argument("--max-message-bytes", type=_positive_int, metavar="N",
+                        help="ZeroMQ: refuse a message part larger than N bytes (ZMQ_MAXMSGSIZE; the publisher's "
+                             "connection is dropped and made again, the frames missed meanwhile are counted as "
+                             "missed; default: 64 MiB)")
     add_logging(parser)
     parser.set_defaults(func=subscribe)
 
@@ -132,8 +136,11 @@ def _open(args: argparse.Namespace) -> Subscriber:
         fleet = load_config(FleetConfig, args.fleet_config)
     if not is_nats_url(args.endpoint) and (args.from_seq is not None or fleet is not None):
         raise ValueError("--from-seq and --fleet-config are for NATS endpoints (nats://...)")
+    if is_nats_url(args.endpoint) and args.max_message_bytes is not None:
+        raise ValueError("--max-message-bytes is for ZeroMQ endpoints (on NATS the server bounds messages)")
+    limit = {} if args.max_message_bytes is None else {"max_message_bytes": args.max_message_bytes}
     return Subscriber(args.endpoint, streams=args.streams, timeout_s=args.timeout, server_key=args.server_key,
-                      client_key=args.client_key, from_seq=args.from_seq, fleet_config=fleet)
+                      client_key=args.client_key, from_seq=args.from_seq, fleet_config=fleet, **limit)
 
 
 def _receive(sub: Subscriber, writer: JsonlWriter | None, count: int | None) -> int:

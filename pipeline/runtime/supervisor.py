@@ -25,10 +25,12 @@ they lost, stops them all. docs/delivery.md is the protocol it keeps; in short:
   its source is known (a fleet node's standby, pipeline/fleet/runs.py).
 - A decoder stays after its EndOfStream (a broken source's carries the error) until stopped:
   a ZeroMQ sender that exits loses what its receiver has not read yet.
-- SIGINT/SIGTERM: with offline streams still running, decoders are asked to drain (they end
-  their streams early with an EndOfStream, frames in flight are finished, files are closed);
-  live-only runs, a second signal, or the drain timeout stop everything at once. Nothing is
-  rewound once interrupted.
+- SIGINT/SIGTERM: with offline streams still running (or waiting for a rewind), decoders are
+  asked to drain (they end their streams early with an EndOfStream, frames in flight are
+  finished, files are closed); live-only runs, a second signal, or the drain timeout stop
+  everything at once. Rewinds go on while draining: a frame lost meanwhile (or before) is sent
+  again by a decoder started at the resume point and asked to drain at once, so that its stream
+  ends there, whole, instead of publish waiting for that frame until the drain timeout.
 """
 from __future__ import annotations
 
@@ -142,6 +144,7 @@ class Supervisor:
         self._signature: Any = None
         self._last_move = 0.0
         self._signals = 0
+        self._drained: set[int] = set()  # pids of the decoders asked to drain
         self._context = multiprocessing.get_context("spawn")
 
     # ------------------------------------------------------------------ public
@@ -195,10 +198,10 @@ class Supervisor:
                 now = time.monotonic()
                 if self._signals and not interrupted:
                     interrupted = True
-                    self.pending.clear()
-                    if self._any_offline_running():
+                    if self._any_offline_running() or self.offline & self.pending.keys():
                         drain_deadline = now + self.config.drain_timeout_s
-                        self._drain()
+                if drain_deadline is not None:
+                    self._drain()  # each decoder once, those a rewind starts while draining too
                 if self._signals > 1 or (interrupted and drain_deadline is None):
                     break  # stop at once: the finally below terminates every stage
                 if drain_deadline is not None and now > drain_deadline:
@@ -207,10 +210,9 @@ class Supervisor:
                 failure = self._watch(now)
                 if failure:
                     break
-                if not interrupted:
-                    self._note_lost_frames()
-                    self._watch_stall(now, sources_started=not held)
-                    self._rewind()
+                self._note_lost_frames()
+                self._watch_stall(now, sources_started=not held)
+                self._rewind()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -465,10 +467,17 @@ class Supervisor:
                    for name, spec in self.specs.items())
 
     def _drain(self) -> None:
+        """Ask every decoder process to end its stream (SIGUSR1), once each, as soon as it has made its
+        source: its first report not marked `starting` comes after its handler is installed (before
+        that, SIGUSR1 would kill it)."""
         for name, spec in self.specs.items():
             process = self.processes.get(name)
-            if spec.stream_id is not None and process is not None and process.is_alive() and process.pid:
-                os.kill(process.pid, signal.SIGUSR1)
+            report = self._current(name)
+            if (spec.stream_id is None or process is None or not process.is_alive() or not process.pid
+                    or process.pid in self._drained or report is None or report.starting):
+                continue
+            self._drained.add(process.pid)
+            os.kill(process.pid, signal.SIGUSR1)
 
     def _stop_all(self) -> None:
         # Producers first, publish last: it closes the output files on SIGTERM.
