@@ -8,28 +8,29 @@ this machine's noise. Weights are the parity goldens' (deterministic, torchvisio
 scales) or, without ../shared, the model's own init. The score threshold is 0 so every image
 carries the worst-case load: 1000 proposals and 100 detections through the mask head.
 
-    python benchmarks/bench_cpu_inference.py [--variant v1] [--height 800 --width 1344] [--repeats 3]
+    python benchmarks/bench_cpu_inference.py [--variant v1] [--height 800 --width 1344] [--repeats 3] [--out PATH]
 
-Prints a table last and writes benchmarks/results/cpu_inference.json.
+The image goes in at exactly --height x --width (the model's resize bounds set to them). Prints a
+table last and writes cpu_inference.json (see --out). --smoke: the lite variant at 128x160, one repeat.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
-from pathlib import Path
 
 import maskstream.model as model
 import torch
-from golden_state import golden_state  # benchmarks/golden_state.py, beside this script
+from golden_state import golden_state  # benchmarks/, beside this script
 from maskstream.model.fuse import fold_batch_norms
 from maskstream.model.ops.roi_align import RoIAlignAttrs, multiscale_roi_align_per_level_loop
 from maskstream.model.roi_heads import SAMPLING_RATIO
 from maskstream.model.synthetic import make_scene
-
-ROOT = Path(__file__).resolve().parent
+from options import add_output_options, parse_args, results_file
 
 
 def per_level_loop_pool(features, boxes, output_size):
@@ -53,17 +54,18 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1344)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "cpu_inference.json")
-    args = parser.parse_args()
+    add_output_options(parser)
+    args = parse_args(parser, {"variant": "lite", "height": 128, "width": 160, "repeats": 1})
+    out = results_file(parser, args, "cpu_inference.json")
 
     # Untrained weights drive activations into float32 denormals (measured 1.4-3x slower here);
     # flushing them is a process-wide setting, so the entry point (here, the CLI) owns it.
     torch.set_flush_denormal(True)
     state = golden_state(args.variant)
     torch.manual_seed(0)
-    # max_size 1344 so that an 800x1344 frame is not resized: the input is exactly the goal's.
-    max_size = max(args.width, 1333)
-    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, max_size=max_size, box_score_thresh=0.0)
+    # Resize bounds at the frame's own sides: an 800x1344 frame goes in as it is, the goal's input.
+    net = model.build(args.variant, backbone_norm="batch", checkpoint=state, min_size=min(args.height, args.width),
+                      max_size=max(args.height, args.width), box_score_thresh=0.0)
     net.eval()
     folded = fold_batch_norms(net)
     scene = make_scene(0, height=args.height, width=args.width)
@@ -109,11 +111,11 @@ def main() -> None:
         "median_s": med,
         "ratio_torchvision_style_over_ours": med["torchvision_style"] / med["ours"],
         "roi_align_box_head_ratio_loop_over_ours": med["roi_loop"] / med["roi_ours"],
-        "command": f"python benchmarks/bench_cpu_inference.py --variant {args.variant} --height {args.height} "
-        f"--width {args.width} --repeats {args.repeats}",
+        "command": "python " + shlex.join(sys.argv),
+        "smoke": args.smoke,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{args.variant} {args.height}x{args.width}, {int(num[0])} proposals, {n_det} detections, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} (interleaved)")
@@ -122,6 +124,7 @@ def main() -> None:
           f"{result['ratio_torchvision_style_over_ours']:>9.2f}")
     print(f"{'box RoIAlign (1000 boxes, 7x7)':<40}{med['roi_ours']:>10.3f}{med['roi_loop']:>12.3f}"
           f"{result['roi_align_box_head_ratio_loop_over_ours']:>9.2f}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ capture fails the runner goes on eagerly and says why in `graph_error`, reported
 predictor in float16, their outputs cast back to float32, so RPN, box head, NMS and RoIAlign stay float32.
 
     python benchmarks/bench_cuda_runner.py      # configs/model_v1.yaml: 800x1344, batch 1 and 8, fp16 + fp32
-    python benchmarks/bench_cuda_runner.py --device cpu --variant lite --height 128 --width 160 --iters 2 \
-        --set roi_heads.detections_per_img=10 --set static.detections=10   # a CPU smoke test
+    python benchmarks/bench_cuda_runner.py --smoke --device cpu   # the tiny lite model, 2 calls per row, profiled
 
 The model is configs/model_<variant>.yaml (or --model-config) with --set overrides, as in the CLI;
 --height/--width/--batches replace its static shape.
@@ -25,7 +24,7 @@ so the count does not depend on the weights). Achieved TFLOP/s = GFLOP/frame x f
 Weights: the parity goldens' (../shared/reference/golden_weights.py, or $MASKSTREAM_SHARED/reference)
 when present, else the model's seeded init; timing does not depend on them except through how many
 boxes pass the score threshold into NMS (--score-thresh 0 is the worst case). Prints a table last
-and writes JSON (default benchmarks/results/cuda_runner_<device>.json). --profile adds, per row,
+and writes cuda_runner_<device>.json (see --out). --profile adds, per row,
 where the forward's time goes: per model stage, custom op and kernel (pipeline/bench/runner_profile.py).
 """
 from __future__ import annotations
@@ -44,8 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from device_option import add_device_option  # benchmarks/, beside this script
-from golden_state import golden_state
+from golden_state import golden_state  # benchmarks/, beside this script
+from maskstream.configs import CONFIG_DIR
 from maskstream.model.config import ModelConfig
 from maskstream.model.fuse import fold_batch_norms
 from maskstream.model.mask_rcnn import build
@@ -54,11 +53,11 @@ from maskstream.model.static import StaticMaskRCNN, with_precision
 from maskstream.model.synthetic import scene_batch
 from maskstream.pipeline.bench.measure import machine
 from maskstream.pipeline.bench.runner_profile import format_profile, profile_forward
+from maskstream.pipeline.bench.smoke import TINY_MODEL
 from maskstream.pipeline.config import load_config
+from options import add_device_option, add_output_options, parse_args, results_file
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent
-CONFIGS = ROOT.parent / "configs"
 # Dense fp16/bf16 matrix-product rate measured on the lent H200 (8192^3, ~790 TFLOP/s): the
 # ceiling the achieved rate is compared with. On another GPU pass --peak-tflops.
 H200_PEAK_TFLOPS = 790.0
@@ -175,9 +174,10 @@ def main() -> int:
                         help="also profile each row: time per model stage, custom op and top kernels")
     parser.add_argument("--peak-tflops", type=float, default=H200_PEAK_TFLOPS,
                         help="dense fp16 rate to compare with (default: measured on the lent H200)")
-    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/cuda_runner_<device>.json)")
-    args = parser.parse_args()
-    out = args.out or ROOT / "results" / f"cuda_runner_{args.device}.json"
+    add_output_options(parser)
+    args = parse_args(parser, {"variant": "lite", "set": list(TINY_MODEL), "batches": [1, 2], "iters": 2, "warmup": 0,
+                               "profile": True})
+    out = results_file(parser, args, f"cuda_runner_{args.device}.json")
     torch.set_flush_denormal(True)  # as the CLI does: CPU float32 denormals from random weights
     configure_process(tf32=not args.no_tf32)  # as the inference stage's entry point does
     if args.cudnn_benchmark:
@@ -186,7 +186,7 @@ def main() -> int:
     overrides = list(args.set)
     if args.score_thresh is not None:
         overrides.append(f"roi_heads.score_thresh={args.score_thresh}")
-    cfg = load_config(ModelConfig, args.model_config or CONFIGS / f"model_{args.variant}.yaml", overrides)
+    cfg = load_config(ModelConfig, args.model_config or CONFIG_DIR / f"model_{args.variant}.yaml", overrides)
     shape = dataclasses.replace(cfg.static, batch=1, height=args.height or cfg.static.height,
                                 width=args.width or cfg.static.width)
     cfg = dataclasses.replace(cfg, static=shape)
@@ -239,7 +239,7 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "variant": cfg.variant,
-        "model_config": str(args.model_config or CONFIGS / f"model_{args.variant}.yaml"),
+        "model_config": str(args.model_config or CONFIG_DIR / f"model_{args.variant}.yaml"),
         "overrides": overrides,
         "input_hw": [args.height, args.width],
         "detections_k": k,
@@ -251,6 +251,7 @@ def main() -> int:
         "peak_tflops_compared": args.peak_tflops,
         "floor_ms_per_frame": gflop / args.peak_tflops,
         "iters": args.iters,
+        "smoke": args.smoke,
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

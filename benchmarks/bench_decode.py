@@ -12,10 +12,11 @@ by side in one run (interleaved rounds, median frames/s per side):
 - decode_process: the decode stage as the pipeline runs it: its own process, sending every
                  frame through the ring and ZeroMQ to a consumer here that maps and releases it.
 
-    python benchmarks/bench_decode.py [--video PATH] [--rounds 5]
+    python benchmarks/bench_decode.py [--video PATH] [--rounds 5] [--out PATH] [--smoke]
 
 Ratios are our sides' frames/s over pyav_decode (and over ffmpeg_cli where there is one).
-Writes benchmarks/results/decode_<video name>.json (or --out) with the machine description.
+Writes decode_<video name>.json (see --out) with the machine description. --smoke: one round,
+on the generated sample clip unless --video.
 Full-range video (yuvj420p, as phones and MJPEG cameras give) travels as planes too, like
 yuv420p (it took swscale's RGB route before, at about 1/4 of the decode speed).
 """
@@ -26,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -36,16 +38,17 @@ from pathlib import Path
 
 import av
 import numpy as np
+from golden_state import SHARED  # benchmarks/, beside this script
 from maskstream.pipeline.media.sources import SourceSpec
+from maskstream.pipeline.run_config import write_sample_clip
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame
 from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
 from maskstream.pipeline.runtime.stage import OutputBuffers, Wiring
 from maskstream.pipeline.runtime.transport import Inbox, unpack
 from maskstream.pipeline.stages import decode
+from options import add_output_options, parse_args, results_file
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "videos" / "asl_walk.mkv"
+DEFAULT_VIDEO = SHARED / "data" / "videos" / "asl_walk.mkv"
 SLOT_BYTES = 1920 * 1080 * 3  # configs/pipeline.yaml transport.frame_slot_bytes
 
 
@@ -123,15 +126,23 @@ def decode_process(video: str, ring: Ring, directory: str) -> tuple[int, float]:
     return frames - 1, seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--video", default=str(DEFAULT_VIDEO))
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", help=f"default {DEFAULT_VIDEO}; with --smoke the generated sample clip")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/decode_<video name>.json)")
-    args = parser.parse_args()
-    out = args.out or RESULTS / f"decode_{Path(args.video).stem.replace('-', '_')}.json"
-    if not Path(args.video).is_file():
-        sys.exit(f"{args.video}: no such video (pass --video)")
+    add_output_options(parser)
+    args = parse_args(parser, {"rounds": 1})
+    with tempfile.TemporaryDirectory(prefix="maskstream-smoke-") as folder:
+        if args.video is None:
+            args.video = str(write_sample_clip(Path(folder)) if args.smoke else DEFAULT_VIDEO)
+        if not Path(args.video).is_file():
+            parser.error(f"{args.video}: no such video (pass --video)")
+        out = results_file(parser, args, f"decode_{Path(args.video).stem.replace('-', '_')}.json")
+        measure(args, out)
+    return 0
+
+
+def measure(args: argparse.Namespace, out: Path) -> None:
     sides = ["pyav_decode", "decode_stage", "decode_process"]
     skipped = {}
     if shutil.which("ffmpeg"):
@@ -177,7 +188,8 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "pyav": av.__version__, "ffmpeg": av.library_versions,
                     "numpy": np.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
+        "command": "python " + shlex.join(sys.argv),
+        "smoke": args.smoke,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -196,4 +208,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,8 @@ both; reports ms/frame per layout, the ratio, and the largest output difference 
         --precision fp16 --set static.batch=8                         # R50-FPN 800x1344 on a GPU
 
 Without --model-config: the bundled model (its config and weights); otherwise that config with
-its seeded initialisation. Prints a table and writes JSON (default
-benchmarks/results/<device>_channels_last.json) with the machine and the command.
+its seeded initialisation. Prints a table and writes <device>_channels_last.json (see --out) with
+the machine and the command. --smoke: the tiny lite model, one round of one call per layout.
 """
 from __future__ import annotations
 
@@ -23,16 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from device_option import add_device_option  # benchmarks/, beside this script
 from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from maskstream.model.config import ModelConfig
 from maskstream.model.mask_rcnn import build
 from maskstream.model.runners import TorchRunner, configure_process
 from maskstream.model.synthetic import scene_batch
 from maskstream.pipeline.bench.measure import machine
+from maskstream.pipeline.bench.smoke import TINY_MODEL, TINY_MODEL_CONFIG
 from maskstream.pipeline.config import load_config
-
-ROOT = Path(__file__).resolve().parent
+from options import add_device_option, add_output_options, parse_args, results_file  # benchmarks/, beside this script
 
 
 def timed(runner: TorchRunner, sizes: np.ndarray, iters: int) -> float:
@@ -53,8 +52,9 @@ def main() -> int:
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=8, help="infer() calls per layout per round")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    add_output_options(parser)
+    args = parse_args(parser, {"model_config": TINY_MODEL_CONFIG, "set": list(TINY_MODEL), "rounds": 1, "iters": 1})
+    out = results_file(parser, args, f"{args.device}_channels_last.json")
     torch.set_flush_denormal(True)  # as the CLI does
     configure_process()  # as the inference stage's entry point does
     cfg = load_config(ModelConfig, args.model_config or BUNDLED_CONFIG, args.set)
@@ -90,8 +90,8 @@ def main() -> int:
         "ms_per_frame": ms,
         "speedup_channels_last": ms["nchw"] / ms["channels_last"],
         "max_output_difference": difference,
+        "smoke": args.smoke,
     }
-    out = args.out or ROOT / "results" / f"{args.device}_channels_last.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'layout':<14} {'ms/frame':>9}  rounds")

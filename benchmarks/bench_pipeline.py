@@ -1,142 +1,230 @@
-"""Pipeline efficiency: end-to-end frames/s of the multi-process pipeline divided by the
-frames/s of a bare single-process loop (decode + the same preprocess, runner and postprocess,
-one frame after another, with the decode stage's pixel route: pipeline.media.pixels.frame_pixels)
-on the same video and runner, measured side by side in one run.
+"""Pipeline efficiency: end-to-end frames/s of the multi-process pipeline divided by the frames/s
+of a bare single-process loop of the same stages, on the same video and runner, measured side by
+side in one run.
 
-    python benchmarks/bench_pipeline.py [--model bundled|tiny] [--video PATH] [--rounds 2] [--set KEY=VALUE]
+    python benchmarks/bench_pipeline.py [--model bundled tiny] [--video PATH ...] [--rounds 3]
+        [--max-frames N] [--workers 1] [--set KEY=VALUE] [--out PATH] [--smoke]
 
 --model bundled: the product's default (the bundled lite model, 320x576, K=20); tiny: the
 untrained lite variant shrunk to 192x256, K=10, about 4x less inference per frame, so the
 other stages' CPU weighs 4x more: the harder case on a 2-core host, where the inference
 process already keeps both cores busy and every other stage's CPU time comes out of its share.
+Several models and videos are measured in one run, side by side.
 
-Both sides exclude start-up (model build, process spawn): the bare loop is timed from its
-first frame, the pipeline from the first frame it published, to the last. Rounds alternate
-bare / pipeline so that drift in the host's load hits both. Writes
-benchmarks/results/pipeline_efficiency_<model>.json with the machine description.
+The bare loop is built from what the pipeline runs: the stage configs pipeline.run_config.plan()
+hands the stage processes, the stage objects made from them, each message through the stages'
+process() in pipeline order and, once the source has ended, their flush(), as the stage loop
+(pipeline.runtime.stage) would call them: the pipeline less its processes, sockets and rings.
+
+Both sides exclude start-up (model build, process spawn): frames/s is (N - 1) / the time from
+the first frame out of the last stage to the last one, the bare loop's taken as each frame comes
+out, the pipeline's from the frames' publish stamps, as `maskstream bench` measures throughput
+(pipeline.bench.measure). Rounds alternate bare / pipeline over every model and video, so that
+drift in the host's load hits all sides alike; the host's load average (what `uptime` shows)
+is recorded before every side. Writes pipeline_efficiency.json (see --out).
+
+--smoke: the tiny model, 6 frames, one round, on the generated sample clip unless --video.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
-import platform
+import shlex
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
-import numpy as np
 import torch
+from golden_state import SHARED  # benchmarks/, beside this script
+from maskstream.configs import CONFIG_DIR
 from maskstream.model.runners import configure_process
+from maskstream.pipeline.bench.measure import machine, measure, summarize
+from maskstream.pipeline.bench.smoke import SMOKE_FRAMES
 from maskstream.pipeline.cli.main import build_parser
 from maskstream.pipeline.cli.run import run_config
-from maskstream.pipeline.media.pixels import PixelRoute
-from maskstream.pipeline.media.sources import SourceSpec, VideoSource
-from maskstream.pipeline.run_config import RunConfig, plan
-from maskstream.pipeline.runtime.messages import Frame, Header, RawDetections
-from maskstream.pipeline.runtime.supervisor import SteadyRate, Supervisor
-from maskstream.pipeline.stages.infer import InferConfig, InferStage
-from maskstream.pipeline.stages.postprocess import PostprocessStage
-from maskstream.pipeline.stages.preprocess import PreprocessStage
+from maskstream.pipeline.run_config import RunConfig, plan, write_sample_clip
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Message
+from maskstream.pipeline.runtime.stage import Timed
+from maskstream.pipeline.stages import decode, infer, postprocess, preprocess, publish
+from options import add_output_options, parse_args, results_file
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "videos" / "asl_walk.mkv"
+DEFAULT_VIDEO = SHARED / "data" / "videos" / "asl_walk.mkv"
 MODELS = {
     "bundled": [],
-    "tiny": ["model.config=configs/model_lite.yaml", "model.static.height=192", "model.static.width=256",
+    "tiny": [f"model.config={CONFIG_DIR / 'model_lite.yaml'}", "model.static.height=192", "model.static.width=256",
              "model.static.detections=10", "model.roi_heads.detections_per_img=10",
              "model.rpn.pre_nms_top_n_test=200", "model.rpn.post_nms_top_n_test=100"],
 }
+# The stage object of each stage kind in a plan: a kind the plan gains is an error here until the
+# bare loop runs it too.
+STAGES = {"decode": decode.DecodeStage, "preprocess": preprocess.PreprocessStage, "infer": infer.InferStage,
+          "postprocess": postprocess.PostprocessStage, "publish": publish.PublishStage}
 
 
-def bare_loop(cfg: RunConfig, video: str) -> tuple[int, float]:
-    """Frames and seconds of decode -> preprocess -> infer -> postprocess in one process."""
-    the_plan = plan(cfg)  # the same stage configs the pipeline gets
-    try:
-        configs = {spec.name.split(".")[0]: spec.config for spec in the_plan.specs}
-    finally:
-        the_plan.close()
-    torch.set_num_threads(os.cpu_count() or 1)
+def messages_out(stage: str, result: Any) -> list[Message]:
+    """A stage's process() or flush() result as the stage loop takes it: None, one output or a
+    sequence of them, an output being a Message or a Timed one. Anything else is an error here,
+    as it is there."""
+    items = [] if result is None else list(result) if isinstance(result, Sequence) else [result]
+    out = []
+    for item in items:
+        message = item.message if isinstance(item, Timed) else item
+        if not isinstance(message, Message):  # type: ignore[arg-type]  # a union of message classes
+            raise TypeError(f"{stage}: gave a {type(item).__name__}, not a message the stage loop can send")
+        out.append(message)
+    return out
+
+
+def bare_loop(cfg: RunConfig) -> tuple[int, float]:
+    """Frames and seconds (first frame out to last) of cfg's stages run one after another in this process."""
+    the_plan = plan(cfg)  # the configs the stage processes would get
+    the_plan.close()  # its rings and sockets are not used here
+    specs = {}
+    for spec in the_plan.specs:  # pipeline order; with several workers their configs are the same
+        specs.setdefault(spec.wiring.kind, spec)
+    if len(the_plan.streams) != 1:
+        raise ValueError(f"the bare loop runs one stream, the plan has {len(the_plan.streams)}")
+    unknown = set(specs) - set(STAGES)
+    if unknown:
+        raise ValueError(f"stages {sorted(unknown)}: the bare loop does not know how to make them")
+    # What pipeline.runtime.stage sets up in each stage process; threads as the inference process's.
     cv2.setNumThreads(1)
-    infer_cfg: InferConfig = configs["infer"]
-    configure_process(infer_cfg.runner.tf32)  # as the inference stage's entry point does
-    runner_stage = InferStage(infer_cfg)
-    pre, post = PreprocessStage(configs["preprocess"]), PostprocessStage(configs["postprocess"])
-    frames, start = 0, 0.0
-    pixels = PixelRoute(lambda shape: np.empty(shape, dtype=np.uint8))
-    with VideoSource(SourceSpec(video, policy="offline"), convert=pixels) as source:
-        for decoded in source:
-            if frames == 1:
-                start = time.perf_counter()  # the first frame pays lazy initialisation: not timed
-            model_input = pre.process(Frame(Header("bench", decoded.index), decoded.image, pixels.format))
-            [raw] = runner_stage.process(model_input)
-            assert isinstance(raw, RawDetections)
-            post.process(raw)
-            frames += 1
-    return frames - 1, time.perf_counter() - start
+    if specs["infer"].wiring.torch_threads:
+        torch.set_num_threads(specs["infer"].wiring.torch_threads)
+    torch.set_flush_denormal(True)
+    configure_process(specs["infer"].config.runner.tf32)  # as the inference stage's entry point does
+    source = STAGES["decode"](specs["decode"].config)  # without a ring: ordinary arrays
+    stages = [(kind, STAGES[kind](spec.config)) for kind, spec in specs.items() if kind != "decode"]
+    last = stages[-1][0]
+    out_at: list[float] = []
+    ends: list[EndOfStream] = []
+
+    def through(messages: list[Message], rest: list[tuple[str, Any]]) -> None:
+        for kind, stage in rest:
+            messages = [out for message in messages for out in messages_out(f"{kind}.process", stage.process(message))]
+        for message in messages:
+            if isinstance(message, Detections) and not ends:
+                out_at.append(time.perf_counter())
+            elif isinstance(message, EndOfStream):
+                ends.append(message)
+            else:
+                raise TypeError(f"{last} gave a {type(message).__name__} (after {len(out_at)} frames and "
+                                f"{len(ends)} ends of stream): expected Detections, then one EndOfStream")
+
+    for message in source.messages():
+        through([message], stages)
+    for i, (kind, stage) in enumerate(stages):  # the stage loop flushes a stage that nothing reaches any more
+        flush = getattr(stage, "flush", None)
+        if flush is not None:
+            through(messages_out(f"{kind}.flush", flush()), stages[i + 1:])
+    for _, stage in stages:
+        close = getattr(stage, "close", None)
+        if close is not None:
+            close()
+    if len(ends) != 1 or ends[0].error:
+        raise RuntimeError(f"the stream ended {len(ends)} times: {[end.error for end in ends]}")
+    if len(out_at) != source.sent or len(out_at) < 2:
+        raise RuntimeError(f"{source.sent} frames decoded, {len(out_at)} came out of {last}")
+    return len(out_at) - 1, out_at[-1] - out_at[0]
 
 
 def pipeline(cfg: RunConfig) -> tuple[int, float]:
-    the_plan = plan(cfg)
-    rate = SteadyRate()  # what `maskstream run` reports as frames/s after the first
-    try:
-        report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor).run(rate.update)
-    finally:
-        the_plan.close()
-    if report.failure or report.failed_streams:
-        raise RuntimeError(f"pipeline run failed: {report}")
-    return rate.frames, rate.seconds
+    """Frames and seconds (first frame published to last) of cfg's multi-process pipeline."""
+    summary = summarize(measure(cfg), "offline")
+    published = summary["frames"]["published"]
+    if summary["throughput_fps"] is None:
+        raise RuntimeError(f"{published} frames published: too few for a rate")
+    return published - 1, (published - 1) / summary["throughput_fps"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--video", default=str(DEFAULT_VIDEO))
-    parser.add_argument("--rounds", type=int, default=2)
+@contextlib.contextmanager
+def videos(given: list[str] | None, smoke: bool) -> Iterator[list[str]]:
+    """The videos to measure: --video, else the default clip, else (--smoke) the generated sample clip."""
+    if given:
+        yield given
+    elif smoke:
+        with tempfile.TemporaryDirectory(prefix="maskstream-smoke-") as folder:
+            yield [str(write_sample_clip(Path(folder)))]
+    else:
+        yield [str(DEFAULT_VIDEO)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", nargs="+", metavar="PATH", help=f"default {DEFAULT_VIDEO}")
+    parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["bundled"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-frames", type=int, metavar="N", help="end the video after N frames")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--model", choices=sorted(MODELS), default="bundled")
-    args = parser.parse_args()
-    if not Path(args.video).is_file():
-        sys.exit(f"{args.video}: no such video (pass --video)")
-    # The configuration `maskstream run` would build from these options (its own parser and defaults).
-    sets = [item for value in (*MODELS[args.model], *args.set) for item in ("--set", value)]
-    cfg = run_config(build_parser().parse_args(
-        ["run", "--source", args.video, "--workers", str(args.workers), "--policy", "offline", "--device", "cpu",
-         *sets]))
-    transport = dataclasses.replace(cfg.transport, endpoint_dir=Path(tempfile.gettempdir()))
-    cfg = dataclasses.replace(cfg, transport=transport)
-    load_at_start = os.getloadavg()
-    rows: dict[str, list[float]] = {"bare_loop_fps": [], "pipeline_fps": []}
-    for _ in range(args.rounds):
-        n, seconds = bare_loop(cfg, args.video)
-        rows["bare_loop_fps"].append(n / seconds)
-        n, seconds = pipeline(cfg)
-        rows["pipeline_fps"].append(n / seconds)
-    bare, piped = statistics.median(rows["bare_loop_fps"]), statistics.median(rows["pipeline_fps"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run config override")
+    add_output_options(parser)
+    args = parse_args(parser, {"model": ["tiny"], "rounds": 1, "max_frames": SMOKE_FRAMES})
+    out = results_file(parser, args, "pipeline_efficiency.json")
+    for video in args.video or []:
+        if not Path(video).is_file():
+            parser.error(f"--video {video}: no such file")
+    if not args.video and not args.smoke and not DEFAULT_VIDEO.is_file():
+        parser.error(f"{DEFAULT_VIDEO}: no such video (pass --video)")
+
+    with videos(args.video, args.smoke) as paths:
+        def config(model: str, video: str) -> RunConfig:
+            """The configuration `maskstream run` would build from these options (its own parser and defaults)."""
+            sets = [*MODELS[model], *(["source.max_frames=" + str(args.max_frames)] if args.max_frames else []),
+                    *args.set]
+            cfg = run_config(build_parser().parse_args(
+                ["run", "--source", video, "--workers", str(args.workers), "--policy", "offline", "--device", "cpu",
+                 *(item for value in sets for item in ("--set", value))]))
+            return dataclasses.replace(cfg, transport=dataclasses.replace(cfg.transport,
+                                                                          endpoint_dir=Path(tempfile.gettempdir())))
+
+        runs = [{"model": model, "model_overrides": MODELS[model], "video": video, "config": config(model, video),
+                 "bare_loop_fps": [], "pipeline_fps": [], "load_average_before": {"bare_loop": [], "pipeline": []}}
+                for video in paths for model in args.model]
+        at_start = machine()
+        for _ in range(args.rounds):
+            for run in runs:  # every side of every run once per round: drift hits them alike
+                for side, measured in (("bare_loop", bare_loop), ("pipeline", pipeline)):
+                    run["load_average_before"][side].append(os.getloadavg())
+                    frames, seconds = measured(run["config"])
+                    run[f"{side}_fps"].append(frames / seconds)
+                    run["frames"] = frames + 1
+    for run in runs:
+        del run["config"]
+        bare, piped = statistics.median(run["bare_loop_fps"]), statistics.median(run["pipeline_fps"])
+        run.update(bare_loop_fps_median=bare, pipeline_fps_median=piped, efficiency=piped / bare,
+                   efficiency_per_round=[p / b for p, b in zip(run["pipeline_fps"], run["bare_loop_fps"])])
     result = {
-        "what": "end-to-end frames/s of the multi-process pipeline / frames/s of a bare single-process loop, "
-                "same video, same runner, start-up excluded, median over rounds",
-        "video": args.video, "model": args.model, "model_overrides": [*MODELS[args.model], *args.set],
-        "workers": args.workers,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
-        "rounds": rows, "bare_loop_fps": bare, "pipeline_fps": piped, "efficiency": piped / bare, "goal": 0.9,
+        "what": "end-to-end frames/s of the multi-process pipeline / frames/s of a bare single-process loop of the "
+                "same stages, same video, same runner, start-up excluded, median over interleaved rounds",
+        "command": "python " + shlex.join(sys.argv),
+        "smoke": args.smoke,
+        "machine": {**at_start, "load_average_at_start": at_start["load_average"],
+                    "load_average_at_end": os.getloadavg()},
+        "rounds": args.rounds, "workers": args.workers, "max_frames": args.max_frames, "overrides": args.set,
+        "goal": 0.9,
+        "runs": runs,
     }
-    out = RESULTS / f"pipeline_efficiency_{args.model}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'side':<14} {'frames/s (median)':>18}   rounds")
-    for name, values in rows.items():
-        print(f"{name:<14} {statistics.median(values):>18.2f}   {', '.join(f'{v:.2f}' for v in values)}")
-    print(f"efficiency = pipeline / bare = {piped / bare:.3f} (goal >= 0.9); load average {load_at_start[0]:.2f} at "
-          f"start, {os.getloadavg()[0]:.2f} at end; wrote {out}")
+    print(f"{'model':<8} {'video':<20} {'frames':>6} {'bare f/s':>9} {'pipeline f/s':>12} {'efficiency':>10}   "
+          "per round (pipeline / bare)")
+    for run in runs:
+        print(f"{run['model']:<8} {Path(run['video']).name:<20} {run['frames']:>6} {run['bare_loop_fps_median']:>9.2f} "
+              f"{run['pipeline_fps_median']:>12.2f} {run['efficiency']:>10.3f}   "
+              + ", ".join(f"{p:.2f}/{b:.2f}" for p, b in zip(run["pipeline_fps"], run["bare_loop_fps"])))
+    load = result["machine"]
+    print(f"goal >= 0.9; load average {load['load_average_at_start'][0]:.2f} at start, "
+          f"{load['load_average_at_end'][0]:.2f} at end; wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

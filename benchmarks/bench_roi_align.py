@@ -16,11 +16,11 @@ differs from float32's (the JSON lists boxes per level). The model itself pools 
 
     python benchmarks/bench_roi_align.py --device cuda                    # issue 3's GPU figure
     python benchmarks/bench_roi_align.py --device cpu --repeats 3 --batches 1
+    python benchmarks/bench_roi_align.py --smoke     # 256x320 features, 16 channels, 100 boxes, batch 1
 
 Timing: on CUDA `triton.testing.do_bench` (median, L2 flushed between calls, so every call reads
 its features from memory as it would inside the model); on CPU the median of --repeats
-perf_counter runs after one warm-up. Prints a table last and writes JSON (default
-benchmarks/results/roi_align_<device>.json).
+perf_counter runs after one warm-up. Prints a table last and writes roi_align_<device>.json (see --out).
 """
 from __future__ import annotations
 
@@ -32,16 +32,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from device_option import add_device_option  # benchmarks/, beside this script
 from maskstream.model.ops import multiscale_roi_align
 from maskstream.model.ops.roi_align import RoIAlignAttrs, assign_levels, multiscale_roi_align_per_level_loop
 from maskstream.pipeline.bench.measure import machine
+from options import add_device_option, add_output_options, parse_args, results_file  # benchmarks/, beside this script
 
-ROOT = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SAMPLING_RATIO = 2
 
@@ -145,9 +143,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="CPU: timed runs per implementation")
     parser.add_argument("--rep-ms", type=int, default=200, help="CUDA: do_bench's measuring time per implementation")
     parser.add_argument("--no-torchvision", action="store_true", help="leave torchvision's MultiScaleRoIAlign out")
-    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/roi_align_<device>.json)")
-    args = parser.parse_args()
-    out = args.out or ROOT / "results" / f"roi_align_{args.device}.json"
+    add_output_options(parser)
+    args = parse_args(parser, {"height": 256, "width": 320, "channels": 16, "boxes": 100, "batches": [1],
+                               "repeats": 1, "rep_ms": 20})
+    out = results_file(parser, args, f"roi_align_{args.device}.json")
     if args.device == "cpu":
         # Random features have no denormals, but the op's float32 weights can produce them; as in the CLI.
         torch.set_flush_denormal(True)
@@ -201,6 +200,7 @@ def main() -> int:
         "sampling_ratio": SAMPLING_RATIO,
         "timing": "triton.testing.do_bench median/p20/p80" if args.device == "cuda"
         else f"perf_counter median/min/max of {args.repeats}",
+        "smoke": args.smoke,
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

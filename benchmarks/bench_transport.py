@@ -10,7 +10,7 @@ median per message):
                  and sent by reference, nothing converted or copied again (the decode stage
                  now: pipeline.runtime.stage.OutputBuffers + pipeline.media.pixels.frame_pixels).
 
-    python benchmarks/bench_transport.py [--messages 200] [--rounds 3]
+    python benchmarks/bench_transport.py [--messages 200] [--rounds 3] [--out PATH] [--smoke]
 
 Per message the producer prepares the pixels from a decoded yuv420p frame, encodes and sends
 a `Frame`; the consumer receives, decodes it (ring: maps the slot, zero copy), touches the
@@ -24,7 +24,8 @@ pipelined pair's wall time shows only its slower side):
   minus prepare_ms, plus the consumer's process CPU time;
 - preprocess_ms: what preprocess then does with that frame (resize to 320x576 and convert);
 - total_ms = prepare + hop + preprocess: decode's output to the model's input.
-wall_ms is the consumer's wall time per message. Writes benchmarks/results/transport.json.
+wall_ms is the consumer's wall time per message. Writes transport.json (see --out). --smoke: 5
+messages per mode, one round.
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import av
 import cv2
@@ -50,10 +52,10 @@ from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
 from maskstream.pipeline.runtime.stage import OutputBuffers
 from maskstream.pipeline.runtime.transport import Inbox, Outbox, pack, unpack
 from maskstream.pipeline.stages.preprocess import fit_to_input
+from options import add_output_options, parse_args, results_file  # benchmarks/, beside this script
 
 SHAPE = (1080, 1920, 3)
 MODES = ("zmq_bytes", "ring_copy", "ring_in_place")
-RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
 
 
 def decoded_frame() -> av.VideoFrame:
@@ -160,7 +162,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    add_output_options(parser)
+    args = parse_args(parser, {"messages": 5, "rounds": 1})
+    if args.messages < 2:
+        parser.error("--messages: at least 2 (the first is a warm-up)")
+    out = results_file(parser, args, "transport.json")
     load_before = os.getloadavg()
     rounds: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="msk-bench-") as directory:
@@ -188,9 +194,11 @@ def main() -> None:
                    "total_in_place_over_ring_copy": total["ring_in_place"] / total["ring_copy"],
                    "total_in_place_over_bytes": total["ring_in_place"] / total["zmq_bytes"]},
         "goal_hop_ms": 0.3,
+        "command": "python " + shlex.join(sys.argv),
+        "smoke": args.smoke,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{'path':<14} {'prepare':>8} {'hop':>7} {'preproc':>8} {'total':>7} {'wall':>7}   hop per round (CPU ms)")
     for mode in MODES:
@@ -200,7 +208,7 @@ def main() -> None:
     ratios = result["ratios"]
     print(f"hop: in-place / bytes = {ratios['hop_in_place_over_bytes']:.3f}, in-place / copy = "
           f"{ratios['hop_in_place_over_ring_copy']:.3f} (goal <= 0.3 ms per hop); total: in-place / copy = "
-          f"{ratios['total_in_place_over_ring_copy']:.3f}; wrote {RESULTS}")
+          f"{ratios['total_in_place_over_ring_copy']:.3f}; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ on stdout, JSON and PNG plots beside --out. Measurement: pipeline.bench.measure;
     maskstream bench --source clip.mp4                                # offline: maximum throughput
     maskstream bench --source clip.mp4 --mode live --rate 30 --streams 2
     maskstream bench --source clip.mp4 --mode live --find-rate --p99-bound 1.5
+    maskstream bench --smoke                                          # tiny sizes: does it work?
 
 Offline reads every frame as fast as the pipeline takes them (no drops). Live plays each file
 as a camera at --rate frames/s (per stream, --streams copies): latency stays bounded and
@@ -13,8 +14,10 @@ at a series of rates (each a short run) and reports the highest whose p99 end-to
 is under --p99-bound with a drop rate of at most --max-drop-rate.
 
 Settings as for `maskstream run` (configs/pipeline.yaml, --set, --model-config, ...). Without
---source, the generated sample clip (synthetic shapes). Exit status: 0 done, 2 bad input or a
-failed run (the message says which).
+--source, the generated sample clip (synthetic shapes). --smoke runs at the tiny sizes of
+pipeline.bench.smoke (the tiny lite model, 6 frames per stream unless --max-frames; options given
+keep their values): figures that mean nothing, for checking that the bench works, as CI does.
+Exit status: 0 done, 2 bad input or a failed run (the message says which).
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--publish", metavar="ENDPOINT", help="publish (and measure) here instead of a private ipc socket")
     add_progress(p)
     add_logging(p)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes (the tiny lite model, a few frames): checks that the bench works, measures nothing")
     p.set_defaults(func=bench)
 
 
@@ -122,6 +127,14 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
                                else cfg.sources, source=source)
 
 
+def smoke_args(args: argparse.Namespace) -> argparse.Namespace:
+    """args at the tiny sizes of pipeline.bench.smoke; --set items and --max-frames given keep their values."""
+    from maskstream.pipeline.bench.smoke import SMOKE_FRAMES, tiny_run_overrides
+
+    return argparse.Namespace(**{**vars(args), "set": [*tiny_run_overrides(), *args.set],
+                                 "max_frames": args.max_frames or SMOKE_FRAMES})
+
+
 def bench(args: argparse.Namespace) -> int:
     from maskstream.pipeline.bench.measure import (
         BenchError,
@@ -136,6 +149,8 @@ def bench(args: argparse.Namespace) -> int:
     from maskstream.pipeline.cli.run import Refused, check_device, load_model, probe_sources
     from maskstream.pipeline.run_config import source_specs, write_sample_clip
 
+    if args.smoke:
+        args = smoke_args(args)
     try:
         check_args(args)
         cfg = bench_config(args)
@@ -155,7 +170,8 @@ def bench(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {
             "command": "maskstream " + shlex.join(sys.argv[1:]), "machine": machine(), "model": model,
             "sources": list(cfg.sources), "mode": args.mode,
-            "streams": args.streams, "max_frames": args.max_frames, "run": None, "rate_search": None, "plots": [],
+            "streams": args.streams, "max_frames": args.max_frames, "smoke": args.smoke, "run": None,
+            "rate_search": None, "plots": [],
         }
         if args.mode == "offline":
             result["run"] = summarize(_measure(cfg, args, chosen, totals), "offline")
