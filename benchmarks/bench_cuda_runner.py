@@ -175,7 +175,7 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=H200_PEAK_TFLOPS,
                         help="dense fp16 rate to compare with (default: measured on the lent H200)")
     add_output_options(parser)
-    args = parse_args(parser, {"variant": "lite", "set": list(TINY_MODEL), "batches": [1, 2], "iters": 2, "warmup": 0,
+    args = parse_args(parser, {"variant": "lite", "set": list(TINY_MODEL), "batches": [1], "iters": 2, "warmup": 0,
                                "profile": True})
     out = results_file(parser, args, f"cuda_runner_{args.device}.json")
     torch.set_flush_denormal(True)  # as the CLI does: CPU float32 denormals from random weights

@@ -29,7 +29,8 @@ from options import add_output_options, parse_args, results_file  # benchmarks/,
 # (found through the package: the YAML names it relative to a checkout), few proposals, no
 # pretrained backbone to load.
 SMOKE_TRAINING = [
-    f"model.config={CONFIG_DIR / 'model_lite_shapes.yaml'}", "model.init=none", "solver.max_iters=3", "solver.warmup_iters=1",
+    f"model.config={CONFIG_DIR / 'model_lite_shapes.yaml'}", "model.init=none",
+    "solver.max_iters=3", "solver.warmup_iters=1",
     "data.train.synthetic={count: 4, seed: 0, height: 96, width: 96}",
     "data.val.synthetic={count: 2, seed: 1000000, height: 96, width: 96}",
     "model.overrides=[transform.min_size=96, transform.max_size=96, rpn.pre_nms_top_n_train=200, "

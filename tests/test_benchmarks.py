@@ -1,0 +1,262 @@
+"""Benchmarks that cannot rot: every script in benchmarks/ and `maskstream bench` runs here at its
+--smoke size (benchmarks/options.py: a few frames, the tiny model, one round), as a user would run
+it (its own process, from another folder), and must finish and write a well-formed results JSON
+into a temporary folder. A script that a change elsewhere broke (a stage's interface, a module
+moved) fails here, not in front of the next person measuring.
+
+Figures at these sizes mean nothing, so no figure is compared with anything: each JSON is checked
+for the keys its script promises and for rates, times and ratios that are finite and positive."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from maskstream.pipeline.bench.measure import bench_fields
+from maskstream.pipeline.bench.smoke import SMOKE_FRAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+HELPERS = {"options.py", "golden_state.py"}  # modules the scripts import, never run themselves
+SCRIPT_TIMEOUT_S = 300
+
+
+def positive(*values: Any) -> None:
+    for value in values:
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, value
+
+
+def load_averages(values: Any) -> None:
+    assert len(values) == 3 and all(math.isfinite(v) and v >= 0 for v in values), values
+
+
+def check_cpu_inference(result: dict[str, Any]) -> None:
+    assert {"variant", "input_hw", "proposals", "detections", "seconds", "median_s",
+            "ratio_torchvision_style_over_ours", "roi_align_box_head_ratio_loop_over_ours", "command"} <= set(result)
+    assert result["variant"] == "lite" and result["input_hw"] == [128, 160]
+    sides = {"ours", "torchvision_style", "roi_ours", "roi_loop"}
+    assert set(result["seconds"]) == set(result["median_s"]) == sides
+    for side in sides:
+        assert len(result["seconds"][side]) == result["repeats"] == 1
+        positive(*result["seconds"][side], result["median_s"][side])
+    positive(result["proposals"], result["detections"], result["ratio_torchvision_style_over_ours"],
+             result["roi_align_box_head_ratio_loop_over_ours"])
+
+
+def check_cuda_runner(result: dict[str, Any]) -> None:
+    assert {"device", "variant", "input_hw", "gflop_per_frame", "floor_ms_per_frame", "rows", "machine",
+            "command"} <= set(result)
+    assert result["device"] == "cpu" and result["input_hw"] == [128, 160]
+    positive(result["gflop_per_frame"], result["floor_ms_per_frame"])
+    rows = result["rows"]
+    assert {(row["precision"], row["batch"]) for row in rows} == {("fp16", 1), ("fp32", 1)}
+    for row in rows:
+        assert "error" not in row, row["error"]
+        positive(row["infer_fps"], row["device_fps"], row["device_ms_per_batch"], row["achieved_tflops"],
+                 *row["infer_ms_per_batch"].values())
+        profile = row["profile"]  # --smoke profiles every row
+        assert profile["stages"] and profile["kernels"], profile
+
+
+def check_decode(result: dict[str, Any]) -> None:
+    assert {"video", "rounds", "median_fps", "ratios", "skipped", "machine", "command"} <= set(result)
+    sides = {"pyav_decode", "decode_stage", "decode_process"} | ({"ffmpeg_cli"} - set(result["skipped"]))
+    assert set(result["median_fps"]) == set(result["rounds"]) == sides
+    for side in sides:
+        assert len(result["rounds"][side]) == 1
+        positive(result["median_fps"][side], *result["rounds"][side], result["ratios"][f"{side}_over_pyav_decode"])
+    assert result["video"]["frames"] > 1 and result["video"]["codec"]
+    load_averages(result["machine"]["load_average_before"])
+
+
+def check_memory_format(result: dict[str, Any]) -> None:
+    assert {"device", "input", "ms_per_frame_rounds", "ms_per_frame", "speedup_channels_last",
+            "max_output_difference", "machine", "command"} <= set(result)
+    assert result["device"] == "cpu" and result["input"][2:] == [128, 160]
+    assert set(result["ms_per_frame"]) == {"nchw", "channels_last"}
+    for layout, ms in result["ms_per_frame"].items():
+        positive(ms, *result["ms_per_frame_rounds"][layout])
+    positive(result["speedup_channels_last"])
+    for difference in result["max_output_difference"].values():
+        assert math.isfinite(difference) and difference >= 0
+
+
+def check_pipeline(result: dict[str, Any]) -> None:
+    assert {"what", "command", "machine", "rounds", "workers", "max_frames", "goal", "runs"} <= set(result)
+    load_averages(result["machine"]["load_average_at_start"])
+    load_averages(result["machine"]["load_average_at_end"])
+    assert result["rounds"] == 1 and result["max_frames"] == SMOKE_FRAMES
+    [run] = result["runs"]
+    assert run["model"] == "tiny" and Path(run["video"]).name == "sample_clip.mp4"
+    assert run["frames"] == SMOKE_FRAMES  # every frame through both sides
+    for side in ("bare_loop", "pipeline"):
+        assert len(run[f"{side}_fps"]) == len(run["load_average_before"][side]) == result["rounds"]
+        positive(*run[f"{side}_fps"], run[f"{side}_fps_median"])
+        for load in run["load_average_before"][side]:
+            load_averages(load)
+    positive(run["efficiency"], *run["efficiency_per_round"])
+
+
+def check_roi_align(result: dict[str, Any]) -> None:
+    assert {"device", "features", "image_hw", "boxes_per_image", "rows", "timing", "machine", "command"} <= set(result)
+    assert result["device"]["device"] == "cpu" and result["image_hw"] == [256, 320]
+    assert {(row["batch"], row["dtype"]) for row in result["rows"]} == {(1, "float32"), (1, "float16")}
+    for row in result["rows"]:
+        assert not row["errors"], row["errors"]
+        assert {"op", "per_level_loop"} <= set(row["seconds"])
+        for seconds in row["seconds"].values():
+            positive(*seconds)
+        positive(*row["speedup_over"].values())
+        assert sum(row["boxes_per_level"]) == result["boxes_per_image"]
+
+
+def check_transport(result: dict[str, Any]) -> None:
+    assert {"median", "rounds", "ratios", "messages_per_round", "machine", "command"} <= set(result)
+    modes = {"zmq_bytes", "ring_copy", "ring_in_place"}
+    assert set(result["median"]) == set(result["rounds"]) == modes
+    for mode in modes:
+        figures = result["median"][mode]
+        assert {"prepare_ms", "hop_ms", "preprocess_ms", "total_ms", "wall_ms"} <= set(figures)
+        positive(figures["prepare_ms"], figures["preprocess_ms"], figures["total_ms"], figures["wall_ms"])
+        assert math.isfinite(figures["hop_ms"])  # a CPU-time difference: near zero it may come out either side
+    for ratio in result["ratios"].values():
+        assert math.isfinite(ratio)
+    load_averages(result["machine"]["load_average_before"])
+
+
+def check_record_training(result: dict[str, Any]) -> None:
+    assert {"commands", "config", "model_config", "iterations", "wall_seconds", "cpu_seconds",
+            "mean_iteration_seconds", "final_losses_mean_of_last_50", "evaluations", "machine"} <= set(result)
+    assert result["iterations"] == 3 and result["commands"][0].startswith("maskstream train")
+    positive(result["wall_seconds"], result["mean_iteration_seconds"])
+    positive(*result["final_losses_mean_of_last_50"].values())
+    [evaluation] = result["evaluations"].values()
+    assert set(evaluation) == {"bbox", "segm"}
+    for metrics in evaluation.values():
+        assert all(math.isfinite(value) for value in metrics.values())
+
+
+# Every script in benchmarks/, with what its smoke JSON must hold; test_every_script_is_covered
+# fails for a script missing here.
+SCRIPTS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "bench_cpu_inference.py": check_cpu_inference,
+    "bench_cuda_runner.py": check_cuda_runner,
+    "bench_decode.py": check_decode,
+    "bench_memory_format.py": check_memory_format,
+    "bench_pipeline.py": check_pipeline,
+    "bench_roi_align.py": check_roi_align,
+    "bench_transport.py": check_transport,
+    "record_training.py": check_record_training,
+}
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S)
+
+
+def test_every_script_is_covered():
+    on_disk = {path.name for path in BENCHMARKS.glob("*.py")}
+    assert on_disk - HELPERS == set(SCRIPTS), "a benchmark script without a smoke test here (or one gone)"
+    for helper in HELPERS:
+        assert helper in on_disk
+        assert "__main__" not in (BENCHMARKS / helper).read_text(), f"{helper} runs: it is a script, test it"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_smoke_run_writes_well_formed_results(script, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    done = run_script(script, "--smoke", "--device", "cpu", "--out", str(out), cwd=work) \
+        if script in device_scripts() else run_script(script, "--smoke", "--out", str(out), cwd=work)
+    assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    written = sorted(out.glob("*.json"))
+    assert len(written) == 1, f"{script} wrote {written}, expected one results JSON"
+    result = json.loads(written[0].read_text())
+    assert result["smoke"] is True
+    assert str(written[0]) in done.stdout  # says where it wrote
+    SCRIPTS[script](result)
+
+
+def device_scripts() -> list[str]:
+    """The scripts with benchmarks/options.py's --device."""
+    return sorted(name for name in SCRIPTS if "add_device_option(" in (BENCHMARKS / name).read_text())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA device here")
+@pytest.mark.parametrize("script", device_scripts())
+def test_cuda_without_a_device_is_a_usage_error(script, tmp_path):
+    done = run_script(script, "--smoke", "--device", "cuda", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "cuda asked for, but torch sees no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_scripts_are_the_gpu_ones():
+    assert device_scripts() == ["bench_cuda_runner.py", "bench_memory_format.py", "bench_roi_align.py"]
+
+
+def load_options() -> Any:
+    spec = importlib.util.spec_from_file_location("benchmark_options", BENCHMARKS / "options.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_defaults_shrink_only_what_the_command_line_leaves_out():
+    options = load_options()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    options.add_output_options(parser)
+    assert vars(options.parse_args(parser, {"rounds": 1, "iters": 2}, ["--iters", "7"])) == \
+        {"rounds": 5, "iters": 7, "smoke": False, "out": None}
+    assert vars(options.parse_args(parser, {"rounds": 1, "iters": 2}, ["--smoke", "--iters", "7"])) == \
+        {"rounds": 1, "iters": 7, "smoke": True, "out": None}
+
+
+def test_smoke_results_never_go_into_benchmarks_results(tmp_path, capsys):
+    options = load_options()
+    parser = argparse.ArgumentParser()
+    options.add_output_options(parser)
+
+    def path(*argv: str) -> Path:
+        return options.results_file(parser, parser.parse_args(list(argv)), "x.json")
+
+    assert path() == BENCHMARKS / "results" / "x.json"
+    assert path("--out", str(tmp_path)) == tmp_path / "x.json"
+    assert path("--out", str(tmp_path / "y.json")) == tmp_path / "y.json"
+    smoke = path("--smoke")
+    assert smoke.name == "x.json" and smoke.parent.is_dir() and BENCHMARKS not in smoke.parents
+    smoke.parent.rmdir()
+    assert path("--smoke", "--out", str(tmp_path)) == tmp_path / "x.json"
+    for out in (BENCHMARKS / "results", BENCHMARKS / "results" / "y.json"):
+        with pytest.raises(SystemExit) as stopped:
+            path("--smoke", "--out", str(out))
+        assert stopped.value.code == 2
+        assert re.search(r"--smoke figures mean nothing and never go into \S+results", capsys.readouterr().err)
+
+
+def test_maskstream_bench_smoke_run_writes_well_formed_results(tmp_path):
+    out = tmp_path / "out" / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "maskstream.pipeline.cli", "bench", "--smoke", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and result["max_frames"] == SMOKE_FRAMES
+    assert result["model"]["input"] == [1, 3, 128, 160] and result["model"]["variant"] == "lite"
+    run = result["run"]
+    assert set(bench_fields()) <= set(run)
+    assert run["frames"]["published"] == SMOKE_FRAMES and run["frames"]["all_accounted"]
+    positive(run["throughput_fps"], run["end_to_end_s"]["p50"], run["stages"]["infer"]["time_s"]["p50"])
+    assert len(result["plots"]) == 3 and all(Path(plot).is_file() for plot in result["plots"])
