@@ -168,6 +168,8 @@ def main() -> int:
     add_output_options(parser)
     args = parse_args(parser, {"model": ["tiny"], "rounds": 1, "max_frames": SMOKE_FRAMES})
     out = results_file(parser, args, "pipeline_efficiency.json")
+    if args.rounds < 1 or args.workers < 1:
+        parser.error("--rounds and --workers: at least 1")
     for video in args.video or []:
         if not Path(video).is_file():
             parser.error(f"--video {video}: no such file")
@@ -189,31 +191,21 @@ def main() -> int:
                  "bare_loop_fps": [], "pipeline_fps": [], "load_average_before": {"bare_loop": [], "pipeline": []}}
                 for video in paths for model in args.model]
         at_start = machine()
-        for _ in range(args.rounds):
+        for done in range(1, args.rounds + 1):
             for run in runs:  # every side of every run once per round: drift hits them alike
                 for side, measured in (("bare_loop", bare_loop), ("pipeline", pipeline)):
                     run["load_average_before"][side].append(os.getloadavg())
                     frames, seconds = measured(run["config"])
                     run[f"{side}_fps"].append(frames / seconds)
                     run["frames"] = frames + 1
-    for run in runs:
-        del run["config"]
-        bare, piped = statistics.median(run["bare_loop_fps"]), statistics.median(run["pipeline_fps"])
-        run.update(bare_loop_fps_median=bare, pipeline_fps_median=piped, efficiency=piped / bare,
-                   efficiency_per_round=[p / b for p, b in zip(run["pipeline_fps"], run["bare_loop_fps"])])
-    result = {
-        "what": "end-to-end frames/s of the multi-process pipeline / frames/s of a bare single-process loop of the "
-                "same stages, same video, same runner, start-up excluded, median over interleaved rounds",
-        "command": "python " + shlex.join(sys.argv),
-        "smoke": args.smoke,
-        "machine": {**at_start, "load_average_at_start": at_start["load_average"],
-                    "load_average_at_end": os.getloadavg()},
-        "rounds": args.rounds, "workers": args.workers, "max_frames": args.max_frames, "overrides": args.set,
-        "goal": 0.9,
-        "runs": runs,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+                    print(f"round {done}: {run['model']} {Path(run['video']).name} {side} {frames / seconds:.2f} "
+                          f"frames/s (load average {run['load_average_before'][side][-1][0]:.2f} before)",
+                          file=sys.stderr)
+            # after every round: a run cut short still leaves the rounds it finished
+            result = results(args, at_start, runs, done)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    runs = result["runs"]
     print(f"{'model':<8} {'video':<20} {'frames':>6} {'bare f/s':>9} {'pipeline f/s':>12} {'efficiency':>10}   "
           "per round (pipeline / bare)")
     for run in runs:
@@ -224,6 +216,28 @@ def main() -> int:
     print(f"goal >= 0.9; load average {load['load_average_at_start'][0]:.2f} at start, "
           f"{load['load_average_at_end'][0]:.2f} at end; wrote {out}")
     return 0
+
+
+def results(args: argparse.Namespace, at_start: dict[str, Any], runs: list[dict[str, Any]], rounds: int
+            ) -> dict[str, Any]:
+    """The JSON of the runs after `rounds` rounds."""
+    rows = []
+    for run in runs:
+        bare, piped = statistics.median(run["bare_loop_fps"]), statistics.median(run["pipeline_fps"])
+        rows.append({**{key: value for key, value in run.items() if key != "config"},
+                     "bare_loop_fps_median": bare, "pipeline_fps_median": piped, "efficiency": piped / bare,
+                     "efficiency_per_round": [p / b for p, b in zip(run["pipeline_fps"], run["bare_loop_fps"])]})
+    return {
+        "what": "end-to-end frames/s of the multi-process pipeline / frames/s of a bare single-process loop of the "
+                "same stages, same video, same runner, start-up excluded, median over interleaved rounds",
+        "command": "python " + shlex.join(sys.argv),
+        "smoke": args.smoke,
+        "machine": {**at_start, "load_average_at_start": at_start["load_average"],
+                    "load_average_at_end": os.getloadavg()},
+        "rounds": rounds, "workers": args.workers, "max_frames": args.max_frames, "overrides": args.set,
+        "goal": 0.9,
+        "runs": rows,
+    }
 
 
 if __name__ == "__main__":
