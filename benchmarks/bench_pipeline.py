@@ -20,8 +20,11 @@ Both sides exclude start-up (model build, process spawn): frames/s is (N - 1) / 
 the first frame out of the last stage to the last one, the bare loop's taken as each frame comes
 out, the pipeline's from the frames' publish stamps, as `maskstream bench` measures throughput
 (pipeline.bench.measure). Rounds alternate bare / pipeline over every model and video, so that
-drift in the host's load hits all sides alike; the host's load average (what `uptime` shows)
-is recorded before every side. Writes pipeline_efficiency.json (see --out).
+drift in the host's load hits all sides alike. On a shared host other processes' work slows
+whichever side it overlaps (with torch's threads on every core, a busy neighbour can slow a side
+many times over), so every side records the load average before it (what `uptime` shows) and
+the share of the cores other processes used while it ran (/proc/stat less our own CPU time);
+--wait-quiet starts each side only once the host is idle. Writes pipeline_efficiency.json (see --out).
 
 --smoke: the tiny model, 6 frames, one round, on the generated sample clip unless --video.
 """
@@ -32,12 +35,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +149,39 @@ def pipeline(cfg: RunConfig) -> tuple[int, float]:
     return published - 1, (published - 1) / summary["throughput_fps"]
 
 
+def host_cpu_s() -> float:
+    """CPU seconds every process on the host has used since boot, all cores together (/proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have exited (the stage processes, once joined)."""
+    own = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return sum(usage.ru_utime + usage.ru_stime for usage in own)
+
+
+def accounted(side: Callable[[RunConfig], tuple[int, float]], cfg: RunConfig) -> tuple[int, float, float]:
+    """side(cfg)'s (frames, seconds) and the share of the host's cores that other processes used
+    meanwhile: on a shared host, what slowed this side and maybe not the other."""
+    wall, host, own = time.monotonic(), host_cpu_s(), own_cpu_s()
+    frames, seconds = side(cfg)
+    others = (host_cpu_s() - host) - (own_cpu_s() - own)
+    return frames, seconds, max(0.0, others) / ((time.monotonic() - wall) * (os.cpu_count() or 1))
+
+
+def wait_quiet(busy_below: float, limit_s: float) -> float:
+    """Seconds waited (at most limit_s) until the host's cores were less than `busy_below` busy over a second."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        before = host_cpu_s()
+        time.sleep(1.0)
+        if (host_cpu_s() - before) / (os.cpu_count() or 1) < busy_below:
+            break
+    return time.monotonic() - start
+
+
 @contextlib.contextmanager
 def videos(given: list[str] | None, smoke: bool) -> Iterator[list[str]]:
     """The videos to measure: --video, else the default clip, else (--smoke) the generated sample clip."""
@@ -165,6 +202,10 @@ def main() -> int:
     parser.add_argument("--max-frames", type=int, metavar="N", help="end the video after N frames")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run config override")
+    parser.add_argument("--wait-quiet", type=float, metavar="FRACTION",
+                        help="before each side, wait (up to --quiet-limit s) until the host's cores are less than "
+                             "FRACTION busy: other processes' work slows one side and maybe not the other")
+    parser.add_argument("--quiet-limit", type=float, default=600.0, metavar="SECONDS")
     add_output_options(parser)
     args = parse_args(parser, {"model": ["tiny"], "rounds": 1, "max_frames": SMOKE_FRAMES})
     out = results_file(parser, args, "pipeline_efficiency.json")
@@ -188,19 +229,24 @@ def main() -> int:
                                                                           endpoint_dir=Path(tempfile.gettempdir())))
 
         runs = [{"model": model, "model_overrides": MODELS[model], "video": video, "config": config(model, video),
-                 "bare_loop_fps": [], "pipeline_fps": [], "load_average_before": {"bare_loop": [], "pipeline": []}}
+                 "bare_loop_fps": [], "pipeline_fps": [],
+                 **{key: {"bare_loop": [], "pipeline": []}
+                    for key in ("load_average_before", "others_cpu_share", "waited_quiet_s")}}
                 for video in paths for model in args.model]
         at_start = machine()
         for done in range(1, args.rounds + 1):
             for run in runs:  # every side of every run once per round: drift hits them alike
                 for side, measured in (("bare_loop", bare_loop), ("pipeline", pipeline)):
+                    if args.wait_quiet is not None:
+                        run["waited_quiet_s"][side].append(wait_quiet(args.wait_quiet, args.quiet_limit))
                     run["load_average_before"][side].append(os.getloadavg())
-                    frames, seconds = measured(run["config"])
+                    frames, seconds, others = accounted(measured, run["config"])
                     run[f"{side}_fps"].append(frames / seconds)
+                    run["others_cpu_share"][side].append(others)
                     run["frames"] = frames + 1
                     print(f"round {done}: {run['model']} {Path(run['video']).name} {side} {frames / seconds:.2f} "
-                          f"frames/s (load average {run['load_average_before'][side][-1][0]:.2f} before)",
-                          file=sys.stderr)
+                          f"frames/s (load average {run['load_average_before'][side][-1][0]:.2f} before; other "
+                          f"processes used {others:.0%} of the cores meanwhile)", file=sys.stderr)
             # after every round: a run cut short still leaves the rounds it finished
             result = results(args, at_start, runs, done)
             out.parent.mkdir(parents=True, exist_ok=True)

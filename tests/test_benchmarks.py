@@ -103,6 +103,8 @@ def check_pipeline(result: dict[str, Any]) -> None:
         positive(*run[f"{side}_fps"], run[f"{side}_fps_median"])
         for load in run["load_average_before"][side]:
             load_averages(load)
+        [share] = run["others_cpu_share"][side]
+        assert 0 <= share <= 1.05, share  # of all cores, less a rounding of clock ticks
     positive(run["efficiency"], *run["efficiency_per_round"])
 
 
