@@ -4,13 +4,15 @@ the run's limits, against the same with no run limits (messages.UNBOUNDED: the m
 consistency only) and, with --against REV, against the decoder of that git revision (its
 messages.py, transport.py, shm_ring.py and configs/codec.py, loaded beside this checkout's).
 
-    python benchmarks/bench_messages.py [--against 58fa5b5] [--rounds 7] [--number 2000]
+    python benchmarks/bench_messages.py [--against 58fa5b5] [--rounds 7] [--number 2000] [--out PATH] [--smoke]
 
 Messages as a run of the R50 model on 1080p video makes them: a Frame (yuv420p planes in a ring
 slot), a ModelInput (3 x 800 x 1344 in a slot), RawDetections and Detections of 20 instances
 (K = 100; real pycocotools RLEs of blob masks), an EndOfStream; headers with the stamps and drops
 they carry at that point. Rounds interleave the decoders; the figure per decoder is the fastest
-round's mean (timeit), in microseconds per message. Writes benchmarks/results/messages_decode.json.
+round's mean (timeit), in microseconds per message. Writes messages_decode.json (see --out).
+
+--smoke: one round of 20 decodes per decoder.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,9 +46,9 @@ from maskstream.pipeline.runtime.messages import (
     StageStamp,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
+from options import add_output_options, parse_args, results_file  # benchmarks/options.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "messages_decode.json"
 STAGES = ("source", "decode", "preprocess", "infer", "postprocess")
 FRAME_HW, INPUT_HW, K, N = (1080, 1920), (800, 1344), 100, 20
 CLASS_NAMES = tuple(f"class{i}" for i in range(91))
@@ -107,7 +110,9 @@ def main() -> None:
     parser.add_argument("--against", help="a git revision whose decoder to compare with")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--number", type=int, default=2000)
-    args = parser.parse_args()
+    add_output_options(parser)
+    args = parse_args(parser, {"rounds": 1, "number": 20})
+    out = results_file(parser, args, "messages_decode.json")
     limits = Limits(streams=("cam0",), max_frame_side=4096, input_hw=INPUT_HW, detections=K,
                     class_names=CLASS_NAMES, same_host=True)
     made = samples()
@@ -156,9 +161,11 @@ def main() -> None:
             old_readers.close()
         ring.close(unlink=True)
     report = {"per_message_us": results, "rounds": args.rounds, "number": args.number, "against": args.against,
-              "loadavg": os.getloadavg(), "python": platform.python_version(), "machine": platform.machine()}
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+              "loadavg": os.getloadavg(), "python": platform.python_version(), "machine": platform.machine(),
+              "command": "python " + shlex.join(sys.argv), "smoke": args.smoke}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

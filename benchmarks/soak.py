@@ -28,7 +28,7 @@ that frame, and PUB/SUB loses what a new publisher sends before a subscriber's r
 both show to the subscriber as gaps in seq). Writes soak_<model>.json (see --out) with the load
 average of the host before and after (a busy host slows the pipeline; the source keeps its rate).
 
---smoke: the tiny model, 40 s with a kill after 15 s (one kill), at 30 frames/s.
+--smoke: the tiny model, 8 s of source at 30 frames/s with one kill, 3 s after the first frame.
 """
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-restarts", type=int, default=100, help="supervisor.max_restarts")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more run config overrides")
     add_output_options(parser)
-    args = parse_args(parser, {"duration_s": 40.0, "kill_every_s": 15.0, "rate": 30.0, "model": "tiny"}, argv)
+    args = parse_args(parser, {"duration_s": 8.0, "kill_every_s": 3.0, "rate": 30.0, "model": "tiny"}, argv)
     out = results_file(parser, args, f"soak_{args.model}.json")
     with tempfile.TemporaryDirectory(prefix="maskstream-soak-") as folder:
         result = soak(args, Path(folder))

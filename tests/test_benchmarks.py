@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import pytest
 import torch
 from maskstream.pipeline.bench.measure import bench_fields
 from maskstream.pipeline.bench.smoke import SMOKE_FRAMES
+
+from tests.nats_cluster import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -135,6 +138,55 @@ def check_transport(result: dict[str, Any]) -> None:
     load_averages(result["machine"]["load_average_before"])
 
 
+def check_messages(result: dict[str, Any]) -> None:
+    assert {"per_message_us", "rounds", "number", "against", "loadavg", "command"} <= set(result)
+    assert result["rounds"] == 1 and result["against"] is None
+    assert set(result["per_message_us"]) == {"Frame", "ModelInput", "RawDetections", "Detections", "EndOfStream"}
+    for kind, figures in result["per_message_us"].items():
+        assert set(figures) == {"run_limits", "unbounded", "in_ring"}, kind
+        positive(figures["run_limits"], figures["unbounded"])
+        assert figures["in_ring"] is (kind in ("Frame", "ModelInput"))  # pixels travel in the shared-memory ring
+    load_averages(result["loadavg"])
+
+
+def check_soak(result: dict[str, Any]) -> None:
+    assert {"what", "command", "run_command", "machine", "model", "rate_fps", "duration_s", "kill_every_s",
+            "elapsed_s", "stream_s", "exit_code", "timed_out", "kills", "restarts", "windows_s", "rss", "rss_total",
+            "rss_flat", "rss_samples", "frames", "stdout_tail", "stderr_tail"} <= set(result)
+    assert result["model"] == "tiny" and result["exit_code"] == 0 and not result["timed_out"], result["stderr_tail"]
+    load_averages(result["machine"]["load_average_before"])
+    load_averages(result["machine"]["load_average_after"])
+    [kill] = result["kills"]  # one kill, restarted by the supervisor
+    assert kill["stage"] == "infer.0" and result["restarts"] == {"infer.0": 1}, result["stdout_tail"]
+    assert {"supervisor", "infer.0", "preprocess.0", "postprocess.0", "publish.0", "decode.soak"} <= set(result["rss"])
+    for memory in result["rss"].values():  # flat or not: a few seconds say nothing about it
+        positive(memory["first_window_mb"], memory["last_window_mb"], memory["ratio"])
+    positive(result["rss_total"]["ratio"], result["stream_s"])
+    frames = result["frames"]
+    assert frames["produced"] == result["clip"]["frames"] == round(result["duration_s"] * result["rate_fps"])
+    assert frames["published_run"] > 0 and frames["received"] > 0 and frames["malformed"] == 0
+    assert frames["accounted_run"] and frames["accounted_subscriber"], frames
+
+
+def check_fleet(result: dict[str, Any]) -> None:
+    assert {"what", "command", "model", "model_overrides", "machine", "overhead", "failover"} <= set(result)
+    load_averages(result["machine"]["load_average_at_start"])
+    load_averages(result["machine"]["load_average_at_end"])
+    overhead = result["overhead"]
+    assert len(overhead["files"]) == 1 and overhead["frames"] == 6
+    [round_] = overhead["rounds"]
+    for side in ("run", "fleet"):
+        load_averages(round_["load_average_before"][side])
+        positive(round_[f"{side}_s"], round_[f"{side}_steady_s"], round_[f"{side}_fps"], round_[f"{side}_steady_fps"],
+                 overhead[f"{side}_fps_median"], overhead[f"{side}_steady_fps_median"])
+    positive(overhead["ratio"], overhead["steady_ratio"], round_["ratio"], round_["steady_ratio"])
+    failover = result["failover"]
+    [kill] = failover["kills"]
+    positive(kill["lease_s"], kill["first_result_s"], failover["lease_s_median"], failover["lease_s_max"],
+             failover["first_result_s_median"], failover["first_result_s_max"], failover["pipeline_start_s"])
+    assert kill["lease_s"] <= kill["first_result_s"]  # the new holder publishes after it holds the lease
+
+
 def check_record_training(result: dict[str, Any]) -> None:
     assert {"commands", "config", "model_config", "iterations", "wall_seconds", "cpu_seconds",
             "mean_iteration_seconds", "final_losses_mean_of_last_50", "evaluations", "machine"} <= set(result)
@@ -153,17 +205,21 @@ SCRIPTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "bench_cpu_inference.py": check_cpu_inference,
     "bench_cuda_runner.py": check_cuda_runner,
     "bench_decode.py": check_decode,
+    "bench_fleet.py": check_fleet,
     "bench_memory_format.py": check_memory_format,
+    "bench_messages.py": check_messages,
     "bench_pipeline.py": check_pipeline,
     "bench_roi_align.py": check_roi_align,
     "bench_transport.py": check_transport,
     "record_training.py": check_record_training,
+    "soak.py": check_soak,
 }
 
 
-def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=SCRIPT_TIMEOUT_S)
+                          timeout=SCRIPT_TIMEOUT_S, env=env)
 
 
 def test_every_script_is_covered():
@@ -178,8 +234,10 @@ def test_every_script_is_covered():
 def test_script_smoke_run_writes_well_formed_results(script, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
-    done = run_script(script, "--smoke", "--device", "cpu", "--out", str(out), cwd=work) \
-        if script in device_scripts() else run_script(script, "--smoke", "--out", str(out), cwd=work)
+    # bench_fleet starts its own NATS servers: the binary the fleet tests use (skips as they do without one)
+    env = {**os.environ, "MASKSTREAM_NATS_SERVER": require_binary()} if script == "bench_fleet.py" else None
+    device = ["--device", "cpu"] if script in device_scripts() else []
+    done = run_script(script, "--smoke", *device, "--out", str(out), cwd=work, env=env)
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     written = sorted(out.glob("*.json"))
     assert len(written) == 1, f"{script} wrote {written}, expected one results JSON"
