@@ -247,10 +247,10 @@ def main() -> int:
                     print(f"round {done}: {run['model']} {Path(run['video']).name} {side} {frames / seconds:.2f} "
                           f"frames/s (load average {run['load_average_before'][side][-1][0]:.2f} before; other "
                           f"processes used {others:.0%} of the cores meanwhile)", file=sys.stderr)
-            # after every round: a run cut short still leaves the rounds it finished
-            result = results(args, at_start, runs, done)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+                    # after every side: a run cut short still leaves every side it finished
+                    result = results(args, at_start, runs)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(result, indent=2) + "\n")
     runs = result["runs"]
     print(f"{'model':<8} {'video':<20} {'frames':>6} {'bare f/s':>9} {'pipeline f/s':>12} {'efficiency':>10}   "
           "per round (pipeline / bare)")
@@ -264,15 +264,17 @@ def main() -> int:
     return 0
 
 
-def results(args: argparse.Namespace, at_start: dict[str, Any], runs: list[dict[str, Any]], rounds: int
-            ) -> dict[str, Any]:
-    """The JSON of the runs after `rounds` rounds."""
+def results(args: argparse.Namespace, at_start: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON of the sides measured so far ("rounds": how many rounds every side has finished; a
+    median or an efficiency is null until its sides have a figure)."""
     rows = []
     for run in runs:
-        bare, piped = statistics.median(run["bare_loop_fps"]), statistics.median(run["pipeline_fps"])
+        bare, piped = (statistics.median(run[key]) if run[key] else None for key in ("bare_loop_fps", "pipeline_fps"))
         rows.append({**{key: value for key, value in run.items() if key != "config"},
-                     "bare_loop_fps_median": bare, "pipeline_fps_median": piped, "efficiency": piped / bare,
+                     "bare_loop_fps_median": bare, "pipeline_fps_median": piped,
+                     "efficiency": piped / bare if piped is not None and bare is not None else None,
                      "efficiency_per_round": [p / b for p, b in zip(run["pipeline_fps"], run["bare_loop_fps"])]})
+    rounds = min(len(run[key]) for run in runs for key in ("bare_loop_fps", "pipeline_fps"))
     return {
         "what": "end-to-end frames/s of the multi-process pipeline / frames/s of a bare single-process loop of the "
                 "same stages, same video, same runner, start-up excluded, median over interleaved rounds",

@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 RESULTS = Path(__file__).resolve().parent / "results"
 NO_CUDA = "cuda asked for, but torch sees no CUDA device"
 
 
 def _device(value: str) -> str:
+    import torch  # here: the scripts without --device need not load it
+
     if value == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(NO_CUDA)
     return value
@@ -31,6 +31,8 @@ def _device(value: str) -> str:
 
 def add_device_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """--device; default: `default`, else cuda when torch sees a device, else cpu."""
+    import torch
+
     if default is None:
         default = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", type=_device, choices=["cpu", "cuda"], default=default)
