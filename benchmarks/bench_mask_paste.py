@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                      "device_paste_ms": statistics.median(device_ms),
                      "speedup": statistics.median(cpu_ms) / statistics.median(device_ms),
                      "identical_rle_fraction": same / (count * len(frames))})
-    result = {"benchmark": "bench_mask_paste", "device": args.device, "machine": machine(),
+    result = {"benchmark": "bench_mask_paste", "command": "python " + shlex.join(sys.argv), "smoke": args.smoke,
+              "device": args.device, "machine": machine(),
               "frame_hw": FRAME_HW, "input_hw": INPUT_HW, "frames": args.frames, "rows": rows}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   size=(width, height), fps=30.0, codec="libx264"))
         problem = nvdec_problem() if "nvdec" in args.decoders else None
         decoders = [d for d in args.decoders if d != "nvdec" or problem is None]
-        result: dict[str, Any] = {"benchmark": "bench_nvdec", "machine": machine(), "video": args.video or
+        result: dict[str, Any] = {"benchmark": "bench_nvdec", "command": "python " + shlex.join(sys.argv),
+                                  "smoke": args.smoke, "machine": machine(), "video": args.video or
                                   f"synthetic {width}x{height} H.264, {args.frames} frames", "rounds": args.rounds,
                                   "nvdec_unavailable": problem, "sides": {}}
         if problem is None and "nvdec" in decoders:

@@ -5,7 +5,8 @@ into a temporary folder. A script that a change elsewhere broke (a stage's inter
 moved) fails here, not in front of the next person measuring.
 
 Figures at these sizes mean nothing, so no figure is compared with anything: each JSON is checked
-for the keys its script promises and for rates, times and ratios that are finite and positive."""
+for the keys its script promises and for rates, times and ratios that are finite and positive. A
+script that only reads other scripts' JSON (gpu17_summary.py) runs on their smoke results."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -91,6 +93,28 @@ def check_memory_format(result: dict[str, Any]) -> None:
     positive(result["speedup_channels_last"])
     for difference in result["max_output_difference"].values():
         assert math.isfinite(difference) and difference >= 0
+
+
+def check_mask_paste(result: dict[str, Any]) -> None:
+    assert {"benchmark", "command", "device", "machine", "frame_hw", "input_hw", "frames", "rows"} <= set(result)
+    assert result["device"] == "cpu" and result["frames"] == 2
+    load_averages(result["machine"]["load_average"])
+    [row] = result["rows"]
+    assert row["boxes"] == 5
+    positive(row["cpu_postprocess_ms"], row["device_paste_ms"], row["speedup"])
+    assert 0 <= row["identical_rle_fraction"] <= 1
+
+
+def check_nvdec(result: dict[str, Any]) -> None:
+    assert {"benchmark", "command", "machine", "video", "rounds", "nvdec_unavailable", "sides"} <= set(result)
+    assert result["rounds"] == 1
+    load_averages(result["machine"]["load_average"])
+    # NVDEC measured where it works, else left out with the reason
+    assert ("nvdec" in result["sides"]) == (result["nvdec_unavailable"] is None), result["nvdec_unavailable"]
+    assert "cpu" in result["sides"]
+    for side in result["sides"].values():
+        assert side["frames"] == 12 and len(side["rounds"]) == 1
+        positive(side["fps"], side["cpu_cores"], side["rounds"][0]["seconds"])
 
 
 def check_pipeline(result: dict[str, Any]) -> None:
@@ -199,21 +223,26 @@ def check_record_training(result: dict[str, Any]) -> None:
         assert all(math.isfinite(value) for value in metrics.values())
 
 
-# Every script in benchmarks/, with what its smoke JSON must hold; test_every_script_is_covered
-# fails for a script missing here.
+# Every benchmark script in benchmarks/, with what its smoke JSON must hold; test_every_script_is_covered
+# fails for a script missing here or in SUMMARIES.
 SCRIPTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "bench_cpu_inference.py": check_cpu_inference,
     "bench_cuda_runner.py": check_cuda_runner,
     "bench_decode.py": check_decode,
     "bench_fleet.py": check_fleet,
+    "bench_mask_paste.py": check_mask_paste,
     "bench_memory_format.py": check_memory_format,
     "bench_messages.py": check_messages,
+    "bench_nvdec.py": check_nvdec,
     "bench_pipeline.py": check_pipeline,
     "bench_roi_align.py": check_roi_align,
     "bench_transport.py": check_transport,
     "record_training.py": check_record_training,
     "soak.py": check_soak,
 }
+# Scripts that measure nothing themselves but read other scripts' JSON: each has its own test below.
+SUMMARIES = {"gpu17_summary.py"}
+SMOKE_RESULTS: dict[str, Path] = {}  # script -> the JSON its smoke run wrote in this session
 
 
 def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None
@@ -224,7 +253,7 @@ def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = 
 
 def test_every_script_is_covered():
     on_disk = {path.name for path in BENCHMARKS.glob("*.py")}
-    assert on_disk - HELPERS == set(SCRIPTS), "a benchmark script without a smoke test here (or one gone)"
+    assert on_disk - HELPERS == set(SCRIPTS) | SUMMARIES, "a benchmark script without a smoke test here (or one gone)"
     for helper in HELPERS:
         assert helper in on_disk
         assert "__main__" not in (BENCHMARKS / helper).read_text(), f"{helper} runs: it is a script, test it"
@@ -232,8 +261,13 @@ def test_every_script_is_covered():
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_script_smoke_run_writes_well_formed_results(script, tmp_path):
+    smoke_result(script, tmp_path)
+
+
+def smoke_result(script: str, tmp_path: Path) -> Path:
+    """Runs `script --smoke` (its CPU path) and checks its JSON; the JSON's path."""
     out, work = tmp_path / "out", tmp_path / "work"
-    work.mkdir()
+    work.mkdir(parents=True)
     # bench_fleet starts its own NATS servers: the binary the fleet tests use (skips as they do without one)
     env = {**os.environ, "MASKSTREAM_NATS_SERVER": require_binary()} if script == "bench_fleet.py" else None
     device = ["--device", "cpu"] if script in device_scripts() else []
@@ -245,6 +279,34 @@ def test_script_smoke_run_writes_well_formed_results(script, tmp_path):
     assert result["smoke"] is True
     assert str(written[0]) in done.stdout  # says where it wrote
     SCRIPTS[script](result)
+    SMOKE_RESULTS[script] = written[0]
+    return written[0]
+
+
+def test_gpu17_summary_reads_what_the_scripts_write(tmp_path):
+    """gpu17_summary.py on the smoke JSON of the scripts it reads (the ones this session's smoke runs
+    wrote, else made here), named as gpu_session.sh --cpu-smoke names them; the maskstream bench
+    runs it also reads are missing and must be said to be."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for script, name in (("bench_cuda_runner.py", "cuda_runner_cpu_smoke.json"),
+                         ("bench_nvdec.py", "nvdec_decode.json"), ("bench_mask_paste.py", "mask_paste_cpu.json")):
+        made = SMOKE_RESULTS.get(script) or smoke_result(script, tmp_path / script)
+        shutil.copy(made, folder / name)
+    out = tmp_path / "summary.json"
+    done = run_script("gpu17_summary.py", str(folder), "cpu_smoke", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert str(out) in done.stdout
+    result = json.loads(out.read_text())
+    assert result["tag"] == "cpu_smoke"
+    assert set(result["missing"]) == {f"bench_r50_1080p_{side}_cpu_smoke.json" for side in ("before", "after")} | {
+        f"bench_{model}_live_{side}_cpu_smoke.json" for model in ("r50", "lite") for side in ("before", "after")}
+    assert result["r50_b8_offline_1080p"] == {"before": None, "after": None}
+    decode = result["decode_1080p_h264"]
+    assert "cpu" in decode["sides"] and decode["nvdec_unavailable"] == json.loads(
+        (folder / "nvdec_decode.json").read_text())["nvdec_unavailable"]
+    positive(decode["sides"]["cpu"]["fps"], decode["sides"]["cpu"]["cpu_cores"])
+    assert result["masks"] == json.loads((folder / "mask_paste_cpu.json").read_text())["rows"]
 
 
 def device_scripts() -> list[str]:
@@ -262,7 +324,8 @@ def test_cuda_without_a_device_is_a_usage_error(script, tmp_path):
 
 
 def test_device_scripts_are_the_gpu_ones():
-    assert device_scripts() == ["bench_cuda_runner.py", "bench_memory_format.py", "bench_roi_align.py"]
+    assert device_scripts() == ["bench_cuda_runner.py", "bench_mask_paste.py", "bench_memory_format.py",
+                                "bench_roi_align.py"]
 
 
 def load_options() -> Any:
