@@ -85,6 +85,8 @@ def test_fleet_jobs_tells_a_node_gone_from_a_node_at_work(cli_fleet, tmp_path):
     clips = [tmp_path / f"{name}.mp4" for name in ("a", "b")]
     for clip in clips:
         clip.write_bytes(b"read by nobody here")
+    missing = maskstream("fleet", "submit", str(tmp_path / "nowhere.mp4"), "--fleet-config", str(path))
+    assert missing.returncode == 2 and "nowhere.mp4" in missing.stderr and not missing.stdout
     done = maskstream("fleet", "submit", *map(str, clips), "--fleet-config", str(path))
     assert done.returncode == 0, done.stderr
     ids = [line.split("\t")[0] for line in done.stdout.splitlines()]
@@ -125,3 +127,9 @@ def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
                  'maskstream_node_job_redeliveries_total{stage="node"} 0'):
         assert line in text, text
     assert "# TYPE maskstream_node_job_redeliveries_total counter" in text
+    removed = maskstream("fleet", "remove", "door", "--fleet-config", str(path))
+    assert removed.returncode == 0 and removed.stdout == "removed camera door\n", removed.stderr
+    table = maskstream("fleet", "status", "--fleet-config", str(path))
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split() == [
+        "CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "LAST", "ERROR"], table.stderr
+    assert json.loads(maskstream("fleet", "list", "--json", "--fleet-config", str(path)).stdout) == []

@@ -21,8 +21,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.cli import run as run_command
@@ -32,8 +33,11 @@ from maskstream.pipeline.config import ConfigError, load_config
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
     from maskstream.pipeline.fleet.config import FleetConfig
     from maskstream.pipeline.fleet.connection import FleetClient
+    from maskstream.pipeline.fleet.jobs import JobQueue
+    from maskstream.pipeline.fleet.leases import CameraRegistry, CameraRow, NodeInfo
 
 log = logging.getLogger("maskstream.node")
+T = TypeVar("T")
 
 
 NODE_EXAMPLES = """
@@ -221,8 +225,6 @@ def _run_defaults() -> dict[str, Any]:
 
 def fleet_add(args: argparse.Namespace) -> int:
     from maskstream.pipeline.config import loads_config
-    from maskstream.pipeline.fleet.connection import FleetError
-    from maskstream.pipeline.fleet.leases import CameraRegistry
     from maskstream.pipeline.run_config import SourceOptions
 
     options = {}
@@ -237,55 +239,29 @@ def fleet_add(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    client = _connect(args, "maskstream-fleet")
-    if client is None:
+    camera = _on_fleet(args, lambda client: _registry(client).add(args.name, args.url, options,
+                                                                  replace=args.replace))
+    if camera is None:
         return 1
-    with client:
-        try:
-            registry = CameraRegistry(client)
-            registry.ensure()
-            camera = registry.add(args.name, args.url, options, replace=args.replace)
-        except FleetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
     print(f"{'replaced' if args.replace else 'added'} camera {camera.name}: {camera.url}")
     return 0
 
 
 def fleet_remove(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.fleet.connection import FleetError
-    from maskstream.pipeline.fleet.leases import CameraRegistry
+    def remove(client: FleetClient) -> str:
+        _registry(client).remove(args.name)
+        return str(args.name)
 
-    client = _connect(args, "maskstream-fleet")
-    if client is None:
+    if _on_fleet(args, remove) is None:
         return 1
-    with client:
-        try:
-            registry = CameraRegistry(client)
-            registry.ensure()
-            registry.remove(args.name)
-        except FleetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
     print(f"removed camera {args.name}")
     return 0
 
 
 def fleet_list(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.fleet.connection import FleetError
-    from maskstream.pipeline.fleet.leases import CameraRegistry
-
-    client = _connect(args, "maskstream-fleet")
-    if client is None:
+    cameras = _on_fleet(args, lambda client: _registry(client).cameras())
+    if cameras is None:
         return 1
-    with client:
-        try:
-            registry = CameraRegistry(client)
-            registry.ensure()
-            cameras = registry.cameras()
-        except FleetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
     if args.json:
         print(json.dumps([{"name": c.name, "url": c.url, "options": c.options} for c in cameras], indent=1))
         return 0
@@ -295,20 +271,14 @@ def fleet_list(args: argparse.Namespace) -> int:
 
 
 def fleet_status(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.fleet.connection import FleetError
-    from maskstream.pipeline.fleet.leases import CameraRegistry
+    def read(client: FleetClient) -> tuple[list[CameraRow], list[NodeInfo]]:
+        registry = _registry(client)
+        return registry.status(), registry.nodes()
 
-    client = _connect(args, "maskstream-fleet")
-    if client is None:
+    got = _on_fleet(args, read)
+    if got is None:
         return 1
-    with client:
-        try:
-            registry = CameraRegistry(client)
-            registry.ensure()
-            rows, nodes = registry.status(), registry.nodes()
-        except FleetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    rows, nodes = got
     now = time.time()
     cameras: list[dict[str, Any]] = [{
         "camera": row.camera.name, "url": row.camera.url,
@@ -336,48 +306,32 @@ def fleet_status(args: argparse.Namespace) -> int:
 
 
 def fleet_submit(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.fleet.connection import FleetError
-    from maskstream.pipeline.fleet.jobs import JobQueue
     from maskstream.pipeline.fleet.results import ensure_results_stream
 
-    client = _connect(args, "maskstream-fleet")
-    if client is None:
-        return 1
-    with client:
+    def submit(client: FleetClient) -> list[str] | ValueError:
+        queue = _queue(client)
+        ensure_results_stream(client)
         try:
-            queue = JobQueue(client)
-            queue.ensure()
-            ensure_results_stream(client)
-            ids = queue.submit(args.inputs, check_exists=not args.no_check)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except FleetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return queue.submit(args.inputs, check_exists=not args.no_check)
+        except ValueError as exc:  # an input no node could read: a usage error
+            return exc
+
+    ids = _on_fleet(args, submit)
+    if ids is None:
+        return 1
+    if isinstance(ids, ValueError):
+        print(f"error: {ids}", file=sys.stderr)
+        return 2
     for job_id, source in zip(ids, args.inputs):
         print(f"{job_id}\t{source}")
     return 0
 
 
 def fleet_jobs(args: argparse.Namespace) -> int:
-    from maskstream.pipeline.fleet.connection import FleetError
-    from maskstream.pipeline.fleet.jobs import JobQueue
-    from maskstream.pipeline.fleet.leases import CameraRegistry
-
-    client = _connect(args, "maskstream-fleet")
-    if client is None:
+    got = _on_fleet(args, lambda client: (_queue(client).jobs(), {n.name: n for n in _registry(client).nodes()}))
+    if got is None:
         return 1
-    with client:
-        try:
-            queue = JobQueue(client)
-            queue.ensure()
-            registry = CameraRegistry(client)
-            registry.ensure()
-            states, nodes = queue.jobs(), {n.name: n for n in registry.nodes()}
-        except FleetError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    states, nodes = got
     rows: list[dict[str, Any]] = []
     for s in states:
         # a running job's node that left the fleet (or runs it no more) will not finish it: after
@@ -394,6 +348,38 @@ def fleet_jobs(args: argparse.Namespace) -> int:
            [[r["job"], r["state"], f"{r['node']} (gone)" if r["node_gone"] else r["node"], str(r["attempt"]),
              r["error"], r["input"]] for r in rows])
     return 0
+
+
+def _on_fleet(args: argparse.Namespace, work: Callable[[FleetClient], T]) -> T | None:
+    """work(client) on a connection of the command's own; None (the error printed) where the fleet
+    could not be reached or refused the work. work never returns None."""
+    from maskstream.pipeline.fleet.connection import FleetError
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return None
+    with client:
+        try:
+            return work(client)
+        except FleetError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+
+
+def _registry(client: FleetClient) -> CameraRegistry:
+    from maskstream.pipeline.fleet.leases import CameraRegistry
+
+    registry = CameraRegistry(client)
+    registry.ensure()
+    return registry
+
+
+def _queue(client: FleetClient) -> JobQueue:
+    from maskstream.pipeline.fleet.jobs import JobQueue
+
+    queue = JobQueue(client)
+    queue.ensure()
+    return queue
 
 
 def _number(value: Any) -> str:
