@@ -50,7 +50,7 @@ from maskstream.pipeline.bench.measure import machine
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
-from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
+from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable, wait_for
 from maskstream.pipeline.fleet.leases import CameraRegistry
 from maskstream.pipeline.fleet.results import ResultSubscriber
 from maskstream.pipeline.media.video import write_test_clip
@@ -105,7 +105,7 @@ def start_servers(root: Path, size: int) -> tuple[list[subprocess.Popen[bytes]],
                      "--routes", ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(cluster) if j != i)]
         procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for port in monitor:
-        wait_for(lambda port=port: _healthy(port), 30, f"nats-server on monitor port {port}")
+        wait_for(lambda port=port: _healthy(port), 30, f"nats-server on monitor port {port}", every=0.05)
     return procs, [f"nats://127.0.0.1:{p}" for p in client]
 
 
@@ -115,19 +115,6 @@ def _healthy(port: int) -> bool:
             return bool(reply.status == 200)
     except OSError:
         return False
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except FleetUnavailable:
-            value = None
-        if value:
-            return value
-        time.sleep(every)
-    raise RuntimeError(f"{what}: not within {timeout_s} s")
 
 
 def stop(procs: list[subprocess.Popen[Any]]) -> None:
@@ -154,7 +141,7 @@ class Node:
                  str(self.metrics_port), *[x for s in sets for x in ("--set", s)], *extra],
                 stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: "in the fleet at" in log.read_bytes()[seen:].decode(errors="replace")
-                 or self.proc.poll() is not None, 120, f"node {name} in the fleet")
+                 or self.proc.poll() is not None, 120, f"node {name} in the fleet", every=0.05)
         if self.proc.poll() is not None:
             raise RuntimeError(f"node {name} exited:\n{log.read_text(errors='replace')[-3000:]}")
 
@@ -303,7 +290,7 @@ def failover(kills: int, sets: list[str], work: Path, clip: Path, standby: bool)
                     killed = time.time()
                     nodes[victim].proc.wait()
                     moved = wait_for(lambda v=victim: (h := _holder(registry)) and h[0] != v and h, 60,
-                                     "the camera's lease on the other node")
+                                     "the camera's lease on the other node", every=0.05)
                     while True:  # the first result of the camera's next run: its seq starts again
                         message = sub.recv()
                         if message.header.seq < last_seq:

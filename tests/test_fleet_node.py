@@ -30,7 +30,7 @@ import pytest
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
-from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
+from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobQueue
 from maskstream.pipeline.fleet.leases import CameraRegistry
 from maskstream.pipeline.fleet.results import ResultSubscriber
@@ -72,24 +72,17 @@ def node_processes():
         node.close()
 
 
+def ready_nodes(start, path: Path, tmp_path: Path, capacity: int, *names: str) -> list[NodeProcess]:
+    """Nodes started together (their starts overlap), returned once every one is in the fleet."""
+    nodes = [start(name, path, tmp_path, capacity) for name in names]
+    for node in nodes:
+        node.wait_ready()
+    return nodes
+
+
 def write_fleet_config(path: Path, config: FleetConfig) -> Path:
     path.write_text(dump_config(config))
     return path
-
-
-def wait_for(predicate, timeout_s, what, every=0.1):
-    """predicate()'s first true value; a query the cluster could not answer (a server died, its
-    streams elect leaders) counts as not yet."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except FleetUnavailable:
-            value = None
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what} not within {timeout_s} s")
 
 
 def holder(registry: CameraRegistry, camera: str) -> tuple[str, float] | None:
@@ -119,10 +112,7 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
     config = FleetConfig(nats=NatsConfig(urls=nats_cluster.urls, reconnect_wait_s=0.2), replicas=3)
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     servers = [rtsp_server(camera_clip(tmp_path, f"cam{i}"), loop=True) for i in range(2)]
-    a = node_processes("a", path, tmp_path, 2)
-    b = node_processes("b", path, tmp_path, 2)
-    a.wait_ready()
-    b.wait_ready()
+    a, b = ready_nodes(node_processes, path, tmp_path, 2, "a", "b")
     with FleetClient.connect(config, name="test") as client:
         registry = CameraRegistry(client)
         registry.ensure()
@@ -268,10 +258,7 @@ def test_job_failover_every_frame_once_in_order_equal_to_a_single_host_run(nats_
     # so that its time overlaps the fleet's waits (node starts, the ack wait, the election)
     reference_run = ThreadPoolExecutor(1)
     reference_future = reference_run.submit(single_host_results, files, tmp_path)
-    a = node_processes("a", path, tmp_path, 1)
-    b = node_processes("b", path, tmp_path, 1)
-    a.wait_ready()
-    b.wait_ready()
+    a, b = ready_nodes(node_processes, path, tmp_path, 1, "a", "b")
     with reference_run, FleetClient.connect(config, name="test") as client:
         queue = JobQueue(client)
         collector = ResultCollector(config)

@@ -19,6 +19,7 @@ import concurrent.futures
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -310,6 +311,22 @@ async def kv_snapshot(kv: KeyValue) -> dict[str, tuple[int, bytes]]:
     finally:
         await watcher.stop()
     return out
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, every: float = 0.1) -> T:
+    """predicate()'s first true value, asked every `every` s; a question the cluster could not
+    answer (a server died, a stream elects its leader) counts as not yet. TimeoutError after
+    timeout_s, naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value: T | None = predicate()
+        except FleetUnavailable:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not within {timeout_s:g} s")
 
 
 async def retrying(call: Callable[[], Awaitable[T]], timeout_s: float, what: str) -> T:
