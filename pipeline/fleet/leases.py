@@ -16,8 +16,9 @@ change) it
    than its cameras come free);
 2. renews each lease it holds by compare-and-set on the key's revision (`update(key, last=rev)`);
    a refused update means another node holds the camera now: the lease is lost. A lease it could
-   not renew for `ttl_s` (cluster unreachable) is also given up, since by then the server has
-   let it expire: a node never runs a camera it cannot prove it holds;
+   not renew for `ttl_s` while cut off from the cluster is also given up, since by then the
+   server has let it expire and another node may run it (a leader election is the exception:
+   below);
 3. releases cameras that were removed (and reports cameras whose URL or options changed);
 4. claims free cameras, within its capacity, by the rule below, with a compare-and-set that
    expects the key's latest revision (absent, deleted, or an expiry marker), so of two nodes
@@ -41,9 +42,16 @@ bucket elects a leader.
 
 A server's death: nodes reconnect to the others and keep renewing. If it led the leases bucket,
 no lease can be written until the other two elect a leader (a raft election: seconds, longer
-than a short TTL); leases older than `ttl_s` then lapse, every node stops those cameras (it
-cannot prove it holds them) and claims them again, the same cameras on the same nodes. A TTL
-longer than the election rides it out, at the cost of a slower failover after a node's death.
+than a short TTL), and leases not renewed for `ttl_s` lapse on the server. Nobody can claim a
+camera while nobody can write, so a node that is connected and whose renewals go unanswered
+keeps its cameras running for `election_grace_s` past `ttl_s`; once the bucket answers it
+renews them, or, where they lapsed, takes them back by compare-and-set on the expiry marker's
+revision, and the runs go on. Only a node cut off from every server (it cannot tell an election
+from its own isolation, while the others may claim its cameras) gives them up at `ttl_s`. So that
+the others leave it the time, a node claims nothing for `claim_grace_s` after a write of its
+own went unanswered (every node's writes do, while the bucket elects). A holder slower than that
+(its ticks longer than `claim_grace_s`) loses the camera to another node: a failover as after a
+node's death.
 
 Events for the node (`LeaseManager.events`): `acquired` (start this camera; `revision` is the
 lease's revision, fit to tell this run of the camera from earlier ones), `lost` (stop now:
@@ -352,6 +360,8 @@ class LeaseManager:
         self.error: BaseException | None = None  # why the manager's loop ended, if it did
         self._events: queue.Queue[LeaseEvent] = queue.Queue()
         self._held: dict[str, _Held] = {}
+        self._lapsed: set[str] = set()  # held cameras whose lease lapsed while the bucket elected a leader
+        self._unanswered_at = -math.inf  # loop time of the last write of this node the cluster did not answer
         self._status: dict[str, CameraStatus] = {}
         self._cameras: dict[str, _Entry] = {}
         self._leases: dict[str, _Entry] = {}
@@ -546,6 +556,7 @@ class LeaseManager:
         try:
             await self._kv_nodes.put(stream_token(self.node), records.pack(info))
         except UNAVAILABLE as exc:
+            self._unanswered_at = asyncio.get_running_loop().time()
             log.info("node %s: presence not written (%s)", self.node, exc)
             return
         self._presence_sent, self._presence_written = now, written
@@ -554,8 +565,13 @@ class LeaseManager:
         for name, held in list(self._held.items()):
             key = stream_token(name)
             seen = self._leases.get(key)
+            # the time now, not the tick's start: a write of this tick may have waited seconds for an answer
+            lapsed = asyncio.get_running_loop().time() - held.renewed_sent >= self.config.ttl_s
             if seen is not None and seen.revision > held.revision:
-                self._lose(name, "taken by another node" if seen.value is not None else "expired or deleted")
+                if seen.value is None and lapsed:  # expired while the bucket could not be written
+                    await self._take_back(name, held, seen.revision, now)
+                else:
+                    self._lose(name, "taken by another node" if seen.value is not None else "expired or deleted")
                 continue
             camera = cameras.get(name)
             if camera is None:
@@ -573,10 +589,54 @@ class LeaseManager:
                 held.revision = await self._kv_leases.update(key, records.pack(lease), last=held.revision)
                 held.renewed_sent = now
             except nats.js.errors.KeyWrongLastSequenceError:
+                if lapsed:
+                    try:
+                        await self._refresh(key)
+                    except (*UNAVAILABLE, nats.errors.Error) as exc:
+                        self._unanswered(name, held, exc)
+                        continue
+                    seen = self._leases.get(key)
+                    if seen is not None and seen.value is None:
+                        await self._take_back(name, held, seen.revision, now)
+                        continue
                 self._lose(name, "taken by another node or expired")
             except UNAVAILABLE as exc:
-                if now - held.renewed_sent >= self.config.ttl_s:
-                    self._lose(name, f"not renewed for {self.config.ttl_s} s ({type(exc).__name__})")
+                self._unanswered_at = asyncio.get_running_loop().time()
+                self._unanswered(name, held, exc)
+
+    def _unanswered(self, name: str, held: _Held, exc: BaseException) -> None:
+        """A renewal the cluster did not answer. Past ttl_s the lease has lapsed on the server, and
+        another node may claim the camera once the bucket takes writes again; but while this node
+        is connected and the bucket answers nobody (a leader election), nobody can: the camera
+        goes on for election_grace_s more, to be taken back when the bucket answers."""
+        unrenewed = asyncio.get_running_loop().time() - held.renewed_sent
+        if unrenewed < self.config.ttl_s:
+            return
+        if self.client.state().connected and unrenewed < self.config.ttl_s + self.config.election_grace_s:
+            if name not in self._lapsed:
+                self._lapsed.add(name)
+                log.info("node %s: lease of %s not renewed for %.1f s (%s): kept while the cluster elects",
+                         self.node, name, unrenewed, type(exc).__name__)
+            return
+        self._lose(name, f"not renewed for {unrenewed:.1f} s ({type(exc).__name__})")
+
+    async def _take_back(self, name: str, held: _Held, last: int, now: float) -> None:
+        """Claim again a lease that lapsed while the bucket could not be written and that no other
+        node has taken since (the key is free at revision `last`): the camera's run goes on."""
+        lease = Lease(name, self.node, self.instance, held.acquired_at, time.time(),
+                      self._status.get(name, CameraStatus()))
+        try:
+            held.revision = await self._kv_leases.update(stream_token(name), records.pack(lease), last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            self._lose(name, "taken by another node after it lapsed")
+            return
+        except UNAVAILABLE as exc:
+            self._unanswered_at = asyncio.get_running_loop().time()
+            self._unanswered(name, held, exc)
+            return
+        held.renewed_sent = now
+        self._lapsed.discard(name)
+        log.info("node %s: took %s back after its lease lapsed", self.node, name)
 
     async def _claim(self, now: float, cameras: dict[str, Camera]) -> None:
         leases = self._decoded(self._leases, Lease)
@@ -588,6 +648,10 @@ class LeaseManager:
             self._free_since.setdefault(name, now)
         room = self.capacity - len(self._held)
         if not free or room <= 0:
+            return
+        if now - self._unanswered_at < self.config.claim_grace_s:
+            # just after an outage (a leader election) the cameras that lapsed in it go back to their
+            # holders, which take them back at their next tick: no claims until they had the time
             return
         nodes = {info.name: (sum(1 for lease in leases.values() if lease.node == info.name), info.capacity)
                  for info in self._decoded(self._nodes, NodeInfo).values() if info.capacity > 0}
@@ -611,6 +675,7 @@ class LeaseManager:
             await self._refresh(key)  # our view was behind (or an expiry marker itself expired)
             return
         except UNAVAILABLE as exc:
+            self._unanswered_at = asyncio.get_running_loop().time()
             log.info("node %s: claim of %s not answered (%s)", self.node, name, exc)
             return
         self._held[name] = _Held(camera, revision, stamp, now)
@@ -658,6 +723,7 @@ class LeaseManager:
 
     def _lose(self, name: str, reason: str) -> None:
         held = self._held.pop(name, None)
+        self._lapsed.discard(name)
         if held is None:
             return
         self._status.pop(name, None)
