@@ -187,9 +187,34 @@ class NatsCluster:
         self.wait_healthy()
 
     def wait_healthy(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Each running server healthy, and the meta leader seeing every other running one as current:
+        /healthz alone can pass while the leader still counts a peer offline, and then a stream of 3
+        replicas cannot be placed ("no suitable peers for placement")."""
+        deadline = time.monotonic() + timeout_s
         for server in self.servers:
             if server.running:
                 server.wait_healthy(timeout_s)
+        while not self._meta_current():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no meta leader sees every running server as current after {timeout_s} s")
+            time.sleep(0.05)
+
+    def _meta_current(self) -> bool:
+        running = {s.name for s in self.servers if s.running}
+        for server in self.servers:
+            if not server.running:
+                continue
+            try:
+                url = f"http://127.0.0.1:{server.monitor_port}/jsz"
+                with urllib.request.urlopen(url, timeout=1.0) as reply:
+                    meta = json.load(reply).get("meta_cluster") or {}
+            except (OSError, ValueError, urllib.error.URLError):
+                continue
+            if meta.get("leader") != server.name:
+                continue
+            current = {r["name"] for r in meta.get("replicas", []) if r.get("current") and not r.get("offline")}
+            return running - {server.name} <= current
+        return False
 
     def serving(self, client_name: str) -> NatsServer:
         """The running server the client of that name is connected to."""
