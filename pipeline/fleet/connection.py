@@ -180,9 +180,12 @@ class FleetClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            info = await self.js.stream_info(stream)
-            if info.cluster is None or info.cluster.leader:
-                return
+            try:
+                info = await self.js.stream_info(stream)
+                if info.cluster is None or info.cluster.leader:
+                    return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                pass  # no answer while the election goes on, on a loaded host: ask again until the deadline
             if loop.time() > deadline:
                 raise FleetUnavailable(f"stream {stream} has no leader after {timeout_s} s")
             await asyncio.sleep(0.1)
