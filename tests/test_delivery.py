@@ -499,8 +499,18 @@ def test_a_restarted_publish_goes_on_with_its_journal_and_remakes_the_files(tmp_
         with av.open(str(folder / "annotated.mp4")) as container:
             decoded[folder] = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded[crash_dir]) == frames
-    differences = [int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(decoded[crash_dir], decoded[clean_dir])]
-    assert differences == [0] * frames, f"per frame, the largest |remade - clean| pixel difference: {differences}"
+    # The video is lossy: two encodes of the same frames were bit-identical in isolation but not always
+    # within the full suite on 2 busy cores, so each remade frame must match its clean twin as a
+    # re-encode does (PSNR >= 30 dB; the same frames after different earlier ones encode to about 34 dB),
+    # where any other frame of this clip, or a frame left undrawn, is far off (12-16 dB here). The
+    # journal and COCO files above are compared exactly.
+    psnr = [_psnr(a, b) for a, b in zip(decoded[crash_dir], decoded[clean_dir])]
+    assert min(psnr) >= 30.0, f"PSNR of each remade frame against the clean run's, dB: {psnr}"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return 99.0 if mse == 0 else round(10 * np.log10(255.0**2 / mse), 1)
 
 
 def test_publish_recovers_a_frame_given_up_and_skips_it(tmp_path):
