@@ -28,3 +28,14 @@ def random_cases(seed: int, n: int, im_h: int, im_w: int):
             w, h = im_w + g.uniform(0, 40), im_h + g.uniform(0, 40)
         boxes.append([x0, y0, x0 + w, y0 + h])
     return masks, np.asarray(boxes, dtype=np.float32)
+
+
+def threshold_cases(seeds: int):
+    """(seed, masks, boxes, im_h, im_w) over frames from tiny to 1344 wide; every other seed's probabilities
+    are quarter steps around 0.5, so that many blends land exactly on the threshold."""
+    for seed in range(seeds):
+        for im_h, im_w in [(37, 53), (16, 16), (480, 640), (800, 1344)]:
+            masks, boxes = random_cases(seed, 25, im_h, im_w)
+            if seed % 2:
+                masks = (masks * 4).round().astype(np.float32) / 8 + np.float32(0.25)
+            yield seed, masks, boxes, im_h, im_w

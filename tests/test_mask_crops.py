@@ -11,32 +11,28 @@ from maskstream.model.mask_crops import binary_crops
 from maskstream.model.postprocess import paste_mask_cropped
 from maskstream.model.rle import decode_rle, encode_box_cropped_rle
 
-from tests.paste_cases import random_cases
+from tests.paste_cases import threshold_cases
 
 
 def test_binary_crops_decide_every_pixel_as_the_numpy_paste_does():
     step = float(np.finfo(np.float32).eps)
     differing = total = 0
-    for seed in range(8):
-        for im_h, im_w in [(37, 53), (16, 16), (480, 640), (800, 1344)]:
-            masks, boxes = random_cases(seed, 25, im_h, im_w)
-            if seed % 2:  # quarter steps around 0.5: many blends land exactly on the threshold
-                masks = (masks * 4).round().astype(np.float32) / 8 + np.float32(0.25)
-            for threshold in (0.5, 0.3):
-                crops = binary_crops(torch.from_numpy(masks[:, 0]), torch.from_numpy(boxes), (im_h, im_w), threshold)
-                assert len(crops) == len(masks)
-                for i, (crop, (x0, y0)) in enumerate(crops):
-                    rle, crop_box = encode_box_cropped_rle(masks[i, 0], boxes[i], (im_h, im_w), threshold)
-                    assert crop.dtype == bool and crop_box == (x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
-                    if not crop.size:
-                        continue
-                    probs, origin = paste_mask_cropped(masks[i, 0], boxes[i], (im_h, im_w))
-                    assert origin == (x0, y0) and probs.shape == crop.shape
-                    differ = decode_rle(rle).astype(bool) != crop
-                    assert np.all(np.abs(probs[differ] - np.float32(threshold)) <= step), (seed, i)
-                    # and against torch's own paste: the same blends, so the same bound
-                    assert np.all(np.abs(probs[(probs > threshold) != crop] - np.float32(threshold)) <= step)
-                    differing, total = differing + int(differ.sum()), total + differ.size
+    for seed, masks, boxes, im_h, im_w in threshold_cases(8):
+        for threshold in (0.5, 0.3):
+            crops = binary_crops(torch.from_numpy(masks[:, 0]), torch.from_numpy(boxes), (im_h, im_w), threshold)
+            assert len(crops) == len(masks)
+            for i, (crop, (x0, y0)) in enumerate(crops):
+                rle, crop_box = encode_box_cropped_rle(masks[i, 0], boxes[i], (im_h, im_w), threshold)
+                assert crop.dtype == bool and crop_box == (x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
+                if not crop.size:
+                    continue
+                probs, origin = paste_mask_cropped(masks[i, 0], boxes[i], (im_h, im_w))
+                assert origin == (x0, y0) and probs.shape == crop.shape
+                differ = decode_rle(rle).astype(bool) != crop
+                assert np.all(np.abs(probs[differ] - np.float32(threshold)) <= step), (seed, i)
+                # and against torch's own paste: the same blends, so the same bound
+                assert np.all(np.abs(probs[(probs > threshold) != crop] - np.float32(threshold)) <= step)
+                differing, total = differing + int(differ.sum()), total + differ.size
     assert total > 10**6 and differing < total * 1e-5
 
 

@@ -11,7 +11,7 @@ from maskstream.model.postprocess import (
 )
 from maskstream.model.rle import decode_box_cropped_rle, decode_rle, encode_box_cropped_rle, encode_rle
 
-from tests.paste_cases import random_cases
+from tests.paste_cases import random_cases, threshold_cases
 from tests.shared_data import REFERENCE
 
 # ------------------------------------------------------------------ slow reference
@@ -122,22 +122,18 @@ def test_numpy_encoder_decides_every_pixel_as_the_torch_paste_does():
     float32 step of the threshold (where the last rounding of a blend decides)."""
     step = float(np.finfo(np.float32).eps)
     differing = total = 0
-    for seed in range(12):
-        for im_h, im_w in [(37, 53), (16, 16), (480, 640), (800, 1344)]:
-            masks, boxes = random_cases(seed, 25, im_h, im_w)
-            if seed % 2:  # quarter steps around 0.5: many blends land exactly on the threshold
-                masks = (masks * 4).round().astype(np.float32) / 8 + np.float32(0.25)
-            for i in range(len(masks)):
-                for threshold in (0.5, 0.3):
-                    probs, _ = paste_mask_cropped(masks[i, 0], boxes[i], (im_h, im_w))
-                    rle, crop_box = encode_box_cropped_rle(masks[i, 0], boxes[i], (im_h, im_w), threshold)
-                    x0, y0, x1, y1 = crop_box
-                    assert (x1 - x0, y1 - y0) == (probs.shape[1], probs.shape[0])
-                    if not probs.size:
-                        continue
-                    differ = decode_rle(rle).astype(bool) != (probs > threshold)
-                    assert np.all(np.abs(probs[differ] - np.float32(threshold)) <= step), (seed, i)
-                    differing, total = differing + int(differ.sum()), total + differ.size
+    for seed, masks, boxes, im_h, im_w in threshold_cases(12):
+        for i in range(len(masks)):
+            for threshold in (0.5, 0.3):
+                probs, _ = paste_mask_cropped(masks[i, 0], boxes[i], (im_h, im_w))
+                rle, crop_box = encode_box_cropped_rle(masks[i, 0], boxes[i], (im_h, im_w), threshold)
+                x0, y0, x1, y1 = crop_box
+                assert (x1 - x0, y1 - y0) == (probs.shape[1], probs.shape[0])
+                if not probs.size:
+                    continue
+                differ = decode_rle(rle).astype(bool) != (probs > threshold)
+                assert np.all(np.abs(probs[differ] - np.float32(threshold)) <= step), (seed, i)
+                differing, total = differing + int(differ.sum()), total + differ.size
     assert total > 10**7 and differing < total * 1e-6
 
 
