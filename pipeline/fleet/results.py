@@ -47,7 +47,7 @@ import msgpack
 import nats.errors
 import nats.js.errors
 from maskstream.pipeline.fleet.config import FleetConfig, ResultsConfig
-from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, retrying
+from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, FleetUnavailable, retrying
 from maskstream.pipeline.results import SchemaVersionError, SeqTracker, StreamStats
 from maskstream.pipeline.runtime.messages import (
     SCHEMA_VERSION,
@@ -346,8 +346,11 @@ class ResultSubscriber:
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError(f"{self.config.stream}: no result in {timeout} s")
-            self._buffer.extend(self.client.run(self._fetch(max(wait, 0.01)),
-                                                timeout_s=wait + 2 * self.client.config.nats.request_timeout_s))
+            try:
+                self._buffer.extend(self.client.run(self._fetch(max(wait, 0.01)),
+                                                    timeout_s=wait + 2 * self.client.config.nats.request_timeout_s))
+            except FleetUnavailable:  # a server died, a leader is being elected: ask again until the deadline
+                time.sleep(min(0.2, max(wait, 0.0)))
 
     def __iter__(self) -> Iterator[Published]:
         return self
