@@ -182,7 +182,12 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             # to. Both go on there (no lease lost, no new run), their results keep coming, and none
             # is lost or stored twice (every run's frames are checked at the end)
             cameras = ("cam1", "cam2")
-            leases = {c: holder(registry, c) for c in cameras}
+
+            def all_held() -> dict | None:  # a read may fall between a lease's lapse and its retake
+                now = {c: holder(registry, c) for c in cameras}
+                return now if all(now.values()) else None
+
+            leases = wait_for(all_held, 30, "a holder for every camera")
             runs = {c: len(runs_of(collector.messages(c))) for c in cameras}
             stored = {c: len(collector.messages(c)) for c in cameras}
             lost = node_counter(survivor, "leases_lost")
@@ -196,10 +201,6 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             survivor.wait_for_log("NATS: reconnected to", 30)
             # a lease that lapsed during the election is taken back by its node, as it was (read until
             # every camera shows a holder: right after the reconnect one may be between the two)
-            def all_held() -> dict | None:
-                now = {c: holder(registry, c) for c in cameras}
-                return now if all(now.values()) else None
-
             assert wait_for(all_held, 30, "a holder for every camera") == leases
             assert {c: len(runs_of(collector.messages(c))) for c in cameras} == runs
             assert node_counter(survivor, "leases_lost") == lost
