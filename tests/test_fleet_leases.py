@@ -233,7 +233,12 @@ def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_clus
                 assert set(node.held()) == {"cam0", "cam1"}
                 state = client.state()
                 assert state.connected and state.reconnects >= 1 and not state.server.endswith(f":{server.port}")
-                rows = registry.status()
+                def both_rows() -> list | None:  # the admin's own client may be reconnecting too: read again
+                    rows = registry.status()
+                    return rows if len(rows) == 2 and all(row.lease is not None for row in rows) else None
+
+                wait_for(lambda: both_rows() is not None, timeout_s=10, what="both cameras in the status")
+                rows = both_rows() or []
                 assert {row.camera.name: row.lease.acquired_at for row in rows} == before  # the same leases
                 assert all(time.time() - row.lease.renewed_at < 2 * config.leases.renew_interval_s + 1 for row in rows)
             finally:
