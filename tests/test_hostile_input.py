@@ -15,8 +15,6 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from maskstream.model.contract import InferenceContract
-from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.run_config import RunConfig, plan
 from maskstream.pipeline.runtime.messages import (
@@ -36,10 +34,9 @@ from maskstream.pipeline.runtime.messages import (
 from maskstream.pipeline.runtime.shm_ring import Ring, RingReaders
 from maskstream.pipeline.runtime.stage import Stage, Timed, Wiring, run_stage
 from maskstream.pipeline.runtime.transport import REPORT_MAX_BYTES, Inbox, Outbox, ReportInbox, pack, unpack
-from maskstream.pipeline.stages.infer import InferConfig, InferStage
 
 from tests.raw_zmtp import dropped, zmtp_push
-from tests.tiny_models import SHAPE, tiny_runner_config
+from tests.tiny_models import tiny_infer_stage, tiny_model_input
 
 NAMES = ("bg", "person", "car")
 LIMITS = Limits(streams=("cam",), max_frame_side=640, input_hw=(128, 160), detections=5, class_names=NAMES,
@@ -297,15 +294,6 @@ def test_valid_hw_must_lie_inside_the_input(kind, valid_hw):
     assert refused(wire(message)).startswith(f"{kind}.valid_hw: {list(valid_hw)}: expected sides >= 1, at most")
 
 
-def _infer_stage() -> InferStage:
-    config = tiny_runner_config()
-    return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
-                                  InferenceContract.from_model_config(config), overlap=False))
-
-
-def _model_input(stream: str, seq: int) -> ModelInput:
-    image = np.random.default_rng(seq).integers(0, 256, (3, SHAPE.height, SHAPE.width), dtype=np.uint8)
-    return ModelInput(Header(stream, seq), image, (SHAPE.height, SHAPE.width - 8 * seq), (240, 320))
 
 
 def _key(output: Any) -> tuple[Any, ...]:
@@ -317,16 +305,16 @@ def _key(output: Any) -> tuple[Any, ...]:
 def test_inference_refuses_a_frame_outside_its_input_before_it_joins_the_batch():
     """The issue: valid_hw [0, 0] made the runner raise after the frame joined the batch, and the
     full batch was never cleared (every later frame: IndexError). Refused first, it fails alone."""
-    stage, fresh = _infer_stage(), _infer_stage()
-    first = _model_input("a", 0)
+    stage, fresh = tiny_infer_stage(), tiny_infer_stage()
+    first = tiny_model_input("a", 0)
     assert stage.process(first) == []
-    for bad in (dataclasses.replace(_model_input("a", 1), valid_hw=(0, 0)),
-                dataclasses.replace(_model_input("a", 1), valid_hw=(999, 4)),
-                dataclasses.replace(_model_input("a", 1), image=np.zeros((3, 8, 8), np.uint8))):
+    for bad in (dataclasses.replace(tiny_model_input("a", 1), valid_hw=(0, 0)),
+                dataclasses.replace(tiny_model_input("a", 1), valid_hw=(999, 4)),
+                dataclasses.replace(tiny_model_input("a", 1), image=np.zeros((3, 8, 8), np.uint8))):
         with pytest.raises(ValueError, match="valid_hw|image"):
             stage.process(bad)
         assert stage.pending == [first]
-    later = [_model_input("a", 1), _model_input("a", 2), _model_input("a", 3)]
+    later = [tiny_model_input("a", 1), tiny_model_input("a", 2), tiny_model_input("a", 3)]
     got = [_key(out) for m in later for out in stage.process(m)]
     assert got == [_key(out) for m in (first, *later) for out in fresh.process(m)]
 
@@ -334,13 +322,13 @@ def test_inference_refuses_a_frame_outside_its_input_before_it_joins_the_batch()
 def test_inference_starts_an_empty_batch_after_the_runner_fails_one():
     """A batch whose run raises (here: a valid_hw the runner cannot take, slipped past process())
     costs its own frames only: the next batch starts empty and runs."""
-    stage, fresh = _infer_stage(), _infer_stage()
-    stage.pending = [dataclasses.replace(_model_input("a", 0), valid_hw=(0, 0))]
+    stage, fresh = tiny_infer_stage(), tiny_infer_stage()
+    stage.pending = [dataclasses.replace(tiny_model_input("a", 0), valid_hw=(0, 0))]
     stage.images[0] = 0
     with pytest.raises(RuntimeError, match=r"the batch of a#0 failed"):
         stage.flush()
     assert stage.pending == []
-    frames = [_model_input("a", 1), _model_input("a", 2)]
+    frames = [tiny_model_input("a", 1), tiny_model_input("a", 2)]
     assert [_key(o) for m in frames for o in stage.process(m)] == [_key(o) for m in frames for o in fresh.process(m)]
 
 

@@ -10,18 +10,16 @@ import pytest
 from maskstream.model.contract import InferenceContract
 from maskstream.model.postprocess import paste_masks_in_image
 from maskstream.model.rle import decode_box_cropped_rle
-from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
 from maskstream.pipeline.run_config import CONFIG_DIR, RunConfig
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
 from maskstream.pipeline.runtime.reorder import Reorderer
 from maskstream.pipeline.runtime.stage import Timed
-from maskstream.pipeline.stages.infer import InferConfig, InferStage
 from maskstream.pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
 from maskstream.pipeline.stages.preprocess import PreprocessConfig, PreprocessStage, fit_to_input
 
-from tests.tiny_models import SHAPE, tiny_runner_config
+from tests.tiny_models import tiny_infer_stage, tiny_model_input
 
 TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # pad colour (124, 116, 104)
 
@@ -160,15 +158,6 @@ def test_live_never_waits_and_counts_only_the_frames_no_stage_counted():
 # ----------------------------------------------------------------------------- infer
 
 
-def _infer_stage(overlap: bool | None) -> InferStage:
-    config = tiny_runner_config()
-    return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
-                                  InferenceContract.from_model_config(config), overlap=overlap))
-
-
-def _model_input(stream: str, seq: int) -> ModelInput:
-    image = np.random.default_rng(seq).integers(0, 256, (3, SHAPE.height, SHAPE.width), dtype=np.uint8)
-    return ModelInput(Header(stream, seq), image, (SHAPE.height, SHAPE.width - 8 * seq), (240, 320))
 
 
 def _key(output):
@@ -181,9 +170,9 @@ def _key(output):
 def test_infer_overlap_defaults_to_whether_the_runner_submits_asynchronously():
     """Unset, overlap follows the runner: on for torch on CUDA, off where submit() runs to the end
     (a batch held back there would only delay its results); asked for, it is on anywhere."""
-    stage = _infer_stage(None)
+    stage = tiny_infer_stage(None)
     assert not stage.runner.asynchronous and not stage.overlap
-    assert _infer_stage(True).overlap and not _infer_stage(False).overlap
+    assert tiny_infer_stage(True).overlap and not tiny_infer_stage(False).overlap
     shipped = load_config(RunConfig, CONFIG_DIR / "pipeline.yaml")
     assert shipped.infer.overlap is None and shipped.model.compile is None
     assert load_config(RunConfig, None, ["infer.overlap=true"]).infer.overlap is True
@@ -192,11 +181,11 @@ def test_infer_overlap_defaults_to_whether_the_runner_submits_asynchronously():
 def test_infer_overlap_gives_the_same_results_one_batch_later_and_ends_streams_after_their_frames():
     """With overlap a batch's results leave when the next batch goes in (or on the idle flush),
     in order, each stamped from its submission; an end of stream drains what is in flight."""
-    arrivals = [_model_input("a", 0), _model_input("b", 0), _model_input("a", 1), _model_input("b", 1),
-                _model_input("a", 2)]
+    arrivals = [tiny_model_input("a", 0), tiny_model_input("b", 0), tiny_model_input("a", 1), tiny_model_input("b", 1),
+                tiny_model_input("a", 2)]
     runs = {}
     for overlap in (False, True):
-        stage, steps = _infer_stage(overlap), []
+        stage, steps = tiny_infer_stage(overlap), []
         for message in arrivals:
             steps.append([_key(out) for out in stage.process(message)])
         steps.append([_key(out) for out in stage.process(EndOfStream(Header("a", 3)))])
@@ -208,9 +197,9 @@ def test_infer_overlap_gives_the_same_results_one_batch_later_and_ends_streams_a
     assert [len(step) for step in overlapped] == [0, 0, 0, 2, 0, 4, 0]  # a batch later; the end drains both
     assert sum(sync, []) == sum(overlapped, [])  # same frames, same order, same outputs
 
-    stage = _infer_stage(True)
+    stage = tiny_infer_stage(True)
     before = time.monotonic()
-    assert stage.process(_model_input("a", 0)) == [] and stage.process(_model_input("a", 1)) == []
+    assert stage.process(tiny_model_input("a", 0)) == [] and stage.process(tiny_model_input("a", 1)) == []
     assert stage.in_flight is not None and stage.idle_timeout_s == stage.config.batch_timeout_s
     idle = stage.flush()  # nothing arrived for batch_timeout_s: the batch in flight comes out
     assert [_key(out)[:2] for out in idle] == [("a", 0), ("a", 1)]

@@ -69,3 +69,22 @@ TINY_MODEL = ModelConfig(
     roi_heads=RoIHeadsConfig(batch_size_per_image=32, detections_per_img=10),
     static=StaticGraphConfig(height=128, width=128, detections=10),
 )
+
+
+def tiny_infer_stage(overlap: bool | None = False):
+    """The inference stage on the tiny runner, CPU, seeded (the stage tests and the hostile-input tests)."""
+    from maskstream.model.contract import InferenceContract
+    from maskstream.pipeline.stages.infer import InferConfig, InferStage, RunnerSpec
+
+    config = tiny_runner_config()
+    return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
+                                  InferenceContract.from_model_config(config), overlap=overlap))
+
+
+def tiny_model_input(stream: str, seq: int):
+    """A ModelInput of SHAPE with random pixels and a valid width shrinking by 8 per seq."""
+    import numpy as np
+    from maskstream.pipeline.runtime.messages import Header, ModelInput
+
+    image = np.random.default_rng(seq).integers(0, 256, (3, SHAPE.height, SHAPE.width), dtype=np.uint8)
+    return ModelInput(Header(stream, seq), image, (SHAPE.height, SHAPE.width - 8 * seq), (240, 320))
