@@ -501,12 +501,13 @@ class Supervisor:
             if not p.ended and not error:
                 decoder = decoders.get(sid)
                 error = (decoder.streams[0].error if decoder and decoder.streams else "") or "did not finish"
-            # publish's count is frames given up (or lost with a dead stage, live); the others dropped theirs live
-            dropped = sum(q.drops for name, r in self.latest.items() if not name.startswith("publish")
-                          for q in r.streams if q.stream_id == sid)
             # Once a stream ended, publish has every seq below its end either published or counted: that
             # count is exact, where the stages' reports miss what a killed stage dropped since its last one.
-            lost = p.next_seq - p.frames if p.ended else p.drops + dropped
+            # Before: publish's count (frames given up, or lost with a dead stage, live) and the drops the
+            # other stages reported.
+            lost = p.next_seq - p.frames if p.ended else p.drops + sum(
+                q.drops for name, r in self.latest.items() if not name.startswith("publish")
+                for q in r.streams if q.stream_id == sid)
             streams.append(StreamResult(sid, p.frames, lost, p.ended, error, self.rewinds.get(sid, 0)))
         errors = tuple(r.last_error for r in self.latest.values() if r.last_error)
         return RunReport(tuple(streams), tuple((n, c) for n, c in self.restarts.items() if c), failure, interrupted,
