@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -391,7 +392,38 @@ def check_ipc_path(path: Path, what: str, advice: str) -> None:
                          f"address may have; {advice}")
 
 
-def run_folder(parent: Path | None = None, prefix: str = "maskstream-") -> Path:
+RUN_FOLDER_PREFIX = "maskstream-"  # remove_dead_runs looks at folders named so
+TEMP_NAME_CHARS = 8  # the random part of a tempfile.mkdtemp folder's name
+
+
+def check_socket_folder(parent: Path | None, prefix: str, names: Sequence[str]) -> None:
+    """check_ipc_path for the sockets `names` in a run_folder(parent, prefix) not made yet: a process
+    that makes such folders later (a fleet node's runs) refuses a folder too deep at its start,
+    not at its first run. ValueError names the path and the limit."""
+    # mkdtemp's name: an absolute path from Python 3.12 on; the longer form is the one checked
+    folder = Path(os.path.abspath(tempfile.gettempdir() if parent is None else parent))
+    for name in names:
+        check_ipc_path(folder / f"{prefix}{'x' * TEMP_NAME_CHARS}" / name, "transport.endpoint_dir",
+                       "choose a shorter folder")
+
+
+def worker_sockets(kind: str, workers: int) -> tuple[str, ...]:
+    """The names of the sockets of a run's `kind` workers (preprocess, postprocess) in its folder."""
+    return tuple(f"{kind}-{i}" for i in range(workers))
+
+
+def run_sockets(workers: int) -> tuple[str, ...]:
+    """Every socket plan() binds in a run's folder."""
+    return (*worker_sockets("preprocess", workers), *worker_sockets("postprocess", workers), "reports", "infer",
+            "publish")
+
+
+def check_run_sockets(cfg: RunConfig) -> None:
+    """ValueError when the sockets plan(cfg) will bind would be too long for ipc:// (check_socket_folder)."""
+    check_socket_folder(cfg.transport.endpoint_dir, RUN_FOLDER_PREFIX, run_sockets(cfg.workers))
+
+
+def run_folder(parent: Path | None = None, prefix: str = RUN_FOLDER_PREFIX) -> Path:
     """A fresh folder for a run's sockets in `parent` (None: the system's temporary folder), holding an
     OWNER_FILE that names this process, so that remove_dead_runs can tell whether its run is over. The
     owner goes in a file, not in the name: ipc socket paths inside must stay short."""
@@ -412,7 +444,7 @@ def remove_dead_runs(endpoint_dir: Path | None = None) -> Leftovers:
     except OSError:
         candidates = []
     for path in candidates:
-        if not path.name.startswith("maskstream-") or path.is_symlink() or not path.is_dir():
+        if not path.name.startswith(RUN_FOLDER_PREFIX) or path.is_symlink() or not path.is_dir():
             continue
         try:  # a folder without its owner file yet (being made), or not a run's, is none of ours
             owner = owner_of((path / OWNER_FILE).read_text(errors="replace").strip())
@@ -508,8 +540,8 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
 
     try:
         workers = range(cfg.workers)
-        pre_in = tuple(endpoint(f"preprocess-{i}") for i in workers)
-        post_in = tuple(endpoint(f"postprocess-{i}") for i in workers)
+        pre_in = tuple(map(endpoint, worker_sockets("preprocess", cfg.workers)))
+        post_in = tuple(map(endpoint, worker_sockets("postprocess", cfg.workers)))
         reports, infer_in, publish_in = endpoint("reports"), endpoint("infer"), endpoint("publish")
 
         def wiring(stage: str, **kw: object) -> Wiring:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from maskstream.pipeline.cli.main import build_parser
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import ConfigError, dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient
 from maskstream.pipeline.fleet.jobs import JobWorker
 from maskstream.pipeline.fleet.leases import Camera, LeaseManager
-from maskstream.pipeline.fleet.node import Node, NodeSettings, camera_run_config, job_run_config
-from maskstream.pipeline.run_config import RunConfig, SourceOptions
+from maskstream.pipeline.fleet.node import Node, NodeSettings, camera_run_config, check_socket_paths, job_run_config
+from maskstream.pipeline.run_config import IPC_PATH_MAX, RunConfig, SourceOptions, TransportOptions
 
 from tests.fleet_nodes import maskstream
 
@@ -51,6 +52,37 @@ def test_node_settings_are_checked():
         NodeSettings(" a", 1, RunConfig())
     with pytest.raises(ValueError, match="restart_backoff_s"):
         NodeSettings("a", 1, RunConfig(), restart_backoff_s=(5.0, 1.0))
+    for standby in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="standby"):
+            NodeSettings("a", 1, RunConfig(), standby=standby)
+    assert NodeSettings("a", 1, RunConfig()).standby == 1 and NodeSettings("a", 1, RunConfig(), standby=0).standby == 0
+
+
+def test_standby_count_from_the_command_line():
+    def standby(*args: str) -> int:
+        return build_parser().parse_args(["node", *args]).standby
+
+    assert (standby(), standby("--standby", "3"), standby("--standby", "0"), standby("--no-standby")) == (1, 3, 0, 0)
+    with pytest.raises(SystemExit):
+        standby("--standby", "-1")
+
+
+def test_a_node_refuses_a_socket_folder_too_deep_at_its_start_before_nats(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    # NATS at a port nobody listens on: reaching for it would fail with exit 1, "cannot connect"
+    done = maskstream("node", "--nats", "nats://127.0.0.1:1", "--name", "a", "--set",
+                      f"transport.endpoint_dir={deep}")
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: transport.endpoint_dir: the socket path {deep}/maskstream-node-")
+    assert f"longer than the {IPC_PATH_MAX} bytes an ipc:// address may have" in error
+    assert "NATS" not in done.stderr and not list(deep.iterdir())
+    # the pipelines' sockets are checked too (a folder deep enough for the node's, not for theirs)
+    runs = RunConfig(workers=2, transport=TransportOptions(endpoint_dir=deep))
+    with pytest.raises(ValueError, match="maskstream-x+/preprocess-0 is longer than"):
+        check_socket_paths(runs, tmp_path)
+    check_socket_paths(RunConfig(workers=2), None)  # the system's temporary folder
 
 
 def test_usage_errors_are_said_before_anything_is_reached():

@@ -79,9 +79,12 @@ def add_parsers(subparsers: Any) -> None:
                       help="on SIGTERM, how long running jobs may take to finish before they are handed back")
     node.add_argument("--no-spare", action="store_true",
                       help="start no pipeline process ahead of need (saves an idle process; starts are slower)")
-    node.add_argument("--no-standby", action="store_true",
-                      help="keep no warm camera pipeline waiting (saves an idle pipeline and its copy of the model; "
-                           "a camera failing over to this node then waits for a pipeline's start)")
+    node.add_argument("--standby", type=_non_negative_int, default=1, metavar="N",
+                      help="keep up to N warm camera pipelines waiting, never more than the node's free room: "
+                           "each camera failing over to this node takes one over instead of waiting "
+                           "for a pipeline's start; each costs an idle pipeline and its copy of the model")
+    node.add_argument("--no-standby", dest="standby", action="store_const", const=0,
+                      help="the same as --standby 0: no warm camera pipeline")
     node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
@@ -137,6 +140,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
 def fleet_config(args: argparse.Namespace) -> FleetConfig:
     from maskstream.pipeline.fleet.config import FleetConfig
 
@@ -164,18 +174,19 @@ def _connect(args: argparse.Namespace, name: str) -> FleetClient | None:
 
 def run_node(args: argparse.Namespace) -> int:
     from maskstream.pipeline.fleet.connection import FleetClient, FleetError
-    from maskstream.pipeline.fleet.node import Node, NodeSettings
+    from maskstream.pipeline.fleet.node import Node, NodeSettings, check_socket_paths
     from maskstream.pipeline.run_config import remove_dead_runs
     from maskstream.pipeline.runtime.metrics import MetricsServer
 
     try:
         config = fleet_config(args)
         base = run_command.run_config(argparse.Namespace(**{**_run_defaults(), **vars(args), "metrics_port": None}))
+        check_socket_paths(base, base.transport.endpoint_dir)
         run_command.check_device(base.model)
         chosen = run_command.load_model(base.model)  # fetched and checked once, not in every pipeline
         settings = NodeSettings(args.name, args.capacity, base, status_interval_s=args.status_interval,
                                 drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
-                                spare=not args.no_spare, standby=not args.no_standby, log_level=args.log_level,
+                                spare=not args.no_spare, standby=args.standby, log_level=args.log_level,
                                 model=chosen)
     except run_command.Refused as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -53,13 +53,18 @@ from maskstream.pipeline.runtime.metrics import MetricsSnapshot, Sample, render_
 if TYPE_CHECKING:
     from maskstream.pipeline.run_config import ChosenModel, RunConfig
 
-__all__ = ["Node", "NodeSettings", "camera_run_config", "job_run_config"]
+__all__ = ["Node", "NodeSettings", "camera_run_config", "check_socket_paths", "job_run_config"]
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 SPARE_AFTER_S = 5.0  # a spare taken is replaced this long after, not while its run starts up beside it
 STANDBY_RETRY_S = 30.0  # a standby that died unused is made again this long after
+# A slot a finished job frees is taken by the next queued job within a tick or two: a standby
+# starts only in room that stays free this long, not in every gap between two jobs.
+ROOM_SETTLE_S = 1.0
+NODE_FOLDER_PREFIX = "maskstream-node-"
+RUNS_CHECKED = 10**9 - 1  # the node's run endpoints are checked at start up to this many runs' names
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,12 @@ class NodeSettings:
     # A pipeline process started ahead, its imports done, for the next camera or job: a camera that
     # fails over starts that much sooner. Costs one idle process.
     spare: bool = True
-    # A camera pipeline started ahead (every stage but the decoder; the model loaded and warmed up)
-    # while the fleet has cameras (stopped when it has none) and the node has room: a camera this
-    # node acquires (one failing over from a dead node among them) takes it over, paying one
-    # decoder's start instead of a pipeline's. Costs one idle pipeline (its processes and a copy
-    # of the model).
-    standby: bool = True
+    # Camera pipelines started ahead (every stage but the decoder; the model loaded and warmed up),
+    # up to this many and never more than the node's free room, while the fleet has cameras
+    # (stopped when it has none): each camera this node acquires (those failing over from a dead
+    # node among them) takes one over, paying one decoder's start instead of a pipeline's. Each
+    # costs an idle pipeline (its processes and a copy of the model); 0: none.
+    standby: int = 1
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
 
@@ -91,9 +96,24 @@ class NodeSettings:
         first, longest = self.restart_backoff_s
         if not 0 < first <= longest:
             raise ValueError(f"restart_backoff_s: expected 0 < first <= longest, got {self.restart_backoff_s}")
+        if isinstance(self.standby, bool) or not isinstance(self.standby, int) or self.standby < 0:
+            raise ValueError(f"standby: expected a number of pipelines >= 0, got {self.standby!r}")
         for name in ("status_interval_s", "drain_timeout_s", "stop_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number of seconds")
+
+
+def check_socket_paths(run: RunConfig, endpoint_dir: Path | None) -> None:
+    """ValueError (naming the path and the limit) when an ipc:// socket the node or its pipelines
+    would make is too long: refused at the node's start, where a pipeline would fail at every start."""
+    from maskstream.pipeline.run_config import check_run_sockets, check_socket_folder
+
+    check_socket_folder(endpoint_dir, NODE_FOLDER_PREFIX, [_endpoint_name(RUNS_CHECKED)])
+    check_run_sockets(run)
+
+
+def _endpoint_name(run: int) -> str:
+    return f"run{run}.pub"
 
 
 def camera_run_config(base: RunConfig, camera: Camera, endpoint: str) -> RunConfig:
@@ -151,9 +171,10 @@ class Node:
         self._settled: set[int] = set()  # the jobs runs whose outcome was counted (by id)
         self._spare: Spare | None = None
         self._spare_due = 0.0  # time.monotonic() when the next spare may start
-        self._standby: Spare | None = None
+        self._standbys: list[Spare] = []  # oldest first
         self._spares_stopping: list[Spare] = []  # stopped unused, not exited yet
-        self._standby_due = 0.0
+        self._standby_due = 0.0  # time.monotonic() when the next standby may start
+        self._room_free_since: float | None = None  # room beyond the standbys free since then
 
     # ------------------------------------------------------------------ public
 
@@ -163,12 +184,13 @@ class Node:
 
     def run(self) -> None:
         settings = self.settings
+        check_socket_paths(settings.run, settings.endpoint_dir)
         ensure_results_stream(self.client)
         ensure_jobs(self.client)
         from maskstream.pipeline.run_config import run_folder
 
         # with an owner file, as a run's: remove_dead_runs clears it after a SIGKILL
-        self._endpoint_dir = run_folder(settings.endpoint_dir, prefix="maskstream-node-")
+        self._endpoint_dir = run_folder(settings.endpoint_dir, prefix=NODE_FOLDER_PREFIX)
         self.manager = LeaseManager(self.client, settings.name, settings.capacity)
         self.worker = JobWorker(self.client, settings.name)
         self.manager.start()
@@ -190,8 +212,8 @@ class Node:
                    sum(1 for s in self.cameras.values() if s.run is not None) + len(self.jobs)),
             Sample("maskstream_node_jobs", "Offline jobs running on this node.", gauge, "", len(self.jobs)),
             Sample("maskstream_node_leases_held", "Camera leases this node holds.", gauge, "", held),
-            Sample("maskstream_node_standby_ready", "1 while a warm standby pipeline waits for a camera.", gauge, "",
-                   int(self._standby is not None and self._standby.alive and self._standby.ready)),
+            Sample("maskstream_node_standby_ready", "Warm standby pipelines waiting for a camera.", gauge, "",
+                   sum(1 for standby in self._standbys if standby.alive and standby.ready)),
             Sample("maskstream_node_draining", "1 while the node drains (stops taking work).", gauge, "",
                    int(self._drains > 0)),
             Sample("maskstream_nats_connected", "1 while the node is connected to a NATS server.", gauge, "",
@@ -256,32 +278,41 @@ class Node:
             self._report()
         if self.settings.spare and self._spare is None and now >= self._spare_due and not draining:
             self._spare = Spare()
-        if self.settings.standby and not draining and now >= self._standby_due:
-            self._keep_standby(now)
+        if self.settings.standby and not draining:
+            self._keep_standbys(now)
         self._spares_stopping = [spare for spare in self._spares_stopping if spare.alive]
 
-    def _keep_standby(self, now: float) -> None:
-        """A standby pipeline while cameras could come to this node; one that died unused is made again later."""
-        standby = self._standby
-        if standby is not None and not standby.alive:
-            self._standby = None
+    def _keep_standbys(self, now: float) -> None:
+        """Up to settings.standby warm pipelines, none beyond the free room, while cameras could come
+        to this node; one that died unused is made again later."""
+        for standby in [standby for standby in self._standbys if not standby.alive]:
+            self._standbys.remove(standby)
             standby.close()
             self._standby_due = now + STANDBY_RETRY_S
-            log.warning("node %s: the standby pipeline exited unused (code %s); another in %.0f s", self.settings.name,
+            log.warning("node %s: a standby pipeline exited unused (code %s); another in %.0f s", self.settings.name,
                         standby.process.exitcode, STANDBY_RETRY_S)
-            return
         manager = self.manager
         cameras = manager.camera_count() if manager is not None else 0
-        if standby is not None and cameras == 0:  # the fleet's last camera went: no use for it now
-            self._standby = None
+        room = self._room()
+        wanted = min(self.settings.standby, room) if cameras > 0 else 0
+        while len(self._standbys) > max(0, wanted):  # the newest first: the least warm
+            standby = self._standbys.pop()
             standby.stop()
             self._spares_stopping.append(standby)
-            log.info("node %s: standby pipeline stopped (no cameras in the fleet)", self.settings.name)
-        elif standby is None and self._room() > 0 and cameras > 0:
+            log.info("node %s: standby pipeline stopped (%s)", self.settings.name,
+                     "no cameras in the fleet" if cameras == 0 else "no room for it")
+        if len(self._standbys) >= wanted:
+            self._room_free_since = None
+            return
+        if self._room_free_since is None:
+            self._room_free_since = now
+        # one at a time: a standby starting competes with the ones before it for the cores
+        if (now - self._room_free_since >= ROOM_SETTLE_S and now >= self._standby_due
+                and all(standby.ready for standby in self._standbys)):
             config = standby_config(camera_run_config(self.settings.run, Camera(STANDBY_STREAM, STANDBY_URL),
                                                       self._endpoint()))
-            self._standby = Spare(standby=self._spec("camera", STANDBY_STREAM, config))
-            log.info("node %s: standby pipeline starting", self.settings.name)
+            self._standbys.append(Spare(standby=self._spec("camera", STANDBY_STREAM, config)))
+            log.info("node %s: standby pipeline %d of %d starting", self.settings.name, len(self._standbys), wanted)
 
     def _take_spare(self) -> Spare | None:
         spare, self._spare = self._spare, None
@@ -289,13 +320,14 @@ class Node:
         return spare
 
     def _take_standby(self, config: RunConfig) -> tuple[RunConfig, Spare | None]:
-        """The standby pipeline if a camera run of `config` fits it (config then publishing on its
-        endpoint), else the plain spare."""
-        standby = self._standby
-        if standby is None or not standby.alive or not standby.fits(config):
+        """A standby pipeline a camera run of `config` fits, a ready one first (config then publishing
+        on its endpoint), else the plain spare."""
+        fitting = [standby for standby in self._standbys if standby.alive and standby.fits(config)]
+        if not fitting:
             return config, self._take_spare()
+        standby = max(fitting, key=lambda standby: standby.ready)
         assert standby.standby is not None
-        self._standby = None
+        self._standbys.remove(standby)
         self._standby_due = time.monotonic() + SPARE_AFTER_S
         self.counters["standby_takeovers"] += 1
         return dataclasses.replace(config, outputs=standby.standby.config.outputs), standby
@@ -505,10 +537,10 @@ class Node:
         return self._leases_released and not self.jobs and not self.stopping
 
     def _close(self) -> None:
-        for spare in (self._spare, self._standby, *self._spares_stopping):
+        for spare in (self._spare, *self._standbys, *self._spares_stopping):
             if spare is not None:
                 spare.stop()
-        for spare in (self._spare, self._standby, *self._spares_stopping):
+        for spare in (self._spare, *self._standbys, *self._spares_stopping):
             if spare is not None:
                 spare.close()
         runs = [slot.run for slot in self.cameras.values() if slot.run is not None] + list(self.jobs.values())
@@ -539,7 +571,7 @@ class Node:
     def _endpoint(self) -> str:
         assert self._endpoint_dir is not None
         self._runs += 1
-        return f"ipc://{self._endpoint_dir / f'run{self._runs}.pub'}"
+        return f"ipc://{self._endpoint_dir / _endpoint_name(self._runs)}"
 
     def _runs_alive(self) -> list[PipelineRun]:
         cameras = [slot.run for slot in self.cameras.values() if slot.run is not None]
