@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import av
-from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.bench.measure import machine
+from maskstream.pipeline.bench.smoke import tiny_run_overrides
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
@@ -57,11 +57,6 @@ from maskstream.pipeline.media.video import write_test_clip
 from maskstream.pipeline.runtime.messages import EndOfStream
 from options import add_output_options, parse_args, results_file  # benchmarks/options.py, beside this script
 
-TINY_MODEL = [
-    f"model.config={CONFIG_DIR / 'model_lite.yaml'}", "model.static.height=128", "model.static.width=160",
-    "model.static.detections=5", "model.roi_heads.detections_per_img=5", "model.roi_heads.score_thresh=0.0",
-    "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50", "infer.threads=1",
-]
 FAILOVER_GOAL_S = 10.0
 OVERHEAD_GOAL = 0.95
 CLIPS = "write_test_clip: a square and a disc over a gradient, 320x240, 10 frames/s, H.264 where FFmpeg has it"
@@ -341,7 +336,7 @@ def main() -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected at least 1")
     out = results_file(parser, args, "fleet.json")
-    sets = [*TINY_MODEL, *args.set]
+    sets = [*tiny_run_overrides(), *args.set]
     codec = "libx264" if "libx264" in av.codecs_available else None
     started = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
