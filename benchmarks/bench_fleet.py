@@ -1,8 +1,9 @@
 """Fleet mode on one host: what a node costs against `maskstream run`, and how long a camera takes
 to come back when its node dies.
 
-    python benchmarks/bench_fleet.py [--files 3] [--frames 150] [--rounds 2] [--kills 5] [--set KEY=VALUE]
-                                     [--no-standby] [--only overhead|failover] [--smoke] [--out PATH]
+    python benchmarks/bench_fleet.py [--files 3] [--frames 150] [--rounds 2] [--kills 5] [--cameras 1]
+                                     [--standby 1 | --no-standby] [--set KEY=VALUE]
+                                     [--only overhead|failover] [--smoke] [--out PATH]
 
 overhead: the same video files (generated clips, 320x240 at 10 frames/s) through `maskstream run`,
 one run per file, one after another, each timed from its start to its EndOfStream at a ZeroMQ
@@ -15,12 +16,16 @@ stamps: the pipeline's own rate, which the node's work (forwarding, NATS on the 
 only lower. Rounds alternate the sides, so that drift in the host's load hits both; the load
 average is noted before each side.
 
-failover: a 3-server cluster (replicas 3, the default lease TTL), two nodes (capacity 2), one
-camera (a clip played live). --kills times: once the other node's warm standby pipeline is ready
-(its metrics), SIGKILL the node holding the camera, time until its lease is on the other node and
-until its first result from there; the killed node is started again. Median and max of both, the
-load average at each kill; the goal for the first new result is 10 s. --no-standby measures the
-same without standby pipelines (each failover then waits for a pipeline's start).
+failover: a 3-server cluster (replicas 3, the default lease TTL), two nodes (capacity 2, or
+--cameras if more), --cameras cameras (a clip played live), all on one node (the first started;
+the other joins after them). --kills times: once the other node's warm standby pipelines are
+ready (its metrics: --standby of them, `maskstream node --standby`), SIGKILL the node holding the
+cameras, time until each camera's lease is on the other node and until its first result from
+there; the killed node is started again, and the next kill is of the other. Median and max of
+both over every camera of every kill, the load average at each kill; the goal for the first new
+result is 10 s. --no-standby (--standby 0) measures the same without standby pipelines (each
+failover then waits for a pipeline's start); --cameras 2 --standby 2, a dead node's two cameras
+landing on one node.
 
 The model is the tiny untrained lite variant (128x160 input) on CPU unless --set says otherwise.
 The NATS server is the `nats-server` the project's setup installs (beside the venv's python), or
@@ -254,71 +259,119 @@ def overhead(files: list[Path], rounds: int, sets: list[str], work: Path) -> dic
 # ---------------------------------------------------------------------------- failover
 
 
-def failover(kills: int, sets: list[str], work: Path, clip: Path, standby: bool) -> dict[str, Any]:
+def failover(kills: int, sets: list[str], work: Path, clip: Path, cameras: int, standby: int) -> dict[str, Any]:
     procs, urls = start_servers(work / "cluster", 3)
     config = FleetConfig(nats=NatsConfig(urls=tuple(urls)), replicas=3)
     path = work / "cluster.yaml"
     path.write_text(dump_config(config))
-    extra = () if standby else ("--no-standby",)
-    nodes = {name: Node(name, path, 2, sets, work / f"node-{name}.log", *extra) for name in ("a", "b")}
+    capacity = max(2, cameras)
+    extra = ("--standby", str(standby))
+    names = [f"cam{i}" for i in range(cameras)]
+    warm = min(standby, capacity)  # standbys on the node without cameras
     rows: list[dict[str, Any]] = []
+    nodes = {"a": Node("a", path, capacity, sets, work / "node-a.log", *extra)}
     try:
         with FleetClient.connect(config, name="bench") as client:
             registry = CameraRegistry(client)
             registry.ensure()
-            registry.add("cam", str(clip))
-            with ResultSubscriber.connect(config, streams=["cam"], from_seq=1, timeout_s=START_TIMEOUT_S) as sub:
-                first = sub.recv()
-                pipeline_start = time.time() - _holder(registry)[1]
-                last_seq = first.header.seq
+            for name in names:
+                registry.add(name, str(clip))
+            # every camera on the first node; the second joins after (a node that joins takes no running camera)
+            wait_for(lambda: {h[0] for h in _holders(registry, names).values()} == {"a"}, 60, "the cameras on a")
+            nodes["b"] = Node("b", path, capacity, sets, work / "node-b.log", *extra)
+            with ResultSubscriber.connect(config, streams=names, from_seq=1, timeout_s=START_TIMEOUT_S) as sub:
+                last_seq = _read_each(sub, names, 1)
+                acquired = _holders(registry, names)
+                pipeline_start = time.time() - min(at for _, at in acquired.values())  # its first results
                 for _ in range(kills):
-                    victim, _ = _holder(registry)
+                    (victim,) = {node for node, _ in _holders(registry, names).values()}
                     survivor = nodes[next(name for name in nodes if name != victim)]
-                    if standby:  # the survivor's standby warm (model loaded), as a node running for a while has it
-                        wait_for(lambda s=survivor: s.metric("maskstream_node_standby_ready") == 1, START_TIMEOUT_S,
-                                 f"a warm standby on {survivor.name}", every=0.5)
-                        takeovers = survivor.metric("maskstream_node_standby_takeovers_total")
-                    for _ in range(5):  # results flowing on the holder
-                        last_seq = sub.recv().header.seq
+                    if warm:  # the survivor's standbys warm (model loaded), as a node running for a while has them
+                        wait_for(lambda s=survivor: s.metric("maskstream_node_standby_ready") == warm, START_TIMEOUT_S,
+                                 f"{warm} warm standby pipeline(s) on {survivor.name}", every=0.5)
+                    takeovers = survivor.metric("maskstream_node_standby_takeovers_total")
+                    last_seq = _read_each(sub, names, 5, last_seq)  # results flowing on the holder
                     load = os.getloadavg()
                     nodes[victim].proc.kill()
                     killed = time.time()
                     nodes[victim].proc.wait()
-                    moved = wait_for(lambda v=victim: (h := _holder(registry)) and h[0] != v and h, 60,
-                                     "the camera's lease on the other node", every=0.05)
-                    while True:  # the first result of the camera's next run: its seq starts again
-                        message = sub.recv()
-                        if message.header.seq < last_seq:
-                            break
-                        last_seq = message.header.seq
-                    row = {"lease_s": moved[1] - killed, "first_result_s": time.time() - killed,
-                           "load_average_at_kill": load}
-                    if standby:
-                        row["standby_taken"] = survivor.metric("maskstream_node_standby_takeovers_total") > takeovers
-                    last_seq = message.header.seq
+                    lease, first = _failed_over(sub, registry, names, victim, killed, last_seq)
+                    row = {"lease_s": max(lease.values()), "first_result_s": max(first.values()),
+                           "cameras": {name: {"lease_s": lease[name], "first_result_s": first[name]}
+                                       for name in names},
+                           "load_average_at_kill": load,
+                           "standby_takeovers": survivor.metric("maskstream_node_standby_takeovers_total") - takeovers}
                     rows.append(row)
-                    print(f"failover: lease moved in {row['lease_s']:.2f} s, first new result "
-                          f"{row['first_result_s']:.2f} s after the SIGKILL (load average {load[0]:.1f})", flush=True)
-                    nodes[victim] = Node(victim, path, 2, sets, work / f"node-{victim}.log", *extra)
+                    print(f"failover: {cameras} camera(s), leases moved in "
+                          f"{', '.join(f'{lease[n]:.2f}' for n in names)} s, first new results "
+                          f"{', '.join(f'{first[n]:.2f}' for n in names)} s after the SIGKILL, "
+                          f"{row['standby_takeovers']:g} on standbys (load average {load[0]:.1f})", flush=True)
+                    nodes[victim] = Node(victim, path, capacity, sets, work / f"node-{victim}.log", *extra)
     finally:
         stop([node.proc for node in nodes.values()])
         stop(procs)
-    lease, result = [r["lease_s"] for r in rows], [r["first_result_s"] for r in rows]
-    return {"what": "SIGKILL of the node holding a live camera (3-server cluster, lease TTL "
-                    f"{config.leases.ttl_s:g} s, renewed every {config.leases.renew_interval_s:g} s; "
-                    f"{'the other node with a warm standby pipeline' if standby else 'no standby pipelines'}): "
-                    "seconds to its lease on the other node, and to its first result from there",
-            "standby": standby,
-            "kills": rows, "lease_s_median": statistics.median(lease), "lease_s_max": max(lease),
-            "first_result_s_median": statistics.median(result), "first_result_s_max": max(result),
+    lease_all = [c["lease_s"] for r in rows for c in r["cameras"].values()]
+    result_all = [c["first_result_s"] for r in rows for c in r["cameras"].values()]
+    return {"what": f"SIGKILL of the node holding {cameras} live camera(s) (3-server cluster, lease TTL "
+                    f"{config.leases.ttl_s:g} s, renewed every {config.leases.renew_interval_s:g} s; nodes of "
+                    f"capacity {capacity} with up to {standby} warm standby pipeline(s) each): seconds to each "
+                    "camera's lease on the other node, and to its first result from there; medians and maxima "
+                    "over every camera of every kill",
+            "cameras": cameras, "standby": standby, "capacity": capacity,
+            "kills": rows, "lease_s_median": statistics.median(lease_all), "lease_s_max": max(lease_all),
+            "first_result_s_median": statistics.median(result_all), "first_result_s_max": max(result_all),
             "goal_s": FAILOVER_GOAL_S, "pipeline_start_s": pipeline_start}
 
 
-def _holder(registry: CameraRegistry) -> tuple[str, float]:
-    for row in registry.status():
-        if row.camera.name == "cam" and row.lease is not None:
-            return row.lease.node, row.lease.acquired_at
-    raise FleetUnavailable("no holder yet")
+def _holders(registry: CameraRegistry, names: list[str]) -> dict[str, tuple[str, float]]:
+    """Each camera's (node, lease acquired_at); FleetUnavailable while one has no holder."""
+    held = {row.camera.name: (row.lease.node, row.lease.acquired_at) for row in registry.status()
+            if row.camera.name in names and row.lease is not None}
+    if len(held) < len(names):
+        raise FleetUnavailable("not every camera has a holder yet")
+    return held
+
+
+def _read_each(sub: ResultSubscriber, names: list[str], count: int,
+               last_seq: dict[str, int] | None = None) -> dict[str, int]:
+    """Read until every camera gave `count` more results; each one's last seq."""
+    last_seq, seen = dict(last_seq or {}), dict.fromkeys(names, 0)
+    while min(seen.values()) < count:
+        message = sub.recv()
+        last_seq[message.header.stream_id] = message.header.seq
+        seen[message.header.stream_id] += 1
+    return last_seq
+
+
+def _failed_over(sub: ResultSubscriber, registry: CameraRegistry, names: list[str], victim: str, killed: float,
+                 last_seq: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds from the kill to each camera's lease off the victim, and to its next run's first
+    result (its seq starts again), both watched at once."""
+    lease: dict[str, float] = {}
+    first: dict[str, float] = {}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    asked = 0.0
+    while len(lease) < len(names) or len(first) < len(names):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"failover: leases {lease}, first results {first} within {START_TIMEOUT_S:g} s")
+        if len(lease) < len(names) and time.monotonic() - asked >= 0.05:
+            asked = time.monotonic()
+            try:
+                rows = registry.status()
+            except FleetUnavailable:
+                rows = []
+            for row in rows:
+                if row.camera.name in names and row.lease is not None and row.lease.node != victim:
+                    lease.setdefault(row.camera.name, row.lease.acquired_at - killed)
+        try:
+            message = sub.recv(timeout_s=0.05)
+        except TimeoutError:
+            continue
+        name, seq = message.header.stream_id, message.header.seq
+        if name not in first and seq < last_seq[name]:
+            first[name] = time.time() - killed
+        last_seq[name] = seq
+    return lease, first
 
 
 def main() -> None:
@@ -328,13 +381,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline setting")
-    parser.add_argument("--no-standby", action="store_true", help="failover without the nodes' standby pipelines")
+    parser.add_argument("--cameras", type=int, default=1, help="failover: cameras on the node that is killed")
+    parser.add_argument("--standby", type=int, default=1, help="failover: each node's warm standby pipelines "
+                        "(`maskstream node --standby`)")
+    parser.add_argument("--no-standby", dest="standby", action="store_const", const=0,
+                        help="failover without standby pipelines (--standby 0)")
     parser.add_argument("--only", choices=("overhead", "failover"), help="measure only this")
     add_output_options(parser)
     args = parse_args(parser, {"files": 1, "frames": 6, "rounds": 1, "kills": 1}, None)
-    for name in ("files", "frames", "rounds", "kills"):
+    for name in ("files", "frames", "rounds", "kills", "cameras"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected at least 1")
+    if args.standby < 0:
+        parser.error("--standby: expected 0 or more")
     out = results_file(parser, args, "fleet.json")
     sets = [*tiny_run_overrides(), *args.set]
     codec = "libx264" if "libx264" in av.codecs_available else None
@@ -355,7 +414,7 @@ def main() -> None:
         if args.only != "failover":
             result["overhead"] = overhead(files, args.rounds, sets, work)
         if args.only != "overhead":
-            result["failover"] = failover(args.kills, sets, work, clip, standby=not args.no_standby)
+            result["failover"] = failover(args.kills, sets, work, clip, args.cameras, args.standby)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -366,7 +425,8 @@ def main() -> None:
               f"{o['run_steady_fps_median']:.2f}, fleet {o['fleet_steady_fps_median']:.2f} frames/s, ratio "
               f"{o['steady_ratio']:.3f}")
     if f is not None:
-        print(f"failover over {len(f['kills'])} kill(s): lease moved median {f['lease_s_median']:.2f} s, max "
+        print(f"failover over {len(f['kills'])} kill(s) of a node with {f['cameras']} camera(s): lease moved "
+              f"median {f['lease_s_median']:.2f} s, max "
               f"{f['lease_s_max']:.2f} s; first new result median {f['first_result_s_median']:.2f} s, max "
               f"{f['first_result_s_max']:.2f} s (goal {FAILOVER_GOAL_S:.0f} s; a pipeline start here took "
               f"{f['pipeline_start_s']:.2f} s)")

@@ -209,6 +209,10 @@ def check_fleet(result: dict[str, Any]) -> None:
     positive(kill["lease_s"], kill["first_result_s"], failover["lease_s_median"], failover["lease_s_max"],
              failover["first_result_s_median"], failover["first_result_s_max"], failover["pipeline_start_s"])
     assert kill["lease_s"] <= kill["first_result_s"]  # the new holder publishes after it holds the lease
+    assert (failover["cameras"], failover["standby"], list(kill["cameras"])) == (1, 1, ["cam0"])
+    assert kill["cameras"]["cam0"] == {"lease_s": kill["lease_s"], "first_result_s": kill["first_result_s"]}
+    assert kill["standby_takeovers"] == 1  # the other node's warm standby took the camera over
+    load_averages(kill["load_average_at_kill"])
 
 
 def check_record_training(result: dict[str, Any]) -> None:
