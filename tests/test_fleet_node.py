@@ -232,6 +232,20 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             for camera in ("cam0", "cam1", "cam2", "cam3"):
                 for run in runs_of(collector.messages(camera)):
                     check_every_frame_published_or_counted(run)
+
+            # a camera removed leaves room for one standby (of the two --standby allows); once the
+            # fleet's last camera is removed, the node stops it
+            done = maskstream("fleet", "remove", "cam1", "--fleet-config", str(path))
+            assert done.returncode == 0, done.stderr
+            wait_for(lambda: 'maskstream_node_standby_ready{stage="node"} 1' in survivor.metrics(), FIRST_RESULT_S,
+                     "a standby in the room cam1 left", every=0.5)
+            for camera in ("cam2", "cam3"):
+                done = maskstream("fleet", "remove", camera, "--fleet-config", str(path))
+                assert done.returncode == 0, done.stderr
+            survivor.wait_for_log("standby pipeline stopped (no cameras in the fleet)", 30)
+            metrics = survivor.metrics()
+            for line in ('maskstream_node_standby_ready{stage="node"} 0', 'maskstream_node_streams{stage="node"} 0'):
+                assert line in metrics, metrics
         finally:
             collector.close()
 
