@@ -8,11 +8,20 @@
 
 The server runs under the system Python, which has PyGObject; `make rtsp-server-deps`
 installs the Debian packages. Without them, tests using the fixture skip and say so.
+
+`loop=True` serves a copy of the video repeated back to back for at least LOOP_S seconds
+(`looped_copy`: the packets remuxed with shifted timestamps, nothing re-encoded), so a camera's
+stream runs for the whole of a test with timestamps that keep increasing. The server once looped
+by seeking its pipeline back at each segment's end instead; the first, flushing seek raced with
+the server's own seek on PLAY and now and then left a new client's session silent until its
+read timed out.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import hashlib
 import os
 import selectors
 import signal
@@ -22,12 +31,50 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import av
 import pytest
 
 # The Debian python3 that the gir1.2/python3-gi packages belong to, not the venv's.
 SYSTEM_PYTHON = os.environ.get("MASKSTREAM_RTSP_PYTHON", "/usr/bin/python3")
 SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
 READY_TIMEOUT_S = 15.0
+# GStreamer's warnings, and each RTSP request and client's coming and going, in the server's log.
+GST_DEBUG = "2,rtspclient:4,rtspmedia:4"
+LOOP_S = 600.0  # a looped camera's stream lasts at least this long; after it, the stream ends
+
+
+def looped_copy(video: Path, folder: Path, seconds: float = LOOP_S) -> Path:
+    """`video`'s video track repeated back to back for at least `seconds`, remuxed into `folder`
+    (made once per video and length: later calls return the same file)."""
+    digest = hashlib.sha256(video.read_bytes()).hexdigest()[:16]
+    out = folder / f"{video.stem}-{digest}-loop{int(seconds)}.mkv"
+    if out.exists():
+        return out
+    partial = out.with_suffix(".partial.mkv")
+    with av.open(str(video)) as source, av.open(str(partial), "w", format="matroska") as target:
+        stream = source.streams.video[0]
+        packets = [p for p in source.demux(stream) if p.size]
+        if not packets or any(p.pts is None for p in packets):
+            raise ValueError(f"{video}: looping needs a pts on every video packet")
+        pts = [int(p.pts) for p in packets]  # decode order
+        times = sorted(pts)
+        # Decode timestamps made afresh (a container such as Matroska may store none, and the muxer
+        # needs them): the presentation times in order, moved back by the largest reordering, so
+        # each is at most its packet's pts and they increase.
+        reorder = max(t - p for t, p in zip(times, pts))
+        dts = [t - reorder for t in times]
+        step = sorted(b - a for a, b in zip(times, times[1:]))[len(times) // 2 - 1] if len(times) > 1 else 1
+        period = times[-1] - times[0] + step  # one pass of the file, in the stream's time base
+        copies = max(1, -(-int(seconds / float(stream.time_base)) // period))  # ceil
+        copy = target.add_stream_from_template(stream)
+        for k in range(copies):
+            for packet, p, d in zip(packets, pts, dts):
+                shifted = av.Packet(bytes(packet))
+                shifted.pts, shifted.dts = p + k * period, d + k * period
+                shifted.time_base, shifted.is_keyframe, shifted.stream = stream.time_base, packet.is_keyframe, copy
+                target.mux(shifted)
+    partial.rename(out)
+    return out
 
 
 @functools.cache
@@ -47,18 +94,22 @@ def rtsp_server_missing() -> str | None:
 class RtspServer:
     """One server process serving `video` at self.url; start/stop/kill/start again."""
 
-    def __init__(self, video: Path, loop: bool = False) -> None:
+    def __init__(self, video: Path, loop: bool = False, log: Path | None = None) -> None:
         self.video, self.loop = Path(video), loop
+        self._served = looped_copy(self.video, _loops_folder()) if loop else self.video
         self.port = 0  # 0 until the first start picked a free one; restarts reuse it
         self.url = ""
         self._proc: subprocess.Popen[str] | None = None
-        self._log = tempfile.TemporaryFile(mode="w+")
+        # The server's stderr (GStreamer's warnings included): kept in `log` when given, so a
+        # failed test's temporary folder shows what the camera saw.
+        self._log = log.open("a+") if log is not None else tempfile.TemporaryFile(mode="w+")
 
     def start(self) -> str:
         assert self._proc is None, "already running"
-        args = [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self.video), "--port", str(self.port)]
+        args = [SYSTEM_PYTHON, str(SERVER_SCRIPT), str(self._served), "--port", str(self.port)]
         self._proc = subprocess.Popen(
-            [*args, "--loop"] if self.loop else args, stdout=subprocess.PIPE, stderr=self._log, text=True
+            args, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, "GST_DEBUG": os.environ.get("GST_DEBUG", GST_DEBUG), "GST_DEBUG_NO_COLOR": "1"},
         )
         line = self._wait_ready()
         self.url = line.split()[1]
@@ -114,8 +165,16 @@ class RtspServer:
         self._log.close()
 
 
+@functools.cache
+def _loops_folder() -> Path:
+    """Where looped copies are kept: one folder for the test session, removed at its end."""
+    folder = tempfile.TemporaryDirectory(prefix="maskstream-rtsp-loops-")
+    atexit.register(folder.cleanup)
+    return Path(folder.name)
+
+
 @pytest.fixture
-def rtsp_server() -> Iterator[Callable[..., RtspServer]]:
+def rtsp_server(tmp_path: Path) -> Iterator[Callable[..., RtspServer]]:
     """A factory: rtsp_server(video, loop=False) -> a started RtspServer; all stopped at teardown."""
     missing = rtsp_server_missing()
     if missing:
@@ -123,7 +182,7 @@ def rtsp_server() -> Iterator[Callable[..., RtspServer]]:
     servers: list[RtspServer] = []
 
     def start(video: Path, loop: bool = False) -> RtspServer:
-        server = RtspServer(video, loop)
+        server = RtspServer(video, loop, log=tmp_path / f"rtsp-server-{len(servers)}.log")
         servers.append(server)
         server.start()
         return server

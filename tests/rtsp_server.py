@@ -3,7 +3,7 @@
 Run it with the system Python, which has PyGObject (`make rtsp-server-deps` installs the
 Debian packages):
 
-    /usr/bin/python3 tests/rtsp_server.py VIDEO [--port 0] [--loop]
+    /usr/bin/python3 tests/rtsp_server.py VIDEO [--port 0]
 
 It prints `READY rtsp://127.0.0.1:PORT/stream` on stdout once the port is listening
 (`--port 0` picks a free port), then serves until killed. The H.264 track of an .mp4/.mov
@@ -11,9 +11,9 @@ or .mkv/.webm file is payloaded without re-encoding, paced in real time. Every c
 its own session from the start of the file (the media is not shared), over UDP or TCP
 interleaved, whichever it asks for.
 
-`--loop` plays the file again and again without a gap: the pipeline runs a segment seek
-and, at each SEGMENT_DONE, seeks back to the start without flushing, so running time (and
-with it the RTP timestamps) keeps increasing as in a live camera.
+Each client's session ends when the file does. For a camera that streams as long as a test
+runs, the `rtsp_server` fixture serves a copy of the file repeated back to back
+(tests/rtsp_fixtures.py, `loop=True`).
 
 This file is not imported by pytest (it needs `gi`, which the project's venv lacks);
 tests/rtsp_fixtures.py starts it as a subprocess.
@@ -48,51 +48,11 @@ def launch_line(video: Path) -> str:
     )
 
 
-class LoopingFactory(GstRtspServer.RTSPMediaFactory):
-    """Adds gapless looping to each media pipeline it makes (see the module docstring)."""
-
-    def __init__(self, loop: bool) -> None:
-        super().__init__()
-        self._loop = loop
-        self.connect("media-configure", self._on_media_configure)
-
-    def _on_media_configure(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
-        if not self._loop:
-            return
-        pipeline = media.get_element().get_parent() or media.get_element()
-        bus = pipeline.get_bus()
-        # RTSPMedia owns the bus watch; sync messages are delivered besides it, in the
-        # streaming thread, where a non-flushing seek is allowed.
-        bus.enable_sync_message_emission()
-        started = {"done": False}
-
-        def on_sync(_bus: Gst.Bus, message: Gst.Message) -> None:
-            if message.type == Gst.MessageType.SEGMENT_DONE:
-                pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.SEGMENT, 0)
-
-        def on_state(_media: object, state: int) -> None:
-            # The first PLAY turns the normal segment into a looping one (once per media).
-            if state == Gst.State.PLAYING and not started["done"]:
-                started["done"] = True
-                GLib.idle_add(
-                    lambda: (
-                        pipeline.seek_simple(
-                            Gst.Format.TIME, Gst.SeekFlags.FLUSH | Gst.SeekFlags.SEGMENT | Gst.SeekFlags.ACCURATE, 0
-                        )
-                        and False
-                    )
-                )
-
-        bus.connect("sync-message", on_sync)
-        media.connect("new-state", on_state)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video", type=Path)
     parser.add_argument("--port", type=int, default=8554, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--loop", action="store_true", help="play the file forever")
     args = parser.parse_args()
     video = args.video.resolve()
     if not video.is_file():
@@ -102,7 +62,13 @@ def main() -> None:
     server = GstRtspServer.RTSPServer()
     server.set_address(args.host)
     server.set_service(str(args.port))
-    factory = LoopingFactory(args.loop)
+    # A thread (and main context) per client, as a camera serves its clients independently. With
+    # GstRtspServer's default pool of one thread, every client shares it, and a client that leaves
+    # mid-stream (closed or killed) can stall it: tearing its media down waits on a streaming
+    # thread that waits for that same context to drain the closed connection's backlog, so new
+    # clients connect but get no reply until the wait times out, a minute or more later.
+    server.get_thread_pool().set_max_threads(-1)
+    factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(launch_line(video))
     factory.set_shared(False)
     server.get_mount_points().add_factory("/stream", factory)
