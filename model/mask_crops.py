@@ -11,8 +11,13 @@ no float probabilities. The crops are those of `model.postprocess.paste_mask_cro
 only differ from the numpy paste where its probability lies within one float32 step of the
 threshold (the last rounding of a blend, as between numpy's and torch's CPU pastes).
 
+`packed_crops` does the same for the instances of several frames at once (an inference batch: one
+pass, one copy back) and packs each frame's crop pixels into bits on the device, as np.packbits
+would (the form RawDetections.crop_bits carries), so the copy back is an eighth of the bytes.
+
     crops = binary_crops(mask_probs, boxes, frame_hw)   # [N, M, M] probs, [N, 4] frame-pixel boxes
     for crop, (x0, y0) in crops: encode_crop_rle(crop, (x0, y0))
+    for crop_boxes, bits in packed_crops(mask_probs, boxes, frames_hw, counts): ...
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from maskstream.model.postprocess import expand_boxes
 
-__all__ = ["binary_crops"]
+__all__ = ["binary_crops", "packed_crops"]
 
 
 def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequence[int], threshold: float = 0.5
@@ -31,16 +36,79 @@ def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequen
     """float [N, M, M] mask probabilities and float32 [N, 4] xyxy boxes in frame pixels (same
     device) -> per instance (bool crop [h, w] of its pasted mask inside the frame, (x0, y0) where
     the crop's top-left pixel lies): paste_mask_cropped(...) > threshold for each, in one pass."""
+    _check(mask_probs, boxes)
+    count = mask_probs.shape[0]
+    im_h, im_w = (int(v) for v in frame_hw)
+    crop_boxes, above = _crop_pixels(mask_probs, boxes, np.array([[im_h, im_w]] * count, np.int64).reshape(-1, 2),
+                                     threshold)
+    flat = above.cpu().numpy()
+    crops, start = [], 0
+    for x0, y0, x1, y1 in crop_boxes.tolist():
+        h, w = y1 - y0, x1 - x0
+        crops.append((flat[start : start + h * w].reshape(h, w), (x0, y0)))
+        start += h * w
+    return crops
+
+
+def packed_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: Sequence[Sequence[int]],
+                 counts: Sequence[int], threshold: float = 0.5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The instances of several frames, back to back (counts[f] of frame f, whose size is
+    frames_hw[f]): float [N, M, M] probabilities and float32 [N, 4] frame-pixel boxes on one
+    device -> per frame (int32 [n, 4] crop boxes x0, y0, x1, y1, ends exclusive, inside the frame;
+    uint8 [ceil(P / 8)] its P crop pixels, each crop row by row, back to back, packed as
+    np.packbits packs them: the first pixel in the high bit, the last byte's spare bits 0).
+    The crops are binary_crops' (the same pixels); one pass and one copy back for all frames."""
+    _check(mask_probs, boxes)
+    counts = [int(n) for n in counts]
+    if len(counts) != len(frames_hw) or any(n < 0 for n in counts) or sum(counts) != mask_probs.shape[0]:
+        raise ValueError(f"counts: expected one count >= 0 per frame ({len(frames_hw)}) adding up to the "
+                         f"{mask_probs.shape[0]} instances, got {counts}")
+    sizes = np.asarray([[int(h), int(w)] for h, w in frames_hw], np.int64).reshape(-1, 2)
+    frame_of = np.repeat(np.arange(len(counts)), counts)  # [N]
+    crop_boxes, above = _crop_pixels(mask_probs, boxes, sizes[frame_of], threshold)
+    areas = (crop_boxes[:, 2] - crop_boxes[:, 0]).astype(np.int64) * (crop_boxes[:, 3] - crop_boxes[:, 1])
+    ends = np.cumsum(counts, dtype=np.int64)
+    pixels_before = np.concatenate([[0], np.cumsum(areas)])  # [N + 1]
+    frame_pixels = pixels_before[ends] - pixels_before[ends - counts]  # [F]
+    frame_bytes = (frame_pixels + 7) // 8
+    total_bytes = int(frame_bytes.sum())
+    if total_bytes:
+        device = mask_probs.device
+        # Each pixel's place in its own frame's bits: its global index less the pixels of the frames before.
+        pixel_frame = torch.repeat_interleave(torch.from_numpy(frame_of).to(device),
+                                              torch.from_numpy(areas).to(device), output_size=len(above))
+        local = torch.arange(len(above), device=device) - torch.from_numpy(
+            np.cumsum(frame_pixels) - frame_pixels).to(device)[pixel_frame]
+        byte = torch.from_numpy(np.cumsum(frame_bytes) - frame_bytes).to(device)[pixel_frame] + local // 8
+        bit = above.to(torch.int32) << (7 - local % 8).to(torch.int32)
+        packed = torch.zeros(total_bytes, dtype=torch.int32, device=device).index_add_(0, byte, bit)
+        host = packed.to(torch.uint8).cpu().numpy()
+    else:
+        host = np.zeros(0, np.uint8)
+    out, box_start, byte_start = [], 0, 0
+    for n, nbytes in zip(counts, frame_bytes.tolist()):
+        out.append((crop_boxes[box_start : box_start + n], host[byte_start : byte_start + nbytes]))
+        box_start, byte_start = box_start + n, byte_start + nbytes
+    return out
+
+
+def _check(mask_probs: torch.Tensor, boxes: torch.Tensor) -> None:
     if mask_probs.ndim != 3 or mask_probs.shape[1] != mask_probs.shape[2] or not mask_probs.is_floating_point():
         raise ValueError(f"mask_probs: expected floating [N, M, M], got {mask_probs.dtype} {list(mask_probs.shape)}")
     if boxes.shape != (mask_probs.shape[0], 4) or not boxes.is_floating_point():
         raise ValueError(f"boxes: expected floating [{mask_probs.shape[0]}, 4] xyxy, got {boxes.dtype} "
                          f"{list(boxes.shape)}")
-    im_h, im_w = (int(v) for v in frame_hw)
+
+
+def _crop_pixels(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: np.ndarray, threshold: float
+                 ) -> tuple[np.ndarray, torch.Tensor]:
+    """Every instance's in-frame crop (frames_hw: int64 [N, 2], each box's own frame): (int32 [N, 4]
+    crop boxes, ends exclusive; bool [P] on the masks' device, the crops' pixels row by row, back to back)."""
     count, size = mask_probs.shape[0], mask_probs.shape[1]
-    if count == 0:
-        return []
     device = mask_probs.device
+    if count == 0:
+        return np.zeros((0, 4), np.int32), torch.zeros(0, dtype=torch.bool, device=device)
+    im_h, im_w = frames_hw[:, 0], frames_hw[:, 1]
     padded = F.pad(mask_probs.float(), (1, 1, 1, 1)).reshape(-1)  # [N * n * n], n = M + 2
     n = size + 2
     ints = expand_boxes(boxes, float(n) / size).to(torch.int64)  # [N, 4] the integer boxes, torchvision's
@@ -49,12 +117,12 @@ def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequen
     out_w, out_h = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)  # the resized mask's size
     x0, y0 = np.clip(bx0, 0, im_w), np.clip(by0, 0, im_h)
     x1, y1 = np.maximum(np.minimum(bx1 + 1, im_w), x0), np.maximum(np.minimum(by1 + 1, im_h), y0)
+    crop_boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.int32)
     crop_w, crop_h = x1 - x0, y1 - y0
     sizes = crop_w * crop_h
     total = int(sizes.sum())
-    origins = [(int(a), int(b)) for a, b in zip(x0, y0)]
     if total == 0:
-        return [(np.zeros((int(h), int(w)), bool), o) for h, w, o in zip(crop_h, crop_w, origins)]
+        return crop_boxes, torch.zeros(0, dtype=torch.bool, device=device)
 
     def on_device(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device, non_blocking=True)
@@ -82,13 +150,7 @@ def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequen
     # torch's order: each source row blended across x first, then the two rows across y
     top = w_left * padded[top_row + left] + w_right * padded[top_row + right]
     bottom = w_left * padded[bottom_row + left] + w_right * padded[bottom_row + right]
-    above = (y_w0[row] * top + y_w1[row] * bottom) > threshold  # [P] bool: the only pixels copied back
-    flat = above.cpu().numpy()
-    crops, start = [], 0
-    for h, w, origin in zip(crop_h, crop_w, origins):
-        crops.append((flat[start : start + h * w].reshape(int(h), int(w)), origin))
-        start += int(h * w)
-    return crops
+    return crop_boxes, (y_w0[row] * top + y_w1[row] * bottom) > threshold  # [P] bool: the only pixels copied back
 
 
 def _taps(out_index: torch.Tensor, out_size: torch.Tensor, in_size: int
