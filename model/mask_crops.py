@@ -5,7 +5,8 @@ The postprocess stage pastes each instance's 28x28 probabilities into its box in
 paste for every instance of a frame at once, as torch ops on the masks' device: one flat tensor
 holds the in-frame crops of all boxes back to back, each pixel's bilinear blend computed from its
 box's taps (torchvision's `paste_masks_in_image`: the box grown by (M + 2) / M, the integer box,
-`F.interpolate(..., mode="bilinear", align_corners=False)` of the zero-padded mask), thresholded
+`F.interpolate(..., mode="bilinear", align_corners=False)` of the zero-padded mask; each crop
+column's blend across x of every source row made once, then each pixel's across y), thresholded
 there, and copied to the host once: the crops' pixels as bytes, nothing of the rest of the frame,
 no float probabilities. The crops are those of `model.postprocess.paste_mask_cropped`; a pixel may
 only differ from the numpy paste where its probability lies within one float32 step of the
@@ -73,16 +74,11 @@ def packed_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: Seque
     frame_bytes = (frame_pixels + 7) // 8
     total_bytes = int(frame_bytes.sum())
     if total_bytes:
-        device = mask_probs.device
-        # Each pixel's place in its own frame's bits: its global index less the pixels of the frames before.
-        pixel_frame = torch.repeat_interleave(torch.from_numpy(frame_of).to(device),
-                                              torch.from_numpy(areas).to(device), output_size=len(above))
-        local = torch.arange(len(above), device=device) - torch.from_numpy(
-            np.cumsum(frame_pixels) - frame_pixels).to(device)[pixel_frame]
-        byte = torch.from_numpy(np.cumsum(frame_bytes) - frame_bytes).to(device)[pixel_frame] + local // 8
-        bit = above.to(torch.int32) << (7 - local % 8).to(torch.int32)
-        packed = torch.zeros(total_bytes, dtype=torch.int32, device=device).index_add_(0, byte, bit)
-        host = packed.to(torch.uint8).cpu().numpy()
+        # Each frame's pixels padded with zeros to whole bytes, then eight pixels to a byte, the first the high bit.
+        bits = torch.cat([F.pad(above[end - pixels : end].to(torch.uint8), (0, int(-pixels % 8)))
+                          for end, pixels in zip(np.cumsum(frame_pixels).tolist(), frame_pixels.tolist()) if pixels])
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=mask_probs.device)
+        host = (bits.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8).cpu().numpy()
     else:
         host = np.zeros(0, np.uint8)
     out, box_start, byte_start = [], 0, 0
@@ -109,7 +105,7 @@ def _crop_pixels(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: np.nd
     if count == 0:
         return np.zeros((0, 4), np.int32), torch.zeros(0, dtype=torch.bool, device=device)
     im_h, im_w = frames_hw[:, 0], frames_hw[:, 1]
-    padded = F.pad(mask_probs.float(), (1, 1, 1, 1)).reshape(-1)  # [N * n * n], n = M + 2
+    padded = F.pad(mask_probs.float(), (1, 1, 1, 1))  # [N, n, n], n = M + 2
     n = size + 2
     ints = expand_boxes(boxes, float(n) / size).to(torch.int64)  # [N, 4] the integer boxes, torchvision's
     # The crop geometry, on the host: it sizes the flat output and is the crops' placement anyway.
@@ -133,24 +129,27 @@ def _crop_pixels(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: np.nd
                                       output_size=int(crop_h.sum()))
     col_box = torch.repeat_interleave(torch.arange(count, device=device), on_device(crop_w),
                                       output_size=int(crop_w.sum()))
+    col_start = on_device(np.cumsum(crop_w) - crop_w)  # [N] each box's first column among all columns
     row_in_box = torch.arange(len(row_box), device=device) - on_device(np.cumsum(crop_h) - crop_h)[row_box]
-    col_in_box = torch.arange(len(col_box), device=device) - on_device(np.cumsum(crop_w) - crop_w)[col_box]
+    col_in_box = torch.arange(len(col_box), device=device) - col_start[col_box]
     y_lo, y_hi, y_w0, y_w1 = _taps(row_in_box + on_device(y0 - by0)[row_box], on_device(out_h)[row_box], n)
     x_lo, x_hi, x_w0, x_w1 = _taps(col_in_box + on_device(x0 - bx0)[col_box], on_device(out_w)[col_box], n)
-    # Each pixel: its box, its crop row (global row index) and crop column (global column index).
-    box = torch.repeat_interleave(torch.arange(count, device=device), on_device(sizes), output_size=total)  # [P]
-    local = torch.arange(total, device=device) - on_device(np.cumsum(sizes) - sizes)[box]
-    width = on_device(crop_w)[box]
-    in_row = local // width
-    row = on_device(np.cumsum(crop_h) - crop_h)[box] + in_row
-    col = on_device(np.cumsum(crop_w) - crop_w)[box] + (local - in_row * width)
-    base = box * (n * n)
-    top_row, bottom_row = base + y_lo[row] * n, base + y_hi[row] * n
-    left, right, w_left, w_right = x_lo[col], x_hi[col], x_w0[col], x_w1[col]
-    # torch's order: each source row blended across x first, then the two rows across y
-    top = w_left * padded[top_row + left] + w_right * padded[top_row + right]
-    bottom = w_left * padded[bottom_row + left] + w_right * padded[bottom_row + right]
-    return crop_boxes, (y_w0[row] * top + y_w1[row] * bottom) > threshold  # [P] bool: the only pixels copied back
+    # torch's order: each source row blended across x first (here every source row of each crop
+    # column: [columns, n], few), then, per pixel, the two source rows of its crop row across y.
+    source_rows = torch.arange(n, device=device)[None, :]
+    across = (x_w0[:, None] * padded[col_box[:, None], source_rows, x_lo[:, None]]
+              + x_w1[:, None] * padded[col_box[:, None], source_rows, x_hi[:, None]]).reshape(-1)  # [columns * n]
+    # Pixels in crop order (box, row, column): crop row r holds the crop width of its box, so
+    # pixel p of row r (whose first pixel is s) is column col_start + p - s, at index
+    # (col_start + p - s) * n + y_lo[r] of `across`: n * p plus a per-row offset.
+    row_width = crop_w[row_box.cpu().numpy()] if len(row_box) else np.zeros(0, np.int64)
+    widths = on_device(row_width)
+    row_offset = n * (col_start[row_box] - on_device(np.cumsum(row_width) - row_width)) + y_lo
+    top = n * torch.arange(total, device=device) + torch.repeat_interleave(row_offset, widths, output_size=total)
+    bottom = top + torch.repeat_interleave(y_hi - y_lo, widths, output_size=total)
+    blend = (torch.repeat_interleave(y_w0, widths, output_size=total) * across[top]
+             + torch.repeat_interleave(y_w1, widths, output_size=total) * across[bottom])
+    return crop_boxes, blend > threshold  # [P] bool: the only pixels copied back
 
 
 def _taps(out_index: torch.Tensor, out_size: torch.Tensor, in_size: int

@@ -93,8 +93,8 @@ def test_masks_pasted_in_the_inference_process_publish_what_postprocess_pastes(c
     lines, sets = {}, [*TINY_MODEL_SETS, "infer.masks=probs"]
     for masks in ("probs", "crops"):
         out = tmp_path / f"{masks}.jsonl"
-        code, _, stderr = maskstream_run(["--source", str(a), "--out", str(out), "--decode", "cpu"],
-                                         tmp_path, extra_sets=[f"infer.masks={masks}"])
+        code, _, stderr = maskstream_run(["--source", str(a), "--out", str(out), "--decode", "cpu", "--masks", masks],
+                                         tmp_path)
         assert code == 0, stderr
         lines[masks] = detections(out)
     assert [line["seq"] for line in lines["crops"]] == list(range(13))  # 12 frames + EndOfStream

@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,14 +266,8 @@ class InferStage(Stage):
 
     def _crops(self, batch: _Batch, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each frame's (crop boxes, crop bits): its masks pasted and thresholded on the device."""
-        on_device = batch.outputs.tensors()
-        probs = torch.cat([on_device["mask_probs"][i, :n] for i, n in enumerate(counts)])
-        boxes = torch.cat([on_device["boxes"][i, :n] for i, n in enumerate(counts)]).to(torch.float32)
-        # model-input pixels -> frame pixels: the postprocess stage's float32 products, made here
-        ratios = np.concatenate([np.broadcast_to(box_ratios(m.valid_hw, m.frame_hw), (n, 4))
-                                 for m, n in zip(batch.frames, counts)]).reshape(-1, 4)
-        frame_boxes = boxes * torch.from_numpy(ratios).to(boxes.device)
-        return packed_crops(probs, frame_boxes, [m.frame_hw for m in batch.frames], counts, self.config.mask_threshold)
+        return device_crops(batch.outputs.tensors(), [(m.valid_hw, m.frame_hw) for m in batch.frames], counts,
+                            self.config.mask_threshold)
 
     def progress(self) -> tuple[StreamProgress, ...]:
         return tuple(StreamProgress(s, n, self.drops.get(s, 0)) for s, n in self.frames.items())
@@ -280,6 +275,21 @@ class InferStage(Stage):
     def close(self) -> None:
         if self.page_locks is not None:  # before the stage loop unmaps the rings
             self.page_locks.close()
+
+
+def device_crops(outputs: dict[str, torch.Tensor], frames: Sequence[tuple[tuple[int, int], tuple[int, int]]],
+                 counts: Sequence[int], threshold: float = 0.5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A batch's masks pasted and thresholded where the runner left them (outputs: a PendingBatch's
+    tensors(), boxes [B, K, 4] in model-input pixels and mask_probs [B, K, M, M]; each frame's
+    (valid_hw, frame_hw) and instance count) -> each frame's (crop boxes, crop bits), as
+    RawDetections carries them."""
+    probs = torch.cat([outputs["mask_probs"][i, :n] for i, n in enumerate(counts)])
+    boxes = torch.cat([outputs["boxes"][i, :n] for i, n in enumerate(counts)]).to(torch.float32)
+    # model-input pixels -> frame pixels: the postprocess stage's float32 products, made here
+    ratios = np.concatenate([np.broadcast_to(box_ratios(valid_hw, frame_hw), (n, 4))
+                             for (valid_hw, frame_hw), n in zip(frames, counts)]).reshape(-1, 4)
+    frame_boxes = boxes * torch.from_numpy(ratios).to(boxes.device)
+    return packed_crops(probs, frame_boxes, [frame_hw for _, frame_hw in frames], counts, threshold)
 
 
 def main(config: InferConfig, wiring: Wiring) -> None:
