@@ -40,9 +40,9 @@ def binary_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frame_hw: Sequen
     _check(mask_probs, boxes)
     count = mask_probs.shape[0]
     im_h, im_w = (int(v) for v in frame_hw)
-    crop_boxes, above = _crop_pixels(mask_probs, boxes, np.array([[im_h, im_w]] * count, np.int64).reshape(-1, 2),
-                                     threshold)
-    flat = above.cpu().numpy()
+    frames_hw = np.array([[im_h, im_w]] * count, np.int64).reshape(-1, 2)
+    ints = _integer_boxes(boxes, mask_probs.shape[1])
+    crop_boxes, flat = _crop_boxes(ints, frames_hw), _crop_pixels(mask_probs, ints, frames_hw, threshold).cpu().numpy()
     crops, start = [], 0
     for x0, y0, x1, y1 in crop_boxes.tolist():
         h, w = y1 - y0, x1 - x0
@@ -65,27 +65,48 @@ def packed_crops(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: Seque
         raise ValueError(f"counts: expected one count >= 0 per frame ({len(frames_hw)}) adding up to the "
                          f"{mask_probs.shape[0]} instances, got {counts}")
     sizes = np.asarray([[int(h), int(w)] for h, w in frames_hw], np.int64).reshape(-1, 2)
-    frame_of = np.repeat(np.arange(len(counts)), counts)  # [N]
-    crop_boxes, above = _crop_pixels(mask_probs, boxes, sizes[frame_of], threshold)
+    box_frames = sizes[np.repeat(np.arange(len(counts)), counts)]  # [N, 2] each box's frame
+    ints = _integer_boxes(boxes, mask_probs.shape[1])
+    crop_boxes = _crop_boxes(ints, box_frames)
     areas = (crop_boxes[:, 2] - crop_boxes[:, 0]).astype(np.int64) * (crop_boxes[:, 3] - crop_boxes[:, 1])
-    ends = np.cumsum(counts, dtype=np.int64)
+    box_ends = np.cumsum(counts, dtype=np.int64)
     pixels_before = np.concatenate([[0], np.cumsum(areas)])  # [N + 1]
-    frame_pixels = pixels_before[ends] - pixels_before[ends - counts]  # [F]
+    frame_pixels = pixels_before[box_ends] - pixels_before[box_ends - counts]  # [F]
     frame_bytes = (frame_pixels + 7) // 8
-    total_bytes = int(frame_bytes.sum())
-    if total_bytes:
-        # Each frame's pixels padded with zeros to whole bytes, then eight pixels to a byte, the first the high bit.
-        bits = torch.cat([F.pad(above[end - pixels : end].to(torch.uint8), (0, int(-pixels % 8)))
-                          for end, pixels in zip(np.cumsum(frame_pixels).tolist(), frame_pixels.tolist()) if pixels])
-        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=mask_probs.device)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=mask_probs.device)
+    packed: list[np.ndarray] = []
+    for first, last in _chunks(frame_pixels.tolist()):  # frames first..last-1
+        b0, b1 = int(box_ends[first] - counts[first]), int(box_ends[last - 1])
+        if not frame_pixels[first:last].sum():
+            packed += [np.zeros(0, np.uint8)] * (last - first)
+            continue
+        above = _crop_pixels(mask_probs[b0:b1], ints[b0:b1], box_frames[b0:b1], threshold)
+        # each frame's pixels padded with zeros to whole bytes, then eight pixels to a byte, the first the high bit
+        pixels = frame_pixels[first:last].tolist()
+        bits = torch.cat([F.pad(above[end - n : end].to(torch.uint8), (0, -n % 8))
+                          for end, n in zip(np.cumsum(pixels).tolist(), pixels) if n])
         host = (bits.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8).cpu().numpy()
-    else:
-        host = np.zeros(0, np.uint8)
-    out, box_start, byte_start = [], 0, 0
-    for n, nbytes in zip(counts, frame_bytes.tolist()):
-        out.append((crop_boxes[box_start : box_start + n], host[byte_start : byte_start + nbytes]))
-        box_start, byte_start = box_start + n, byte_start + nbytes
-    return out
+        starts = np.cumsum(frame_bytes[first:last]) - frame_bytes[first:last]
+        packed += [host[a : a + nbytes] for a, nbytes in zip(starts.tolist(), frame_bytes[first:last].tolist())]
+    return [(crop_boxes[int(end - n) : int(end)], bits) for end, n, bits in zip(box_ends, counts, packed)]
+
+
+# The most crop pixels one pass of packed_crops computes (whole frames: a larger frame goes alone):
+# every pixel takes a few index and value temporaries, so this bounds their memory.
+_CHUNK_PIXELS = 1 << 22
+
+
+def _chunks(frame_pixels: list[int]) -> list[tuple[int, int]]:
+    """Consecutive frames (first, last + 1) of at most _CHUNK_PIXELS crop pixels together (or one frame)."""
+    chunks, first, pixels = [], 0, 0
+    for i, n in enumerate(frame_pixels):
+        if i > first and pixels + n > _CHUNK_PIXELS:
+            chunks.append((first, i))
+            first, pixels = i, 0
+        pixels += n
+    if first < len(frame_pixels):
+        chunks.append((first, len(frame_pixels)))
+    return chunks
 
 
 def _check(mask_probs: torch.Tensor, boxes: torch.Tensor) -> None:
@@ -96,29 +117,38 @@ def _check(mask_probs: torch.Tensor, boxes: torch.Tensor) -> None:
                          f"{list(boxes.shape)}")
 
 
-def _crop_pixels(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: np.ndarray, threshold: float
-                 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Every instance's in-frame crop (frames_hw: int64 [N, 2], each box's own frame): (int32 [N, 4]
-    crop boxes, ends exclusive; bool [P] on the masks' device, the crops' pixels row by row, back to back)."""
-    count, size = mask_probs.shape[0], mask_probs.shape[1]
-    device = mask_probs.device
-    if count == 0:
-        return np.zeros((0, 4), np.int32), torch.zeros(0, dtype=torch.bool, device=device)
+def _integer_boxes(boxes: torch.Tensor, size: int) -> np.ndarray:
+    """torchvision's integer boxes of a paste of size x size masks (int64 [N, 4]), on the host: they
+    size and place the crops."""
+    return expand_boxes(boxes, float(size + 2) / size).to(torch.int64).cpu().numpy().reshape(-1, 4)
+
+
+def _crop_boxes(ints: np.ndarray, frames_hw: np.ndarray) -> np.ndarray:
+    """int32 [N, 4] each integer box's crop inside its frame (frames_hw: [N, 2]), ends exclusive."""
+    bx0, by0, bx1, by1 = ints.T
     im_h, im_w = frames_hw[:, 0], frames_hw[:, 1]
-    padded = F.pad(mask_probs.float(), (1, 1, 1, 1))  # [N, n, n], n = M + 2
-    n = size + 2
-    ints = expand_boxes(boxes, float(n) / size).to(torch.int64)  # [N, 4] the integer boxes, torchvision's
-    # The crop geometry, on the host: it sizes the flat output and is the crops' placement anyway.
-    bx0, by0, bx1, by1 = ints.cpu().numpy().T
-    out_w, out_h = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)  # the resized mask's size
+    # Integer boxes include their last pixel (torchvision's TO_REMOVE); a box wholly outside gives an empty crop.
     x0, y0 = np.clip(bx0, 0, im_w), np.clip(by0, 0, im_h)
     x1, y1 = np.maximum(np.minimum(bx1 + 1, im_w), x0), np.maximum(np.minimum(by1 + 1, im_h), y0)
-    crop_boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.int32)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.int32).reshape(-1, 4)
+
+
+def _crop_pixels(mask_probs: torch.Tensor, ints: np.ndarray, frames_hw: np.ndarray, threshold: float
+                 ) -> torch.Tensor:
+    """The crops' pixels (bool [P] on the masks' device, each crop row by row, back to back) of
+    every instance (ints: _integer_boxes, frames_hw: int64 [N, 2], each box's own frame)."""
+    count, size = mask_probs.shape[0], mask_probs.shape[1]
+    device = mask_probs.device
+    n = size + 2
+    crop_boxes = _crop_boxes(ints, frames_hw).astype(np.int64)
+    x0, y0, x1, y1 = crop_boxes.T
+    bx0, by0, bx1, by1 = ints.T
+    out_w, out_h = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)  # the resized mask's size
     crop_w, crop_h = x1 - x0, y1 - y0
-    sizes = crop_w * crop_h
-    total = int(sizes.sum())
+    total = int((crop_w * crop_h).sum())
     if total == 0:
-        return crop_boxes, torch.zeros(0, dtype=torch.bool, device=device)
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    padded = F.pad(mask_probs.float(), (1, 1, 1, 1))  # [N, n, n]
 
     def on_device(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device, non_blocking=True)
@@ -149,7 +179,7 @@ def _crop_pixels(mask_probs: torch.Tensor, boxes: torch.Tensor, frames_hw: np.nd
     bottom = top + torch.repeat_interleave(y_hi - y_lo, widths, output_size=total)
     blend = (torch.repeat_interleave(y_w0, widths, output_size=total) * across[top]
              + torch.repeat_interleave(y_w1, widths, output_size=total) * across[bottom])
-    return crop_boxes, blend > threshold  # [P] bool: the only pixels copied back
+    return blend > threshold  # [P] bool: the only pixels copied back
 
 
 def _taps(out_index: torch.Tensor, out_size: torch.Tensor, in_size: int

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from maskstream.model import mask_crops
 from maskstream.model.mask_crops import binary_crops, packed_crops
 from maskstream.model.postprocess import paste_mask_cropped
 from maskstream.model.rle import decode_rle, encode_box_cropped_rle
@@ -46,7 +47,12 @@ def test_binary_crops_take_no_boxes_and_refuse_wrong_shapes():
         binary_crops(torch.zeros((2, 28, 28)), torch.zeros((3, 4)), (10, 10))
 
 
-def test_packed_crops_of_several_frames_are_each_frames_binary_crops_packed_as_np_packbits():
+@pytest.mark.parametrize("chunk_pixels", [None, 5000])
+def test_packed_crops_of_several_frames_are_each_frames_binary_crops_packed_as_np_packbits(chunk_pixels, monkeypatch):
+    """All frames in one pass, or (a small chunk) a pass per few frames and per frame larger than it."""
+    if chunk_pixels:
+        monkeypatch.setattr(mask_crops, "_CHUNK_PIXELS", chunk_pixels)
+        assert mask_crops._chunks([3000, 3000, 9000, 0, 100]) == [(0, 1), (1, 2), (2, 3), (3, 5)]
     frames = [case for case in threshold_cases(2)]
     masks = torch.from_numpy(np.concatenate([m[:, 0] for _, m, _, _, _ in frames]))
     boxes = torch.from_numpy(np.concatenate([b for _, _, b, _, _ in frames]))
