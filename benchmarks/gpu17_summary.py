@@ -1,7 +1,8 @@
 """The must-shows of issue 17 side by side, from the JSON files benchmarks/gpu_session.sh wrote:
 
 - pipeline frames/s over runner frames/s (R50-FPN 800x1344 fp16 batch 8), before (CPU decode,
-  CPU preprocess stage) and after (NVDEC where available, preprocess in the inference process);
+  CPU preprocess stage) and after (NVDEC where available, preprocess in the inference process),
+  and after_crops (after, with the masks pasted on the GPU: infer.masks crops);
 - host CPU cores per 100 frames/s, before and after (every stage process's CPU time);
 - 1080p live streams at 30 frames/s: the streams tried, p99 end to end, drop rate, and whether
   that count is sustained (p99 <= 250 ms and drops < 1%), before and after, per model;
@@ -70,7 +71,7 @@ def summary(folder: Path, tag: str) -> dict[str, Any]:
     runner = runner_fps(_load(folder, f"cuda_runner_{tag}.json", missing))
     result: dict[str, Any] = {"tag": tag, "bounds": {"p99_s": P99_BOUND_S, "drop_rate": MAX_DROP_RATE}}
     result["r50_b8_offline_1080p"] = {side: pipeline(_load(folder, f"bench_r50_1080p_{side}_{tag}.json", missing),
-                                                     runner) for side in ("before", "after")}
+                                                     runner) for side in ("before", "after", "after_crops")}
     result["live_1080p_30fps"] = {
         model: {side: live(_load(folder, f"bench_{model}_live_{side}_{tag}.json", missing))
                 for side in ("before", "after")}
@@ -96,11 +97,11 @@ def main() -> None:
     out = args.out or args.folder / f"gpu17_summary_{args.tag}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     offline = result["r50_b8_offline_1080p"]
-    for side in ("before", "after"):
+    for side in ("before", "after", "after_crops"):
         row = offline[side]
         if row:
             ratio = row["pipeline_over_runner"]
-            print(f"R50 b8 1080p {side:<6}: {row['frames_per_s']:.1f} frames/s, pipeline/runner "
+            print(f"R50 b8 1080p {side:<11}: {row['frames_per_s']:.1f} frames/s, pipeline/runner "
                   f"{'-' if ratio is None else f'{ratio:.2f}'}, host CPU {row['host_cpu_cores_per_100_fps']:.2f} "
                   "cores per 100 frames/s")
     for model, sides in result["live_1080p_30fps"].items():

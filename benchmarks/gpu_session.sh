@@ -10,7 +10,10 @@
 #   3. bench_nvdec: the decode stage on NVDEC vs on the CPU (frames/s, CPU cores);
 #   4. maskstream bench live at 30 frames/s per stream, N streams where N is 90% of the offline
 #      rate over 30, after and before: p99 end to end and drops (sustained: p99 <= 250 ms, < 1%);
-#   5. bench_mask_paste: today's CPU postprocess vs the device paste (model.mask_crops);
+#   5. bench_mask_paste: today's CPU postprocess vs the masks pasted on the device in the inference
+#      process (infer.masks crops) + postprocess's RLE of the crops, per frame of a batch of 8, and the
+#      bytes of a RawDetections of each form; then pipeline_after_crops: step 2's after with
+#      --masks crops (the pipeline/runner ratio with the masks pasted on the GPU);
 #   6. with time left: the lite model's pair likewise.
 #   Then benchmarks/gpu17_summary.py puts them side by side: $OUT/gpu17_summary_$TAG.json.
 # (Issues 3 and 6's steps, whose results are in benchmarks/results, are in this file's git history.)
@@ -149,7 +152,7 @@ if ((SMOKE)); then
 else
     MODEL=(--model-config configs/model_v1.yaml --device cuda --precision fp16 --set model.static.batch=8)
     RUNNER=(--device cuda --variant v1 --batches 8 --precisions fp16 --compile on --iters 30)
-    STREAMS=8; FRAMES=150; WORKERS=4; LIVE_S=8; MASK=(--device cuda --boxes 10 50 100 --frames 30)
+    STREAMS=8; FRAMES=150; WORKERS=4; LIVE_S=8; MASK=(--device cuda --boxes 10 50 100 --batch 8 --batches 4)
     LITE=(--model-config configs/model_lite.yaml --device cuda --precision fp16 --set model.static.batch=8)
 fi
 AFTER=(--decode auto --preprocess infer)
@@ -179,6 +182,8 @@ step live_r50_before 90 "${BENCH[@]}" "${MODEL[@]}" "${BEFORE[@]}" --mode live -
     --out "$RESULTS/bench_r50_live_before_$TAG.json"
 # 5. Masks.
 step bench_mask_paste 45 $PY benchmarks/bench_mask_paste.py "${MASK[@]}" --out "$RESULTS"
+step pipeline_after_crops 120 "${BENCH[@]}" "${MODEL[@]}" "${AFTER[@]}" --masks crops --streams "$STREAMS" \
+    --max-frames "$FRAMES" --out "$RESULTS/bench_r50_1080p_after_crops_$TAG.json"
 # 6. The lite model's pair, with time left: offline for N, then live.
 step lite_offline_after 60 "${BENCH[@]}" "${LITE[@]}" "${AFTER[@]}" --streams "$STREAMS" --max-frames "$FRAMES" \
     --out "$RESULTS/bench_lite_1080p_after_$TAG.json"

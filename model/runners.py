@@ -67,9 +67,13 @@ OUTPUT_DTYPES: dict[str, type[np.generic]] = {
 
 
 class PendingBatch(Protocol):
-    """A batch given to `Runner.submit`: `result()` waits for it and returns its outputs."""
+    """A batch given to `Runner.submit`: `result()` waits for it and returns its outputs;
+    `tensors()` gives them as torch tensors where the runner made them (on its device), for work
+    that goes on there (model.mask_crops) in the device's own order, without waiting."""
 
     def result(self) -> dict[str, np.ndarray]: ...
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -81,16 +85,22 @@ class Completed:
     def result(self) -> dict[str, np.ndarray]:
         return self.outputs
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(array) for name, array in self.outputs.items()}
+
 
 class _OnDevice:
     """A batch queued on a CUDA stream, its outputs copied into page-locked arrays behind it."""
 
-    def __init__(self, outputs: dict[str, np.ndarray], done: torch.cuda.Event):
-        self._outputs, self._done = outputs, done
+    def __init__(self, outputs: dict[str, np.ndarray], done: torch.cuda.Event, on_device: dict[str, torch.Tensor]):
+        self._outputs, self._done, self._on_device = outputs, done, on_device
 
     def result(self) -> dict[str, np.ndarray]:
         self._done.synchronize()
         return self._outputs
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._on_device
 
 
 class Runner(Protocol):
@@ -318,7 +328,8 @@ class TorchRunner:
         # blocking: result() sleeps in the driver until the batch is done instead of spinning a core
         done = torch.cuda.Event(blocking=True)
         done.record()
-        return _OnDevice({name: host[name].numpy() for name in OUTPUT_NAMES}, done)
+        # The outputs on the device are this batch's own (eager: new tensors; a CUDA graph's: clones).
+        return _OnDevice({name: host[name].numpy() for name in OUTPUT_NAMES}, done, outputs)
 
     def _host_tensor(self, images: np.ndarray) -> torch.Tensor:
         """`images` as a CPU tensor: one of the page-locked batches when the caller filled one."""

@@ -117,6 +117,14 @@ class InferOptions:
     # "infer" (the inference process, on the runner's device: pipeline.media.gpu_preprocess; the
     # run then has no preprocess stage). auto: infer with the torch runner on CUDA, else stage.
     preprocess: Literal["auto", "stage", "infer"] = "auto"
+    # What the inference process sends of each mask: "probs", the mask head's 28x28 probabilities,
+    # which the postprocess processes paste into their boxes on the CPU; "crops", pasted and
+    # thresholded on the runner's device (model.mask_crops), each instance's binary crop, which
+    # postprocess only encodes (pipeline/stages/infer.py). auto: crops with the torch runner on
+    # CUDA, else probs. Default probs until the device paste is measured on a GPU
+    # (benchmarks/bench_mask_paste.py): on a CPU it only moves the paste from the postprocess
+    # processes into the one inference process.
+    masks: Literal["auto", "probs", "crops"] = "probs"
 
 
 @dataclass(frozen=True)
@@ -518,6 +526,7 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
                         input_shape=contract.input_shape, precision=cfg.model.precision, compile=cfg.model.compile,
                         seed=cfg.model.seed)
     on_device = preprocess_in_infer(cfg.infer.preprocess, runner_choice(runner))
+    crops = masks_in_infer(cfg.infer.masks, runner_choice(runner))
     for sid in annotate:
         if sources[sid].policy == "live" or not Path(sources[sid].url).is_file():
             raise ValueError(f"--annotate: source {sources[sid].url!r} is not a video file; annotated videos "
@@ -549,7 +558,8 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
                           **kw)  # type: ignore[arg-type]
 
         def limits(kind: str) -> Limits:
-            return dataclasses.replace(message_limits(cfg, contract, ids), kinds=(kind, "EndOfStream"))
+            return dataclasses.replace(message_limits(cfg, contract, ids), kinds=(kind, "EndOfStream"),
+                                       raw_masks="crops" if crops else "probs")
 
         live = tuple(sid for sid in ids if sources[sid].policy == "live")
         specs = [
@@ -573,7 +583,7 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
         specs.append(StageSpec(
             infer.main,
             infer.InferConfig(runner, contract, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
-                              overlap=cfg.infer.overlap, frames=on_device),
+                              overlap=cfg.infer.overlap, frames=on_device, crops=crops),
             wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads,
                    limits=limits("Frame" if on_device else "ModelInput"), reads=input_rings), reads=input_rings))
         specs += [
@@ -608,6 +618,14 @@ def preprocess_in_infer(preprocess: str, runner: str) -> bool:
         raise ValueError("infer.preprocess: infer needs the torch runner (the TensorRT runner takes the "
                          "preprocess stage's inputs): use stage or auto")
     return preprocess == "infer" or (preprocess == "auto" and runner == "torch-cuda")
+
+
+def masks_in_infer(masks: str, runner: str) -> bool:
+    """Whether the inference process pastes the masks and sends their crops (infer.masks, for the
+    runner model.runners.runner_choice names)."""
+    if masks not in ("auto", "probs", "crops"):
+        raise ValueError(f"infer.masks: expected auto, probs or crops, got {masks!r}")
+    return masks == "crops" or (masks == "auto" and runner == "torch-cuda")
 
 
 def message_limits(cfg: RunConfig, contract: InferenceContract, streams: tuple[str, ...]) -> Limits:

@@ -96,13 +96,19 @@ def check_memory_format(result: dict[str, Any]) -> None:
 
 
 def check_mask_paste(result: dict[str, Any]) -> None:
-    assert {"benchmark", "command", "device", "machine", "frame_hw", "input_hw", "frames", "rows"} <= set(result)
-    assert result["device"] == "cpu" and result["frames"] == 2
+    assert {"benchmark", "command", "device", "machine", "frame_hw", "input_hw", "batch", "frames",
+            "rows"} <= set(result)
+    assert result["device"] == "cpu" and result["frames"] == 2 and result["batch"] == 2
     load_averages(result["machine"]["load_average"])
     [row] = result["rows"]
     assert row["boxes"] == 5
-    positive(row["cpu_postprocess_ms"], row["device_paste_ms"], row["speedup"])
-    assert 0 <= row["identical_rle_fraction"] <= 1
+    positive(row["cpu_postprocess_ms"], row["device_paste_ms"], row["crops_postprocess_ms"], row["host_pack_paste_ms"],
+             row["speedup"], row["postprocess_speedup"], row["probs_message_bytes"], row["crops_message_bytes"],
+             row["crop_pixels"])
+    assert row["crops_total_ms"] == row["device_paste_ms"] + row["crops_postprocess_ms"]
+    # bit-packed: an eighth of a byte a crop pixel, besides the boxes, scores, labels and header
+    assert row["crop_pixels"] / 8 < row["crops_message_bytes"] < row["crop_pixels"] / 8 + 4096
+    assert row["identical_rle_fraction"] > 0.99  # only pixels within a float32 step of the threshold may differ
 
 
 def check_nvdec(result: dict[str, Any]) -> None:
@@ -303,9 +309,10 @@ def test_gpu17_summary_reads_what_the_scripts_write(tmp_path):
     assert str(out) in done.stdout
     result = json.loads(out.read_text())
     assert result["tag"] == "cpu_smoke"
-    assert set(result["missing"]) == {f"bench_r50_1080p_{side}_cpu_smoke.json" for side in ("before", "after")} | {
+    assert set(result["missing"]) == {f"bench_r50_1080p_{side}_cpu_smoke.json"
+                                      for side in ("before", "after", "after_crops")} | {
         f"bench_{model}_live_{side}_cpu_smoke.json" for model in ("r50", "lite") for side in ("before", "after")}
-    assert result["r50_b8_offline_1080p"] == {"before": None, "after": None}
+    assert result["r50_b8_offline_1080p"] == {"before": None, "after": None, "after_crops": None}
     decode = result["decode_1080p_h264"]
     assert "cpu" in decode["sides"] and decode["nvdec_unavailable"] == json.loads(
         (folder / "nvdec_decode.json").read_text())["nvdec_unavailable"]

@@ -37,9 +37,16 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import zmq
+from maskstream.model.runners import RunnerSpec, runner_choice
 from maskstream.pipeline.cli.main import build_parser
 from maskstream.pipeline.cli.run import run_config
-from maskstream.pipeline.run_config import inference_contract, message_limits, model_config, stream_ids
+from maskstream.pipeline.run_config import (
+    inference_contract,
+    masks_in_infer,
+    message_limits,
+    model_config,
+    stream_ids,
+)
 from maskstream.pipeline.runtime.messages import (
     Detections,
     EndOfStream,
@@ -72,8 +79,10 @@ INBOXES = {"preprocess-0": "Frame", "infer": "ModelInput", "postprocess-0": "Raw
 
 def test_ten_thousand_mutated_messages_to_every_stage_leave_the_run_as_a_clean_one(tmp_path):
     video = require(DATA / "videos" / "car-detection.mp4")
-    args = ["--source", str(video), "--workers", "1", *[x for s in (*TINY_MODEL_SETS, f"source.max_frames={FRAMES}")
-                                                       for x in ("--set", s)]]
+    # infer.masks crops: the masks' newer form is the one postprocess takes, its every field fuzzed
+    # (a probabilities template is then refused as the other form, as a mutant of any other kind)
+    sets = (*TINY_MODEL_SETS, f"source.max_frames={FRAMES}", "infer.masks=crops")
+    args = ["--source", str(video), "--workers", "1", *[x for s in sets for x in ("--set", s)]]
     clean = _run(args, tmp_path / "clean")
     try:
         code, stdout, stderr = clean.wait()
@@ -187,7 +196,9 @@ def _run_limits(args: list[str]) -> Limits:
     """The run's message limits, made from the same command line as the run makes them."""
     cfg = run_config(build_parser().parse_args(["run", *args]))
     model_cfg, _ = model_config(cfg.model)
-    return message_limits(cfg, inference_contract(cfg.model, model_cfg), stream_ids(cfg.sources))
+    limits = message_limits(cfg, inference_contract(cfg.model, model_cfg), stream_ids(cfg.sources))
+    crops = masks_in_infer(cfg.infer.masks, runner_choice(RunnerSpec(engine=cfg.model.engine, device=cfg.model.device)))
+    return replace(limits, raw_masks="crops" if crops else "probs")
 
 
 # ---------------------------------------------------------------------------- sending
@@ -385,6 +396,10 @@ class Mutants:
             made.append(("RawDetections", _wire(RawDetections(
                 self._header(seq), boxes, rng.random(k, np.float32), rng.integers(1, len(names), k),
                 rng.random((k, 28, 28), np.float32), (h, w), (432, 768)))))
+            crops = np.floor(_boxes(rng, k, 432, 768)).astype(np.int32)  # the masks as crops (infer.masks)
+            made.append(("RawDetections-crops", _wire(RawDetections(
+                self._header(seq), boxes, rng.random(k, np.float32), rng.integers(1, len(names), k), None,
+                (h, w), (432, 768), crops, np.packbits(rng.random(_pixels(crops)) < 0.5)))))
         else:
             boxes = _boxes(rng, k, 432, 768)
             crops = np.floor(boxes).astype(np.int32)
@@ -565,7 +580,7 @@ class Mutants:
             options.append(lambda: fields.update(frame_hw=self.rng.choice([[0, 0], [side + 1, 10], [10, side + 1]])))
         if "class_names" in fields and fields["class_names"]:
             options.append(lambda: fields["class_names"].__setitem__(0, self.rng.choice(["", "dragon", "x" * 300])))
-        if "mask_probs" in fields:
+        if "valid_hw" in fields and "boxes" in fields:  # RawDetections
             options.append(lambda: self._more_instances(parts))
         if parts.meta["kind"] == "Frame" and parts.table is None:
             options.append(lambda: fields.update(pixel_format=self.rng.choice(["bgr24", "rgb48", "", "yuv444p"])))
@@ -576,11 +591,18 @@ class Mutants:
         """K + 1 instances, every array consistent with it."""
         k = (self.limits.detections or 5) + 1
         fields = parts.meta["fields"]
-        for name in ("boxes", "scores", "labels", "mask_probs"):
+        for name in ("boxes", "scores", "labels", "mask_probs", "crop_boxes"):
             ref = fields[name]
+            if ref is None:  # the other form of the masks
+                continue
             row = len(parts.buffers[ref["nd"]]) // max(1, ref["shape"][0])
             ref["shape"] = [k, *ref["shape"][1:]]
             parts.buffers[ref["nd"]] = (parts.buffers[ref["nd"]] * 2)[: k * row]
+        if fields["crop_bits"] is not None:  # as many bits as the K + 1 crops have pixels
+            boxes = np.frombuffer(parts.buffers[fields["crop_boxes"]["nd"]], np.int32).reshape(-1, 4)
+            ref = fields["crop_bits"]
+            ref["shape"] = [(_pixels(boxes) + 7) // 8]
+            parts.buffers[ref["nd"]] = bytes(ref["shape"][0])
 
     def _kind(self, parts: Parts, endpoint: str) -> str | None:
         """A valid message of a kind this socket does not take."""
@@ -634,6 +656,11 @@ def _boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
     x0, y0 = rng.random(n) * (w / 2), rng.random(n) * (h / 2)
     return np.stack([x0, y0, x0 + 1 + rng.random(n) * (w / 2 - 1), y0 + 1 + rng.random(n) * (h / 2 - 1)],
                     axis=1).astype(np.float32)
+
+
+def _pixels(crop_boxes: np.ndarray) -> int:
+    """The pixels of int32 [N, 4] crop boxes (x0, y0, x1, y1, ends exclusive), all together."""
+    return int(((crop_boxes[:, 2] - crop_boxes[:, 0]).astype(np.int64) * (crop_boxes[:, 3] - crop_boxes[:, 1])).sum())
 
 
 def _leaves(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:

@@ -62,6 +62,11 @@ def valid(kind: str, n: int = 3) -> object:
     if kind == "RawDetections":
         return RawDetections(HEADER, _boxes(n, 120, 160), np.full(n, 0.5, np.float32), np.ones(n, np.int64),
                              np.full((n, 28, 28), 0.5, np.float32), (120, 160), (240, 320))
+    if kind == "RawCrops":  # RawDetections with the masks as crops (infer.masks crops)
+        crops = _boxes(n, 240, 320).astype(np.int32)
+        pixels = int(((crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1])).sum())
+        return RawDetections(HEADER, _boxes(n, 120, 160), np.full(n, 0.5, np.float32), np.ones(n, np.int64), None,
+                             (120, 160), (240, 320), crops, np.packbits(np.arange(pixels) % 3 == 0))
     if kind == "Detections":
         boxes = _boxes(n, 240, 320)
         return Detections(HEADER, (240, 320), boxes, np.full(n, 0.5, np.float32), np.full(n, 2, np.int32),
@@ -93,7 +98,7 @@ def refused(frames: list[bytes], limits: Limits = LIMITS, readers: RingReaders |
     return reason
 
 
-KINDS = ("Frame", "yuv", "ModelInput", "RawDetections", "Detections", "EndOfStream")
+KINDS = ("Frame", "yuv", "ModelInput", "RawDetections", "RawCrops", "Detections", "EndOfStream")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,7 +107,7 @@ def test_valid_messages_of_every_kind_pass_the_run_limits(kind):
     received = unpack(wire(message), RingReaders(()), LIMITS)
     assert type(received.message) is type(message) and received.message.header == HEADER
     for n in (0, 5):  # no instances, and K of them
-        if kind in ("RawDetections", "Detections"):
+        if kind in ("RawDetections", "RawCrops", "Detections"):
             assert unpack(wire(valid(kind, n)), RingReaders(()), LIMITS).message.boxes.shape == (n, 4)
 
 
@@ -349,7 +354,7 @@ def test_inference_starts_an_empty_batch_after_the_runner_fails_one():
     ([*wire(valid("Frame"))[:3], wire(valid("Frame"))[3][:-1]], LIMITS, r"Frame.image: buffer 0 holds 76799 bytes"),
     ([*wire(valid("Frame")), b"extra"], LIMITS, r"Frame: 2 buffer frame\(s\), the fields reference 1"),
     ([*wire(valid("EndOfStream")), b""], LIMITS, r"EndOfStream: 1 buffer frame\(s\), the fields reference 0"),
-    ([*wire(valid("Frame")), *[b""] * 4], LIMITS, r"at most 4 buffers, got 8 frame\(s\)"),
+    ([*wire(valid("Frame")), *[b""] * 5], LIMITS, r"at most 5 buffers, got 9 frame\(s\)"),
     (edited(valid("Detections"), lambda f, b: f["scores"].update(nd=0)), LIMITS, r"Detections.scores: buffer 0 is "
                                                                                  r"referenced twice"),
     (edited(valid("Frame"), lambda f, b: f.update(kind=1)), LIMITS, r"Frame.kind: unknown key"),
@@ -404,6 +409,30 @@ def _field(**changes):
     ("Detections", _field(crop_boxes=np.array([[0, 0, 321, 4]] * 3, np.int32)),
      r"Detections.crop_boxes\[0\]: \[0, 0, 321, 4\] is not a box inside the 240x320 image"),
     ("Detections", _field(boxes=np.array([[0, 0, 400, 4]] * 3, np.float32)), r"Detections.boxes\[0\]"),
+    ("RawCrops", _field(mask_probs=np.zeros((3, 28, 28), np.float32), crop_boxes=None), r"RawDetections.mask_probs: "
+     r"expected the masks as mask_probs, or as crop_boxes and crop_bits; got mask_probs and crop_bits"),
+    ("RawCrops", _field(crop_bits=None), r"RawDetections.mask_probs: expected the masks .*; got crop_boxes$"),
+    ("RawCrops", _field(crop_boxes=None, crop_bits=None), r"RawDetections.mask_probs: .*; got none of them"),
+    ("RawDetections", _field(crop_boxes=np.zeros((3, 4), np.int32)), r"RawDetections.mask_probs: .*; got mask_probs "
+                                                                     r"and crop_boxes$"),
+    ("RawCrops", _field(crop_boxes=np.array([[0, 0, 321, 4]] * 3, np.int32)),
+     r"RawDetections.crop_boxes\[0\]: \[0, 0, 321, 4\] is not a box inside the 240x320 image"),
+    ("RawCrops", _field(crop_boxes=np.array([[5, 0, 4, 4]] * 3, np.int32)), r"RawDetections.crop_boxes\[0\]"),
+    ("RawCrops", _field(crop_boxes=np.array([[0, -1, 4, 4]] * 3, np.int32)), r"RawDetections.crop_boxes\[0\]"),
+    ("RawCrops", _field(crop_boxes=np.zeros((2, 4), np.int32)),
+     r"RawDetections.crop_boxes: expected int32 \[3, 4\], got int32 \[2, 4\]"),
+    ("RawCrops", _field(crop_boxes=np.zeros((3, 4), np.int64)), r"RawDetections.crop_boxes: expected int32"),
+    # bits for crops of 10 pixels, or of 17: two bytes for 10 is right, one or three is not
+    ("RawCrops", _field(crop_boxes=np.array([[0, 0, 2, 5], [0, 0, 0, 0], [3, 3, 3, 9]], np.int32),
+                        crop_bits=np.zeros(3, np.uint8)),
+     r"RawDetections.crop_bits: expected uint8 \[2\], got uint8 \[3\]"),
+    ("RawCrops", _field(crop_boxes=np.array([[0, 0, 1, 17], [0, 0, 0, 0], [3, 3, 3, 9]], np.int32),
+                        crop_bits=np.zeros(2, np.uint8)),
+     r"RawDetections.crop_bits: expected uint8 \[3\], got uint8 \[2\]"),
+    ("RawCrops", _field(crop_boxes=np.array([[0, 0, 2, 5], [0, 0, 0, 0], [3, 3, 3, 9]], np.int32),
+                        crop_bits=np.array([0, 0b00100000], np.uint8)),
+     r"RawDetections.crop_bits: the last byte's 6 spare bit\(s\) are not 0"),
+    ("RawCrops", _field(crop_bits=np.zeros((1, 1), np.uint8)), r"RawDetections.crop_bits: expected uint8 \[\d+\]"),
 ])
 def test_every_field_is_checked(kind, change, reason):
     with pytest.raises(MessageError, match=reason):
@@ -419,6 +448,34 @@ def test_a_refused_message_still_says_which_frame_it_claims_to_be_when_its_heade
         unpack(wire(dataclasses.replace(valid("Frame"), header=dataclasses.replace(HEADER, seq=-1))), RingReaders(()),
                LIMITS)
     assert caught.value.header is None
+
+
+def test_a_run_takes_only_the_mask_form_its_inference_sends_and_sizes_the_inbox_for_it():
+    """infer.masks decides the form of RawDetections' masks: the other form is refused, and only a
+    run whose inference sends crops lets the postprocess inbox take K frame-sized crops."""
+    for kind, other in (("RawDetections", "crops"), ("RawCrops", "probs")):
+        form = "probs" if kind == "RawDetections" else "crops"
+        message = wire(valid(kind))
+        received = unpack(message, RingReaders(()), dataclasses.replace(LIMITS, raw_masks=form)).message
+        assert received.boxes.shape == (3, 4)
+        with pytest.raises(MessageError, match=f"RawDetections.mask_probs: the masks as {form}, this run's inference "
+                                               rf"sends {other} \(infer.masks\)"):
+            unpack(message, RingReaders(()), dataclasses.replace(LIMITS, raw_masks=other))
+    both = dataclasses.replace(valid("RawCrops"), mask_probs=np.zeros((3, 28, 28), np.float32))
+    assert "at most 5 buffers, got 9 frame(s)" in refused(wire(both))  # the socket's framing refuses it first
+    with pytest.raises(MessageError, match=r"mask_probs: .*; got mask_probs and crop_boxes and crop_bits"):
+        decode(encode(both))
+    inbox = dataclasses.replace(LIMITS, kinds=("RawDetections", "EndOfStream"), max_frame_side=4096)
+    probs, crops = (dataclasses.replace(inbox, raw_masks=form).max_part_bytes() for form in ("probs", "crops"))
+    assert probs is not None and crops is not None and probs < crops
+    assert inbox.max_part_bytes() == crops  # "": either form
+    full = np.ones((5, 4096, 4096), bool)  # K crops of the largest frame, each all of it
+    biggest = RawDetections(HEADER, _boxes(5, 120, 160), np.full(5, 0.5, np.float32), np.ones(5, np.int64), None,
+                            (120, 160), (4096, 4096), np.array([[0, 0, 4096, 4096]] * 5, np.int32), np.packbits(full))
+    assert unpack(wire(biggest), RingReaders(()), inbox).message.crop_bits.nbytes == 5 * 4096 * 4096 // 8
+    assert max(len(part) for part in wire(biggest)) <= crops
+    with pytest.raises(ValueError, match="raw_masks: expected '', 'probs' or 'crops', got 'bits'"):
+        Limits(raw_masks="bits")
 
 
 def test_the_subscriber_default_checks_consistency_but_no_run_limits():
@@ -481,6 +538,7 @@ def test_every_receiving_socket_has_a_size_limit(tmp_path):
         assert infer.kinds[0] == "ModelInput" and infer.input_hw is not None and infer.detections is not None
         assert wirings["postprocess.1"].reads == () and wirings["publish.0"].reads == ()
         assert wirings["publish.0"].limits.kinds[0] == "Detections"
+        assert wirings["postprocess.1"].limits.raw_masks == "probs"  # infer.masks: probs unless asked
     finally:
         run.close()
 

@@ -17,7 +17,14 @@ from maskstream.model.runners import RunnerSpec
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.pixels import RGB24, frame_pixels
 from maskstream.pipeline.media.video import write_test_clip
-from maskstream.pipeline.run_config import CONFIG_DIR, ModelSelection, RunConfig, plan, preprocess_in_infer
+from maskstream.pipeline.run_config import (
+    CONFIG_DIR,
+    ModelSelection,
+    RunConfig,
+    masks_in_infer,
+    plan,
+    preprocess_in_infer,
+)
 from maskstream.pipeline.runtime.messages import EndOfStream, Frame, Header, RawDetections
 from maskstream.pipeline.runtime.stage import Timed
 from maskstream.pipeline.stages.infer import InferConfig, InferStage
@@ -84,6 +91,23 @@ def test_preprocess_runs_in_the_inference_process_on_cuda_unless_told_otherwise(
         preprocess_in_infer("infer", "tensorrt")
     with pytest.raises(ValueError, match="infer.preprocess"):
         load_config(RunConfig, None, ["infer.preprocess=gpu"])
+
+
+def test_masks_go_as_probabilities_unless_asked_and_as_crops_with_auto_on_cuda():
+    assert load_config(RunConfig, CONFIG_DIR / "pipeline.yaml").infer.masks == RunConfig().infer.masks == "probs"
+    assert masks_in_infer("crops", "torch-cpu") and masks_in_infer("crops", "tensorrt")
+    assert masks_in_infer("auto", "torch-cuda") and not masks_in_infer("auto", "torch-cpu")
+    assert not masks_in_infer("auto", "tensorrt") and not masks_in_infer("probs", "torch-cuda")
+    with pytest.raises(ValueError, match="infer.masks: expected auto, probs or crops, got 'gpu'"):
+        masks_in_infer("gpu", "torch-cuda")
+    with pytest.raises(ValueError, match="infer.masks"):
+        load_config(RunConfig, None, ["infer.masks=gpu"])
+    base = RunConfig(sources=("a.mp4",), model=ModelSelection(config=CONFIG_DIR / "model_lite.yaml", device="cpu"))
+    for masks, crops in (("probs", False), ("auto", False), ("crops", True)):
+        specs = _planned(dataclasses.replace(base, infer=dataclasses.replace(base.infer, masks=masks)))
+        assert specs["infer.0"].config.crops is crops
+        form = "crops" if crops else "probs"
+        assert {specs[name].wiring.limits.raw_masks for name in specs if specs[name].wiring.inbox} == {form}
 
 
 def _planned(cfg: RunConfig):

@@ -17,11 +17,16 @@ import urllib.request
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import zmq
+from maskstream.model.postprocess import paste_mask_cropped
+from maskstream.model.rle import decode_rle
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.media.video import write_test_clip
-from maskstream.pipeline.runtime.messages import Detections
+from maskstream.pipeline.runtime.messages import Detections, EndOfStream, RawDetections
+from maskstream.pipeline.runtime.stage import Timed
+from maskstream.pipeline.stages.postprocess import rescale_boxes
 
 from tests.pipeline_runs import AFTER_INFERENCE_S, INFER_STALENESS_S, ROOT, STAGES, TINY_MODEL_SETS
 from tests.shared_data import DATA, require
@@ -77,6 +82,73 @@ def test_offline_every_frame_once_in_order_and_identical_for_1_and_3_workers(cli
     assert sorted(outputs[1], key=key) == sorted(outputs[3], key=key)
     coco = json.loads((tmp_path / "w3.json").read_text())
     assert len(coco) == 20 * 5
+
+
+def test_masks_pasted_in_the_inference_process_publish_what_postprocess_pastes(clips, tmp_path):
+    """infer.masks crops (the masks pasted and thresholded where the model ran, their crops sent)
+    against probs (postprocess pastes the probabilities): every line the same, boxes, labels and
+    scores exactly, each mask's pixels too except where the pasted probability lies within one
+    float32 step of the threshold; those probabilities from the run's own stages, in this process."""
+    a, _ = clips
+    lines, sets = {}, [*TINY_MODEL_SETS, "infer.masks=probs"]
+    for masks in ("probs", "crops"):
+        out = tmp_path / f"{masks}.jsonl"
+        code, _, stderr = maskstream_run(["--source", str(a), "--out", str(out), "--decode", "cpu", "--masks", masks],
+                                         tmp_path)
+        assert code == 0, stderr
+        lines[masks] = detections(out)
+    assert [line["seq"] for line in lines["crops"]] == list(range(13))  # 12 frames + EndOfStream
+    reference = _raw_detections_in_process(a, sets)
+    step, differing, total = float(np.finfo(np.float32).eps), 0, 0
+    for probs_line, crops_line in zip(lines["probs"], lines["crops"], strict=True):
+        masks_of = [[d.pop("mask") for d in line.get("detections", [])] for line in (probs_line, crops_line)]
+        assert crops_line == probs_line  # everything but the masks
+        if probs_line["kind"] == "EndOfStream":
+            continue
+        raw = reference[probs_line["seq"]]
+        frame_hw = (probs_line["height"], probs_line["width"])
+        boxes = rescale_boxes(np.asarray(raw.boxes), raw.valid_hw, frame_hw)
+        for i, (expected, got) in enumerate(zip(*masks_of, strict=True)):
+            assert got["crop_box"] == expected["crop_box"]
+            pasted, (x0, y0) = paste_mask_cropped(raw.mask_probs[i], boxes[i], frame_hw)
+            assert [x0, y0, x0 + pasted.shape[1], y0 + pasted.shape[0]] == expected["crop_box"]
+            # the in-process reference is the run's own computation: its threshold gives the probs run's mask
+            near = np.abs(pasted - np.float32(0.5)) <= step
+            assert np.array_equal((pasted > 0.5)[~near], decode_rle(expected["rle"]).astype(bool)[~near])
+            differ = decode_rle(expected["rle"]) != decode_rle(got["rle"])
+            assert not (differ & ~near).any(), (probs_line["seq"], i)
+            differing, total = differing + int(differ.sum()), total + differ.size
+    assert total > 10**4 and differing <= total * 1e-4
+
+
+def _raw_detections_in_process(clip: Path, sets: list[str]) -> dict[int, RawDetections]:
+    """The RawDetections (probabilities) of a run of `clip` with `sets`, by seq: its planned decode,
+    preprocess and inference stages run in this process, one torch thread as its inference process has."""
+    import torch
+    from maskstream.pipeline.cli.main import build_parser
+    from maskstream.pipeline.cli.run import run_config
+    from maskstream.pipeline.run_config import plan
+    from maskstream.pipeline.stages.decode import DecodeStage
+    from maskstream.pipeline.stages.infer import InferStage
+    from maskstream.pipeline.stages.preprocess import PreprocessStage
+
+    cfg = run_config(build_parser().parse_args(["run", "--source", str(clip), "--decode", "cpu",
+                                                *[x for s in sets for x in ("--set", s)]]))
+    planned = plan(cfg)
+    planned.close()
+    specs = {spec.name: spec for spec in planned.specs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(specs["infer.0"].wiring.torch_threads)
+    try:
+        decode = DecodeStage(next(spec.config for name, spec in specs.items() if name.startswith("decode.")))
+        preprocess, infer = PreprocessStage(specs["preprocess.0"].config), InferStage(specs["infer.0"].config)
+        outputs = []
+        for frame in decode.messages():
+            outputs += infer.process(frame if isinstance(frame, EndOfStream) else preprocess.process(frame))
+    finally:
+        torch.set_num_threads(threads)
+    raws = [out.message if isinstance(out, Timed) else out for out in outputs]
+    return {raw.header.seq: raw for raw in raws if isinstance(raw, RawDetections)}
 
 
 @pytest.mark.slow

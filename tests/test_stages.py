@@ -8,12 +8,22 @@ import av
 import numpy as np
 import pytest
 from maskstream.model.contract import InferenceContract
-from maskstream.model.postprocess import paste_masks_in_image
-from maskstream.model.rle import decode_box_cropped_rle
+from maskstream.model.postprocess import paste_mask_cropped, paste_masks_in_image
+from maskstream.model.rle import decode_box_cropped_rle, decode_rle
 from maskstream.pipeline.config import load_config
 from maskstream.pipeline.media.pixels import RGB24, YUV420P, YUVJ420P, frame_pixels
 from maskstream.pipeline.run_config import CONFIG_DIR, RunConfig
-from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Frame, Header, ModelInput, RawDetections
+from maskstream.pipeline.runtime.messages import (
+    Detections,
+    EndOfStream,
+    Frame,
+    Header,
+    Limits,
+    ModelInput,
+    RawDetections,
+    decode,
+    encode,
+)
 from maskstream.pipeline.runtime.reorder import Reorderer
 from maskstream.pipeline.runtime.stage import Timed
 from maskstream.pipeline.stages.postprocess import PostprocessConfig, PostprocessStage
@@ -165,6 +175,45 @@ def _key(output):
     if isinstance(message, EndOfStream):
         return (message.header.stream_id, message.header.seq, "end")
     return (message.header.stream_id, message.header.seq, message.boxes.tobytes(), message.mask_probs.tobytes())
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_infer_crops_give_postprocess_the_detections_of_the_probabilities(overlap):
+    """infer.masks crops: the masks pasted and thresholded in the inference process, their crops only
+    encoded by postprocess, give the Detections of the probabilities pasted by postprocess: boxes,
+    scores, labels, names and crop boxes exactly; mask pixels alike except where the pasted
+    probability lies within one float32 step of the threshold. Through the wire codec, as sent."""
+    probs_stage, crops_stage = tiny_infer_stage(False), tiny_infer_stage(overlap, crops=True)
+    post = PostprocessStage(PostprocessConfig(probs_stage.config.contract))
+    limits = Limits(detections=10, input_hw=(128, 160), max_frame_side=320, raw_masks="crops")
+    arrivals = [tiny_model_input(stream, seq) for seq in range(3) for stream in "ab"]
+    arrivals.append(tiny_model_input("a", 3))  # a batch of one at the end of stream a
+    probs, crops = [], []
+    for message in [*arrivals, EndOfStream(Header("a", 4))]:
+        probs += [out.message for out in probs_stage.process(message) if isinstance(out, Timed)]
+        crops += [out.message for out in crops_stage.process(message) if isinstance(out, Timed)]
+    assert [(m.header.stream_id, m.header.seq) for m in crops] == [(m.header.stream_id, m.header.seq) for m in probs]
+    assert len(crops) == 7
+    step, differing, total = float(np.finfo(np.float32).eps), 0, 0
+    for raw, sent in zip(probs, crops):
+        assert sent.mask_probs is None and raw.crop_boxes is None
+        received = decode(encode(sent), limits)
+        expected, got = post.process(raw), post.process(received)
+        assert isinstance(expected, Detections) and isinstance(got, Detections)
+        np.testing.assert_array_equal(received.boxes, raw.boxes)
+        for field in ("boxes", "scores", "labels", "crop_boxes"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+        assert got.class_names == expected.class_names and got.frame_hw == expected.frame_hw
+        assert len(got.rle_counts) == len(expected.rle_counts) == 10
+        for i, crop_box in enumerate(expected.crop_boxes):
+            x0, y0, x1, y1 = (int(v) for v in crop_box)
+            masks = [decode_rle({"size": [y1 - y0, x1 - x0], "counts": d.rle_counts[i]}) for d in (expected, got)]
+            pasted, origin = paste_mask_cropped(raw.mask_probs[i], expected.boxes[i], expected.frame_hw)
+            assert origin == (x0, y0) and pasted.shape == masks[0].shape
+            differ = masks[0] != masks[1]
+            assert np.all(np.abs(pasted[differ] - np.float32(0.5)) <= step), (raw.header, i)
+            differing, total = differing + int(differ.sum()), total + differ.size
+    assert total > 10**5 and differing <= total * 1e-5
 
 
 def test_infer_overlap_defaults_to_whether_the_runner_submits_asynchronously():

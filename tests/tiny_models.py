@@ -71,14 +71,15 @@ TINY_MODEL = ModelConfig(
 )
 
 
-def tiny_infer_stage(overlap: bool | None = False):
-    """The inference stage on the tiny runner, CPU, seeded (the stage tests and the hostile-input tests)."""
+def tiny_infer_stage(overlap: bool | None = False, crops: bool = False):
+    """The inference stage on the tiny runner, CPU, seeded (the stage tests and the hostile-input tests);
+    crops: it sends the masks' binary crops (infer.masks crops), not their probabilities."""
     from maskstream.model.contract import InferenceContract
     from maskstream.pipeline.stages.infer import InferConfig, InferStage, RunnerSpec
 
     config = tiny_runner_config()
     return InferStage(InferConfig(RunnerSpec(config=config, device="cpu", seed=0),
-                                  InferenceContract.from_model_config(config), overlap=overlap))
+                                  InferenceContract.from_model_config(config), overlap=overlap, crops=crops))
 
 
 def tiny_model_input(stream: str, seq: int):

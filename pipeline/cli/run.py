@@ -96,7 +96,8 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def add_model_selection(p: argparse.ArgumentParser) -> None:
-    """The model options `run` and `bench` share (config keys model.*, source.decode, infer.preprocess)."""
+    """The model options `run` and `bench` share (config keys model.*, source.decode, infer.preprocess,
+    infer.masks)."""
     add_model_name(p)
     p.add_argument("--model-config", type=Path,
                    help="model YAML (default: the named model's, else model.yaml beside --checkpoint, else read "
@@ -114,6 +115,10 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", choices=["auto", "stage", "infer"],
                    help="where frames become the model's input (infer.preprocess): stage, CPU processes; infer, "
                         "the inference process on the runner's device; auto (default): infer with torch on CUDA")
+    p.add_argument("--masks", choices=["auto", "probs", "crops"],
+                   help="what the inference process sends of each mask (infer.masks): probs (default), its 28x28 "
+                        "probabilities, pasted by postprocess; crops, pasted and thresholded on the runner's "
+                        "device, its binary crop; auto: crops with torch on CUDA")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -136,6 +141,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "model.name": args.model, "model.config": args.model_config, "model.checkpoint": args.checkpoint,
         "model.engine": args.engine, "model.device": args.device, "model.precision": args.precision,
         "source.decode": getattr(args, "decode", None), "infer.preprocess": getattr(args, "preprocess", None),
+        "infer.masks": getattr(args, "masks", None),
         # bench (which shares this function) has no CurveZMQ options
         "outputs.publish_key": getattr(args, "publish_key", None),
         "outputs.publish_clients": getattr(args, "publish_clients", None),

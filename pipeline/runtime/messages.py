@@ -144,15 +144,25 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class RawDetections:
-    """infer -> postprocess: the runner's fixed-size outputs for one frame, cut to num."""
+    """infer -> postprocess: the runner's fixed-size outputs for one frame, cut to num.
+
+    The masks come in one of two forms (infer.masks): the mask head's probabilities, which
+    postprocess pastes into their boxes; or, pasted and thresholded where the model ran
+    (model.mask_crops), each instance's binary crop inside the frame: crop_boxes and crop_bits
+    instead of mask_probs (None), which postprocess encodes as they are."""
 
     header: Header
     boxes: np.ndarray  # float32 [N, 4] xyxy in model-input pixels
     scores: np.ndarray  # float32 [N]
     labels: np.ndarray  # int64 [N]
-    mask_probs: np.ndarray  # float32 [N, 28, 28], unpasted
+    mask_probs: np.ndarray | None  # float32 [N, 28, 28], unpasted; None where the crops carry the masks
     valid_hw: tuple[int, int]
     frame_hw: tuple[int, int]
+    # int32 [N, 4]: each mask's crop x0, y0, x1, y1 in frame pixels, ends exclusive, inside the frame
+    crop_boxes: np.ndarray | None = None
+    # uint8 [ceil(P / 8)]: the P pixels of the crops (P: their areas' sum), each crop row by row, back
+    # to back, packed as np.packbits packs them (the first pixel in the high bit, spare bits 0)
+    crop_bits: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -274,11 +284,16 @@ class Limits:
     mask_size: int = MASK_SIZE
     # Stamps are this host's time.monotonic() (the run's stages): none may lie in the future.
     same_host: bool = False
+    # The form of RawDetections' masks the run's inference process sends (infer.masks): "probs" or
+    # "crops"; "": either.
+    raw_masks: str = ""
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - _KINDS.keys()
         if unknown:
             raise ValueError(f"kinds: {sorted(unknown)} are not message kinds ({sorted(_KINDS)})")
+        if self.raw_masks not in ("", "probs", "crops"):
+            raise ValueError(f"raw_masks: expected '', 'probs' or 'crops', got {self.raw_masks!r}")
 
     def max_part_bytes(self) -> int | None:
         """The largest frame (ZeroMQ message part) of an accepted message, with a margin; None where
@@ -299,6 +314,10 @@ class Limits:
                 if k is None:
                     return None
                 largest = max(largest, 4 * k * m * m)
+                if self.raw_masks != "probs":  # K crops, each at most the whole frame, a bit a pixel
+                    if side is None:
+                        return None
+                    largest = max(largest, (k * side * side + 7) // 8)
             elif kind == "Detections":
                 if k is None or side is None:
                     return None
@@ -584,14 +603,32 @@ def _check_instances(m: RawDetections | Detections, limits: Limits, label_dtypes
 
 def _check_raw_detections(m: RawDetections, limits: Limits) -> None:
     n = _check_instances(m, limits, (_I8, _I4))
-    size = limits.mask_size
-    _check_shape(m.mask_probs, "mask_probs", (_F4,), (n, size, size))
     input_bound = limits.input_hw or _frame_bound(limits)
     _check_hw(m.valid_hw, "valid_hw", input_bound, "the model's input")
     _check_hw(m.frame_hw, "frame_hw", _frame_bound(limits), "transport.max_frame_side")
     _check_boxes(m.boxes, "boxes", m.valid_hw, 1.0)  # the model clips them to the valid region
     _check_scores(m.scores, "scores")
     _check_labels(m.labels, "labels", limits)
+    form = "probs" if m.mask_probs is not None else "crops"
+    if (m.mask_probs is None) == (m.crop_boxes is None) or (m.crop_boxes is None) != (m.crop_bits is None):
+        given = [name for name in ("mask_probs", "crop_boxes", "crop_bits") if getattr(m, name) is not None]
+        _fail(("mask_probs",), f"expected the masks as mask_probs, or as crop_boxes and crop_bits; got "
+                               f"{' and '.join(given) or 'none of them'}")
+    if limits.raw_masks and form != limits.raw_masks:
+        _fail(("mask_probs",), f"the masks as {form}, this run's inference sends {limits.raw_masks} (infer.masks)")
+    if m.mask_probs is not None:
+        size = limits.mask_size
+        _check_shape(m.mask_probs, "mask_probs", (_F4,), (n, size, size))
+        return
+    assert m.crop_boxes is not None and m.crop_bits is not None
+    _check_shape(m.crop_boxes, "crop_boxes", (_I4,), (n, 4))
+    _check_boxes(m.crop_boxes, "crop_boxes", m.frame_hw, 0.0)
+    # Inside the frame, so each area fits int64; their sum is taken in Python ints.
+    areas = (m.crop_boxes[:, 2] - m.crop_boxes[:, 0]).astype(np.int64) * (m.crop_boxes[:, 3] - m.crop_boxes[:, 1])
+    pixels = sum(areas.tolist())
+    _check_shape(m.crop_bits, "crop_bits", (_U8,), ((pixels + 7) // 8,))
+    if pixels % 8 and int(m.crop_bits[-1]) & (0xFF >> (pixels % 8)):
+        _fail(("crop_bits",), f"the last byte's {8 - pixels % 8} spare bit(s) are not 0")
 
 
 def _check_detections(m: Detections, limits: Limits) -> None:

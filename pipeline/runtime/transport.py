@@ -64,8 +64,8 @@ __all__ = [
 
 # Below this a memcpy into shared memory saves nothing over the socket copy.
 RING_MIN_BYTES = 64 * 1024
-# The most buffers (array fields) a message has (RawDetections, Detections: 4).
-MAX_BUFFERS = 4
+# The most buffers (array fields) a message has (RawDetections with its masks as crops: 5).
+MAX_BUFFERS = 5
 # A stage's report and metrics snapshot: a few KiB per stream.
 REPORT_MAX_BYTES = 16 << 20
 

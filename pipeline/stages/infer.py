@@ -21,6 +21,12 @@ preprocess), straight into the runner's device batch: no resized frame is made o
 copied through it. On CUDA the decoders' rings are page-locked (model.page_lock) so each frame's
 planes go to the device in one DMA, on a stream of their own, which the stage waits for (without
 spinning) before the ring slot is released; the batch on the device is not waited for.
+
+crops (infer.masks): the masks are pasted into their boxes and thresholded here, on the runner's
+device, every instance of a batch in one pass (model.mask_crops.packed_crops; the boxes scaled to
+frame pixels there with the postprocess stage's own float32 ratios), and each frame's
+RawDetections carries its instances' binary crops, bit-packed, instead of their probabilities:
+postprocess then only encodes them (no paste there), and only the crops come back from the device.
 """
 from __future__ import annotations
 
@@ -28,13 +34,15 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from maskstream.model.contract import InferenceContract
+from maskstream.model.mask_crops import packed_crops
 from maskstream.model.page_lock import PageLocks
-from maskstream.model.runners import Completed, PendingBatch, RunnerSpec, TorchRunner, configure_process, make_runner
+from maskstream.model.runners import PendingBatch, RunnerSpec, TorchRunner, configure_process, make_runner
 from maskstream.pipeline.media.gpu_preprocess import Letterbox
 from maskstream.pipeline.runtime.messages import (
     EndOfStream,
@@ -46,6 +54,7 @@ from maskstream.pipeline.runtime.messages import (
     StreamProgress,
 )
 from maskstream.pipeline.runtime.stage import Output, Stage, Timed, Wiring, run_stage
+from maskstream.pipeline.stages.postprocess import box_ratios
 
 log = logging.getLogger("maskstream.infer")
 
@@ -63,6 +72,10 @@ class InferConfig:
     # Take decode's Frames and preprocess them on the runner's device (see the module docstring);
     # False: the preprocess stage's ModelInputs.
     frames: bool = False
+    # Paste and threshold the masks on the runner's device and send their binary crops (see the
+    # module docstring); False: the mask probabilities, pasted by postprocess.
+    crops: bool = False
+    mask_threshold: float = 0.5  # with crops: the postprocess stage's (PostprocessConfig.mask_threshold)
 
 
 @dataclass(frozen=True)
@@ -219,11 +232,10 @@ class InferStage(Stage):
             if self.device_images is not None:
                 assert isinstance(self.runner, TorchRunner)
                 outputs = self.runner.submit_device(self.device_images, sizes)
-                if not self.overlap:
-                    outputs = Completed(outputs.result())
             else:
-                outputs = (self.runner.submit(self.images, sizes) if self.overlap
-                           else Completed(self.runner.infer(self.images, sizes)))
+                outputs = self.runner.submit(self.images, sizes)
+            if not self.overlap:
+                outputs.result()  # run to the end here
         except Exception as exc:
             lost = ", ".join(f"{m.header.stream_id}#{m.header.seq}" for m in frames)
             raise RuntimeError(f"the batch of {lost} failed: {type(exc).__name__}: {exc}") from exc
@@ -235,17 +247,27 @@ class InferStage(Stage):
 
     def _results(self, batch: _Batch) -> list[Output]:
         out = batch.outputs.result()
+        counts = [int(out["num_detections"][i]) for i in range(len(batch.frames))]
+        crops = self._crops(batch, counts) if self.config.crops else None
         results: list[Output] = []
-        for i, m in enumerate(batch.frames):
-            n, stream = int(out["num_detections"][i]), m.header.stream_id
+        for i, (m, n) in enumerate(zip(batch.frames, counts)):
+            stream = m.header.stream_id
             self.frames[stream] = self.frames.get(stream, 0) + 1
             # Copies: a submitted batch's arrays are the runner's, reused two batches later, and
             # sending may read them after this returns.
-            detections = RawDetections(m.header, out["boxes"][i, :n].copy(), out["scores"][i, :n].copy(),
-                                       out["labels"][i, :n].copy(), out["mask_probs"][i, :n].copy(), m.valid_hw,
-                                       m.frame_hw)
+            boxes, scores, labels = (out[name][i, :n].copy() for name in ("boxes", "scores", "labels"))
+            if crops is None:
+                detections = RawDetections(m.header, boxes, scores, labels, out["mask_probs"][i, :n].copy(),
+                                           m.valid_hw, m.frame_hw)
+            else:
+                detections = RawDetections(m.header, boxes, scores, labels, None, m.valid_hw, m.frame_hw, *crops[i])
             results.append(Timed(detections, batch.submitted_at))
         return results
+
+    def _crops(self, batch: _Batch, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each frame's (crop boxes, crop bits): its masks pasted and thresholded on the device."""
+        return device_crops(batch.outputs.tensors(), [(m.valid_hw, m.frame_hw) for m in batch.frames], counts,
+                            self.config.mask_threshold)
 
     def progress(self) -> tuple[StreamProgress, ...]:
         return tuple(StreamProgress(s, n, self.drops.get(s, 0)) for s, n in self.frames.items())
@@ -253,6 +275,21 @@ class InferStage(Stage):
     def close(self) -> None:
         if self.page_locks is not None:  # before the stage loop unmaps the rings
             self.page_locks.close()
+
+
+def device_crops(outputs: dict[str, torch.Tensor], frames: Sequence[tuple[tuple[int, int], tuple[int, int]]],
+                 counts: Sequence[int], threshold: float = 0.5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A batch's masks pasted and thresholded where the runner left them (outputs: a PendingBatch's
+    tensors(), boxes [B, K, 4] in model-input pixels and mask_probs [B, K, M, M]; each frame's
+    (valid_hw, frame_hw) and instance count) -> each frame's (crop boxes, crop bits), as
+    RawDetections carries them."""
+    probs = torch.cat([outputs["mask_probs"][i, :n] for i, n in enumerate(counts)])
+    boxes = torch.cat([outputs["boxes"][i, :n] for i, n in enumerate(counts)]).to(torch.float32)
+    # model-input pixels -> frame pixels: the postprocess stage's float32 products, made here
+    ratios = np.concatenate([np.broadcast_to(box_ratios(valid_hw, frame_hw), (n, 4))
+                             for (valid_hw, frame_hw), n in zip(frames, counts)]).reshape(-1, 4)
+    frame_boxes = boxes * torch.from_numpy(ratios).to(boxes.device)
+    return packed_crops(probs, frame_boxes, [frame_hw for _, frame_hw in frames], counts, threshold)
 
 
 def main(config: InferConfig, wiring: Wiring) -> None:
