@@ -580,14 +580,17 @@ def plan(cfg: RunConfig, log_level: str = "warning", model: ChosenModel | None =
                 for i in workers
             ]
         input_rings = frame_rings if on_device else tuple(r.name for r in rings[len(frame_rings):])
+        post_config = postprocess.PostprocessConfig(contract)
         specs.append(StageSpec(
             infer.main,
+            # with crops, the masks are thresholded in infer: at postprocess's threshold, one value
             infer.InferConfig(runner, contract, cfg.infer.batch_timeout_s, cfg.infer.staleness_s, live,
-                              overlap=cfg.infer.overlap, frames=on_device, crops=crops),
+                              overlap=cfg.infer.overlap, frames=on_device, crops=crops,
+                              mask_threshold=post_config.mask_threshold),
             wiring("infer.0", inbox=infer_in, outboxes=post_in, torch_threads=cfg.infer.threads,
                    limits=limits("Frame" if on_device else "ModelInput"), reads=input_rings), reads=input_rings))
         specs += [
-            StageSpec(postprocess.main, postprocess.PostprocessConfig(contract),
+            StageSpec(postprocess.main, post_config,
                       wiring(f"postprocess.{i}", inbox=post_in[i], outboxes=(publish_in,),
                              limits=limits("RawDetections")))
             for i in workers

@@ -77,11 +77,12 @@ RAW_OVERSIZED = 3  # per socket: frames declared larger than its ZMQ_MAXMSGSIZE,
 INBOXES = {"preprocess-0": "Frame", "infer": "ModelInput", "postprocess-0": "RawDetections", "publish": "Detections"}
 
 
-def test_ten_thousand_mutated_messages_to_every_stage_leave_the_run_as_a_clean_one(tmp_path):
+# Postprocess takes one form of RawDetections' masks per run (infer.masks): a run of each, so that
+# both forms' every field is fuzzed (the other form's template is refused as such, as any mutant).
+@pytest.mark.parametrize("masks", ["probs", "crops"])
+def test_ten_thousand_mutated_messages_to_every_stage_leave_the_run_as_a_clean_one(tmp_path, masks):
     video = require(DATA / "videos" / "car-detection.mp4")
-    # infer.masks crops: the masks' newer form is the one postprocess takes, its every field fuzzed
-    # (a probabilities template is then refused as the other form, as a mutant of any other kind)
-    sets = (*TINY_MODEL_SETS, f"source.max_frames={FRAMES}", "infer.masks=crops")
+    sets = (*TINY_MODEL_SETS, f"source.max_frames={FRAMES}", f"infer.masks={masks}")
     args = ["--source", str(video), "--workers", "1", *[x for s in sets for x in ("--set", s)]]
     clean = _run(args, tmp_path / "clean")
     try:

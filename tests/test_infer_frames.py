@@ -106,6 +106,8 @@ def test_masks_go_as_probabilities_unless_asked_and_as_crops_with_auto_on_cuda()
     for masks, crops in (("probs", False), ("auto", False), ("crops", True)):
         specs = _planned(dataclasses.replace(base, infer=dataclasses.replace(base.infer, masks=masks)))
         assert specs["infer.0"].config.crops is crops
+        # infer thresholds the crops at the threshold postprocess would paste with
+        assert specs["infer.0"].config.mask_threshold == specs["postprocess.0"].config.mask_threshold
         form = "crops" if crops else "probs"
         assert {specs[name].wiring.limits.raw_masks for name in specs if specs[name].wiring.inbox} == {form}
 
