@@ -370,6 +370,29 @@ def test_progress_off_a_terminal_is_timestamped_lines(capsys):
     logging.getLogger().handlers.clear()
 
 
+def test_progress_final_lines_only_for_counters_that_moved(capsys):
+    """A run that ends right after a periodic line does not log its 100% twice; one whose counter
+    moved since gets its final line."""
+    main(["doctor", "--log-level", "info"])
+    capsys.readouterr()
+
+    def progress_lines() -> list[str]:
+        return [line for line in capsys.readouterr().err.splitlines() if "maskstream.progress" in line]
+
+    progress = Progress(tty=False, every_s=0.0)
+    progress.set("street", 795, 795)  # logged at once (every_s 0)
+    assert any("street: 795/795" in line for line in progress_lines())
+    progress.close()
+    assert progress_lines() == []
+    progress = Progress(tty=False, every_s=3600.0)
+    progress.set("cam0", 5, None)  # not yet due
+    assert progress_lines() == []
+    progress.close()
+    closing = progress_lines()
+    assert len(closing) == 1 and "cam0: 5 frames" in closing[0], closing
+    logging.getLogger().handlers.clear()
+
+
 def test_live_progress_shows_rate_drops_and_latency(tmp_path):
     clip = write_test_clip(tmp_path / "cam.mp4", frames=40, size=(160, 120), fps=20)
     code, stdout, stderr, _ = maskstream(

@@ -46,6 +46,7 @@ class Progress:
         self.bars: dict[str, tqdm] = {}
         self._sink: IO[str] | None = None
         self._next_log = time.monotonic() + every_s
+        self._logged: dict[str, tuple[int, str]] = {}  # key -> (n, postfix) of its last log line
 
     def set(self, key: str, n: int, total: int | None = None, unit: str = "frame", postfix: str = "") -> None:
         """Counter `key` is at n (of total, when known; fixed when the counter is first seen)."""
@@ -62,16 +63,20 @@ class Progress:
             self._next_log = time.monotonic() + self.every_s
             self.log_lines()
 
-    def log_lines(self) -> None:
-        for bar in self.bars.values():
-            log.info("%s", bar)
+    def log_lines(self, changed_only: bool = False) -> None:
+        for key, bar in self.bars.items():
+            state = (bar.n, bar.postfix or "")
+            if not changed_only or self._logged.get(key) != state:
+                log.info("%s", bar)
+                self._logged[key] = state
 
     def close(self) -> None:
-        """Final state: the bars left on screen, or one last log line each."""
+        """Final state: the bars left on screen, or one last log line for each counter that moved
+        since its last one (a run that ended just after a periodic line does not repeat it)."""
         if not self.enabled:
             return
         if not self.tty:
-            self.log_lines()
+            self.log_lines(changed_only=True)
         for bar in self.bars.values():
             bar.close()
         self.bars = {}
