@@ -22,6 +22,7 @@ from maskstream.pipeline.fleet.results import stream_token
 from tests.fleet_agent import Agent
 
 FAILOVER_GOAL_S = 10.0
+RUNTIME_CHANGE_S = 5.0  # a camera added or removed takes effect within this (as in test_fleet_node)
 
 
 @pytest.fixture
@@ -210,7 +211,44 @@ def leader_of(client, stream, servers):
     return next(s for s in servers if s.name == name)
 
 
+def until_answered(call, what, timeout_s=30.0):
+    """call(), again while the cluster does not answer (a bucket electing its leader after a server's death)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except FleetUnavailable:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: no answer within {timeout_s} s") from None
+            time.sleep(0.1)
+
+
+def cameras_watches(admin, config) -> list[str]:
+    """The servers that run a watch of the cameras bucket now (its push-bound consumers)."""
+    infos = admin.run(admin.js.consumers_info(f"KV_{config.leases.cameras_bucket}"))
+    return [info.cluster.leader for info in infos if info.push_bound and info.cluster is not None]
+
+
+def start_watching_through(client, admin, server, node, capacity):
+    """A LeaseManager whose watch of the cameras bucket runs on `server`, the one it is connected to.
+    A watch is an R1 consumer that the cluster places on one of the bucket's servers at random; on
+    the node's own server, that server's death leaves the watch lagging until its missed heartbeats
+    make it start again: the case a change made right after the death must get through. So the
+    manager is started again until its watch is placed there."""
+    for _ in range(30):
+        manager = LeaseManager(client, node, capacity)
+        manager.start()
+        wait_for(lambda: len(cameras_watches(admin, client.config)) == 1, 10, "one watch of the cameras bucket")
+        if cameras_watches(admin, client.config) == [server.name]:
+            return manager
+        manager.stop()
+        wait_for(lambda: cameras_watches(admin, client.config) == [], 10, "the stopped watch gone")
+    raise AssertionError(f"the node's watch of the cameras bucket never placed on {server.name} in 30 starts")
+
+
 def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_cluster):
+    """...and a camera added and one removed right after it reach the node within RUNTIME_CHANGE_S, while
+    its watches, cut off with the server, have not caught up yet."""
     config = cluster_config(nats_cluster.urls)
     with FleetClient.connect(config, name="admin") as admin:
         registry = CameraRegistry(admin)
@@ -218,19 +256,35 @@ def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_clus
         leases_leader = leader_of(admin, f"KV_{config.leases.leases_bucket}", nats_cluster.servers)
         # the node knows one server, not the one leading the leases bucket, and learns the others from it
         server = next(s for s in nats_cluster.servers if s is not leases_leader)
-        with FleetClient.connect(cluster_config([server.url]), name="host-a") as client:
-            node = LeaseManager(client, "host-a", capacity=2)
-            node.start()
+        # an operator's `fleet add` / `fleet remove` right after the death, through a server that lives
+        other = next(s for s in nats_cluster.servers if s is not server)
+        with FleetClient.connect(cluster_config([server.url]), name="host-a") as client, \
+                FleetClient.connect(cluster_config([other.url]), name="operator") as operator_client:
+            operator = CameraRegistry(operator_client)
+            node = start_watching_through(client, admin, server, "host-a", capacity=3)
             try:
                 registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
                 registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
                 wait_for(lambda: len(node.held()) == 2, timeout_s=10, what="both cameras held")
                 before = {row.camera.name: row.lease.acquired_at for row in registry.status()}
                 server.kill()
-                # two lease TTLs later the node has reconnected to another server and renewed throughout
-                time.sleep(2 * config.leases.ttl_s)
+                killed = time.monotonic()
+                # each change timed from the moment the cluster stored it (the call's return: the
+                # operator's call waits out an election of the cameras bucket, if the server led it)
+                until_answered(lambda: operator.remove("cam0"), "removing cam0")
+                removed = time.monotonic()
+                until_answered(lambda: operator.add("cam2", "rtsp://127.0.0.1:8554/cam2"), "adding cam2")
+                added = time.monotonic()
+                released = first_event(node, "released", "cam0", timeout_s=30).at - removed
+                acquired = first_event(node, "acquired", "cam2", timeout_s=30).at - added
+                print(f"right after the SIGKILL of the node's server: cam0 removed {removed - killed:.2f} s after "
+                      f"it, released {released:.2f} s later; cam2 added {added - killed:.2f} s after it, "
+                      f"acquired {acquired:.2f} s later")
+                assert released <= RUNTIME_CHANGE_S and acquired <= RUNTIME_CHANGE_S
+                # two lease TTLs after the kill the node has reconnected to another server and renewed throughout
+                time.sleep(max(0.0, killed + 2 * config.leases.ttl_s - time.monotonic()))
                 assert [e for e in [*_seen.get(node, []), *node.events()] if e.kind == "lost"] == []
-                assert set(node.held()) == {"cam0", "cam1"}
+                assert set(node.held()) == {"cam1", "cam2"}
                 state = client.state()
                 assert state.connected and state.reconnects >= 1 and not state.server.endswith(f":{server.port}")
                 def both_rows() -> list | None:  # the admin's own client may be reconnecting too: read again
@@ -239,7 +293,8 @@ def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_clus
 
                 wait_for(lambda: both_rows() is not None, timeout_s=10, what="both cameras in the status")
                 rows = both_rows() or []
-                assert {row.camera.name: row.lease.acquired_at for row in rows} == before  # the same leases
+                assert [row.camera.name for row in rows] == ["cam1", "cam2"]
+                assert rows[0].lease.acquired_at == before["cam1"]  # the same lease
                 assert all(time.time() - row.lease.renewed_at < 2 * config.leases.renew_interval_s + 1 for row in rows)
             finally:
                 node.stop()

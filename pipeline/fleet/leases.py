@@ -35,10 +35,15 @@ orphaned cameras, it does not rebalance running ones.
 
 Failover: a node that dies stops renewing; its leases expire `ttl_s` after their last renewal,
 the expiry markers wake the other nodes, which plan and claim at once. So a camera resumes about
-`ttl_s` (plus the server's expiry check and one claim) after its node's last renewal. The view
-comes from KV watches, and every lease key is also re-read directly every `ttl_s / 2`: a watch
-whose server died can lag for many seconds, and replicas answer direct reads even while the
-bucket elects a leader.
+`ttl_s` (plus the server's expiry check and one claim) after its node's last renewal.
+
+The view comes from KV watches, the fast path. A watch is a consumer on one server, and when that
+server dies the watch lags until its missed heartbeats make it start again (many seconds), so
+every `ttl_s / 2` a node also catches up by direct reads, which any replica answers even while
+a bucket elects its leader: the cameras and nodes buckets' messages after the latest revision
+it has of each (deletes, purges and the server's expiry markers end a key), then every camera's
+lease key. A camera added, replaced or removed while a watch lags thus reaches the node within
+one such period.
 
 A server's death: nodes reconnect to the others and keep renewing. If it led the leases bucket,
 no lease can be written until the other two elect a leader (a raft election: seconds, longer
@@ -48,8 +53,9 @@ keeps its cameras running for `election_grace_s` past `ttl_s`; once the bucket a
 renews them, or, where they lapsed, takes them back by compare-and-set on the expiry marker's
 revision, and the runs go on. Only a node cut off from every server (it cannot tell an election
 from its own isolation, while the others may claim its cameras) gives them up at `ttl_s`. So that
-the others leave it the time, a node claims nothing for `claim_grace_s` after a write of its
-own went unanswered (every node's writes do, while the bucket elects). A holder slower than that
+the others leave it the time, a node claims no camera that had a holder for `claim_grace_s`
+after a write of its own went unanswered (every node's writes do, while the bucket elects); a
+camera that never had one is claimed at once. A holder slower than that
 (its ticks longer than `claim_grace_s`) loses the camera to another node: a failover as after a
 node's death.
 
@@ -80,7 +86,7 @@ from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig
 from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot
 from maskstream.pipeline.fleet.results import stream_from_token, stream_token
 from nats.js import api
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 __all__ = [
     "Camera",
@@ -98,6 +104,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# A resync reads at most this many messages of a bucket that its watch has not delivered (the rest
+# at the next resync), so that a watch lagging behind a busy nodes bucket cannot hold it up.
+CATCH_UP_MAX = 256
 
 
 class CameraExists(FleetError):
@@ -325,6 +335,12 @@ class _Entry:
     revision: int
     value: bytes | None
     last: bytes | None = None
+
+
+def _ends_key(headers: Mapping[str, str] | None) -> bool:
+    """A KV message that ends its key: a delete, a purge, or the server's marker (a TTL's expiry)."""
+    headers = headers or {}
+    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
 
 
 def _advance(mirror: dict[str, _Entry], key: str, revision: int, value: bytes | None) -> None:
@@ -649,14 +665,19 @@ class LeaseManager:
         room = self.capacity - len(self._held)
         if not free or room <= 0:
             return
+        previous = self._previous_holders(free)
         if now - self._unanswered_at < self.config.claim_grace_s:
             # just after an outage (a leader election) the cameras that lapsed in it go back to their
-            # holders, which take them back at their next tick: no claims until they had the time
-            return
+            # holders, which take them back at their next tick: none of those is claimed until they
+            # had the time. A camera that never had a holder waits for nobody (one added right after
+            # a server's death, while the nodes bucket elects its leader and presence goes unwritten)
+            free = [name for name in free if name not in previous]
+            if not free:
+                return
         nodes = {info.name: (sum(1 for lease in leases.values() if lease.node == info.name), info.capacity)
                  for info in self._decoded(self._nodes, NodeInfo).values() if info.capacity > 0}
         nodes[self.node] = (len(self._held), self.capacity)
-        plan = plan_claims(free, nodes, self._previous_holders(free))
+        plan = plan_claims(free, nodes, previous)
         planned = [name for name in sorted(free) if plan.get(name) == self.node]
         orphans = [name for name in sorted(free) if name not in planned
                    and now - self._free_since[name] >= self.config.claim_grace_s]
@@ -704,20 +725,44 @@ class LeaseManager:
             return
         if msg.seq is None:
             return
-        headers = msg.headers or {}
-        deleted = headers.get("KV-Operation") in (KV_DEL, KV_PURGE) or "Nats-Marker-Reason" in headers
-        _advance(self._leases, key, msg.seq, None if deleted else (msg.data or b""))
+        _advance(self._leases, key, msg.seq, None if _ends_key(msg.headers) else (msg.data or b""))
+
+    async def _catch_up(self, bucket: str, mirror: dict[str, _Entry]) -> None:
+        """Read the bucket's messages after the latest revision this node has of it, in stream order,
+        by direct gets (any replica answers, even while the bucket elects a leader): what a lagging
+        watch has not delivered yet. At most CATCH_UP_MAX of them; the rest at the next resync."""
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        after = max((entry.revision for entry in list(mirror.values())), default=0)
+        for _ in range(CATCH_UP_MAX):
+            try:
+                msg = await self.client.js.get_msg(stream, seq=after + 1, subject=f"{prefix}>", direct=True,
+                                                   next=True)
+            except nats.js.errors.NotFoundError:  # nothing after it: the view is current
+                return
+            if msg.seq is None or msg.seq <= after or not msg.subject.startswith(prefix):
+                log.warning("catching up %s: unexpected answer %s %s after %d", bucket, msg.subject, msg.seq, after)
+                return
+            _advance(mirror, msg.subject[len(prefix):], msg.seq,
+                     None if _ends_key(msg.headers) else (msg.data or b""))
+            after = msg.seq
 
     async def _resync(self) -> None:
-        """Re-read every lease key now and then: a watch whose server died can lag for many seconds,
-        and a camera must not stay unclaimed because this node's view of it is stale."""
-        while True:
-            await asyncio.sleep(self.config.ttl_s / 2)
-            keys = [stream_token(name) for name in self._decoded(self._cameras, Camera)]
-            results = await asyncio.gather(*(self._refresh(key) for key in keys), return_exceptions=True)
+        """Now and then, catch up the cameras and nodes buckets and re-read every camera's lease key:
+        a watch whose server died can lag for many seconds (until its missed heartbeats make it
+        start again), and a camera must not stay unclaimed or running, nor a plan be made from a
+        stale list of nodes, because this node's view is stale."""
+        def check(results: list[Any]) -> None:
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, (*UNAVAILABLE, nats.errors.Error)):
                     raise result
+
+        while True:
+            await asyncio.sleep(self.config.ttl_s / 2)
+            check(await asyncio.gather(self._catch_up(self.config.cameras_bucket, self._cameras),
+                                       self._catch_up(self.config.nodes_bucket, self._nodes),
+                                       return_exceptions=True))
+            keys = [stream_token(name) for name in self._decoded(self._cameras, Camera)]  # new cameras' too
+            check(await asyncio.gather(*(self._refresh(key) for key in keys), return_exceptions=True))
             if self._wake is not None:
                 self._wake.set()
 
