@@ -739,11 +739,11 @@ class LeaseManager:
                                                    next=True)
             except nats.js.errors.NotFoundError:  # nothing after it: the view is current
                 return
-            if msg.seq is None or msg.seq <= after or not msg.subject.startswith(prefix):
-                log.warning("catching up %s: unexpected answer %s %s after %d", bucket, msg.subject, msg.seq, after)
+            subject = msg.subject or ""
+            if msg.seq is None or msg.seq <= after or not subject.startswith(prefix):
+                log.warning("catching up %s: unexpected answer %s %s after %d", bucket, subject, msg.seq, after)
                 return
-            _advance(mirror, msg.subject[len(prefix):], msg.seq,
-                     None if _ends_key(msg.headers) else (msg.data or b""))
+            _advance(mirror, subject[len(prefix):], msg.seq, None if _ends_key(msg.headers) else (msg.data or b""))
             after = msg.seq
 
     async def _resync(self) -> None:
@@ -751,7 +751,7 @@ class LeaseManager:
         a watch whose server died can lag for many seconds (until its missed heartbeats make it
         start again), and a camera must not stay unclaimed or running, nor a plan be made from a
         stale list of nodes, because this node's view is stale."""
-        def check(results: list[Any]) -> None:
+        def check(results: Sequence[object]) -> None:
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, (*UNAVAILABLE, nats.errors.Error)):
                     raise result
