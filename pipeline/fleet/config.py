@@ -134,11 +134,13 @@ class LeaseConfig:
     # a node connected to the cluster whose leases bucket does not answer (a leader election after
     # a server's death) keeps its cameras this long past ttl_s, and takes them back once it answers
     election_grace_s: float = 15.0
+    # `fleet add/remove` retries a change nobody answers (a bucket just made, a leader election) this long
+    change_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         for name in ("cameras_bucket", "leases_bucket", "nodes_bucket"):
             _check_name(name, getattr(self, name))
-        for name in ("ttl_s", "renew_interval_s", "claim_grace_s", "election_grace_s"):
+        for name in ("ttl_s", "renew_interval_s", "claim_grace_s", "election_grace_s", "change_timeout_s"):
             _check_positive(name, getattr(self, name))
         if self.renew_interval_s * 2 >= self.ttl_s:
             raise ValueError(

@@ -83,7 +83,7 @@ import nats.errors
 import nats.js.errors
 from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig
-from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot
+from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot, retrying
 from maskstream.pipeline.fleet.results import stream_from_token, stream_token
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
@@ -257,25 +257,38 @@ class CameraRegistry:
         cameras, leases = self.client.run(self._status())  # one view of both
         return [CameraRow(cameras[name], leases.get(name)) for name in sorted(cameras)]
 
+    # An operator's change is retried while nobody answers (a bucket just made, whose leader does
+    # not serve its subject yet; a leader election after a server's death) for up to this long.
     async def _add(self, camera: Camera, replace: bool) -> None:
         kv = await self.client.js.key_value(self.config.cameras_bucket)
         value = records.pack(camera)
         key = stream_token(camera.name)
         if replace:
-            await kv.put(key, value)
+            await retrying(lambda: kv.put(key, value), self.config.change_timeout_s, f"camera {camera.name}: put")
             return
-        try:
-            await kv.create(key, value)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise CameraExists(f"camera {camera.name!r} already exists (replace it to change its URL)") from None
+        tried = False
+
+        async def create() -> None:
+            nonlocal tried
+            try:
+                tried, first = True, not tried
+                await kv.create(key, value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                # An earlier try that went unanswered may have stored it: this very record is no clash.
+                if not first and (await kv.get(key)).value == value:
+                    return
+                raise CameraExists(f"camera {camera.name!r} already exists (replace it to change its URL)") from None
+
+        await retrying(create, self.config.change_timeout_s, f"camera {camera.name}: create")
 
     async def _remove(self, name: str) -> None:
         kv = await self.client.js.key_value(self.config.cameras_bucket)
+        key = stream_token(name)
         try:
-            await kv.get(stream_token(name))
+            await retrying(lambda: kv.get(key), self.config.change_timeout_s, f"camera {name}: read")
         except nats.js.errors.KeyNotFoundError:
             raise CameraNotFound(f"no camera {name!r} in the fleet") from None
-        await kv.delete(stream_token(name))
+        await retrying(lambda: kv.delete(key), self.config.change_timeout_s, f"camera {name}: delete")
 
     async def _list(self) -> dict[str, Camera]:
         kv = await self.client.js.key_value(self.config.cameras_bucket)
