@@ -259,8 +259,12 @@ class CameraRegistry:
 
     # An operator's change is retried while nobody answers (a bucket just made, whose leader does
     # not serve its subject yet; a leader election after a server's death) for up to this long.
+    async def _cameras_kv(self) -> KeyValue:
+        bucket = self.config.cameras_bucket  # its lookup is a JetStream API request too
+        return await retrying(lambda: self.client.js.key_value(bucket), self.config.change_timeout_s, bucket)
+
     async def _add(self, camera: Camera, replace: bool) -> None:
-        kv = await self.client.js.key_value(self.config.cameras_bucket)
+        kv = await self._cameras_kv()
         value = records.pack(camera)
         key = stream_token(camera.name)
         if replace:
@@ -282,7 +286,7 @@ class CameraRegistry:
         await retrying(create, self.config.change_timeout_s, f"camera {camera.name}: create")
 
     async def _remove(self, name: str) -> None:
-        kv = await self.client.js.key_value(self.config.cameras_bucket)
+        kv = await self._cameras_kv()
         key = stream_token(name)
         try:
             await retrying(lambda: kv.get(key), self.config.change_timeout_s, f"camera {name}: read")
