@@ -10,6 +10,7 @@ import pytest
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
+from maskstream.pipeline.fleet.connection import wait_for as first_value  # the predicate's first true value
 from maskstream.pipeline.fleet.leases import (
     CameraExists,
     CameraNotFound,
@@ -254,7 +255,16 @@ def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_clus
                 registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
                 registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
                 wait_for(lambda: len(node.held()) == 2, timeout_s=10, what="both cameras held")
-                before = {row.camera.name: row.lease.acquired_at for row in registry.status()}
+
+                def held_rows(names: set[str]) -> list | None:
+                    # read again until every camera shows with its lease: the admin's client may be
+                    # reconnecting, and a direct read a replica answers may lag the latest writes
+                    rows = registry.status()
+                    named = {row.camera.name for row in rows if row.lease is not None}
+                    return rows if named == names and len(rows) == len(names) else None
+
+                rows = first_value(lambda: held_rows({"cam0", "cam1"}), 10, "both cameras in the status")
+                before = {row.camera.name: row.lease.acquired_at for row in rows}
                 server.kill()
                 killed = time.monotonic()
                 # each change timed from the moment the cluster stored it (the call's return: the
@@ -276,12 +286,7 @@ def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_clus
                 assert set(node.held()) == {"cam1", "cam2"}
                 state = client.state()
                 assert state.connected and state.reconnects >= 1 and not state.server.endswith(f":{server.port}")
-                def both_rows() -> list | None:  # the admin's own client may be reconnecting too: read again
-                    rows = registry.status()
-                    return rows if len(rows) == 2 and all(row.lease is not None for row in rows) else None
-
-                wait_for(lambda: both_rows() is not None, timeout_s=10, what="both cameras in the status")
-                rows = both_rows() or []
+                rows = first_value(lambda: held_rows({"cam1", "cam2"}), 10, "both cameras in the status")
                 assert [row.camera.name for row in rows] == ["cam1", "cam2"]
                 assert rows[0].lease.acquired_at == before["cam1"]  # the same lease
                 assert all(time.time() - row.lease.renewed_at < 2 * config.leases.renew_interval_s + 1 for row in rows)
