@@ -270,16 +270,16 @@ class CameraRegistry:
         if replace:
             await retrying(lambda: kv.put(key, value), self.config.change_timeout_s, f"camera {camera.name}: put")
             return
-        tried = False
+        tries = 0
 
         async def create() -> None:
-            nonlocal tried
+            nonlocal tries
+            tries += 1
             try:
-                tried, first = True, not tried
                 await kv.create(key, value)
             except nats.js.errors.KeyWrongLastSequenceError:
                 # An earlier try that went unanswered may have stored it: this very record is no clash.
-                if not first and (await kv.get(key)).value == value:
+                if tries > 1 and (await kv.get(key)).value == value:
                     return
                 raise CameraExists(f"camera {camera.name!r} already exists (replace it to change its URL)") from None
 
