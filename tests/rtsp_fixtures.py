@@ -95,7 +95,7 @@ class RtspServer:
     """One server process serving `video` at self.url; start/stop/kill/start again."""
 
     def __init__(self, video: Path, loop: bool = False, log: Path | None = None) -> None:
-        self.video, self.loop = Path(video), loop
+        self.video = Path(video)
         self._served = looped_copy(self.video, _loops_folder()) if loop else self.video
         self.port = 0  # 0 until the first start picked a free one; restarts reuse it
         self.url = ""
