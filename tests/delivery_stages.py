@@ -22,6 +22,7 @@ from maskstream.pipeline.runtime.messages import (
     StreamProgress,
 )
 from maskstream.pipeline.runtime.stage import Source, Stage, Wiring, run_source, run_stage
+from maskstream.pipeline.stages.decode import INTERRUPTED
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class CountSource(Source):
         for seq in range(self.config.resume_from, self.config.frames):
             time.sleep(self.config.seconds_per_frame)
             if self.stopped:
-                error = "interrupted: the run was asked to stop"
+                error = INTERRUPTED
                 break
             now = time.monotonic()
             self.next_seq = seq + 1

@@ -28,6 +28,7 @@ from maskstream.pipeline.runtime.messages import LostFrame, StageReport, StreamP
 from maskstream.pipeline.runtime.stage import Wiring
 from maskstream.pipeline.runtime.supervisor import StageSpec, Supervisor, SupervisorConfig
 from maskstream.pipeline.stages import publish
+from maskstream.pipeline.stages.decode import INTERRUPTED
 
 from tests import delivery_stages
 from tests.make_detections import FRAME_HW, end_of_stream, make_detections
@@ -265,7 +266,8 @@ def test_a_camera_that_never_connects_fails_alone_and_named(tmp_path):
 def test_a_camera_that_connects_late_is_waited_for_not_killed_nor_abandoned(tmp_path):
     """A camera down at the start, for longer than the stall and heartbeat timeouts, then up: the
     decoder reconnecting is work, so nothing is killed, restarted or abandoned, and its frames are
-    published once it connects. SIGINT then ends the run (exit 130)."""
+    published once it connects. It goes away again, and SIGINT while the decoder waits for it ends
+    the stream there with an EndOfStream saying so (the wait does not hold it up), exit 130."""
     missing = rtsp_server_missing()
     if missing:
         pytest.skip(missing)
@@ -296,6 +298,8 @@ def test_a_camera_that_connects_late_is_waited_for_not_killed_nor_abandoned(tmp_
             assert run.poll() is None, run.communicate()
             assert time.monotonic() < deadline + 60, "no frames after the camera came up"
             time.sleep(0.2)
+        server.kill()  # away again: the decoder's reader reconnects, nothing comes to read
+        time.sleep(1.5)
         run.send_signal(signal.SIGINT)
         code, stdout, stderr = finish(run, timeout_s=60)
     finally:
@@ -304,10 +308,13 @@ def test_a_camera_that_connects_late_is_waited_for_not_killed_nor_abandoned(tmp_
     assert code == 130, stderr
     for word in ("restarted", "rewound", "no heartbeat", "nothing moved", "EndOfStream was lost"):
         assert word not in stdout + stderr, stdout + stderr
+    (summary,) = [line for line in stdout.splitlines() if line.strip().startswith("cam ")]
+    assert summary.endswith("stopped (interrupted)"), stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     seqs = [line["seq"] for line in lines]
-    assert len(lines) >= 5 and seqs == sorted(set(seqs))  # live: in order, each once (a live-only run stops at once)
-    assert all(line["kind"] == "Detections" for line in lines)
+    assert len(lines) >= 6 and seqs == sorted(set(seqs))  # live: in order, each once
+    assert all(line["kind"] == "Detections" for line in lines[:-1])
+    assert lines[-1]["kind"] == "EndOfStream" and lines[-1]["error"] == INTERRUPTED, lines[-1]
 
 
 # ----------------------------------------------------------------------------- frames that keep failing

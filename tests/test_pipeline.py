@@ -311,7 +311,7 @@ def test_live_rtsp_every_frame_published_or_counted_latency_bounded_and_reconnec
             server.start()
             restarted_at = time.monotonic()
             _receive(subscriber, received, count=10, after=restarted_at)
-            run.send_signal(signal.SIGINT)  # live only: stops at once
+            run.send_signal(signal.SIGINT)
             stdout, stderr = run.communicate(timeout=60)
         finally:
             run.kill()

@@ -43,7 +43,7 @@ from maskstream.pipeline.config import ConfigError, load_config
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
     from maskstream.pipeline.media.sources import Probe, SourceSpec
     from maskstream.pipeline.run_config import ChosenModel, ModelSelection, RunConfig
-    from maskstream.pipeline.runtime.supervisor import RunReport, SteadyRate
+    from maskstream.pipeline.runtime.supervisor import RunReport, SteadyRate, StreamResult
 
 log = logging.getLogger("maskstream.run")
 
@@ -399,13 +399,25 @@ def _sample_score(truth: Path, results: Path) -> str:
             f"segm AP {metrics['segm']['AP']:.3f} (AP50 {metrics['segm']['AP50']:.3f})")
 
 
+def _stream_state(stream: StreamResult, interrupted: bool) -> str:
+    from maskstream.pipeline.runtime.supervisor import UNFINISHED
+    from maskstream.pipeline.stages.decode import INTERRUPTED
+
+    if stream.ended and not stream.error:
+        return "ok"
+    # Stopped by the user (Ctrl-C, SIGTERM) where it was, or before its end reached the outputs: no failure.
+    if interrupted and (stream.error == INTERRUPTED or (not stream.ended and stream.error == UNFINISHED)):
+        return "stopped (interrupted)" if stream.ended else "stopped (interrupted; its end was not published)"
+    return f"FAILED: {stream.error}"
+
+
 def _summary(report: RunReport, sources: dict[str, Any], rate: SteadyRate) -> int:
     frames = sum(s.frames for s in report.streams)
     print(f"{frames} frames in {report.elapsed_s:.1f} s: {frames / max(report.elapsed_s, 1e-9):.2f} frames/s "
           f"over {len(report.streams)} stream(s){rate.describe()}")
     for s in report.streams:
-        state = "ok" if s.ended and not s.error else f"FAILED: {s.error}"
-        print(f"  {s.stream_id} ({sources[s.stream_id].url}): {s.frames} frames, {s.lost} lost/dropped, {state}")
+        print(f"  {s.stream_id} ({sources[s.stream_id].url}): {s.frames} frames, {s.lost} lost/dropped, "
+              f"{_stream_state(s, report.interrupted)}")
     for name, count in report.restarts:
         print(f"  stage {name} restarted {count} time(s)")
     for s in report.streams:

@@ -126,7 +126,10 @@ def camera_run_config(base: RunConfig, camera: Camera, endpoint: str) -> RunConf
     if camera.options:
         items = [f"{key}={value}" for key, value in sorted(camera.options.items())]
         source = loads_config(SourceOptions, dump_config(source), items, source=f"camera {camera.name!r} options")
-    return dataclasses.replace(base, sources=(camera.url,), source=source, outputs=OutputOptions(publish=endpoint))
+    # Stopped, it stops at once: the node stops forwarding first and ends the stream itself, saying why.
+    supervisor = dataclasses.replace(base.supervisor, live_drain_timeout_s=0.0)
+    return dataclasses.replace(base, sources=(camera.url,), source=source, outputs=OutputOptions(publish=endpoint),
+                               supervisor=supervisor)
 
 
 def job_run_config(base: RunConfig, source: str, endpoint: str) -> RunConfig:

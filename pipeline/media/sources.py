@@ -208,7 +208,8 @@ class VideoSource:
     and sets .info (and .policy, for an HLS URL whose spec leaves it open). For a live source
     open() waits until connected, raising SourceError once max_reconnects attempts have failed,
     or TimeoutError after timeout_s (the reader keeps trying; open() may be called again).
-    close() is idempotent; read() after close() returns None.
+    close() is idempotent; read() after close() returns None. interrupt() makes an open() or read()
+    that waits on a live source (one reconnecting, say) return now, as at the source's end.
 
     convert turns a decoded av.VideoFrame into the yielded image, in the thread that reads;
     default: uint8 [H, W, 3] RGB in a fresh array. The decode stage passes one that writes the
@@ -221,6 +222,7 @@ class VideoSource:
         self.policy: Policy = self.spec.policy or resolve_policy(self.spec.url)
         self.kind = source_kind(self.spec.url)
         self._reader: _OfflineReader | _LiveReader | None = None
+        self._interrupted = False
 
     @property
     def info(self) -> VideoInfo | None:
@@ -240,6 +242,7 @@ class VideoSource:
                 self._reader = _OfflineReader(self.spec, self.kind, self.convert)
             else:
                 self._reader = _LiveReader(self.spec, self.kind, self.convert)
+                self._reader.interrupted = self._interrupted
         if isinstance(self._reader, _LiveReader):
             self._reader.wait_connected(timeout_s)
         return self
@@ -255,6 +258,13 @@ class VideoSource:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+    def interrupt(self) -> None:
+        """End the waits of a live source now (an offline one's reads do not wait): open() returns,
+        read() gives None. It only sets flags, so a signal handler may call it."""
+        self._interrupted = True
+        if isinstance(self._reader, _LiveReader):
+            self._reader.interrupted = True
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         return self
@@ -536,6 +546,7 @@ class _LiveReader:
         self._slot: _Slot | None = None
         self._fatal: SourceError | None = None
         self._ended = False  # a file read live reached its end
+        self.interrupted = False  # VideoSource.interrupt(): the waits below end, read() gives None
         self._next_index = 0
         self._last_yielded = -1
         self._counts = SourceStats()
@@ -555,7 +566,7 @@ class _LiveReader:
             with self._cond:
                 if self._fatal:
                     raise self._fatal
-                if self._stop.is_set() or self._ended:
+                if self._stop.is_set() or self._ended or self.interrupted:
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.spec.url}: not connected after {timeout_s} s")
@@ -572,7 +583,7 @@ class _LiveReader:
                     continue
                 if self._fatal:
                     raise self._fatal
-                if self._stop.is_set() or self._ended:
+                if self._stop.is_set() or self._ended or self.interrupted:
                     return None
                 wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if wait <= 0:

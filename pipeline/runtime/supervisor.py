@@ -25,10 +25,11 @@ they lost, stops them all. docs/delivery.md is the protocol it keeps; in short:
   its source is known (a fleet node's standby, pipeline/fleet/runs.py).
 - A decoder stays after its EndOfStream (a broken source's carries the error) until stopped:
   a ZeroMQ sender that exits loses what its receiver has not read yet.
-- SIGINT/SIGTERM: with offline streams still running (or waiting for a rewind), decoders are
-  asked to drain (they end their streams early with an EndOfStream, frames in flight are
-  finished, files are closed); live-only runs, a second signal, or the drain timeout stop
-  everything at once. Rewinds go on while draining: a frame lost meanwhile (or before) is sent
+- SIGINT/SIGTERM: decoders are asked to drain (they end their streams early with an EndOfStream,
+  frames in flight are finished, files are closed), for up to drain_timeout_s while offline
+  streams run (or wait for a rewind), else for up to live_drain_timeout_s (live frames in flight
+  take a moment; a camera that is away ends its wait at once); a second signal, or the timeout,
+  stops everything at once. Rewinds go on while draining: a frame lost meanwhile (or before) is sent
   again by a decoder started at the resume point and asked to drain at once, so that its stream
   ends there, whole, instead of publish waiting for that frame until the drain timeout.
 """
@@ -51,9 +52,11 @@ from maskstream.pipeline.runtime.shm_ring import Ring
 from maskstream.pipeline.runtime.stage import BlackBox, Wiring
 from maskstream.pipeline.runtime.transport import ReportInbox
 
-__all__ = ["RunReport", "StageSpec", "StreamResult", "Supervisor", "SupervisorConfig"]
+__all__ = ["UNFINISHED", "RunReport", "StageSpec", "StreamResult", "Supervisor", "SupervisorConfig"]
 
 log = logging.getLogger("maskstream.supervisor")
+
+UNFINISHED = "did not finish"  # the error of a stream whose end never reached publish, for no reason known
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class SupervisorConfig:
     # Offline: rewinds of a stream in a row at one resume point before that frame is given up.
     max_rewinds: int = 2
     drain_timeout_s: float = 120.0
+    # A live-only run asked to stop: this long for its streams' EndOfStreams and the frames in flight
+    # to reach the outputs, then everything stops; 0: at once, the streams left without their end.
+    live_drain_timeout_s: float = 3.0
     stop_timeout_s: float = 10.0
     # Work unfinished, no stage working and no counter moving for this long: a message was lost where
     # no stage could report it. Offline streams are rewound; a live stream's end is given up.
@@ -175,6 +181,7 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         failure, interrupted = "", False
         drain_deadline: float | None = None
+        live_only = False  # draining live streams only (live_drain_timeout_s)
         # Decoders start once inference is ready (its first report not marked `starting` comes
         # after the model is loaded and warmed up): a live source started earlier would only drop
         # the frames of the warm-up.
@@ -200,12 +207,15 @@ class Supervisor:
                     interrupted = True
                     if self._any_offline_running() or self.offline & self.pending.keys():
                         drain_deadline = now + self.config.drain_timeout_s
+                    elif self.config.live_drain_timeout_s > 0 and self._any_decoder_running():
+                        drain_deadline, live_only = now + self.config.live_drain_timeout_s, True
                 if drain_deadline is not None:
                     self._drain()  # each decoder once, those a rewind starts while draining too
                 if self._signals > 1 or (interrupted and drain_deadline is None):
                     break  # stop at once: the finally below terminates every stage
                 if drain_deadline is not None and now > drain_deadline:
-                    failure = f"drain did not finish within {self.config.drain_timeout_s:.0f} s"
+                    if not live_only:  # live streams left without their end are only stopped
+                        failure = f"drain did not finish within {self.config.drain_timeout_s:.0f} s"
                     break
                 failure = self._watch(now)
                 if failure:
@@ -462,6 +472,10 @@ class Supervisor:
         report = self.latest.get(name)
         return report is not None and bool(report.streams) and report.streams[0].ended
 
+    def _any_decoder_running(self) -> bool:
+        return any(spec.stream_id is not None and name in self.processes and not self._decoder_done(name)
+                   for name, spec in self.specs.items())
+
     def _any_offline_running(self) -> bool:
         return any(spec.offline and name in self.processes and not self._decoder_done(name)
                    for name, spec in self.specs.items())
@@ -500,7 +514,7 @@ class Supervisor:
             error = "; ".join(e for e in (self.abandoned.get(sid, ""), *given_up, p.error) if e)
             if not p.ended and not error:
                 decoder = decoders.get(sid)
-                error = (decoder.streams[0].error if decoder and decoder.streams else "") or "did not finish"
+                error = (decoder.streams[0].error if decoder and decoder.streams else "") or UNFINISHED
             # Once a stream ended, publish has every seq below its end either published or counted: that
             # count is exact, where the stages' reports miss what a killed stage dropped since its last one.
             # Before: publish's count (frames given up, or lost with a dead stage, live) and the drops the

@@ -34,6 +34,9 @@ class DecodeConfig:
     max_frame_side: int | None = None
 
 
+INTERRUPTED = "interrupted: the run was asked to stop"  # the error of a stream ended by stop()
+
+
 class DecodeStage(Source):
     def __init__(self, config: DecodeConfig, buffers: OutputBuffers | None = None):
         self.config = config
@@ -43,16 +46,20 @@ class DecodeStage(Source):
         self.next_seq = config.resume_from
         self.error = ""
         self.ended = self._stop = False
+        self._video: VideoSource | None = None
 
     def messages(self) -> Iterator[Message]:
         cfg = self.config
         pixels = PixelRoute(lambda shape: self.buffers.array(shape, wait=not self.live))
-        source = VideoSource(cfg.source, convert=pixels)
+        source = self._video = VideoSource(cfg.source, convert=pixels)
+        if self._stop:
+            source.interrupt()
+        cut = False  # ended by stop() before the source's end
         try:
             with source:
                 for decoded in source:
                     if self._stop:
-                        self.error = "interrupted: the run was asked to stop"
+                        cut = True
                         break
                     rows, width = decoded.image.shape[:2]
                     height = rows * 2 // 3 if pixels.format in PLANAR else rows  # planes: [H * 3 / 2, W]
@@ -71,6 +78,8 @@ class DecodeStage(Source):
                     yield Frame(header, decoded.image, pixels.format)
         except (SourceError, OSError) as exc:
             self.error = str(exc) or type(exc).__name__
+        if not self.error and (cut or (self.live and self._stop)):  # a live read ends early when stopped
+            self.error = INTERRUPTED
         if self.live:  # frames decoded after the last one taken were dropped by the source
             produced = cfg.resume_from + source.stats.decoded
             self.source_drops += max(0, produced - self.next_seq)
@@ -84,7 +93,11 @@ class DecodeStage(Source):
         return (("source", self.source_drops), ("decode", self.send_drops))
 
     def stop(self) -> None:
+        # From a signal handler (SIGUSR1): flags only. A live source waiting for a camera that is
+        # away ends its wait too, so the stream's EndOfStream goes out now, not at its next frame.
         self._stop = True
+        if self._video is not None:
+            self._video.interrupt()
 
     def dropped(self, message: Message) -> None:
         self.send_drops += 1
