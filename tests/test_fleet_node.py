@@ -174,6 +174,7 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             got = collector.wait("cam0", lambda got: isinstance(got[-1][1], EndOfStream), RUNTIME_CHANGE_S,
                                  "cam0's EndOfStream after its removal")
             assert got[-1][1].error == "stopped: camera removed" and got[-1][0] - removed <= RUNTIME_CHANGE_S
+            survivor.wait_for_log("camera cam0 stopped (camera removed)", 5)  # the operator reads why there too
             assert holder(registry, "cam0") is None and "cam0" not in [c.name for c in registry.cameras()]
             # runtime add: claimed within seconds, its first result after a pipeline's start
             added = time.time()

@@ -81,6 +81,7 @@ class FleetClient:
         self._disconnects = 0
         self._last_error = ""
         self._refused: asyncio.Event | None = None
+        self._closing = False
 
     @classmethod
     def connect(cls, config: FleetConfig, name: str = "maskstream", timeout_s: float | None = None) -> FleetClient:
@@ -147,6 +148,7 @@ class FleetClient:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             try:
                 asyncio.run_coroutine_threadsafe(self._nc.close(), loop).result(10)
@@ -288,6 +290,8 @@ class FleetClient:
             self._refused.set()
 
     async def _on_disconnected(self) -> None:
+        if self._closing:  # nats-py calls this on close() too: nothing to tell
+            return
         self._disconnects += 1
         log.info("NATS: disconnected")
 

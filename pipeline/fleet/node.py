@@ -384,6 +384,9 @@ class Node:
     def _stop_camera(self, slot: _CameraSlot, reason: str, end_stream: bool) -> None:
         run, slot.run = slot.run, None
         if run is not None:
+            # a lease lost means another node may run the camera now: worth a warning
+            log.log(logging.INFO if end_stream else logging.WARNING, "node %s: camera %s stopped (%s)",
+                    self.settings.name, slot.camera.name, reason)
             run.stop(reason, end_stream=end_stream)
             self.stopping.append(run)
 
