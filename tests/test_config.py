@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from maskstream.configs import CONFIG_DIR, find_config, shipped_configs
 from maskstream.pipeline.config import (
     ConfigError,
     config_to_dict,
@@ -236,6 +237,33 @@ def test_top_level_must_be_mapping_and_valid_yaml():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
         load_config(Heads, tmp_path / "nope.yaml")
+
+
+def test_a_config_is_a_file_or_a_shipped_config_named_as_the_docs_name_it(tmp_path, monkeypatch):
+    shipped = CONFIG_DIR / "train" / "synthetic_lite.yaml"
+    monkeypatch.chdir(tmp_path)  # a folder without configs/: as a user of the installed package
+    for name in ("configs/train/synthetic_lite.yaml", "train/synthetic_lite.yaml", "synthetic_lite",
+                 "synthetic_lite.yaml"):
+        assert find_config(name) == shipped, name
+    assert find_config("configs/model_v1.yaml") == find_config("model_v1") == CONFIG_DIR / "model_v1.yaml"
+    (tmp_path / "configs" / "train").mkdir(parents=True)
+    (tmp_path / "configs" / "train" / "synthetic_lite.yaml").write_text("{}")
+    assert find_config("configs/train/synthetic_lite.yaml") == Path("configs/train/synthetic_lite.yaml")  # yours first
+    for missing in ("nope.yaml", "configs/../configs/pipeline.yaml", str(tmp_path / "pipeline.yaml")):
+        with pytest.raises(FileNotFoundError, match="no such file, nor a shipped config") as err:
+            find_config(missing)
+        assert "train/synthetic_lite.yaml" in str(err.value) and str(CONFIG_DIR) in str(err.value)
+    assert sorted(shipped_configs()) == shipped_configs() and "pipeline.yaml" in shipped_configs()
+
+
+def test_a_config_option_that_names_nothing_is_refused_with_the_shipped_ones(capsys):
+    from maskstream.pipeline.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", "configs/train/nope.yaml"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--config: configs/train/nope.yaml: no such file" in err and "synthetic_lite.yaml" in err
 
 
 def test_post_init_error_is_wrapped():

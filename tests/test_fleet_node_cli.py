@@ -160,7 +160,8 @@ def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
         assert line in text, text
     assert "# TYPE maskstream_node_job_redeliveries_total counter" in text
     removed = maskstream("fleet", "remove", "door", "--fleet-config", str(path))
-    assert removed.returncode == 0 and removed.stdout == "removed camera door\n" and removed.stderr == "", removed.stderr
+    assert removed.returncode == 0 and removed.stderr == "", removed.stderr
+    assert removed.stdout == "removed camera door\n"
     table = maskstream("fleet", "status", "--fleet-config", str(path))
     assert table.returncode == 0 and table.stdout.splitlines()[0].split() == [
         "CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "LAST", "ERROR"], table.stderr

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maskstream.configs import CONFIG_DIR
-from maskstream.pipeline.cli.options import add_logging, add_progress, subcommand
+from maskstream.pipeline.cli.options import add_logging, add_progress, config_file, subcommand
 from maskstream.pipeline.cli.run import add_model_selection, run_config
 from maskstream.pipeline.config import ConfigError
 
@@ -73,7 +73,7 @@ def add_parsers(subparsers: Any) -> None:
                         "(default: a new runs/bench-N/bench.json)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier bench at --out")
     p.add_argument("--no-plots", action="store_true", help="JSON and table only")
-    p.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
+    p.add_argument("--config", type=config_file, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--workers", type=int, help="preprocess and postprocess processes, each (default: config's, 1)")

@@ -22,12 +22,11 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.cli import run as run_command
-from maskstream.pipeline.cli.options import add_logging, subcommand
+from maskstream.pipeline.cli.options import add_logging, config_file, subcommand
 from maskstream.pipeline.config import ConfigError, load_config
 
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
@@ -58,7 +57,7 @@ def add_parsers(subparsers: Any) -> None:
     connection.add_argument("--nats", action="append", default=[], metavar="URL",
                             help="a NATS server of the fleet, e.g. nats://127.0.0.1:4222 (repeatable; "
                                  "default: the fleet config's nats.urls)")
-    connection.add_argument("--fleet-config", type=Path, default=CONFIG_DIR / "fleet.yaml",
+    connection.add_argument("--fleet-config", type=config_file, default=CONFIG_DIR / "fleet.yaml",
                             help="fleet YAML (FleetConfig: credentials, TLS, replicas, lease and job settings)")
     connection.add_argument("--fleet-set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a fleet config value, e.g. replicas=3")
@@ -69,7 +68,7 @@ def add_parsers(subparsers: Any) -> None:
     node.add_argument("--name", default=socket.gethostname(), help="the node's name in the fleet (default: hostname)")
     node.add_argument("--capacity", type=_positive_int, default=4,
                       help="pipelines at once, cameras and jobs together (default 4)")
-    node.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml",
+    node.add_argument("--config", type=config_file, default=CONFIG_DIR / "pipeline.yaml",
                       help="pipeline YAML every camera and job starts from (RunConfig; its sources are ignored)")
     node.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
     node.add_argument("--workers", type=int, help="preprocess and postprocess processes of each pipeline")

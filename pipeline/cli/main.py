@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maskstream.configs import CONFIG_DIR
+from maskstream.configs import CONFIG_DIR, shipped_configs
 from maskstream.model.config import ModelConfig
 from maskstream.model.zoo import DownloadError
 from maskstream.pipeline import logs
@@ -25,7 +25,7 @@ from maskstream.pipeline.cli import prepare_torch
 from maskstream.pipeline.cli.bench import add_parsers as add_bench_parsers
 from maskstream.pipeline.cli.files import new_run_dir, refuse_existing
 from maskstream.pipeline.cli.fleet import add_parsers as add_fleet_parsers
-from maskstream.pipeline.cli.options import HelpFormatter, add_logging, add_model_name, subcommand
+from maskstream.pipeline.cli.options import HelpFormatter, add_logging, add_model_name, config_file, subcommand
 from maskstream.pipeline.cli.run import add_parsers as add_run_parsers
 from maskstream.pipeline.cli.subscribe import add_parsers as add_subscribe_parsers
 from maskstream.pipeline.cli.train import add_parsers as add_training_parsers
@@ -209,6 +209,8 @@ def doctor(args: argparse.Namespace) -> int:
         "torch-cpu": "TorchRunner on cpu (no --engine given, no CUDA device)",
     }[choice]
     rows.append(("runner", runner))
+    # where to copy one from to edit; named as the documentation names them, they work from any folder
+    rows.append(("configs", f"{CONFIG_DIR} ({', '.join(shipped_configs())})"))
     from maskstream.pipeline.run_config import remove_dead_runs
 
     leftovers = remove_dead_runs(args.endpoint_dir)
@@ -224,7 +226,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_variant: str, che
     """The options that choose a model, the same for every command that loads one (read by model_config)."""
     parser.add_argument("--variant", choices=["v1", "v2", "lite"], default=default_variant,
                         help="the architecture, when no config names it")
-    parser.add_argument("--config", type=Path, help="model YAML (default: configs/model_<variant>.yaml)")
+    parser.add_argument("--config", type=config_file, help="model YAML (default: configs/model_<variant>.yaml)")
     parser.add_argument(
         "--checkpoint", type=Path, required=checkpoint_required, help="model weights (ours or torchvision's Mask R-CNN)"
     )

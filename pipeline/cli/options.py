@@ -3,11 +3,12 @@ and `--model`."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from maskstream.pipeline.logs import LEVELS
 
-__all__ = ["HelpFormatter", "add_logging", "add_model_name", "add_progress", "subcommand"]
+__all__ = ["HelpFormatter", "add_logging", "config_file", "add_model_name", "add_progress", "subcommand"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -47,3 +48,13 @@ def add_model_name(parser: argparse.ArgumentParser, what: str = "the model to ru
         help=f"{what}: a named model ({', '.join(MODELS)}; torchvision's COCO weights are downloaded on first use, "
              "SHA-256 checked, and cached; MASKSTREAM_MODEL_MIRROR=<base URL> fetches them from a mirror), or the "
              "URL of a checkpoint named name-<sha256 prefix>.pth; default: the bundled bundled_lite_shapes")
+
+
+def config_file(text: str) -> Path:
+    """argparse type of a config option: a file, or a shipped config's name (maskstream.configs.find_config)."""
+    from maskstream.configs import find_config
+
+    try:
+        return find_config(text)
+    except FileNotFoundError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

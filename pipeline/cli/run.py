@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.cli.files import new_run_dir, refuse_existing
-from maskstream.pipeline.cli.options import add_logging, add_model_name, add_progress, subcommand
+from maskstream.pipeline.cli.options import add_logging, add_model_name, add_progress, config_file, subcommand
 from maskstream.pipeline.config import ConfigError, load_config
 
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
@@ -67,7 +67,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="a video file, rtsp://, http(s):// URL or /dev/video*, optionally named (cam0=rtsp://...: "
                         "stream id cam0); repeat for several streams. Unnamed: file stem, or URL host and path "
                         "(see README 'Stream ids'); default: a generated sample clip")
-    p.add_argument("--config", type=Path, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
+    p.add_argument("--config", type=config_file, default=CONFIG_DIR / "pipeline.yaml", help="pipeline YAML (RunConfig)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. source.max_frames=100 (repeatable)")
     p.add_argument("--out", type=Path, help="JSONL of detections per frame")
@@ -99,7 +99,7 @@ def add_model_selection(p: argparse.ArgumentParser) -> None:
     """The model options `run` and `bench` share (config keys model.*, source.decode, infer.preprocess,
     infer.masks)."""
     add_model_name(p)
-    p.add_argument("--model-config", type=Path,
+    p.add_argument("--model-config", type=config_file,
                    help="model YAML (default: the named model's, else model.yaml beside --checkpoint, else read "
                         "from the checkpoint's keys)")
     p.add_argument("--checkpoint", type=Path, help="model weights: ours or torchvision's Mask R-CNN (v1, v2, lite)")

@@ -33,7 +33,7 @@ EXAMPLES = """
 
 def add_parsers(subparsers: Any) -> None:
     """Add `subscribe` to the CLI's subparsers (argparse's _SubParsersAction)."""
-    from maskstream.pipeline.cli.options import add_logging, subcommand
+    from maskstream.pipeline.cli.options import add_logging, config_file, subcommand
 
     parser = subcommand(subparsers, "subscribe", "print or save the detections a running pipeline publishes "
                         "(JSON lines)", EXAMPLES)
@@ -47,7 +47,7 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--from-seq", type=_positive_int, metavar="N",
                         help="NATS: replay from the results stream's sequence number N (1: all it keeps; "
                              "default: only new results)")
-    parser.add_argument("--fleet-config", type=Path, metavar="PATH",
+    parser.add_argument("--fleet-config", type=config_file, metavar="PATH",
                         help="NATS: fleet YAML with the credentials and TLS to connect with")
     parser.add_argument("--out", type=Path, help="write the JSON lines to this file instead of stdout")
     parser.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")

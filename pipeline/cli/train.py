@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from maskstream.model.config import ModelConfig
 from maskstream.pipeline.cli import prepare_torch
-from maskstream.pipeline.cli.options import add_logging, add_model_name, add_progress, subcommand
+from maskstream.pipeline.cli.options import add_logging, add_model_name, add_progress, config_file, subcommand
 from maskstream.pipeline.cli.progress import Progress
 from maskstream.pipeline.config import ConfigError, dump_config, load_config, loads_config
 
@@ -263,7 +263,7 @@ SYNTHETIC_EXAMPLES = """
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr = subcommand(sub, "train", "train Mask R-CNN from a configs/train/*.yaml file", TRAIN_EXAMPLES)
-    tr.add_argument("--config", type=Path, required=True, help="training YAML (mirrors model.train.TrainConfig)")
+    tr.add_argument("--config", type=config_file, required=True, help="training YAML (mirrors model.train.TrainConfig)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (repeatable)")
     add_model_name(tr, "the starting point (its weights and architecture; the config's model.overrides still "
@@ -279,7 +279,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev = subcommand(sub, "eval", "COCO bbox + segm AP of a checkpoint on a dataset (pycocotools)", EVAL_EXAMPLES)
     add_model_name(ev, "the model to evaluate")
     ev.add_argument("--checkpoint", type=Path, help="model weights (default: the bundled model)")
-    ev.add_argument("--config", type=Path,
+    ev.add_argument("--config", type=config_file,
                     help="model YAML (default: the named model's, else model.yaml beside the checkpoint, else read "
                          "from the checkpoint's keys)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
