@@ -191,7 +191,8 @@ def test_installed_cli_runs_the_sample_and_segments_from_an_empty_directory(inst
 def test_installed_train_finds_the_shipped_config_s_model_config(installed, tmp_path):
     # spelled as the README spells it, from an empty folder: the shipped file, not one of a checkout
     done = installed.maskstream(
-        "train", "--config", "configs/train/synthetic_lite.yaml", "--set", "model.init=none", "--set", "solver.max_iters=1",
+        "train", "--config", "configs/train/synthetic_lite.yaml", "--set", "model.init=none",
+        "--set", "solver.max_iters=1",
         "--set", "solver.warmup_iters=0", "--set", "data.train.synthetic={count: 2, seed: 0, height: 64, width: 64}",
         "--set", "data.val=null", "--set", "output_dir=run", "--set", "device=cpu", cwd=tmp_path)
     assert "trained 1 iterations" in done.stdout, done.stderr
