@@ -88,9 +88,9 @@ class NodeSettings:
     # A standby not ready (its model loaded and warmed up) this long after its start is taken for
     # hung (a model load that never ends, a wedged stage, a stopped process) and stopped: it would
     # hold back every standby after it. Far above a pipeline's cold start on a loaded CPU host and a
-    # torch.compile on a GPU (docs/fleet.md gives the figures), the supervisor's own allowance for a
-    # stage's first heartbeat: too short a limit kills a slow start over and over, too long one only
-    # leaves the node without a warm standby for longer.
+    # torch.compile on a GPU (docs/fleet.md gives the figures), and the supervisor's own allowance
+    # for a stage's first heartbeat (SupervisorConfig.start_timeout_s): too short a limit kills a
+    # slow start over and over, too long a one only leaves the node without a warm standby longer.
     standby_ready_timeout_s: float = 300.0
     standby_retry_s: float = 30.0  # a standby that died unused or was stopped as hung is made again this long after
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
