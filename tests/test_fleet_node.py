@@ -19,6 +19,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -249,6 +252,93 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
                 assert line in metrics, metrics
         finally:
             collector.close()
+
+
+def standby_pids(node: NodeProcess) -> list[int]:
+    """The pids of the node's standby pipelines, in the order it started them (its log)."""
+    return [int(m) for m in re.findall(r"standby pipeline \d+ of \d+ starting \(pid (\d+)\)", node.log.read_text())]
+
+
+def process_group(pgid: int) -> set[int]:
+    """The live processes of a process group (a standby's: it and its stage processes), zombies not counted."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        state, _, group = stat.rpartition(")")[2].split()[:3]
+        if int(group) == pgid and state != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+# Short, so that the test does not wait long; yet above any standby's start here (the node logs
+# each one's "ready N s after its start"), or a slow start on a loaded host is taken for a hang.
+STANDBY_READY_TIMEOUT_S = 60.0
+STANDBY_RETRY_S = 3.0
+
+
+def test_a_standby_that_dies_or_hangs_unused_is_replaced(nats_server, node_processes, tmp_path):
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2))
+    path = write_fleet_config(tmp_path / "fleet.yaml", config)
+    clip = write_test_clip(tmp_path / "door.mp4", frames=600, size=(160, 120), fps=10)
+    slow = ("--option", "rate_fps=2")  # the cameras leave the cores to the standbys' starts
+    # room for one camera and one standby beside it; no plain spare: the only pipelines started
+    # ahead are the standbys
+    node = node_processes("a", path, tmp_path, 2, "--no-spare", "--standby-ready-timeout", str(STANDBY_READY_TIMEOUT_S),
+                          "--standby-retry", str(STANDBY_RETRY_S))
+    node.wait_ready()
+
+    def ready(count: int) -> bool:
+        return f'maskstream_node_standby_ready{{stage="node"}} {count}' in node.metrics()
+
+    done = maskstream("fleet", "add", "door", str(clip), *slow, "--fleet-config", str(path))
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: ready(1), FIRST_RESULT_S, "a warm standby beside the camera", every=0.5)
+    (first,) = standby_pids(node)
+    assert len(process_group(first)) > 1  # the standby and its stage processes
+
+    # (a) an unused standby SIGKILLed: the node says so and makes another after the retry delay;
+    # the standby's stage processes end by themselves
+    os.kill(first, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: len(standby_pids(node)) == 2, STANDBY_RETRY_S + 30, "another standby started", every=0.05)
+    replaced_s = time.monotonic() - killed
+    # the retry delay, not the old fixed 30 s: the death is seen within a tick or two
+    assert STANDBY_RETRY_S <= replaced_s <= STANDBY_RETRY_S + 10, replaced_s
+    node.wait_for_log(f"a standby pipeline (pid {first}) exited unused (code -9); another in "
+                      f"{STANDBY_RETRY_S:.0f} s", 5)
+    wait_for(lambda: not process_group(first), 30, "the killed standby's stage processes gone")
+    second = standby_pids(node)[1]
+
+    # (b) the new one SIGSTOPped once its stage processes are spawned, seconds before its model is
+    # loaded and warmed up: it never tells the node it is ready. After the ready timeout the node
+    # stops it (the SIGTERM waits, the process being stopped), makes another after the retry delay,
+    # and SIGKILLs it when it has not exited within the stop timeout; its stages end by themselves
+    group = wait_for(lambda: len(g := process_group(second)) > 1 and g, FIRST_RESULT_S,
+                     "the new standby's stage processes", every=0.05)
+    os.kill(second, signal.SIGSTOP)
+    stopped = time.monotonic()
+    assert not ready(1)
+    wait_for(lambda: ready(1), STANDBY_READY_TIMEOUT_S + STANDBY_RETRY_S + FIRST_RESULT_S,
+             "a warm standby in place of the stopped one", every=0.5)
+    assert time.monotonic() - stopped >= STANDBY_READY_TIMEOUT_S
+    node.wait_for_log(f"a standby pipeline (pid {second}) was not ready within {STANDBY_READY_TIMEOUT_S:.0f} s of "
+                      f"its start: stopped as hung; another in {STANDBY_RETRY_S:.0f} s", 5)
+    assert len(standby_pids(node)) == 3
+    stop_timeout_s = 20  # NodeSettings.stop_timeout_s
+    node.wait_for_log(f"an unused pipeline (pid {second}) did not exit within {stop_timeout_s} s of its stop: SIGKILL",
+                      30)
+    wait_for(lambda: not process_group(second), 30, f"the stopped standby's processes {sorted(group)} gone")
+
+    # a camera added now takes the new standby over
+    done = maskstream("fleet", "add", "yard", str(clip), *slow, "--fleet-config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "on the standby pipeline" in node.wait_for_log("camera yard started", RUNTIME_CHANGE_S)
+    assert node_counter(node, "standby_takeovers") == 1
+    with Subscriber(nats_server.url, streams=["yard"], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
+        assert isinstance(sub.recv(), Detections)
 
 
 # ---------------------------------------------------------------------------- jobs

@@ -56,6 +56,13 @@ def test_node_settings_are_checked():
         with pytest.raises(ValueError, match="standby"):
             NodeSettings("a", 1, RunConfig(), standby=standby)
     assert NodeSettings("a", 1, RunConfig()).standby == 1 and NodeSettings("a", 1, RunConfig(), standby=0).standby == 0
+    for timeout_s in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="standby_ready_timeout_s"):
+            NodeSettings("a", 1, RunConfig(), standby_ready_timeout_s=timeout_s)
+    for retry_s in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="standby_retry_s"):
+            NodeSettings("a", 1, RunConfig(), standby_retry_s=retry_s)
+    assert NodeSettings("a", 1, RunConfig(), standby_retry_s=0.0).standby_retry_s == 0.0
 
 
 def test_standby_count_from_the_command_line():
@@ -65,6 +72,20 @@ def test_standby_count_from_the_command_line():
     assert (standby(), standby("--standby", "3"), standby("--standby", "0"), standby("--no-standby")) == (1, 3, 0, 0)
     with pytest.raises(SystemExit):
         standby("--standby", "-1")
+
+
+def test_standby_timings_from_the_command_line_default_to_the_node_settings():
+    def parse(*args: str) -> tuple[float, float]:
+        args_ = build_parser().parse_args(["node", *args])
+        return args_.standby_ready_timeout, args_.standby_retry
+
+    defaults = NodeSettings("a", 1, RunConfig())
+    assert parse() == (defaults.standby_ready_timeout_s, defaults.standby_retry_s)
+    assert parse("--standby-ready-timeout", "45", "--standby-retry", "0") == (45.0, 0.0)
+    for bad in (("--standby-ready-timeout", "0"), ("--standby-ready-timeout", "nan"), ("--standby-retry", "-1"),
+                ("--standby-retry", "soon")):
+        with pytest.raises(SystemExit):
+            parse(*bad)
 
 
 def test_a_node_refuses_a_socket_folder_too_deep_at_its_start_before_nats(tmp_path):

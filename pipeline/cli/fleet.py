@@ -84,6 +84,13 @@ def add_parsers(subparsers: Any) -> None:
                            "for a pipeline's start; each costs an idle pipeline and its copy of the model")
     node.add_argument("--no-standby", dest="standby", action="store_const", const=0,
                       help="the same as --standby 0: no warm camera pipeline")
+    node.add_argument("--standby-ready-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                      help="a standby not ready (model loaded and warmed up) this long after its start is "
+                           "stopped as hung and made again (default 300: well above a cold start on a busy "
+                           "CPU host or a torch.compile on a GPU)")
+    node.add_argument("--standby-retry", type=_non_negative_float, default=30.0, metavar="SECONDS",
+                      help="how long after a standby died unused or was stopped as hung another one starts "
+                           "(default 30)")
     node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
@@ -139,6 +146,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -185,8 +206,9 @@ def run_node(args: argparse.Namespace) -> int:
         chosen = run_command.load_model(base.model)  # fetched and checked once, not in every pipeline
         settings = NodeSettings(args.name, args.capacity, base, status_interval_s=args.status_interval,
                                 drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
-                                spare=not args.no_spare, standby=args.standby, log_level=args.log_level,
-                                model=chosen)
+                                spare=not args.no_spare, standby=args.standby,
+                                standby_ready_timeout_s=args.standby_ready_timeout,
+                                standby_retry_s=args.standby_retry, log_level=args.log_level, model=chosen)
     except run_command.Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

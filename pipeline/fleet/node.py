@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 SPARE_AFTER_S = 5.0  # a spare taken is replaced this long after, not while its run starts up beside it
-STANDBY_RETRY_S = 30.0  # a standby that died unused is made again this long after
 # A slot a finished job frees is taken by the next queued job within a tick or two: a standby
 # starts only in room that stays free this long, not in every gap between two jobs.
 ROOM_SETTLE_S = 1.0
@@ -86,6 +85,14 @@ class NodeSettings:
     # node among them) takes one over, paying one decoder's start instead of a pipeline's. Each
     # costs an idle pipeline (its processes and a copy of the model); 0: none.
     standby: int = 1
+    # A standby not ready (its model loaded and warmed up) this long after its start is taken for
+    # hung (a model load that never ends, a wedged stage, a stopped process) and stopped: it would
+    # hold back every standby after it. Far above a pipeline's cold start on a loaded CPU host and a
+    # torch.compile on a GPU (docs/fleet.md gives the figures), and the supervisor's own allowance
+    # for a stage's first heartbeat (SupervisorConfig.start_timeout_s): too short a limit kills a
+    # slow start over and over, too long a one only leaves the node without a warm standby longer.
+    standby_ready_timeout_s: float = 300.0
+    standby_retry_s: float = 30.0  # a standby that died unused or was stopped as hung is made again this long after
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
 
@@ -98,9 +105,11 @@ class NodeSettings:
             raise ValueError(f"restart_backoff_s: expected 0 < first <= longest, got {self.restart_backoff_s}")
         if isinstance(self.standby, bool) or not isinstance(self.standby, int) or self.standby < 0:
             raise ValueError(f"standby: expected a number of pipelines >= 0, got {self.standby!r}")
-        for name in ("status_interval_s", "drain_timeout_s", "stop_timeout_s"):
+        for name in ("status_interval_s", "drain_timeout_s", "stop_timeout_s", "standby_ready_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number of seconds")
+        if not self.standby_retry_s >= 0:
+            raise ValueError("standby_retry_s: expected a number of seconds >= 0")
 
 
 def check_socket_paths(run: RunConfig, endpoint_dir: Path | None) -> None:
@@ -216,7 +225,8 @@ class Node:
             Sample("maskstream_node_jobs", "Offline jobs running on this node.", gauge, "", len(self.jobs)),
             Sample("maskstream_node_leases_held", "Camera leases this node holds.", gauge, "", held),
             Sample("maskstream_node_standby_ready", "Warm standby pipelines waiting for a camera.", gauge, "",
-                   sum(1 for standby in self._standbys if standby.alive and standby.ready)),
+                   # ready_at, set by the node's loop: this thread must not read the standbys' pipes too
+                   sum(1 for standby in list(self._standbys) if standby.alive and standby.ready_at is not None)),
             Sample("maskstream_node_draining", "1 while the node drains (stops taking work).", gauge, "",
                    int(self._drains > 0)),
             Sample("maskstream_nats_connected", "1 while the node is connected to a NATS server.", gauge, "",
@@ -283,17 +293,35 @@ class Node:
             self._spare = Spare()
         if self.settings.standby and not draining:
             self._keep_standbys(now)
-        self._spares_stopping = [spare for spare in self._spares_stopping if spare.alive]
+        self._reap_spares(now)
 
     def _keep_standbys(self, now: float) -> None:
         """Up to settings.standby warm pipelines, none beyond the free room, while cameras could come
-        to this node; one that died unused is made again later."""
-        for standby in [standby for standby in self._standbys if not standby.alive]:
-            self._standbys.remove(standby)
-            standby.close()
-            self._standby_due = now + STANDBY_RETRY_S
-            log.warning("node %s: a standby pipeline exited unused (code %s); another in %.0f s", self.settings.name,
-                        standby.process.exitcode, STANDBY_RETRY_S)
+        to this node; one that died unused, or was not ready in time, is made again later."""
+        retry_s = self.settings.standby_retry_s
+        for standby in list(self._standbys):
+            if not standby.alive:
+                self._standbys.remove(standby)
+                standby.close()
+                self._standby_due = now + retry_s
+                log.warning("node %s: a standby pipeline (pid %s) exited unused (code %s); another in %.0f s",
+                            self.settings.name, standby.process.pid, standby.process.exitcode, retry_s)
+                continue
+            seen_ready = standby.ready_at is not None
+            if standby.ready:
+                if not seen_ready and standby.ready_at is not None:  # what --standby-ready-timeout is sized by
+                    log.info("node %s: standby pipeline (pid %s) ready %.1f s after its start", self.settings.name,
+                             standby.process.pid, standby.ready_at - standby.started_at)
+            elif now - standby.started_at > self.settings.standby_ready_timeout_s:
+                # it holds back every standby after it (they start one at a time), and cannot be
+                # taken over warm: stopped without waiting for it, SIGKILLed by _reap_spares if need be
+                self._standbys.remove(standby)
+                standby.stop()
+                self._spares_stopping.append(standby)
+                self._standby_due = now + retry_s
+                log.warning("node %s: a standby pipeline (pid %s) was not ready within %.0f s of its start: "
+                            "stopped as hung; another in %.0f s", self.settings.name, standby.process.pid,
+                            self.settings.standby_ready_timeout_s, retry_s)
         manager = self.manager
         cameras = manager.camera_count() if manager is not None else 0
         room = self._room()
@@ -314,8 +342,21 @@ class Node:
                 and all(standby.ready for standby in self._standbys)):
             config = standby_config(camera_run_config(self.settings.run, Camera(STANDBY_STREAM, STANDBY_URL),
                                                       self._endpoint()))
-            self._standbys.append(Spare(standby=self._spec("camera", STANDBY_STREAM, config)))
-            log.info("node %s: standby pipeline %d of %d starting", self.settings.name, len(self._standbys), wanted)
+            standby = Spare(standby=self._spec("camera", STANDBY_STREAM, config))
+            self._standbys.append(standby)
+            log.info("node %s: standby pipeline %d of %d starting (pid %s)", self.settings.name, len(self._standbys),
+                     wanted, standby.process.pid)
+
+    def _reap_spares(self, now: float) -> None:
+        """Forget the stopped spares that exited; SIGKILL those that did not within stop_timeout_s
+        (a process stopped or hung in native code never runs its SIGTERM handler)."""
+        for spare in self._spares_stopping:
+            stopped_at = spare.stopped_at if spare.stopped_at is not None else now
+            if not spare.killed and spare.alive and now - stopped_at > self.settings.stop_timeout_s:
+                log.warning("node %s: an unused pipeline (pid %s) did not exit within %.0f s of its stop: SIGKILL",
+                            self.settings.name, spare.process.pid, self.settings.stop_timeout_s)
+                spare.kill()
+        self._spares_stopping = [spare for spare in self._spares_stopping if spare.alive]
 
     def _take_spare(self) -> Spare | None:
         spare, self._spare = self._spare, None

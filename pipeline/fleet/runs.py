@@ -404,6 +404,10 @@ class Spare:
         status_end.close()
         config_end.close()
         self.standby = standby
+        self.started_at = time.monotonic()
+        self.stopped_at: float | None = None  # time.monotonic() of the first stop()
+        self.ready_at: float | None = None  # time.monotonic() when the node first saw it ready
+        self.killed = False
         self._ready = False
         if standby is not None:
             self._config.send(("standby", standby.config, standby.log_level, standby.model))
@@ -422,6 +426,8 @@ class Spare:
                     self._ready = self._ready or kind == "ready"
             except (EOFError, OSError):
                 pass
+            if self._ready:
+                self.ready_at = time.monotonic()
         return self._ready
 
     @property
@@ -449,6 +455,8 @@ class Spare:
     def stop(self) -> None:
         """Tell an unused spare to end, without waiting: it exits when its pipe closes; a standby is
         also signalled, so that one still loading its model stops its pipeline at once."""
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
         self._config.close()
         self.status.close()
         if self.standby is not None and self.process.pid is not None and self.process.is_alive():
@@ -462,8 +470,15 @@ class Spare:
         self.stop()
         self.process.join(timeout_s if self.standby is not None else 5)
         if self.process.is_alive():
-            self.process.kill()
+            self.kill()
             self.process.join()
+
+    def kill(self) -> None:
+        """SIGKILL, without waiting: for one that did not exit after stop() (a stopped or hung
+        process never runs its SIGTERM handler). A standby's stage processes stop by themselves
+        once their supervisor is gone."""
+        self.killed = True
+        self.process.kill()
 
 
 class _Unused(Exception):
