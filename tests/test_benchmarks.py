@@ -221,6 +221,17 @@ def check_fleet(result: dict[str, Any]) -> None:
     load_averages(kill["load_average_at_kill"])
 
 
+def check_fleet_reads(result: dict[str, Any]) -> None:
+    assert {"what", "command", "machine", "trials", "missed_status", "missed_list", "watch_behind",
+            "read_ms_median", "read_ms_max"} <= set(result)
+    load_averages(result["machine"]["load_average_at_start"])
+    load_averages(result["machine"]["load_average_at_end"])
+    assert result["trials"] == 3
+    assert result["missed_status"] == result["missed_list"] == 0  # every read lists the camera just added
+    assert isinstance(result["watch_behind"], int) and result["watch_behind"] >= 0
+    positive(result["read_ms_median"], result["read_ms_max"])
+
+
 def check_record_training(result: dict[str, Any]) -> None:
     assert {"commands", "config", "model_config", "iterations", "wall_seconds", "cpu_seconds",
             "mean_iteration_seconds", "final_losses_mean_of_last_50", "evaluations", "machine"} <= set(result)
@@ -240,6 +251,7 @@ SCRIPTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "bench_cuda_runner.py": check_cuda_runner,
     "bench_decode.py": check_decode,
     "bench_fleet.py": check_fleet,
+    "bench_fleet_reads.py": check_fleet_reads,
     "bench_mask_paste.py": check_mask_paste,
     "bench_memory_format.py": check_memory_format,
     "bench_messages.py": check_messages,
@@ -278,8 +290,8 @@ def smoke_result(script: str, tmp_path: Path) -> Path:
     """Runs `script --smoke` (its CPU path) and checks its JSON; the JSON's path."""
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir(parents=True)
-    # bench_fleet starts its own NATS servers: the binary the fleet tests use (skips as they do without one)
-    env = {**os.environ, "MASKSTREAM_NATS_SERVER": require_binary()} if script == "bench_fleet.py" else None
+    # the bench_fleet scripts start their own NATS servers: the binary the fleet tests use (skip as they do without one)
+    env = {**os.environ, "MASKSTREAM_NATS_SERVER": require_binary()} if script.startswith("bench_fleet") else None
     device = ["--device", "cpu"] if script in device_scripts() else []
     done = run_script(script, "--smoke", *device, "--out", str(out), cwd=work, env=env)
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import weakref
 
 import pytest
 from maskstream.pipeline.config import dump_config
-from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
+from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
 from maskstream.pipeline.fleet.connection import wait_for as first_value  # the predicate's first true value
 from maskstream.pipeline.fleet.leases import (
@@ -24,6 +26,7 @@ from tests.fleet_agent import Agent
 
 FAILOVER_GOAL_S = 10.0
 RUNTIME_CHANGE_S = 5.0  # a camera added or removed takes effect within this (as in test_fleet_node)
+READ_YOUR_WRITES_TRIALS = 100
 
 
 @pytest.fixture
@@ -292,6 +295,89 @@ def test_leases_survive_the_death_of_the_server_a_node_is_connected_to(nats_clus
                 assert all(time.time() - row.lease.renewed_at < 2 * config.leases.renew_interval_s + 1 for row in rows)
             finally:
                 node.stop()
+
+
+def test_a_camera_added_is_listed_at_once_through_any_server(nats_cluster, caplog):
+    """Read your writes: the moment `fleet add` returns, `fleet status` and `fleet list` through another
+    server list the camera, though the watch that reads the bucket may be placed on a replica that
+    has not applied the add yet (one of the bucket's followers is paused while the add commits on
+    the other two, then resumed just before the read)."""
+    config = cluster_config(nats_cluster.urls)
+    caplog.set_level(logging.DEBUG, logger="maskstream.pipeline.fleet.connection")
+    clients = [FleetClient.connect(cluster_config([server.url]), name=f"operator-{server.name}")
+               for server in nats_cluster.servers]
+    try:
+        registries = [CameraRegistry(client) for client in clients]
+        registries[0].ensure()
+        for i in range(READ_YOUR_WRITES_TRIALS):
+            leader = leader_of(clients[0], f"KV_{config.leases.cameras_bucket}", nats_cluster.servers)
+            followers = [s for s in nats_cluster.servers if s is not leader]
+            paused, reader = followers[i % 2], nats_cluster.servers.index(followers[(i // 2) % 2])
+            name = f"cam{i}"
+            os.kill(paused.pid, signal.SIGSTOP)
+            try:
+                registries[nats_cluster.servers.index(leader)].add(name, f"rtsp://127.0.0.1:8554/{name}")
+            finally:
+                os.kill(paused.pid, signal.SIGCONT)
+            assert name in {row.camera.name for row in registries[reader].status()}, f"trial {i}"
+            assert name in {camera.name for camera in registries[reader].cameras()}, f"trial {i}"
+            registries[nats_cluster.servers.index(leader)].remove(name)
+    finally:
+        for client in clients:
+            client.close()
+    behind = sum("filled in from the leader" in r.getMessage() for r in caplog.records)
+    print(f"read your writes: {READ_YOUR_WRITES_TRIALS} adds listed at once through another server; the watch "
+          f"of {behind} bucket reads ended short of the bucket's last revision (filled in from its leader)")
+
+
+def test_operator_reads_wait_out_the_election_after_the_cameras_leader_dies(nats_cluster):
+    """`fleet status`, `fleet list` and `fleet nodes` right after the SIGKILL of the server that led the
+    cameras bucket: no FleetUnavailable, the reads wait for the new leader (as add/remove do)."""
+    config = cluster_config(nats_cluster.urls)
+    with FleetClient.connect(config, name="admin") as admin:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        leader = leader_of(admin, f"KV_{config.leases.cameras_bucket}", nats_cluster.servers)
+        other = next(s for s in nats_cluster.servers if s is not leader)
+        with FleetClient.connect(cluster_config([other.url]), name="operator") as operator_client:
+            operator = CameraRegistry(operator_client)
+            operator.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+            operator.add("cam1", "rtsp://127.0.0.1:8554/cam1")
+            leader.kill()
+            killed = time.monotonic()
+            # the first read waits out the election; the others find a leader (each takes the same way)
+            assert [(row.camera.name, row.lease) for row in operator.status()] == [("cam0", None), ("cam1", None)]
+            answered = time.monotonic()
+            assert [camera.name for camera in operator.cameras()] == ["cam0", "cam1"]
+            assert operator.nodes() == []
+            operator.ensure()
+            print(f"fleet status after the SIGKILL of the cameras bucket's leader: answered "
+                  f"{answered - killed:.2f} s after it")
+
+
+def test_a_read_ends_where_the_latest_revision_expired_with_its_marker(nats_server):
+    """The bucket's last revision can be gone (an entry that expired, then its expiry marker): a read
+    waits for no watch to reach it."""
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=2.0),
+                         leases=LeaseConfig(ttl_s=1.0, renew_interval_s=0.4))
+    with FleetClient.connect(config, name="admin") as admin:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+        node = LeaseManager(admin, "host-a", capacity=1)
+        node.start()
+        first_event(node, "acquired", "cam0", timeout_s=5)
+        assert [info.name for info in registry.nodes()] == ["host-a"]
+        node.stop(release=False)  # as a crash: its presence and its lease expire, then their markers
+
+        def expired_and_unmarked() -> bool:
+            states = [admin.run(admin.js.stream_info(f"KV_{bucket}")).state
+                      for bucket in (config.leases.nodes_bucket, config.leases.leases_bucket)]
+            return all(state.messages == 0 and state.last_seq > 0 for state in states)
+
+        first_value(expired_and_unmarked, 30, "the node's presence and lease expired, and their markers")
+        assert registry.nodes() == []
+        assert [(row.camera.name, row.lease) for row in registry.status()] == [("cam0", None)]
 
 
 def test_when_the_leases_leader_dies_every_camera_returns_to_its_node(nats_cluster, caplog):

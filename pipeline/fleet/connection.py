@@ -20,7 +20,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,9 +30,10 @@ import nats.js.errors
 from maskstream.pipeline.fleet.config import FleetConfig
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
-__all__ = ["ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "kv_snapshot", "retrying"]
+__all__ = ["ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "ends_key", "kv_after", "kv_snapshot",
+           "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -301,22 +302,76 @@ class FleetClient:
         log.info("NATS: reconnected to %s", url)
 
 
-async def kv_snapshot(kv: KeyValue) -> dict[str, tuple[int, bytes]]:
-    """Every live key of a bucket: key -> (revision, value)."""
-    watcher = await kv.watchall()
+def ends_key(headers: Mapping[str, str] | None) -> bool:
+    """A KV message that ends its key: a delete, a purge, or the server's marker (a TTL's expiry)."""
+    headers = headers or {}
+    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+
+
+async def kv_after(client: FleetClient, bucket: str, after: int, *, direct: bool, limit: int | None = None,
+                   through: int | None = None) -> AsyncIterator[tuple[str, int, bytes | None]]:
+    """The bucket's messages after revision `after`, in stream order, one get each: (key, revision,
+    value; None for a delete, a purge or the server's expiry marker). Ends after `limit` of them,
+    or after the first at or past revision `through`.
+
+    direct: any replica answers, even while the bucket elects a leader, but its copy may lag the
+    latest writes; else the stream's leader does, which has every write the cluster acknowledged."""
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    count = 0
+    while limit is None or count < limit:
+        try:
+            msg = await client.js.get_msg(stream, seq=after + 1, subject=f"{prefix}>", direct=direct, next=True)
+        except nats.js.errors.NotFoundError:  # nothing after it
+            return
+        subject = msg.subject or ""
+        if msg.seq is None or msg.seq <= after or not subject.startswith(prefix):
+            log.warning("reading %s: unexpected answer %s %s after %d", bucket, subject, msg.seq, after)
+            return
+        yield subject[len(prefix):], msg.seq, None if ends_key(msg.headers) else (msg.data or b"")
+        after, count = msg.seq, count + 1
+        if through is not None and after >= through:
+            return
+
+
+async def kv_snapshot(client: FleetClient, bucket: str) -> dict[str, tuple[int, bytes]]:
+    """Every live key of a bucket: key -> (revision, value), with every write the cluster had
+    acknowledged when the call began (read your writes). A watch that stalls for
+    nats.request_timeout_s (its server died) ends in nats' TimeoutError, as a request would.
+
+    That watch is a consumer the cluster places on any of the bucket's servers, whose copy can lag
+    the latest writes: the stream's leader says the bucket's last revision first, and its own copy
+    gives what the watch ended short of. The leader keeps one message a key, so that is at most a
+    read a key; none where the watch saw the last revision, or where what came after it expired."""
+    js = client.js
+    last = (await js.stream_info(f"KV_{bucket}")).state.last_seq
+    watcher = await (await js.key_value(bucket)).watchall()
     out: dict[str, tuple[int, bytes]] = {}
+    seen = 0  # the watch's latest revision, of a key live or ended
     try:
-        async for entry in watcher:
+        while True:
+            entry = await watcher.updates(client.config.nats.request_timeout_s)
             if entry is None:
                 break
+            seen = max(seen, entry.revision or 0)
             if entry.operation in (KV_DEL, KV_PURGE):
                 out.pop(entry.key, None)
             else:
-                out[entry.key] = (entry.revision, entry.value or b"")
+                out[entry.key] = (entry.revision or 0, entry.value or b"")
             if entry.delta == 0:
                 break
     finally:
         await watcher.stop()
+    if seen < last:
+        filled = 0
+        async for key, revision, value in kv_after(client, bucket, seen, direct=False, through=last):
+            filled += 1
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = (revision, value)
+        if filled:
+            log.debug("%s: the watch ended at revision %d of %d; %d filled in from the leader",
+                      bucket, seen, last, filled)
     return out
 
 

@@ -207,9 +207,9 @@ class JobQueue:
                 raise
 
     async def _jobs(self) -> list[JobState]:
-        kv = await self.client.js.key_value(self.config.state_bucket)
+        snapshot = await kv_snapshot(self.client, self.config.state_bucket)
         out = []
-        for key, (_, value) in (await kv_snapshot(kv)).items():
+        for key, (_, value) in snapshot.items():
             try:
                 out.append(records.unpack(JobState, value, f"job {key}"))
             except records.RecordError as exc:

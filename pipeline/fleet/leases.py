@@ -75,18 +75,26 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import nats.errors
 import nats.js.errors
 from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig
-from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot, retrying
+from maskstream.pipeline.fleet.connection import (
+    UNAVAILABLE,
+    FleetClient,
+    FleetError,
+    ends_key,
+    kv_after,
+    kv_snapshot,
+    retrying,
+)
 from maskstream.pipeline.fleet.results import stream_from_token, stream_token
 from nats.js import api
-from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 __all__ = [
     "Camera",
@@ -104,6 +112,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A resync reads at most this many messages of a bucket that its watch has not delivered (the rest
 # at the next resync), so that a watch lagging behind a busy nodes bucket cannot hold it up.
@@ -229,14 +238,19 @@ def _decode_all(cls: type, snapshot: Mapping[str, tuple[int, bytes]], bucket: st
 
 
 class CameraRegistry:
-    """Add, replace, remove and list the fleet's cameras; what runs where (`status`)."""
+    """Add, replace, remove and list the fleet's cameras; what runs where (`status`).
+
+    Every call waits out a cluster that does not answer (a bucket just made, whose leader does
+    not serve its subject yet; a leader election after a server's death), asking again for up to
+    `leases.change_timeout_s`. A read lists every change acknowledged before it began, whichever
+    server it goes through (`kv_snapshot`)."""
 
     def __init__(self, client: FleetClient) -> None:
         self.client = client
         self.config: LeaseConfig = client.config.leases
 
     def ensure(self) -> None:
-        ensure_lease_buckets(self.client)
+        self.client.run(self._retried(lambda: _ensure(self.client), "the lease buckets"))
 
     def add(self, name: str, url: str, options: Mapping[str, str] | None = None, replace: bool = False) -> Camera:
         """Add a camera (CameraExists if the name is taken, unless replace: then its URL and options change)."""
@@ -248,27 +262,30 @@ class CameraRegistry:
         self.client.run(self._remove(check_name("camera name", name)))
 
     def cameras(self) -> list[Camera]:
-        return sorted(self.client.run(self._list()).values(), key=lambda c: c.name)
+        cameras = self.client.run(self._retried(lambda: self._read(Camera, self.config.cameras_bucket), "the cameras"))
+        return sorted(cameras.values(), key=lambda c: c.name)
 
     def nodes(self) -> list[NodeInfo]:
-        return sorted(self.client.run(self._nodes()).values(), key=lambda n: n.name)
+        nodes = self.client.run(self._retried(lambda: self._read(NodeInfo, self.config.nodes_bucket), "the nodes"))
+        return sorted(nodes.values(), key=lambda n: n.name)
 
     def status(self) -> list[CameraRow]:
-        cameras, leases = self.client.run(self._status())  # one view of both
+        cameras, leases = self.client.run(self._retried(self._status, "the status"))  # one view of both
         return [CameraRow(cameras[name], leases.get(name)) for name in sorted(cameras)]
 
-    # An operator's change is retried while nobody answers (a bucket just made, whose leader does
-    # not serve its subject yet; a leader election after a server's death) for up to this long.
+    async def _retried(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        return await retrying(call, self.config.change_timeout_s, what)
+
     async def _cameras_kv(self) -> KeyValue:
         bucket = self.config.cameras_bucket  # its lookup is a JetStream API request too
-        return await retrying(lambda: self.client.js.key_value(bucket), self.config.change_timeout_s, bucket)
+        return await self._retried(lambda: self.client.js.key_value(bucket), bucket)
 
     async def _add(self, camera: Camera, replace: bool) -> None:
         kv = await self._cameras_kv()
         value = records.pack(camera)
         key = stream_token(camera.name)
         if replace:
-            await retrying(lambda: kv.put(key, value), self.config.change_timeout_s, f"camera {camera.name}: put")
+            await self._retried(lambda: kv.put(key, value), f"camera {camera.name}: put")
             return
         tries = 0
 
@@ -283,29 +300,24 @@ class CameraRegistry:
                     return
                 raise CameraExists(f"camera {camera.name!r} already exists (replace it to change its URL)") from None
 
-        await retrying(create, self.config.change_timeout_s, f"camera {camera.name}: create")
+        await self._retried(create, f"camera {camera.name}: create")
 
     async def _remove(self, name: str) -> None:
         kv = await self._cameras_kv()
         key = stream_token(name)
         try:
-            await retrying(lambda: kv.get(key), self.config.change_timeout_s, f"camera {name}: read")
+            await self._retried(lambda: kv.get(key), f"camera {name}: read")
         except nats.js.errors.KeyNotFoundError:
             raise CameraNotFound(f"no camera {name!r} in the fleet") from None
-        await retrying(lambda: kv.delete(key), self.config.change_timeout_s, f"camera {name}: delete")
+        await self._retried(lambda: kv.delete(key), f"camera {name}: delete")
 
-    async def _list(self) -> dict[str, Camera]:
-        kv = await self.client.js.key_value(self.config.cameras_bucket)
-        return _decode_all(Camera, await kv_snapshot(kv), self.config.cameras_bucket)
-
-    async def _nodes(self) -> dict[str, NodeInfo]:
-        kv = await self.client.js.key_value(self.config.nodes_bucket)
-        return _decode_all(NodeInfo, await kv_snapshot(kv), self.config.nodes_bucket)
+    async def _read(self, cls: type, bucket: str) -> dict[str, Any]:
+        snapshot = await kv_snapshot(self.client, bucket)
+        return _decode_all(cls, snapshot, bucket)
 
     async def _status(self) -> tuple[dict[str, Camera], dict[str, Lease]]:
-        cameras = await self._list()
-        kv = await self.client.js.key_value(self.config.leases_bucket)
-        return cameras, _decode_all(Lease, await kv_snapshot(kv), self.config.leases_bucket)
+        return (await self._read(Camera, self.config.cameras_bucket),
+                await self._read(Lease, self.config.leases_bucket))
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -352,12 +364,6 @@ class _Entry:
     revision: int
     value: bytes | None
     last: bytes | None = None
-
-
-def _ends_key(headers: Mapping[str, str] | None) -> bool:
-    """A KV message that ends its key: a delete, a purge, or the server's marker (a TTL's expiry)."""
-    headers = headers or {}
-    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
 
 
 def _advance(mirror: dict[str, _Entry], key: str, revision: int, value: bytes | None) -> None:
@@ -742,26 +748,15 @@ class LeaseManager:
             return
         if msg.seq is None:
             return
-        _advance(self._leases, key, msg.seq, None if _ends_key(msg.headers) else (msg.data or b""))
+        _advance(self._leases, key, msg.seq, None if ends_key(msg.headers) else (msg.data or b""))
 
     async def _catch_up(self, bucket: str, mirror: dict[str, _Entry]) -> None:
         """Read the bucket's messages after the latest revision this node has of it, in stream order,
         by direct gets (any replica answers, even while the bucket elects a leader): what a lagging
         watch has not delivered yet. At most CATCH_UP_MAX of them; the rest at the next resync."""
-        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         after = max((entry.revision for entry in list(mirror.values())), default=0)
-        for _ in range(CATCH_UP_MAX):
-            try:
-                msg = await self.client.js.get_msg(stream, seq=after + 1, subject=f"{prefix}>", direct=True,
-                                                   next=True)
-            except nats.js.errors.NotFoundError:  # nothing after it: the view is current
-                return
-            subject = msg.subject or ""
-            if msg.seq is None or msg.seq <= after or not subject.startswith(prefix):
-                log.warning("catching up %s: unexpected answer %s %s after %d", bucket, subject, msg.seq, after)
-                return
-            _advance(mirror, subject[len(prefix):], msg.seq, None if _ends_key(msg.headers) else (msg.data or b""))
-            after = msg.seq
+        async for key, revision, value in kv_after(self.client, bucket, after, direct=True, limit=CATCH_UP_MAX):
+            _advance(mirror, key, revision, value)
 
     async def _resync(self) -> None:
         """Now and then, catch up the cameras and nodes buckets and re-read every camera's lease key:
