@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 from maskstream.pipeline.config import dump_config
+from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
 from maskstream.pipeline.fleet.connection import wait_for as first_value  # the predicate's first true value
@@ -18,6 +19,7 @@ from maskstream.pipeline.fleet.leases import (
     CameraNotFound,
     CameraRegistry,
     CameraStatus,
+    Lease,
     LeaseManager,
 )
 from maskstream.pipeline.fleet.results import stream_token
@@ -189,6 +191,46 @@ def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registr
         agent.close()
     assert max(times.values()) < FAILOVER_GOAL_S, times
     print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
+
+
+def test_a_claim_refused_whose_lease_cannot_be_read_again_leaves_the_manager_running(nats_server, caplog):
+    """A claim by compare-and-set on a revision that is gone (the expiry marker the node saw expired
+    too) is refused; the node then reads the lease key again, and where nobody answers that read
+    (here: no direct gets), the claim waits for the next one, the manager goes on."""
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=2.0),
+                         leases=LeaseConfig(ttl_s=1.0, renew_interval_s=0.4))
+    caplog.set_level(logging.INFO, logger="maskstream.pipeline.fleet.leases")
+    stream = f"KV_{config.leases.leases_bucket}"
+    with FleetClient.connect(config, name="admin") as admin, FleetClient.connect(config, name="host-a") as client:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+        node = LeaseManager(client, "host-a", capacity=0)
+        node.start()
+        try:
+            # a holder that died: its lease expires, and the node sees the server's expiry marker
+            kv = admin.run(admin.js.key_value(config.leases.leases_bucket))
+            stamp = time.time()
+            admin.run(kv.put(stream_token("cam0"), records.pack(Lease("cam0", "gone", "0", stamp, stamp))))
+            first_value(lambda: node.unclaimed() == [], 5, "the lease in the node's view")
+            first_value(lambda: node.unclaimed() == ["cam0"], 10, "the expiry marker in the node's view")
+
+            def direct(allowed: bool) -> None:
+                info = admin.run(admin.js.stream_info(stream))
+                admin.run(admin.js.update_stream(info.config.evolve(allow_direct=allowed)))
+
+            direct(False)  # the node's reads of single keys go unanswered from now on
+            first_value(lambda: admin.run(admin.js.stream_info(stream)).state.messages == 0, 10,
+                        "the expiry marker expired")
+            node.set_capacity(1)  # its claim expects the marker's revision: refused
+            first_value(lambda: any("claim of cam0 refused" in r.getMessage() for r in caplog.records)
+                        or node.error is not None, 10, "the claim refused")
+            assert node.error is None
+            direct(True)  # the next resync reads the key again: the claim expects what is there now
+            first_event(node, "acquired", "cam0", timeout_s=10)
+            assert node.error is None and set(node.held()) == {"cam0"}
+        finally:
+            node.stop()
 
 
 def test_a_lease_taken_away_is_reported_lost(registry, nodes):

@@ -134,8 +134,8 @@ class LeaseConfig:
     # a node connected to the cluster whose leases bucket does not answer (a leader election after
     # a server's death) keeps its cameras this long past ttl_s, and takes them back once it answers
     election_grace_s: float = 15.0
-    # `fleet add/remove/list/status` (CameraRegistry) retry a request nobody answers (a bucket just made,
-    # a leader election) this long
+    # `fleet add/remove/list/status` (CameraRegistry) and a LeaseManager's start retry a request nobody
+    # answers (a bucket just made, a leader election) this long
     change_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:

@@ -513,7 +513,9 @@ class LeaseManager:
 
     async def _main(self) -> None:
         try:
-            kv_cams, kv_leases, kv_nodes = await _ensure(self.client)
+            # a node starting while the cluster elects a leader (or makes the buckets) waits it out
+            kv_cams, kv_leases, kv_nodes = await retrying(lambda: _ensure(self.client), self.config.change_timeout_s,
+                                                          "the lease buckets")
             self._kv_leases, self._kv_nodes = kv_leases, kv_nodes
             self._wake = asyncio.Event()
             synced = [asyncio.Event() for _ in range(3)]
@@ -544,13 +546,13 @@ class LeaseManager:
             raise
         except BaseException as exc:
             self.error = exc
-            log.error("lease manager of %s stopped: %s", self.node, exc)
+            log.error("lease manager of %s stopped: %s", self.node, exc, exc_info=exc)
             for name in list(self._held):
                 self._lose(name, f"lease manager failed: {exc}")
             raise
 
     async def _watch(self, kv: KeyValue, mirror: dict[str, _Entry], synced: asyncio.Event) -> None:
-        watcher = await kv.watchall()
+        watcher = await retrying(kv.watchall, self.config.change_timeout_s, "a watch")
         try:
             async for entry in watcher:
                 if entry is None:
@@ -716,7 +718,10 @@ class LeaseManager:
         try:
             revision = await self._kv_leases.update(key, records.pack(lease), last=last)
         except nats.js.errors.KeyWrongLastSequenceError:
-            await self._refresh(key)  # our view was behind (or an expiry marker itself expired)
+            try:  # our view was behind (or an expiry marker itself expired)
+                await self._refresh(key)
+            except (*UNAVAILABLE, nats.errors.Error) as exc:  # the next resync reads it again
+                log.info("node %s: claim of %s refused, its lease not read again (%s)", self.node, name, exc)
             return
         except UNAVAILABLE as exc:
             self._unanswered_at = asyncio.get_running_loop().time()
