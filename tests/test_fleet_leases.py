@@ -233,6 +233,38 @@ def test_a_claim_refused_whose_lease_cannot_be_read_again_leaves_the_manager_run
             node.stop()
 
 
+def test_a_claim_stored_but_never_answered_is_held(nats_server, caplog):
+    """A claim whose answer never came (the server stalled past nats.request_timeout_s) may be stored
+    all the same: the node holds the camera under that lease, instead of leaving it unrenewed and the
+    camera unrun until the lease expires and it is claimed anew."""
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=1.0))
+    caplog.set_level(logging.INFO, logger="maskstream.pipeline.fleet.leases")
+    with FleetClient.connect(config, name="admin") as admin, FleetClient.connect(config, name="host-a") as client:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+        node = LeaseManager(client, "host-a", capacity=0)
+        node.start()
+        try:
+            os.kill(nats_server.pid, signal.SIGSTOP)  # the claim reaches the server's socket, no answer comes
+            try:
+                node.set_capacity(1)
+                first_value(lambda: any("claim of cam0 not answered" in r.getMessage() for r in caplog.records),
+                            15, "the claim unanswered")
+                resumed = time.time()
+            finally:
+                os.kill(nats_server.pid, signal.SIGCONT)  # ...and stores it
+            acquired = first_event(node, "acquired", "cam0", timeout_s=10)
+            rows = first_value(lambda: [row for row in registry.status() if row.lease is not None], 10,
+                               "the lease in the status")
+            # the lease of the claim sent while the server stalled, not one claimed after it expired
+            assert rows[0].lease.instance == node.instance and rows[0].lease.acquired_at < resumed
+            assert acquired.camera.name == "cam0" and set(node.held()) == {"cam0"}
+            assert [e.kind for e in node.events()] == []  # nothing lost, nothing claimed twice
+        finally:
+            node.stop()
+
+
 def test_a_lease_taken_away_is_reported_lost(registry, nodes):
     node = nodes("host-a", capacity=1)
     registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")

@@ -401,6 +401,8 @@ class LeaseManager:
         self._held: dict[str, _Held] = {}
         self._lapsed: set[str] = set()  # held cameras whose lease lapsed while the bucket elected a leader
         self._unanswered_at = -math.inf  # loop time of the last write of this node the cluster did not answer
+        # camera -> loop times of the first and the latest claim of it that went unanswered (it may be stored)
+        self._claims_unanswered: dict[str, tuple[float, float]] = {}
         self._status: dict[str, CameraStatus] = {}
         self._cameras: dict[str, _Entry] = {}
         self._leases: dict[str, _Entry] = {}
@@ -681,6 +683,7 @@ class LeaseManager:
 
     async def _claim(self, now: float, cameras: dict[str, Camera]) -> None:
         leases = self._decoded(self._leases, Lease)
+        self._adopt_unanswered(now, cameras, leases)
         free = [name for name in cameras if name not in leases and name not in self._held]
         for name in list(self._free_since):
             if name not in free:
@@ -725,10 +728,31 @@ class LeaseManager:
             return
         except UNAVAILABLE as exc:
             self._unanswered_at = asyncio.get_running_loop().time()
+            first, _ = self._claims_unanswered.get(name, (now, now))
+            self._claims_unanswered[name] = (first, now)
             log.info("node %s: claim of %s not answered (%s)", self.node, name, exc)
             return
+        self._claims_unanswered.pop(name, None)
         self._held[name] = _Held(camera, revision, stamp, now)
         self._events.put(LeaseEvent("acquired", camera, time.monotonic(), revision))
+
+    def _adopt_unanswered(self, now: float, cameras: dict[str, Camera], leases: dict[str, Lease]) -> None:
+        """A claim that went unanswered (a server's death, a stalled server) may have been stored: a
+        lease of this very start of the node, in the view, is held from now on (renewed from the next
+        tick), instead of being left to expire while nobody runs the camera. Given up ttl_s after the
+        latest such claim: by then it expired, or was never stored."""
+        for name, (first, latest) in list(self._claims_unanswered.items()):
+            lease, camera = leases.get(name), cameras.get(name)
+            if lease is not None and lease.instance == self.instance and camera is not None:
+                del self._claims_unanswered[name]
+                if name not in self._held:
+                    revision = self._leases[stream_token(name)].revision
+                    # renewed_sent: the first try's time, at or before the write's, so the renewal is not late
+                    self._held[name] = _Held(camera, revision, lease.acquired_at, first)
+                    self._events.put(LeaseEvent("acquired", camera, time.monotonic(), revision))
+                    log.info("node %s: a claim of %s that went unanswered was stored: held", self.node, name)
+            elif now - latest >= self.config.ttl_s:
+                del self._claims_unanswered[name]
 
     def _previous_holders(self, free: list[str]) -> dict[str, str]:
         out = {}
