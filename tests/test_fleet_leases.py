@@ -284,13 +284,18 @@ def cluster_config(urls):
     return FleetConfig(nats=NatsConfig(urls=tuple(urls), reconnect_wait_s=0.2, request_timeout_s=2.0), replicas=3)
 
 
+# The tests' own reads of the cluster (first_value: a request nobody answered in time is asked again,
+# as the product's reads do; the consumer list waits up to 4 s for every consumer's server).
+
+
 def leader_of(client, stream, servers):
-    name = client.run(client.js.stream_info(stream)).cluster.leader
+    name = first_value(lambda: client.run(client.js.stream_info(stream)).cluster.leader, 15, f"{stream}'s leader")
     return next(s for s in servers if s.name == name)
 
 
 def cameras_watches(admin, config) -> list[str]:
-    """The servers that run a watch of the cameras bucket now (its push-bound consumers)."""
+    """The servers that run a watch of the cameras bucket now (its push-bound consumers); FleetUnavailable
+    where the list was not answered in time."""
     infos = admin.run(admin.js.consumers_info(f"KV_{config.leases.cameras_bucket}"))
     return [info.cluster.leader for info in infos if info.push_bound and info.cluster is not None]
 
@@ -301,14 +306,17 @@ def start_watching_through(client, admin, server, node, capacity):
     the node's own server, that server's death leaves the watch lagging until its missed heartbeats
     make it start again: the case a change made right after the death must get through. So the
     manager is started again until its watch is placed there."""
+    def one_watch() -> list[str] | None:
+        watches = cameras_watches(admin, client.config)
+        return watches if len(watches) == 1 else None
+
     for _ in range(30):
         manager = LeaseManager(client, node, capacity)
         manager.start()
-        wait_for(lambda: len(cameras_watches(admin, client.config)) == 1, 10, "one watch of the cameras bucket")
-        if cameras_watches(admin, client.config) == [server.name]:
+        if first_value(one_watch, 10, "one watch of the cameras bucket") == [server.name]:
             return manager
         manager.stop()
-        wait_for(lambda: cameras_watches(admin, client.config) == [], 10, "the stopped watch gone")
+        first_value(lambda: cameras_watches(admin, client.config) == [], 10, "the stopped watch gone")
     raise AssertionError(f"the node's watch of the cameras bucket never placed on {server.name} in 30 starts")
 
 
