@@ -22,7 +22,8 @@ change) it
 3. releases cameras that were removed (and reports cameras whose URL or options changed);
 4. claims free cameras, within its capacity, by the rule below, with a compare-and-set that
    expects the key's latest revision (absent, deleted, or an expiry marker), so of two nodes
-   claiming one camera exactly one wins.
+   claiming one camera exactly one wins. A claim that went unanswered may be stored all the
+   same: a lease of this very start of the node that shows up for that camera is held.
 
 The claim rule (spread by capacity, least-loaded first): every node computes the same plan from
 the same view. A free camera whose last holder is live (has a NodeInfo) and has room goes back to
