@@ -189,6 +189,10 @@ class FleetClient:
                     return
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
                 pass  # no answer while the election goes on, on a loaded host: ask again until the deadline
+            except nats.js.errors.NotFoundError:
+                # made (or found) a moment ago, yet "stream not found": two processes made it at once and
+                # the answer came from a view that has not caught up (a node's start failed on it)
+                pass
             if loop.time() > deadline:
                 raise FleetUnavailable(f"stream {stream} has no leader after {timeout_s} s")
             await asyncio.sleep(0.1)
