@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from maskstream.configs import CONFIG_DIR
 from maskstream.model.bundled import BUNDLED_CHECKPOINT, BUNDLED_CONFIG
 from maskstream.model.config import ModelConfig
 from maskstream.model.engine import (
@@ -449,13 +450,15 @@ def test_cli_doctor_lists_every_piece(capsys):
     lines = capsys.readouterr().out.splitlines()
     names = [line.split("  ")[0].strip() for line in lines]
     assert names == ["torch", "CUDA", "Triton", "TensorRT", "torch-tensorrt", "PyAV", "ZeroMQ", "OpenCV",
-                     "pycocotools", "runner", "leftovers"]
+                     "pycocotools", "runner", "configs", "leftovers"]
     text = "\n".join(lines)
-    assert torch.__version__ in lines[0]
+    row = dict(zip(names, lines))
+    assert torch.__version__ in row["torch"]
     if NO_TENSORRT:
-        assert [line for line in lines if line.startswith("TensorRT ")][0].endswith("not installed")
+        assert row["TensorRT"].endswith("not installed")
     expected = "TorchRunner on cuda" if torch.cuda.is_available() else "TorchRunner on cpu"
-    assert expected in lines[-2], text
+    assert expected in row["runner"], text
+    assert str(CONFIG_DIR) in row["configs"] and "train/synthetic_lite.yaml" in row["configs"], text
 
 
 # ----------------------------------------------------------------------------- the stub trap
