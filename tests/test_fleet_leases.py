@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import weakref
+from dataclasses import replace
 
 import pytest
 from maskstream.pipeline.config import dump_config
@@ -25,6 +26,7 @@ from maskstream.pipeline.fleet.leases import (
 from maskstream.pipeline.fleet.results import stream_token
 
 from tests.fleet_agent import Agent
+from tests.net_fault import Relay
 
 FAILOVER_GOAL_S = 10.0
 RUNTIME_CHANGE_S = 5.0  # a camera added or removed takes effect within this (as in test_fleet_node)
@@ -278,6 +280,71 @@ def test_a_lease_taken_away_is_reported_lost(registry, nodes):
     # the camera is free again and the node has room: it claims it anew, under a later revision
     again = first_event(node, "acquired", "cam0", timeout_s=5)
     assert again.revision > lost.revision
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "reset"])
+def test_a_node_cut_off_the_network_gives_its_cameras_up_before_another_takes_them(registry, nodes, config,
+                                                                                   nats_server, fault):
+    """A node reaches NATS only through a relay, which then forwards nothing (a pulled cable: TCP sees
+    nothing wrong) or resets every connection (a firewall that rejects). The other node claims its cameras
+    once their leases expire, ttl_s after the cut-off node's last renewal; the cut-off node must have
+    stopped them by then: it gives a camera up ttl_s after sending its last renewal that the cluster
+    answered, on its own clock, whatever its connection says. Healed, it takes nothing back and takes new
+    cameras again. Default lease settings: the overlap measured is the one users get."""
+    leases = config.leases
+    steady = nodes("steady", capacity=4)
+    with Relay(nats_server.port) as relay:
+        cut_config = FleetConfig(nats=replace(config.nats, urls=(relay.url,)))
+        with FleetClient.connect(cut_config, name="cut") as cut_client:
+            cut = LeaseManager(cut_client, "cut", capacity=2)
+            cut.start()
+            try:
+                wait_for(lambda: {info.name for info in registry.nodes()} == {"steady", "cut"}, 10,
+                         "both nodes present")
+                for i in range(4):
+                    registry.add(f"cam{i}", f"rtsp://127.0.0.1:8554/cam{i}")
+                wait_for(lambda: len(cut.held()) == 2 and len(steady.held()) == 2, 10, "two cameras on each node")
+                theirs = sorted(cut.held())
+                cut_at = time.monotonic()
+                getattr(relay, fault)()
+                acquired = {name: first_event(steady, "acquired", name, leases.ttl_s + 10).at for name in theirs}
+                # long enough to see how late it is, when it is
+                lost = {name: first_event(cut, "lost", name, leases.ttl_s + leases.election_grace_s + 15).at
+                        for name in theirs}
+                overlap = {name: lost[name] - acquired[name] for name in theirs}
+                print(f"{fault}: acquired by the other node " + ", ".join(
+                    f"{name} {acquired[name] - cut_at:.2f} s" for name in theirs) + " after the cut; given up by "
+                    "the cut-off node " + ", ".join(f"{name} {lost[name] - cut_at:.2f} s" for name in theirs)
+                    + "; overlap " + ", ".join(f"{name} {overlap[name]:+.2f} s" for name in theirs))
+                assert cut.held() == {} and set(steady.held()) == {"cam0", "cam1", "cam2", "cam3"}
+                # the cut-off node stops a camera at its lease's deadline by its own clock, before the server's
+                # (which runs from when it stored the renewal); late by no more than one of its checks
+                assert max(overlap.values()) <= LeaseManager.check_interval(leases), overlap
+                # the other node waited for the leases to expire: at least ttl_s after the cut-off node's last
+                # renewal, which was at most renew_interval_s before the cut
+                assert min(acquired.values()) - cut_at >= leases.ttl_s - leases.renew_interval_s
+
+                for manager in (cut, steady):  # what came before the heal was asserted above
+                    _seen.pop(manager, None)
+                    manager.events()
+                relay.heal()
+                healed = time.monotonic()
+                # it comes back: its presence written again
+                wait_for(lambda: any(info.name == "cut" and info.renewed_at > time.time() - 2 * leases.renew_interval_s
+                                     for info in registry.nodes()), 3 * leases.ttl_s, "the healed node present")
+                # no flapping: the cameras stay where they are for a few TTLs
+                until = healed + 3 * leases.ttl_s
+                while time.monotonic() < until:
+                    assert cut.held() == {} and len(steady.held()) == 4
+                    time.sleep(0.1)
+                events = [*_seen.get(cut, []), *cut.events(), *_seen.get(steady, []), *steady.events()]
+                assert [e for e in events if e.kind in ("acquired", "lost")] == []
+                # and it takes new cameras again (the other has no room)
+                registry.add("cam4", "rtsp://127.0.0.1:8554/cam4")
+                first_event(cut, "acquired", "cam4", RUNTIME_CHANGE_S)
+                assert set(cut.held()) == {"cam4"} and len(steady.held()) == 4
+            finally:
+                cut.stop()
 
 
 def cluster_config(urls):
