@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+from dataclasses import replace
 
 import pytest
 from maskstream.pipeline.config import dump_config
@@ -13,6 +15,7 @@ from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber,
 
 from tests.fleet_agent import Agent
 from tests.make_detections import end_of_stream, make_detections
+from tests.net_fault import Relay
 
 ACK_WAIT_S = 3.0
 
@@ -126,3 +129,55 @@ def test_a_job_whose_node_is_sigkilled_is_redelivered_and_its_results_stored_onc
     # ack wait after the last heartbeat (at most progress_interval_s before the kill), plus one fetch
     assert redelivered_after < ACK_WAIT_S + 2.0
     print(f"job redelivered {redelivered_after:.2f} s after its node's SIGKILL (ack_wait {ACK_WAIT_S} s)")
+
+
+def test_a_node_cut_off_mid_job_neither_duplicates_results_nor_acks_the_new_attempt(queue, jobs_config, nats_server,
+                                                                                   tmp_path):
+    """Node A reaches NATS through a relay that stops forwarding (a pulled cable) mid-job, for longer than
+    ack_wait_s: the job goes to node B, which resumes after A's stored results. Healed, A's held publishes
+    and its own re-tries reach the server late, A runs on to its end and calls done(): the results stream
+    still has each frame once, in order, and A's late acknowledgement does not settle B's delivery (were
+    B to die now, the job must come back)."""
+    frames, partial = 15, 5
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    client = queue.client
+    with Relay(nats_server.port) as relay, \
+            FleetClient.connect(replace(jobs_config, nats=replace(jobs_config.nats, urls=(relay.url,))),
+                                name="a") as a, FleetClient.connect(jobs_config, name="b") as b:
+        worker_a, worker_b = JobWorker(a, "a"), JobWorker(b, "b")
+        job_a = worker_a.take(timeout_s=5)
+        assert job_a is not None and job_a.attempt == 1
+        publisher_a, publisher_b = ResultPublisher(a), ResultPublisher(b)
+        for seq in range(partial):
+            publisher_a.publish(make_detections(job_id, seq)[0])
+        relay.blackhole()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(publisher_a.publish, make_detections(job_id, partial)[0])  # into the cable
+            job_b = worker_b.take(timeout_s=ACK_WAIT_S + 10)
+            assert job_b is not None and job_b.attempt == 2
+            assert publisher_b.last_seq(job_id) == partial - 1
+            for seq in range(partial, partial + 3):
+                assert not publisher_b.publish(make_detections(job_id, seq)[0]).duplicate
+            relay.heal()
+            assert held.result(timeout=jobs_config.results.publish_timeout_s).duplicate  # B stored it first
+        # A does not know: it runs on to its end, every result durable, and calls done()
+        for seq in range(partial + 1, frames):
+            publisher_a.publish(make_detections(job_id, seq)[0])
+        publisher_a.publish(end_of_stream(job_id, frames))
+        assert job_a.done() is False  # a later attempt holds it: no state written, nothing acknowledged
+        state = queue.get(job_id)
+        assert (state.state, state.node, state.attempt) == ("running", "b", 2)  # A's write was refused
+        info = client.run(client.js.consumer_info(jobs_config.jobs.stream, jobs_config.jobs.consumer))
+        assert client.run(client.js.stream_info(jobs_config.jobs.stream)).state.messages == 1, info
+        # B hands it back (as if it died): it comes back, to be finished
+        job_b.fail("stopped", retry=True)
+        again = worker_b.take(timeout_s=5)
+        assert again is not None and again.job_id == job_id and again.attempt == 3
+        assert publisher_b.last_seq(job_id) == frames  # A's EndOfStream: the job is complete
+        again.done()
+        assert queue.get(job_id).state == "done"
+        with ResultSubscriber.open(client, streams=[job_id], from_seq=1, timeout_s=5) as sub:
+            seqs = [m.header.seq for m in sub]
+        assert seqs == list(range(frames + 1))
+        worker_a.close()
+        worker_b.close()

@@ -52,8 +52,12 @@ than a short TTL), and leases not renewed for `ttl_s` lapse on the server. Nobod
 camera while nobody can write, so a node that is connected and whose renewals go unanswered
 keeps its cameras running for `election_grace_s` past `ttl_s`; once the bucket answers it
 renews them, or, where they lapsed, takes them back by compare-and-set on the expiry marker's
-revision, and the runs go on. Only a node cut off from every server (it cannot tell an election
-from its own isolation, while the others may claim its cameras) gives them up at `ttl_s`. So that
+revision, and the runs go on. "Connected" means answered, not the connection's state (a pulled
+cable leaves that connected for minutes): a probe any server answers goes out every
+`check_interval`, and a node none of whose recent probes was answered (cut off: it cannot tell an
+election from its own isolation, while the others may claim its cameras) gives a camera up at
+`ttl_s` after sending its last answered renewal, checked apart from the ticks, before the server
+lets the lease expire. So that
 the others leave it the time, a node claims no camera that had a holder for `claim_grace_s`
 after a write of its own went unanswered (every node's writes do, while the bucket elects); a
 camera that never had one is claimed at once. A holder slower than that

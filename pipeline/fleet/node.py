@@ -496,7 +496,8 @@ class Node:
             log.warning("node %s: job %s not started: %s", self.settings.name, job.job_id, exc)
             try:
                 outcome = hand_back(job, f"not started on {self.settings.name}: {exc}")
-                self.counters["jobs_handed_back" if outcome == "released" else "jobs_failed"] += 1
+                if outcome != "superseded":
+                    self.counters["jobs_handed_back" if outcome == "released" else "jobs_failed"] += 1
             except FleetError:
                 pass  # delivered again after ack_wait_s
         self._jobs_changed()
@@ -504,12 +505,8 @@ class Node:
     def _start_job(self, job: Job) -> None:
         last = self.publisher.last_result(job.request.stream_id)
         if isinstance(last, EndOfStream):  # an earlier attempt stored everything and died before its ack
-            if last.error:
-                job.fail(last.error)
-                self.counters["jobs_failed"] += 1
-            else:
-                job.done()
-                self.counters["jobs_done"] += 1
+            if job.fail(last.error) if last.error else job.done():
+                self.counters["jobs_failed" if last.error else "jobs_done"] += 1
             return
         config = job_run_config(self.settings.run, job.request.input, self._endpoint())
         skip = last.header.seq if last is not None else None

@@ -103,7 +103,7 @@ class PipelineRun:
         self.job = job
         self.stop_timeout_s = stop_timeout_s
         # how it ended: a camera "ended" (its EndOfStream stored), "stopped" or "failed"; a job "done",
-        # "failed", "released" (handed back) or "unacknowledged"
+        # "failed", "released" (handed back), "unacknowledged" or "superseded" (a later attempt holds the job)
         self.outcome = ""
         self.started_at = time.monotonic()
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -334,12 +334,8 @@ class PipelineRun:
         assert job is not None
         try:
             if end is not None:
-                if end.error:
-                    job.fail(end.error)
-                    self.outcome = "failed"
-                else:
-                    job.done()
-                    self.outcome = "done"
+                settled = job.fail(end.error) if end.error else job.done()
+                self.outcome = ("failed" if end.error else "done") if settled else "superseded"
                 return
             why = self._stop_reason if self._stop.is_set() else reason or "the pipeline ended without an EndOfStream"
             self.outcome = hand_back(job, why)
@@ -367,10 +363,8 @@ class PipelineRun:
 def hand_back(job: Job, why: str) -> str:
     """Give a job back for another delivery, or fail it when this was its last allowed one."""
     if job.attempt >= job.max_deliver:
-        job.fail(f"gave up after {job.attempt} attempts, the last: {why}")
-        return "failed"
-    job.fail(why, retry=True)
-    return "released"
+        return "failed" if job.fail(f"gave up after {job.attempt} attempts, the last: {why}") else "superseded"
+    return "released" if job.fail(why, retry=True) else "superseded"
 
 
 # ---------------------------------------------------------------------------- the pipeline process
