@@ -21,7 +21,9 @@ Job ids double as the results' stream id: `<file stem>-<8 hex digits>`, readable
 two submissions of one file never share (and so de-duplicate) results.
 
 State writes are compare-and-set and never go back to an older attempt: a node that was only
-slow cannot overwrite the state of the attempt that replaced it.
+slow (or cut off past ack_wait_s) cannot overwrite the state of the attempt that replaced it, nor
+acknowledge it: the server settles a work-queue message by its stream sequence, whichever delivery
+an ack comes from, so a late `done()` or `fail()` that finds a later attempt does nothing.
 """
 
 from __future__ import annotations
