@@ -503,15 +503,17 @@ class Node:
         self._jobs_changed()
 
     def _start_job(self, job: Job) -> None:
-        last = self.publisher.last_result(job.request.stream_id)
+        stored = self.publisher.last_stored(job.request.stream_id)
+        last = None if stored is None else stored[1]
         if isinstance(last, EndOfStream):  # an earlier attempt stored everything and died before its ack
             if job.fail(last.error) if last.error else job.done():
                 self.counters["jobs_failed" if last.error else "jobs_done"] += 1
             return
         config = job_run_config(self.settings.run, job.request.input, self._endpoint())
         skip = last.header.seq if last is not None else None
-        run = PipelineRun(self._spec("job", job.request.stream_id, config, skip_through=skip), self.publisher, job,
-                          stop_timeout_s=self.settings.stop_timeout_s)
+        run = PipelineRun(self._spec("job", job.request.stream_id, config, skip_through=skip,
+                                     stored_through=0 if stored is None else stored[0]),
+                          self.publisher, job, stop_timeout_s=self.settings.stop_timeout_s)
         self.jobs[job.job_id] = run
         run.start(self._take_spare())
         log.info("node %s: job %s (attempt %d) started%s", self.settings.name, job.job_id, job.attempt,
@@ -609,8 +611,9 @@ class Node:
     # ------------------------------------------------------------------ helpers
 
     def _spec(self, kind: Literal["camera", "job"], stream_id: str, config: RunConfig, epoch: str = "",
-              skip_through: int | None = None) -> RunSpec:
-        return RunSpec(kind, stream_id, config, epoch, skip_through, self.settings.log_level, self.settings.model)
+              skip_through: int | None = None, stored_through: int = 0) -> RunSpec:
+        return RunSpec(kind, stream_id, config, epoch, skip_through, self.settings.log_level, self.settings.model,
+                       stored_through)
 
     def _endpoint(self) -> str:
         assert self._endpoint_dir is not None

@@ -22,7 +22,9 @@ Jobs (`kind="job"`) are published without an epoch: a re-run's message ids equal
 attempt's, so the results stream stores each frame once. A job resumes after `skip_through`,
 the last seq an earlier attempt stored, and publishes only an unbroken run of seqs after it: a
 frame missing (lost in the pipeline) ends the attempt before anything past the hole is stored,
-so the stored results are always a prefix of the job's, in order. The job is acknowledged
+so the stored results are always a prefix of the job's, in order. Each is stored only after the
+result the attempt last knew stored (`stored_through`, ResultPublisher's `after`): an attempt a
+later one replaced stores nothing more, and its hand-back acknowledges nothing. The job is acknowledged
 (`Job.done`) once its EndOfStream is stored; a source that failed (the EndOfStream carries the
 error) fails it for good; anything else (a hole, the pipeline's death, NATS not storing,
 `stop()`) hands it back for another delivery, from the node's thread, so the main loop never
@@ -73,6 +75,7 @@ class RunSpec:
     skip_through: int | None = None  # jobs: the last seq an earlier attempt stored
     log_level: str = "warning"  # the stage processes' (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(config.model), when the node has it already
+    stored_through: int = 0  # jobs: the results stream's sequence of that result (0: none stored)
 
     @property
     def endpoint(self) -> str:
@@ -121,6 +124,7 @@ class PipelineRun:
         self._results = 0
         self._drops = 0
         self._next_seq = 0 if spec.skip_through is None else spec.skip_through + 1
+        self._stored_through = spec.stored_through  # jobs: publishes store only after it (ResultPublisher)
         self._last_header: Header | None = None
         self._times: deque[float] = deque()
         self._errors: list[str] = []
@@ -297,7 +301,11 @@ class PipelineRun:
                 return (f"frames {self._next_seq} to {seq - 1} missing (lost in the pipeline): stopped before "
                         f"seq {seq} so the stored results stay in order")
         try:
-            self.publisher.publish(message, epoch=self.spec.epoch)
+            # a job's attempt stores only after the last result it knows stored: a later attempt's
+            # (its node cut off past ack_wait_s, then back) make this one's publishes Superseded
+            after = self._stored_through if self.spec.kind == "job" else None
+            stored = self.publisher.publish(message, epoch=self.spec.epoch, after=after)
+            self._stored_through = stored.stream_seq
         except FleetError as exc:
             if self.spec.kind == "job":
                 return f"results not stored: {exc}"
