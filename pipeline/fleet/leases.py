@@ -667,9 +667,9 @@ class LeaseManager:
 
     def _unanswered(self, name: str, held: _Held, exc: BaseException) -> None:
         """A renewal the cluster did not answer. Past ttl_s the lease has lapsed on the server, and
-        another node may claim the camera once the bucket takes writes again; but while this node
-        is connected and the bucket answers nobody (a leader election), nobody can: the camera
-        goes on for election_grace_s more, to be taken back when the bucket answers."""
+        another node may claim the camera once the bucket takes writes again; but while the
+        cluster answers this node and the bucket answers nobody (a leader election), nobody can:
+        the camera goes on for election_grace_s more, to be taken back when the bucket answers."""
         self._overdue(name, held, type(exc).__name__)
 
     def _overdue(self, name: str, held: _Held, why: str) -> None:
@@ -722,7 +722,7 @@ class LeaseManager:
         next_probe = loop.time()
         while True:
             now = loop.time()
-            if now >= next_probe:
+            if now >= next_probe and self._held:  # only a node that holds cameras asks
                 probe = asyncio.create_task(self._probe())
                 probes.add(probe)  # kept until done (the loop holds tasks weakly)
                 probe.add_done_callback(probes.discard)
