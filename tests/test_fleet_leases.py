@@ -571,3 +571,45 @@ def test_when_the_leases_leader_dies_every_camera_returns_to_its_node(nats_clust
     taken_back = sum("back after its lease lapsed" in r.getMessage() for r in caplog.records)
     print(f"leases leader SIGKILL: no lease lost, {taken_back} lapsed and taken back, all 4 cameras renewed by "
           f"their nodes {back - killed:.1f} s after the kill")
+
+
+def test_a_node_whose_server_answers_but_cannot_write_keeps_its_cameras_for_the_grace_then_stops(nats_cluster):
+    """The other side of the rule above, and the partition risk docs/fleet.md names: the node's server is cut
+    from the rest of the cluster (here the other two are SIGKILLed: no quorum, no leader, no lease written)
+    but still answers the node's probes. The node cannot tell that from a leader election: it keeps its
+    cameras past ttl_s for election_grace_s, then gives them up: the overlap with the other side's nodes,
+    which claim them after ttl_s, is up to election_grace_s. Short settings: this is the mechanism."""
+    leases = LeaseConfig(ttl_s=2.0, renew_interval_s=0.5, claim_grace_s=1.0, election_grace_s=4.0)
+    config = replace(cluster_config(nats_cluster.urls), leases=leases)
+    with FleetClient.connect(config, name="admin") as admin:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        # a follower of the leases bucket (its leader, left alone, may still refuse a renewal with the
+        # expiry it applied itself: the camera is then given up at ttl_s, the earlier and safe side); asked until
+        # the bucket, just made, names one
+        stream = f"KV_{leases.leases_bucket}"
+        leader = first_value(lambda: admin.run(admin.js.stream_info(stream)).cluster.leader, 10, "its leader")
+        remaining = next(s for s in nats_cluster.servers if s.name != leader)
+        others = [s for s in nats_cluster.servers if s is not remaining]
+        with FleetClient.connect(replace(config, nats=replace(config.nats, urls=(remaining.url,))),
+                                 name="host-a") as client:
+            node = LeaseManager(client, "host-a", capacity=2)
+            node.start()
+            try:
+                registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+                registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
+                wait_for(lambda: len(node.held()) == 2, timeout_s=10, what="both cameras held")
+                for server in others:
+                    server.kill()
+                cut = time.monotonic()
+                lost = {name: first_event(node, "lost", name, leases.ttl_s + leases.election_grace_s + 10).at - cut
+                        for name in ("cam0", "cam1")}
+                assert client.state().connected
+            finally:
+                node.stop(release=False)
+    print("its server answering, the leases bucket without a leader: given up " +
+          ", ".join(f"{name} {t:.2f} s" for name, t in lost.items()) + " after the other servers' SIGKILL")
+    # kept through the grace (its last renewal at most one period before the kill), given up at its end
+    assert min(lost.values()) >= leases.ttl_s + leases.election_grace_s - leases.renew_interval_s, lost
+    assert max(lost.values()) <= leases.ttl_s + leases.election_grace_s + LeaseManager.check_interval(leases) + \
+        leases.renew_interval_s, lost
