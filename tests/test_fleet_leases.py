@@ -585,11 +585,9 @@ def test_a_node_whose_server_answers_but_cannot_write_keeps_its_cameras_for_the_
         registry = CameraRegistry(admin)
         registry.ensure()
         # a follower of the leases bucket (its leader, left alone, may still refuse a renewal with the
-        # expiry it applied itself: the camera is then given up at ttl_s, the earlier and safe side); asked until
-        # the bucket, just made, names one
-        stream = f"KV_{leases.leases_bucket}"
-        leader = first_value(lambda: admin.run(admin.js.stream_info(stream)).cluster.leader, 10, "its leader")
-        remaining = next(s for s in nats_cluster.servers if s.name != leader)
+        # expiry it applied itself: the camera is then given up at ttl_s, the earlier and safe side)
+        leader = leader_of(admin, f"KV_{leases.leases_bucket}", nats_cluster.servers)
+        remaining = next(s for s in nats_cluster.servers if s is not leader)
         others = [s for s in nats_cluster.servers if s is not remaining]
         with FleetClient.connect(replace(config, nats=replace(config.nats, urls=(remaining.url,))),
                                  name="host-a") as client:
