@@ -66,6 +66,10 @@ class Relay:
     def close(self) -> None:
         self._closed = True
         self.reset()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone may not, on Linux)
+        except OSError:
+            pass
         self._listener.close()
         self._acceptor.join(5)
 
@@ -132,7 +136,7 @@ def _abort(*socks: socket.socket) -> None:
     for sock in socks:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RD)  # wakes a pump's recv() without a FIN to the peer
         except OSError:
             pass
         sock.close()
