@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+from dataclasses import replace
 
 import pytest
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient
 from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
-from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, ensure_results_stream
+from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, Superseded, ensure_results_stream
+from maskstream.pipeline.fleet.runs import hand_back
 
 from tests.fleet_agent import Agent
 from tests.make_detections import end_of_stream, make_detections
+from tests.net_fault import Relay
 
 ACK_WAIT_S = 3.0
 
@@ -126,3 +130,79 @@ def test_a_job_whose_node_is_sigkilled_is_redelivered_and_its_results_stored_onc
     # ack wait after the last heartbeat (at most progress_interval_s before the kill), plus one fetch
     assert redelivered_after < ACK_WAIT_S + 2.0
     print(f"job redelivered {redelivered_after:.2f} s after its node's SIGKILL (ack_wait {ACK_WAIT_S} s)")
+
+
+
+class Attempt:
+    """One attempt's writer, as a node's job run publishes: each result stored only after the last one it
+    knows stored (ResultPublisher's `after`)."""
+
+    def __init__(self, client, job_id):
+        self.publisher, self.job_id = ResultPublisher(client), job_id
+        last = self.publisher.last_stored(job_id)
+        self.stored_through = 0 if last is None else last[0]
+
+    def publish(self, seq, end=False):
+        message = end_of_stream(self.job_id, seq) if end else make_detections(self.job_id, seq)[0]
+        stored = self.publisher.publish(message, after=self.stored_through)
+        self.stored_through = stored.stream_seq
+        return stored
+
+
+@pytest.mark.parametrize("past_window", [False, True], ids=["within-duplicate-window", "past-duplicate-window"])
+def test_a_node_cut_off_mid_job_neither_duplicates_results_nor_acks_the_new_attempt(queue, jobs_config, nats_server,
+                                                                                   tmp_path, past_window):
+    """Node A reaches NATS through a relay that stops forwarding (a pulled cable) mid-job, for longer than
+    ack_wait_s: the job goes to node B, which resumes after A's stored results. Healed (within the results
+    stream's duplicate window, or after it forgot B's message ids: 1 s here, 120 s by default), A's held
+    publish reaches the server late: it must store nothing (no frame twice, none out of order), and A's
+    hand-back must not settle B's delivery (were B to die now, the job must come back)."""
+    frames, partial, window = 12, 5, 1.0
+    config = replace(jobs_config, results=replace(jobs_config.results, duplicate_window_s=window)) \
+        if past_window else jobs_config
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    client = queue.client
+    with Relay(nats_server.port) as relay, \
+            FleetClient.connect(replace(config, nats=replace(config.nats, urls=(relay.url,))), name="a") as a, \
+            FleetClient.connect(config, name="b") as b:
+        ensure_results_stream(b)  # the config's duplicate window
+        worker_a, worker_b = JobWorker(a, "a"), JobWorker(b, "b")
+        job_a = worker_a.take(timeout_s=5)
+        assert job_a is not None and job_a.attempt == 1
+        attempt_a = Attempt(a, job_id)
+        for seq in range(partial):
+            attempt_a.publish(seq)
+        relay.blackhole()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(attempt_a.publish, partial)  # into the cable
+            job_b = worker_b.take(timeout_s=ACK_WAIT_S + 10)
+            assert job_b is not None and job_b.attempt == 2
+            attempt_b = Attempt(b, job_id)
+            assert attempt_b.publisher.last_seq(job_id) == partial - 1
+            for seq in range(partial, partial + 3):
+                assert not attempt_b.publish(seq).duplicate
+            if past_window:
+                time.sleep(window + 1.0)  # the server forgets B's message ids
+            relay.heal()
+            with pytest.raises(Superseded):
+                held.result(timeout=config.results.publish_timeout_s)
+        # A's run stops there and hands the job back, as a node does: a later attempt holds it, nothing is acked
+        assert hand_back(job_a, "results not stored") == "superseded"
+        state = queue.get(job_id)
+        assert (state.state, state.node, state.attempt) == ("running", "b", 2)
+        assert client.run(client.js.stream_info(config.jobs.stream)).state.messages == 1  # still B's to settle
+        # B hands it back (as if it died): it comes back, and is finished after the stored results
+        assert hand_back(job_b, "stopped") == "released"
+        again = worker_b.take(timeout_s=5)
+        assert again is not None and again.job_id == job_id and again.attempt == 3
+        attempt_c = Attempt(b, job_id)
+        for seq in range(attempt_c.publisher.last_seq(job_id) + 1, frames):
+            attempt_c.publish(seq)
+        attempt_c.publish(frames, end=True)
+        assert again.done()
+        assert queue.get(job_id).state == "done"
+        with ResultSubscriber.open(client, streams=[job_id], from_seq=1, timeout_s=5) as sub:
+            seqs = [m.header.seq for m in sub]
+        assert seqs == list(range(frames + 1))  # each frame once, in order, then the EndOfStream
+        worker_a.close()
+        worker_b.close()

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import weakref
+from dataclasses import replace
 
 import pytest
 from maskstream.pipeline.config import dump_config
@@ -25,6 +26,7 @@ from maskstream.pipeline.fleet.leases import (
 from maskstream.pipeline.fleet.results import stream_token
 
 from tests.fleet_agent import Agent
+from tests.net_fault import Relay
 
 FAILOVER_GOAL_S = 10.0
 RUNTIME_CHANGE_S = 5.0  # a camera added or removed takes effect within this (as in test_fleet_node)
@@ -280,6 +282,71 @@ def test_a_lease_taken_away_is_reported_lost(registry, nodes):
     assert again.revision > lost.revision
 
 
+@pytest.mark.parametrize("fault", ["blackhole", "reset"])
+def test_a_node_cut_off_the_network_gives_its_cameras_up_before_another_takes_them(registry, nodes, config,
+                                                                                   nats_server, fault):
+    """A node reaches NATS only through a relay, which then forwards nothing (a pulled cable: TCP sees
+    nothing wrong) or resets every connection (a firewall that rejects). The other node claims its cameras
+    once their leases expire, ttl_s after the cut-off node's last renewal; the cut-off node must have
+    stopped them by then: it gives a camera up ttl_s after sending its last renewal that the cluster
+    answered, on its own clock, whatever its connection says. Healed, it takes nothing back and takes new
+    cameras again. Default lease settings: the overlap measured is the one users get."""
+    leases = config.leases
+    steady = nodes("steady", capacity=4)
+    with Relay(nats_server.port) as relay:
+        cut_config = FleetConfig(nats=replace(config.nats, urls=(relay.url,)))
+        with FleetClient.connect(cut_config, name="cut") as cut_client:
+            cut = LeaseManager(cut_client, "cut", capacity=2)
+            cut.start()
+            try:
+                wait_for(lambda: {info.name for info in registry.nodes()} == {"steady", "cut"}, 10,
+                         "both nodes present")
+                for i in range(4):
+                    registry.add(f"cam{i}", f"rtsp://127.0.0.1:8554/cam{i}")
+                wait_for(lambda: len(cut.held()) == 2 and len(steady.held()) == 2, 10, "two cameras on each node")
+                theirs = sorted(cut.held())
+                cut_at = time.monotonic()
+                getattr(relay, fault)()
+                acquired = {name: first_event(steady, "acquired", name, leases.ttl_s + 10).at for name in theirs}
+                # long enough to see how late it is, when it is
+                lost = {name: first_event(cut, "lost", name, leases.ttl_s + leases.election_grace_s + 15).at
+                        for name in theirs}
+                overlap = {name: lost[name] - acquired[name] for name in theirs}
+                print(f"{fault}: acquired by the other node " + ", ".join(
+                    f"{name} {acquired[name] - cut_at:.2f} s" for name in theirs) + " after the cut; given up by "
+                    "the cut-off node " + ", ".join(f"{name} {lost[name] - cut_at:.2f} s" for name in theirs)
+                    + "; overlap " + ", ".join(f"{name} {overlap[name]:+.2f} s" for name in theirs))
+                assert cut.held() == {} and set(steady.held()) == {"cam0", "cam1", "cam2", "cam3"}
+                # the cut-off node stops a camera at its lease's deadline by its own clock, before the server's
+                # (which runs from when it stored the renewal); late by no more than one of its checks
+                assert max(overlap.values()) <= LeaseManager.check_interval(leases), overlap
+                # the other node waited for the leases to expire: at least ttl_s after the cut-off node's last
+                # renewal, which was at most renew_interval_s before the cut
+                assert min(acquired.values()) - cut_at >= leases.ttl_s - leases.renew_interval_s
+
+                for manager in (cut, steady):  # what came before the heal was asserted above
+                    _seen.pop(manager, None)
+                    manager.events()
+                relay.heal()
+                healed = time.monotonic()
+                # it comes back: its presence written again
+                wait_for(lambda: any(info.name == "cut" and info.renewed_at > time.time() - 2 * leases.renew_interval_s
+                                     for info in registry.nodes()), 3 * leases.ttl_s, "the healed node present")
+                # no flapping: the cameras stay where they are for a few TTLs
+                until = healed + 3 * leases.ttl_s
+                while time.monotonic() < until:
+                    assert cut.held() == {} and len(steady.held()) == 4
+                    time.sleep(0.1)
+                events = [*_seen.get(cut, []), *cut.events(), *_seen.get(steady, []), *steady.events()]
+                assert [e for e in events if e.kind in ("acquired", "lost")] == []
+                # and it takes new cameras again (the other has no room)
+                registry.add("cam4", "rtsp://127.0.0.1:8554/cam4")
+                first_event(cut, "acquired", "cam4", RUNTIME_CHANGE_S)
+                assert set(cut.held()) == {"cam4"} and len(steady.held()) == 4
+            finally:
+                cut.stop()
+
+
 def cluster_config(urls):
     return FleetConfig(nats=NatsConfig(urls=tuple(urls), reconnect_wait_s=0.2, request_timeout_s=2.0), replicas=3)
 
@@ -504,3 +571,43 @@ def test_when_the_leases_leader_dies_every_camera_returns_to_its_node(nats_clust
     taken_back = sum("back after its lease lapsed" in r.getMessage() for r in caplog.records)
     print(f"leases leader SIGKILL: no lease lost, {taken_back} lapsed and taken back, all 4 cameras renewed by "
           f"their nodes {back - killed:.1f} s after the kill")
+
+
+def test_a_node_whose_server_answers_but_cannot_write_keeps_its_cameras_for_the_grace_then_stops(nats_cluster):
+    """The other side of the rule above, and the partition risk docs/fleet.md names: the node's server is cut
+    from the rest of the cluster (here the other two are SIGKILLed: no quorum, no leader, no lease written)
+    but still answers the node's probes. The node cannot tell that from a leader election: it keeps its
+    cameras past ttl_s for election_grace_s, then gives them up: the overlap with the other side's nodes,
+    which claim them after ttl_s, is up to election_grace_s. Short settings: this is the mechanism."""
+    leases = LeaseConfig(ttl_s=2.0, renew_interval_s=0.5, claim_grace_s=1.0, election_grace_s=4.0)
+    config = replace(cluster_config(nats_cluster.urls), leases=leases)
+    with FleetClient.connect(config, name="admin") as admin:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        # a follower of the leases bucket (its leader, left alone, may still refuse a renewal with the
+        # expiry it applied itself: the camera is then given up at ttl_s, the earlier and safe side)
+        leader = leader_of(admin, f"KV_{leases.leases_bucket}", nats_cluster.servers)
+        remaining = next(s for s in nats_cluster.servers if s is not leader)
+        others = [s for s in nats_cluster.servers if s is not remaining]
+        with FleetClient.connect(replace(config, nats=replace(config.nats, urls=(remaining.url,))),
+                                 name="host-a") as client:
+            node = LeaseManager(client, "host-a", capacity=2)
+            node.start()
+            try:
+                registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+                registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
+                wait_for(lambda: len(node.held()) == 2, timeout_s=10, what="both cameras held")
+                for server in others:
+                    server.kill()
+                cut = time.monotonic()
+                lost = {name: first_event(node, "lost", name, leases.ttl_s + leases.election_grace_s + 10).at - cut
+                        for name in ("cam0", "cam1")}
+                assert client.state().connected
+            finally:
+                node.stop(release=False)
+    print("its server answering, the leases bucket without a leader: given up " +
+          ", ".join(f"{name} {t:.2f} s" for name, t in lost.items()) + " after the other servers' SIGKILL")
+    # kept through the grace (its last renewal at most one period before the kill), given up at its end
+    assert min(lost.values()) >= leases.ttl_s + leases.election_grace_s - leases.renew_interval_s, lost
+    assert max(lost.values()) <= leases.ttl_s + leases.election_grace_s + LeaseManager.check_interval(leases) + \
+        leases.renew_interval_s, lost

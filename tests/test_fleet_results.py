@@ -16,6 +16,7 @@ from maskstream.pipeline.fleet.leases import ensure_lease_buckets
 from maskstream.pipeline.fleet.results import (
     ResultPublisher,
     ResultSubscriber,
+    Superseded,
     ensure_results_stream,
     subject_of,
 )
@@ -209,3 +210,20 @@ def test_ensure_creates_once_and_brings_existing_limits_to_the_config(nats_serve
     assert (results.max_age, results.duplicate_window) == (3600.0, 60.0)
     assert (leases.max_age, leases.subject_delete_marker_ttl) == (8.0, 8.0)
     assert (consumer.ack_wait, consumer.max_deliver) == (60.0, 2)
+
+
+def test_a_publish_after_a_known_result_stores_once_and_refuses_another_writers_place(client):
+    """publish(after=): stored only where the writer expects the stream's last result; its own earlier
+    try, already stored, is a duplicate (the server checks the expected sequence before the message id);
+    another writer's place is Superseded, the duplicate window or not."""
+    publisher = ResultPublisher(client)
+    first = publisher.publish(make_detections("job-1", 0)[0], after=0)
+    again = publisher.publish(make_detections("job-1", 0)[0], after=0)  # a retry whose first try was stored
+    assert (again.stream_seq, again.duplicate) == (first.stream_seq, True) and not first.duplicate
+    second = publisher.publish(make_detections("job-1", 1)[0], after=first.stream_seq)
+    with pytest.raises(Superseded, match="job-1"):  # a writer that knows only seq 0 stored
+        publisher.publish(make_detections("job-1", 2)[0], after=first.stream_seq)
+    with pytest.raises(Superseded):
+        publisher.publish(make_detections("job-1", 0)[0], after=0)  # a writer that started before anything
+    assert publisher.last_stored("job-1")[0] == second.stream_seq and publisher.last_seq("job-1") == 1
+    assert publisher.publish(make_detections("job-2", 0)[0], after=0).stream_seq > second.stream_seq  # per stream

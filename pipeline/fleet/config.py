@@ -131,8 +131,9 @@ class LeaseConfig:
     ttl_s: float = 5.0  # a node that stops renewing loses its cameras this long after its last renewal
     renew_interval_s: float = 1.0
     claim_grace_s: float = 2.0  # a camera free this long may be claimed by any node with room, planned or not
-    # a node connected to the cluster whose leases bucket does not answer (a leader election after
-    # a server's death) keeps its cameras this long past ttl_s, and takes them back once it answers
+    # a node the cluster answers (its probes) whose leases bucket does not (a leader election after
+    # a server's death) keeps its cameras this long past ttl_s, and takes them back once it answers;
+    # a node nothing answers (cut off) gives them up at ttl_s
     election_grace_s: float = 15.0
     # `fleet add/remove/list/status` (CameraRegistry) and a LeaseManager's start retry a request nobody
     # answers (a bucket just made, a leader election) this long

@@ -21,7 +21,9 @@ Job ids double as the results' stream id: `<file stem>-<8 hex digits>`, readable
 two submissions of one file never share (and so de-duplicate) results.
 
 State writes are compare-and-set and never go back to an older attempt: a node that was only
-slow cannot overwrite the state of the attempt that replaced it.
+slow (or cut off past ack_wait_s) cannot overwrite the state of the attempt that replaced it, nor
+acknowledge it: the server settles a work-queue message by its stream sequence, whichever delivery
+an ack comes from, so a late `done()` or `fail()` that finds a later attempt does nothing.
 """
 
 from __future__ import annotations
@@ -256,15 +258,18 @@ class Job:
         """Tell the server now that the job is still being worked on (the heartbeat does it regularly)."""
         self._worker.client.run(self._msg.in_progress())
 
-    def done(self) -> None:
-        """The job's results are durable: mark it done and acknowledge it (confirmed by the server)."""
+    def done(self) -> bool:
+        """The job's results are durable: mark it done and acknowledge it (confirmed by the server).
+        False when a later attempt holds the job (this node was cut off past ack_wait_s): nothing is
+        written nor acknowledged, since the server would take this delivery's ack for the later one's."""
         self._finish()
-        self._worker.client.run(self._done())
+        return self._worker.client.run(self._done())
 
-    def fail(self, error: str, retry: bool = False) -> None:
-        """Give the job up (state failed, never delivered again), or with retry ask for another delivery now."""
+    def fail(self, error: str, retry: bool = False) -> bool:
+        """Give the job up (state failed, never delivered again), or with retry ask for another delivery now.
+        False, and nothing done, when a later attempt holds the job (as done())."""
         self._finish()
-        self._worker.client.run(self._fail(error, retry))
+        return self._worker.client.run(self._fail(error, retry))
 
     def _finish(self) -> None:
         if self.finished:
@@ -281,19 +286,31 @@ class Job:
             except (*UNAVAILABLE, nats.errors.Error) as exc:
                 log.info("job %s: progress not sent (%s)", self.job_id, exc)
 
-    async def _done(self) -> None:
+    async def _done(self) -> bool:
         # both retried through a leader election; until ack_wait runs out the delivery is still ours
         budget = self._worker.config.ack_wait_s
         state = replace(self._state, state="done", updated_at=time.time())
-        await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state")
+        if not await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state"):
+            return self._superseded("done")
         timeout = self._worker.client.config.nats.request_timeout_s
         await retrying(lambda: self._msg.ack_sync(timeout=timeout), budget, f"job {self.job_id}: ack")
+        return True
 
-    async def _fail(self, error: str, retry: bool) -> None:
+    async def _fail(self, error: str, retry: bool) -> bool:
         budget = self._worker.config.ack_wait_s
         state = replace(self._state, state="queued" if retry else "failed", error=error, updated_at=time.time())
-        await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state")
+        if not await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state"):
+            return self._superseded("failed" if not retry else "handed back")
         await retrying(self._msg.nak if retry else self._msg.term, budget, f"job {self.job_id}: nak/term")
+        return True
+
+    def _superseded(self, what: str) -> bool:
+        # The server settles a work-queue message by its stream sequence, whichever delivery the ack
+        # came from: this late one would settle the later attempt's, and a job whose later attempt
+        # then dies would never come back.
+        log.warning("job %s: attempt %d %s after a later attempt took the job: not acknowledged, the later "
+                    "attempt settles it", self.job_id, self.attempt, what)
+        return False
 
 
 class JobWorker:

@@ -52,8 +52,12 @@ than a short TTL), and leases not renewed for `ttl_s` lapse on the server. Nobod
 camera while nobody can write, so a node that is connected and whose renewals go unanswered
 keeps its cameras running for `election_grace_s` past `ttl_s`; once the bucket answers it
 renews them, or, where they lapsed, takes them back by compare-and-set on the expiry marker's
-revision, and the runs go on. Only a node cut off from every server (it cannot tell an election
-from its own isolation, while the others may claim its cameras) gives them up at `ttl_s`. So that
+revision, and the runs go on. "Connected" means answered, not the connection's state (a pulled
+cable leaves that connected for minutes): a probe any server answers goes out every
+`check_interval`, and a node none of whose recent probes was answered (cut off: it cannot tell an
+election from its own isolation, while the others may claim its cameras) gives a camera up at
+`ttl_s` after sending its last answered renewal, checked apart from the ticks, before the server
+lets the lease expire. So that
 the others leave it the time, a node claims no camera that had a holder for `claim_grace_s`
 after a write of its own went unanswered (every node's writes do, while the bucket elects); a
 camera that never had one is claimed at once. A holder slower than that
@@ -114,6 +118,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A connection that went quiet: nothing was answered (a server's refusal is an answer).
+_SILENCE = (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError, nats.errors.NoServersError,
+            nats.errors.OutboundBufferLimitError)
 
 # A resync reads at most this many messages of a bucket that its watch has not delivered (the rest
 # at the next resync), so that a watch lagging behind a busy nodes bucket cannot hold it up.
@@ -404,6 +413,7 @@ class LeaseManager:
         self._unanswered_at = -math.inf  # loop time of the last write of this node the cluster did not answer
         # camera -> loop times of the first and the latest claim of it that went unanswered (it may be stored)
         self._claims_unanswered: dict[str, tuple[float, float]] = {}
+        self._answered_sent = -math.inf  # loop time when the latest request the cluster answered was sent
         self._status: dict[str, CameraStatus] = {}
         self._cameras: dict[str, _Entry] = {}
         self._leases: dict[str, _Entry] = {}
@@ -420,6 +430,12 @@ class LeaseManager:
         self._task: concurrent.futures.Future[None] | None = None
         self._kv_leases: KeyValue  # set by the loop before its first tick
         self._kv_nodes: KeyValue
+
+    @staticmethod
+    def check_interval(config: LeaseConfig) -> float:
+        """How often a node checks the time since each lease's last renewal, and asks the cluster for
+        a sign of life, apart from its ticks (a tick may wait seconds on a write nobody answers)."""
+        return config.renew_interval_s / 4
 
     # ------------------------------------------------------------------ sync facade
 
@@ -526,6 +542,7 @@ class LeaseManager:
                         for kv, mirror, done in zip((kv_cams, kv_leases, kv_nodes),
                                                     (self._cameras, self._leases, self._nodes), synced)]
             watchers.append(asyncio.create_task(self._resync()))
+            watchers.append(asyncio.create_task(self._watchdog()))
             try:
                 for done in synced:
                     await done.wait()
@@ -650,19 +667,70 @@ class LeaseManager:
 
     def _unanswered(self, name: str, held: _Held, exc: BaseException) -> None:
         """A renewal the cluster did not answer. Past ttl_s the lease has lapsed on the server, and
-        another node may claim the camera once the bucket takes writes again; but while this node
-        is connected and the bucket answers nobody (a leader election), nobody can: the camera
-        goes on for election_grace_s more, to be taken back when the bucket answers."""
-        unrenewed = asyncio.get_running_loop().time() - held.renewed_sent
+        another node may claim the camera once the bucket takes writes again; but while the
+        cluster answers this node and the bucket answers nobody (a leader election), nobody can:
+        the camera goes on for election_grace_s more, to be taken back when the bucket answers."""
+        self._overdue(name, held, type(exc).__name__)
+
+    def _overdue(self, name: str, held: _Held, why: str) -> None:
+        """Give up a camera whose lease was not renewed for ttl_s (on this node's clock, from when its
+        last answered renewal was sent: the server's ttl_s runs from when it stored it, later), unless
+        the cluster answers this node (a leader election: kept election_grace_s more, above). A node
+        the cluster does not answer cannot tell a partition from anything else, and once the lease
+        expires another node may claim the camera: it stops it first."""
+        now = asyncio.get_running_loop().time()
+        unrenewed = now - held.renewed_sent
         if unrenewed < self.config.ttl_s:
             return
-        if self.client.state().connected and unrenewed < self.config.ttl_s + self.config.election_grace_s:
+        if self._in_touch(now) and unrenewed < self.config.ttl_s + self.config.election_grace_s:
             if name not in self._lapsed:
                 self._lapsed.add(name)
                 log.info("node %s: lease of %s not renewed for %.1f s (%s): kept while the cluster elects",
-                         self.node, name, unrenewed, type(exc).__name__)
+                         self.node, name, unrenewed, why)
             return
-        self._lose(name, f"not renewed for {unrenewed:.1f} s ({type(exc).__name__})")
+        self._lose(name, f"not renewed for {unrenewed:.1f} s ({why})")
+
+    def _in_touch(self, now: float) -> bool:
+        """Whether the cluster answered a request of this node sent lately. A lease's deadline comes
+        ttl_s after its last answered renewal, which was sent no earlier than renew_interval_s (one
+        period) before the cut, so a node cut off has heard nothing for ttl_s - renew_interval_s then:
+        more than half of that is silence enough to tell it from an election, where the probes sent
+        every check_interval are answered."""
+        return now - self._answered_sent <= (self.config.ttl_s - self.config.renew_interval_s) / 2
+
+    async def _probe(self) -> None:
+        """One request any server answers (a direct get of this node's presence, which any replica of
+        the nodes bucket serves, even while a bucket elects its leader): a sign of life, or none."""
+        sent = asyncio.get_running_loop().time()
+        bucket = self.config.nodes_bucket
+        try:
+            await self.client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{stream_token(self.node)}",
+                                         direct=True)
+        except _SILENCE:
+            return
+        except nats.errors.Error:
+            pass  # refused, not found, no responders: the server answered all the same
+        self._answered_sent = max(self._answered_sent, sent)
+
+    async def _watchdog(self) -> None:
+        """A probe of the cluster every check_interval, and each held lease checked at its deadline
+        (ttl_s after its last answered renewal was sent) and every check_interval past it. Apart from
+        the ticks, which wait on each write for up to nats.request_timeout_s when nobody answers."""
+        loop = asyncio.get_running_loop()
+        interval = self.check_interval(self.config)
+        probes: set[asyncio.Task[None]] = set()
+        next_probe = loop.time()
+        while True:
+            now = loop.time()
+            if now >= next_probe and self._held:  # only a node that holds cameras asks
+                probe = asyncio.create_task(self._probe())
+                probes.add(probe)  # kept until done (the loop holds tasks weakly)
+                probe.add_done_callback(probes.discard)
+                next_probe = now + interval
+            for name, held in list(self._held.items()):
+                self._overdue(name, held, "no answer")
+            deadlines = [d for held in list(self._held.values()) if (d := held.renewed_sent + self.config.ttl_s) > now]
+            await asyncio.sleep(max(0.0, min([next_probe, *deadlines]) - loop.time()))
 
     async def _take_back(self, name: str, held: _Held, last: int, now: float) -> None:
         """Claim again a lease that lapsed while the bucket could not be written and that no other

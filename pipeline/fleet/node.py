@@ -496,25 +496,24 @@ class Node:
             log.warning("node %s: job %s not started: %s", self.settings.name, job.job_id, exc)
             try:
                 outcome = hand_back(job, f"not started on {self.settings.name}: {exc}")
-                self.counters["jobs_handed_back" if outcome == "released" else "jobs_failed"] += 1
+                if outcome != "superseded":
+                    self.counters["jobs_handed_back" if outcome == "released" else "jobs_failed"] += 1
             except FleetError:
                 pass  # delivered again after ack_wait_s
         self._jobs_changed()
 
     def _start_job(self, job: Job) -> None:
-        last = self.publisher.last_result(job.request.stream_id)
+        stored = self.publisher.last_stored(job.request.stream_id)
+        last = None if stored is None else stored[1]
         if isinstance(last, EndOfStream):  # an earlier attempt stored everything and died before its ack
-            if last.error:
-                job.fail(last.error)
-                self.counters["jobs_failed"] += 1
-            else:
-                job.done()
-                self.counters["jobs_done"] += 1
+            if job.fail(last.error) if last.error else job.done():
+                self.counters["jobs_failed" if last.error else "jobs_done"] += 1
             return
         config = job_run_config(self.settings.run, job.request.input, self._endpoint())
         skip = last.header.seq if last is not None else None
-        run = PipelineRun(self._spec("job", job.request.stream_id, config, skip_through=skip), self.publisher, job,
-                          stop_timeout_s=self.settings.stop_timeout_s)
+        run = PipelineRun(self._spec("job", job.request.stream_id, config, skip_through=skip,
+                                     stored_through=0 if stored is None else stored[0]),
+                          self.publisher, job, stop_timeout_s=self.settings.stop_timeout_s)
         self.jobs[job.job_id] = run
         run.start(self._take_spare())
         log.info("node %s: job %s (attempt %d) started%s", self.settings.name, job.job_id, job.attempt,
@@ -612,8 +611,9 @@ class Node:
     # ------------------------------------------------------------------ helpers
 
     def _spec(self, kind: Literal["camera", "job"], stream_id: str, config: RunConfig, epoch: str = "",
-              skip_through: int | None = None) -> RunSpec:
-        return RunSpec(kind, stream_id, config, epoch, skip_through, self.settings.log_level, self.settings.model)
+              skip_through: int | None = None, stored_through: int = 0) -> RunSpec:
+        return RunSpec(kind, stream_id, config, epoch, skip_through, self.settings.log_level, self.settings.model,
+                       stored_through)
 
     def _endpoint(self) -> str:
         assert self._endpoint_dir is not None

@@ -20,6 +20,13 @@ stream's duplicate window, so a re-run job's repeated results are stored once. A
 moves to another node starts its seq again; its publisher passes an epoch (e.g. the lease
 revision) so that its new frames are not mistaken for the old ones. For re-runs that start after
 the duplicate window, `ResultPublisher.last_seq` tells where the stored results of a stream end.
+A job's writer also passes `after`, the stream sequence of the last result of its stream that it
+knows stored: the server stores the message only if that is still the stream's last
+(Nats-Expected-Last-Subject-Sequence), so an attempt that another attempt replaced (its node cut
+off past ack_wait_s, its publishes held in the network and delivered late) cannot store a frame
+again after the duplicate window, nor out of order. The server checks that header before the
+message id, so a refusal whose stored last message carries this very message id is this
+publisher's own earlier try: stored, a duplicate. Any other refusal is `Superseded`.
 
 Reading back: `ResultSubscriber` reads the stream through an ephemeral pull consumer from a
 stream sequence number (`from_seq`), filtered to some streams (exact ids, or shell patterns such
@@ -66,6 +73,7 @@ __all__ = [
     "ResultPublisher",
     "ResultSubscriber",
     "Stored",
+    "Superseded",
     "decode_result",
     "encode_result",
     "ensure_results_stream",
@@ -210,6 +218,15 @@ def ensure_results_stream(client: FleetClient) -> None:
     client.run(client.ensure_stream(results_stream_config(client.config)))
 
 
+# JSStreamWrongLastSequenceErr: the subject's last message is not the one the publish expected.
+_WRONG_LAST_SEQUENCE = 10071
+
+
+class Superseded(FleetError):
+    """Another writer stored a result of this stream since the one the publish expected: its results
+    are that writer's to store now."""
+
+
 @dataclass(frozen=True)
 class Stored:
     """Where the server put one published result."""
@@ -227,11 +244,13 @@ class ResultPublisher:
         self.client = client
         self.config: ResultsConfig = client.config.results
 
-    def publish(self, message: Published, epoch: str = "") -> Stored:
+    def publish(self, message: Published, epoch: str = "", after: int | None = None) -> Stored:
+        """Store one result. after: the stream sequence of the stream's last stored result (0: none) that
+        this writer knows of; Superseded when another writer stored one since (see the module docstring)."""
         payload = encode_result(message)
         sid, seq = message.header.stream_id, message.header.seq
         subject = subject_of(self.config.subject_prefix, sid)
-        return self.client.run(self._publish(subject, payload, message_id(sid, seq, epoch)))
+        return self.client.run(self._publish(subject, payload, message_id(sid, seq, epoch), after))
 
     def last_seq(self, stream_id: str) -> int | None:
         """The header seq of the last stored result of `stream_id` (an EndOfStream counts), or None."""
@@ -240,24 +259,40 @@ class ResultPublisher:
 
     def last_result(self, stream_id: str) -> Published | None:
         """The last stored result of `stream_id` (a job whose last result is its EndOfStream is complete), or None."""
-        subject = subject_of(self.config.subject_prefix, stream_id)
-        return self.client.run(self._last_result(subject))
+        last = self.last_stored(stream_id)
+        return None if last is None else last[1]
 
-    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> Stored:
+    def last_stored(self, stream_id: str) -> tuple[int, Published] | None:
+        """The last stored result of `stream_id` with its stream sequence (what `publish(after=)` takes), or None."""
+        subject = subject_of(self.config.subject_prefix, stream_id)
+        last = self.client.run(self._last_msg(subject))
+        if last is None or last.data is None or last.seq is None:
+            return None
+        return last.seq, decode_result(last.data, where=f"{subject} seq {last.seq}")
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str, after: int | None) -> Stored:
         headers = {"Nats-Msg-Id": msg_id}
-        ack = await retrying(
-            lambda: self.client.js.publish(subject, payload, headers=headers, stream=self.config.stream),
-            self.config.publish_timeout_s, f"{subject}: result {msg_id} not stored")
+        if after is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(after)
+        try:
+            ack = await retrying(
+                lambda: self.client.js.publish(subject, payload, headers=headers, stream=self.config.stream),
+                self.config.publish_timeout_s, f"{subject}: result {msg_id} not stored")
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _WRONG_LAST_SEQUENCE:
+                raise
+            last = await self._last_msg(subject)
+            if last is not None and last.seq is not None and (last.headers or {}).get("Nats-Msg-Id") == msg_id:
+                return Stored(last.seq, True)  # an earlier try of this very publish was stored
+            raise Superseded(f"{subject}: result {msg_id} not stored: another writer stored "
+                             f"seq {None if last is None else last.seq} after {after}") from None
         return Stored(ack.seq, bool(ack.duplicate))
 
-    async def _last_result(self, subject: str) -> Published | None:
+    async def _last_msg(self, subject: str) -> Any:
         try:
-            msg = await self.client.js.get_msg(self.config.stream, subject=subject, direct=True)
+            return await self.client.js.get_msg(self.config.stream, subject=subject, direct=True)
         except nats.js.errors.NotFoundError:
             return None
-        if msg.data is None:
-            return None
-        return decode_result(msg.data, where=f"{subject} seq {msg.seq}")
 
 
 # ---------------------------------------------------------------------------- reading back

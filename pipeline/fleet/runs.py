@@ -22,7 +22,9 @@ Jobs (`kind="job"`) are published without an epoch: a re-run's message ids equal
 attempt's, so the results stream stores each frame once. A job resumes after `skip_through`,
 the last seq an earlier attempt stored, and publishes only an unbroken run of seqs after it: a
 frame missing (lost in the pipeline) ends the attempt before anything past the hole is stored,
-so the stored results are always a prefix of the job's, in order. The job is acknowledged
+so the stored results are always a prefix of the job's, in order. Each is stored only after the
+result the attempt last knew stored (`stored_through`, ResultPublisher's `after`): an attempt a
+later one replaced stores nothing more, and its hand-back acknowledges nothing. The job is acknowledged
 (`Job.done`) once its EndOfStream is stored; a source that failed (the EndOfStream carries the
 error) fails it for good; anything else (a hole, the pipeline's death, NATS not storing,
 `stop()`) hands it back for another delivery, from the node's thread, so the main loop never
@@ -73,6 +75,7 @@ class RunSpec:
     skip_through: int | None = None  # jobs: the last seq an earlier attempt stored
     log_level: str = "warning"  # the stage processes' (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(config.model), when the node has it already
+    stored_through: int = 0  # jobs: the results stream's sequence of that result (0: none stored)
 
     @property
     def endpoint(self) -> str:
@@ -103,7 +106,7 @@ class PipelineRun:
         self.job = job
         self.stop_timeout_s = stop_timeout_s
         # how it ended: a camera "ended" (its EndOfStream stored), "stopped" or "failed"; a job "done",
-        # "failed", "released" (handed back) or "unacknowledged"
+        # "failed", "released" (handed back), "unacknowledged" or "superseded" (a later attempt holds the job)
         self.outcome = ""
         self.started_at = time.monotonic()
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -121,6 +124,7 @@ class PipelineRun:
         self._results = 0
         self._drops = 0
         self._next_seq = 0 if spec.skip_through is None else spec.skip_through + 1
+        self._stored_through = spec.stored_through  # jobs: publishes store only after it (ResultPublisher)
         self._last_header: Header | None = None
         self._times: deque[float] = deque()
         self._errors: list[str] = []
@@ -297,7 +301,11 @@ class PipelineRun:
                 return (f"frames {self._next_seq} to {seq - 1} missing (lost in the pipeline): stopped before "
                         f"seq {seq} so the stored results stay in order")
         try:
-            self.publisher.publish(message, epoch=self.spec.epoch)
+            # a job's attempt stores only after the last result it knows stored: a later attempt's
+            # (its node cut off past ack_wait_s, then back) make this one's publishes Superseded
+            after = self._stored_through if self.spec.kind == "job" else None
+            stored = self.publisher.publish(message, epoch=self.spec.epoch, after=after)
+            self._stored_through = stored.stream_seq
         except FleetError as exc:
             if self.spec.kind == "job":
                 return f"results not stored: {exc}"
@@ -334,12 +342,8 @@ class PipelineRun:
         assert job is not None
         try:
             if end is not None:
-                if end.error:
-                    job.fail(end.error)
-                    self.outcome = "failed"
-                else:
-                    job.done()
-                    self.outcome = "done"
+                settled = job.fail(end.error) if end.error else job.done()
+                self.outcome = ("failed" if end.error else "done") if settled else "superseded"
                 return
             why = self._stop_reason if self._stop.is_set() else reason or "the pipeline ended without an EndOfStream"
             self.outcome = hand_back(job, why)
@@ -367,10 +371,8 @@ class PipelineRun:
 def hand_back(job: Job, why: str) -> str:
     """Give a job back for another delivery, or fail it when this was its last allowed one."""
     if job.attempt >= job.max_deliver:
-        job.fail(f"gave up after {job.attempt} attempts, the last: {why}")
-        return "failed"
-    job.fail(why, retry=True)
-    return "released"
+        return "failed" if job.fail(f"gave up after {job.attempt} attempts, the last: {why}") else "superseded"
+    return "released" if job.fail(why, retry=True) else "superseded"
 
 
 # ---------------------------------------------------------------------------- the pipeline process
