@@ -81,6 +81,7 @@ class FleetClient:
         self._reconnects = 0
         self._disconnects = 0
         self._last_error = ""
+        self._tls_refusal = ""  # a TLS error while connecting at start: the reason, whatever error follows it
         self._refused: asyncio.Event | None = None
         self._closing = False
 
@@ -96,7 +97,8 @@ class FleetClient:
             client.run(client._connect(), timeout_s=budget)
         except FleetUnavailable:
             client.close()
-            last = f" (last error: {client._last_error})" if client._last_error else ""
+            error = client._tls_refusal or client._last_error
+            last = f" (last error: {error})" if error else ""
             raise FleetUnavailable(
                 f"cannot connect to NATS at {', '.join(nats_cfg.urls)} within {budget:g} s{last}") from None
         except BaseException:
@@ -288,6 +290,10 @@ class FleetClient:
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
         log.debug("NATS: %s", self._last_error)
+        # A server that refuses the handshake (no client certificate, one it does not trust) sends an
+        # alert and closes: on a busy host the next try, or the read, often sees only the reset.
+        if isinstance(exc, ssl.SSLError) and self._js is None:
+            self._tls_refusal = self._last_error
         # at login nats-py reports the server's -ERR as a plain Error carrying its text
         refused = isinstance(exc, nats.errors.AuthorizationError) or any(
             text in str(exc).lower() for text in ("authorization violation", "authentication"))
