@@ -611,3 +611,93 @@ def test_a_node_whose_server_answers_but_cannot_write_keeps_its_cameras_for_the_
     assert min(lost.values()) >= leases.ttl_s + leases.election_grace_s - leases.renew_interval_s, lost
     assert max(lost.values()) <= leases.ttl_s + leases.election_grace_s + LeaseManager.check_interval(leases) + \
         leases.renew_interval_s, lost
+
+
+
+def test_a_node_whose_link_to_its_server_is_pulled_moves_to_another_server(nats_cluster, caplog):
+    """A node reaches server A only through a relay (A advertises the relay's address, so the node learns
+    no other way to it) and knows B and C directly; another node, with room, is on B and C. The relay
+    then forwards nothing (a pulled cable, a dead switch port, a NAT that dropped the flow: TCP sees
+    nothing wrong). The node's pings go unanswered, and once more than nats.max_outstanding_pings of them
+    have, it leaves A for B or C: within nats.stale_after_s of the cut, plus at most one try at the relay
+    (nats-py shuffles its servers before it reconnects; the relay accepts and says nothing for
+    nats.connect_timeout_s), plus one connection's start. Its cameras: each is kept (renewed, or taken
+    back after its lease lapsed) or claimed by the other node, never run by both (the cut-off node gives
+    it up first, give or take one check); which, and when, is measured. Default settings but the URLs."""
+    a, b, c = nats_cluster.servers
+    caplog.set_level(logging.INFO, logger="maskstream.pipeline.fleet")
+    with Relay(a.port) as relay:
+        a.stop()
+        a.extra = ("--client_advertise", f"127.0.0.1:{relay.port}")
+        a.start()
+        nats_cluster.wait_healthy()
+        nats_config = NatsConfig(urls=(relay.url, b.url, c.url))
+        config = FleetConfig(nats=nats_config, replicas=3)
+        leases = config.leases
+        with FleetClient.connect(cluster_config([b.url, c.url]), name="admin") as admin:
+            registry = CameraRegistry(admin)
+            registry.ensure()
+            for _ in range(30):  # nats-py shuffles the URLs: the node must be on A, through the relay
+                client = FleetClient.connect(config, name="cut")
+                if client.state().server == relay.url:
+                    break
+                client.close()
+            else:
+                raise AssertionError("the node never connected through the relay in 30 tries")
+            with client, FleetClient.connect(cluster_config([b.url, c.url]), name="steady") as steady_client:
+                cut = LeaseManager(client, "cut", capacity=2)
+                steady = LeaseManager(steady_client, "steady", capacity=4)
+                cut.start()
+                steady.start()
+                try:
+                    wait_for(lambda: {info.name for info in registry.nodes()} == {"steady", "cut"}, 10,
+                             "both nodes present")
+                    for i in range(4):
+                        registry.add(f"cam{i}", f"rtsp://127.0.0.1:8554/cam{i}")
+                    wait_for(lambda: len(cut.held()) == 2 and len(steady.held()) == 2, 10,
+                             "two cameras on each node")
+                    theirs = sorted(cut.held())
+                    for manager in (cut, steady):
+                        _seen.pop(manager, None)
+                        manager.events()
+                    caplog.clear()
+                    cut_at = time.monotonic()
+                    relay.blackhole()
+                    bound = nats_config.stale_after_s + nats_config.connect_timeout_s + 1.0
+                    moved = wait_for(lambda: client.state().server in (b.url, c.url), bound + 60,
+                                     "the node on another server") - cut_at
+                    # each camera's fate is settled by ttl_s + election_grace_s (kept at most that long unrenewed)
+                    time.sleep(max(0.0, cut_at + leases.ttl_s + leases.election_grace_s + 2 - time.monotonic()))
+                    events = [*cut.events(), *steady.events()]
+                    lost = {e.camera.name: e.at - cut_at for e in events if e.kind == "lost"}
+                    claimed = {e.camera.name: e.at - cut_at for e in events if e.kind == "acquired"}
+                    taken_back = sorted(name for name in theirs if any(
+                        f"took {name} back" in r.getMessage() and "node cut:" in r.getMessage()
+                        for r in caplog.records))
+                    rows = {row.camera.name: row.lease for row in registry.status()}
+                    print(f"pulled link: the node on {client.state().server} {moved:.2f} s after the cut (bound "
+                          f"{bound:g} s: a ping every {nats_config.ping_interval_s:g} s, "
+                          f"{nats_config.max_outstanding_pings} outstanding); its cameras: " + ", ".join(
+                              f"{name} " + (f"lost {lost[name]:.2f} s, claimed by the other {claimed[name]:.2f} s"
+                                            if name in claimed else "taken back" if name in taken_back else "kept")
+                              for name in theirs))
+                    assert moved <= bound, moved
+                    assert client.state().reconnects == 1
+                    for name in theirs:
+                        if name in claimed:  # given up first (give or take one check), then claimed
+                            assert lost[name] <= claimed[name] + LeaseManager.check_interval(leases), (lost, claimed)
+                            assert rows[name] is not None and rows[name].node == "steady"
+                        else:  # never given up, renewed by the cut-off node on its new server
+                            assert name not in lost and name in cut.held(), (lost, claimed)
+                            assert rows[name] is not None and rows[name].node == "cut"
+                    assert set(claimed) <= set(theirs) and set(lost) == set(claimed)
+                    assert len(cut.held()) + len(steady.held()) == 4
+                    assert all(time.time() - lease.renewed_at < 2 * leases.renew_interval_s + 1
+                               for lease in rows.values() if lease is not None)
+                    # the cut-off node is in the fleet again, on its new server
+                    wait_for(lambda: any(info.name == "cut" and info.renewed_at > time.time() - 2 *
+                                         leases.renew_interval_s for info in registry.nodes()), leases.ttl_s,
+                             "the node present")
+                finally:
+                    cut.stop()
+                    steady.stop()

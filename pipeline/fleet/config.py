@@ -99,6 +99,14 @@ class NatsConfig:
     connect_timeout_s: float = 2.0  # one attempt at one server
     reconnect_wait_s: float = 0.5  # between attempts at the same server
     request_timeout_s: float = 5.0  # one JetStream API request or publish acknowledgement
+    # The client pings its server every ping_interval_s and declares the connection stale, moving to
+    # another server, when more than max_outstanding_pings go unanswered: a link that went silent
+    # (a pulled cable, a dead switch port, a NAT that dropped the flow: TCP sees nothing wrong) is
+    # left after max_outstanding_pings to max_outstanding_pings + 1 intervals. Short enough that a
+    # node moves before its leases' ttl_s runs out; long enough that a host whose pipelines use every
+    # core answers in time (docs/fleet.md, "A network partition", has the measurements).
+    ping_interval_s: float = 1.0
+    max_outstanding_pings: int = 2
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -117,8 +125,16 @@ class NatsConfig:
                     f"urls: {url!r} is off loopback without TLS: configure tls (ca, cert/key) or set "
                     f"allow_plaintext: true to send credentials and results unencrypted"
                 )
-        for name in ("connect_timeout_s", "reconnect_wait_s", "request_timeout_s"):
+        for name in ("connect_timeout_s", "reconnect_wait_s", "request_timeout_s", "ping_interval_s"):
             _check_positive(name, getattr(self, name))
+        if self.max_outstanding_pings < 1:
+            raise ValueError(f"max_outstanding_pings: expected at least 1, got {self.max_outstanding_pings!r}")
+
+    @property
+    def stale_after_s(self) -> float:
+        """The longest a silent link goes unnoticed: the pings sent into it go unanswered, and the
+        connection is declared stale at the first ping time past max_outstanding_pings of them."""
+        return (self.max_outstanding_pings + 1) * self.ping_interval_s
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
-__all__ = ["ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "ends_key", "kv_after", "kv_snapshot",
-           "retrying"]
+__all__ = ["AnswerLost", "ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "ends_key", "kv_after",
+           "kv_snapshot", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +48,14 @@ class FleetError(RuntimeError):
 
 class FleetUnavailable(FleetError):
     """The NATS cluster could not be reached, or did not answer in time."""
+
+
+class AnswerLost(nats.errors.TimeoutError):
+    """The connection a request went out on was replaced before its answer came: no answer will.
+    A timeout come early: the request may or may not have been carried out."""
+
+    def __str__(self) -> str:
+        return "nats: the connection the request went out on was replaced"
 
 
 # nats-py's ways of saying "nobody answered": worth retrying, never a bad request.
@@ -84,6 +92,7 @@ class FleetClient:
         self._tls_refusal = ""  # a TLS error while connecting at start: the reason, whatever error follows it
         self._refused: asyncio.Event | None = None
         self._closing = False
+        self._replaced: asyncio.Future[None] | None = None  # done when the current connection is replaced
 
     @classmethod
     def connect(cls, config: FleetConfig, name: str = "maskstream", timeout_s: float | None = None) -> FleetClient:
@@ -166,6 +175,24 @@ class FleetClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def on_this_connection(self, request: Awaitable[T]) -> T:
+        """Await a request (on the loop), giving it up with AnswerLost as soon as the connection it
+        went out on is replaced: its answer, if any, went with the old one (a silent link that the
+        pings found stale, a server that died), and waiting out nats.request_timeout_s for it would
+        hold the caller past what the new connection could do meanwhile. A request made while
+        disconnected goes out on the next connection and is awaited as usual."""
+        task = asyncio.ensure_future(request)
+        replaced = self._replaced
+        if replaced is None or self._nc is None or not self._nc.is_connected:
+            return await task
+        waited: set[asyncio.Future[Any]] = {task, replaced}
+        done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise AnswerLost()
 
     # ------------------------------------------------------------------ provisioning (on the loop)
 
@@ -267,6 +294,8 @@ class FleetClient:
             # nats-py annotates these as int but uses them as seconds for asyncio: fractions work
             servers=list(cfg.urls), name=self.name, connect_timeout=cfg.connect_timeout_s,  # type: ignore[arg-type]
             reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
+            # nats-py's own defaults (a ping every 120 s, 2 outstanding) leave a silent link for minutes
+            ping_interval=cfg.ping_interval_s, max_outstanding_pings=cfg.max_outstanding_pings,  # type: ignore[arg-type]
             max_reconnect_attempts=-1, allow_reconnect=True,
             error_cb=self._on_error, disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
             **options))
@@ -281,6 +310,7 @@ class FleetClient:
             refused.cancel()
             connecting.result()
             self._js = nc.jetstream(timeout=cfg.request_timeout_s)
+            self._replaced = asyncio.get_running_loop().create_future()
             return
         await _cancel(connecting, refused)
         await nc.close()
@@ -308,6 +338,9 @@ class FleetClient:
 
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+        if self._replaced is not None:
+            self._replaced.set_result(None)
+        self._replaced = asyncio.get_running_loop().create_future()
         url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else "?"
         log.info("NATS: reconnected to %s", url)
 

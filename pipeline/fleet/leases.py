@@ -615,7 +615,7 @@ class LeaseManager:
         info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time(),
                         self._jobs)
         try:
-            await self._kv_nodes.put(stream_token(self.node), records.pack(info))
+            await self.client.on_this_connection(self._kv_nodes.put(stream_token(self.node), records.pack(info)))
         except UNAVAILABLE as exc:
             self._unanswered_at = asyncio.get_running_loop().time()
             log.info("node %s: presence not written (%s)", self.node, exc)
@@ -647,7 +647,8 @@ class LeaseManager:
             lease = Lease(name, self.node, self.instance, held.acquired_at, time.time(),
                           self._status.get(name, CameraStatus()))
             try:
-                held.revision = await self._kv_leases.update(key, records.pack(lease), last=held.revision)
+                held.revision = await self.client.on_this_connection(
+                    self._kv_leases.update(key, records.pack(lease), last=held.revision))
                 held.renewed_sent = now
             except nats.js.errors.KeyWrongLastSequenceError:
                 if lapsed:
@@ -728,9 +729,25 @@ class LeaseManager:
                 probe.add_done_callback(probes.discard)
                 next_probe = now + interval
             for name, held in list(self._held.items()):
-                self._overdue(name, held, "no answer")
+                if self._taken(name, held):
+                    self._lose(name, "taken by another node")
+                else:
+                    self._overdue(name, held, "no answer")
             deadlines = [d for held in list(self._held.values()) if (d := held.renewed_sent + self.config.ttl_s) > now]
             await asyncio.sleep(max(0.0, min([next_probe, *deadlines]) - loop.time()))
+
+    def _taken(self, name: str, held: _Held) -> bool:
+        """Whether the view shows the camera's lease held by another node (or another start of this one).
+        Checked apart from the ticks: a node that moved to another server while a write of its tick
+        waits for an answer that went with the old connection is answered again (its probes), keeps
+        its lapsed leases as in an election, and must not run a camera another node claimed meanwhile."""
+        seen = self._leases.get(stream_token(name))
+        if seen is None or seen.value is None or seen.revision <= held.revision:
+            return False
+        try:
+            return records.unpack(Lease, seen.value).instance != self.instance
+        except records.RecordError:
+            return False
 
     async def _take_back(self, name: str, held: _Held, last: int, now: float) -> None:
         """Claim again a lease that lapsed while the bucket could not be written and that no other
@@ -738,7 +755,8 @@ class LeaseManager:
         lease = Lease(name, self.node, self.instance, held.acquired_at, time.time(),
                       self._status.get(name, CameraStatus()))
         try:
-            held.revision = await self._kv_leases.update(stream_token(name), records.pack(lease), last=last)
+            held.revision = await self.client.on_this_connection(
+                self._kv_leases.update(stream_token(name), records.pack(lease), last=last))
         except nats.js.errors.KeyWrongLastSequenceError:
             self._lose(name, "taken by another node after it lapsed")
             return
@@ -788,7 +806,7 @@ class LeaseManager:
         stamp = time.time()
         lease = Lease(name, self.node, self.instance, stamp, stamp, CameraStatus())
         try:
-            revision = await self._kv_leases.update(key, records.pack(lease), last=last)
+            revision = await self.client.on_this_connection(self._kv_leases.update(key, records.pack(lease), last=last))
         except nats.js.errors.KeyWrongLastSequenceError:
             try:  # our view was behind (or an expiry marker itself expired)
                 await self._refresh(key)
@@ -838,7 +856,8 @@ class LeaseManager:
         """Read one lease key directly (any replica answers, even while the bucket elects a leader)."""
         bucket = self.config.leases_bucket
         try:
-            msg = await self.client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
+            msg = await self.client.on_this_connection(
+                self.client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True))
         except nats.js.errors.NotFoundError:  # no message at all (expired, and its marker too): claim with 0
             current = self._leases.get(key)
             if current is not None:
