@@ -64,6 +64,8 @@ def test_a_cluster_config_from_yaml_and_overrides(tmp_path):
     ("nats: {auth: {user: a}}", "user and password go together"),
     ("nats: {auth: {token: t, creds: /x.creds}}", "choose one way"),
     ("nats: {tls: {cert: /c.pem}}", "tls.cert and tls.key"),
+    ("nats: {ping_interval_s: 0}", "ping_interval_s: expected a positive number"),
+    ("nats: {max_outstanding_pings: 0}", "max_outstanding_pings: expected at least 1"),
     ("leases: {ttl_s: 2, renew_interval_s: 1}", "under half of ttl_s"),
     ("jobs: {ack_wait_s: 10, progress_interval_s: 5}", "under half of ack_wait_s"),
     ("jobs: {max_deliver: 0}", "at least 1"),
