@@ -187,7 +187,11 @@ class FleetClient:
         if replaced is None or self._nc is None or not self._nc.is_connected:
             return await task
         waited: set[asyncio.Future[Any]] = {task, replaced}
-        done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller is stopped: so is its request
+            task.cancel()
+            raise
         if task in done:
             return task.result()
         task.cancel()
