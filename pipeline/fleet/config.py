@@ -104,7 +104,7 @@ class NatsConfig:
     # (a pulled cable, a dead switch port, a NAT that dropped the flow: TCP sees nothing wrong) is
     # left after max_outstanding_pings to max_outstanding_pings + 1 intervals. Short enough that a
     # node moves before its leases' ttl_s runs out; long enough that a host whose pipelines use every
-    # core answers in time (docs/fleet.md, "A network partition", has the measurements).
+    # core answers in time (docs/fleet.md, "A node whose link to its server is pulled", has the measurements).
     ping_interval_s: float = 1.0
     max_outstanding_pings: int = 2
 
