@@ -53,7 +53,7 @@ camera while nobody can write, so a node that is connected and whose renewals go
 keeps its cameras running for `election_grace_s` past `ttl_s`; once the bucket answers it
 renews them, or, where they lapsed, takes them back by compare-and-set on the expiry marker's
 revision, and the runs go on. "Connected" means answered, not the connection's state (a pulled
-cable leaves that connected for minutes): a probe any server answers goes out every
+cable leaves that connected until its pings go unanswered): a probe any server answers goes out every
 `check_interval`, and a node none of whose recent probes was answered (cut off: it cannot tell an
 election from its own isolation, while the others may claim its cameras) gives a camera up at
 `ttl_s` after sending its last answered renewal, checked apart from the ticks, before the server
