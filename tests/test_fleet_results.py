@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import threading
 import time
 
@@ -38,6 +40,23 @@ def client(nats_server):
     with FleetClient.connect(fleet_config([nats_server.url]), name="test") as c:
         ensure_results_stream(c)
         yield c
+
+
+def test_a_subscriber_started_while_the_server_stalls_waits_for_it(client, nats_server):
+    """Its consumer's creation goes unanswered for longer than nats.request_timeout_s (a server
+    restarting, a stream electing its leader): the subscriber's start asks again, as a publish does."""
+    pub = ResultPublisher(client)
+    pub.publish(make_detections("cam0", 0)[0])
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    resume = threading.Timer(2 * client.config.nats.request_timeout_s + 0.5, os.kill,
+                             (nats_server.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        with ResultSubscriber.open(client, streams=["cam0"], from_seq=1, timeout_s=10) as sub:
+            assert sub.recv().header.seq == 0
+    finally:
+        resume.cancel()
+        os.kill(nats_server.pid, signal.SIGCONT)
 
 
 def same(a, b):

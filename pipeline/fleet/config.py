@@ -206,7 +206,7 @@ class ResultsConfig:
     max_age_s: float = 86400.0  # results older than this are dropped
     max_bytes: int = 1 << 30  # the stream's size cap, oldest dropped first; -1: none
     duplicate_window_s: float = 120.0  # a (stream, seq) published again within this is stored once
-    publish_timeout_s: float = 30.0  # how long one publish keeps retrying (leader elections, reconnects)
+    publish_timeout_s: float = 30.0  # how long a publish, or a subscriber's start, keeps retrying (elections)
 
     def __post_init__(self) -> None:
         _check_name("stream", self.stream)

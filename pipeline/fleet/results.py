@@ -416,7 +416,9 @@ class ResultSubscriber:
     # ------------------------------------------------------------------ internals
 
     def _start(self) -> None:
-        self.client.run(self._create())
+        # A subscriber started while a server restarts or the stream elects its leader waits it out,
+        # as a publish does, instead of failing on the first unanswered request.
+        self.client.run(retrying(self._create, self.config.publish_timeout_s, f"{self.config.stream}: subscribe"))
 
     def _accept(self, msg: Msg) -> Published | None:
         sseq = msg.metadata.sequence.stream
