@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -196,6 +197,22 @@ def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registr
     print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
 
 
+@contextlib.contextmanager
+def one_camera_and_an_idle_node(config):
+    """An admin client (and its registry) that added cam0, and a started lease manager of host-a with
+    no room yet (the test gives it some), stopped at the end."""
+    with FleetClient.connect(config, name="admin") as admin, FleetClient.connect(config, name="host-a") as client:
+        registry = CameraRegistry(admin)
+        registry.ensure()
+        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+        node = LeaseManager(client, "host-a", capacity=0)
+        node.start()
+        try:
+            yield admin, registry, node
+        finally:
+            node.stop()
+
+
 def test_a_claim_refused_whose_lease_cannot_be_read_again_leaves_the_manager_running(nats_server, caplog):
     """A claim by compare-and-set on a revision that is gone (the expiry marker the node saw expired
     too) is refused; the node then reads the lease key again, and where nobody answers that read
@@ -204,36 +221,28 @@ def test_a_claim_refused_whose_lease_cannot_be_read_again_leaves_the_manager_run
                          leases=LeaseConfig(ttl_s=1.0, renew_interval_s=0.4))
     caplog.set_level(logging.INFO, logger="maskstream.pipeline.fleet.leases")
     stream = f"KV_{config.leases.leases_bucket}"
-    with FleetClient.connect(config, name="admin") as admin, FleetClient.connect(config, name="host-a") as client:
-        registry = CameraRegistry(admin)
-        registry.ensure()
-        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
-        node = LeaseManager(client, "host-a", capacity=0)
-        node.start()
-        try:
-            # a holder that died: its lease expires, and the node sees the server's expiry marker
-            kv = admin.run(admin.js.key_value(config.leases.leases_bucket))
-            stamp = time.time()
-            admin.run(kv.put(stream_token("cam0"), records.pack(Lease("cam0", "gone", "0", stamp, stamp))))
-            first_value(lambda: node.unclaimed() == [], 5, "the lease in the node's view")
-            first_value(lambda: node.unclaimed() == ["cam0"], 10, "the expiry marker in the node's view")
+    with one_camera_and_an_idle_node(config) as (admin, registry, node):
+        # a holder that died: its lease expires, and the node sees the server's expiry marker
+        kv = admin.run(admin.js.key_value(config.leases.leases_bucket))
+        stamp = time.time()
+        admin.run(kv.put(stream_token("cam0"), records.pack(Lease("cam0", "gone", "0", stamp, stamp))))
+        first_value(lambda: node.unclaimed() == [], 5, "the lease in the node's view")
+        first_value(lambda: node.unclaimed() == ["cam0"], 10, "the expiry marker in the node's view")
 
-            def direct(allowed: bool) -> None:
-                info = admin.run(admin.js.stream_info(stream))
-                admin.run(admin.js.update_stream(info.config.evolve(allow_direct=allowed)))
+        def direct(allowed: bool) -> None:
+            info = admin.run(admin.js.stream_info(stream))
+            admin.run(admin.js.update_stream(info.config.evolve(allow_direct=allowed)))
 
-            direct(False)  # the node's reads of single keys go unanswered from now on
-            first_value(lambda: admin.run(admin.js.stream_info(stream)).state.messages == 0, 10,
-                        "the expiry marker expired")
-            node.set_capacity(1)  # its claim expects the marker's revision: refused
-            first_value(lambda: any("claim of cam0 refused" in r.getMessage() for r in caplog.records)
-                        or node.error is not None, 10, "the claim refused")
-            assert node.error is None
-            direct(True)  # the next resync reads the key again: the claim expects what is there now
-            first_event(node, "acquired", "cam0", timeout_s=10)
-            assert node.error is None and set(node.held()) == {"cam0"}
-        finally:
-            node.stop()
+        direct(False)  # the node's reads of single keys go unanswered from now on
+        first_value(lambda: admin.run(admin.js.stream_info(stream)).state.messages == 0, 10,
+                    "the expiry marker expired")
+        node.set_capacity(1)  # its claim expects the marker's revision: refused
+        first_value(lambda: any("claim of cam0 refused" in r.getMessage() for r in caplog.records)
+                    or node.error is not None, 10, "the claim refused")
+        assert node.error is None
+        direct(True)  # the next resync reads the key again: the claim expects what is there now
+        first_event(node, "acquired", "cam0", timeout_s=10)
+        assert node.error is None and set(node.held()) == {"cam0"}
 
 
 def test_a_claim_stored_but_never_answered_is_held(nats_server, caplog):
@@ -242,30 +251,22 @@ def test_a_claim_stored_but_never_answered_is_held(nats_server, caplog):
     camera unrun until the lease expires and it is claimed anew."""
     config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2, request_timeout_s=1.0))
     caplog.set_level(logging.INFO, logger="maskstream.pipeline.fleet.leases")
-    with FleetClient.connect(config, name="admin") as admin, FleetClient.connect(config, name="host-a") as client:
-        registry = CameraRegistry(admin)
-        registry.ensure()
-        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
-        node = LeaseManager(client, "host-a", capacity=0)
-        node.start()
+    with one_camera_and_an_idle_node(config) as (admin, registry, node):
+        os.kill(nats_server.pid, signal.SIGSTOP)  # the claim reaches the server's socket, no answer comes
         try:
-            os.kill(nats_server.pid, signal.SIGSTOP)  # the claim reaches the server's socket, no answer comes
-            try:
-                node.set_capacity(1)
-                first_value(lambda: any("claim of cam0 not answered" in r.getMessage() for r in caplog.records),
-                            15, "the claim unanswered")
-                resumed = time.time()
-            finally:
-                os.kill(nats_server.pid, signal.SIGCONT)  # ...and stores it
-            acquired = first_event(node, "acquired", "cam0", timeout_s=10)
-            rows = first_value(lambda: [row for row in registry.status() if row.lease is not None], 10,
-                               "the lease in the status")
-            # the lease of the claim sent while the server stalled, not one claimed after it expired
-            assert rows[0].lease.instance == node.instance and rows[0].lease.acquired_at < resumed
-            assert acquired.camera.name == "cam0" and set(node.held()) == {"cam0"}
-            assert [e.kind for e in node.events()] == []  # nothing lost, nothing claimed twice
+            node.set_capacity(1)
+            first_value(lambda: any("claim of cam0 not answered" in r.getMessage() for r in caplog.records),
+                        15, "the claim unanswered")
+            resumed = time.time()
         finally:
-            node.stop()
+            os.kill(nats_server.pid, signal.SIGCONT)  # ...and stores it
+        acquired = first_event(node, "acquired", "cam0", timeout_s=10)
+        rows = first_value(lambda: [row for row in registry.status() if row.lease is not None], 10,
+                           "the lease in the status")
+        # the lease of the claim sent while the server stalled, not one claimed after it expired
+        assert rows[0].lease.instance == node.instance and rows[0].lease.acquired_at < resumed
+        assert acquired.camera.name == "cam0" and set(node.held()) == {"cam0"}
+        assert [e.kind for e in node.events()] == []  # nothing lost, nothing claimed twice
 
 
 def test_a_lease_taken_away_is_reported_lost(registry, nodes):
