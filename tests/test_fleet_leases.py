@@ -197,6 +197,15 @@ def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registr
     print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
 
 
+def two_cameras_each(registry, cut, steady) -> list[str]:
+    """Both lease managers present, four cameras added and spread two and two: the cut one's names."""
+    wait_for(lambda: {info.name for info in registry.nodes()} == {"steady", "cut"}, 10, "both nodes present")
+    for i in range(4):
+        registry.add(f"cam{i}", f"rtsp://127.0.0.1:8554/cam{i}")
+    wait_for(lambda: len(cut.held()) == 2 and len(steady.held()) == 2, 10, "two cameras on each node")
+    return sorted(cut.held())
+
+
 @contextlib.contextmanager
 def one_camera_and_an_idle_node(config):
     """An admin client (and its registry) that added cam0, and a started lease manager of host-a with
@@ -301,12 +310,7 @@ def test_a_node_cut_off_the_network_gives_its_cameras_up_before_another_takes_th
             cut = LeaseManager(cut_client, "cut", capacity=2)
             cut.start()
             try:
-                wait_for(lambda: {info.name for info in registry.nodes()} == {"steady", "cut"}, 10,
-                         "both nodes present")
-                for i in range(4):
-                    registry.add(f"cam{i}", f"rtsp://127.0.0.1:8554/cam{i}")
-                wait_for(lambda: len(cut.held()) == 2 and len(steady.held()) == 2, 10, "two cameras on each node")
-                theirs = sorted(cut.held())
+                theirs = two_cameras_each(registry, cut, steady)
                 cut_at = time.monotonic()
                 getattr(relay, fault)()
                 acquired = {name: first_event(steady, "acquired", name, leases.ttl_s + 10).at for name in theirs}
@@ -652,13 +656,7 @@ def test_a_node_whose_link_to_its_server_is_pulled_moves_to_another_server(nats_
                 cut.start()
                 steady.start()
                 try:
-                    wait_for(lambda: {info.name for info in registry.nodes()} == {"steady", "cut"}, 10,
-                             "both nodes present")
-                    for i in range(4):
-                        registry.add(f"cam{i}", f"rtsp://127.0.0.1:8554/cam{i}")
-                    wait_for(lambda: len(cut.held()) == 2 and len(steady.held()) == 2, 10,
-                             "two cameras on each node")
-                    theirs = sorted(cut.held())
+                    theirs = two_cameras_each(registry, cut, steady)
                     for manager in (cut, steady):
                         _seen.pop(manager, None)
                         manager.events()
