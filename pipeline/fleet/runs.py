@@ -410,7 +410,6 @@ class Spare:
         self.stopped_at: float | None = None  # time.monotonic() of the first stop()
         self.ready_at: float | None = None  # time.monotonic() when the node first saw it ready
         self.killed = False
-        self._ready = False
         if standby is not None:
             self._config.send(("standby", standby.config, standby.log_level, standby.model))
 
@@ -421,16 +420,15 @@ class Spare:
     @property
     def ready(self) -> bool:
         """A standby's pipeline is warm (its inference stage reported ready); a plain spare: never."""
-        if self.standby is not None and not self._ready:
+        if self.standby is not None and self.ready_at is None:
             try:
                 while self.status.poll():
                     kind, _ = self.status.recv()
-                    self._ready = self._ready or kind == "ready"
+                    if kind == "ready" and self.ready_at is None:
+                        self.ready_at = time.monotonic()
             except (EOFError, OSError):
                 pass
-            if self._ready:
-                self.ready_at = time.monotonic()
-        return self._ready
+        return self.ready_at is not None
 
     @property
     def endpoint(self) -> str | None:
