@@ -206,3 +206,30 @@ def test_a_node_cut_off_mid_job_neither_duplicates_results_nor_acks_the_new_atte
         assert seqs == list(range(frames + 1))  # each frame once, in order, then the EndOfStream
         worker_a.close()
         worker_b.close()
+
+
+def test_a_late_done_between_a_redelivery_and_its_claim_ends_the_job_once(queue, jobs_config, nats_server, tmp_path):
+    """Node A, cut off past ack_wait_s, finishes its attempt after node B was handed the job again but before
+    B marked it running. A's results are durable: the job is done. B must neither run it again nor overwrite
+    that state with "running" (a B that then died would leave a done job running for ever)."""
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    client = queue.client
+    with Relay(nats_server.port) as relay, \
+            FleetClient.connect(replace(jobs_config, nats=replace(jobs_config.nats, urls=(relay.url,))),
+                                name="a") as a, \
+            FleetClient.connect(jobs_config, name="b") as b:
+        worker_a, worker_b = JobWorker(a, "a"), JobWorker(b, "b")
+        job_a = worker_a.take(timeout_s=5)
+        assert job_a is not None and job_a.attempt == 1
+        relay.blackhole()  # A's heartbeats stop reaching the server
+        delivery = b.run(worker_b._next(ACK_WAIT_S + 10))  # attempt 2, fetched, not claimed yet
+        assert delivery is not None and delivery.metadata.num_delivered == 2
+        relay.heal()
+        assert job_a.done()  # A's state write finds its own attempt's: done, acknowledged
+        assert b.run(worker_b._claim(delivery)) is None  # nothing left to run
+        state = queue.get(job_id)
+        assert (state.state, state.node, state.attempt) == ("done", "a", 1)
+        assert client.run(client.js.stream_info(jobs_config.jobs.stream)).state.messages == 0
+        assert worker_b.take(timeout_s=ACK_WAIT_S + 1) is None  # and it never comes back
+        worker_a.close()
+        worker_b.close()

@@ -23,7 +23,10 @@ two submissions of one file never share (and so de-duplicate) results.
 State writes are compare-and-set and never go back to an older attempt: a node that was only
 slow (or cut off past ack_wait_s) cannot overwrite the state of the attempt that replaced it, nor
 acknowledge it: the server settles a work-queue message by its stream sequence, whichever delivery
-an ack comes from, so a late `done()` or `fail()` that finds a later attempt does nothing.
+an ack comes from, so a late `done()` or `fail()` that finds a later attempt does nothing. The other
+way round, a delivery whose job another attempt has already ended (a late `done()` that came between
+this delivery and its claim, or an acknowledgement lost after the state was written) is settled as
+that attempt settled it and not run again.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -142,23 +145,27 @@ def ensure_jobs(client: FleetClient) -> None:
     client.run(_ensure(client))
 
 
-async def _write_state(kv: KeyValue, state: JobState, tries: int = 5) -> bool:
-    """Write `state` unless the stored one belongs to a later attempt; False when it was not written."""
+ENDED = ("done", "failed")
+
+
+async def _write_state(kv: KeyValue, state: JobState, tries: int = 5, over_ended: bool = True) -> JobState | None:
+    """Write `state` unless the stored one belongs to a later attempt (or, without over_ended, has ended):
+    None when written, else the stored state that kept it from being written."""
     for _ in range(tries):
         try:
             entry = await kv.get(state.job_id)
         except nats.js.errors.KeyNotFoundError:
             try:
                 await kv.create(state.job_id, records.pack(state))
-                return True
+                return None
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
         current = records.unpack(JobState, entry.value or b"", f"job {state.job_id}")
-        if current.attempt > state.attempt:
-            return False
+        if current.attempt > state.attempt or (not over_ended and current.state in ENDED):
+            return current
         try:
             await kv.update(state.job_id, records.pack(state), last=entry.revision)
-            return True
+            return None
         except nats.js.errors.KeyWrongLastSequenceError:
             continue
     raise FleetError(f"job {state.job_id}: state changed under us {tries} times in a row")
@@ -286,23 +293,26 @@ class Job:
             except (*UNAVAILABLE, nats.errors.Error) as exc:
                 log.info("job %s: progress not sent (%s)", self.job_id, exc)
 
-    async def _done(self) -> bool:
-        # both retried through a leader election; until ack_wait runs out the delivery is still ours
+    async def _settle(self, state: JobState, settle: Callable[[], Awaitable[Any]], what: str) -> bool:
+        """Store this attempt's end state, then settle the delivery; False, and nothing settled, when a
+        later attempt holds the job. Both retried through a leader election: until ack_wait runs out
+        the delivery is still ours."""
         budget = self._worker.config.ack_wait_s
-        state = replace(self._state, state="done", updated_at=time.time())
-        if not await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state"):
-            return self._superseded("done")
-        timeout = self._worker.client.config.nats.request_timeout_s
-        await retrying(lambda: self._msg.ack_sync(timeout=timeout), budget, f"job {self.job_id}: ack")
+        if await retrying(lambda: _write_state(self._worker.kv, state), budget,
+                          f"job {self.job_id}: state") is not None:
+            return self._superseded(what)
+        await retrying(settle, budget, f"job {self.job_id}: {what}")
         return True
 
+    async def _done(self) -> bool:
+        timeout = self._worker.client.config.nats.request_timeout_s
+        return await self._settle(replace(self._state, state="done", updated_at=time.time()),
+                                  lambda: self._msg.ack_sync(timeout=timeout), "done")
+
     async def _fail(self, error: str, retry: bool) -> bool:
-        budget = self._worker.config.ack_wait_s
         state = replace(self._state, state="queued" if retry else "failed", error=error, updated_at=time.time())
-        if not await retrying(lambda: _write_state(self._worker.kv, state), budget, f"job {self.job_id}: state"):
-            return self._superseded("failed" if not retry else "handed back")
-        await retrying(self._msg.nak if retry else self._msg.term, budget, f"job {self.job_id}: nak/term")
-        return True
+        return await self._settle(state, self._msg.nak if retry else self._msg.term,
+                                  "handed back" if retry else "failed")
 
     def _superseded(self, what: str) -> bool:
         # The server settles a work-queue message by its stream sequence, whichever delivery the ack
@@ -337,30 +347,51 @@ class JobWorker:
                 pass
 
     async def _take(self, timeout_s: float) -> Job | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            msg = await self._next(left)
+            if msg is None:
+                return None
+            job = await self._claim(msg)
+            if job is not None:
+                return job
+        return None
+
+    async def _next(self, timeout_s: float) -> Msg | None:
+        """The next delivery, unclaimed; None when none came within timeout_s."""
         if self._psub is None:
             self.kv = await _ensure(self.client)
             self._psub = await self.client.js.pull_subscribe_bind(durable=self.config.consumer,
                                                                   stream=self.config.stream)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (left := deadline - loop.time()) > 0:
-            try:
-                msgs = await self._psub.fetch(1, timeout=max(left, 0.01))
-            except UNAVAILABLE:
-                return None
-            msg = msgs[0]
-            try:
-                request = records.unpack(JobRequest, msg.data, f"{self.config.subject} message")
-            except records.RecordError as exc:
-                log.warning("dropping a malformed job message: %s", exc)
-                await msg.term()
-                continue
-            attempt = msg.metadata.num_delivered
-            state = JobState(request.job_id, request.input, "running", self.node, attempt,
-                             submitted_at=request.submitted_at, updated_at=time.time())
-            if not await _write_state(self.kv, state):
-                log.info("job %s: attempt %d is stale, a later one exists", request.job_id, attempt)
-            job = Job(self, msg, request, state)
-            job._heartbeat = self.client.spawn(job._beat(self.config.progress_interval_s))
-            return job
-        return None
+        try:
+            msgs = await self._psub.fetch(1, timeout=max(timeout_s, 0.01))
+        except UNAVAILABLE:
+            return None
+        return msgs[0]
+
+    async def _claim(self, msg: Msg) -> Job | None:
+        """Mark a delivery's job running on this node and hold it; None when there is nothing to run."""
+        try:
+            request = records.unpack(JobRequest, msg.data, f"{self.config.subject} message")
+        except records.RecordError as exc:
+            log.warning("dropping a malformed job message: %s", exc)
+            await msg.term()
+            return None
+        attempt = msg.metadata.num_delivered
+        state = JobState(request.job_id, request.input, "running", self.node, attempt,
+                         submitted_at=request.submitted_at, updated_at=time.time())
+        stored = await _write_state(self.kv, state, over_ended=False)
+        if stored is not None and stored.state in ENDED:
+            # Another attempt ended the job after the server gave up waiting on it (its node was slow or
+            # cut off past ack_wait_s) and before this write, or its acknowledgement was lost: its results
+            # are durable, or it failed for good. Running it again would undo that; settle it as it did.
+            log.info("job %s: attempt %d already %s by node %s: not run again", request.job_id, stored.attempt,
+                     stored.state, stored.node or "?")
+            await (msg.ack() if stored.state == "done" else msg.term())
+            return None
+        if stored is not None:
+            log.info("job %s: attempt %d is stale, a later one exists", request.job_id, attempt)
+        job = Job(self, msg, request, state)
+        job._heartbeat = self.client.spawn(job._beat(self.config.progress_interval_s))
+        return job
