@@ -30,10 +30,11 @@ import nats.js.errors
 from maskstream.pipeline.fleet.config import FleetConfig
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
+from nats.js.api import RawStreamMsg
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 __all__ = ["AnswerLost", "ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "ends_key", "kv_after",
-           "kv_snapshot", "retrying"]
+           "kv_last", "kv_snapshot", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -353,6 +354,12 @@ def ends_key(headers: Mapping[str, str] | None) -> bool:
     """A KV message that ends its key: a delete, a purge, or the server's marker (a TTL's expiry)."""
     headers = headers or {}
     return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+
+
+async def kv_last(client: FleetClient, bucket: str, key: str) -> RawStreamMsg:
+    """One key's last message, by a direct get: any replica answers, even while the bucket elects a
+    leader, but its copy may lag the latest writes. NotFoundError when the key has no message."""
+    return await client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True)
 
 
 async def kv_after(client: FleetClient, bucket: str, after: int, *, direct: bool, limit: int | None = None,

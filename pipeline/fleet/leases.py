@@ -94,6 +94,7 @@ from maskstream.pipeline.fleet.connection import (
     FleetError,
     ends_key,
     kv_after,
+    kv_last,
     kv_snapshot,
     retrying,
 )
@@ -225,8 +226,12 @@ def _kv_configs(config: FleetConfig) -> list[api.KeyValueConfig]:
 
 
 async def _ensure(client: FleetClient) -> tuple[KeyValue, KeyValue, KeyValue]:
-    cams, leases, nodes = [await client.ensure_kv(c) for c in _kv_configs(client.config)]
-    return cams, leases, nodes
+    """The three buckets, made or brought to the config; a call made while the cluster elects a
+    leader (or another node makes the buckets) waits it out, up to leases.change_timeout_s."""
+    async def once() -> tuple[KeyValue, KeyValue, KeyValue]:
+        cams, leases, nodes = [await client.ensure_kv(c) for c in _kv_configs(client.config)]
+        return cams, leases, nodes
+    return await retrying(once, client.config.leases.change_timeout_s, "the lease buckets")
 
 
 def ensure_lease_buckets(client: FleetClient) -> None:
@@ -260,7 +265,7 @@ class CameraRegistry:
         self.config: LeaseConfig = client.config.leases
 
     def ensure(self) -> None:
-        self.client.run(self._retried(lambda: _ensure(self.client), "the lease buckets"))
+        self.client.run(_ensure(self.client))
 
     def add(self, name: str, url: str, options: Mapping[str, str] | None = None, replace: bool = False) -> Camera:
         """Add a camera (CameraExists if the name is taken, unless replace: then its URL and options change)."""
@@ -532,9 +537,7 @@ class LeaseManager:
 
     async def _main(self) -> None:
         try:
-            # a node starting while the cluster elects a leader (or makes the buckets) waits it out
-            kv_cams, kv_leases, kv_nodes = await retrying(lambda: _ensure(self.client), self.config.change_timeout_s,
-                                                          "the lease buckets")
+            kv_cams, kv_leases, kv_nodes = await _ensure(self.client)
             self._kv_leases, self._kv_nodes = kv_leases, kv_nodes
             self._wake = asyncio.Event()
             synced = [asyncio.Event() for _ in range(3)]
@@ -705,8 +708,7 @@ class LeaseManager:
         sent = asyncio.get_running_loop().time()
         bucket = self.config.nodes_bucket
         try:
-            await self.client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{stream_token(self.node)}",
-                                         direct=True)
+            await kv_last(self.client, bucket, stream_token(self.node))
         except _SILENCE:
             return
         except nats.errors.Error:
@@ -856,8 +858,7 @@ class LeaseManager:
         """Read one lease key directly (any replica answers, even while the bucket elects a leader)."""
         bucket = self.config.leases_bucket
         try:
-            msg = await self.client.on_this_connection(
-                self.client.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=True))
+            msg = await self.client.on_this_connection(kv_last(self.client, bucket, key))
         except nats.js.errors.NotFoundError:  # no message at all (expired, and its marker too): claim with 0
             current = self._leases.get(key)
             if current is not None:
