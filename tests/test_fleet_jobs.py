@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
-from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
 from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, Superseded, ensure_results_stream
 from maskstream.pipeline.fleet.runs import hand_back
@@ -233,3 +233,27 @@ def test_a_late_done_between_a_redelivery_and_its_claim_ends_the_job_once(queue,
         assert worker_b.take(timeout_s=ACK_WAIT_S + 1) is None  # and it never comes back
         worker_a.close()
         worker_b.close()
+
+
+def test_progress_goes_into_the_jobs_state_and_only_over_its_own_running_state(queue, jobs_config, tmp_path):
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    with FleetClient.connect(jobs_config, name="a") as a:
+        job = JobWorker(a, "a").take(timeout_s=5)
+        assert job is not None
+        job.report(12, 200, 6.5)
+        running = wait_for(lambda: (s := queue.get(job_id)).frames == 12 and s, 5, "the progress stored", every=0.05)
+        assert (running.state, running.frames_total, running.frames_per_s) == ("running", 200, 6.5)
+        job.report(20, 200, 6.0)  # within jobs.status_interval_s of the last: written with the next one, or the end
+        assert queue.get(job_id).frames == 12
+        assert job.fail("stopped", retry=True)
+        handed_back = queue.get(job_id)
+        assert (handed_back.state, handed_back.frames, handed_back.frames_per_s) == ("queued", 20, 0.0)
+        # a progress write on its way when the job was handed back, landing after it: no "running" again
+        a.run(job._write_progress(running))
+        assert queue.get(job_id) == handed_back
+        job.report(30, 200, 6.0)  # after the end: nothing
+        again = JobWorker(a, "a").take(timeout_s=5)
+        assert again is not None and again.attempt == 2
+        assert again.done(frames=200)
+        done = queue.get(job_id)
+        assert (done.state, done.attempt, done.frames, done.frames_total) == ("done", 2, 200, None)

@@ -481,13 +481,21 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         # SIGTERM with a job running: handed back after --drain-timeout, resumed by another node
         with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
             early = [sub.recv() for _ in range(5)]
+            # its progress in its state, and in `fleet jobs`: frames stored of the file's count, frames/s
+            running = wait_for(lambda: (s := queue.get(job_id)).frames >= 5 and s.frames_total and s, 10,
+                               "the job's progress in its state", every=0.1)
+            assert (running.state, running.node, running.frames_total) == ("running", "a", ARCHIVE_FRAMES)
+            listed = maskstream("fleet", "jobs", "--fleet-config", str(path))
         assert a.terminate(timeout_s=60) == 0
         state = queue.get(job_id)
         assert (state.state, state.attempt) == ("queued", 1) and "node stopping" in state.error
         b = node_processes("b", path, tmp_path, 1)
         b.wait_ready()
-        wait_for(lambda: queue.get(job_id).state == "done", 200, "the job done on b", every=0.5)
+        final = wait_for(lambda: (s := queue.get(job_id)).state == "done" and s, 200, "the job done on b", every=0.5)
+        assert (final.attempt, final.frames, final.frames_total) == (2, ARCHIVE_FRAMES, ARCHIVE_FRAMES)
         assert "after seq" in b.wait_for_log(f"job {job_id} (attempt 2) started", 5)
     with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=30) as sub:
         seqs = [m.header.seq for m in sub]
     assert seqs == list(range(ARCHIVE_FRAMES + 1)) and [m.header.seq for m in early] == list(range(5))
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
+    assert re.search(rf" running +a +1 +\d+/{ARCHIVE_FRAMES} \d+% [\d.]+/s ", row), listed.stdout

@@ -177,6 +177,7 @@ class JobsConfig:
     state_bucket: str = "maskstream_jobs"
     ack_wait_s: float = 30.0  # a job not acknowledged (or extended) this long is redelivered
     progress_interval_s: float = 10.0  # how often a running job tells the server it is still being worked on
+    status_interval_s: float = 2.0  # how often a running job's frames and frames/s go into its state (fleet jobs)
     max_deliver: int = 5  # deliveries of one job before it is given up
     max_age_s: float = 7 * 86400.0  # a job nobody takes is dropped after this long
     state_max_age_s: float = 7 * 86400.0  # job states are forgotten after this long
@@ -186,7 +187,7 @@ class JobsConfig:
             _check_name(name, getattr(self, name))
         if not _SUBJECT.fullmatch(self.subject):
             raise ValueError(f"subject: {self.subject!r} is not a plain subject (tokens of letters, digits, _ -)")
-        for name in ("ack_wait_s", "progress_interval_s", "max_age_s", "state_max_age_s"):
+        for name in ("ack_wait_s", "progress_interval_s", "status_interval_s", "max_age_s", "state_max_age_s"):
             _check_positive(name, getattr(self, name))
         if self.progress_interval_s * 2 >= self.ack_wait_s:
             raise ValueError(

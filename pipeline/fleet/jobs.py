@@ -36,6 +36,7 @@ import concurrent.futures
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -94,6 +95,9 @@ class JobState:
     error: str = ""
     submitted_at: float = 0.0  # time.time()
     updated_at: float = 0.0
+    frames: int = 0  # frames whose results are stored, earlier attempts' included
+    frames_total: int | None = None  # the input's frame count, once its node has opened it (None: unknown)
+    frames_per_s: float = 0.0  # the latest attempt's rate while it runs
 
 
 def new_job_id(source: str) -> str:
@@ -148,9 +152,22 @@ def ensure_jobs(client: FleetClient) -> None:
 ENDED = ("done", "failed")
 
 
-async def _write_state(kv: KeyValue, state: JobState, tries: int = 5, over_ended: bool = True) -> JobState | None:
-    """Write `state` unless the stored one belongs to a later attempt (or, without over_ended, has ended):
-    None when written, else the stored state that kept it from being written."""
+def _not_later(current: JobState, state: JobState) -> bool:
+    return current.attempt <= state.attempt
+
+
+def _not_ended(current: JobState, state: JobState) -> bool:
+    return current.attempt <= state.attempt and current.state not in ENDED
+
+
+def _still_running(current: JobState, state: JobState) -> bool:
+    return current.attempt == state.attempt and current.state == "running"
+
+
+async def _write_state(kv: KeyValue, state: JobState, replaces: Callable[[JobState, JobState], bool] = _not_later,
+                       tries: int = 5) -> JobState | None:
+    """Write `state` where the stored one may give way to it (`replaces(stored, state)`; by default
+    unless it belongs to a later attempt): None when written, else the stored state that kept it."""
     for _ in range(tries):
         try:
             entry = await kv.get(state.job_id)
@@ -161,7 +178,7 @@ async def _write_state(kv: KeyValue, state: JobState, tries: int = 5, over_ended
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
         current = records.unpack(JobState, entry.value or b"", f"job {state.job_id}")
-        if current.attempt > state.attempt or (not over_ended and current.state in ENDED):
+        if not replaces(current, state):
             return current
         try:
             await kv.update(state.job_id, records.pack(state), last=entry.revision)
@@ -250,6 +267,9 @@ class Job:
         self._msg = msg
         self._state = state
         self._heartbeat: concurrent.futures.Future[None] | None = None
+        self._progress: concurrent.futures.Future[None] | None = None
+        self._reported_at = -float("inf")  # time.monotonic() of the last progress write
+        self._lock = threading.Lock()  # _state and finished: the node's loop reports, the run's thread finishes
         self.finished = False
 
     @property
@@ -265,11 +285,34 @@ class Job:
         """Tell the server now that the job is still being worked on (the heartbeat does it regularly)."""
         self._worker.client.run(self._msg.in_progress())
 
-    def done(self) -> bool:
-        """The job's results are durable: mark it done and acknowledge it (confirmed by the server).
-        False when a later attempt holds the job (this node was cut off past ack_wait_s): nothing is
-        written nor acknowledged, since the server would take this delivery's ack for the later one's."""
-        self._finish()
+    def report(self, frames: int, frames_total: int | None, frames_per_s: float) -> None:
+        """This attempt's progress, into the job's state for `fleet jobs`, at most every
+        jobs.status_interval_s. Returns at once (the write happens on the client's loop); a report
+        made while the last one is still being written is folded into the next. Written only over
+        this attempt's own "running" state."""
+        now = time.monotonic()
+        with self._lock:
+            if self.finished:
+                return
+            self._state = replace(self._state, frames=frames, frames_total=frames_total,
+                                  frames_per_s=round(frames_per_s, 2), updated_at=time.time())
+            due = now - self._reported_at >= self._worker.config.status_interval_s
+            if due and (self._progress is None or self._progress.done()):
+                self._reported_at = now
+                self._progress = self._worker.client.spawn(self._write_progress(self._state))
+
+    async def _write_progress(self, state: JobState) -> None:
+        try:
+            await _write_state(self._worker.kv, state, _still_running)
+        except (*UNAVAILABLE, nats.errors.Error, FleetError) as exc:  # the next report tries again
+            log.info("job %s: progress not stored (%s)", self.job_id, exc)
+
+    def done(self, frames: int | None = None) -> bool:
+        """The job's results are durable (`frames` of them, when given): mark it done and acknowledge
+        it (confirmed by the server). False when a later attempt holds the job (this node was cut off
+        past ack_wait_s): nothing is written nor acknowledged, since the server would take this
+        delivery's ack for the later one's."""
+        self._finish(frames)
         return self._worker.client.run(self._done())
 
     def fail(self, error: str, retry: bool = False) -> bool:
@@ -278,10 +321,13 @@ class Job:
         self._finish()
         return self._worker.client.run(self._fail(error, retry))
 
-    def _finish(self) -> None:
-        if self.finished:
-            raise RuntimeError(f"job {self.job_id} already finished")
-        self.finished = True
+    def _finish(self, frames: int | None = None) -> None:
+        with self._lock:
+            if self.finished:
+                raise RuntimeError(f"job {self.job_id} already finished")
+            self.finished = True
+            self._state = replace(self._state, frames_per_s=0.0,
+                                  frames=self._state.frames if frames is None else frames)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
 
@@ -381,7 +427,7 @@ class JobWorker:
         attempt = msg.metadata.num_delivered
         state = JobState(request.job_id, request.input, "running", self.node, attempt,
                          submitted_at=request.submitted_at, updated_at=time.time())
-        stored = await _write_state(self.kv, state, over_ended=False)
+        stored = await _write_state(self.kv, state, _not_ended)
         if stored is not None and stored.state in ENDED:
             # Another attempt ended the job after the server gave up waiting on it (its node was slow or
             # cut off past ack_wait_s) and before this write, or its acknowledgement was lost: its results

@@ -506,7 +506,7 @@ class Node:
         stored = self.publisher.last_stored(job.request.stream_id)
         last = None if stored is None else stored[1]
         if isinstance(last, EndOfStream):  # an earlier attempt stored everything and died before its ack
-            if job.fail(last.error) if last.error else job.done():
+            if job.fail(last.error) if last.error else job.done(frames=last.header.seq):
                 self.counters["jobs_failed" if last.error else "jobs_done"] += 1
             return
         config = job_run_config(self.settings.run, job.request.input, self._endpoint())
@@ -549,6 +549,9 @@ class Node:
             manager.report(name, CameraStatus(round(status.frames_per_s, 2), status.frames, status.drops,
                                               status.last_error))
         manager.set_jobs(sorted(self.jobs))
+        for run in self.jobs.values():
+            if run.job is not None:
+                run.job.report(*run.job_progress())
 
     # ------------------------------------------------------------------ draining
 

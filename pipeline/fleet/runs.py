@@ -124,6 +124,7 @@ class PipelineRun:
         self._results = 0
         self._drops = 0
         self._next_seq = 0 if spec.skip_through is None else spec.skip_through + 1
+        self._frames_total: int | None = None  # a job's input's frame count, as its pipeline found it
         self._stored_through = spec.stored_through  # jobs: publishes store only after it (ResultPublisher)
         self._last_header: Header | None = None
         self._times: deque[float] = deque()
@@ -188,6 +189,13 @@ class PipelineRun:
             rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
             return RunStatus(self._frames, self._results, self._drops, rate, self._errors[-1] if self._errors else "")
 
+    def job_progress(self) -> tuple[int, int | None, float]:
+        """A job's frames stored (earlier attempts' included), its input's frame count (None until
+        known) and this run's frames/s."""
+        rate = self.status().frames_per_s
+        with self._lock:
+            return self._next_seq, self._frames_total, rate
+
     def kill(self) -> None:
         """SIGKILL the pipeline process (its stages exit on their own once it is gone)."""
         if self._process is not None and self._process.is_alive():
@@ -231,6 +239,9 @@ class PipelineRun:
                 if kind == "errors":
                     for error in payload:
                         self._error(error)
+                elif kind == "frames":
+                    with self._lock:
+                        self._frames_total = int(payload[0])
                 elif kind == "report":
                     self._report = tuple(payload)
                     for error in payload:
@@ -342,7 +353,7 @@ class PipelineRun:
         assert job is not None
         try:
             if end is not None:
-                settled = job.fail(end.error) if end.error else job.done()
+                settled = job.fail(end.error) if end.error else job.done(frames=end.header.seq)
                 self.outcome = ("failed" if end.error else "done") if settled else "superseded"
                 return
             why = self._stop_reason if self._stop.is_set() else reason or "the pipeline ended without an EndOfStream"
@@ -510,6 +521,9 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
 
     sent: dict[str, float] = {"at": 0.0}
     errors_sent: set[str] = set()
+    counted: list[int] = []  # a job's input's frame count, from a thread: `fleet jobs` shows progress
+    if not standby and cfg.source.policy == "offline":
+        threading.Thread(target=_count_frames, args=(cfg, counted), name="count-frames", daemon=True).start()
     waiting = [standby]  # a standby without its source yet
     ready = [False]
 
@@ -536,6 +550,8 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
         if now - sent["at"] < PROGRESS_EVERY_S:
             return
         sent["at"] = now
+        if counted:
+            _send(conn, "frames", [str(counted.pop())])
         errors = [r.last_error for r in list(supervisor.latest.values()) if r.last_error]
         fresh = [e for e in errors if e not in errors_sent]
         if fresh:
@@ -559,6 +575,22 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     words = [report.failure, *(s.error for s in report.streams), *report.stage_errors]
     _send(conn, "report", [w for w in words if w])
     raise SystemExit(0 if not report.failure else 3)
+
+
+def _count_frames(cfg: RunConfig, out: list[int]) -> None:
+    """The input's frame count as `maskstream run` states it at its start (the container's count, or
+    its duration times its rate), into out; nothing when unknown."""
+    from maskstream.pipeline.media.sources import probe_source
+    from maskstream.pipeline.run_config import source_specs
+
+    try:
+        (spec,) = source_specs(cfg).values()
+        frames = probe_source(spec).frames
+    except Exception as exc:  # noqa: BLE001  (the decoder reports what is wrong with the input)
+        log.debug("frame count unknown: %s", exc)
+        return
+    if frames is not None:
+        out.append(frames)
 
 
 def _send(conn: Connection, kind: str, payload: Sequence[str]) -> None:
