@@ -705,3 +705,22 @@ def test_a_node_whose_link_to_its_server_is_pulled_moves_to_another_server(nats_
                 finally:
                     cut.stop()
                     steady.stop()
+
+
+def thread_cpu_s(thread) -> float:
+    """CPU time a thread of this process has used (user + system), from /proc."""
+    fields = open(f"/proc/self/task/{thread.native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_node_that_holds_no_camera_does_not_spin(registry, nodes):
+    """A node with nothing to hold (a jobs-only node, or every camera elsewhere) waits on its timers: its
+    client's loop thread uses a small share of one core, where a watchdog that never advanced its next
+    probe without cameras slept 0 s in a loop and took the whole core."""
+    idle = nodes("idle", 2)  # started: it has its view of the fleet
+    thread = idle.client._thread
+    before, started = thread_cpu_s(thread), time.monotonic()
+    time.sleep(3.0)
+    used, wall = thread_cpu_s(thread) - before, time.monotonic() - started
+    assert used < 0.25 * wall, f"the lease manager's loop used {used:.2f} s of CPU in {wall:.1f} s holding nothing"
+    print(f"idle lease manager: {used:.3f} s of CPU in {wall:.1f} s")

@@ -725,11 +725,12 @@ class LeaseManager:
         next_probe = loop.time()
         while True:
             now = loop.time()
-            if now >= next_probe and self._held:  # only a node that holds cameras asks
-                probe = asyncio.create_task(self._probe())
-                probes.add(probe)  # kept until done (the loop holds tasks weakly)
-                probe.add_done_callback(probes.discard)
-                next_probe = now + interval
+            if now >= next_probe:
+                if self._held:  # only a node that holds cameras asks
+                    probe = asyncio.create_task(self._probe())
+                    probes.add(probe)  # kept until done (the loop holds tasks weakly)
+                    probe.add_done_callback(probes.discard)
+                next_probe = now + interval  # also when it holds none: else this loop would never sleep
             for name, held in list(self._held.items()):
                 if self._taken(name, held):
                     self._lose(name, "taken by another node")
