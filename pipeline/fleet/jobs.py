@@ -269,6 +269,7 @@ class Job:
         self._heartbeat: concurrent.futures.Future[None] | None = None
         self._progress: concurrent.futures.Future[None] | None = None
         self._reported_at = -float("inf")  # time.monotonic() of the last progress write
+        self._progress_failing = False
         self._lock = threading.Lock()  # _state and finished: the node's loop reports, the run's thread finishes
         self.finished = False
 
@@ -305,7 +306,11 @@ class Job:
         try:
             await _write_state(self._worker.kv, state, _still_running)
         except (*UNAVAILABLE, nats.errors.Error, FleetError) as exc:  # the next report tries again
-            log.info("job %s: progress not stored (%s)", self.job_id, exc)
+            if not self._progress_failing:  # once an outage, not every report
+                log.info("job %s: progress not stored (%s)", self.job_id, exc)
+            self._progress_failing = True
+        else:
+            self._progress_failing = False
 
     def done(self, frames: int | None = None) -> bool:
         """The job's results are durable (`frames` of them, when given): mark it done and acknowledge
