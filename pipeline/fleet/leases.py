@@ -426,6 +426,7 @@ class LeaseManager:
         self._free_since: dict[str, float] = {}
         self._skipped: set[tuple[str, int]] = set()
         self._presence_sent = -math.inf
+        self._presence_failing_since: float | None = None  # loop time of the first unanswered write of an outage
         self._presence_written: tuple[int, int, tuple[str, ...]] | None = None
         self._jobs: tuple[str, ...] = ()
         self._wake: asyncio.Event | None = None
@@ -621,8 +622,15 @@ class LeaseManager:
             await self.client.on_this_connection(self._kv_nodes.put(stream_token(self.node), records.pack(info)))
         except UNAVAILABLE as exc:
             self._unanswered_at = asyncio.get_running_loop().time()
-            log.info("node %s: presence not written (%s)", self.node, exc)
+            if self._presence_failing_since is None:  # said once an outage, not every renew_interval_s
+                self._presence_failing_since = now
+                log.info("node %s: presence not written (%s); trying again every %g s", self.node, exc,
+                         self.config.renew_interval_s)
             return
+        if self._presence_failing_since is not None:
+            log.info("node %s: presence written again, %.0f s after the first failure", self.node,
+                     now - self._presence_failing_since)
+            self._presence_failing_since = None
         self._presence_sent, self._presence_written = now, written
 
     async def _renew(self, now: float, cameras: dict[str, Camera]) -> None:
