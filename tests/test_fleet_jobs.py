@@ -13,6 +13,7 @@ from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
 from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, Superseded, ensure_results_stream
 from maskstream.pipeline.fleet.runs import hand_back
+from maskstream.pipeline.runtime.messages import EndOfStream
 
 from tests.fleet_agent import Agent
 from tests.make_detections import end_of_stream, make_detections
@@ -257,3 +258,53 @@ def test_progress_goes_into_the_jobs_state_and_only_over_its_own_running_state(q
         assert again.done(frames=200)
         done = queue.get(job_id)
         assert (done.state, done.attempt, done.frames, done.frames_total) == ("done", 2, 200, None)
+
+
+def test_cancel_a_queued_job_a_running_one_and_a_done_one(queue, jobs_config, tmp_path):
+    done_id, running_id, queued_id = queue.submit(inputs(tmp_path, 3))
+    client = queue.client
+    with FleetClient.connect(jobs_config, name="a") as a:
+        worker = JobWorker(a, "a")
+        finished, running = worker.take(timeout_s=5), worker.take(timeout_s=5)
+        assert (finished.job_id, running.job_id) == (done_id, running_id)  # oldest first
+        assert finished.done(frames=10)
+
+        assert queue.cancel(queued_id).state == "queued"
+        # its results stream ends at once (nobody else would end it), and no node ever runs it
+        end = ResultPublisher(client).last_result(queued_id)
+        assert isinstance(end, EndOfStream) and (end.header.seq, end.error) == (0, "cancelled")
+        assert (s := queue.get(queued_id)).state == "cancelled" and s.error == "cancelled"
+        assert worker.take(timeout_s=2) is None  # pulled and dropped
+
+        before = queue.cancel(running_id, "wrong file")
+        assert (before.state, before.node) == ("running", "a")
+        assert not running.cancelled
+        running.report(3, 30, 1.0)  # its node learns it at its next progress write
+        wait_for(lambda: running.cancelled, 5, "the running attempt told of its cancel", every=0.05)
+        assert running.cancelled == "cancelled: wrong file"
+        running.settle_cancelled()
+        state = queue.get(running_id)
+        assert (state.state, state.error, state.attempt) == ("cancelled", "cancelled: wrong file", 1)
+
+        assert queue.cancel(done_id).state == "done"  # ended already: left as it was
+        assert queue.get(done_id).state == "done"
+        assert queue.cancel(queued_id).state == "cancelled"
+        with pytest.raises(JobNotFound):
+            queue.cancel("nope-00000000")
+        assert client.run(client.js.stream_info(jobs_config.jobs.stream)).state.messages == 0
+        assert worker.take(timeout_s=ACK_WAIT_S + 1) is None  # none comes back
+        worker.close()
+
+
+def test_a_job_cancelled_before_its_attempt_finishes_is_not_marked_done(queue, jobs_config, tmp_path):
+    """The cancel lands between the attempt's last progress write and its done(): the job stays cancelled,
+    the delivery is terminated (never delivered again), and done() says it did not settle it."""
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    with FleetClient.connect(jobs_config, name="a") as a:
+        worker = JobWorker(a, "a")
+        job = worker.take(timeout_s=5)
+        queue.cancel(job_id)
+        assert not job.done(frames=30) and job.cancelled == "cancelled"
+        assert queue.get(job_id).state == "cancelled"
+        assert queue.client.run(queue.client.js.stream_info(jobs_config.jobs.stream)).state.messages == 0
+        worker.close()

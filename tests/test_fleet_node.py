@@ -493,6 +493,21 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         b.wait_ready()
         final = wait_for(lambda: (s := queue.get(job_id)).state == "done" and s, 200, "the job done on b", every=0.5)
         assert (final.attempt, final.frames, final.frames_total) == (2, ARCHIVE_FRAMES, ARCHIVE_FRAMES)
+
+        # `fleet cancel` of a job running on b: b stops its pipeline and ends its stream saying why
+        done = maskstream("fleet", "submit", str(archive), "--fleet-config", str(path))
+        assert done.returncode == 0, done.stderr
+        cancelled_id = done.stdout.split("\t")[0]
+        with ResultSubscriber.connect(config, streams=[cancelled_id], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
+            assert isinstance(sub.recv(), Detections)
+            done = maskstream("fleet", "cancel", cancelled_id, "--why", "wrong file", "--fleet-config", str(path))
+            assert done.returncode == 0 and "running on b" in done.stdout, (done.stdout, done.stderr)
+            end = wait_for(lambda: isinstance(m := sub.recv(), EndOfStream) and m, 30, "the cancelled job's end")
+        assert end.error == "cancelled: wrong file" and end.header.seq < ARCHIVE_FRAMES
+        state = queue.get(cancelled_id)
+        assert (state.state, state.node, state.error) == ("cancelled", "b", "cancelled: wrong file")
+        b.wait_for_log(f"job {cancelled_id} cancelled", 10)
+        assert 'maskstream_node_jobs_cancelled_total{stage="node"} 1' in b.metrics()
         assert "after seq" in b.wait_for_log(f"job {job_id} (attempt 2) started", 5)
     with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=30) as sub:
         seqs = [m.header.seq for m in sub]

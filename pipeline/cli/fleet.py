@@ -32,7 +32,7 @@ from maskstream.pipeline.config import ConfigError, load_config
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
     from maskstream.pipeline.fleet.config import FleetConfig
     from maskstream.pipeline.fleet.connection import FleetClient
-    from maskstream.pipeline.fleet.jobs import JobQueue
+    from maskstream.pipeline.fleet.jobs import JobQueue, JobState
     from maskstream.pipeline.fleet.leases import CameraRegistry, CameraRow, NodeInfo
 
 log = logging.getLogger("maskstream.node")
@@ -48,6 +48,7 @@ FLEET_EXAMPLES = """
   maskstream fleet status
   maskstream fleet submit /shared/archive/*.mp4
   maskstream fleet jobs --json
+  maskstream fleet cancel street-1a2b3c4d
 """
 
 
@@ -95,8 +96,8 @@ def add_parsers(subparsers: Any) -> None:
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
 
-    fleet = subcommand(subparsers, "fleet", "the fleet's cameras and jobs: add, remove, list, status, submit, jobs",
-                       FLEET_EXAMPLES)
+    fleet = subcommand(subparsers, "fleet",
+                       "the fleet's cameras and jobs: add, remove, list, status, submit, jobs, cancel", FLEET_EXAMPLES)
     sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="<fleet command>",
                                help="what to do with the fleet (each has its own --help)")
 
@@ -129,9 +130,15 @@ def add_parsers(subparsers: Any) -> None:
     submit.add_argument("--no-check", action="store_true",
                         help="queue paths that do not exist here (they exist on the nodes)")
     submit.set_defaults(func=fleet_submit)
-    jobs = leaf("jobs", "every job's state, node and attempt", "  maskstream fleet jobs --json")
+    jobs = leaf("jobs", "every job's state, node, attempt and progress", "  maskstream fleet jobs --json")
     jobs.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     jobs.set_defaults(func=fleet_jobs)
+    cancel = leaf("cancel", "cancel jobs: a queued one never runs, a running one is stopped by its node",
+                  "  maskstream fleet cancel street-1a2b3c4d --why 'wrong file'")
+    cancel.add_argument("job_ids", nargs="+", metavar="JOB",
+                        help="job ids, as `fleet submit` and `fleet jobs` show them")
+    cancel.add_argument("--why", default="", help="said in the job's state and in its results' EndOfStream")
+    cancel.set_defaults(func=fleet_cancel)
 
 
 # A node names its jobs in its presence record within a second or two of taking them; a
@@ -382,6 +389,36 @@ def fleet_jobs(args: argparse.Namespace) -> int:
              _progress(r["state"], r["frames"], r["frames_total"], r["frames_per_s"]), r["error"], r["input"]]
             for r in rows])
     return 0
+
+
+def fleet_cancel(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.jobs import JobNotFound
+
+    def cancel(client: FleetClient) -> list[tuple[str, JobState | JobNotFound]]:
+        queue = _queue(client)
+        out: list[tuple[str, JobState | JobNotFound]] = []
+        for job_id in args.job_ids:
+            try:
+                out.append((job_id, queue.cancel(job_id, args.why)))
+            except JobNotFound as exc:  # the others are still cancelled
+                out.append((job_id, exc))
+        return out
+
+    got = _on_fleet(args, cancel)
+    if got is None:
+        return 1
+    status = 0
+    for job_id, before in got:
+        if isinstance(before, Exception):
+            print(f"error: {before}", file=sys.stderr)
+            status = 1
+        elif before.state == "queued":
+            print(f"cancelled job {job_id} (queued: it will not run)")
+        elif before.state == "running":
+            print(f"cancelled job {job_id} (running on {before.node}: it stops there within seconds)")
+        else:
+            print(f"job {job_id} had ended already ({before.state}): left as it was")
+    return status
 
 
 def _progress(state: str, frames: int, total: int | None, frames_per_s: float) -> str:

@@ -56,7 +56,7 @@ __all__ = ["Job", "JobNotFound", "JobQueue", "JobRequest", "JobState", "JobWorke
 
 log = logging.getLogger(__name__)
 
-State = Literal["queued", "running", "done", "failed"]
+State = Literal["queued", "running", "done", "failed", "cancelled"]
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
@@ -149,7 +149,7 @@ def ensure_jobs(client: FleetClient) -> None:
     client.run(_ensure(client))
 
 
-ENDED = ("done", "failed")
+ENDED = ("done", "failed", "cancelled")
 
 
 def _not_later(current: JobState, state: JobState) -> bool:
@@ -162,6 +162,14 @@ def _not_ended(current: JobState, state: JobState) -> bool:
 
 def _still_running(current: JobState, state: JobState) -> bool:
     return current.attempt == state.attempt and current.state == "running"
+
+
+def _not_later_nor_cancelled(current: JobState, state: JobState) -> bool:
+    return current.attempt <= state.attempt and current.state != "cancelled"
+
+
+def _not_ended_any_attempt(current: JobState, state: JobState) -> bool:
+    return current.state not in ENDED
 
 
 async def _write_state(kv: KeyValue, state: JobState, replaces: Callable[[JobState, JobState], bool] = _not_later,
@@ -219,6 +227,33 @@ class JobQueue:
     def get(self, job_id: str) -> JobState:
         return self.client.run(self._get(job_id))
 
+    def cancel(self, job_id: str, why: str = "") -> JobState:
+        """End a job that has not ended: its state becomes `cancelled` (error: "cancelled: <why>", or
+        "cancelled" without one) and no node runs it
+        again. A queued job is never run (the node that pulls it drops it) and its results stream, if
+        an earlier attempt stored any, ends with an EndOfStream saying why; a running one is stopped by
+        its node within jobs.status_interval_s or so (its progress write finds the state), which ends
+        the stream so. Returns the state as it was before: an ended job (done, failed, cancelled) is
+        left as it is (see its `state`). JobNotFound for an unknown id."""
+        error = f"cancelled: {why}" if why else "cancelled"
+        before = self.client.run(self._cancel(job_id, error))
+        if before.state == "queued":
+            from maskstream.pipeline.fleet.results import ResultPublisher
+
+            ResultPublisher(self.client).end_after_last(job_id, error)
+        return before
+
+    async def _cancel(self, job_id: str, error: str) -> JobState:
+        current = await self._get(job_id)
+        if current.state in ENDED:
+            return current
+        kv = await self.client.js.key_value(self.config.state_bucket)
+        state = replace(current, state="cancelled", error=error, frames_per_s=0.0, updated_at=time.time())
+        stored = await _write_state(kv, state, _not_ended_any_attempt)
+        if stored is not None:  # it ended meanwhile
+            return stored
+        return current
+
     async def _submit(self, requests: list[JobRequest]) -> None:
         kv = await self.client.js.key_value(self.config.state_bucket)
         for request in requests:
@@ -270,6 +305,7 @@ class Job:
         self._progress: concurrent.futures.Future[None] | None = None
         self._reported_at = -float("inf")  # time.monotonic() of the last progress write
         self._progress_failing = False
+        self.cancelled = ""  # why, once the job's state says cancelled: the node stops the run and settles it so
         self._lock = threading.Lock()  # _state and finished: the node's loop reports, the run's thread finishes
         self.finished = False
 
@@ -304,7 +340,9 @@ class Job:
 
     async def _write_progress(self, state: JobState) -> None:
         try:
-            await _write_state(self._worker.kv, state, _still_running)
+            stored = await _write_state(self._worker.kv, state, _still_running)
+            if stored is not None and stored.state == "cancelled":
+                self.cancelled = stored.error or "cancelled"
         except (*UNAVAILABLE, nats.errors.Error, FleetError) as exc:  # the next report tries again
             if not self._progress_failing:  # once an outage, not every report
                 log.info("job %s: progress not stored (%s)", self.job_id, exc)
@@ -316,13 +354,15 @@ class Job:
         """The job's results are durable (`frames` of them, when given): mark it done and acknowledge
         it (confirmed by the server). False when a later attempt holds the job (this node was cut off
         past ack_wait_s): nothing is written nor acknowledged, since the server would take this
-        delivery's ack for the later one's."""
+        delivery's ack for the later one's. False too when the job was cancelled meanwhile (`cancelled`):
+        its state stays so and the delivery is terminated."""
         self._finish(frames)
         return self._worker.client.run(self._done())
 
     def fail(self, error: str, retry: bool = False) -> bool:
         """Give the job up (state failed, never delivered again), or with retry ask for another delivery now.
-        False, and nothing done, when a later attempt holds the job (as done())."""
+        False, and nothing done, when a later attempt holds the job; False, the delivery terminated,
+        when the job was cancelled (as done())."""
         self._finish()
         return self._worker.client.run(self._fail(error, retry))
 
@@ -344,16 +384,29 @@ class Job:
             except (*UNAVAILABLE, nats.errors.Error) as exc:
                 log.info("job %s: progress not sent (%s)", self.job_id, exc)
 
-    async def _settle(self, state: JobState, settle: Callable[[], Awaitable[Any]], what: str) -> bool:
+    def settle_cancelled(self) -> None:
+        """The job was cancelled (`cancelled`): end this delivery for good (whichever attempt holds
+        the job: it is over), writing no state (the cancel wrote it)."""
+        self._finish()
+        self._worker.client.run(self._settle(None, self._msg.term, "cancelled"))
+
+    async def _settle(self, state: JobState | None, settle: Callable[[], Awaitable[Any]], what: str) -> bool:
         """Store this attempt's end state, then settle the delivery; False, and nothing settled, when a
-        later attempt holds the job. Both retried through a leader election: until ack_wait runs out
-        the delivery is still ours."""
+        later attempt holds the job. A cancelled job keeps its state and its delivery is terminated
+        (never delivered again). Both retried through a leader election: until ack_wait runs out the
+        delivery is still ours."""
         budget = self._worker.config.ack_wait_s
-        if await retrying(lambda: _write_state(self._worker.kv, state), budget,
-                          f"job {self.job_id}: state") is not None:
-            return self._superseded(what)
+        if state is not None:
+            stored = await retrying(lambda: _write_state(self._worker.kv, state, _not_later_nor_cancelled), budget,
+                                    f"job {self.job_id}: state")
+            if stored is not None and stored.state == "cancelled" and stored.attempt <= self.attempt:
+                self.cancelled, settle, what = stored.error or "cancelled", self._msg.term, "cancelled"
+            elif stored is not None:
+                return self._superseded(what)
         await retrying(settle, budget, f"job {self.job_id}: {what}")
-        return True
+        if what == "cancelled":
+            log.info("job %s: attempt %d ended, the job cancelled", self.job_id, self.attempt)
+        return not self.cancelled  # settled as asked
 
     async def _done(self) -> bool:
         timeout = self._worker.client.config.nats.request_timeout_s

@@ -173,7 +173,7 @@ class Node:
         self.stopping: list[PipelineRun] = []  # stopped runs whose processes have not exited yet
         self.counters = {name: 0 for name in (
             "leases_acquired", "leases_lost", "leases_released", "camera_restarts", "standby_takeovers", "jobs_taken",
-            "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "results")}
+            "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "jobs_cancelled", "results")}
         self._drains = 0
         self._drain_began: float | None = None
         self._leases_released = False
@@ -247,6 +247,7 @@ class Node:
             "jobs_done": "Jobs this node finished and acknowledged.",
             "jobs_failed": "Jobs this node failed for good.",
             "jobs_handed_back": "Jobs this node handed back for another delivery.",
+            "jobs_cancelled": "Jobs this node stopped (or did not run) because they were cancelled.",
             "results": "Results (Detections, EndOfStream) this node's runs stored on NATS.",
         }
         for key, help_text in helps.items():
@@ -456,6 +457,8 @@ class Node:
                     slot.backoff_s = 0.0  # it ran a good while: a fresh failure starts the backoff again
                 self._camera_failed(slot, now, run.status().last_error or f"pipeline ended ({run.outcome})")
         for job_id, run in list(self.jobs.items()):
+            if run.job is not None and run.job.cancelled:  # its state said so at its last progress write
+                run.stop(run.job.cancelled)
             finished = run.poll()
             if finished or not run.forwarding:
                 # settled (acknowledged, failed or handed back): its slot is free while its pipeline exits
@@ -523,7 +526,8 @@ class Node:
         if id(run) in self._settled:
             return
         self._settled.add(id(run))
-        key = {"done": "jobs_done", "failed": "jobs_failed", "released": "jobs_handed_back"}.get(run.outcome)
+        key = {"done": "jobs_done", "failed": "jobs_failed", "released": "jobs_handed_back",
+               "cancelled": "jobs_cancelled"}.get(run.outcome)
         if key is not None:
             self.counters[key] += 1
         assert run.job is not None

@@ -60,6 +60,7 @@ from maskstream.pipeline.runtime.messages import (
     SCHEMA_VERSION,
     Detections,
     EndOfStream,
+    Header,
     Message,
     MessageError,
     decode,
@@ -251,6 +252,23 @@ class ResultPublisher:
         sid, seq = message.header.stream_id, message.header.seq
         subject = subject_of(self.config.subject_prefix, sid)
         return self.client.run(self._publish(subject, payload, message_id(sid, seq, epoch), after))
+
+    def end_after_last(self, stream_id: str, error: str, epoch: str = "", tries: int = 5) -> Stored | None:
+        """End a stream that its writer will not end (a job cancelled): an EndOfStream saying `error`
+        after its last stored result, stored only if nothing was stored since that read (`after`).
+        None when the stream has ended already."""
+        for _ in range(tries):
+            stored = self.last_stored(stream_id)
+            if stored is not None and isinstance(stored[1], EndOfStream):
+                return None
+            header = stored[1].header if stored is not None else None
+            end = EndOfStream(Header(stream_id, header.seq + 1 if header else 0, None, (),
+                                     header.drops if header else ()), error)
+            try:
+                return self.publish(end, epoch=epoch, after=stored[0] if stored is not None else 0)
+            except Superseded:
+                continue  # a writer stored one meanwhile: end after it
+        raise FleetError(f"stream {stream_id}: results stored under us {tries} times in a row; not ended")
 
     def last_seq(self, stream_id: str) -> int | None:
         """The header seq of the last stored result of `stream_id` (an EndOfStream counts), or None."""

@@ -352,12 +352,20 @@ class PipelineRun:
         job = self.job
         assert job is not None
         try:
-            if end is not None:
+            if end is None and job.cancelled:
+                job.settle_cancelled()
+                self.outcome = "cancelled"
+            elif end is not None:
                 settled = job.fail(end.error) if end.error else job.done(frames=end.header.seq)
-                self.outcome = ("failed" if end.error else "done") if settled else "superseded"
-                return
-            why = self._stop_reason if self._stop.is_set() else reason or "the pipeline ended without an EndOfStream"
-            self.outcome = hand_back(job, why)
+                self.outcome = ("failed" if end.error else "done") if settled else \
+                    "cancelled" if job.cancelled else "superseded"
+            else:
+                why = self._stop_reason if self._stop.is_set() else \
+                    reason or "the pipeline ended without an EndOfStream"
+                self.outcome = hand_back(job, why)
+            if self.outcome == "cancelled":
+                # the cancel found the job running and left its stream to this run to end
+                self.publisher.end_after_last(job.request.stream_id, job.cancelled)
         except (FleetError, RuntimeError) as exc:
             # not acknowledged: the server delivers it again after ack_wait_s, and the next attempt
             # finds what this one stored
@@ -380,10 +388,12 @@ class PipelineRun:
 
 
 def hand_back(job: Job, why: str) -> str:
-    """Give a job back for another delivery, or fail it when this was its last allowed one."""
+    """Give a job back for another delivery, or fail it when this was its last allowed one; "cancelled"
+    where the job was cancelled meanwhile (its delivery then terminated)."""
     if job.attempt >= job.max_deliver:
-        return "failed" if job.fail(f"gave up after {job.attempt} attempts, the last: {why}") else "superseded"
-    return "released" if job.fail(why, retry=True) else "superseded"
+        settled = job.fail(f"gave up after {job.attempt} attempts, the last: {why}")
+        return "failed" if settled else "cancelled" if job.cancelled else "superseded"
+    return "released" if job.fail(why, retry=True) else "cancelled" if job.cancelled else "superseded"
 
 
 # ---------------------------------------------------------------------------- the pipeline process
