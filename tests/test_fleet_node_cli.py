@@ -5,6 +5,10 @@ a node gone from a node at work (against a real server)."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 from maskstream.pipeline.cli.main import build_parser
@@ -187,3 +191,41 @@ def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
     assert table.returncode == 0 and table.stdout.splitlines()[0].split() == [
         "CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "LAST", "ERROR"], table.stderr
     assert json.loads(maskstream("fleet", "list", "--json", "--fleet-config", str(path)).stdout) == []
+
+
+def test_fleet_wait_follows_jobs_to_their_end(cli_fleet, tmp_path):
+    """`fleet wait` in its own process while a worker here takes both jobs: progress lines on stderr, a
+    line per job on stdout as it ends, exit 1 since one failed; a job that does not end within --timeout
+    and an unknown id are exit 1 too, saying so."""
+    config, path = cli_fleet
+    clips = [tmp_path / f"{name}.mp4" for name in ("a", "b", "c")]
+    for clip in clips:
+        clip.write_bytes(b"read by nobody here")
+    done = maskstream("fleet", "submit", *map(str, clips), "--fleet-config", str(path))
+    assert done.returncode == 0, done.stderr
+    first, second, third = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    waiter = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.cli", "fleet", "wait", first, second,
+                               "--fleet-config", str(path), "--progress-every", "0.2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with FleetClient.connect(config, name="worker") as client:
+            worker = JobWorker(client, "w")
+            a, b = worker.take(timeout_s=5), worker.take(timeout_s=5)
+            assert (a.job_id, b.job_id) == (first, second)
+            a.report(5, 10, 2.0)
+            time.sleep(2.0)  # the waiter reads it (every second) and logs it (every 0.2 s)
+            assert a.done(frames=10)
+            assert b.fail("corrupt file: moov atom not found")
+            worker.close()
+        out, err = waiter.communicate(timeout=30)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 1, err
+    assert out.splitlines() == [f"{first}\tdone\t10 frames", f"{second}\tfailed\t0 frames\tcorrupt file: moov atom "
+                                                                 "not found"], out
+    assert re.search(rf"{first}: 5/10 frames \(50%\).*running on w", err), err
+
+    late = maskstream("fleet", "wait", third, "--timeout", "1", "--quiet", "--fleet-config", str(path))
+    assert late.returncode == 1 and f"1 of 1 jobs not ended within 1 s ({third}); they go on" in late.stderr
+    unknown = maskstream("fleet", "wait", "nope-00000000", "--fleet-config", str(path))
+    assert unknown.returncode == 1 and "no job 'nope-00000000'" in unknown.stderr

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from maskstream.configs import CONFIG_DIR
 from maskstream.pipeline.cli import run as run_command
-from maskstream.pipeline.cli.options import add_logging, config_file, subcommand
+from maskstream.pipeline.cli.options import add_logging, add_progress, config_file, subcommand
 from maskstream.pipeline.config import ConfigError, load_config
 
 if TYPE_CHECKING:  # the handlers import these themselves: see cli/main.py
@@ -49,6 +49,7 @@ FLEET_EXAMPLES = """
   maskstream fleet submit /shared/archive/*.mp4
   maskstream fleet jobs --json
   maskstream fleet cancel street-1a2b3c4d
+  maskstream fleet submit /shared/archive/*.mp4 --wait
 """
 
 
@@ -97,7 +98,8 @@ def add_parsers(subparsers: Any) -> None:
     node.set_defaults(func=run_node)
 
     fleet = subcommand(subparsers, "fleet",
-                       "the fleet's cameras and jobs: add, remove, list, status, submit, jobs, cancel", FLEET_EXAMPLES)
+                       "the fleet's cameras and jobs: add, remove, list, status, submit, jobs, wait, cancel",
+                       FLEET_EXAMPLES)
     sub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="<fleet command>",
                                help="what to do with the fleet (each has its own --help)")
 
@@ -129,7 +131,15 @@ def add_parsers(subparsers: Any) -> None:
                         help="video files (on a path every node can read) or URLs")
     submit.add_argument("--no-check", action="store_true",
                         help="queue paths that do not exist here (they exist on the nodes)")
+    submit.add_argument("--wait", action="store_true",
+                        help="then follow the jobs until they end, as `fleet wait` does (exit 0 when all are done)")
+    add_follow_options(submit)
     submit.set_defaults(func=fleet_submit)
+    wait = leaf("wait", "follow jobs until they end: progress on stderr, exit 0 when every one is done",
+                "  maskstream fleet wait street-1a2b3c4d yard-5e6f7a8b --timeout 3600")
+    wait.add_argument("job_ids", nargs="+", metavar="JOB", help="job ids, as `fleet submit` and `fleet jobs` show them")
+    add_follow_options(wait)
+    wait.set_defaults(func=fleet_wait)
     jobs = leaf("jobs", "every job's state, node, attempt and progress", "  maskstream fleet jobs --json")
     jobs.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     jobs.set_defaults(func=fleet_jobs)
@@ -139,6 +149,12 @@ def add_parsers(subparsers: Any) -> None:
                         help="job ids, as `fleet submit` and `fleet jobs` show them")
     cancel.add_argument("--why", default="", help="said in the job's state and in its results' EndOfStream")
     cancel.set_defaults(func=fleet_cancel)
+
+
+def add_follow_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                        help="with --wait / wait: stop waiting after this long, exit 1 (the jobs go on)")
+    add_progress(parser)
 
 
 # A node names its jobs in its presence record within a second or two of taking them; a
@@ -362,8 +378,70 @@ def fleet_submit(args: argparse.Namespace) -> int:
         print(f"error: {ids}", file=sys.stderr)
         return 2
     for job_id, source in zip(ids, args.inputs):
-        print(f"{job_id}\t{source}")
-    return 0
+        print(f"{job_id}\t{source}", flush=True)
+    return _follow(args, ids) if args.wait else 0
+
+
+def fleet_wait(args: argparse.Namespace) -> int:
+    return _follow(args, list(dict.fromkeys(args.job_ids)))
+
+
+# How often `fleet wait` reads the jobs' states: a node writes a job's progress every
+# jobs.status_interval_s (2 s by default).
+FOLLOW_EVERY_S = 1.0
+
+
+def _follow(args: argparse.Namespace, ids: list[str]) -> int:
+    """Read the jobs' states until each has ended: a progress counter per job on stderr (frames
+    stored of the input's count), a line per job on stdout at its end. 0 when every one is done;
+    1 when one failed or was cancelled, or at --timeout; 130 on Ctrl-C (the jobs go on)."""
+    from maskstream.pipeline.cli.progress import Progress
+    from maskstream.pipeline.fleet.connection import FleetError
+    from maskstream.pipeline.fleet.jobs import ENDED, JobNotFound
+
+    client = _connect(args, "maskstream-fleet")
+    if client is None:
+        return 1
+    progress = Progress(enabled=not args.quiet, every_s=args.progress_every)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    ended: dict[str, JobState] = {}
+    unreadable = ""
+    try:
+        with client:
+            queue = _queue(client)
+            while True:
+                for job_id in [j for j in ids if j not in ended]:
+                    try:
+                        state = queue.get(job_id)
+                    except JobNotFound as exc:
+                        progress.close()
+                        print(f"error: {exc}", file=sys.stderr)
+                        return 1
+                    except FleetError as exc:  # an election, a server gone: asked again next round
+                        unreadable = str(exc)
+                        continue
+                    if state.frames_total is not None or state.state in ENDED:
+                        where = f" on {state.node}" if state.state == "running" else ""
+                        progress.set(job_id, state.frames, state.frames_total, postfix=f"{state.state}{where}")
+                    if state.state in ENDED:
+                        ended[job_id] = state
+                        print(f"{job_id}\t{state.state}\t{state.frames} frames\t{state.error}".rstrip(), flush=True)
+                if len(ended) == len(ids):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    progress.close()
+                    left = [j for j in ids if j not in ended]
+                    print(f"error: {len(left)} of {len(ids)} jobs not ended within {args.timeout:g} s "
+                          f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}); they go on"
+                          + (f"; last read error: {unreadable}" if unreadable else ""), file=sys.stderr)
+                    return 1
+                time.sleep(FOLLOW_EVERY_S)
+    except KeyboardInterrupt:
+        progress.close()
+        print("stopped waiting; the jobs go on (`maskstream fleet jobs` shows them)", file=sys.stderr)
+        return 130
+    progress.close()
+    return 0 if all(state.state == "done" for state in ended.values()) else 1
 
 
 def fleet_jobs(args: argparse.Namespace) -> int:
