@@ -8,14 +8,14 @@ import json
 import re
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 from maskstream.pipeline.cli.main import build_parser
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import ConfigError, dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
-from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobWorker
 from maskstream.pipeline.fleet.leases import Camera, LeaseManager
 from maskstream.pipeline.fleet.node import Node, NodeSettings, camera_run_config, check_socket_paths, job_run_config
@@ -207,23 +207,29 @@ def test_fleet_wait_follows_jobs_to_their_end(cli_fleet, tmp_path):
     waiter = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.cli", "fleet", "wait", first, second,
                                "--fleet-config", str(path), "--progress-every", "0.2"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(waiter.stderr), daemon=True)
+    reader.start()
     try:
         with FleetClient.connect(config, name="worker") as client:
             worker = JobWorker(client, "w")
             a, b = worker.take(timeout_s=5), worker.take(timeout_s=5)
             assert (a.job_id, b.job_id) == (first, second)
             a.report(5, 10, 2.0)
-            time.sleep(2.0)  # the waiter reads it (every second) and logs it (every 0.2 s)
+            # the waiter reads it (every second) and logs it (every 0.2 s, not on a terminal)
+            progress = re.compile(rf"{first}: 5/10 frames \(50%\).*running on w")
+            wait_for(lambda: any(progress.search(line) for line in list(err_lines)), 30, "the job's progress line")
             assert a.done(frames=10)
             assert b.fail("corrupt file: moov atom not found")
             worker.close()
-        out, err = waiter.communicate(timeout=30)
+        out = waiter.stdout.read()
+        waiter.wait(timeout=30)
+        reader.join(10)
     finally:
         waiter.kill()
-    assert waiter.returncode == 1, err
+    assert waiter.returncode == 1, "".join(err_lines)
     assert out.splitlines() == [f"{first}\tdone\t10 frames", f"{second}\tfailed\t0 frames\tcorrupt file: moov atom "
                                                                  "not found"], out
-    assert re.search(rf"{first}: 5/10 frames \(50%\).*running on w", err), err
 
     late = maskstream("fleet", "wait", third, "--timeout", "1", "--quiet", "--fleet-config", str(path))
     assert late.returncode == 1 and f"1 of 1 jobs not ended within 1 s ({third}); they go on" in late.stderr

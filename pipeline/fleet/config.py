@@ -15,7 +15,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 __all__ = ["FleetConfig", "JobsConfig", "LeaseConfig", "NatsAuth", "NatsConfig", "NatsTls", "ResultsConfig"]
 
@@ -90,6 +90,18 @@ class NatsTls:
         return self.ca is not None or self.cert is not None
 
 
+def check_server_url(url: str, where: str = "") -> SplitResult:
+    """A NATS server's URL (nats://, tls://, ws://, wss:// with a host and, if any, a numeric port)."""
+    parts = urlsplit(url)
+    if parts.scheme not in _SCHEMES or not parts.hostname:
+        raise ValueError(f"{where}{url!r} is not a server URL; expected e.g. nats://127.0.0.1:4222")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise ValueError(f"{where}{url!r} has a bad port") from None
+    return parts
+
+
 @dataclass(frozen=True)
 class NatsConfig:
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
@@ -112,15 +124,9 @@ class NatsConfig:
         if not self.urls:
             raise ValueError("urls: expected at least one nats:// URL")
         for url in self.urls:
-            parts = urlsplit(url)
-            if parts.scheme not in _SCHEMES or not parts.hostname:
-                raise ValueError(f"urls: {url!r} is not a server URL; expected e.g. nats://127.0.0.1:4222")
-            try:
-                parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
-            except ValueError:
-                raise ValueError(f"urls: {url!r} has a bad port") from None
+            parts = check_server_url(url, "urls: ")
             secure = parts.scheme in ("tls", "wss") or self.tls.enabled
-            if not (secure or is_loopback(parts.hostname) or self.allow_plaintext):
+            if not (secure or is_loopback(parts.hostname or "") or self.allow_plaintext):
                 raise ValueError(
                     f"urls: {url!r} is off loopback without TLS: configure tls (ca, cert/key) or set "
                     f"allow_plaintext: true to send credentials and results unencrypted"

@@ -336,7 +336,7 @@ class FleetClient:
             self._refused.set()
 
     async def _on_disconnected(self) -> None:
-        if self._closing:  # nats-py calls this on close() too: nothing to tell
+        if self._closing or self._js is None:  # on close() too, and on a first connection that failed
             return
         self._disconnects += 1
         log.info("NATS: disconnected")
