@@ -467,10 +467,14 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         assert "resume with --from-seq" in replay.stderr
 
         # two jobs at once (the node has room for both): a file that is no video, whose stream ends
-        # with the error and which fails for good (no retry), and a video
+        # with the error and which fails for good (no retry), and a video. `fleet submit` itself refuses
+        # the file (it opens each one first); --no-check queues it (as for paths only the nodes see)
         notes = tmp_path / "notes.mp4"
         notes.write_text("this is not a video")
-        done = maskstream("fleet", "submit", str(notes), str(archive), "--fleet-config", str(path))
+        refused = maskstream("fleet", "submit", str(archive), str(notes), "--fleet-config", str(path))
+        assert refused.returncode == 2 and not refused.stdout, refused.stdout
+        assert refused.stderr.startswith(f"error: job input {notes}: cannot open as a video"), refused.stderr
+        done = maskstream("fleet", "submit", str(notes), str(archive), "--no-check", "--fleet-config", str(path))
         assert done.returncode == 0, done.stderr
         notes_id, job_id = [line.split("\t")[0] for line in done.stdout.splitlines()]
         queue = JobQueue(client)

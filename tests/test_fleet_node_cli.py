@@ -144,7 +144,7 @@ def test_fleet_jobs_tells_a_node_gone_from_a_node_at_work(cli_fleet, tmp_path):
         clip.write_bytes(b"read by nobody here")
     missing = maskstream("fleet", "submit", str(tmp_path / "nowhere.mp4"), "--fleet-config", str(path))
     assert missing.returncode == 2 and "nowhere.mp4" in missing.stderr and not missing.stdout
-    done = maskstream("fleet", "submit", *map(str, clips), "--fleet-config", str(path))
+    done = maskstream("fleet", "submit", *map(str, clips), "--no-check", "--fleet-config", str(path))
     assert done.returncode == 0, done.stderr
     ids = [line.split("\t")[0] for line in done.stdout.splitlines()]
     with FleetClient.connect(config, name="ghost") as ghost, FleetClient.connect(config, name="alive") as alive:
@@ -201,7 +201,7 @@ def test_fleet_wait_follows_jobs_to_their_end(cli_fleet, tmp_path):
     clips = [tmp_path / f"{name}.mp4" for name in ("a", "b", "c")]
     for clip in clips:
         clip.write_bytes(b"read by nobody here")
-    done = maskstream("fleet", "submit", *map(str, clips), "--fleet-config", str(path))
+    done = maskstream("fleet", "submit", *map(str, clips), "--no-check", "--fleet-config", str(path))
     assert done.returncode == 0, done.stderr
     first, second, third = [line.split("\t")[0] for line in done.stdout.splitlines()]
     waiter = subprocess.Popen([sys.executable, "-m", "maskstream.pipeline.cli", "fleet", "wait", first, second,

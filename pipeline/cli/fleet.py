@@ -130,7 +130,8 @@ def add_parsers(subparsers: Any) -> None:
     submit.add_argument("inputs", nargs="+", metavar="FILE_OR_URL",
                         help="video files (on a path every node can read) or URLs")
     submit.add_argument("--no-check", action="store_true",
-                        help="queue paths that do not exist here (they exist on the nodes)")
+                        help="queue paths that do not exist here (they exist on the nodes); without it each file "
+                             "is opened here first and one that is no video refused")
     submit.add_argument("--wait", action="store_true",
                         help="then follow the jobs until they end, as `fleet wait` does (exit 0 when all are done)")
     add_follow_options(submit)
@@ -367,6 +368,19 @@ def fleet_status(args: argparse.Namespace) -> int:
 
 def fleet_submit(args: argparse.Namespace) -> int:
     from maskstream.pipeline.fleet.results import ensure_results_stream
+    from maskstream.pipeline.media.sources import SourceSpec
+
+    if not args.no_check:
+        # a file that no node could run (missing, a folder, no video, a first frame that does not
+        # decode) is said here in a second, as `maskstream run` says it, not by a node minutes later
+        files = [source for source in args.inputs if "://" not in source]
+        try:
+            if files:
+                run_command.probe_sources({str(i): SourceSpec(path, policy="offline") for i, path in enumerate(files)},
+                                          option="job input")
+        except run_command.Refused as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     def submit(client: FleetClient) -> list[str] | ValueError:
         queue = _queue(client)

@@ -251,9 +251,10 @@ def _out_dir(given: Path | None) -> Path:
     return given if given is not None else new_run_dir(RUNS_DIR, "run")
 
 
-def probe_sources(specs: dict[str, SourceSpec]) -> dict[str, Probe]:
+def probe_sources(specs: dict[str, SourceSpec], option: str = "--source") -> dict[str, Probe]:
     """Every source opened once, side by side (a camera's timeout does not add to the next one's);
-    Refused listing every source that cannot work; a live one out of reach now is only logged."""
+    Refused listing every source that cannot work (each line starting with `option`, what the user
+    gave it as); a live one out of reach now is only logged."""
     from maskstream.pipeline.media.sources import SourceError, probe_source
 
     def one(spec: SourceSpec) -> Probe | str:
@@ -264,7 +265,7 @@ def probe_sources(specs: dict[str, SourceSpec]) -> dict[str, Probe]:
 
     with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
         found = dict(zip(specs, pool.map(one, specs.values())))
-    bad = [f"--source {result}" for result in found.values() if isinstance(result, str)]
+    bad = [f"{option} {result}" for result in found.values() if isinstance(result, str)]
     if bad:
         raise Refused("\n".join(bad))
     probes = {sid: result for sid, result in found.items() if not isinstance(result, str)}
