@@ -518,6 +518,7 @@ class Node:
                                      stored_through=0 if stored is None else stored[0]),
                           self.publisher, job, stop_timeout_s=self.settings.stop_timeout_s)
         self.jobs[job.job_id] = run
+        job.report(0 if skip is None else skip + 1, None, 0.0)  # the claim wrote 0: what is stored is more
         run.start(self._take_spare())
         log.info("node %s: job %s (attempt %d) started%s", self.settings.name, job.job_id, job.attempt,
                  f", after seq {skip}" if skip is not None else "")
