@@ -8,6 +8,10 @@
   dropped; then a camera removed and one added at runtime take effect within seconds;
 - a NATS server SIGKILLed mid-run (the one that node is connected to): its cameras go on there,
   no lease lost, every result stored once;
+- a standby that dies unused, or hangs (SIGSTOP) before it is ready, is replaced;
+- hung pipelines: a camera's pipeline process SIGSTOPped, a job's whole pipeline frozen mid-job:
+  the node SIGKILLs each once silent for --hung-timeout, the camera runs again, the job is handed
+  back and done with every frame stored once; the whole host frozen (the node with them) kills none;
 - job failover: video files submitted; a node SIGKILLed mid-job and the results stream's
   leader server with it; every job completes, and the results stream holds each frame of each
   job exactly once, in order, equal (boxes, labels, scores, masks) to a single-host
@@ -33,7 +37,7 @@ import numpy as np
 import pytest
 from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import dump_config
-from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
+from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, LeaseConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobQueue
 from maskstream.pipeline.fleet.leases import CameraRegistry
@@ -273,10 +277,15 @@ def process_group(pgid: int) -> set[int]:
     return members
 
 
-# Short, so that the test does not wait long; yet above any standby's start here (the node logs
-# each one's "ready N s after its start"), or a slow start on a loaded host is taken for a hang.
+# Above any standby's start here (the node logs each one's "ready N s after its start"), or a slow
+# start on a loaded host is taken for a hang; a silent standby is replaced well before it.
 STANDBY_READY_TIMEOUT_S = 60.0
 STANDBY_RETRY_S = 3.0
+# A pipeline process silent this long is taken for hung (--hung-timeout): short, so that the tests
+# do not wait long, yet well above the longest pause between two turns of a supervisor's loop on a
+# loaded host (docs/fleet.md), or a slow pipeline is taken for a hung one.
+HUNG_TIMEOUT_S = 8.0
+HUNG_JOB_FRAMES = 60  # the job frozen mid-way: long enough to be mid-way after the node's own freeze
 
 
 def test_a_standby_that_dies_or_hangs_unused_is_replaced(nats_server, node_processes, tmp_path):
@@ -287,7 +296,7 @@ def test_a_standby_that_dies_or_hangs_unused_is_replaced(nats_server, node_proce
     # room for one camera and one standby beside it; no plain spare: the only pipelines started
     # ahead are the standbys
     node = node_processes("a", path, tmp_path, 2, "--no-spare", "--standby-ready-timeout", str(STANDBY_READY_TIMEOUT_S),
-                          "--standby-retry", str(STANDBY_RETRY_S))
+                          "--standby-retry", str(STANDBY_RETRY_S), "--hung-timeout", str(HUNG_TIMEOUT_S))
     node.wait_ready()
 
     def ready(count: int) -> bool:
@@ -312,25 +321,27 @@ def test_a_standby_that_dies_or_hangs_unused_is_replaced(nats_server, node_proce
     wait_for(lambda: not process_group(first), 30, "the killed standby's stage processes gone")
     second = standby_pids(node)[1]
 
-    # (b) the new one SIGSTOPped once its stage processes are spawned, seconds before its model is
-    # loaded and warmed up: it never tells the node it is ready. After the ready timeout the node
-    # stops it (the SIGTERM waits, the process being stopped), makes another after the retry delay,
-    # and SIGKILLs it when it has not exited within the stop timeout; its stages end by themselves
-    group = wait_for(lambda: len(g := process_group(second)) > 1 and g, FIRST_RESULT_S,
-                     "the new standby's stage processes", every=0.05)
+    # (b) the new one SIGSTOPped once its supervisor runs (its first status message: the node logs
+    # it), seconds before its model is loaded and warmed up: it never tells the node it is ready,
+    # nor anything else. Silent for the hung timeout, it is SIGKILLed with its stage processes
+    # (stopped, it would never run a SIGTERM handler), well before the ready timeout, and another
+    # is made after the retry delay
+    node.wait_for_log(f"standby pipeline (pid {second}) running", FIRST_RESULT_S)
+    group = process_group(second)
     os.kill(second, signal.SIGSTOP)
     stopped = time.monotonic()
-    assert not ready(1)
-    wait_for(lambda: ready(1), STANDBY_READY_TIMEOUT_S + STANDBY_RETRY_S + FIRST_RESULT_S,
-             "a warm standby in place of the stopped one", every=0.5)
-    assert time.monotonic() - stopped >= STANDBY_READY_TIMEOUT_S
-    node.wait_for_log(f"a standby pipeline (pid {second}) was not ready within {STANDBY_READY_TIMEOUT_S:.0f} s of "
-                      f"its start: stopped as hung; another in {STANDBY_RETRY_S:.0f} s", 5)
-    assert len(standby_pids(node)) == 3
-    stop_timeout_s = 20  # NodeSettings.stop_timeout_s
-    node.wait_for_log(f"an unused pipeline (pid {second}) did not exit within {stop_timeout_s} s of its stop: SIGKILL",
-                      30)
-    wait_for(lambda: not process_group(second), 30, f"the stopped standby's processes {sorted(group)} gone")
+    assert not ready(1) and len(group) > 1
+    line = node.wait_for_log(f"a standby pipeline (pid {second}) sent nothing for", HUNG_TIMEOUT_S + 30)
+    hung_s = time.monotonic() - stopped
+    # not at once: after its silence reached the timeout (its last message came up to a gap between
+    # two before the stop); well before the ready timeout
+    assert HUNG_TIMEOUT_S / 2 <= hung_s < STANDBY_READY_TIMEOUT_S / 2, hung_s
+    assert line.endswith(f"s: hung, SIGKILLed; another in {STANDBY_RETRY_S:.0f} s"), line
+    wait_for(lambda: not process_group(second), 30, f"the hung standby's processes {sorted(group)} gone")
+    wait_for(lambda: len(standby_pids(node)) == 3, STANDBY_RETRY_S + 30, "another standby started", every=0.05)
+    assert time.monotonic() - stopped < STANDBY_READY_TIMEOUT_S / 2
+    wait_for(lambda: ready(1), FIRST_RESULT_S, "a warm standby in place of the hung one", every=0.5)
+    assert node_counter(node, "pipelines_hung") == 1
 
     # a camera added now takes the new standby over
     done = maskstream("fleet", "add", "yard", str(clip), *slow, "--fleet-config", str(path))
@@ -339,6 +350,100 @@ def test_a_standby_that_dies_or_hangs_unused_is_replaced(nats_server, node_proce
     assert node_counter(node, "standby_takeovers") == 1
     with Subscriber(nats_server.url, streams=["yard"], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
         assert isinstance(sub.recv(), Detections)
+
+
+# ---------------------------------------------------------------------------- hung pipelines
+
+
+def started_pids(node: NodeProcess, what: str) -> list[int]:
+    """The pids of the pipeline processes the node logged starting `what` ("camera door", "job X"), oldest first."""
+    return [int(m) for m in re.findall(rf"{re.escape(what)} .*started.*pid (\d+)\)$", node.log.read_text(), re.M)]
+
+
+def signal_all(sig: int, pids: list[int], groups: list[int]) -> None:
+    """`sig` to each of `pids`, then to each of the process groups `groups` (a pipeline's: it and its stages)."""
+    for pid in pids:
+        os.kill(pid, sig)
+    for group in groups:
+        os.killpg(group, sig)
+
+
+def test_hung_camera_and_job_pipelines_are_killed_and_their_work_goes_on(nats_server, node_processes, tmp_path):
+    # Leases and jobs long-lived: the node itself is frozen for longer than HUNG_TIMEOUT_S below
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2),
+                         leases=LeaseConfig(ttl_s=60.0), jobs=JobsConfig(ack_wait_s=60.0, progress_interval_s=1.0))
+    path = write_fleet_config(tmp_path / "fleet.yaml", config)
+    camera = write_test_clip(tmp_path / "door.mp4", frames=1200, size=(160, 120), fps=10)  # runs past the test
+    archive = write_test_clip(tmp_path / "archive.mp4", frames=HUNG_JOB_FRAMES, size=(160, 120), fps=10)
+    # room for the camera and the job; no standby: a restarted camera takes the plain spare
+    node = node_processes("a", path, tmp_path, 2, "--no-standby", "--hung-timeout", str(HUNG_TIMEOUT_S))
+    node.wait_ready()
+    collector = ResultCollector(config)
+    try:
+        with FleetClient.connect(config, name="test") as client:
+            done = maskstream("fleet", "add", "door", str(camera), "--fleet-config", str(path))
+            assert done.returncode == 0, done.stderr
+            done = maskstream("fleet", "submit", str(archive), "--fleet-config", str(path))
+            assert done.returncode == 0, done.stderr
+            job_id = done.stdout.split("\t")[0]
+            queue = JobQueue(client)
+            collector.wait("door", lambda got: len(got) >= 3, FIRST_RESULT_S, "the camera's first results")
+            collector.wait(job_id, lambda got: len(got) >= 3, FIRST_RESULT_S, "the job's first results")
+            (camera_pid,), (job_pid,) = started_pids(node, "camera door"), started_pids(node, f"job {job_id}")
+
+            # The whole host frozen (the node, the pipelines and their stages) for longer than the
+            # hung timeout, the node woken first: its loop was late, not its pipelines silent. None
+            # is killed, both go on.
+            signal_all(signal.SIGSTOP, [node.proc.pid], [camera_pid, job_pid])
+            time.sleep(HUNG_TIMEOUT_S + 3)
+            signal_all(signal.SIGCONT, [node.proc.pid], [camera_pid, job_pid])
+            stored = {s: len(collector.messages(s)) for s in ("door", job_id)}
+            for stream in stored:
+                collector.wait(stream, lambda got, n=stored[stream]: len(got) > n + 3, 30, f"{stream} after the freeze")
+            assert "SIGKILLed" not in node.log.read_text() and node_counter(node, "pipelines_hung") == 0
+            assert node_counter(node, "leases_lost") == 0 and len(runs_of(collector.messages("door"))) == 1
+
+            # (a) the camera's pipeline process SIGSTOPped (its stages run on, unsupervised); (b) the
+            # job's whole pipeline frozen mid-job, its stages with it: on its own it would never
+            # end, and the node's heartbeats would keep the job from any other node for good
+            assert queue.get(job_id).state == "running"
+            signal_all(signal.SIGSTOP, [camera_pid], [job_pid])
+            stopped, stopped_at = time.monotonic(), time.time()
+            assert not any(isinstance(m, EndOfStream) for _, m in collector.messages(job_id))
+            for what, pid in (("camera door", camera_pid), (f"job {job_id}", job_pid)):
+                line = node.wait_for_log(f"{what}: the pipeline sent nothing for", HUNG_TIMEOUT_S + 30)
+                assert line.endswith(f"s: hung (pid {pid}); SIGKILLed"), line
+            # not at once: after its silence reached the timeout (its last message came up to a gap
+            # between two, a second or more on a loaded host, before the stop)
+            hung_s = time.monotonic() - stopped
+            assert hung_s >= HUNG_TIMEOUT_S / 2
+            for pid in (camera_pid, job_pid):  # SIGKILLed with their stage processes
+                wait_for(lambda p=pid: not process_group(p), 30, f"the hung pipeline {pid}'s processes gone")
+
+            # the camera fails, as any whose pipeline dies, and starts again after its backoff: a new run
+            assert "camera door: the pipeline sent nothing for" in node.wait_for_log(
+                "s: hung; SIGKILLed; starting it again in 1.0 s", 30)
+            got = collector.wait("door", lambda got: len(runs_of(got)) >= 2 and len(runs_of(got)[-1]) >= 3,
+                                 FIRST_RESULT_S, "the camera's frames flowing again")
+            assert started_pids(node, "camera door")[0] == camera_pid and len(started_pids(node, "camera door")) == 2
+            for run in runs_of(got):
+                check_every_frame_published_or_counted(run)
+            # the job, handed back, runs again (here: the same node has room) after what attempt 1 stored
+            state = wait_for(lambda: (s := queue.get(job_id)).state == "done" and s, 200, "the job done", every=0.5)
+            print(f"hung pipelines: both SIGKILLed within {hung_s:.1f} s of the SIGSTOP (--hung-timeout "
+                  f"{HUNG_TIMEOUT_S:.0f}); the camera's first new result {runs_of(got)[-1][0][0] - stopped_at:.1f} s "
+                  f"after it, the job done (attempt 2) {time.time() - stopped_at:.1f} s after it; load average "
+                  f"{os.getloadavg()[0]:.1f}")
+            assert state.attempt == 2 and state.node == node.name
+            assert "after seq" in node.wait_for_log(f"job {job_id} (attempt 2) started", 5)
+            assert len(started_pids(node, f"job {job_id}")) == 2
+            assert node_counter(node, "pipelines_hung") == 2 and node_counter(node, "jobs_handed_back") == 1
+    finally:
+        collector.close()
+    # every frame of the job stored exactly once, in order (the hung attempt's and the re-run's)
+    with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=30) as sub:
+        seqs = [m.header.seq for m in sub]
+    assert seqs == list(range(HUNG_JOB_FRAMES + 1))
 
 
 # ---------------------------------------------------------------------------- jobs

@@ -19,6 +19,7 @@ from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobWorker
 from maskstream.pipeline.fleet.leases import Camera, LeaseManager
 from maskstream.pipeline.fleet.node import Node, NodeSettings, camera_run_config, check_socket_paths, job_run_config
+from maskstream.pipeline.fleet.runs import Silence
 from maskstream.pipeline.run_config import IPC_PATH_MAX, RunConfig, SourceOptions, TransportOptions
 
 from tests.fleet_nodes import maskstream
@@ -63,10 +64,23 @@ def test_node_settings_are_checked():
     for timeout_s in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="standby_ready_timeout_s"):
             NodeSettings("a", 1, RunConfig(), standby_ready_timeout_s=timeout_s)
+    for timeout_s in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="hung_timeout_s"):
+            NodeSettings("a", 1, RunConfig(), hung_timeout_s=timeout_s)
     for retry_s in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="standby_retry_s"):
             NodeSettings("a", 1, RunConfig(), standby_retry_s=retry_s)
     assert NodeSettings("a", 1, RunConfig(), standby_retry_s=0.0).standby_retry_s == 0.0
+
+
+def test_silence_counts_on_the_loop_clock_from_the_last_message():
+    silence = Silence()
+    assert (silence.silent_s(10.0), silence.silent_s(12.5), silence.heard) == (0.0, 2.5, 0)
+    silence.hear()
+    assert silence.silent_s(13.0) == 0.0 and silence.silent_s(20.0) == 7.0
+    silence.hear()
+    silence.hear()
+    assert silence.silent_s(20.5) == 0.0 and silence.heard == 3
 
 
 def test_standby_count_from_the_command_line():
@@ -78,16 +92,16 @@ def test_standby_count_from_the_command_line():
         standby("--standby", "-1")
 
 
-def test_standby_timings_from_the_command_line_default_to_the_node_settings():
-    def parse(*args: str) -> tuple[float, float]:
+def test_standby_and_hung_timings_from_the_command_line_default_to_the_node_settings():
+    def parse(*args: str) -> tuple[float, float, float]:
         args_ = build_parser().parse_args(["node", *args])
-        return args_.standby_ready_timeout, args_.standby_retry
+        return args_.standby_ready_timeout, args_.standby_retry, args_.hung_timeout
 
     defaults = NodeSettings("a", 1, RunConfig())
-    assert parse() == (defaults.standby_ready_timeout_s, defaults.standby_retry_s)
-    assert parse("--standby-ready-timeout", "45", "--standby-retry", "0") == (45.0, 0.0)
+    assert parse() == (defaults.standby_ready_timeout_s, defaults.standby_retry_s, defaults.hung_timeout_s)
+    assert parse("--standby-ready-timeout", "45", "--standby-retry", "0", "--hung-timeout", "5") == (45.0, 0.0, 5.0)
     for bad in (("--standby-ready-timeout", "0"), ("--standby-ready-timeout", "nan"), ("--standby-retry", "-1"),
-                ("--standby-retry", "soon")):
+                ("--standby-retry", "soon"), ("--hung-timeout", "0"), ("--hung-timeout", "-3")):
         with pytest.raises(SystemExit):
             parse(*bad)
 

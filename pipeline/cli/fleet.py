@@ -93,6 +93,10 @@ def add_parsers(subparsers: Any) -> None:
     node.add_argument("--standby-retry", type=_non_negative_float, default=30.0, metavar="SECONDS",
                       help="how long after a standby died unused or was stopped as hung another one starts "
                            "(default 30)")
+    node.add_argument("--hung-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                      help="a pipeline process (a camera's, a job's, a standby's) silent this long is taken for "
+                           "hung and SIGKILLed: the camera starts again, the job is handed back, the standby "
+                           "made again (default 30: far above a loaded host's pauses)")
     node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)
@@ -237,7 +241,8 @@ def run_node(args: argparse.Namespace) -> int:
                                 drain_timeout_s=args.drain_timeout, endpoint_dir=base.transport.endpoint_dir,
                                 spare=not args.no_spare, standby=args.standby,
                                 standby_ready_timeout_s=args.standby_ready_timeout,
-                                standby_retry_s=args.standby_retry, log_level=args.log_level, model=chosen)
+                                standby_retry_s=args.standby_retry, hung_timeout_s=args.hung_timeout,
+                                log_level=args.log_level, model=chosen)
     except run_command.Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

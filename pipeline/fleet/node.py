@@ -15,6 +15,9 @@ A node holds up to `capacity` pipelines at once, cameras and jobs together. Its 
   the slots that jobs leave free;
 - status: every `status_interval_s` each camera's frames/s, frames, drops and last error go into
   its lease, and the jobs it runs into its presence record (`fleet status`, `fleet jobs`);
+- hung pipelines: a camera's, job's or standby's pipeline process that sent no status message for
+  `hung_timeout_s` (counted on the loop's own clock) is SIGKILLed with its stages; the camera
+  restarts after its backoff, the job is handed back, the standby made again;
 - metrics: `metrics_text()` in Prometheus' text format (pipeline.runtime.metrics);
 - drain (`drain()`, from SIGTERM/SIGINT): it takes nothing more, ends its cameras' streams and
   releases their leases at once (others claim them without waiting for the TTL), lets its jobs
@@ -62,6 +65,9 @@ SPARE_AFTER_S = 5.0  # a spare taken is replaced this long after, not while its 
 # A slot a finished job frees is taken by the next queued job within a tick or two: a standby
 # starts only in room that stays free this long, not in every gap between two jobs.
 ROOM_SETTLE_S = 1.0
+# A turn of the loop counts at most this much towards a pipeline's silence (runs.Silence): after a
+# late turn (the node held up by an overloaded or frozen host) its pipelines get time to speak.
+TURN_COUNTED_S = 1.0
 NODE_FOLDER_PREFIX = "maskstream-node-"
 RUNS_CHECKED = 10**9 - 1  # the node's run endpoints are checked at start up to this many runs' names
 
@@ -93,6 +99,16 @@ class NodeSettings:
     # slow start over and over, too long a one only leaves the node without a warm standby longer.
     standby_ready_timeout_s: float = 300.0
     standby_retry_s: float = 30.0  # a standby that died unused or was stopped as hung is made again this long after
+    # A pipeline process (a camera's, a job's, a standby's) that sent no status message for this
+    # long (it sends one every runs.PROGRESS_EVERY_S from its supervisor's loop) is taken for hung
+    # (stopped, deadlocked, swapped out) and SIGKILLed with its stages: a camera is started again
+    # after its backoff, a job handed back, a standby made again after standby_retry_s. Counted on
+    # the node's loop clock (runs.Silence), from the process's first status message (before it,
+    # a run has its supervisor's start_timeout_s, a standby standby_ready_timeout_s). Far above
+    # the longest pause between two turns of a supervisor's loop on a loaded host (docs/fleet.md
+    # gives the figures): too short a limit kills slow pipelines, too long a one leaves a hung
+    # camera dark, a hung job held by this node, that much longer.
+    hung_timeout_s: float = 30.0
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
 
@@ -105,7 +121,8 @@ class NodeSettings:
             raise ValueError(f"restart_backoff_s: expected 0 < first <= longest, got {self.restart_backoff_s}")
         if isinstance(self.standby, bool) or not isinstance(self.standby, int) or self.standby < 0:
             raise ValueError(f"standby: expected a number of pipelines >= 0, got {self.standby!r}")
-        for name in ("status_interval_s", "drain_timeout_s", "stop_timeout_s", "standby_ready_timeout_s"):
+        for name in ("status_interval_s", "drain_timeout_s", "stop_timeout_s", "standby_ready_timeout_s",
+                     "hung_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number of seconds")
         if not self.standby_retry_s >= 0:
@@ -173,7 +190,8 @@ class Node:
         self.stopping: list[PipelineRun] = []  # stopped runs whose processes have not exited yet
         self.counters = {name: 0 for name in (
             "leases_acquired", "leases_lost", "leases_released", "camera_restarts", "standby_takeovers", "jobs_taken",
-            "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "jobs_cancelled", "results")}
+            "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "jobs_cancelled", "results",
+            "pipelines_hung")}
         self._drains = 0
         self._drain_began: float | None = None
         self._leases_released = False
@@ -187,6 +205,8 @@ class Node:
         self._spares_stopping: list[Spare] = []  # stopped unused, not exited yet
         self._standby_due = 0.0  # time.monotonic() when the next standby may start
         self._room_free_since: float | None = None  # room beyond the standbys free since then
+        self._clock = 0.0  # the loop clock the pipelines' silence is counted on (runs.Silence)
+        self._turn_at: float | None = None  # time.monotonic() of the last turn's start
 
     # ------------------------------------------------------------------ public
 
@@ -249,6 +269,7 @@ class Node:
             "jobs_handed_back": "Jobs this node handed back for another delivery.",
             "jobs_cancelled": "Jobs this node stopped (or did not run) because they were cancelled.",
             "results": "Results (Detections, EndOfStream) this node's runs stored on NATS.",
+            "pipelines_hung": "Pipeline processes (cameras', jobs', standbys') SIGKILLed as hung: silent too long.",
         }
         for key, help_text in helps.items():
             value = self.counters[key] + (sum(run.status().results for run in self._runs_alive())
@@ -274,6 +295,10 @@ class Node:
         assert manager is not None
         if manager.error is not None:
             raise FleetError(f"lease manager failed: {manager.error}")
+        turn_at = time.monotonic()
+        if self._turn_at is not None:
+            self._clock += min(turn_at - self._turn_at, TURN_COUNTED_S)
+        self._turn_at = turn_at
         draining = self._drains > 0  # read once: a signal may count another drain any time
         if draining and self._drain_began is None:
             self._begin_drain()
@@ -298,7 +323,7 @@ class Node:
 
     def _keep_standbys(self, now: float) -> None:
         """Up to settings.standby warm pipelines, none beyond the free room, while cameras could come
-        to this node; one that died unused, or was not ready in time, is made again later."""
+        to this node; one that died unused, went silent (hung) or was not ready in time is made again later."""
         retry_s = self.settings.standby_retry_s
         for standby in list(self._standbys):
             if not standby.alive:
@@ -308,7 +333,21 @@ class Node:
                 log.warning("node %s: a standby pipeline (pid %s) exited unused (code %s); another in %.0f s",
                             self.settings.name, standby.process.pid, standby.process.exitcode, retry_s)
                 continue
-            seen_ready = standby.ready_at is not None
+            heard, seen_ready = standby.silence.heard, standby.ready_at is not None
+            silent_s = standby.silent_s(self._clock)  # reads what it said, "ready" among it
+            if silent_s > self.settings.hung_timeout_s:
+                # SIGKILLed at once (a stopped process never runs its SIGTERM handler), its stages with it
+                self._standbys.remove(standby)
+                standby.kill()
+                self.counters["pipelines_hung"] += 1
+                self._spares_stopping.append(standby)
+                self._standby_due = now + retry_s
+                log.warning("node %s: a standby pipeline (pid %s) sent nothing for %.0f s: hung, SIGKILLed; "
+                            "another in %.0f s", self.settings.name, standby.process.pid, silent_s, retry_s)
+                continue
+            if not heard and standby.silence.heard:
+                log.info("node %s: standby pipeline (pid %s) running %.1f s after its start, its model loading",
+                         self.settings.name, standby.process.pid, now - standby.started_at)
             if standby.ready:
                 if not seen_ready and standby.ready_at is not None:  # what --standby-ready-timeout is sized by
                     log.info("node %s: standby pipeline (pid %s) ready %.1f s after its start", self.settings.name,
@@ -420,8 +459,8 @@ class Node:
                           stop_timeout_s=self.settings.stop_timeout_s)
         slot.run = run
         run.start(spare)
-        log.info("node %s: camera %s started (epoch %s%s)", self.settings.name, slot.camera.name, epoch,
-                 ", on the standby pipeline" if spare is not None and spare.standby is not None else "")
+        log.info("node %s: camera %s started (epoch %s%s, pid %s)", self.settings.name, slot.camera.name, epoch,
+                 ", on the standby pipeline" if spare is not None and spare.standby is not None else "", run.pid)
 
     def _stop_camera(self, slot: _CameraSlot, reason: str, end_stream: bool) -> None:
         run, slot.run = slot.run, None
@@ -456,10 +495,14 @@ class Node:
                 if now - run.started_at > 60:
                     slot.backoff_s = 0.0  # it ran a good while: a fresh failure starts the backoff again
                 self._camera_failed(slot, now, run.status().last_error or f"pipeline ended ({run.outcome})")
+            else:
+                self._kill_if_hung(run, f"camera {slot.camera.name}")
         for job_id, run in list(self.jobs.items()):
             if run.job is not None and run.job.cancelled:  # its state said so at its last progress write
                 run.stop(run.job.cancelled)
             finished = run.poll()
+            if not finished and run.forwarding:
+                self._kill_if_hung(run, f"job {job_id}")
             if finished or not run.forwarding:
                 # settled (acknowledged, failed or handed back): its slot is free while its pipeline exits
                 del self.jobs[job_id]
@@ -475,6 +518,16 @@ class Node:
             if finished:
                 self.stopping.remove(run)
                 self._retire(run)
+
+    def _kill_if_hung(self, run: PipelineRun, what: str) -> None:
+        """SIGKILL a run's pipeline silent past hung_timeout_s, without waiting: its forwarding thread
+        sees it gone and ends the run as on any pipeline's death (the camera fails and starts again
+        after its backoff; the job is handed back), in a later turn."""
+        why = run.hung(self._clock, self.settings.hung_timeout_s)
+        if why:
+            log.warning("node %s: %s: %s (pid %s); SIGKILLed", self.settings.name, what, why, run.pid)
+            run.kill_hung(why)
+            self.counters["pipelines_hung"] += 1
 
     def _retire(self, run: PipelineRun) -> None:
         self.counters["results"] += run.status().results
@@ -520,8 +573,8 @@ class Node:
         self.jobs[job.job_id] = run
         job.report(0 if skip is None else skip + 1, None, 0.0)  # the claim wrote 0: what is stored is more
         run.start(self._take_spare())
-        log.info("node %s: job %s (attempt %d) started%s", self.settings.name, job.job_id, job.attempt,
-                 f", after seq {skip}" if skip is not None else "")
+        log.info("node %s: job %s (attempt %d) started%s (pid %s)", self.settings.name, job.job_id, job.attempt,
+                 f", after seq {skip}" if skip is not None else "", run.pid)
 
     def _job_finished(self, run: PipelineRun) -> None:
         if id(run) in self._settled:

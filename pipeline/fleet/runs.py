@@ -29,6 +29,11 @@ later one replaced stores nothing more, and its hand-back acknowledges nothing. 
 error) fails it for good; anything else (a hole, the pipeline's death, NATS not storing,
 `stop()`) hands it back for another delivery, from the node's thread, so the main loop never
 waits on an acknowledgement.
+
+The pipeline process sends the node a status message at least every PROGRESS_EVERY_S from its
+Supervisor's loop (with the stages' new errors); the node counts each run's and standby's
+silence (`Silence`) and SIGKILLs one silent too long, with its stage processes (its process
+group: `kill_hung`, `Spare.kill`): a hung run then ends as on any pipeline's death.
 """
 
 from __future__ import annotations
@@ -56,14 +61,39 @@ from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header
 if TYPE_CHECKING:
     from maskstream.pipeline.run_config import ChosenModel, RunConfig
 
-__all__ = ["PipelineRun", "RunSpec", "RunStatus", "Spare", "standby_config"]
+__all__ = ["PipelineRun", "RunSpec", "RunStatus", "Silence", "Spare", "standby_config"]
 
 log = logging.getLogger(__name__)
 
 LIVE_HWM = 1000  # a camera's results queued at the node while NATS is slow; past it they show as drops
 RATE_WINDOW_S = 5.0  # frames/s over the last few seconds
 EXITED_QUIET_S = 2.0  # after the pipeline exited, results still on their way get this long to arrive
-PROGRESS_EVERY_S = 1.0  # the pipeline process's status messages
+PROGRESS_EVERY_S = 1.0  # the pipeline process's status messages: at least this often from its Supervisor loop
+
+
+class Silence:
+    """How long a pipeline process has said nothing, on the node's loop clock.
+
+    The process sends a status message at least every PROGRESS_EVERY_S from its Supervisor's loop
+    (`pipeline_process`), also while its stages start, its model loads and its stages stop at the
+    end; the node reads them every turn of its loop. Its loop clock advances each turn by no more
+    than a turn's worth, however late the turn: a node that was itself held up (an overloaded or
+    frozen host, where its pipelines were held up with it) does not take that time for their
+    silence. `silent_s` must be asked every turn to count in full."""
+
+    def __init__(self) -> None:
+        self.heard = 0  # status messages read (0: the process is still in its start)
+        self._counted = -1
+        self._since = 0.0  # the loop clock when `heard` last changed (or the first ask)
+
+    def hear(self) -> None:
+        self.heard += 1
+
+    def silent_s(self, clock: float) -> float:
+        """Loop-clock seconds since the last status message read; before the first, since the first ask."""
+        if self.heard != self._counted:
+            self._counted, self._since = self.heard, clock
+        return clock - self._since
 
 
 @dataclass(frozen=True)
@@ -115,6 +145,7 @@ class PipelineRun:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._hung = ""  # why the node SIGKILLed the pipeline as hung
         self._end_stream = False
         self._stop_sent_at: float | None = None
         self._signals_sent = 0
@@ -132,6 +163,7 @@ class PipelineRun:
         self._report: tuple[str, ...] | None = None  # the pipeline's own last words (failure, stream errors)
         self._end: EndOfStream | None = None  # the stream's EndOfStream, once stored
         self._ended_at: float | None = None
+        self.silence = Silence()  # the pipeline process's (a standby's, when the run takes one over)
 
     # ------------------------------------------------------------------ the node's side
 
@@ -142,7 +174,7 @@ class PipelineRun:
         self._ready.wait(10)  # the SUB socket connects before the pipeline can publish anything
         spare = spare if spare is not None and spare.alive else Spare()
         spare.give(self.spec)
-        self._process, self._conn = spare.process, spare.status
+        self._process, self._conn, self.silence = spare.process, spare.status, spare.silence
 
     def stop(self, reason: str, end_stream: bool = False) -> None:
         """Stop forwarding now and the pipeline soon. end_stream: a camera's results end with an
@@ -196,10 +228,40 @@ class PipelineRun:
         with self._lock:
             return self._next_seq, self._frames_total, rate
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def hung(self, clock: float, timeout_s: float) -> str:
+        """Why the pipeline process is taken for hung, "" while it is not: said nothing for timeout_s
+        of the node's loop clock (Silence, read by poll()), or, before its first status message
+        (imports, plan, its stages' start), for its supervisor's own allowance for a process's
+        start (supervisor.start_timeout_s). Never one that exited, was asked to stop (it exits, or
+        is SIGKILLed stop_timeout_s later), whose EndOfStream was stored (it exits by itself, see
+        poll()), or that was killed as hung already."""
+        process = self._process
+        if process is None or self._stop.is_set() or self._hung or not process.is_alive():
+            return ""
+        with self._lock:
+            if self._end is not None:
+                return ""
+        silent = self.silence.silent_s(clock)
+        if self.silence.heard:
+            return f"the pipeline sent nothing for {silent:.0f} s: hung" if silent > timeout_s else ""
+        allowance = self.spec.config.supervisor.start_timeout_s
+        return f"the pipeline did not start within {allowance:.0f} s: hung" if silent > allowance else ""
+
+    def kill_hung(self, why: str) -> None:
+        """SIGKILL a hung pipeline and its stage processes, without waiting: the run then ends as on
+        any pipeline's death (a camera's run fails, a job is handed back), its error `why`."""
+        self._hung = why
+        if self._process is not None:
+            kill_group(self._process)
+
     def kill(self) -> None:
-        """SIGKILL the pipeline process (its stages exit on their own once it is gone)."""
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
+        """SIGKILL the pipeline process and its stage processes, and wait for it."""
+        if self._process is not None:
+            kill_group(self._process)
             self._process.join(5)
 
     # ------------------------------------------------------------------ internals (node)
@@ -216,7 +278,7 @@ class PipelineRun:
         elif now - self._stop_sent_at > self.stop_timeout_s:
             log.warning("run %s: the pipeline did not stop in %s s; killing it", self.spec.stream_id,
                         self.stop_timeout_s)
-            process.kill()
+            kill_group(process)
             return
         if self._signals_sent < 1 + int(now - self._stop_sent_at):
             self._signals_sent += 1
@@ -236,7 +298,8 @@ class PipelineRun:
         try:
             while conn.poll():
                 kind, payload = conn.recv()
-                if kind == "errors":
+                self.silence.hear()
+                if kind == "status":
                     for error in payload:
                         self._error(error)
                 elif kind == "frames":
@@ -286,6 +349,8 @@ class PipelineRun:
                     exited_at = exited_at or time.monotonic()
                     if time.monotonic() - exited_at > EXITED_QUIET_S:
                         self._read_status()
+                        if self._hung:
+                            return f"{self._hung}; SIGKILLed"
                         last = f": {self._report[0]}" if self._report else ""
                         return f"the pipeline exited (code {process.exitcode}) before its EndOfStream{last}"
                 continue
@@ -431,6 +496,7 @@ class Spare:
         self.stopped_at: float | None = None  # time.monotonic() of the first stop()
         self.ready_at: float | None = None  # time.monotonic() when the node first saw it ready
         self.killed = False
+        self.silence = Silence()
         if standby is not None:
             self._config.send(("standby", standby.config, standby.log_level, standby.model))
 
@@ -441,15 +507,29 @@ class Spare:
     @property
     def ready(self) -> bool:
         """A standby's pipeline is warm (its inference stage reported ready); a plain spare: never."""
-        if self.standby is not None and self.ready_at is None:
-            try:
-                while self.status.poll():
-                    kind, _ = self.status.recv()
-                    if kind == "ready" and self.ready_at is None:
-                        self.ready_at = time.monotonic()
-            except (EOFError, OSError):
-                pass
+        self.read_status()
         return self.ready_at is not None
+
+    def read_status(self) -> None:
+        """Read what a standby's pipeline said (its status messages, "ready"): the node's loop does,
+        every turn, so that its pipe never fills. A plain spare says nothing before its run."""
+        if self.standby is None:
+            return
+        try:
+            while self.status.poll():
+                kind, _ = self.status.recv()
+                self.silence.hear()
+                if kind == "ready" and self.ready_at is None:
+                    self.ready_at = time.monotonic()
+        except (EOFError, OSError):
+            pass
+
+    def silent_s(self, clock: float) -> float:
+        """A standby's silence on the node's loop clock (Silence) once it has said anything; 0 before
+        (its start: imports, plan, its stages' start, which the ready timeout bounds)."""
+        self.read_status()
+        silent = self.silence.silent_s(clock)
+        return silent if self.silence.heard else 0.0
 
     @property
     def endpoint(self) -> str | None:
@@ -496,10 +576,26 @@ class Spare:
 
     def kill(self) -> None:
         """SIGKILL, without waiting: for one that did not exit after stop() (a stopped or hung
-        process never runs its SIGTERM handler). A standby's stage processes stop by themselves
-        once their supervisor is gone."""
+        process never runs its SIGTERM handler), or went silent. Its stage processes with it: a
+        stopped group would never see their supervisor gone."""
         self.killed = True
-        self.process.kill()
+        kill_group(self.process)
+
+
+def kill_group(process: multiprocessing.process.BaseProcess) -> None:
+    """SIGKILL a pipeline process and its stage processes: its process group, which it leads
+    (pipeline_process). Stages left behind would run on unsupervised, or, stopped with it, never
+    see it gone. Only while it has not been reaped: its pid, and so its group's id, are still its."""
+    pid = process.pid
+    if pid is None or not process.is_alive():
+        return
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+            return
+    except ProcessLookupError:
+        return
+    process.kill()  # not its group's leader yet: it has started no stage
 
 
 class _Unused(Exception):
@@ -508,7 +604,8 @@ class _Unused(Exception):
 
 def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     """The child: waits for its RunConfig (with the log level and the chosen model), then plan +
-    Supervisor.run over it, as `maskstream run` does, reporting to the node. A standby ("standby"
+    Supervisor.run over it, as `maskstream run` does, reporting to the node (a status message every
+    PROGRESS_EVERY_S from the loop and while the stages stop; "ready"; the last "report"). A standby ("standby"
     first) runs its pipeline with the sources held until the camera's RunConfig comes ("source")."""
     os.setpgrp()  # a Ctrl-C at the node's terminal is for the node, which stops its runs itself
     stopped: list[int] = []
@@ -553,9 +650,9 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
         decoders = {s.stream_id: s.config for s in the_plan.specs if s.stream_id is not None}
         supervisor.give_sources({sid: dataclasses.replace(c, source=spec) for sid, c in decoders.items()})
 
-    def watch(supervisor: Any) -> None:
-        if waiting[0]:
-            take_source(supervisor)
+    def status(supervisor: Any) -> None:
+        # every PROGRESS_EVERY_S, with new stage errors or none: the node takes a pipeline process
+        # silent for long for hung (Silence)
         now = time.monotonic()
         if now - sent["at"] < PROGRESS_EVERY_S:
             return
@@ -564,9 +661,13 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
             _send(conn, "frames", [str(counted.pop())])
         errors = [r.last_error for r in list(supervisor.latest.values()) if r.last_error]
         fresh = [e for e in errors if e not in errors_sent]
-        if fresh:
-            errors_sent.update(fresh)
-            _send(conn, "errors", fresh)
+        errors_sent.update(fresh)
+        _send(conn, "status", fresh)
+
+    def watch(supervisor: Any) -> None:
+        if waiting[0]:
+            take_source(supervisor)
+        status(supervisor)
 
     try:
         the_plan = plan(cfg, log_level, model)
@@ -577,7 +678,7 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
         if stopped:
             raise SystemExit(0)
         report = Supervisor(the_plan.specs, the_plan.reports, the_plan.streams, cfg.supervisor,
-                            hold_sources=standby).run(watch)
+                            hold_sources=standby).run(watch, on_stopping=status)
     except _Unused:
         raise SystemExit(0) from None
     finally:

@@ -175,7 +175,12 @@ class Supervisor:
         return any(name.split(".", 1)[0] == "infer" and not report.fatal and not report.starting
                    for name, report in self.latest.items())
 
-    def run(self, on_progress: Callable[[Supervisor], None] | None = None) -> RunReport:
+    def run(self, on_progress: Callable[[Supervisor], None] | None = None,
+            on_stopping: Callable[[Supervisor], None] | None = None) -> RunReport:
+        """Run until every stream ended (or the run is abandoned, or stopped). on_progress: called on
+        every pass of the loop (every 0.2 s or sooner); on_stopping: called as often while the stages
+        are stopped at the end, which waits on each up to stop_timeout_s (a sign of life for whoever
+        watches this process: a fleet node's pipeline, pipeline/fleet/runs.py)."""
         start = time.monotonic()
         inbox = ReportInbox(self.reports_endpoint)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -226,7 +231,7 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._stop_all()
+            self._stop_all(on_stopping)
             finished = self.processes.get(self.publish) if self.publish else None
             if finished is not None and finished.exitcode != 0 and not failure:
                 # Its files are made when it closes: killed or failed then, they may be incomplete.
@@ -493,13 +498,17 @@ class Supervisor:
             self._drained.add(process.pid)
             os.kill(process.pid, signal.SIGUSR1)
 
-    def _stop_all(self) -> None:
+    def _stop_all(self, on_stopping: Callable[[Supervisor], None] | None = None) -> None:
         # Producers first, publish last: it closes the output files on SIGTERM.
         for name in sorted(self.processes, key=_start_order, reverse=True):
             process = self.processes[name]
             if process.is_alive():
                 process.terminate()
-                process.join(self.config.stop_timeout_s)
+                deadline = time.monotonic() + self.config.stop_timeout_s
+                while process.is_alive() and time.monotonic() < deadline:
+                    process.join(min(0.2, max(0.0, deadline - time.monotonic())))
+                    if on_stopping is not None:
+                        on_stopping(self)
             if process.is_alive():
                 process.kill()
                 process.join()
