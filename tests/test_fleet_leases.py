@@ -14,7 +14,7 @@ import pytest
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig, NatsConfig
-from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
+from maskstream.pipeline.fleet.connection import WATCH_INACTIVE_S, FleetClient, FleetUnavailable
 from maskstream.pipeline.fleet.connection import wait_for as first_value  # the predicate's first true value
 from maskstream.pipeline.fleet.leases import (
     CameraExists,
@@ -195,6 +195,44 @@ def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registr
         agent.close()
     assert max(times.values()) < FAILOVER_GOAL_S, times
     print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
+
+
+def kv_consumers(client) -> dict[str, int]:
+    """The consumers of each KV bucket's stream, as the server counts them."""
+    async def count():
+        return {info.config.name: info.state.consumer_count for info in await client.js.streams_info()
+                if info.config.name.startswith("KV_")}
+    return client.run(count())
+
+
+def test_watches_leave_no_consumer_behind_them(registry, config, tmp_path):
+    """A KV watch is a consumer on a server. nats-py keeps one 5 minutes after its watcher went (its
+    default inactive threshold), so every `fleet status`, every lease manager stopped, every node
+    SIGKILLed and every watch that started again (its server died) left consumers on the servers for
+    that long: benchmarks/fleet_soak.py saw them grow with each fault. With WATCH_INACTIVE_S they go
+    that long after their watcher does."""
+    baseline = kv_consumers(registry.client)
+    registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+    registry.status()
+    registry.cameras()
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    agent = Agent(str(path), "lease", "doomed", "1")
+    try:
+        agent.expect("READY", timeout_s=30)
+        agent.expect("ACQUIRED", timeout_s=10)
+        with FleetClient.connect(config, name="stopped") as client:
+            manager = LeaseManager(client, "stopped", 1)
+            manager.start()
+            assert kv_consumers(registry.client)["KV_maskstream_leases"] >= 2  # the two managers' watches
+            manager.stop()
+        agent.kill()
+    finally:
+        agent.close()
+    gone_by = time.monotonic() + WATCH_INACTIVE_S + 10  # the server's inactivity check, on a busy host
+    while (left := kv_consumers(registry.client)) != baseline:
+        assert time.monotonic() < gone_by, f"consumers left: {left}, before: {baseline}"
+        time.sleep(0.5)
 
 
 def two_cameras_each(registry, cut, steady) -> list[str]:

@@ -33,11 +33,18 @@ from nats.js import JetStreamContext, api
 from nats.js.api import RawStreamMsg
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
-__all__ = ["AnswerLost", "ConnectionState", "FleetClient", "FleetError", "FleetUnavailable", "ends_key", "kv_after",
-           "kv_last", "kv_snapshot", "retrying"]
+__all__ = ["WATCH_INACTIVE_S", "AnswerLost", "ConnectionState", "FleetClient", "FleetError", "FleetUnavailable",
+           "ends_key", "kv_after", "kv_last", "kv_snapshot", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A KV watch is a consumer on a server, and the server deletes it only this long after its watcher is
+# gone (stopped, its process killed, or the watch started again after its server died). nats-py's
+# default is 5 minutes: every `fleet status`, node restart and watch reset then left consumers behind
+# for that long. A watcher cut off for longer finds its consumer gone and makes another (an ordered
+# consumer starts again by itself after missed heartbeats).
+WATCH_INACTIVE_S = 10.0
 
 # JSStreamNameExistErr: the stream exists with another configuration.
 _STREAM_EXISTS = 10058
@@ -398,7 +405,7 @@ async def kv_snapshot(client: FleetClient, bucket: str) -> dict[str, tuple[int, 
     read a key; none where the watch saw the last revision, or where what came after it expired."""
     js = client.js
     last = (await js.stream_info(f"KV_{bucket}")).state.last_seq
-    watcher = await (await js.key_value(bucket)).watchall()
+    watcher = await (await js.key_value(bucket)).watchall(inactive_threshold=WATCH_INACTIVE_S)
     out: dict[str, tuple[int, bytes]] = {}
     seen = 0  # the watch's latest revision, of a key live or ended
     try:

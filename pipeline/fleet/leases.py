@@ -90,6 +90,7 @@ from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, LeaseConfig
 from maskstream.pipeline.fleet.connection import (
     UNAVAILABLE,
+    WATCH_INACTIVE_S,
     FleetClient,
     FleetError,
     ends_key,
@@ -576,7 +577,8 @@ class LeaseManager:
             raise
 
     async def _watch(self, kv: KeyValue, mirror: dict[str, _Entry], synced: asyncio.Event) -> None:
-        watcher = await retrying(kv.watchall, self.config.change_timeout_s, "a watch")
+        watcher = await retrying(lambda: kv.watchall(inactive_threshold=WATCH_INACTIVE_S), self.config.change_timeout_s,
+                                 "a watch")
         try:
             async for entry in watcher:
                 if entry is None:
