@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -444,6 +446,49 @@ def test_hung_camera_and_job_pipelines_are_killed_and_their_work_goes_on(nats_se
     with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=30) as sub:
         seqs = [m.header.seq for m in sub]
     assert seqs == list(range(HUNG_JOB_FRAMES + 1))
+
+
+def rings_of(pid: int) -> list[Path]:
+    """The shared-memory rings a pipeline process made (named after it: shm_ring.owner_tag)."""
+    return sorted(Path("/dev/shm").glob(f"maskstream-{pid}-*"))
+
+
+def run_folders(parent: Path) -> list[Path]:
+    """The runs' socket folders in `parent` (run_config.run_folder), the node's own left out."""
+    return sorted(p for p in parent.iterdir() if p.name.startswith("maskstream-") and not
+                  p.name.startswith("maskstream-node-"))
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
+def test_a_pipeline_killed_leaves_nothing_behind_while_its_node_lives(nats_server, node_processes, tmp_path):
+    """A camera's pipeline process SIGKILLed (the OOM killer) cannot remove its rings (shared memory:
+    RAM) nor its socket folder. They stayed until the node's next start: benchmarks/fleet_soak.py saw
+    each pipeline kill leave 48 MB in /dev/shm while the node ran on. The node removes them when it
+    sees the pipeline dead. The sockets go in a folder of this test's, where only the node can remove
+    them: any `maskstream run` started on the host meanwhile removes dead runs' rings too."""
+    config = FleetConfig(nats=NatsConfig(urls=(nats_server.url,), reconnect_wait_s=0.2))
+    path = write_fleet_config(tmp_path / "fleet.yaml", config)
+    clip = write_test_clip(tmp_path / "door.mp4", frames=600, size=(160, 120), fps=10)
+    sockets = Path(tempfile.mkdtemp(prefix="ms-", dir="/tmp"))  # short: ipc:// paths have a length limit
+    try:
+        node = node_processes("a", path, tmp_path, 1, "--no-spare", "--standby", "0", "--set",
+                              f"transport.endpoint_dir={sockets}")
+        node.wait_ready()
+        done = maskstream("fleet", "add", "door", str(clip), "--option", "rate_fps=2", "--fleet-config", str(path))
+        assert done.returncode == 0, done.stderr
+        with Subscriber(nats_server.url, streams=["door"], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
+            assert isinstance(sub.recv(), Detections)
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
+        (pipeline,) = [pid for pid in map(int, children.stdout.split()) if rings_of(pid)]
+        (folder,) = run_folders(sockets)
+        os.kill(pipeline, signal.SIGKILL)
+        node.wait_for_log("camera door: the pipeline exited (code -9)", 30)
+        wait_for(lambda: not rings_of(pipeline) and not folder.exists(), 10,
+                 f"the killed pipeline's rings and socket folder gone: {rings_of(pipeline)}, {run_folders(sockets)}")
+        assert node.proc.poll() is None
+        node.wait_for_log("camera door started", 30)  # and the camera runs again
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- jobs

@@ -329,6 +329,7 @@ class Node:
             if not standby.alive:
                 self._standbys.remove(standby)
                 standby.close()
+                self._pipeline_exited(standby.process.exitcode)
                 self._standby_due = now + retry_s
                 log.warning("node %s: a standby pipeline (pid %s) exited unused (code %s); another in %.0f s",
                             self.settings.name, standby.process.pid, standby.process.exitcode, retry_s)
@@ -396,6 +397,9 @@ class Node:
                 log.warning("node %s: an unused pipeline (pid %s) did not exit within %.0f s of its stop: SIGKILL",
                             self.settings.name, spare.process.pid, self.settings.stop_timeout_s)
                 spare.kill()
+        for spare in self._spares_stopping:
+            if not spare.alive:
+                self._pipeline_exited(spare.process.exitcode)
         self._spares_stopping = [spare for spare in self._spares_stopping if spare.alive]
 
     def _take_spare(self) -> Spare | None:
@@ -532,6 +536,19 @@ class Node:
     def _retire(self, run: PipelineRun) -> None:
         self.counters["results"] += run.status().results
         self._settled.discard(id(run))
+        self._pipeline_exited(run.exitcode)
+
+    def _pipeline_exited(self, exitcode: int | None) -> None:
+        """A pipeline process killed by a signal (SIGKILL, the OOM killer) could not remove its rings
+        (shared memory: RAM) and socket folder: removed now, not left until the node's next start."""
+        if exitcode is None or exitcode >= 0:
+            return
+        from maskstream.pipeline.run_config import remove_dead_runs
+
+        leftovers = remove_dead_runs(self.settings.run.transport.endpoint_dir)
+        if leftovers:
+            log.info("node %s: a pipeline killed (signal %d): removed %s", self.settings.name, -exitcode,
+                     leftovers.describe())
 
     def _take_job(self) -> None:
         worker = self.worker

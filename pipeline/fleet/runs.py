@@ -208,6 +208,11 @@ class PipelineRun:
         return not alive and not forwarding
 
     @property
+    def exitcode(self) -> int | None:
+        """The pipeline process's exit code once it exited (negative: the signal that killed it), else None."""
+        return self._process.exitcode if self._process is not None else None
+
+    @property
     def forwarding(self) -> bool:
         """The thread still forwards (or ends the stream, or acknowledges the job)."""
         return self._thread is not None and self._thread.is_alive()
