@@ -198,6 +198,39 @@ def check_soak(result: dict[str, Any]) -> None:
     assert frames["accounted_run"] and frames["accounted_subscriber"], frames
 
 
+def check_fleet_soak(result: dict[str, Any]) -> None:
+    assert {"what", "command", "machine", "model", "settings", "setup_s", "soaked_s", "faults", "errors", "windows_s",
+            "metrics", "leak_free", "correctness", "correct", "node_counters", "samples"} <= set(result)
+    load_averages(result["machine"]["load_average_before"])
+    load_averages(result["machine"]["load_average_after"])
+    assert result["errors"] == [] and result["model"] == "tiny", result["errors"]
+    assert [fault["kind"] for fault in result["faults"]] == ["pipeline", "node", "server", "link"]  # one of each
+    metrics = result["metrics"]
+    assert {"node_a_rss_mb", "node_b_rss_mb", "node_a_nats_subscriptions", "stray_processes", "dead_pipelines_rings_mb",
+            "server_n0_rss_mb", "consumers_KV_maskstream_leases", "consumers_MASKSTREAM_JOBS"} <= set(metrics)
+    for name in ("node_a_rss_mb", "node_b_rss_mb", "server_n0_rss_mb", "server_n1_rss_mb", "server_n2_rss_mb"):
+        positive(metrics[name]["first"], metrics[name]["last"])
+    # what a smoke's seconds can tell: after a fault of each kind every count is back where it was: the
+    # streams' consumers (a watch left behind fails here), the nodes' subscriptions, pipelines'
+    # processes and rings left behind (memory flat or not: a few seconds say nothing about it)
+    for name, metric in metrics.items():
+        if name.startswith("consumers_") or name.endswith("_nats_subscriptions") or name in (
+                "stray_processes", "dead_pipelines_rings_mb"):
+            assert metric["verdict"] and metric["flat"] is True, (name, metric)
+    correctness = result["correctness"]
+    jobs = correctness["jobs"]
+    assert jobs["submitted"] >= 3 and jobs["done_exactly_once"] == jobs["submitted"] and not jobs["bad"], jobs
+    assert set(correctness["cameras"]) == {"cam0", "cam1"}
+    for camera in correctness["cameras"].values():
+        assert camera["results"] > 0 and camera["epochs"] >= 2, camera  # each one ran again at least once
+        assert camera["duplicate_seqs_in_an_epoch"] == camera["seqs_not_rising_in_an_epoch"] == 0, camera
+        assert camera["epochs_overlapping"] == 0, camera
+    assert correctness["never_two_holders"] and result["correct"]
+    assert [row["kind"] for row in correctness["after_faults"]] == ["pipeline", "node", "server", "link"]
+    for row in correctness["after_faults"]:
+        positive(*row["longest_gap_s"].values())
+
+
 def check_fleet(result: dict[str, Any]) -> None:
     assert {"what", "command", "model", "model_overrides", "machine", "overhead", "failover"} <= set(result)
     load_averages(result["machine"]["load_average_at_start"])
@@ -251,6 +284,7 @@ SCRIPTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "bench_cuda_runner.py": check_cuda_runner,
     "bench_decode.py": check_decode,
     "bench_fleet.py": check_fleet,
+    "fleet_soak.py": check_fleet_soak,
     "bench_fleet_reads.py": check_fleet_reads,
     "bench_mask_paste.py": check_mask_paste,
     "bench_memory_format.py": check_memory_format,
@@ -290,8 +324,8 @@ def smoke_result(script: str, tmp_path: Path) -> Path:
     """Runs `script --smoke` (its CPU path) and checks its JSON; the JSON's path."""
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir(parents=True)
-    # the bench_fleet scripts start their own NATS servers: the binary the fleet tests use (skip as they do without one)
-    env = {**os.environ, "MASKSTREAM_NATS_SERVER": require_binary()} if script.startswith("bench_fleet") else None
+    # the fleet scripts start their own NATS servers: the binary the fleet tests use (skip as they do without one)
+    env = {**os.environ, "MASKSTREAM_NATS_SERVER": require_binary()} if "fleet" in script else None
     device = ["--device", "cpu"] if script in device_scripts() else []
     done = run_script(script, "--smoke", *device, "--out", str(out), cwd=work, env=env)
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
