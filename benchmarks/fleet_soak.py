@@ -49,6 +49,8 @@ Correctness, from every message of the results stream read back at the end with 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -72,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the fleet tests' servers and relay: tests/nats_cluster.py, tests/net_fault.py
 
 import av  # noqa: E402
+import nats.errors  # noqa: E402
 from bench_fleet import START_TIMEOUT_S, Node, nats_binary  # noqa: E402  (benchmarks/, beside this script)
 from maskstream.pipeline.bench.measure import machine  # noqa: E402
 from maskstream.pipeline.bench.smoke import tiny_run_overrides  # noqa: E402
@@ -193,6 +196,10 @@ def streams(client: FleetClient) -> dict[str, tuple[int, int]] | None:
         return None
 
 
+def log_line(text: str) -> None:
+    print(text, flush=True)
+
+
 def read_results(client: FleetClient) -> list[dict[str, Any]]:
     """Every message of the results stream: its stream, message id, stored time (time.time()) and decoded result."""
     res = client.config.results
@@ -200,17 +207,29 @@ def read_results(client: FleetClient) -> list[dict[str, Any]]:
     async def read() -> list[Any]:
         js = client.js
         last = (await js.stream_info(res.stream)).state.last_seq
-        if last == 0:
-            return []
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.NONE,
-                                    inactive_threshold=30.0, num_replicas=1, mem_storage=True)
-        psub = await js.pull_subscribe(f"{res.subject_prefix}.*", durable=None, stream=res.stream, config=config)
         got: list[Any] = []
-        try:
-            while not got or got[-1].metadata.sequence.stream < last:
-                got += await psub.fetch(1024, timeout=10)
-        finally:
-            await psub.unsubscribe()
+        tries = 0
+        while (got[-1].metadata.sequence.stream if got else 0) < last:
+            start = got[-1].metadata.sequence.stream + 1 if got else 1
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+                                        ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0, num_replicas=1,
+                                        mem_storage=True)
+            try:
+                psub = await js.pull_subscribe(f"{res.subject_prefix}.*", durable=None, stream=res.stream,
+                                               config=config)
+                try:
+                    while (got[-1].metadata.sequence.stream if got else 0) < last:
+                        got += [m for m in await psub.fetch(1024, timeout=10) if m.metadata.sequence.stream >= start]
+                        start = got[-1].metadata.sequence.stream + 1 if got else start
+                finally:
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:  # a consumer's server busy or gone: again
+                tries += 1
+                if tries > 30:
+                    raise
+                log_line(f"reading the results again after {type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
         return got
 
     out = []
@@ -415,7 +434,11 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "node_camera_restarts_total", "node_standby_takeovers_total", "node_jobs_done_total",
             "node_job_redeliveries_total")} for name, node in nodes.items()}
         stop_nodes(nodes)
-        stored = read_results(monitor)
+        try:
+            stored = read_results(monitor)
+        except FleetError as exc:  # the figures are kept; correctness then fails, saying why
+            errors.append(f"reading the results back: {exc}")
+            stored = []
     finally:
         if sampler is not None:
             sampler.stop.set()
