@@ -168,32 +168,42 @@ def _not_later_nor_cancelled(current: JobState, state: JobState) -> bool:
     return current.attempt <= state.attempt and current.state != "cancelled"
 
 
-def _not_ended_any_attempt(current: JobState, state: JobState) -> bool:
-    return current.state not in ENDED
-
-
-async def _write_state(kv: KeyValue, state: JobState, replaces: Callable[[JobState, JobState], bool] = _not_later,
-                       tries: int = 5) -> JobState | None:
-    """Write `state` where the stored one may give way to it (`replaces(stored, state)`; by default
-    unless it belongs to a later attempt): None when written, else the stored state that kept it."""
+async def _change_state(kv: KeyValue, job_id: str, change: Callable[[JobState | None], JobState | None],
+                        tries: int = 5) -> tuple[JobState | None, bool]:
+    """Read-modify-write of a job's state by compare-and-set: change(stored, None where there is
+    none) gives the state to write, or None to keep the stored one. Returns the stored state it was
+    given and whether it was replaced."""
     for _ in range(tries):
         try:
-            entry = await kv.get(state.job_id)
+            entry = await kv.get(job_id)
         except nats.js.errors.KeyNotFoundError:
+            state = change(None)
+            if state is None:
+                return None, False
             try:
-                await kv.create(state.job_id, records.pack(state))
-                return None
+                await kv.create(job_id, records.pack(state))
+                return None, True
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
-        current = records.unpack(JobState, entry.value or b"", f"job {state.job_id}")
-        if not replaces(current, state):
-            return current
+        current = records.unpack(JobState, entry.value or b"", f"job {job_id}")
+        state = change(current)
+        if state is None:
+            return current, False
         try:
-            await kv.update(state.job_id, records.pack(state), last=entry.revision)
-            return None
+            await kv.update(job_id, records.pack(state), last=entry.revision)
+            return current, True
         except nats.js.errors.KeyWrongLastSequenceError:
             continue
-    raise FleetError(f"job {state.job_id}: state changed under us {tries} times in a row")
+    raise FleetError(f"job {job_id}: state changed under us {tries} times in a row")
+
+
+async def _write_state(kv: KeyValue, state: JobState,
+                       replaces: Callable[[JobState, JobState], bool] = _not_later) -> JobState | None:
+    """Write `state` where the stored one may give way to it (`replaces(stored, state)`; by default
+    unless it belongs to a later attempt): None when written, else the stored state that kept it."""
+    stored, written = await _change_state(
+        kv, state.job_id, lambda current: state if current is None or replaces(current, state) else None)
+    return None if written else stored
 
 
 # ---------------------------------------------------------------------------- submitting, listing
@@ -244,15 +254,21 @@ class JobQueue:
         return before
 
     async def _cancel(self, job_id: str, error: str) -> JobState:
-        current = await self._get(job_id)
-        if current.state in ENDED:
-            return current
+        """Cancel over whatever state the job has when the write lands (any attempt's, any node's),
+        unless it has ended; the state it replaced (or the ended one)."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise JobNotFound(f"{job_id!r} is not a job id")
         kv = await self.client.js.key_value(self.config.state_bucket)
-        state = replace(current, state="cancelled", error=error, frames_per_s=0.0, updated_at=time.time())
-        stored = await _write_state(kv, state, _not_ended_any_attempt)
-        if stored is not None:  # it ended meanwhile
-            return stored
-        return current
+
+        def cancelled(current: JobState | None) -> JobState | None:
+            if current is None or current.state in ENDED:
+                return None
+            return replace(current, state="cancelled", error=error, frames_per_s=0.0, updated_at=time.time())
+
+        before, _ = await _change_state(kv, job_id, cancelled)
+        if before is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return before
 
     async def _submit(self, requests: list[JobRequest]) -> None:
         kv = await self.client.js.key_value(self.config.state_bucket)
