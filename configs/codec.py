@@ -10,7 +10,8 @@ against their type hints here, with the same rules and the same errors:
 Rules: int is not bool; an int is a fine float (converted); str, bytes and bool are exact; a
 Path takes a str; Literal[...] matches value and type (`1` is not `True`); `X | None`, unions
 (first member that fits), tuple[X, ...], tuple[X, Y], list[X], dict[K, V] and nested dataclasses
-(a mapping: unknown keys are errors, missing keys take the field's default or are errors). A
+(a mapping: unknown keys are errors unless the Codec ignores them, missing keys take the field's
+default or are errors). A
 dataclass's own __post_init__ errors (TypeError, ValueError) come back as a CodecError at its path.
 
 Each type is compiled once into a decoder (closures, cached per Codec), so a small message header
@@ -69,10 +70,17 @@ class CodecError(ValueError):
 
 
 class Codec:
-    """Decoders compiled per type, with optional extra leaf types: {type: decoder(value, context)}."""
+    """Decoders compiled per type, with optional extra leaf types: {type: decoder(value, context)}.
+    unknown_keys="ignore" skips a mapping's keys its dataclass has no field for, instead of raising:
+    for records that a newer build may have written with fields added (every known field is still
+    checked as strictly)."""
 
-    def __init__(self, leaves: Mapping[Any, Decoder] | None = None):
+    def __init__(self, leaves: Mapping[Any, Decoder] | None = None,
+                 unknown_keys: Literal["error", "ignore"] = "error"):
+        if unknown_keys not in ("error", "ignore"):
+            raise ValueError(f"unknown_keys: expected 'error' or 'ignore', got {unknown_keys!r}")
         self._leaves = dict(leaves or {})
+        self._strict_keys = unknown_keys == "error"
         self._cache: dict[Any, Decoder] = {}
         self._fields: dict[type, Callable[[Any, Any], dict[str, Any]]] = {}
 
@@ -103,11 +111,12 @@ class Codec:
                 required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                 specs.append((f.name, self._field_decoder(cls, f.name, hints[f.name]), required, hints[f.name]))
         name = cls.__name__
+        strict_keys = self._strict_keys
 
         def decode(value: Any, context: Any) -> dict[str, Any]:
             if type(value) is not dict and not isinstance(value, Mapping):
                 raise CodecError((), f"expected a mapping for {name}, got {given(value)}")
-            if not value.keys() <= names:
+            if strict_keys and not value.keys() <= names:
                 key = str(next(k for k in value if k not in names))
                 raise CodecError((key,), f"unknown key{valid_keys_hint(key, hints)}")
             kwargs = {}

@@ -38,6 +38,10 @@ class NodeProcess:
         self.name = name
         self.metrics_port = free_ports(1)[0]
         self.log = tmp_path / f"node-{name}.log"
+        restarts = 1
+        while self.log.exists():  # a node started again under its name: a log of its own
+            restarts += 1
+            self.log = tmp_path / f"node-{name}.{restarts}.log"
         sets = [x for s in TINY_MODEL_SETS for x in ("--set", s)]
         cmd = [sys.executable, "-m", "maskstream.pipeline.cli", "node", "--fleet-config", str(config), "--name", name,
                "--capacity", str(capacity), "--metrics-port", str(self.metrics_port), "--status-interval", "0.5",

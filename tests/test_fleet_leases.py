@@ -197,6 +197,35 @@ def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registr
     print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
 
 
+def test_a_node_restarted_at_once_leaves_its_cameras_to_warm_standbys(registry, nodes, config, tmp_path):
+    """A service manager restarts a SIGKILLed node at once, under its name, before its leases expired.
+    The restart is a new start of it, with no pipeline warm: the cameras go to the node whose
+    standbys wait warm, not back to the restarted one by its name."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    agent = Agent(str(path), "lease", "host-a", "2")
+    try:
+        agent.expect("READY", timeout_s=30)
+        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+        registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
+        assert {agent.expect("ACQUIRED", timeout_s=10).split()[1] for _ in range(2)} == {"cam0", "cam1"}
+        warm = nodes("host-b", capacity=2)
+        warm.set_ready(2)
+        wait_for(lambda: any(info.name == "host-b" and info.ready == 2 for info in registry.nodes()), 5,
+                 "host-b's two warm standbys in its presence")
+        killed = agent.kill()
+        restarted = nodes("host-a", capacity=2)  # in the fleet before the leases expire: a new instance
+        restart_s = time.monotonic() - killed
+        assert restart_s < config.leases.ttl_s - config.leases.renew_interval_s, \
+            f"the restart took {restart_s:.2f} s: the leases may have expired before it, which tests nothing"
+        for name in ("cam0", "cam1"):
+            first_event(warm, "acquired", name, timeout_s=FAILOVER_GOAL_S + 5)
+        time.sleep(config.leases.claim_grace_s + 0.5)  # neither moves, nor is claimed by the restart
+        assert set(warm.held()) == {"cam0", "cam1"} and restarted.held() == {}
+    finally:
+        agent.close()
+
+
 def kv_consumers(client) -> dict[str, int]:
     """The consumers of each KV bucket's stream, as the server counts them."""
     async def count():

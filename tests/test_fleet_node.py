@@ -154,6 +154,9 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
             takeovers = node_counter(survivor, "standby_takeovers")
 
             killed = victim.kill()
+            # started again at once under its name, as a service manager does: a new start, with no
+            # pipeline warm, which takes none of the cameras back (they go to the standbys)
+            restarted = node_processes("a", path, tmp_path, 2, "--no-standby")
             for camera in victims:
                 moved = wait_for(lambda c=camera: (h := holder(registry, c)) and h[0] == survivor.name and h, 30,
                                  f"{camera}'s lease on the surviving node", every=0.05)
@@ -172,6 +175,11 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
                 assert first_new - moved[1] < pipeline_start[camera]
             # each camera on a standby of its own
             assert node_counter(survivor, "standby_takeovers") == takeovers + 2
+            restarted.wait_ready()
+            time.sleep(config.leases.claim_grace_s + 0.5)
+            assert all(holder(registry, c)[0] == survivor.name for c in victims)
+            assert 'maskstream_node_streams{stage="node"} 0' in restarted.metrics()
+            restarted.terminate(60)  # the rest of the test counts on the survivor alone
             # the other camera went on, on its node, through the kill
             collector.wait("cam2", lambda got: len(got) > cam2_before + 10, 60, "cam2 after the kill")
             assert len(runs_of(collector.messages("cam2"))) == 1

@@ -357,7 +357,7 @@ def fleet_status(args: argparse.Namespace) -> int:
     } for row in rows]
     node_rows: list[dict[str, Any]] = [
         {"node": n.name, "cameras": n.held, "jobs": list(n.jobs), "capacity": n.capacity + len(n.jobs),
-         "up_s": round(now - n.started_at, 1)} for n in nodes]
+         "standby_ready": n.ready, "up_s": round(now - n.started_at, 1)} for n in nodes]
     if args.json:
         print(json.dumps({"cameras": cameras, "nodes": node_rows}, indent=1))
         return 0
@@ -365,9 +365,9 @@ def fleet_status(args: argparse.Namespace) -> int:
            [[c["camera"], c["node"] or "(waiting for a node)", _number(c["frames_per_s"]), _number(c["frames"]),
              _number(c["drops"]), c["last_error"] or ""] for c in cameras])
     print()
-    _table(["NODE", "CAMERAS", "JOBS", "CAPACITY", "UP"],
-           [[n["node"], str(n["cameras"]), str(len(n["jobs"])), str(n["capacity"]), f"{n['up_s']:.0f} s"]
-            for n in node_rows])
+    _table(["NODE", "CAMERAS", "JOBS", "CAPACITY", "STANDBY", "UP"],
+           [[n["node"], str(n["cameras"]), str(len(n["jobs"])), str(n["capacity"]), str(n["standby_ready"]),
+             f"{n['up_s']:.0f} s"] for n in node_rows])
     return 0
 
 

@@ -25,14 +25,22 @@ change) it
    claiming one camera exactly one wins. A claim that went unanswered may be stored all the
    same: a lease of this very start of the node that shows up for that camera is held.
 
-The claim rule (spread by capacity, least-loaded first): every node computes the same plan from
-the same view. A free camera whose last holder is live (has a NodeInfo) and has room goes back to
-it. The other free cameras are taken in name order; each goes to the live node that has room and
-the lowest load after the cameras planned so far, load being cameras held / capacity, ties to
-fewer cameras held, then to the node name. A node claims what the plan gives it. A camera that
-stays free for `claim_grace_s` (the planned node is stuck, or views differ) may be claimed by any
-node with room. Cameras already held are never taken away: a node that joins later gets new and
-orphaned cameras, it does not rebalance running ones.
+The claim rule (warm first, then spread by capacity, least-loaded first): every node computes the
+same plan from the same view. A free camera whose last holder is live, as the same start of the
+node (its NodeInfo names the lease's instance), and has room goes back to it. The other free
+cameras are taken in name order; each goes to a live node that has room and a warm standby
+pipeline not yet planned for (NodeInfo.ready: a standby takes a camera over in a second or two,
+where a cold pipeline first loads its model), else to the live node with room; among either kind,
+to the lowest load after the cameras planned so far, load being cameras held / capacity, ties to
+fewer cameras held, then to the node name. A node restarted under its name (a service manager
+starting it again at once) is a new start: its cameras are not its own any more, and they go to
+nodes whose standbys wait warm rather than back to it cold. Standbys are made again after a
+takeover, so in a steady fleet every node offers one and the rule is the spread by load.
+
+A node claims what the plan gives it. A camera that stays free for `claim_grace_s` (the planned
+node is stuck, or views differ) may be claimed by any node with room. Cameras already held are
+never taken away: a node that joins later gets new and orphaned cameras, it does not rebalance
+running ones.
 
 Failover: a node that dies stops renewing; its leases expire `ttl_s` after their last renewal,
 the expiry markers wake the other nodes, which plan and claim at once. So a camera resumes about
@@ -192,6 +200,7 @@ class NodeInfo:
     started_at: float  # time.time()
     renewed_at: float
     jobs: tuple[str, ...] = ()  # the ids of the offline jobs it runs
+    ready: int = 0  # warm standby pipelines waiting for a camera (the claim rule prefers them)
 
 
 @dataclass(frozen=True)
@@ -339,11 +348,12 @@ class CameraRegistry:
 # ---------------------------------------------------------------------------- the plan
 
 
-def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]],
-                previous: Mapping[str, str] | None = None) -> dict[str, str]:
+def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]], previous: Mapping[str, str] | None = None,
+                ready: Mapping[str, int] | None = None) -> dict[str, str]:
     """camera -> node for the free cameras; nodes: name -> (cameras held, capacity); previous: camera -> the
-    node that held it last. See the module docstring."""
+    node that held it last (the same start of it); ready: node -> its warm standbys. See the module docstring."""
     load = {name: held for name, (held, _) in nodes.items()}
+    warm = {name: (ready or {}).get(name, 0) for name in nodes}
     plan: dict[str, str] = {}
     for camera in sorted(free):
         node = (previous or {}).get(camera)
@@ -354,9 +364,10 @@ def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]],
         room = [n for n, (_, capacity) in nodes.items() if load[n] < capacity]
         if not room:
             break
-        best = min(room, key=lambda n: (load[n] / nodes[n][1], load[n], n))
+        best = min(room, key=lambda n: (warm[n] <= 0, load[n] / nodes[n][1], load[n], n))
         plan[camera] = best
         load[best] += 1
+        warm[best] -= 1
     return plan
 
 
@@ -428,8 +439,9 @@ class LeaseManager:
         self._skipped: set[tuple[str, int]] = set()
         self._presence_sent = -math.inf
         self._presence_failing_since: float | None = None  # loop time of the first unanswered write of an outage
-        self._presence_written: tuple[int, int, tuple[str, ...]] | None = None
+        self._presence_written: tuple[int, int, tuple[str, ...], int] | None = None
         self._jobs: tuple[str, ...] = ()
+        self._ready_standbys = 0
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._release_on_stop = True
@@ -492,6 +504,15 @@ class LeaseManager:
         jobs = tuple(jobs)
         if jobs != self._jobs:
             self._jobs = jobs
+            self._poke()
+
+    def set_ready(self, standbys: int) -> None:
+        """Warm standby pipelines this node has waiting for a camera, for its presence record: the
+        claim rule gives free cameras to such nodes first."""
+        if isinstance(standbys, bool) or not isinstance(standbys, int) or standbys < 0:
+            raise ValueError(f"standbys: expected a number of pipelines >= 0, got {standbys!r}")
+        if standbys != self._ready_standbys:
+            self._ready_standbys = standbys
             self._poke()
 
     def release_all(self, reason: str = "node draining", timeout_s: float = 10.0) -> None:
@@ -614,12 +635,12 @@ class LeaseManager:
         return out
 
     async def _presence(self, now: float) -> None:
-        written = (len(self._held), self.capacity, self._jobs)
+        written = (len(self._held), self.capacity, self._jobs, self._ready_standbys)
         due = now - self._presence_sent >= self.config.renew_interval_s or self._presence_written != written
         if not due:
             return
         info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time(),
-                        self._jobs)
+                        self._jobs, self._ready_standbys)
         try:
             await self.client.on_this_connection(self._kv_nodes.put(stream_token(self.node), records.pack(info)))
         except UNAVAILABLE as exc:
@@ -802,10 +823,16 @@ class LeaseManager:
             free = [name for name in free if name not in previous]
             if not free:
                 return
+        infos = [info for info in self._decoded(self._nodes, NodeInfo).values() if info.capacity > 0]
         nodes = {info.name: (sum(1 for lease in leases.values() if lease.node == info.name), info.capacity)
-                 for info in self._decoded(self._nodes, NodeInfo).values() if info.capacity > 0}
+                 for info in infos}
         nodes[self.node] = (len(self._held), self.capacity)
-        plan = plan_claims(free, nodes, previous)
+        instances = {info.name: info.instance for info in infos} | {self.node: self.instance}
+        ready = {info.name: info.ready for info in infos} | {self.node: self._ready_standbys}
+        # a camera goes back to the very start of the node that held it, not to a restart of it
+        # under the same name: that one runs nothing of it, and may be the coldest node there is
+        same = {camera: node for camera, (node, instance) in previous.items() if instances.get(node) == instance}
+        plan = plan_claims(free, nodes, same, ready)
         planned = [name for name in sorted(free) if plan.get(name) == self.node]
         orphans = [name for name in sorted(free) if name not in planned
                    and now - self._free_since[name] >= self.config.claim_grace_s]
@@ -854,15 +881,17 @@ class LeaseManager:
             elif now - latest >= self.config.ttl_s:
                 del self._claims_unanswered[name]
 
-    def _previous_holders(self, free: list[str]) -> dict[str, str]:
+    def _previous_holders(self, free: list[str]) -> dict[str, tuple[str, str]]:
+        """camera -> (node, instance) of its last lease, for the free cameras that had one."""
         out = {}
         for name in free:
             entry = self._leases.get(stream_token(name))
             if entry is not None and entry.last is not None:
                 try:
-                    out[name] = records.unpack(Lease, entry.last).node
+                    lease = records.unpack(Lease, entry.last)
                 except records.RecordError:
                     continue
+                out[name] = (lease.node, lease.instance)
         return out
 
     async def _refresh(self, key: str) -> None:

@@ -319,6 +319,9 @@ class Node:
             self._spare = Spare()
         if self.settings.standby and not draining:
             self._keep_standbys(now)
+        # read by every node's claim plan: free cameras go to warm standbys first
+        manager.set_ready(0 if draining else
+                          sum(1 for standby in self._standbys if standby.alive and standby.ready_at is not None))
         self._reap_spares(now)
 
     def _keep_standbys(self, now: float) -> None:

@@ -3,9 +3,15 @@
 A record is a frozen dataclass that `maskstream.configs.codec` can check (str, int, float, bool,
 None, Literal, tuple[X, ...], dict[str, X], nested records). On the wire: a msgpack map
 {"v": RECORD_VERSION, "kind": class name, "fields": {...}}. `unpack` trusts nothing: a foreign
-kind, an unknown or missing field or a value of the wrong type raises `RecordError` naming the
+kind or version, a missing field or a value of the wrong type raises `RecordError` naming the
 field, with the rules configs and message headers use. Nothing decoded here can run code (no
 pickle, no msgpack extension types).
+
+One exception to strictness: a field this build does not know is skipped. A fleet is upgraded one
+host at a time, and a newer node adds fields (with defaults) to the records it writes; an older
+node that refused them would take the newer one's presence for garbage and plan without it, and
+`fleet jobs` of an older install could not list a newer node's jobs. A field whose meaning changed
+is a new field or a new RECORD_VERSION, never a new type under an old name.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import dataclasses
 from typing import Any, TypeVar
 
 import msgpack
-from maskstream.configs.codec import CodecError, from_plain, to_plain
+from maskstream.configs.codec import Codec, CodecError, to_plain
 
 __all__ = ["RECORD_VERSION", "RecordError", "pack", "unpack"]
 
 RECORD_VERSION = 1
 T = TypeVar("T")
+_CODEC = Codec(unknown_keys="ignore")
 
 
 class RecordError(ValueError):
@@ -47,6 +54,6 @@ def unpack(cls: type[T], data: bytes, where: str = "") -> T:
     if meta["kind"] != cls.__name__:
         raise RecordError(f"{where}: expected a {cls.__name__} record, got {meta['kind']!r}")
     try:
-        return from_plain(cls, meta["fields"])
+        return _CODEC.from_plain(cls, meta["fields"])
     except CodecError as exc:
         raise RecordError(f"{where}: {exc}") from None
