@@ -246,6 +246,8 @@ def test_camera_failover_after_sigkill_and_runtime_add_remove(nats_cluster, rtsp
 
             status = maskstream("fleet", "status", "--fleet-config", str(path))
             assert status.returncode == 0 and all(c in status.stdout for c in cameras), status.stderr
+            node_row = next(line.split() for line in status.stdout.splitlines() if line.startswith(survivor.name))
+            assert node_row[:5] == [survivor.name, "3", "0", "3", "0"], status.stdout  # 3 cameras of 3: no standby
             # every frame of every run of every camera published or counted as dropped
             for camera in ("cam0", "cam1", "cam2", "cam3"):
                 for run in runs_of(collector.messages(camera)):
