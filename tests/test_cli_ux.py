@@ -446,6 +446,7 @@ def test_help_shows_every_default_an_example_and_the_version(capsys):
                 assert "%(default)" in formatter._get_help_string(action), (name, action.option_strings)
                 shown = formatter._get_help_string(action) % {**vars(action), "prog": name}
                 assert f"(default: {action.default})" in shown
+                assert shown.count("(default") == 1, shown  # said once, not by the help and the formatter both
                 assert " ".join(shown.split()) in text  # as rendered
             else:  # what happens without the option is in its help, where it matters
                 assert "%(default)" not in formatter._get_help_string(action)

@@ -620,11 +620,15 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         done = maskstream("fleet", "remove", "door", "--fleet-config", str(path))
         assert done.returncode == 0, done.stderr
         # `maskstream subscribe` replays from a sequence number and stops at the stream's end
-        replay = maskstream("subscribe", nats_server.url, "--stream", "door", "--from-seq", str(resume),
-                            "--timeout", "30")
-        assert replay.returncode == 0, replay.stderr
-        assert '"error":"stopped: camera removed"' in replay.stdout.splitlines()[-1]
-        assert "resume with --from-seq" in replay.stderr
+        # (the servers as the endpoint, as --nats, or from the fleet config: the same replay)
+        replays = [maskstream("subscribe", *where, "--stream", "door", "--from-seq", str(resume), "--timeout", "30")
+                   for where in ([nats_server.url], ["--nats", nats_server.url, "--fleet-set", "replicas=1"],
+                                 ["--fleet-config", str(path)])]
+        for replay in replays:
+            assert replay.returncode == 0, replay.stderr
+            assert '"error":"stopped: camera removed"' in replay.stdout.splitlines()[-1]
+            assert "resume with --from-seq" in replay.stderr
+        assert replays[0].stdout == replays[1].stdout == replays[2].stdout
 
         # two jobs at once (the node has room for both): a file that is no video, whose stream ends
         # with the error and which fails for good (no retry), and a video. `fleet submit` itself refuses

@@ -131,6 +131,16 @@ def test_usage_errors_are_said_before_anything_is_reached():
     assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
     bad = maskstream("subscribe", "tcp://127.0.0.1:5556", "--from-seq", "3")
     assert bad.returncode == 2 and "--from-seq" in bad.stderr
+    bad = maskstream("subscribe", "tcp://127.0.0.1:5556", "--fleet-set", "replicas=3")
+    assert bad.returncode == 2 and "--fleet-set are for NATS endpoints" in bad.stderr, bad.stderr
+    bad = maskstream("subscribe", "--stream", "door")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no endpoint: give"), bad.stderr
+    bad = maskstream("subscribe", "tcp://127.0.0.1:5556", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "or --nats, not both" in bad.stderr, bad.stderr
+    bad = maskstream("subscribe", "--nats", "ws://127.0.0.1:1")
+    assert bad.returncode == 2 and "by nats:// or tls://" in bad.stderr, bad.stderr
+    bad = maskstream("subscribe", "--nats", "127.0.0.1:4222")
+    assert bad.returncode == 2 and "'127.0.0.1:4222' is not a server URL" in bad.stderr, bad.stderr
     bad = maskstream("node", "--nats", "nats://10.1.2.3:4222", "--name", "a")
     assert bad.returncode == 2 and "off loopback without TLS" in bad.stderr
     with pytest.raises(ValueError, match="from_seq"):

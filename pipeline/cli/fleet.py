@@ -67,9 +67,10 @@ def add_parsers(subparsers: Any) -> None:
 
     node = subcommand(subparsers, "node", "run this host's share of the fleet's cameras and jobs (until SIGTERM)",
                       NODE_EXAMPLES, parents=[connection])
-    node.add_argument("--name", default=socket.gethostname(), help="the node's name in the fleet (default: hostname)")
+    node.add_argument("--name", default=socket.gethostname(),
+                      help="the node's name in the fleet: this host's name unless given")
     node.add_argument("--capacity", type=_positive_int, default=4,
-                      help="pipelines at once, cameras and jobs together (default 4)")
+                      help="pipelines at once, cameras and jobs together")
     node.add_argument("--config", type=config_file, default=CONFIG_DIR / "pipeline.yaml",
                       help="pipeline YAML every camera and job starts from (RunConfig; its sources are ignored)")
     node.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
@@ -88,15 +89,14 @@ def add_parsers(subparsers: Any) -> None:
                       help="the same as --standby 0: no warm camera pipeline")
     node.add_argument("--standby-ready-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                       help="a standby not ready (model loaded and warmed up) this long after its start is "
-                           "stopped as hung and made again (default 300: well above a cold start on a busy "
-                           "CPU host or a torch.compile on a GPU)")
+                           "stopped as hung and made again (well above a cold start on a busy CPU host or a "
+                           "torch.compile on a GPU)")
     node.add_argument("--standby-retry", type=_non_negative_float, default=30.0, metavar="SECONDS",
-                      help="how long after a standby died unused or was stopped as hung another one starts "
-                           "(default 30)")
+                      help="how long after a standby died unused or was stopped as hung another one starts")
     node.add_argument("--hung-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                       help="a pipeline process (a camera's, a job's, a standby's) silent this long is taken for "
                            "hung and SIGKILLed: the camera starts again, the job is handed back, the standby "
-                           "made again (default 30: far above a loaded host's pauses)")
+                           "made again (far above a loaded host's pauses)")
     node.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                       help="how often the cameras' frames/s, drops and errors are written for `fleet status`")
     node.set_defaults(func=run_node)

@@ -7,7 +7,8 @@ with CurveZMQ keys needs --server-key and --client-key (README: Publishing beyon
 
 A nats:// (or tls://) endpoint reads fleet mode's results stream instead (docs/fleet.md):
 --stream takes shell patterns there (`cam*`), --from-seq replays from a stream sequence number,
-and the summary says where to resume.
+and the summary says where to resume. As the fleet commands do, it takes the servers as `--nats
+URL` too, or from --fleet-config's nats.urls when no endpoint is given.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ EXAMPLES = """
   maskstream subscribe tcp://127.0.0.1:5556                       # every stream, JSON lines on stdout
   maskstream subscribe tcp://127.0.0.1:5556 --stream cam0 --out cam0.jsonl
   maskstream subscribe nats://127.0.0.1:4222 --stream 'cam*' --from-seq 1   # a fleet's results, replayed
+  maskstream subscribe --fleet-config fleet.yaml --stream door                # its servers from the config
 """
 
 
@@ -37,8 +39,12 @@ def add_parsers(subparsers: Any) -> None:
 
     parser = subcommand(subparsers, "subscribe", "print or save the detections a running pipeline publishes "
                         "(JSON lines)", EXAMPLES)
-    parser.add_argument("endpoint", help="the pipeline's publish address, e.g. tcp://127.0.0.1:5556, or a fleet's "
-                                         "NATS server, e.g. nats://127.0.0.1:4222")
+    parser.add_argument("endpoint", nargs="?",
+                        help="the pipeline's publish address, e.g. tcp://127.0.0.1:5556, or a fleet's NATS server, "
+                             "e.g. nats://127.0.0.1:4222 (for a fleet: or --nats, or --fleet-config's nats.urls)")
+    parser.add_argument("--nats", action="append", default=[], metavar="URL",
+                        help="NATS: a server of the fleet, as the fleet commands take it (repeatable; instead of "
+                             "ENDPOINT)")
     parser.add_argument(
         "--stream", action="append", dest="streams", metavar="ID",
         help="receive only this stream (repeatable; default: all); on NATS also a pattern such as 'cam*'. "
@@ -48,7 +54,9 @@ def add_parsers(subparsers: Any) -> None:
                         help="NATS: replay from the results stream's sequence number N (1: all it keeps; "
                              "default: only new results)")
     parser.add_argument("--fleet-config", type=config_file, metavar="PATH",
-                        help="NATS: fleet YAML with the credentials and TLS to connect with")
+                        help="NATS: fleet YAML with the servers, credentials and TLS to connect with")
+    parser.add_argument("--fleet-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="NATS: override a fleet config value, as the fleet commands take it")
     parser.add_argument("--out", type=Path, help="write the JSON lines to this file instead of stdout")
     parser.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
     parser.add_argument(
@@ -79,6 +87,7 @@ def subscribe(args: argparse.Namespace) -> int:
     from maskstream.pipeline.client import is_nats_url
     from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
 
+    args.endpoint = _endpoint(args)
     fleet_errors: tuple[type[Exception], ...] = ()
     if is_nats_url(args.endpoint):  # the NATS client is imported for NATS endpoints only
         from maskstream.pipeline.fleet.connection import FleetError
@@ -125,17 +134,49 @@ def subscribe(args: argparse.Namespace) -> int:
     return status
 
 
+def _endpoint(args: argparse.Namespace) -> str:
+    """ENDPOINT, or the fleet's servers from --nats or the fleet config (comma-separated, as the
+    NATS subscriber reads them); ValueError (exit 2) for none or both."""
+    from maskstream.pipeline.client import is_nats_url
+
+    if args.nats:
+        from maskstream.pipeline.fleet.config import check_server_url
+
+        if args.endpoint is not None:
+            raise ValueError(f"give the endpoint ({args.endpoint}) or --nats, not both")
+        urls = [url for item in args.nats for url in item.split(",") if url]
+        for url in urls:
+            check_server_url(url, "--nats ")
+            if not is_nats_url(url):
+                raise ValueError(f"--nats {url!r}: subscribe reaches NATS by nats:// or tls://")
+        return ",".join(urls)
+    if args.endpoint is not None:
+        return str(args.endpoint)
+    fleet = _fleet_config(args)
+    if fleet is not None:
+        return ",".join(fleet.nats.urls)
+    raise ValueError("no endpoint: give the pipeline's publish address (e.g. tcp://127.0.0.1:5556), or a fleet's "
+                     "NATS server (nats://... or --nats URL, or --fleet-config with its nats.urls)")
+
+
+def _fleet_config(args: argparse.Namespace) -> Any:
+    """The FleetConfig of --fleet-config and --fleet-set (the bundled one's defaults under the
+    sets), or None where neither is given."""
+    if args.fleet_config is None and not args.fleet_set:
+        return None
+    from maskstream.configs import CONFIG_DIR
+    from maskstream.pipeline.config import load_config
+    from maskstream.pipeline.fleet.config import FleetConfig
+
+    return load_config(FleetConfig, args.fleet_config or CONFIG_DIR / "fleet.yaml", args.fleet_set)
+
+
 def _open(args: argparse.Namespace) -> Subscriber:
     from maskstream.pipeline.client import Subscriber, is_nats_url
 
-    fleet = None
-    if args.fleet_config is not None:
-        from maskstream.pipeline.config import load_config
-        from maskstream.pipeline.fleet.config import FleetConfig
-
-        fleet = load_config(FleetConfig, args.fleet_config)
+    fleet = _fleet_config(args)
     if not is_nats_url(args.endpoint) and (args.from_seq is not None or fleet is not None):
-        raise ValueError("--from-seq and --fleet-config are for NATS endpoints (nats://...)")
+        raise ValueError("--from-seq, --fleet-config and --fleet-set are for NATS endpoints (nats://...)")
     if is_nats_url(args.endpoint) and args.max_message_bytes is not None:
         raise ValueError("--max-message-bytes is for ZeroMQ endpoints (on NATS the server bounds messages)")
     limit = {} if args.max_message_bytes is None else {"max_message_bytes": args.max_message_bytes}
