@@ -234,3 +234,5 @@ def test_plan_gives_free_cameras_to_warm_standbys_first_and_back_only_to_the_sam
     # a camera whose last holder (the caller passes only the same start of it) has room goes back to
     # it before any standby
     assert plan_claims(["c1", "c2"], nodes, {"c1": "a"}, {"b": 1}) == {"c1": "a", "c2": "b"}
+    # a camera read offline (no standby runs it) goes by load and leaves the standby to the next one
+    assert plan_claims(["c1", "c2"], nodes, ready={"b": 1}, cold={"c1"}) == {"c1": "a", "c2": "b"}

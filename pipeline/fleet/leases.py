@@ -34,7 +34,8 @@ where a cold pipeline first loads its model), else to the live node with room; a
 to the lowest load after the cameras planned so far, load being cameras held / capacity, ties to
 fewer cameras held, then to the node name. A node restarted under its name (a service manager
 starting it again at once) is a new start: its cameras are not its own any more, and they go to
-nodes whose standbys wait warm rather than back to it cold. Standbys are made again after a
+nodes whose standbys wait warm rather than back to it cold. A camera whose options read it offline
+(`policy=offline`), which no standby runs, goes by load alone. Standbys are made again after a
 takeover, so in a steady fleet every node offers one and the rule is the spread by load.
 
 A node claims what the plan gives it. A camera that stays free for `claim_grace_s` (the planned
@@ -88,7 +89,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -349,9 +350,10 @@ class CameraRegistry:
 
 
 def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]], previous: Mapping[str, str] | None = None,
-                ready: Mapping[str, int] | None = None) -> dict[str, str]:
+                ready: Mapping[str, int] | None = None, cold: Collection[str] = ()) -> dict[str, str]:
     """camera -> node for the free cameras; nodes: name -> (cameras held, capacity); previous: camera -> the
-    node that held it last (the same start of it); ready: node -> its warm standbys. See the module docstring."""
+    node that held it last (the same start of it); ready: node -> its warm standbys; cold: cameras no
+    standby can take (planned by load alone). See the module docstring."""
     load = {name: held for name, (held, _) in nodes.items()}
     warm = {name: (ready or {}).get(name, 0) for name in nodes}
     plan: dict[str, str] = {}
@@ -364,10 +366,11 @@ def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]], previous:
         room = [n for n, (_, capacity) in nodes.items() if load[n] < capacity]
         if not room:
             break
-        best = min(room, key=lambda n: (warm[n] <= 0, load[n] / nodes[n][1], load[n], n))
+        takes_warm = camera not in cold
+        best = min(room, key=lambda n: (takes_warm and warm[n] <= 0, load[n] / nodes[n][1], load[n], n))
         plan[camera] = best
         load[best] += 1
-        warm[best] -= 1
+        warm[best] -= takes_warm
     return plan
 
 
@@ -832,7 +835,9 @@ class LeaseManager:
         # a camera goes back to the very start of the node that held it, not to a restart of it
         # under the same name: that one runs nothing of it, and may be the coldest node there is
         same = {camera: node for camera, (node, instance) in previous.items() if instances.get(node) == instance}
-        plan = plan_claims(free, nodes, same, ready)
+        # a standby runs live cameras only (Spare.fits): one read offline starts cold wherever it goes
+        cold = {name for name in free if cameras[name].options.get("policy") == "offline"}
+        plan = plan_claims(free, nodes, same, ready, cold)
         planned = [name for name in sorted(free) if plan.get(name) == self.node]
         orphans = [name for name in sorted(free) if name not in planned
                    and now - self._free_since[name] >= self.config.claim_grace_s]
