@@ -20,18 +20,28 @@ store after --server-down-s); pull a node's link (its relays blackholed for --cu
 the host off the network). Each node fault hits the node running the most cameras then. The last
 fault comes at least two intervals before the end.
 
-Sampled every --sample-s: each node process's RSS, open fds (/proc/PID/fd) and threads
-(/proc/PID/status), and apart from it its pipelines (every process below it: their count and
-summed RSS); processes of the nodes' pipelines left behind (their process groups seen below a node,
-no longer below one); the shared-memory rings of the nodes' pipelines in /dev/shm, and of those
-dead; each node's NATS subscriptions (the servers' /connz, by the node's connection name); each
-server's RSS; the consumers of every stream (the results, the job queue, each KV bucket:
-JetStream's stream info). Per metric, the median over the first window (the first interval less its
-first quarter) against the last (the final interval less its first quarter), its tolerance and a
-verdict (`flat`: the last at most the tolerance above the first; a leak grows, and a process
-started again meanwhile may well be smaller). A node's fds and threads follow what it runs, which
-the faults move: they are compared like with like (`leak_metrics`). Metrics marked informative
-(`verdict` false) move with the cameras and jobs a node runs and say nothing about a leak alone.
+Sampled every --sample-s: each node process's RSS, open fds (/proc/PID/fd), threads
+(/proc/PID/status) and CPU (`cpu_share`: the utime + stime of /proc/PID/stat that the node process
+itself used since its last sample, as a share of one core; not its pipelines', which are processes
+of their own), and apart from it its pipelines (every process below it: their count and summed
+RSS); processes of the nodes' pipelines left behind (their process groups seen below a node, no
+longer below one); the shared-memory rings of the nodes' pipelines in /dev/shm, and of those dead;
+each node's NATS subscriptions (the servers' /connz, by the node's connection name); each server's
+RSS and CPU (`servers_cpu_share`, the same way); the consumers of every stream (the results, the
+job queue, each KV bucket: JetStream's stream info). Per metric, the median over the first window
+(the first interval less its first quarter) against the last (the final interval less its first
+quarter), its tolerance and a verdict (`flat`: the last at most the tolerance above the first; a
+leak grows, and a process started again meanwhile may well be smaller). A node's fds and threads
+follow what it runs, which the faults move: they are compared like with like (`leak_metrics`).
+Metrics marked informative (`verdict` false) move with the cameras and jobs a node runs and say
+nothing about a leak alone.
+
+CPU (`cpu`): each node's and server's own CPU seconds over the seconds between its samples (a process
+started again counted from its second sample), `mean_share` over the soak and `max_share` of one
+sample; the first and last windows' medians are in `metrics` (`*_cpu_share`, informative).
+`nodes_cpu_ok` (a verdict): each node's mean share at most NODE_CPU_SHARE_MAX, far above what a node
+busy with the soak's cameras and jobs uses and far below the whole core a loop that never sleeps
+takes (docs/fleet.md, "A long soak"). The servers' CPU is reported, not checked.
 
 Correctness, from every message of the results stream read back at the end with its message id
 (`<camera>:<epoch>:<seq>`, an epoch per run of a camera) and its stored time:
@@ -97,6 +107,9 @@ RSS_FLAT = 0.05  # a process's median RSS, last window against first
 PIPELINES_RSS_FLAT = 0.10  # the pipelines' summed RSS: which runs are up moves it more
 SERVER_RSS_FLAT = 0.10  # a server's caches follow the stored results, which grow all along
 COUNT_FLAT = 0.10  # fds, threads, processes: the last window's median at most this much (and 1) above the first's
+# a node process's own CPU (its pipelines apart), mean over the soak, as a share of one core; see docs/fleet.md
+NODE_CPU_SHARE_MAX = 0.15
+CLOCK_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 JOBS_END_TIMEOUT_S = 300.0  # after the soak, jobs still queued or running get this long to finish
 
 
@@ -148,6 +161,16 @@ def threads(pid: int) -> int | None:
         return None
     found = re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)
     return int(found.group(1)) if found else None
+
+
+def cpu_s(pid: int) -> float | None:
+    """A process's own CPU time so far (utime + stime): not its children's, waited for or not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) * CLOCK_TICK_S
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def camera_pipeline(parents: dict[int, int], names: dict[int, str], node: int) -> int | None:
@@ -255,6 +278,23 @@ class Sampler(threading.Thread):
         self.samples: list[dict[str, Any]] = []
         self.stop = threading.Event()
         self.pipeline_groups: set[int] = set()  # every pipeline's process group seen below a node
+        self._cpu_read: dict[str, tuple[int, float, float]] = {}  # per process sampled: (pid, monotonic, cpu_s)
+        self.cpu_totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # CPU s used, over wall s
+
+    def cpu_share(self, key: str, pid: int) -> float | None:
+        """The share of one core process `key` (now pid) used since its last sample; None at its first
+        (a process started again meanwhile starts again)."""
+        used, now = cpu_s(pid), time.monotonic()
+        if used is None:
+            return None
+        last = self._cpu_read.get(key)
+        self._cpu_read[key] = (pid, now, used)
+        if last is None or last[0] != pid or now <= last[1]:
+            return None
+        totals = self.cpu_totals[key]
+        totals[0] += used - last[2]
+        totals[1] += now - last[1]
+        return round((used - last[2]) / (now - last[1]), 4)
 
     def run(self) -> None:
         while not self.stop.wait(self.sample_s):
@@ -276,7 +316,8 @@ class Sampler(threading.Thread):
             rss = [mb for p in below if (mb := rss_mb(p)) is not None]
             sample["nodes"][name] = {"rss_mb": rss_mb(pid), "fds": fds(pid), "threads": threads(pid),
                                      "pipelines": len(children(parents, pid)), "processes_below": len(below),
-                                     "pipelines_rss_mb": round(sum(rss), 1)}
+                                     "pipelines_rss_mb": round(sum(rss), 1),
+                                     "cpu_share": self.cpu_share(f"node_{name}", pid)}
             sample["runs"][name] = running_cameras(node)
             sample["nodes"][name]["jobs"] = jobs_running(node)
         # a pipeline's process left behind: its node gone or its pipeline killed, it did not exit
@@ -292,9 +333,11 @@ class Sampler(threading.Thread):
                 except OSError:
                     continue
         sample["rings_mb"], sample["dead_pipelines_rings_mb"] = round(rings[True], 1), round(rings[False], 1)
+        sample["servers_cpu_share"] = {}
         for server in self.cluster.servers:
             if server.running:
                 sample["servers"][server.name] = rss_mb(server.pid)
+                sample["servers_cpu_share"][server.name] = self.cpu_share(f"server_{server.name}", server.pid)
         sample["subscriptions"] = subscriptions(self.cluster, [f"node-{name}" for name in self.nodes])
         info = streams(self.monitor)
         sample["consumers"] = None if info is None else {name: count for name, (count, _) in info.items()}
@@ -455,6 +498,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     windows = {"first": (args.fault_every_s / 4, args.fault_every_s),
                "last": (args.duration_s - args.fault_every_s * 3 / 4, args.duration_s)}
     metrics = leak_metrics(samples, windows, names=sorted(nodes))
+    cpu = cpu_use(samples, sampler.cpu_totals, sorted(nodes))
     correctness = check_results(stored, names, jobs, states, job_frames, faults, samples, t0_wall)
     return {
         "what": "fleet soak: a 3-server cluster, 2 nodes, live cameras and a job stream under repeated faults; "
@@ -475,6 +519,8 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "leak_free": all(m["flat"] is not False for m in metrics.values() if m["verdict"]),
         "correctness": correctness,
         "correct": correctness["correct"],
+        "cpu": cpu,
+        "nodes_cpu_ok": cpu["nodes_within_bound"],
         "node_counters": node_counters,
         "samples": samples[::max(1, round(10 / args.sample_s))],  # one every ~10 s, for plots
     }
@@ -577,6 +623,7 @@ def leak_metrics(samples: list[dict[str, Any]], windows: dict[str, tuple[float, 
                                                   None)
         series[f"node_{name}_pipelines_rss_mb"] = (node_value(name, "pipelines_rss_mb"), "ratio", PIPELINES_RSS_FLAT,
                                                    False, None)
+        series[f"node_{name}_cpu_share"] = (node_value(name, "cpu_share"), "ratio", 0.0, False, None)
         series[f"node_{name}_nats_subscriptions"] = (
             lambda s, n=name: None if s["subscriptions"] is None else s["subscriptions"].get(f"node-{n}"),
             "count", 0.0, True, None)
@@ -589,6 +636,8 @@ def leak_metrics(samples: list[dict[str, Any]], windows: dict[str, tuple[float, 
     for server in sorted({name for s in samples for name in s["servers"]}):
         series[f"server_{server}_rss_mb"] = (lambda s, n=server: s["servers"].get(n), "ratio", SERVER_RSS_FLAT, True,
                                              None)
+        series[f"server_{server}_cpu_share"] = (lambda s, n=server: s["servers_cpu_share"].get(n), "ratio", 0.0,
+                                                False, None)
     series["results_and_state_stored_mb"] = (lambda s: s["stored_mb"], "ratio", 0.0, False, None)
     for stream in sorted({name for s in samples if s["consumers"] for name in s["consumers"]}):
         series[f"consumers_{stream}"] = (lambda s, n=stream: None if s["consumers"] is None else
@@ -614,6 +663,34 @@ def leak_metrics(samples: list[dict[str, Any]], windows: dict[str, tuple[float, 
         out[metric] = {"first": first, "last": last, "kind": kind, "tolerance": tolerance, "verdict": verdict,
                        "flat": flat, **({"matched": matched} if by_node is not None else {})}
     return out
+
+
+def cpu_use(samples: list[dict[str, Any]], totals: dict[str, list[float]], nodes: list[str]) -> dict[str, Any]:
+    """Each node's and server's own CPU (the process itself: a node's pipelines are processes of their
+    own) as a share of one core: over the soak (the CPU seconds it used between its samples over the
+    seconds between them, a process started again counted from its second sample) and the highest
+    sample's; a node's against NODE_CPU_SHARE_MAX."""
+    shares: dict[str, list[float]] = defaultdict(list)
+    for sample in samples:
+        for name, node in sample["nodes"].items():
+            if node.get("cpu_share") is not None:
+                shares[f"node_{name}"].append(node["cpu_share"])
+        for name, share in sample["servers_cpu_share"].items():
+            if share is not None:
+                shares[f"server_{name}"].append(share)
+    processes: dict[str, dict[str, Any]] = {}
+    for key, (used, wall) in sorted(totals.items()):
+        mean = used / wall if wall > 0 else None
+        row: dict[str, Any] = {"cpu_s": round(used, 2), "over_s": round(wall, 1),
+                               "mean_share": None if mean is None else round(mean, 4),
+                               "max_share": max(shares[key], default=None)}
+        if key.startswith("node_"):
+            row["within_bound"] = mean is not None and mean <= NODE_CPU_SHARE_MAX
+        processes[key] = row
+    checked = [processes.get(f"node_{name}", {}).get("within_bound", False) for name in nodes]
+    return {"what": "each process's own CPU time (utime + stime, /proc/PID/stat), not its children's: a node's "
+                    "pipelines are not in its figures", "node_mean_share_max": NODE_CPU_SHARE_MAX,
+            "processes": processes, "nodes_within_bound": bool(checked) and all(checked)}
 
 
 def epoch_of(item: dict[str, Any]) -> str:
@@ -736,8 +813,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'metric':<40}{'first':>10}{'last':>10}  flat (verdict)")
     for name, m in result["metrics"].items():
-        first, last = (f"{v:.1f}" if v is not None else "-" for v in (m["first"], m["last"]))
+        digits = 3 if name.endswith("_cpu_share") else 1
+        first, last = (f"{v:.{digits}f}" if v is not None else "-" for v in (m["first"], m["last"]))
         print(f"{name:<40}{first:>10}{last:>10}  {m['flat']}{'' if m['verdict'] else ' (informative)'}")
+    cpu = result["cpu"]
+    print(f"own CPU, a share of one core ({cpu['what']}): mean over the soak, highest sample")
+    for key, row in cpu["processes"].items():
+        bound = "" if "within_bound" not in row else \
+            f"  (bound {cpu['node_mean_share_max']:.2f}: {'within' if row['within_bound'] else 'EXCEEDED'})"
+        mean, top = (f"{v:.3f}" if v is not None else "-" for v in (row["mean_share"], row["max_share"]))
+        print(f"{key:<40}{mean:>10}{top:>10}{bound}")
     c = result["correctness"]
     print(f"jobs: {c['jobs']['done_exactly_once']} of {c['jobs']['submitted']} done exactly once "
           f"({c['jobs']['redelivered']} redelivered); cameras: " + "; ".join(
@@ -750,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             for cam, gap in row["longest_gap_s"].items()))
     load = result["machine"]
     print(f"{len(result['faults'])} faults; leak-free: {result['leak_free']}; correct: {result['correct']}; "
-          f"errors: {result['errors'] or 'none'}")
+          f"nodes' CPU within bound: {result['nodes_cpu_ok']}; errors: {result['errors'] or 'none'}")
     print(f"load average {load['load_average_before'][0]:.2f} before, {load['load_average_after'][0]:.2f} after; "
           f"wrote {out}")
     return 0

@@ -200,7 +200,8 @@ def check_soak(result: dict[str, Any]) -> None:
 
 def check_fleet_soak(result: dict[str, Any]) -> None:
     assert {"what", "command", "machine", "model", "settings", "setup_s", "soaked_s", "faults", "errors", "windows_s",
-            "metrics", "leak_free", "correctness", "correct", "node_counters", "samples"} <= set(result)
+            "metrics", "leak_free", "correctness", "correct", "cpu", "nodes_cpu_ok", "node_counters",
+            "samples"} <= set(result)
     load_averages(result["machine"]["load_average_before"])
     load_averages(result["machine"]["load_average_after"])
     assert result["errors"] == [] and result["model"] == "tiny", result["errors"]
@@ -217,6 +218,17 @@ def check_fleet_soak(result: dict[str, Any]) -> None:
         if name.startswith("consumers_") or name.endswith("_nats_subscriptions") or name in (
                 "stray_processes", "dead_pipelines_rings_mb"):
             assert metric["verdict"] and metric["flat"] is True, (name, metric)
+    # each node process's own CPU (its pipelines apart), a share of one core: an idle loop that never
+    # sleeps takes a whole core, far above the bound
+    cpu = result["cpu"]
+    assert set(cpu["processes"]) == {"node_a", "node_b", "server_n0", "server_n1", "server_n2"}, cpu
+    for row in cpu["processes"].values():
+        positive(row["cpu_s"], row["over_s"], row["mean_share"], row["max_share"])
+    assert 0 < cpu["node_mean_share_max"] < 1
+    assert cpu["processes"]["node_a"]["within_bound"] and cpu["processes"]["node_b"]["within_bound"], cpu
+    assert cpu["nodes_within_bound"] and result["nodes_cpu_ok"], cpu
+    for name in ("node_a_cpu_share", "node_b_cpu_share", "server_n0_cpu_share"):
+        assert not metrics[name]["verdict"] and metrics[name]["first"] is not None, (name, metrics[name])
     correctness = result["correctness"]
     jobs = correctness["jobs"]
     assert jobs["submitted"] >= 3 and jobs["done_exactly_once"] == jobs["submitted"] and not jobs["bad"], jobs
