@@ -282,9 +282,11 @@ def test_cancel_a_queued_job_a_running_one_and_a_done_one(queue, jobs_config, tm
         running.report(3, 30, 1.0)  # its node learns it at its next progress write
         wait_for(lambda: running.cancelled, 5, "the running attempt told of its cancel", every=0.05)
         assert running.cancelled == "cancelled: wrong file"
-        running.settle_cancelled()
+        assert queue.get(running_id).frames == 0  # the cancel kept the claim's figures
+        running.settle_cancelled(frames=7)  # its run stopped there: written into the cancelled state
         state = queue.get(running_id)
-        assert (state.state, state.error, state.attempt) == ("cancelled", "cancelled: wrong file", 1)
+        assert (state.state, state.error, state.attempt, state.node) == ("cancelled", "cancelled: wrong file", 1, "a")
+        assert (state.frames, state.frames_total, state.frames_per_s) == (7, 30, 0.0)
 
         assert queue.cancel(done_id).state == "done"  # ended already: left as it was
         assert queue.get(done_id).state == "done"
@@ -305,6 +307,35 @@ def test_a_job_cancelled_before_its_attempt_finishes_is_not_marked_done(queue, j
         job = worker.take(timeout_s=5)
         queue.cancel(job_id)
         assert not job.done(frames=30) and job.cancelled == "cancelled"
-        assert queue.get(job_id).state == "cancelled"
+        assert (s := queue.get(job_id)).state == "cancelled" and s.frames == 30  # where it got, all the same
         assert queue.client.run(queue.client.js.stream_info(jobs_config.jobs.stream)).state.messages == 0
         worker.close()
+
+
+def test_a_cancelled_attempt_writes_where_it_stopped_only_over_its_own_cancelled_state(queue, jobs_config, tmp_path):
+    """The node that stops a cancelled job writes its frames stored into the cancelled state (the cancel kept
+    the last progress write's); an attempt the job was delivered again after (its node cut off past
+    ack_wait_s) finds the cancel too, but the state names the later attempt: it writes nothing there."""
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    with FleetClient.connect(jobs_config, name="a") as a, FleetClient.connect(jobs_config, name="b") as b:
+        worker_a, worker_b = JobWorker(a, "a"), JobWorker(b, "b")
+        stale = worker_a.take(timeout_s=5)
+        assert stale is not None and stale._heartbeat is not None
+        stale._heartbeat.cancel()  # its heartbeats stop, as when its node is cut off: delivered again
+        later = worker_b.take(timeout_s=ACK_WAIT_S + 10)
+        assert later is not None and later.attempt == 2
+        later.report(4, 40, 2.0)
+        wait_for(lambda: queue.get(job_id).frames == 4, 5, "the later attempt's progress stored", every=0.05)
+        queue.cancel(job_id, "wrong file")
+        stale.report(9, 40, 3.0)
+        wait_for(lambda: stale.cancelled, 5, "the stale attempt told of the cancel", every=0.05)
+        stale.settle_cancelled(frames=9)
+        state = queue.get(job_id)
+        assert (state.state, state.node, state.attempt, state.frames) == ("cancelled", "b", 2, 4)
+        later.settle_cancelled(frames=6)
+        state = queue.get(job_id)
+        assert (state.state, state.node, state.attempt, state.error) == ("cancelled", "b", 2, "cancelled: wrong file")
+        assert (state.frames, state.frames_total, state.frames_per_s) == (6, 40, 0.0)
+        assert queue.client.run(queue.client.js.stream_info(jobs_config.jobs.stream)).state.messages == 0
+        worker_a.close()
+        worker_b.close()

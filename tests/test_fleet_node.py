@@ -662,18 +662,28 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
         final = wait_for(lambda: (s := queue.get(job_id)).state == "done" and s, 200, "the job done on b", every=0.5)
         assert (final.attempt, final.frames, final.frames_total) == (2, ARCHIVE_FRAMES, ARCHIVE_FRAMES)
 
-        # `fleet cancel` of a job running on b: b stops its pipeline and ends its stream saying why
+        # `fleet cancel` of a job running on b: b stops its pipeline and ends its stream saying why, its
+        # state saying where it stopped (the cancel kept the figures of the last progress write before it)
         done = maskstream("fleet", "submit", str(archive), "--fleet-config", str(path))
         assert done.returncode == 0, done.stderr
         cancelled_id = done.stdout.split("\t")[0]
         with ResultSubscriber.connect(config, streams=[cancelled_id], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
-            assert isinstance(sub.recv(), Detections)
+            got = [sub.recv()]
+            assert isinstance(got[0], Detections)
             done = maskstream("fleet", "cancel", cancelled_id, "--why", "wrong file", "--fleet-config", str(path))
             assert done.returncode == 0 and "running on b" in done.stdout, (done.stdout, done.stderr)
-            end = wait_for(lambda: isinstance(m := sub.recv(), EndOfStream) and m, 30, "the cancelled job's end")
+            while not isinstance(got[-1], EndOfStream):
+                got.append(sub.recv(timeout_s=30))
+        end = got[-1]
         assert end.error == "cancelled: wrong file" and end.header.seq < ARCHIVE_FRAMES
+        stored = [m.header.seq for m in got if isinstance(m, Detections)]
+        assert stored == list(range(end.header.seq)), stored  # every frame stored once, in order, up to the end
         state = queue.get(cancelled_id)
         assert (state.state, state.node, state.error) == ("cancelled", "b", "cancelled: wrong file")
+        assert (state.frames, state.frames_total, state.frames_per_s) == (len(stored), ARCHIVE_FRAMES, 0.0), state
+        stopped = maskstream("fleet", "jobs", "--fleet-config", str(path))
+        row = next(line for line in stopped.stdout.splitlines() if line.startswith(cancelled_id))
+        assert re.search(rf" cancelled +b +1 +{len(stored)}/{ARCHIVE_FRAMES} \d+% ", row), stopped.stdout
         b.wait_for_log(f"job {cancelled_id} cancelled", 10)
         assert 'maskstream_node_jobs_cancelled_total{stage="node"} 1' in b.metrics()
         assert "after seq" in b.wait_for_log(f"job {job_id} (attempt 2) started", 5)

@@ -239,12 +239,12 @@ class JobQueue:
 
     def cancel(self, job_id: str, why: str = "") -> JobState:
         """End a job that has not ended: its state becomes `cancelled` (error: "cancelled: <why>", or
-        "cancelled" without one) and no node runs it
-        again. A queued job is never run (the node that pulls it drops it) and its results stream, if
-        an earlier attempt stored any, ends with an EndOfStream saying why; a running one is stopped by
-        its node within jobs.status_interval_s or so (its progress write finds the state), which ends
-        the stream so. Returns the state as it was before: an ended job (done, failed, cancelled) is
-        left as it is (see its `state`). JobNotFound for an unknown id."""
+        "cancelled" without one) and no node runs it again. A queued job is never run (the node that
+        pulls it drops it) and its results stream, if an earlier attempt stored any, ends with an
+        EndOfStream saying why; a running one is stopped by its node within jobs.status_interval_s or
+        so (its progress write finds the state), which writes the frames stored into the cancelled
+        state, then ends the stream so. Returns the state as it was before: an ended job (done,
+        failed, cancelled) is left as it is (see its `state`). JobNotFound for an unknown id."""
         error = f"cancelled: {why}" if why else "cancelled"
         before = self.client.run(self._cancel(job_id, error))
         if before.state == "queued":
@@ -375,11 +375,11 @@ class Job:
         self._finish(frames)
         return self._worker.client.run(self._done())
 
-    def fail(self, error: str, retry: bool = False) -> bool:
-        """Give the job up (state failed, never delivered again), or with retry ask for another delivery now.
-        False, and nothing done, when a later attempt holds the job; False, the delivery terminated,
-        when the job was cancelled (as done())."""
-        self._finish()
+    def fail(self, error: str, retry: bool = False, frames: int | None = None) -> bool:
+        """Give the job up (state failed, never delivered again), or with retry ask for another delivery now,
+        with `frames` stored when given. False, and nothing done, when a later attempt holds the job;
+        False, the delivery terminated, when the job was cancelled (as done())."""
+        self._finish(frames)
         return self._worker.client.run(self._fail(error, retry))
 
     def _finish(self, frames: int | None = None) -> None:
@@ -400,10 +400,11 @@ class Job:
             except (*UNAVAILABLE, nats.errors.Error) as exc:
                 log.info("job %s: progress not sent (%s)", self.job_id, exc)
 
-    def settle_cancelled(self) -> None:
+    def settle_cancelled(self, frames: int | None = None) -> None:
         """The job was cancelled (`cancelled`): end this delivery for good (whichever attempt holds
-        the job: it is over), writing no state (the cancel wrote it)."""
-        self._finish()
+        the job: it is over). The cancel wrote the state; where it stopped (`frames` stored, when
+        given) goes into it while it still names this attempt (`_record_where_it_stopped`)."""
+        self._finish(frames)
         self._worker.client.run(self._settle(None, self._msg.term, "cancelled"))
 
     async def _settle(self, state: JobState | None, settle: Callable[[], Awaitable[Any]], what: str) -> bool:
@@ -422,7 +423,31 @@ class Job:
         await retrying(settle, budget, f"job {self.job_id}: {what}")
         if what == "cancelled":
             log.info("job %s: attempt %d ended, the job cancelled", self.job_id, self.attempt)
+            await self._record_where_it_stopped(budget)
         return not self.cancelled  # settled as asked
+
+    async def _record_where_it_stopped(self, budget: float) -> None:
+        """This attempt's last figures (frames stored, earlier attempts' included) into the cancelled
+        state: the cancel kept those of the last progress write, and the run went on until its node
+        found the cancel. Only over a cancelled state that names this attempt on this node, never
+        turning it into another; a failure leaves the cancel's figures (the job is over all the same)."""
+        mine = self._state
+
+        def figures(current: JobState | None) -> JobState | None:
+            if current is None or (current.state, current.attempt, current.node) != ("cancelled", mine.attempt,
+                                                                                     mine.node):
+                return None
+            total = current.frames_total if mine.frames_total is None else mine.frames_total
+            if (current.frames, current.frames_total, current.frames_per_s) == (mine.frames, total, 0.0):
+                return None
+            return replace(current, frames=mine.frames, frames_total=total, frames_per_s=0.0, updated_at=time.time())
+
+        try:
+            await retrying(lambda: _change_state(self._worker.kv, self.job_id, figures), budget,
+                           f"job {self.job_id}: state")
+        except (*UNAVAILABLE, nats.errors.Error, FleetError) as exc:
+            log.info("job %s: where the cancelled attempt stopped (%d frames) not stored (%s)", self.job_id,
+                     mine.frames, exc)
 
     async def _done(self) -> bool:
         timeout = self._worker.client.config.nats.request_timeout_s

@@ -421,18 +421,21 @@ class PipelineRun:
             return
         job = self.job
         assert job is not None
+        with self._lock:
+            stored = self._next_seq  # frames stored, earlier attempts' included: a cancel's state says so
         try:
             if end is None and job.cancelled:
-                job.settle_cancelled()
+                job.settle_cancelled(frames=stored)
                 self.outcome = "cancelled"
             elif end is not None:
-                settled = job.fail(end.error) if end.error else job.done(frames=end.header.seq)
+                settled = job.fail(end.error, frames=end.header.seq) if end.error else \
+                    job.done(frames=end.header.seq)
                 self.outcome = ("failed" if end.error else "done") if settled else \
                     "cancelled" if job.cancelled else "superseded"
             else:
                 why = self._stop_reason if self._stop.is_set() else \
                     reason or "the pipeline ended without an EndOfStream"
-                self.outcome = hand_back(job, why)
+                self.outcome = hand_back(job, why, frames=stored)
             if self.outcome == "cancelled":
                 # the cancel found the job running and left its stream to this run to end
                 self.publisher.end_after_last(job.request.stream_id, job.cancelled)
@@ -457,13 +460,13 @@ class PipelineRun:
             self._results += 1
 
 
-def hand_back(job: Job, why: str) -> str:
-    """Give a job back for another delivery, or fail it when this was its last allowed one; "cancelled"
-    where the job was cancelled meanwhile (its delivery then terminated)."""
+def hand_back(job: Job, why: str, frames: int | None = None) -> str:
+    """Give a job back for another delivery, or fail it when this was its last allowed one, `frames`
+    stored when given; "cancelled" where the job was cancelled meanwhile (its delivery then terminated)."""
     if job.attempt >= job.max_deliver:
-        settled = job.fail(f"gave up after {job.attempt} attempts, the last: {why}")
+        settled = job.fail(f"gave up after {job.attempt} attempts, the last: {why}", frames=frames)
         return "failed" if settled else "cancelled" if job.cancelled else "superseded"
-    return "released" if job.fail(why, retry=True) else "cancelled" if job.cancelled else "superseded"
+    return "released" if job.fail(why, retry=True, frames=frames) else "cancelled" if job.cancelled else "superseded"
 
 
 # ---------------------------------------------------------------------------- the pipeline process
