@@ -23,6 +23,7 @@ from maskstream.pipeline.fleet.leases import (
     CameraStatus,
     Lease,
     LeaseManager,
+    NodeNameInUse,
 )
 from maskstream.pipeline.fleet.results import stream_token
 
@@ -222,8 +223,39 @@ def test_a_node_restarted_at_once_leaves_its_cameras_to_warm_standbys(registry, 
             first_event(warm, "acquired", name, timeout_s=FAILOVER_GOAL_S + 5)
         time.sleep(config.leases.claim_grace_s + 0.5)  # neither moves, nor is claimed by the restart
         assert set(warm.held()) == {"cam0", "cam1"} and restarted.held() == {}
+        # the restart took its dead predecessor's presence for what it was: it runs, and claims
+        registry.add("cam2", "rtsp://127.0.0.1:8554/cam2")
+        first_event(restarted, "acquired", "cam2", timeout_s=5)
+        assert restarted.error is None
     finally:
         agent.close()
+
+
+def test_a_node_started_under_a_live_nodes_name_stops_having_claimed_nothing(registry, nodes, config, caplog):
+    """Two nodes on one host left at --name's default: the later start stops with an error naming
+    the live one; the live one goes on with its cameras."""
+    live = nodes("host-a", capacity=1)
+    registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
+    registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")  # free: the live node has no room for it
+    first_event(live, "acquired", "cam0", timeout_s=5)
+    with FleetClient.connect(config, name="twin") as client:
+        twin = LeaseManager(client, "host-a", capacity=2)
+        with caplog.at_level(logging.WARNING):
+            twin.start()
+            wait_for(lambda: twin.error is not None, 5, "the later start stopped")
+            assert isinstance(twin.error, NodeNameInUse)
+            message = str(twin.error)
+            assert message.startswith("node name 'host-a' is in use by another live node (on host ") and \
+                f"pid {os.getpid()}, started" in message and message.endswith("give each node its own --name")
+            assert not [e for e in twin.events() if e.kind == "acquired"] and twin.held() == {}
+            twin.stop()
+            wait_for(lambda: "another node started under this name" in caplog.text, 5, "the live node's warning")
+    time.sleep(config.leases.renew_interval_s * 2)
+    assert live.error is None and set(live.held()) == {"cam0"}
+    rows = {row.camera.name: row.lease for row in registry.status()}
+    assert rows["cam0"].instance == live.instance and rows["cam1"] is None
+    [info] = [info for info in registry.nodes() if info.name == "host-a"]
+    assert info.instance == live.instance  # its presence written again over the twin's
 
 
 def kv_consumers(client) -> dict[str, int]:

@@ -217,6 +217,23 @@ def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
     assert json.loads(maskstream("fleet", "list", "--json", "--fleet-config", str(path)).stdout) == []
 
 
+def test_a_node_started_under_a_live_nodes_name_exits_1_naming_it(cli_fleet):
+    """Two nodes on one host left at --name's default: the second says so and exits."""
+    config, path = cli_fleet
+    with FleetClient.connect(config, name="live") as client:
+        live = LeaseManager(client, "shared-name", 1)
+        live.start()
+        try:
+            twin = maskstream("node", "--name", "shared-name", "--fleet-config", str(path), "--no-standby",
+                              timeout_s=120)
+        finally:
+            live.stop()
+    assert twin.returncode == 1, twin.stderr
+    assert re.search(r"^error: node name 'shared-name' is in use by another live node \(on host \S+, pid \d+, "
+                     r"started \d+ s ago\); give each node its own --name$", twin.stderr, re.M), twin.stderr
+    assert live.error is None
+
+
 def test_fleet_wait_follows_jobs_to_their_end(cli_fleet, tmp_path):
     """`fleet wait` in its own process while a worker here takes both jobs: progress lines on stderr, a
     line per job on stdout as it ends, exit 1 since one failed; a job that does not end within --timeout

@@ -85,8 +85,10 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -123,6 +125,7 @@ __all__ = [
     "LeaseEvent",
     "LeaseManager",
     "NodeInfo",
+    "NodeNameInUse",
     "ensure_lease_buckets",
     "plan_claims",
 ]
@@ -142,6 +145,10 @@ CATCH_UP_MAX = 256
 
 class CameraExists(FleetError):
     """A camera of that name is already in the fleet."""
+
+
+class NodeNameInUse(FleetError):
+    """Another live node runs under this node's name (two nodes on one host left at --name's default)."""
 
 
 class CameraNotFound(FleetError):
@@ -202,6 +209,8 @@ class NodeInfo:
     renewed_at: float
     jobs: tuple[str, ...] = ()  # the ids of the offline jobs it runs
     ready: int = 0  # warm standby pipelines waiting for a camera (the claim rule prefers them)
+    host: str = ""  # where it runs (socket.gethostname()) and its pid: what a namesake's error names
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -443,6 +452,9 @@ class LeaseManager:
         self._presence_sent = -math.inf
         self._presence_failing_since: float | None = None  # loop time of the first unanswered write of an outage
         self._presence_written: tuple[int, int, tuple[str, ...], int] | None = None
+        self._presence_revision = 0  # of its latest presence write
+        self._namesakes_seen: set[str] = set()  # instances of later starts under its name, warned of
+        self._claims_from = -math.inf  # loop time before which it claims nothing (a namesake may live)
         self._jobs: tuple[str, ...] = ()
         self._ready_standbys = 0
         self._wake: asyncio.Event | None = None
@@ -575,6 +587,7 @@ class LeaseManager:
             try:
                 for done in synced:
                     await done.wait()
+                self._hold_claims_for_a_namesake()
                 await self._tick()
                 self._ready.set()
                 while True:
@@ -620,6 +633,7 @@ class LeaseManager:
     async def _tick(self) -> None:
         now = asyncio.get_running_loop().time()
         cameras = self._decoded(self._cameras, Camera)
+        self._check_namesake()
         await self._presence(now)
         await self._renew(now, cameras)
         await self._claim(now, cameras)
@@ -643,9 +657,10 @@ class LeaseManager:
         if not due:
             return
         info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time(),
-                        self._jobs, self._ready_standbys)
+                        self._jobs, self._ready_standbys, socket.gethostname(), os.getpid())
         try:
-            await self.client.on_this_connection(self._kv_nodes.put(stream_token(self.node), records.pack(info)))
+            self._presence_revision = await self.client.on_this_connection(
+                self._kv_nodes.put(stream_token(self.node), records.pack(info)))
         except UNAVAILABLE as exc:
             self._unanswered_at = asyncio.get_running_loop().time()
             if self._presence_failing_since is None:  # said once an outage, not every renew_interval_s
@@ -658,6 +673,45 @@ class LeaseManager:
                      now - self._presence_failing_since)
             self._presence_failing_since = None
         self._presence_sent, self._presence_written = now, written
+
+    def _hold_claims_for_a_namesake(self) -> None:
+        """At the start: a presence under this node's name, of another start, renewed within ttl_s, is
+        either this node's previous start (killed, and started again at once) or a live node under
+        the same name. No claim until a live one would have renewed it twice, so that a namesake is
+        found (`_check_namesake`) before it claimed anything."""
+        entry = self._nodes.get(stream_token(self.node))
+        if entry is None or entry.value is None:
+            return
+        try:
+            other = records.unpack(NodeInfo, entry.value)
+        except records.RecordError:
+            return
+        if other.instance != self.instance and time.time() - other.renewed_at < self.config.ttl_s:
+            self._claims_from = asyncio.get_running_loop().time() + 2 * self.config.renew_interval_s
+
+    def _check_namesake(self) -> None:
+        """A presence under this node's name written after its own latest one, by another start: two
+        live nodes share a name (their cameras' leases, jobs and metrics could not be told apart).
+        The later start stops with NodeNameInUse; the earlier one says so once and goes on."""
+        entry = self._nodes.get(stream_token(self.node))
+        if self._presence_revision == 0 or entry is None or entry.value is None or \
+                entry.revision <= self._presence_revision:
+            return
+        try:
+            other = records.unpack(NodeInfo, entry.value)
+        except records.RecordError:
+            return
+        if other.instance == self.instance:
+            return
+        where = f"on host {other.host or '?'}, pid {other.pid or '?'}, " \
+                f"started {time.time() - other.started_at:.0f} s ago"
+        if (other.started_at, other.instance) < (self.started_at, self.instance):
+            raise NodeNameInUse(f"node name {self.node!r} is in use by another live node ({where}); give each node "
+                                f"its own --name")
+        if other.instance not in self._namesakes_seen:
+            self._namesakes_seen.add(other.instance)
+            log.warning("node %s: another node started under this name (%s); it stops, this one goes on",
+                        self.node, where)
 
     async def _renew(self, now: float, cameras: dict[str, Camera]) -> None:
         for name, held in list(self._held.items()):
@@ -815,7 +869,7 @@ class LeaseManager:
         for name in free:
             self._free_since.setdefault(name, now)
         room = self.capacity - len(self._held)
-        if not free or room <= 0:
+        if not free or room <= 0 or now < self._claims_from:
             return
         previous = self._previous_holders(free)
         if now - self._unanswered_at < self.config.claim_grace_s:

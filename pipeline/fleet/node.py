@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 
 from maskstream.pipeline.fleet.connection import FleetClient, FleetError
 from maskstream.pipeline.fleet.jobs import Job, JobWorker, ensure_jobs
-from maskstream.pipeline.fleet.leases import Camera, CameraStatus, LeaseEvent, LeaseManager, check_name
+from maskstream.pipeline.fleet.leases import Camera, CameraStatus, LeaseEvent, LeaseManager, NodeNameInUse, check_name
 from maskstream.pipeline.fleet.results import ResultPublisher, ensure_results_stream
 from maskstream.pipeline.fleet.runs import (
     STANDBY_STREAM,
@@ -293,6 +293,8 @@ class Node:
     def _step(self) -> None:
         manager = self.manager
         assert manager is not None
+        if isinstance(manager.error, NodeNameInUse):
+            raise manager.error  # the operator's to fix, said as it is
         if manager.error is not None:
             raise FleetError(f"lease manager failed: {manager.error}")
         turn_at = time.monotonic()
