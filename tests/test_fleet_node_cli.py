@@ -5,7 +5,9 @@ a node gone from a node at work (against a real server)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ from maskstream.pipeline.config import ConfigError, dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobWorker
-from maskstream.pipeline.fleet.leases import Camera, LeaseManager
+from maskstream.pipeline.fleet.leases import Camera, CameraRegistry, LeaseManager
 from maskstream.pipeline.fleet.node import Node, NodeSettings, camera_run_config, check_socket_paths, job_run_config
 from maskstream.pipeline.fleet.runs import Silence
 from maskstream.pipeline.run_config import IPC_PATH_MAX, RunConfig, SourceOptions, TransportOptions
@@ -226,6 +228,14 @@ def test_a_node_started_under_a_live_nodes_name_exits_1_naming_it(cli_fleet):
         try:
             twin = maskstream("node", "--name", "shared-name", "--fleet-config", str(path), "--no-standby",
                               timeout_s=120)
+            # what `fleet status` says of the live one: where it runs, with its presence written again
+            wait_for(lambda: [n.instance for n in CameraRegistry(client).nodes()] == [live.instance], 10,
+                     "the live node's presence written again")
+            status = json.loads(maskstream("fleet", "status", "--json", "--fleet-config", str(path)).stdout)
+            [row] = status["nodes"]
+            assert row | {"up_s": 0} == {"node": "shared-name", "cameras": 0, "jobs": [], "capacity": 1,
+                                          "standby_ready": 0, "up_s": 0, "host": socket.gethostname(),
+                                          "pid": os.getpid()}, row
         finally:
             live.stop()
     assert twin.returncode == 1, twin.stderr

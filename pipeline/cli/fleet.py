@@ -357,7 +357,8 @@ def fleet_status(args: argparse.Namespace) -> int:
     } for row in rows]
     node_rows: list[dict[str, Any]] = [
         {"node": n.name, "cameras": n.held, "jobs": list(n.jobs), "capacity": n.capacity + len(n.jobs),
-         "standby_ready": n.ready, "up_s": round(now - n.started_at, 1)} for n in nodes]
+         "standby_ready": n.ready, "up_s": round(now - n.started_at, 1), "host": n.host, "pid": n.pid}
+        for n in nodes]
     if args.json:
         print(json.dumps({"cameras": cameras, "nodes": node_rows}, indent=1))
         return 0
