@@ -170,15 +170,24 @@ def test_cameras_spread_within_capacity_and_never_on_two_nodes(registry, nodes):
     assert not set(b.held()) & set(c.held())
 
 
-def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registry, nodes, config, tmp_path):
+@contextlib.contextmanager
+def agent_holding_two_cameras(registry, config, tmp_path, name):
+    """A node in a process of its own (SIGKILL-able: Agent) holding cam0 and cam1."""
     path = tmp_path / "fleet.yaml"
     path.write_text(dump_config(config))
-    agent = Agent(str(path), "lease", "doomed", "2")
+    agent = Agent(str(path), "lease", name, "2")
     try:
         agent.expect("READY", timeout_s=30)
         registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
         registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
         assert {agent.expect("ACQUIRED", timeout_s=10).split()[1] for _ in range(2)} == {"cam0", "cam1"}
+        yield agent
+    finally:
+        agent.close()
+
+
+def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registry, nodes, config, tmp_path):
+    with agent_holding_two_cameras(registry, config, tmp_path, "doomed") as agent:
         survivor = nodes("survivor", capacity=2)
         time.sleep(1.5)  # the survivor renews its presence; the agent keeps both cameras
         assert survivor.held() == {}
@@ -192,8 +201,6 @@ def test_a_sigkilled_node_loses_its_cameras_to_the_other_within_the_goal(registr
         assert set(survivor.held()) == {"cam0", "cam1"}
         wait_for(lambda: {row.lease.node for row in registry.status() if row.lease} == {"survivor"},
                  timeout_s=5, what="status showing the survivor")
-    finally:
-        agent.close()
     assert max(times.values()) < FAILOVER_GOAL_S, times
     print("lease failover after SIGKILL: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(times.items())))
 
@@ -202,14 +209,7 @@ def test_a_node_restarted_at_once_leaves_its_cameras_to_warm_standbys(registry, 
     """A service manager restarts a SIGKILLed node at once, under its name, before its leases expired.
     The restart is a new start of it, with no pipeline warm: the cameras go to the node whose
     standbys wait warm, not back to the restarted one by its name."""
-    path = tmp_path / "fleet.yaml"
-    path.write_text(dump_config(config))
-    agent = Agent(str(path), "lease", "host-a", "2")
-    try:
-        agent.expect("READY", timeout_s=30)
-        registry.add("cam0", "rtsp://127.0.0.1:8554/cam0")
-        registry.add("cam1", "rtsp://127.0.0.1:8554/cam1")
-        assert {agent.expect("ACQUIRED", timeout_s=10).split()[1] for _ in range(2)} == {"cam0", "cam1"}
+    with agent_holding_two_cameras(registry, config, tmp_path, "host-a") as agent:
         warm = nodes("host-b", capacity=2)
         warm.set_ready(2)
         wait_for(lambda: any(info.name == "host-b" and info.ready == 2 for info in registry.nodes()), 5,
@@ -227,8 +227,6 @@ def test_a_node_restarted_at_once_leaves_its_cameras_to_warm_standbys(registry, 
         registry.add("cam2", "rtsp://127.0.0.1:8554/cam2")
         first_event(restarted, "acquired", "cam2", timeout_s=5)
         assert restarted.error is None
-    finally:
-        agent.close()
 
 
 def test_a_node_started_under_a_live_nodes_name_stops_having_claimed_nothing(registry, nodes, config, caplog):
