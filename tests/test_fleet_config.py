@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 
 import msgpack
@@ -15,7 +16,16 @@ from maskstream.pipeline.config import ConfigError, dump_config, load_config, lo
 from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig
 from maskstream.pipeline.fleet.jobs import JobRequest, JobState, new_job_id
-from maskstream.pipeline.fleet.leases import Camera, CameraStatus, Lease, plan_claims
+from maskstream.pipeline.fleet.leases import (
+    Camera,
+    CameraStatus,
+    Lease,
+    NodeInfo,
+    check_labels,
+    parse_labels,
+    plan_claims,
+    satisfies,
+)
 from maskstream.pipeline.fleet.results import (
     decode_result,
     encode_result,
@@ -236,3 +246,57 @@ def test_plan_gives_free_cameras_to_warm_standbys_first_and_back_only_to_the_sam
     assert plan_claims(["c1", "c2"], nodes, {"c1": "a"}, {"b": 1}) == {"c1": "a", "c2": "b"}
     # a camera read offline (no standby runs it) goes by load and leaves the standby to the next one
     assert plan_claims(["c1", "c2"], nodes, ready={"b": 1}, cold={"c1"}) == {"c1": "a", "c2": "b"}
+
+
+def test_plan_puts_cameras_only_on_nodes_whose_labels_satisfy_them():
+    nodes = {"a": (0, 4), "b": (3, 4), "c": (0, 1)}
+    labels = {"a": {"site": "yard"}, "b": {"site": "lobby", "gpu": "yes"}, "c": {"site": "lobby"}}
+    requires = {"l1": {"site": "lobby"}, "g1": {"site": "lobby", "gpu": "yes"}, "r1": {"site": "roof"}}
+    # g1 only b satisfies (although the most loaded); l1 goes to c, the least loaded lobby node; r1
+    # no node satisfies: left out; x1 requires nothing: by load, as ever
+    plan = plan_claims(["g1", "l1", "r1", "x1"], nodes, labels=labels, requires=requires)
+    assert plan == {"g1": "b", "l1": "c", "x1": "a"}
+    # the most constrained first: a1 (any node) would take c's one slot by name order, leaving l1 nowhere
+    assert plan_claims(["a1", "l1"], {"a": (3, 3), "c": (0, 1)}, labels=labels, requires=requires) == {"l1": "c"}
+    assert plan_claims(["a1", "l1"], {"a": (2, 3), "c": (0, 1)}, labels=labels,
+                       requires=requires) == {"a1": "a", "l1": "c"}
+    # a camera no node with room satisfies leaves the later cameras their plan
+    assert plan_claims(["a0", "b1"], {"c": (1, 1), "a": (0, 1)}, labels=labels,
+                       requires={"a0": {"site": "lobby"}}) == {"b1": "a"}
+    # back to its last holder only if that one still satisfies it; a warm standby only among those that do
+    assert plan_claims(["l1"], nodes, {"l1": "a"}, labels=labels, requires=requires) == {"l1": "c"}
+    assert plan_claims(["l1"], nodes, {"l1": "b"}, labels=labels, requires=requires) == {"l1": "b"}
+    assert plan_claims(["l1"], nodes, ready={"a": 1, "b": 1}, labels=labels, requires=requires) == {"l1": "b"}
+    # a node that published no labels (an older build, or none given) satisfies only cameras without requirements
+    assert plan_claims(["l1", "x1"], {"old": (0, 4)}, requires=requires) == {"x1": "old"}
+
+
+def test_labels_and_requirements_are_checked_and_travel_in_the_records():
+    assert satisfies({"site": "lobby", "gpu": "yes"}, {"site": "lobby"}) and satisfies({}, {})
+    assert not satisfies({"site": "lobby"}, {"site": "lobby", "gpu": "yes"}) and not satisfies({}, {"gpu": "yes"})
+    assert parse_labels("--label", ["site=lobby", "gpu=yes", "site=lobby"]) == {"site": "lobby", "gpu": "yes"}
+    for items, needle in [(["site"], "--label site: expected KEY=VALUE"),
+                          (["site="], "--label site=: value ''"),
+                          (["=lobby"], "--label =lobby: key ''"),
+                          (["site=a b"], "value 'a b' must be 1 to 63 ASCII"),
+                          (["site=lobby,yard"], "value 'lobby,yard'"),
+                          (["k=" + "v" * 64], "must be 1 to 63"),
+                          (["site=a", "site=b"], "--label site=b: site is given twice")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            parse_labels("--label", items)
+    assert check_labels("x", {"a.b_c-1": "V-2.x"}) == {"a.b_c-1": "V-2.x"}
+    with pytest.raises(ValueError, match="camera 'door' requires: key '-x'"):
+        Camera("door", "rtsp://x", requires={"-x": "1"})
+
+    cam = Camera("door", "rtsp://x", requires={"site": "lobby"})
+    info = NodeInfo("a", "ab12", 4, 1, 1.0, 2.0, ("j1",), 1, "host-a", 42, {"site": "lobby", "gpu": "yes"})
+    assert records.unpack(Camera, records.pack(cam)) == cam and records.unpack(NodeInfo, records.pack(info)) == info
+    # as an older build writes them, without the field: no requirements, no labels
+    for record, cls, name in [(cam, Camera, "requires"), (info, NodeInfo, "labels")]:
+        raw = msgpack.unpackb(records.pack(record), raw=False)
+        del raw["fields"][name]
+        assert getattr(records.unpack(cls, msgpack.packb(raw)), name) == {}
+    raw = msgpack.unpackb(records.pack(cam), raw=False)
+    raw["fields"]["requires"] = {"site": "lobby yard"}
+    with pytest.raises(records.RecordError, match="value 'lobby yard'"):
+        records.unpack(Camera, msgpack.packb(raw))

@@ -55,9 +55,9 @@ def nodes(config):
     """Start lease managers (each on its own connection); all stopped at the end."""
     made = []
 
-    def start(name, capacity):
+    def start(name, capacity, labels=None):
         client = FleetClient.connect(config, name=name)
-        manager = LeaseManager(client, name, capacity)
+        manager = LeaseManager(client, name, capacity, labels)
         manager.start()
         made.append(manager)
         return manager
@@ -168,6 +168,51 @@ def test_cameras_spread_within_capacity_and_never_on_two_nodes(registry, nodes):
     taken = wait_for(lambda: held_a <= set(c.held()), timeout_s=5, what="host-c takes host-a's cameras")
     assert taken - stopped < 2.0
     assert not set(b.held()) & set(c.held())
+
+
+def test_cameras_run_only_on_nodes_with_the_labels_they_require(registry, nodes, config):
+    """Requirements against node labels: planned only onto nodes that satisfy them, never claimed by
+    another past claim_grace_s; one nobody satisfies waits and is taken when such a node joins; one
+    whose requirements change under it moves, its holder releasing it with the reason."""
+    lobby = nodes("lobby-1", capacity=4, labels={"site": "lobby", "gpu": "yes"})
+    yard = nodes("yard-1", capacity=4, labels={"site": "yard"})
+    plain = nodes("plain", capacity=4)  # no labels: the least loaded, with room, all along
+    registry.add("lobby-a", "rtsp://10.1.0.1/a", requires={"site": "lobby"})
+    registry.add("lobby-4k", "rtsp://10.1.0.2/4k", requires={"site": "lobby", "gpu": "yes"})
+    registry.add("yard-a", "rtsp://10.2.0.1/a", requires={"site": "yard"})
+    registry.add("roof-a", "rtsp://10.3.0.1/a", requires={"site": "roof"})
+    registry.add("any", "rtsp://10.4.0.1/a")
+    wait_for(lambda: set(lobby.held()) == {"lobby-a", "lobby-4k"} and set(yard.held()) == {"yard-a"}
+             and len(plain.held()) == 1, timeout_s=RUNTIME_CHANGE_S, what="each camera on a node that satisfies it")
+    until = time.monotonic() + config.leases.claim_grace_s + 1.0  # the orphan path too: nothing moves, roof waits
+    while time.monotonic() < until:
+        assert (set(lobby.held()), set(yard.held()), set(plain.held())) == ({"lobby-a", "lobby-4k"}, {"yard-a"},
+                                                                            {"any"})
+        time.sleep(0.05)
+    assert {row.camera.name: row.lease for row in registry.status()}["roof-a"] is None
+    assert plain.unclaimed() == [] and lobby.unclaimed() == []  # roof-a holds back no node's jobs
+    assert {info.name: info.labels for info in registry.nodes()} == {
+        "lobby-1": {"site": "lobby", "gpu": "yes"}, "yard-1": {"site": "yard"}, "plain": {}}
+
+    joined = time.monotonic()
+    roof = nodes("roof-1", capacity=1, labels={"site": "roof"})
+    taken = wait_for(lambda: set(roof.held()) == {"roof-a"}, timeout_s=RUNTIME_CHANGE_S, what="roof-1 takes roof-a")
+    print(f"a matching node joined -> camera held {1000 * (taken - joined):.0f} ms")
+
+    # lobby-4k's requirements change but lobby-1 still satisfies them: its run is left alone
+    registry.add("lobby-4k", "rtsp://10.1.0.2/4k", requires={"gpu": "yes"}, replace=True)
+    changed = time.monotonic()
+    registry.add("yard-a", "rtsp://10.2.0.1/a", requires={"site": "lobby"}, replace=True)
+    released = first_event(yard, "released", "yard-a", timeout_s=RUNTIME_CHANGE_S)
+    assert released.reason == "camera requires site=lobby, which node yard-1 does not offer", released.reason
+    moved = wait_for(lambda: "yard-a" in lobby.held(), timeout_s=RUNTIME_CHANGE_S, what="yard-a moved to lobby-1")
+    assert set(yard.held()) == set() and set(plain.held()) == {"any"}
+    assert lobby.held()["yard-a"].requires == {"site": "lobby"}
+    assert first_event(lobby, "acquired", "yard-a", timeout_s=1).camera.requires == {"site": "lobby"}
+    later = [event for event in lobby.events(timeout_s=0.5) + _seen.get(lobby, []) if event.camera.name == "lobby-4k"]
+    assert [event.kind for event in later] == ["acquired"], later  # its first acquisition only: no restart
+    assert lobby.held()["lobby-4k"].requires == {"gpu": "yes"}
+    print(f"requirements changed -> moved {1000 * (moved - changed):.0f} ms")
 
 
 @contextlib.contextmanager

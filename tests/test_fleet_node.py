@@ -16,9 +16,9 @@
   leader server with it; every job completes, and the results stream holds each frame of each
   job exactly once, in order, equal (boxes, labels, scores, masks) to a single-host
   `maskstream run` of the same files;
-- one node on one server: a camera added, replaced and removed at runtime, read back with
-  `maskstream subscribe nats://` and the Python Subscriber; SIGTERM with a job running hands it
-  back, and another node resumes it after the stored results.
+- one node on one server: a camera (requiring the node's --label) added, replaced and removed at
+  runtime, read back with `maskstream subscribe nats://` and the Python Subscriber; SIGTERM with a
+  job running hands it back, and another node resumes it after the stored results.
 """
 
 from __future__ import annotations
@@ -596,14 +596,15 @@ def test_runtime_update_subscribe_and_sigterm_hands_a_job_back(nats_server, node
     path = write_fleet_config(tmp_path / "fleet.yaml", config)
     camera = write_test_clip(tmp_path / "door.mp4", frames=600, size=(160, 120), fps=10)
     archive = write_test_clip(tmp_path / "archive.mp4", frames=ARCHIVE_FRAMES, size=(160, 120), fps=10)
-    a = node_processes("a", path, tmp_path, 2, "--drain-timeout", "1")
+    a = node_processes("a", path, tmp_path, 2, "--drain-timeout", "1", "--label", "site=lobby")
     a.wait_ready()
     with FleetClient.connect(config, name="test") as client:
         registry = CameraRegistry(client)
         registry.ensure()
         bad = maskstream("fleet", "add", "door", str(camera), "--option", "polcy=live", "--fleet-config", str(path))
         assert bad.returncode == 2 and "polcy" in bad.stderr
-        done = maskstream("fleet", "add", "door", str(camera), "--fleet-config", str(path))
+        # the camera runs only where --label matches its --require: the node's labels reach its claims
+        done = maskstream("fleet", "add", "door", str(camera), "--require", "site=lobby", "--fleet-config", str(path))
         assert done.returncode == 0, done.stderr
         with Subscriber(nats_server.url, streams=["do*"], from_seq=1, timeout_s=FIRST_RESULT_S) as sub:
             first = sub.recv()

@@ -73,6 +73,8 @@ def test_node_settings_are_checked():
         with pytest.raises(ValueError, match="standby_retry_s"):
             NodeSettings("a", 1, RunConfig(), standby_retry_s=retry_s)
     assert NodeSettings("a", 1, RunConfig(), standby_retry_s=0.0).standby_retry_s == 0.0
+    with pytest.raises(ValueError, match="labels: key 'a b'"):
+        NodeSettings("a", 1, RunConfig(), labels={"a b": "x"})
 
 
 def test_silence_counts_on_the_loop_clock_from_the_last_message():
@@ -145,6 +147,14 @@ def test_usage_errors_are_said_before_anything_is_reached():
     assert bad.returncode == 2 and "'127.0.0.1:4222' is not a server URL" in bad.stderr, bad.stderr
     bad = maskstream("node", "--nats", "nats://10.1.2.3:4222", "--name", "a")
     assert bad.returncode == 2 and "off loopback without TLS" in bad.stderr
+    bad = maskstream("node", "--nats", "nats://127.0.0.1:1", "--label", "site=lobby", "--label", "gpu")
+    assert bad.returncode == 2 and bad.stderr == "error: --label gpu: expected KEY=VALUE\n", bad.stderr
+    bad = maskstream("node", "--nats", "nats://127.0.0.1:1", "--label", "site=lobby", "--label", "site=yard")
+    assert bad.returncode == 2 and "--label site=yard: site is given twice (site=lobby)" in bad.stderr, bad.stderr
+    bad = maskstream("fleet", "add", "door", "rtsp://x", "--require", "site=the lobby", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "--require site=the lobby: value 'the lobby' must be" in bad.stderr, bad.stderr
+    bad = maskstream("fleet", "add", "door", "rtsp://x", "--require", "=x", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "--require =x: key ''" in bad.stderr, bad.stderr
     with pytest.raises(ValueError, match="from_seq"):
         Subscriber("tcp://127.0.0.1:5556", from_seq=1)
 
@@ -195,14 +205,37 @@ def test_fleet_jobs_tells_a_node_gone_from_a_node_at_work(cli_fleet, tmp_path):
 def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
     config, path = cli_fleet
     done = maskstream("fleet", "add", "door", "rtsp://127.0.0.1:8554/door", "--option", "rtsp_transport=udp",
-                      "--fleet-config", str(path))
+                      "--require", "site=lobby", "--fleet-config", str(path))
     assert done.returncode == 0 and done.stderr == "", done.stderr  # nothing to say (its own close is no news)
     listed = json.loads(maskstream("fleet", "list", "--json", "--fleet-config", str(path)).stdout)
-    assert listed == [{"name": "door", "url": "rtsp://127.0.0.1:8554/door", "options": {"rtsp_transport": "udp"}}]
+    assert listed == [{"name": "door", "url": "rtsp://127.0.0.1:8554/door", "options": {"rtsp_transport": "udp"},
+                       "requires": {"site": "lobby"}}]
+    table = maskstream("fleet", "list", "--fleet-config", str(path)).stdout.splitlines()
+    assert [line.split() for line in table] == [["CAMERA", "URL", "OPTIONS", "REQUIRES"],
+                                                ["door", "rtsp://127.0.0.1:8554/door", "rtsp_transport=udp",
+                                                 "site=lobby"]]
     status = json.loads(maskstream("fleet", "status", "--json", "--fleet-config", str(path)).stdout)
-    assert status == {"cameras": [{"camera": "door", "url": "rtsp://127.0.0.1:8554/door", "node": None,
-                                   "since_s": None, "frames_per_s": None, "frames": None, "drops": None,
-                                   "last_error": None}], "nodes": []}
+    assert status == {"cameras": [{"camera": "door", "url": "rtsp://127.0.0.1:8554/door",
+                                   "requires": {"site": "lobby"}, "node": None,
+                                   "waiting_for": "a node with site=lobby", "since_s": None, "frames_per_s": None,
+                                   "frames": None, "drops": None, "last_error": None}], "nodes": []}
+    # a node of another site is up: the camera still waits, saying for what; the node shows its labels
+    with FleetClient.connect(config, name="yard-1") as client:
+        manager = LeaseManager(client, "yard-1", 2, {"site": "yard", "gpu": "yes"})
+        manager.start()
+        try:
+            status = json.loads(maskstream("fleet", "status", "--json", "--fleet-config", str(path)).stdout)
+            table = maskstream("fleet", "status", "--fleet-config", str(path))
+        finally:
+            manager.stop()
+    assert [(c["node"], c["waiting_for"]) for c in status["cameras"]] == [(None, "a node with site=lobby")]
+    assert [(n["node"], n["labels"]) for n in status["nodes"]] == [("yard-1", {"site": "yard", "gpu": "yes"})]
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "REQUIRES", "LAST", "ERROR"]
+    assert lines[1].split() == ["door", "(waiting", "for", "a", "node", "with", "site=lobby)", "-", "-", "-",
+                                "site=lobby"], table.stdout
+    assert lines[3].split()[:2] == ["NODE", "CAMERAS"] and lines[3].split()[-1] == "LABELS"
+    assert lines[4].split()[0] == "yard-1" and lines[4].split()[-1] == "gpu=yes,site=yard", table.stdout
     with FleetClient.connect(config, name="metrics") as client:
         text = Node(client, NodeSettings("a", 3, RunConfig())).metrics_text()
     for line in ('maskstream_node_capacity{stage="node"} 3', 'maskstream_node_streams{stage="node"} 0',
@@ -215,7 +248,7 @@ def test_cameras_listed_and_node_metrics_before_any_work(cli_fleet):
     assert removed.stdout == "removed camera door\n"
     table = maskstream("fleet", "status", "--fleet-config", str(path))
     assert table.returncode == 0 and table.stdout.splitlines()[0].split() == [
-        "CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "LAST", "ERROR"], table.stderr
+        "CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "REQUIRES", "LAST", "ERROR"], table.stderr
     assert json.loads(maskstream("fleet", "list", "--json", "--fleet-config", str(path)).stdout) == []
 
 
@@ -234,7 +267,7 @@ def test_a_node_started_under_a_live_nodes_name_exits_1_naming_it(cli_fleet):
             status = json.loads(maskstream("fleet", "status", "--json", "--fleet-config", str(path)).stdout)
             [row] = status["nodes"]
             assert row | {"up_s": 0} == {"node": "shared-name", "cameras": 0, "jobs": [], "capacity": 1,
-                                          "standby_ready": 0, "up_s": 0, "host": socket.gethostname(),
+                                          "standby_ready": 0, "labels": {}, "up_s": 0, "host": socket.gethostname(),
                                           "pid": os.getpid()}, row
         finally:
             live.stop()

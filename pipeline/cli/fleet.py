@@ -1,7 +1,7 @@
 """`maskstream node` and `maskstream fleet ...`: fleet mode on NATS JetStream (docs/fleet.md).
 
-    maskstream node --nats nats://10.0.0.1:4222 --name gpu-a --capacity 8      # one per host
-    maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp
+    maskstream node --nats nats://10.0.0.1:4222 --name gpu-a --capacity 8 --label site=lobby  # one per host
+    maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp --require site=lobby
     maskstream fleet status                # which node runs which camera, frames/s, drops, last error
     maskstream fleet submit /shared/archive/*.mp4
     maskstream fleet jobs
@@ -41,10 +41,12 @@ T = TypeVar("T")
 
 NODE_EXAMPLES = """
   maskstream node --nats nats://10.0.0.1:4222 --name gpu-a --capacity 8 --metrics-port 9101
+  maskstream node --name lobby-1 --label site=lobby --label gpu=yes
   maskstream node --fleet-config fleet.yaml --model maskrcnn_resnet50_fpn_coco --device cuda
 """
 FLEET_EXAMPLES = """
   maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp
+  maskstream fleet add lobby-4k rtsp://10.1.0.9/4k --require site=lobby --require gpu=yes
   maskstream fleet status
   maskstream fleet submit /shared/archive/*.mp4
   maskstream fleet jobs --json
@@ -71,6 +73,10 @@ def add_parsers(subparsers: Any) -> None:
                       help="the node's name in the fleet: this host's name unless given")
     node.add_argument("--capacity", type=_positive_int, default=4,
                       help="pipelines at once, cameras and jobs together")
+    node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                      help="what this host offers, e.g. site=lobby or gpu=yes (repeatable): it runs only cameras "
+                           "whose every --require it has; keys and values: 1 to 63 ASCII letters, digits, "
+                           "'.', '_', '-', starting with a letter or digit")
     node.add_argument("--config", type=config_file, default=CONFIG_DIR / "pipeline.yaml",
                       help="pipeline YAML every camera and job starts from (RunConfig; its sources are ignored)")
     node.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
@@ -117,7 +123,12 @@ def add_parsers(subparsers: Any) -> None:
     add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="a `maskstream run` source.* setting for this camera, e.g. rtsp_transport=udp, "
                           "policy=offline (default live)")
-    add.add_argument("--replace", action="store_true", help="change an existing camera's URL and options")
+    add.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
+                     help="a node label this camera needs, e.g. site=lobby (repeatable: all must match); only "
+                          "nodes started with that --label run it, and it waits while none is up")
+    add.add_argument("--replace", action="store_true",
+                     help="change an existing camera's URL, options and requirements (a node that no longer "
+                          "satisfies them stops it, and one that does takes it)")
     add.set_defaults(func=fleet_add)
     remove = leaf("remove", "remove a camera (its node stops it)", "  maskstream fleet remove door")
     remove.add_argument("name", help="the camera's name, as `fleet list` shows it")
@@ -227,10 +238,16 @@ def _connect(args: argparse.Namespace, name: str) -> FleetClient | None:
 
 def run_node(args: argparse.Namespace) -> int:
     from maskstream.pipeline.fleet.connection import FleetClient, FleetError
+    from maskstream.pipeline.fleet.leases import describe_labels, parse_labels
     from maskstream.pipeline.fleet.node import Node, NodeSettings, check_socket_paths
     from maskstream.pipeline.run_config import remove_dead_runs
     from maskstream.pipeline.runtime.metrics import MetricsServer
 
+    try:  # before the model is fetched: a typo is said in a second
+        labels = parse_labels("--label", args.label)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         config = fleet_config(args)
         base = run_command.run_config(argparse.Namespace(**{**_run_defaults(), **vars(args), "metrics_port": None}))
@@ -242,7 +259,7 @@ def run_node(args: argparse.Namespace) -> int:
                                 spare=not args.no_spare, standby=args.standby,
                                 standby_ready_timeout_s=args.standby_ready_timeout,
                                 standby_retry_s=args.standby_retry, hung_timeout_s=args.hung_timeout,
-                                log_level=args.log_level, model=chosen)
+                                log_level=args.log_level, model=chosen, labels=labels)
     except run_command.Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -261,7 +278,8 @@ def run_node(args: argparse.Namespace) -> int:
         if args.metrics_port is not None:
             server = MetricsServer(args.metrics_port, node.metrics_text).start()
             log.info("node %s: metrics at %s", args.name, server.url)
-        log.info("node %s: in the fleet at %s, capacity %d", args.name, client.state().server, args.capacity)
+        log.info("node %s: in the fleet at %s, capacity %d%s", args.name, client.state().server, args.capacity,
+                 f", labels {describe_labels(labels)}" if labels else "")
         node.run()
     except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -291,8 +309,14 @@ def _run_defaults() -> dict[str, Any]:
 
 def fleet_add(args: argparse.Namespace) -> int:
     from maskstream.pipeline.config import loads_config
+    from maskstream.pipeline.fleet.leases import parse_labels
     from maskstream.pipeline.run_config import SourceOptions
 
+    try:
+        requires = parse_labels("--require", args.require)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -306,7 +330,7 @@ def fleet_add(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     camera = _on_fleet(args, lambda client: _registry(client).add(args.name, args.url, options,
-                                                                  replace=args.replace))
+                                                                  replace=args.replace, requires=requires))
     if camera is None:
         return 1
     print(f"{'replaced' if args.replace else 'added'} camera {camera.name}: {camera.url}")
@@ -325,18 +349,24 @@ def fleet_remove(args: argparse.Namespace) -> int:
 
 
 def fleet_list(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.leases import describe_labels
+
     cameras = _on_fleet(args, lambda client: _registry(client).cameras())
     if cameras is None:
         return 1
     if args.json:
-        print(json.dumps([{"name": c.name, "url": c.url, "options": c.options} for c in cameras], indent=1))
+        print(json.dumps([{"name": c.name, "url": c.url, "options": c.options, "requires": c.requires}
+                          for c in cameras], indent=1))
         return 0
-    _table(["CAMERA", "URL", "OPTIONS"],
-           [[c.name, c.url, " ".join(f"{k}={v}" for k, v in sorted(c.options.items()))] for c in cameras])
+    _table(["CAMERA", "URL", "OPTIONS", "REQUIRES"],
+           [[c.name, c.url, " ".join(f"{k}={v}" for k, v in sorted(c.options.items())), describe_labels(c.requires)]
+            for c in cameras])
     return 0
 
 
 def fleet_status(args: argparse.Namespace) -> int:
+    from maskstream.pipeline.fleet.leases import describe_labels, satisfies
+
     def read(client: FleetClient) -> tuple[list[CameraRow], list[NodeInfo]]:
         registry = _registry(client)
         return registry.status(), registry.nodes()
@@ -346,9 +376,19 @@ def fleet_status(args: argparse.Namespace) -> int:
         return 1
     rows, nodes = got
     now = time.time()
+
+    def waiting_for(row: CameraRow) -> str | None:
+        """Why a free camera waits: for any node, or for one with its labels when no live node has them."""
+        if row.lease is not None:
+            return None
+        requires = row.camera.requires
+        if not requires or any(satisfies(n.labels, requires) for n in nodes):
+            return "a node"
+        return f"a node with {describe_labels(requires)}"
+
     cameras: list[dict[str, Any]] = [{
-        "camera": row.camera.name, "url": row.camera.url,
-        "node": row.lease.node if row.lease else None,
+        "camera": row.camera.name, "url": row.camera.url, "requires": row.camera.requires,
+        "node": row.lease.node if row.lease else None, "waiting_for": waiting_for(row),
         "since_s": round(now - row.lease.acquired_at, 1) if row.lease else None,
         "frames_per_s": row.lease.status.frames_per_s if row.lease else None,
         "frames": row.lease.status.frames if row.lease else None,
@@ -357,18 +397,19 @@ def fleet_status(args: argparse.Namespace) -> int:
     } for row in rows]
     node_rows: list[dict[str, Any]] = [
         {"node": n.name, "cameras": n.held, "jobs": list(n.jobs), "capacity": n.capacity + len(n.jobs),
-         "standby_ready": n.ready, "up_s": round(now - n.started_at, 1), "host": n.host, "pid": n.pid}
-        for n in nodes]
+         "standby_ready": n.ready, "labels": n.labels, "up_s": round(now - n.started_at, 1), "host": n.host,
+         "pid": n.pid} for n in nodes]
     if args.json:
         print(json.dumps({"cameras": cameras, "nodes": node_rows}, indent=1))
         return 0
-    _table(["CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "LAST ERROR"],
-           [[c["camera"], c["node"] or "(waiting for a node)", _number(c["frames_per_s"]), _number(c["frames"]),
-             _number(c["drops"]), c["last_error"] or ""] for c in cameras])
+    _table(["CAMERA", "NODE", "FRAMES/S", "FRAMES", "DROPS", "REQUIRES", "LAST ERROR"],
+           [[c["camera"], c["node"] or f"(waiting for {c['waiting_for']})", _number(c["frames_per_s"]),
+             _number(c["frames"]), _number(c["drops"]), describe_labels(c["requires"]), c["last_error"] or ""]
+            for c in cameras])
     print()
-    _table(["NODE", "CAMERAS", "JOBS", "CAPACITY", "STANDBY", "UP"],
+    _table(["NODE", "CAMERAS", "JOBS", "CAPACITY", "STANDBY", "UP", "LABELS"],
            [[n["node"], str(n["cameras"]), str(len(n["jobs"])), str(n["capacity"]), str(n["standby_ready"]),
-             f"{n['up_s']:.0f} s"] for n in node_rows])
+             f"{n['up_s']:.0f} s", describe_labels(n["labels"])] for n in node_rows])
     return 0
 
 

@@ -1,12 +1,12 @@
 """Live cameras as fleet state, and the leases by which nodes share them.
 
 Three JetStream KV buckets (names in LeaseConfig):
-- cameras: camera name -> `Camera` (URL and source options). `CameraRegistry` adds, replaces,
-  removes and lists them; nothing expires.
+- cameras: camera name -> `Camera` (URL, source options, and the node labels it requires).
+  `CameraRegistry` adds, replaces, removes and lists them; nothing expires.
 - leases: camera name -> `Lease` (which node runs it, since when, its frames/s, drops, last
   error). The bucket's TTL is `ttl_s`: an entry vanishes `ttl_s` after its last write, and the
   server leaves a marker that every watcher sees at once.
-- nodes: node name -> `NodeInfo` (capacity, cameras held), with the same TTL: the live nodes.
+- nodes: node name -> `NodeInfo` (capacity, cameras held, labels), with the same TTL: the live nodes.
 Keys are `results.stream_token(name)`, so any name is a valid key.
 
 A `LeaseManager` runs one node's side, on the FleetClient's loop (so renewals go on whatever the
@@ -19,16 +19,22 @@ change) it
    not renew for `ttl_s` while cut off from the cluster is also given up, since by then the
    server has let it expire and another node may run it (a leader election is the exception:
    below);
-3. releases cameras that were removed (and reports cameras whose URL or options changed);
+3. releases cameras that were removed, and those whose requirements it no longer satisfies (and
+   reports cameras whose URL or options changed);
 4. claims free cameras, within its capacity, by the rule below, with a compare-and-set that
    expects the key's latest revision (absent, deleted, or an expiry marker), so of two nodes
    claiming one camera exactly one wins. A claim that went unanswered may be stored all the
    same: a lease of this very start of the node that shows up for that camera is held.
 
-The claim rule (warm first, then spread by capacity, least-loaded first): every node computes the
-same plan from the same view. A free camera whose last holder is live, as the same start of the
-node (its NodeInfo names the lease's instance), and has room goes back to it. The other free
-cameras are taken in name order; each goes to a live node that has room and a warm standby
+The claim rule (only where the camera can run; warm first, then spread by capacity, least-loaded
+first): every node computes the same plan from the same view. A camera may go only to a node that
+satisfies its requirements: every KEY=VALUE of `Camera.requires` is among the node's labels
+(`NodeInfo.labels`, e.g. site=lobby, gpu=yes); a camera without requirements may go to any node.
+A free camera whose last holder is live, as the same start of the node (its NodeInfo names the
+lease's instance), satisfies it and has room goes back to it. The other free cameras are taken
+fewest satisfying live nodes first (a camera only one site can run before one any node can),
+then in name order; each goes, among the live nodes that satisfy it, to one that has room and a
+warm standby
 pipeline not yet planned for (NodeInfo.ready: a standby takes a camera over in a second or two,
 where a cold pipeline first loads its model), else to the live node with room; among either kind,
 to the lowest load after the cameras planned so far, load being cameras held / capacity, ties to
@@ -39,9 +45,13 @@ nodes whose standbys wait warm rather than back to it cold. A camera whose optio
 takeover, so in a steady fleet every node offers one and the rule is the spread by load.
 
 A node claims what the plan gives it. A camera that stays free for `claim_grace_s` (the planned
-node is stuck, or views differ) may be claimed by any node with room. Cameras already held are
-never taken away: a node that joins later gets new and orphaned cameras, it does not rebalance
-running ones.
+node is stuck, or views differ) may be claimed by any node with room that satisfies it: a node
+never claims a camera whose requirements it does not satisfy, planned or not. A camera that no
+live node satisfies stays free, and is claimed as soon as such a node's presence shows up. Cameras
+already held are never taken away, with one exception: a camera whose requirements change
+(`fleet add --replace`) so that its holder no longer satisfies them is released by the holder (as
+a removed camera is) and planned again among the nodes that do. A node that joins later gets new
+and orphaned cameras, it does not rebalance running ones.
 
 Failover: a node that dies stops renewing; its leases expire `ttl_s` after their last renewal,
 the expiry markers wake the other nodes, which plan and claim at once. So a camera resumes about
@@ -75,8 +85,15 @@ node's death.
 
 Events for the node (`LeaseManager.events`): `acquired` (start this camera; `revision` is the
 lease's revision, fit to tell this run of the camera from earlier ones), `lost` (stop now:
-another node may run it already), `released` (stopped by this node: removed or shutting down),
-`updated` (its URL or options changed: restart it).
+another node may run it already), `released` (stopped by this node: removed, its requirements
+no longer satisfied here, or shutting down; `reason` says which), `updated` (its URL or options
+changed: restart it; a change of its requirements alone that this node still satisfies is none).
+
+Labels and requirements: keys and values are 1 to 63 characters of ASCII letters, digits, `.`,
+`_` and `-`, starting with a letter or digit (`check_labels`): stricter than camera names, so that
+KEY=VALUE items on a command line and in `fleet status` columns read one way only. Older builds
+skip both fields (records.py): an older node claims any camera whatever it requires, so every node
+runs a build that knows them before cameras rely on requirements.
 """
 
 from __future__ import annotations
@@ -87,6 +104,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import socket
 import threading
@@ -126,8 +144,12 @@ __all__ = [
     "LeaseManager",
     "NodeInfo",
     "NodeNameInUse",
+    "check_labels",
+    "describe_labels",
     "ensure_lease_buckets",
+    "parse_labels",
     "plan_claims",
+    "satisfies",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,22 +183,64 @@ def check_name(what: str, name: str) -> str:
     return name
 
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def check_labels(what: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """labels as a dict, each key and value checked (module docstring: Labels and requirements)."""
+    if not isinstance(labels, Mapping):
+        raise ValueError(f"{what}: expected a mapping of KEY to VALUE, got {labels!r}")
+    for key, value in labels.items():
+        for part, text in (("key", key), ("value", value)):
+            if not isinstance(text, str) or not _LABEL.fullmatch(text):
+                raise ValueError(f"{what}: {part} {text!r} must be 1 to 63 ASCII letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit")
+    return dict(labels)
+
+
+def parse_labels(what: str, items: Sequence[str]) -> dict[str, str]:
+    """KEY=VALUE items (a command line's) as labels; ValueError naming `what` and the item."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{what} {item}: expected KEY=VALUE")
+        if key in labels and labels[key] != value:
+            raise ValueError(f"{what} {item}: {key} is given twice ({key}={labels[key]})")
+        check_labels(f"{what} {item}", {key: value})
+        labels[key] = value
+    return labels
+
+
+def satisfies(labels: Mapping[str, str], requires: Mapping[str, str]) -> bool:
+    """Whether a node with these labels may run a camera with these requirements: all of them match."""
+    return all(labels.get(key) == value for key, value in requires.items())
+
+
+def describe_labels(labels: Mapping[str, str]) -> str:
+    """site=lobby,gpu=yes (sorted by key): how a command line gives them and `fleet status` shows them."""
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
 # ---------------------------------------------------------------------------- records
 
 
 @dataclass(frozen=True)
 class Camera:
-    """One live source of the fleet. options: source settings for the node (see docs/fleet.md)."""
+    """One live source of the fleet. options: source settings for the node (see docs/fleet.md);
+    requires: node labels a node must have, all of them, to run it (the claim rule)."""
 
     name: str
     url: str
     options: dict[str, str] = field(default_factory=dict)
     added_at: float = 0.0  # time.time() when added
+    requires: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name("camera name", self.name)
         if not self.url:
             raise ValueError(f"camera {self.name!r}: empty URL")
+        check_labels(f"camera {self.name!r} requires", self.requires)
 
 
 @dataclass(frozen=True)
@@ -211,6 +275,7 @@ class NodeInfo:
     ready: int = 0  # warm standby pipelines waiting for a camera (the claim rule prefers them)
     host: str = ""  # where it runs (socket.gethostname()) and its pid: what a namesake's error names
     pid: int = 0
+    labels: dict[str, str] = field(default_factory=dict)  # what cameras' requirements are matched against
 
 
 @dataclass(frozen=True)
@@ -287,9 +352,11 @@ class CameraRegistry:
     def ensure(self) -> None:
         self.client.run(_ensure(self.client))
 
-    def add(self, name: str, url: str, options: Mapping[str, str] | None = None, replace: bool = False) -> Camera:
-        """Add a camera (CameraExists if the name is taken, unless replace: then its URL and options change)."""
-        camera = Camera(name, url, dict(options or {}), added_at=time.time())
+    def add(self, name: str, url: str, options: Mapping[str, str] | None = None, replace: bool = False,
+            requires: Mapping[str, str] | None = None) -> Camera:
+        """Add a camera (CameraExists if the name is taken, unless replace: then its URL, options and
+        requirements change); requires: the node labels a node needs to run it."""
+        camera = Camera(name, url, dict(options or {}), added_at=time.time(), requires=dict(requires or {}))
         self.client.run(self._add(camera, replace))
         return camera
 
@@ -359,22 +426,29 @@ class CameraRegistry:
 
 
 def plan_claims(free: list[str], nodes: Mapping[str, tuple[int, int]], previous: Mapping[str, str] | None = None,
-                ready: Mapping[str, int] | None = None, cold: Collection[str] = ()) -> dict[str, str]:
+                ready: Mapping[str, int] | None = None, cold: Collection[str] = (),
+                labels: Mapping[str, Mapping[str, str]] | None = None,
+                requires: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
     """camera -> node for the free cameras; nodes: name -> (cameras held, capacity); previous: camera -> the
     node that held it last (the same start of it); ready: node -> its warm standbys; cold: cameras no
-    standby can take (planned by load alone). See the module docstring."""
+    standby can take (planned by load alone); labels: node -> its labels; requires: camera -> the labels it
+    needs. A camera no node with room satisfies is left out. See the module docstring."""
     load = {name: held for name, (held, _) in nodes.items()}
     warm = {name: (ready or {}).get(name, 0) for name in nodes}
+    fits = {camera: [node for node in nodes
+                     if satisfies((labels or {}).get(node, {}), (requires or {}).get(camera, {}))]
+            for camera in free}
     plan: dict[str, str] = {}
     for camera in sorted(free):
         node = (previous or {}).get(camera)
-        if node is not None and node in nodes and load[node] < nodes[node][1]:
+        if node is not None and node in fits[camera] and load[node] < nodes[node][1]:
             plan[camera] = node
             load[node] += 1
-    for camera in sorted(c for c in free if c not in plan):
-        room = [n for n, (_, capacity) in nodes.items() if load[n] < capacity]
+    # the most constrained first: the one node that can run a camera is not filled by cameras any node can run
+    for camera in sorted((c for c in free if c not in plan), key=lambda c: (len(fits[c]), c)):
+        room = [n for n in fits[camera] if load[n] < nodes[n][1]]
         if not room:
-            break
+            continue
         takes_warm = camera not in cold
         best = min(room, key=lambda n: (takes_warm and warm[n] <= 0, load[n] / nodes[n][1], load[n], n))
         plan[camera] = best
@@ -417,7 +491,7 @@ def _advance(mirror: dict[str, _Entry], key: str, revision: int, value: bytes | 
 class LeaseManager:
     """One node's leases: claims cameras within `capacity`, renews them, reports what changes.
 
-        manager = LeaseManager(client, node="host-a", capacity=8)
+        manager = LeaseManager(client, node="host-a", capacity=8, labels={"site": "lobby"})
         manager.start()                     # buckets made if missing; returns once it has seen the fleet
         for event in manager.events(timeout_s=1.0):
             ...                             # start / stop / restart cameras
@@ -425,7 +499,7 @@ class LeaseManager:
         manager.stop()                      # releases every lease at once (others need not wait for the TTL)
     """
 
-    def __init__(self, client: FleetClient, node: str, capacity: int) -> None:
+    def __init__(self, client: FleetClient, node: str, capacity: int, labels: Mapping[str, str] | None = None) -> None:
         check_name("node name", node)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity: expected a number of cameras >= 0, got {capacity!r}")
@@ -433,6 +507,7 @@ class LeaseManager:
         self.config: LeaseConfig = client.config.leases
         self.node = node
         self.capacity = capacity
+        self.labels = check_labels("node labels", labels or {})  # fixed for the manager's life: in every presence
         self.instance = secrets.token_hex(6)
         self.started_at = time.time()
         self.error: BaseException | None = None  # why the manager's loop ended, if it did
@@ -538,14 +613,18 @@ class LeaseManager:
             self.client.run(self._release_all(reason), timeout_s=timeout_s)
 
     def camera_count(self) -> int:
-        """Cameras in the fleet, as this node sees it now."""
-        return len(self._decoded(self._cameras, Camera))
+        """Cameras in the fleet that this node could run (it satisfies their requirements), as it sees it now."""
+        return sum(1 for camera in self._decoded(self._cameras, Camera).values() if self._fits(camera))
 
     def unclaimed(self) -> list[str]:
-        """Cameras that no node holds, as this node sees the fleet now."""
+        """Cameras that no node holds and this node could run, as this node sees the fleet now (one it
+        does not satisfy waits for another node, not for this one's room)."""
         leases = self._decoded(self._leases, Lease)
-        return sorted(name for name in self._decoded(self._cameras, Camera)
-                      if name not in leases and name not in self._held)
+        return sorted(name for name, camera in self._decoded(self._cameras, Camera).items()
+                      if name not in leases and name not in self._held and self._fits(camera))
+
+    def _fits(self, camera: Camera) -> bool:
+        return satisfies(self.labels, camera.requires)
 
     def _poke(self) -> None:
         """Wake the loop for a tick now (from any thread)."""
@@ -657,7 +736,7 @@ class LeaseManager:
         if not due:
             return
         info = NodeInfo(self.node, self.instance, self.capacity, len(self._held), self.started_at, time.time(),
-                        self._jobs, self._ready_standbys, socket.gethostname(), os.getpid())
+                        self._jobs, self._ready_standbys, socket.gethostname(), os.getpid(), self.labels)
         try:
             self._presence_revision = await self.client.on_this_connection(
                 self._kv_nodes.put(stream_token(self.node), records.pack(info)))
@@ -729,10 +808,16 @@ class LeaseManager:
             if camera is None:
                 await self._release(name, "camera removed")
                 continue
+            if not self._fits(camera):
+                await self._release(name, f"camera requires {describe_labels(camera.requires)}, which node "
+                                          f"{self.node} does not offer")
+                continue
             if camera != held.camera:
+                changed = (camera.url, camera.options) != (held.camera.url, held.camera.options)
                 held.camera = camera
-                self._events.put(LeaseEvent("updated", camera, time.monotonic(), held.revision,
-                                            "URL or options changed"))
+                if changed:  # a change of its requirements alone, still satisfied here, leaves the run alone
+                    self._events.put(LeaseEvent("updated", camera, time.monotonic(), held.revision,
+                                                "URL or options changed"))
             if now - held.renewed_sent < self.config.renew_interval_s:
                 continue
             lease = Lease(name, self.node, self.instance, held.acquired_at, time.time(),
@@ -886,14 +971,16 @@ class LeaseManager:
         nodes[self.node] = (len(self._held), self.capacity)
         instances = {info.name: info.instance for info in infos} | {self.node: self.instance}
         ready = {info.name: info.ready for info in infos} | {self.node: self._ready_standbys}
+        labels = {info.name: info.labels for info in infos} | {self.node: self.labels}
         # a camera goes back to the very start of the node that held it, not to a restart of it
         # under the same name: that one runs nothing of it, and may be the coldest node there is
         same = {camera: node for camera, (node, instance) in previous.items() if instances.get(node) == instance}
         # a standby runs live cameras only (Spare.fits): one read offline starts cold wherever it goes
         cold = {name for name in free if cameras[name].options.get("policy") == "offline"}
-        plan = plan_claims(free, nodes, same, ready, cold)
+        plan = plan_claims(free, nodes, same, ready, cold, labels, {name: cameras[name].requires for name in free})
         planned = [name for name in sorted(free) if plan.get(name) == self.node]
-        orphans = [name for name in sorted(free) if name not in planned
+        # an orphan only where it can run: a node that cannot open a camera would hold it failing for ever
+        orphans = [name for name in sorted(free) if name not in planned and self._fits(cameras[name])
                    and now - self._free_since[name] >= self.config.claim_grace_s]
         for name in (planned + orphans)[:room]:
             await self._try_claim(name, cameras[name], now)

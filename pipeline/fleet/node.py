@@ -2,17 +2,18 @@
 
 A node holds up to `capacity` pipelines at once, cameras and jobs together. Its loop:
 
-- cameras: a `LeaseManager` claims them (spread by capacity, docs/fleet.md); each `acquired`
-  starts a live pipeline run (runs.PipelineRun) published under the camera's name with the lease
-  revision as epoch; `lost` stops it at once, silently (another node may run it already);
-  `released` (the camera was removed) and `updated` (its URL or options changed) stop it with an
-  EndOfStream, `updated` then starts it again. A camera whose pipeline ends or fails is started
+- cameras: a `LeaseManager` claims them (only those whose requirements its labels satisfy, spread
+  by capacity, docs/fleet.md); each `acquired` starts a live pipeline run (runs.PipelineRun)
+  published under the camera's name with the lease revision as epoch; `lost` stops it at once,
+  silently (another node may run it already); `released` (the camera was removed, or now requires
+  labels this node lacks) and `updated` (its URL or options changed) stop it with an EndOfStream
+  saying why, `updated` then starts it again. A camera whose pipeline ends or fails is started
   again after a backoff, as a new epoch. A camera's options are `maskstream run`'s `source.*`
   settings (`policy` defaults to live);
-- jobs: with a slot free and no camera waiting for a node, it takes a job from the work queue
-  and runs it with the offline policy, resuming after what an earlier attempt stored; the run
-  acknowledges it once its EndOfStream is stored (runs.py). The lease manager is offered only
-  the slots that jobs leave free;
+- jobs: with a slot free and no camera it could run waiting for a node, it takes a job from the
+  work queue and runs it with the offline policy, resuming after what an earlier attempt stored;
+  the run acknowledges it once its EndOfStream is stored (runs.py). The lease manager is offered
+  only the slots that jobs leave free;
 - status: every `status_interval_s` each camera's frames/s, frames, drops and last error go into
   its lease, and the jobs it runs into its presence record (`fleet status`, `fleet jobs`);
 - hung pipelines: a camera's, job's or standby's pipeline process that sent no status message for
@@ -33,13 +34,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from maskstream.pipeline.fleet.connection import FleetClient, FleetError
 from maskstream.pipeline.fleet.jobs import Job, JobWorker, ensure_jobs
-from maskstream.pipeline.fleet.leases import Camera, CameraStatus, LeaseEvent, LeaseManager, NodeNameInUse, check_name
+from maskstream.pipeline.fleet.leases import (
+    Camera,
+    CameraStatus,
+    LeaseEvent,
+    LeaseManager,
+    NodeNameInUse,
+    check_labels,
+    check_name,
+)
 from maskstream.pipeline.fleet.results import ResultPublisher, ensure_results_stream
 from maskstream.pipeline.fleet.runs import (
     STANDBY_STREAM,
@@ -86,8 +95,8 @@ class NodeSettings:
     # fails over starts that much sooner. Costs one idle process.
     spare: bool = True
     # Camera pipelines started ahead (every stage but the decoder; the model loaded and warmed up),
-    # up to this many and never more than the node's free room, while the fleet has cameras
-    # (stopped when it has none): each camera this node acquires (those failing over from a dead
+    # up to this many and never more than the node's free room, while the fleet has cameras this
+    # node could run (stopped when it has none): each camera this node acquires (those failing over from a dead
     # node among them) takes one over, paying one decoder's start instead of a pipeline's. Each
     # costs an idle pipeline (its processes and a copy of the model); 0: none.
     standby: int = 1
@@ -111,9 +120,12 @@ class NodeSettings:
     hung_timeout_s: float = 30.0
     log_level: str = "warning"  # the pipelines' stage processes (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(run.model), fetched once by the caller
+    # What this host offers (site=lobby, gpu=yes): it claims only cameras whose requirements all match these
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name("node name", self.name)
+        check_labels("labels", self.labels)
         if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
             raise ValueError(f"capacity: expected a number of pipelines >= 1, got {self.capacity!r}")
         first, longest = self.restart_backoff_s
@@ -223,7 +235,7 @@ class Node:
 
         # with an owner file, as a run's: remove_dead_runs clears it after a SIGKILL
         self._endpoint_dir = run_folder(settings.endpoint_dir, prefix=NODE_FOLDER_PREFIX)
-        self.manager = LeaseManager(self.client, settings.name, settings.capacity)
+        self.manager = LeaseManager(self.client, settings.name, settings.capacity, settings.labels)
         self.worker = JobWorker(self.client, settings.name)
         self.manager.start()
         try:
