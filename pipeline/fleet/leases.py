@@ -34,9 +34,8 @@ A free camera whose last holder is live, as the same start of the node (its Node
 lease's instance), satisfies it and has room goes back to it. The other free cameras are taken
 fewest satisfying live nodes first (a camera only one site can run before one any node can),
 then in name order; each goes, among the live nodes that satisfy it, to one that has room and a
-warm standby
-pipeline not yet planned for (NodeInfo.ready: a standby takes a camera over in a second or two,
-where a cold pipeline first loads its model), else to the live node with room; among either kind,
+warm standby pipeline not yet planned for (NodeInfo.ready: a standby takes a camera over in a
+second or two, where a cold pipeline first loads its model), else to one with room; among either kind,
 to the lowest load after the cameras planned so far, load being cameras held / capacity, ties to
 fewer cameras held, then to the node name. A node restarted under its name (a service manager
 starting it again at once) is a new start: its cameras are not its own any more, and they go to
