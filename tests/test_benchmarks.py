@@ -281,6 +281,19 @@ def check_fleet_reads(result: dict[str, Any]) -> None:
     positive(result["read_ms_median"], result["read_ms_max"])
 
 
+def check_kv_churn(result: dict[str, Any]) -> None:
+    assert {"what", "command", "machine", "minutes", "speedup", "samples", "rss_mb_median_by_third",
+            "cameras_held_at_end", "plateau", "lease_settings"} <= set(result)
+    assert result["smoke"] is True and result["minutes"] == 1.0 and result["cameras_held_at_end"] == 6
+    assert result["lease_settings"]["ttl_s"] == 1.0 and result["lease_settings"]["renew_interval_s"] == 0.2
+    assert len(result["samples"]) >= 10 and result["samples"][-1]["t_s"] >= 60
+    assert set(result["rss_mb_median_by_third"]) == {"n0", "n1", "n2"}
+    for sample in result["samples"]:
+        positive(*(sample[name] for name in ("n0", "n1", "n2")))
+    assert isinstance(result["plateau"], bool)
+    load_averages(result["machine"]["load_average_at_start"])
+
+
 def check_record_training(result: dict[str, Any]) -> None:
     assert {"commands", "config", "model_config", "iterations", "wall_seconds", "cpu_seconds",
             "mean_iteration_seconds", "final_losses_mean_of_last_50", "evaluations", "machine"} <= set(result)
@@ -302,6 +315,7 @@ SCRIPTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "bench_fleet.py": check_fleet,
     "fleet_soak.py": check_fleet_soak,
     "bench_fleet_reads.py": check_fleet_reads,
+    "bench_kv_churn.py": check_kv_churn,
     "bench_mask_paste.py": check_mask_paste,
     "bench_memory_format.py": check_memory_format,
     "bench_messages.py": check_messages,
