@@ -98,7 +98,6 @@ __all__ = [
 
 # A Detections' largest part is its RLE strings of box-cropped masks: far below this at any frame size.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-POLL_SLICE_MS = 500  # the longest a wait for a message goes without Python seeing a signal (Ctrl-C)
 
 
 class Subscriber:
@@ -217,16 +216,12 @@ class Subscriber:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            # In slices: a signal that lands between Python's check for one and the poll's start
-            # interrupts nothing, and Ctrl-C would wait for the next message; each slice's return
-            # lets Python run its handler.
-            ready = dict(self._poller.poll(POLL_SLICE_MS if left_ms is None else min(left_ms, POLL_SLICE_MS)))
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            ready = dict(self._poller.poll(wait_ms))
             if self._socket not in ready:
-                if self._monitor in ready:
-                    self._reconnect()
-                elif left_ms is not None and left_ms <= POLL_SLICE_MS:
+                if self._monitor not in ready:
                     raise TimeoutError(f"{self.endpoint}: no message in {timeout} s")
+                self._reconnect()
                 continue
             frames = self._socket.recv_multipart()
             if self.streams is not None and frames[0].decode(errors="replace") not in self.streams:
