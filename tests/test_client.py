@@ -208,9 +208,13 @@ def test_to_json_keeps_the_segment_layout():
 
 
 def run_subscribe(*args: str) -> subprocess.Popen:
+    """`maskstream subscribe` as a terminal starts it: SIGINT at its default whatever this process has
+    (a shell that runs the tests in the background ignores SIGINT, its children inherit that, and a
+    Python started so never turns Ctrl-C into KeyboardInterrupt)."""
     return subprocess.Popen(
         [sys.executable, "-m", "maskstream.pipeline.cli", "subscribe", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
