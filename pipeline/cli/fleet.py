@@ -207,16 +207,14 @@ def _non_negative_int(text: str) -> int:
 
 
 def fleet_config(args: argparse.Namespace) -> FleetConfig:
-    from maskstream.pipeline.fleet.config import FleetConfig, check_server_url
+    from maskstream.pipeline.fleet.config import FleetConfig, server_urls_option
 
     sets = list(args.fleet_set)
     if args.nats:
-        urls = [url for item in args.nats for url in item.split(",") if url]
-        for url in urls:  # named as the user gave it, not as the config file's nats.urls it replaces
-            try:
-                check_server_url(url, "--nats ")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        try:
+            urls = server_urls_option(args.nats)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         sets.append("nats.urls=" + json.dumps(urls))
     return load_config(FleetConfig, args.fleet_config, sets)
 

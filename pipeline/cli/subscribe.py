@@ -87,7 +87,8 @@ def subscribe(args: argparse.Namespace) -> int:
     from maskstream.pipeline.client import is_nats_url
     from maskstream.pipeline.media.outputs import JsonlWriter, OutputError
 
-    args.endpoint = _endpoint(args)
+    fleet = _fleet_config(args)  # read once: it may stand for the endpoint, and it connects to NATS
+    args.endpoint = _endpoint(args, fleet)
     fleet_errors: tuple[type[Exception], ...] = ()
     if is_nats_url(args.endpoint):  # the NATS client is imported for NATS endpoints only
         from maskstream.pipeline.fleet.connection import FleetError
@@ -95,7 +96,7 @@ def subscribe(args: argparse.Namespace) -> int:
         fleet_errors = (FleetError,)
     status = 0
     try:
-        sub = _open(args)
+        sub = _open(args, fleet)
     except fleet_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -134,25 +135,23 @@ def subscribe(args: argparse.Namespace) -> int:
     return status
 
 
-def _endpoint(args: argparse.Namespace) -> str:
+def _endpoint(args: argparse.Namespace, fleet: Any) -> str:
     """ENDPOINT, or the fleet's servers from --nats or the fleet config (comma-separated, as the
     NATS subscriber reads them); ValueError (exit 2) for none or both."""
     from maskstream.pipeline.client import is_nats_url
 
     if args.nats:
-        from maskstream.pipeline.fleet.config import check_server_url
+        from maskstream.pipeline.fleet.config import server_urls_option
 
         if args.endpoint is not None:
             raise ValueError(f"give the endpoint ({args.endpoint}) or --nats, not both")
-        urls = [url for item in args.nats for url in item.split(",") if url]
+        urls = server_urls_option(args.nats)
         for url in urls:
-            check_server_url(url, "--nats ")
             if not is_nats_url(url):
                 raise ValueError(f"--nats {url!r}: subscribe reaches NATS by nats:// or tls://")
         return ",".join(urls)
     if args.endpoint is not None:
         return str(args.endpoint)
-    fleet = _fleet_config(args)
     if fleet is not None:
         return ",".join(fleet.nats.urls)
     raise ValueError("no endpoint: give the pipeline's publish address (e.g. tcp://127.0.0.1:5556), or a fleet's "
@@ -171,10 +170,9 @@ def _fleet_config(args: argparse.Namespace) -> Any:
     return load_config(FleetConfig, args.fleet_config or CONFIG_DIR / "fleet.yaml", args.fleet_set)
 
 
-def _open(args: argparse.Namespace) -> Subscriber:
+def _open(args: argparse.Namespace, fleet: Any) -> Subscriber:
     from maskstream.pipeline.client import Subscriber, is_nats_url
 
-    fleet = _fleet_config(args)
     if not is_nats_url(args.endpoint) and (args.from_seq is not None or fleet is not None):
         raise ValueError("--from-seq, --fleet-config and --fleet-set are for NATS endpoints (nats://...)")
     if is_nats_url(args.endpoint) and args.max_message_bytes is not None:

@@ -102,6 +102,15 @@ def check_server_url(url: str, where: str = "") -> SplitResult:
     return parts
 
 
+def server_urls_option(items: list[str], option: str = "--nats") -> list[str]:
+    """The server URLs of a repeatable command-line option (each item may hold several, comma-separated),
+    each checked; a ValueError names the option, not the config file's nats.urls it stands for."""
+    urls = [url for item in items for url in item.split(",") if url]
+    for url in urls:
+        check_server_url(url, f"{option} ")
+    return urls
+
+
 @dataclass(frozen=True)
 class NatsConfig:
     urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)

@@ -256,9 +256,7 @@ class JobQueue:
     async def _cancel(self, job_id: str, error: str) -> JobState:
         """Cancel over whatever state the job has when the write lands (any attempt's, any node's),
         unless it has ended; the state it replaced (or the ended one)."""
-        if not _JOB_ID.fullmatch(job_id):
-            raise JobNotFound(f"{job_id!r} is not a job id")
-        kv = await self.client.js.key_value(self.config.state_bucket)
+        kv = await self._states_of(job_id)
 
         def cancelled(current: JobState | None) -> JobState | None:
             if current is None or current.state in ENDED:
@@ -293,10 +291,14 @@ class JobQueue:
                 log.warning("skipping job state %s: %s", key, exc)
         return out
 
-    async def _get(self, job_id: str) -> JobState:
+    async def _states_of(self, job_id: str) -> KeyValue:
+        """The job states' bucket, for a well-formed job id (JobNotFound for any other)."""
         if not _JOB_ID.fullmatch(job_id):
             raise JobNotFound(f"{job_id!r} is not a job id")
-        kv = await self.client.js.key_value(self.config.state_bucket)
+        return await self.client.js.key_value(self.config.state_bucket)
+
+    async def _get(self, job_id: str) -> JobState:
+        kv = await self._states_of(job_id)
         try:
             entry = await kv.get(job_id)
         except nats.js.errors.KeyNotFoundError:

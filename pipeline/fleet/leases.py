@@ -752,18 +752,25 @@ class LeaseManager:
             self._presence_failing_since = None
         self._presence_sent, self._presence_written = now, written
 
+    def _presence_under_own_name(self) -> tuple[int, NodeInfo] | None:
+        """(revision, record) of the latest presence under this node's name in the view, whoever wrote it."""
+        entry = self._nodes.get(stream_token(self.node))
+        if entry is None or entry.value is None:
+            return None
+        try:
+            return entry.revision, records.unpack(NodeInfo, entry.value)
+        except records.RecordError:
+            return None
+
     def _hold_claims_for_a_namesake(self) -> None:
         """At the start: a presence under this node's name, of another start, renewed within ttl_s, is
         either this node's previous start (killed, and started again at once) or a live node under
         the same name. No claim until a live one would have renewed it twice, so that a namesake is
         found (`_check_namesake`) before it claimed anything."""
-        entry = self._nodes.get(stream_token(self.node))
-        if entry is None or entry.value is None:
+        found = self._presence_under_own_name()
+        if found is None:
             return
-        try:
-            other = records.unpack(NodeInfo, entry.value)
-        except records.RecordError:
-            return
+        _, other = found
         if other.instance != self.instance and time.time() - other.renewed_at < self.config.ttl_s:
             self._claims_from = asyncio.get_running_loop().time() + 2 * self.config.renew_interval_s
 
@@ -771,14 +778,10 @@ class LeaseManager:
         """A presence under this node's name written after its own latest one, by another start: two
         live nodes share a name (their cameras' leases, jobs and metrics could not be told apart).
         The later start stops with NodeNameInUse; the earlier one says so once and goes on."""
-        entry = self._nodes.get(stream_token(self.node))
-        if self._presence_revision == 0 or entry is None or entry.value is None or \
-                entry.revision <= self._presence_revision:
+        found = self._presence_under_own_name()
+        if self._presence_revision == 0 or found is None or found[0] <= self._presence_revision:
             return
-        try:
-            other = records.unpack(NodeInfo, entry.value)
-        except records.RecordError:
-            return
+        _, other = found
         if other.instance == self.instance:
             return
         where = f"on host {other.host or '?'}, pid {other.pid or '?'}, " \

@@ -257,8 +257,7 @@ class Node:
             Sample("maskstream_node_jobs", "Offline jobs running on this node.", gauge, "", len(self.jobs)),
             Sample("maskstream_node_leases_held", "Camera leases this node holds.", gauge, "", held),
             Sample("maskstream_node_standby_ready", "Warm standby pipelines waiting for a camera.", gauge, "",
-                   # ready_at, set by the node's loop: this thread must not read the standbys' pipes too
-                   sum(1 for standby in list(self._standbys) if standby.alive and standby.ready_at is not None)),
+                   self._standbys_ready()),
             Sample("maskstream_node_draining", "1 while the node drains (stops taking work).", gauge, "",
                    int(self._drains > 0)),
             Sample("maskstream_nats_connected", "1 while the node is connected to a NATS server.", gauge, "",
@@ -334,9 +333,13 @@ class Node:
         if self.settings.standby and not draining:
             self._keep_standbys(now)
         # read by every node's claim plan: free cameras go to warm standbys first
-        manager.set_ready(0 if draining else
-                          sum(1 for standby in self._standbys if standby.alive and standby.ready_at is not None))
+        manager.set_ready(0 if draining else self._standbys_ready())
         self._reap_spares(now)
+
+    def _standbys_ready(self) -> int:
+        """Standbys alive and seen ready. By ready_at, which the node's loop sets, not by reading their
+        pipes: the metrics thread calls this too, and only the loop reads them."""
+        return sum(1 for standby in list(self._standbys) if standby.alive and standby.ready_at is not None)
 
     def _keep_standbys(self, now: float) -> None:
         """Up to settings.standby warm pipelines, none beyond the free room, while cameras could come
