@@ -4,6 +4,9 @@
     python -m tests.fleet_agent CONFIG.yaml job NODE [FRAMES]     # takes one job, publishes results of its
                                                                   # first FRAMES frames, never finishes it;
                                                                   # prints "TOOK <job id> <attempt>", "PUBLISHED"
+    python -m tests.fleet_agent CONFIG.yaml jobnode NODE           # as a node holds a job: in the fleet (its
+                                                                  # presence names the job), its progress
+                                                                  # written; prints "TOOK <job id> <attempt>"
 
 It prints "READY" once it is in the fleet, then one line per event, flushed, and runs until killed.
 """
@@ -56,6 +59,21 @@ def main(argv: list[str]) -> None:
         say("PUBLISHED")
         while True:  # holds the job, heartbeating, until killed
             time.sleep(1)
+    elif role == "jobnode":
+        manager = LeaseManager(client, node, 0)
+        manager.start()
+        worker = JobWorker(client, node, manager.instance)
+        say("READY")
+        job = None
+        while job is None:
+            job = worker.take(timeout_s=1.0)
+        manager.set_jobs([job.job_id])
+        say(f"TOOK {job.job_id} {job.attempt}")
+        frames = 0
+        while True:  # holds the job, heartbeating and writing its progress as a node's loop does, until killed
+            frames += 1
+            job.report(frames, None, 10.0)
+            time.sleep(0.1)
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from dataclasses import replace
 
 import pytest
 from maskstream.pipeline.config import dump_config
-from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, NatsConfig
+from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, LeaseConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
+from maskstream.pipeline.fleet.leases import LeaseManager
 from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, Superseded, ensure_results_stream
 from maskstream.pipeline.fleet.runs import hand_back
 from maskstream.pipeline.runtime.messages import EndOfStream
@@ -132,6 +134,130 @@ def test_a_job_whose_node_is_sigkilled_is_redelivered_and_its_results_stored_onc
     assert redelivered_after < ACK_WAIT_S + 2.0
     print(f"job redelivered {redelivered_after:.2f} s after its node's SIGKILL (ack_wait {ACK_WAIT_S} s)")
 
+
+
+def reclaim_config(jobs_config):
+    """Jobs left to the server come back after 30 s here; a departed node's are handed back within seconds."""
+    return replace(jobs_config, leases=LeaseConfig(ttl_s=2.0, renew_interval_s=0.5, claim_grace_s=1.0),
+                   jobs=replace(jobs_config.jobs, ack_wait_s=30.0, status_interval_s=0.5))
+
+
+def take_reclaiming(worker, manager, timeout_s):
+    """A node's loop, as far as jobs go: hand back the departed nodes' jobs, take one. (job, handed back,
+    time.monotonic() when taken)."""
+    handed: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        handed += worker.reclaim(manager.departed(), manager.live_nodes())
+        job = worker.take(timeout_s=0.1)
+        if job is not None:
+            taken_at = time.monotonic()
+            settled = taken_at + 1.0  # the check that handed it back reports at a later turn
+            while time.monotonic() < settled:
+                handed += worker.reclaim(manager.departed(), manager.live_nodes())
+                time.sleep(0.05)
+            return job, handed, taken_at
+    return None, handed, None
+
+
+def test_a_sigkilled_nodes_job_is_handed_back_by_one_survivor_within_the_lease_ttl(queue, jobs_config, tmp_path):
+    """The node holding a job is SIGKILLed: its presence expires after ttl_s and the survivors, which both see
+    it go, hand the job back at once through its delivery's acknowledgement subject, instead of leaving it to
+    ack_wait_s. One of them does (compare-and-set on the state), and the server delivers it once more: one
+    attempt 2, no attempt 3."""
+    config = reclaim_config(jobs_config)
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    agent = Agent(str(path), "jobnode", "doomed")
+    with FleetClient.connect(config, name="s1") as c1, FleetClient.connect(config, name="s2") as c2:
+        managers = [LeaseManager(c1, "s1", 0), LeaseManager(c2, "s2", 0)]
+        for manager in managers:
+            manager.start()
+        workers = [JobWorker(c, m.node, m.instance) for c, m in zip((c1, c2), managers)]
+        try:
+            agent.expect("READY", timeout_s=30)
+            assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
+            held = queue.get(job_id)
+            assert (held.node, held.state) == ("doomed", "running") and held.reply.startswith("$JS.ACK.")
+            wait_for(lambda: "doomed" in managers[0].live_nodes() and "doomed" in managers[1].live_nodes(), 10,
+                     "the holder in both survivors' views")
+            killed = agent.kill()
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                taken = list(pool.map(lambda i: take_reclaiming(workers[i], managers[i], 20.0), range(2)))
+            jobs = [job for job, _, _ in taken if job is not None]
+            assert len(jobs) == 1, taken  # delivered once more, to one of them
+            redelivered_after = next(at for _, _, at in taken if at is not None) - killed
+            handed = [h for _, h, _ in taken]
+            assert sorted(map(len, handed)) == [0, 1] and job_id in handed[0] + handed[1], handed
+            (job,) = jobs
+            assert job.job_id == job_id and job.attempt == 2
+            winner, loser = workers if taken[0][0] is not None else workers[::-1]
+            state = queue.get(job_id)
+            assert (state.state, state.node, state.attempt, state.instance) == ("running", winner.node, 2,
+                                                                                 winner.instance)
+            assert loser.take(timeout_s=3.0) is None  # no third delivery beside the second
+            assert job.done() and queue.get(job_id).state == "done"
+        finally:
+            agent.close()
+            for worker in workers:
+                worker.close()
+            for manager in managers:
+                manager.stop()
+    # the presence's ttl_s after the last renewal, then one check of the state: far under ack_wait_s (30 s)
+    assert redelivered_after < 10.0, redelivered_after
+    print(f"job handed back and redelivered {redelivered_after:.2f} s after its node's SIGKILL "
+          f"(ttl {config.leases.ttl_s} s; ack_wait {config.jobs.ack_wait_s} s)")
+
+
+def test_a_holder_whose_presence_lapsed_keeps_its_job_while_it_writes_progress(queue, jobs_config, tmp_path):
+    """A presence gone is not enough: a holder whose lease manager stopped (as its presence writes fail in a
+    leader election) but which still writes its job's progress keeps the job; once its writes stop too, the
+    survivor hands it back, and the holder's late done() acknowledges nothing."""
+    config = reclaim_config(jobs_config)
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    with FleetClient.connect(config, name="h") as ch, FleetClient.connect(config, name="s") as cs:
+        holder, survivor = LeaseManager(ch, "h", 0), LeaseManager(cs, "s", 0)
+        holder.start()
+        survivor.start()
+        holder_worker = JobWorker(ch, "h", holder.instance)
+        worker = JobWorker(cs, "s", survivor.instance)
+        try:
+            job = holder_worker.take(timeout_s=5)
+            assert job is not None and job.job_id == job_id
+            holder.set_jobs([job_id])
+            wait_for(lambda: "h" in survivor.live_nodes(), 10, "the holder in the survivor's view")
+            stop_writing = threading.Event()
+
+            def progress() -> None:
+                frames = 0
+                while not stop_writing.wait(0.1):
+                    frames += 1
+                    job.report(frames, None, 10.0)
+
+            writer = threading.Thread(target=progress, daemon=True)
+            writer.start()
+            holder.stop(release=False)  # its presence lapses after ttl_s; its job goes on
+            wait_for(lambda: "h" not in survivor.live_nodes(), 10, "the holder's presence gone")
+            taken, handed, _ = take_reclaiming(worker, survivor, 3 * config.leases.ttl_s)
+            assert (taken, handed) == (None, [])
+            assert (queue.get(job_id).state, queue.get(job_id).node) == ("running", "h")
+            stop_writing.set()
+            writer.join()
+            silent = time.monotonic()
+            taken, handed, taken_at = take_reclaiming(worker, survivor, 15.0)
+            assert taken is not None and taken.job_id == job_id and taken.attempt == 2 and handed == [job_id]
+            # silent for ttl_s (the stale bound here), plus a check
+            assert taken_at - silent < config.leases.ttl_s + 3.0
+            print(f"job handed back {taken_at - silent:.2f} s after its holder's state writes stopped "
+                  f"(ttl {config.leases.ttl_s} s)")
+            assert not job.done()  # the holder's late done(): the later attempt settles the job
+            assert taken.done() and queue.get(job_id).state == "done"
+        finally:
+            holder_worker.close()
+            worker.close()
+            survivor.stop()
+            holder.stop()
 
 
 class Attempt:

@@ -11,7 +11,9 @@ node holds it, a task on the FleetClient's loop tells the server it is still in 
 `Job.done()` only once the job's results are durable (every ResultPublisher.publish returned): the
 state becomes `done`, then the acknowledgement is confirmed by the server. A node that dies stops
 the heartbeats; after `ack_wait_s` the server delivers the job again, to whichever node pulls next,
-as attempt 2, 3, ... up to `max_deliver`. Results are published with `Nats-Msg-Id: <stream>:<seq>`,
+as attempt 2, 3, ... up to `max_deliver`. Nodes that see a node's presence go hand its jobs back
+sooner, through the dead delivery's acknowledgement subject kept in the job's state
+(`JobWorker.reclaim`). Results are published with `Nats-Msg-Id: <stream>:<seq>`,
 so a re-run stores each frame once (results.py).
 
 `Job.fail(error)` ends a job for good (`failed`, the message terminated: a corrupt file does not
@@ -38,7 +40,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +50,7 @@ import nats.js.errors
 from maskstream.pipeline.fleet import records
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig
 from maskstream.pipeline.fleet.connection import UNAVAILABLE, FleetClient, FleetError, kv_snapshot, retrying
+from maskstream.pipeline.fleet.leases import NodeInfo
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KeyValue
@@ -98,6 +101,8 @@ class JobState:
     frames: int = 0  # frames whose results are stored, earlier attempts' included
     frames_total: int | None = None  # the input's frame count, once its node has opened it (None: unknown)
     frames_per_s: float = 0.0  # the latest attempt's rate while it runs
+    instance: str = ""  # which start of `node` holds the latest attempt (LeaseManager.instance)
+    reply: str = ""  # that delivery's acknowledgement subject: another node hands the job back through it
 
 
 def new_job_id(source: str) -> str:
@@ -470,20 +475,72 @@ class Job:
         return False
 
 
+RECLAIM_EVERY_S = 0.5  # how often a node checks the jobs of departed nodes while any is unsettled
+
+
+@dataclass(frozen=True)
+class _Departed:
+    node: str
+    instance: str
+    jobs: tuple[str, ...]
+    seen_at: float  # time.time() when its presence was seen gone
+
+
 class JobWorker:
     """One node's side of the job queue: `take()` the next job, within whatever capacity the node has."""
 
-    def __init__(self, client: FleetClient, node: str) -> None:
+    def __init__(self, client: FleetClient, node: str, instance: str = "") -> None:
         self.client = client
         self.config: JobsConfig = client.config.jobs
         self.node = node
+        self.instance = instance or secrets.token_hex(6)  # the node's LeaseManager.instance, where it has one
         self.kv: KeyValue
         self._psub: Any = None
+        self._departed: dict[tuple[str, str], _Departed] = {}
+        self._reclaiming: concurrent.futures.Future[tuple[list[str], list[tuple[str, str]]]] | None = None
+        self._reclaim_due = 0.0  # time.monotonic() when the next check may start
 
     def take(self, timeout_s: float = 1.0) -> Job | None:
         """The next job, marked running on this node; None when none came within timeout_s."""
         limit = timeout_s + 2 * self.client.config.nats.request_timeout_s
         return self.client.run(self._take(timeout_s), timeout_s=limit)
+
+    def reclaim(self, departed: Sequence[NodeInfo], live: Mapping[str, str]) -> list[str]:
+        """Hand back, for delivery now, the jobs of node starts that are gone, rather than leave them to
+        the server's ack_wait_s. `departed`: presences that left the view (LeaseManager.departed(),
+        the jobs they named); `live`: node name -> instance of the presences there now. Call it every
+        turn of the node's loop: it returns at once, the checks run on the client's loop, and it
+        returns the jobs handed back since the last call.
+
+        A job goes back when its state still names that start as running it, its holder has not come
+        back to the view, its state has not been written for stale_s (a live holder writes its progress
+        every status_interval_s: a presence lost in a leader election is no death) and the server's own
+        redelivery is not near (see `_reclaim_one`). Who hands it back is decided by compare-and-set on
+        the state (`queued`, with why), so that one node of all that saw the departure sends the NAK."""
+        for info in departed:
+            if info.jobs and (info.name, info.instance) != (self.node, self.instance):
+                self._departed.setdefault((info.name, info.instance), _Departed(info.name, info.instance,
+                                                                                info.jobs, time.time()))
+        handed: list[str] = []
+        running = self._reclaiming
+        if running is not None and running.done():
+            self._reclaiming = None
+            try:
+                handed, settled = running.result()
+            except (FleetError, *UNAVAILABLE, nats.errors.Error) as exc:  # checked again at the next turn
+                log.info("node %s: jobs of departed nodes not checked (%s)", self.node, exc)
+            else:
+                for key in settled:
+                    self._departed.pop(key, None)
+        for key, gone in list(self._departed.items()):
+            # back in the view (a presence write that was late), or past the window: nothing to do
+            if live.get(gone.node) == gone.instance or time.time() - gone.seen_at > self.config.ack_wait_s:
+                del self._departed[key]
+        now = time.monotonic()
+        if self._departed and self._reclaiming is None and now >= self._reclaim_due:
+            self._reclaim_due = now + RECLAIM_EVERY_S
+            self._reclaiming = self.client.spawn(self._reclaim(list(self._departed.values())))
+        return handed
 
     def close(self) -> None:
         psub, self._psub = self._psub, None
@@ -508,7 +565,7 @@ class JobWorker:
     async def _next(self, timeout_s: float) -> Msg | None:
         """The next delivery, unclaimed; None when none came within timeout_s."""
         if self._psub is None:
-            self.kv = await _ensure(self.client)
+            await self._state_kv()
             self._psub = await self.client.js.pull_subscribe_bind(durable=self.config.consumer,
                                                                   stream=self.config.stream)
         try:
@@ -516,6 +573,70 @@ class JobWorker:
         except UNAVAILABLE:
             return None
         return msgs[0]
+
+    async def _state_kv(self) -> KeyValue:
+        if not hasattr(self, "kv"):
+            self.kv = await _ensure(self.client)
+        return self.kv
+
+    async def _reclaim(self, departed: list[_Departed]) -> tuple[list[str], list[tuple[str, str]]]:
+        """(jobs handed back, departed starts with nothing left to check)."""
+        kv = await self._state_kv()
+        handed: list[str] = []
+        settled: list[tuple[str, str]] = []
+        for gone in departed:
+            outcomes = [await self._reclaim_one(kv, job_id, gone) for job_id in gone.jobs]
+            handed += [job_id for job_id, outcome in zip(gone.jobs, outcomes) if outcome == "handed back"]
+            if "wait" not in outcomes:
+                settled.append((gone.node, gone.instance))
+        return handed, settled
+
+    async def _reclaim_one(self, kv: KeyValue, job_id: str, gone: _Departed) -> str:
+        """"handed back", "wait" (its state is still being written: check again), or "settled" (not
+        this start's any more, or left to the server).
+
+        The NAK goes to the holder's delivery by its acknowledgement subject, and the server takes it
+        for whichever delivery of the message is pending: sent after the server had delivered the
+        job again on its own, it would start a third attempt beside the second. The server's own
+        redelivery comes ack_wait_s after the holder's last heartbeat, which was at most
+        progress_interval_s before its last state write: the job is left to the server unless that
+        write is younger than ack_wait_s less two progress intervals. (Were one sent late all the
+        same, the attempt it started would store no result twice, results.py.)"""
+        jobs, leases = self.config, self.client.config.leases
+        stale_s = max(leases.ttl_s, 2 * jobs.status_interval_s)
+        window_s = jobs.ack_wait_s - 2 * jobs.progress_interval_s
+        outcome = "settled"
+
+        def handed_back(current: JobState | None) -> JobState | None:
+            nonlocal outcome
+            outcome = "settled"
+            if (current is None or current.state != "running" or (current.node, current.instance) != (
+                    gone.node, gone.instance) or not current.reply.startswith("$JS.ACK.")):
+                return None
+            age = time.time() - current.updated_at
+            if age >= window_s:
+                return None
+            if age < stale_s:
+                outcome = "wait"
+                return None
+            outcome = "handed back"
+            return replace(current, state="queued", frames_per_s=0.0, updated_at=time.time(),
+                           error=f"its node {gone.node} is gone; handed back by {self.node}")
+
+        stored, written = await _change_state(kv, job_id, handed_back)
+        if not written:
+            return outcome
+        assert stored is not None
+        try:
+            await self.client.nc.request(stored.reply, b"-NAK", timeout=self.client.config.nats.request_timeout_s)
+        except (*UNAVAILABLE, nats.errors.Error) as exc:
+            # the state says queued; the server delivers it again after ack_wait_s all the same
+            log.info("node %s: job %s of departed node %s: the hand-back not confirmed (%s)", self.node, job_id,
+                     gone.node, exc)
+            return outcome
+        log.info("node %s: job %s handed back: its node %s (start %s) is gone, its state silent for %.1f s",
+                 self.node, job_id, gone.node, gone.instance, time.time() - stored.updated_at)
+        return outcome
 
     async def _claim(self, msg: Msg) -> Job | None:
         """Mark a delivery's job running on this node and hold it; None when there is nothing to run."""
@@ -527,7 +648,8 @@ class JobWorker:
             return None
         attempt = msg.metadata.num_delivered
         state = JobState(request.job_id, request.input, "running", self.node, attempt,
-                         submitted_at=request.submitted_at, updated_at=time.time())
+                         submitted_at=request.submitted_at, updated_at=time.time(), instance=self.instance,
+                         reply=msg.reply)
         stored = await _write_state(self.kv, state, _not_ended)
         if stored is not None and stored.state in ENDED:
             # Another attempt ended the job after the server gave up waiting on it (its node was slow or

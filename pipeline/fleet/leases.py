@@ -531,6 +531,10 @@ class LeaseManager:
         self._claims_from = -math.inf  # loop time before which it claims nothing (a namesake may live)
         self._jobs: tuple[str, ...] = ()
         self._ready_standbys = 0
+        # the nodes' presences at the last tick, and those that have left it since (expired, deleted,
+        # or replaced by another start under the same name): whose jobs may have lost their holder
+        self._nodes_seen: dict[str, NodeInfo] = {}
+        self._departures: queue.Queue[NodeInfo] = queue.Queue()
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._release_on_stop = True
@@ -610,6 +614,21 @@ class LeaseManager:
         self.capacity = 0
         if self._task is not None and not self._task.done():
             self.client.run(self._release_all(reason), timeout_s=timeout_s)
+
+    def live_nodes(self) -> dict[str, str]:
+        """node name -> instance, of every presence in this node's view at its last tick (its own included)."""
+        return {name: info.instance for name, info in self._nodes_seen.items()} | {self.node: self.instance}
+
+    def departed(self) -> list[NodeInfo]:
+        """The last presence of each start of a node that has left the view since the last call: its
+        presence expired or was deleted, or a restart under its name replaced it. The jobs it named
+        may have no live holder (`JobWorker.reclaim`)."""
+        out: list[NodeInfo] = []
+        try:
+            while True:
+                out.append(self._departures.get_nowait())
+        except queue.Empty:
+            return out
 
     def camera_count(self) -> int:
         """Cameras in the fleet that this node could run (it satisfies their requirements), as it sees it now."""
@@ -712,6 +731,7 @@ class LeaseManager:
         now = asyncio.get_running_loop().time()
         cameras = self._decoded(self._cameras, Camera)
         self._check_namesake()
+        self._note_departures()
         await self._presence(now)
         await self._renew(now, cameras)
         await self._claim(now, cameras)
@@ -751,6 +771,14 @@ class LeaseManager:
                      now - self._presence_failing_since)
             self._presence_failing_since = None
         self._presence_sent, self._presence_written = now, written
+
+    def _note_departures(self) -> None:
+        nodes = self._decoded(self._nodes, NodeInfo)
+        for name, seen in self._nodes_seen.items():
+            now = nodes.get(name)
+            if (now is None or now.instance != seen.instance) and seen.instance != self.instance:
+                self._departures.put(seen)
+        self._nodes_seen = nodes  # replaced whole: live_nodes() reads it from other threads
 
     def _presence_under_own_name(self) -> tuple[int, NodeInfo] | None:
         """(revision, record) of the latest presence under this node's name in the view, whoever wrote it."""

@@ -203,7 +203,7 @@ class Node:
         self.counters = {name: 0 for name in (
             "leases_acquired", "leases_lost", "leases_released", "camera_restarts", "standby_takeovers", "jobs_taken",
             "job_redeliveries", "jobs_done", "jobs_failed", "jobs_handed_back", "jobs_cancelled", "results",
-            "pipelines_hung")}
+            "pipelines_hung", "jobs_reclaimed")}
         self._drains = 0
         self._drain_began: float | None = None
         self._leases_released = False
@@ -236,7 +236,7 @@ class Node:
         # with an owner file, as a run's: remove_dead_runs clears it after a SIGKILL
         self._endpoint_dir = run_folder(settings.endpoint_dir, prefix=NODE_FOLDER_PREFIX)
         self.manager = LeaseManager(self.client, settings.name, settings.capacity, settings.labels)
-        self.worker = JobWorker(self.client, settings.name)
+        self.worker = JobWorker(self.client, settings.name, self.manager.instance)
         self.manager.start()
         try:
             while not self._done():
@@ -279,6 +279,7 @@ class Node:
             "jobs_failed": "Jobs this node failed for good.",
             "jobs_handed_back": "Jobs this node handed back for another delivery.",
             "jobs_cancelled": "Jobs this node stopped (or did not run) because they were cancelled.",
+            "jobs_reclaimed": "Jobs of departed nodes this node handed back for delivery at once.",
             "results": "Results (Detections, EndOfStream) this node's runs stored on NATS.",
             "pipelines_hung": "Pipeline processes (cameras', jobs', standbys') SIGKILLed as hung: silent too long.",
         }
@@ -319,6 +320,8 @@ class Node:
         for event in manager.events(timeout_s=0.0 if take else TICK_S):
             if not self._leases_released:  # after release_all: the releases it made itself
                 self._on_lease(event, time.monotonic())
+        assert self.worker is not None
+        self.counters["jobs_reclaimed"] += len(self.worker.reclaim(manager.departed(), manager.live_nodes()))
         now = time.monotonic()
         self._poll_runs(now)
         if draining:
