@@ -12,7 +12,7 @@ from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, LeaseConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, wait_for
 from maskstream.pipeline.fleet.jobs import JobNotFound, JobQueue, JobWorker
-from maskstream.pipeline.fleet.leases import LeaseManager
+from maskstream.pipeline.fleet.leases import CameraRegistry, LeaseManager
 from maskstream.pipeline.fleet.results import ResultPublisher, ResultSubscriber, Superseded, ensure_results_stream
 from maskstream.pipeline.fleet.runs import hand_back
 from maskstream.pipeline.runtime.messages import EndOfStream
@@ -142,6 +142,13 @@ def reclaim_config(jobs_config):
                    jobs=replace(jobs_config.jobs, ack_wait_s=30.0, status_interval_s=0.5))
 
 
+def presence_names(config, job_id):
+    """Wait until a node's presence names the job (written at the node's tick after it took it)."""
+    with FleetClient.connect(config, name="reader") as client:
+        registry = CameraRegistry(client)
+        wait_for(lambda: any(job_id in info.jobs for info in registry.nodes()), 10, f"a presence naming {job_id}")
+
+
 def take_reclaiming(worker, manager, timeout_s):
     """A node's loop, as far as jobs go: hand back the departed nodes' jobs, take one. (job, handed back,
     time.monotonic() when taken)."""
@@ -180,6 +187,7 @@ def test_a_sigkilled_nodes_job_is_handed_back_by_one_survivor_within_the_lease_t
             assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
             held = queue.get(job_id)
             assert (held.node, held.state) == ("doomed", "running") and held.reply.startswith("$JS.ACK.")
+            presence_names(config, job_id)
             wait_for(lambda: "doomed" in managers[0].live_nodes() and "doomed" in managers[1].live_nodes(), 10,
                      "the holder in both survivors' views")
             killed = agent.kill()
@@ -208,6 +216,39 @@ def test_a_sigkilled_nodes_job_is_handed_back_by_one_survivor_within_the_lease_t
     assert redelivered_after < 10.0, redelivered_after
     print(f"job handed back and redelivered {redelivered_after:.2f} s after its node's SIGKILL "
           f"(ttl {config.leases.ttl_s} s; ack_wait {config.jobs.ack_wait_s} s)")
+
+
+def test_a_node_killed_and_started_again_at_once_hands_its_predecessors_job_back(queue, jobs_config, tmp_path):
+    """A service manager starts the node again under its name right after the SIGKILL, with no other node in
+    the fleet: the restart sees its predecessor's presence replaced by its own and hands that start's job
+    back, instead of waiting ack_wait_s for it."""
+    config = reclaim_config(jobs_config)
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    agent = Agent(str(path), "jobnode", "a")
+    try:
+        agent.expect("READY", timeout_s=30)
+        assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
+        presence_names(config, job_id)
+        killed = agent.kill()
+    finally:
+        agent.close()
+    with FleetClient.connect(config, name="a") as client:
+        restart = LeaseManager(client, "a", 0)
+        restart.start()
+        worker = JobWorker(client, "a", restart.instance)
+        try:
+            job, handed, taken_at = take_reclaiming(worker, restart, 20.0)
+            assert job is not None and job.job_id == job_id and job.attempt == 2 and handed == [job_id]
+            state = queue.get(job_id)
+            assert (state.node, state.instance) == ("a", restart.instance)
+            assert job.done()
+        finally:
+            worker.close()
+            restart.stop()
+    assert taken_at - killed < 10.0  # the predecessor's state silent for ttl_s, far under ack_wait_s (30 s)
+    print(f"the restart took its predecessor's job {taken_at - killed:.2f} s after the kill")
 
 
 def test_a_holder_whose_presence_lapsed_keeps_its_job_while_it_writes_progress(queue, jobs_config, tmp_path):
