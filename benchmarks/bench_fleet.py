@@ -3,7 +3,7 @@ to come back when its node dies.
 
     python benchmarks/bench_fleet.py [--files 3] [--frames 150] [--rounds 2] [--kills 5] [--cameras 1]
                                      [--standby 1 | --no-standby] [--restart-at-once] [--set KEY=VALUE]
-                                     [--only overhead|failover] [--smoke] [--out PATH]
+                                     [--only overhead|failover|jobs] [--smoke] [--out PATH]
 
 overhead: the same video files (generated clips, 320x240 at 10 frames/s) through `maskstream run`,
 one run per file, one after another, each timed from its start to its EndOfStream at a ZeroMQ
@@ -30,6 +30,14 @@ both over every camera of every kill, the load average at each kill; the goal fo
 result is 10 s. --no-standby (--standby 0) measures the same without standby pipelines (each
 failover then waits for a pipeline's start); --cameras 2 --standby 2, a dead node's two cameras
 landing on one node.
+
+jobs: the same cluster afresh (default lease and job settings), two nodes of capacity 1 and no
+standby; --kills times: submit a job (the camera's clip, read offline), once 5 of its results are
+stored SIGKILL the node running it (started again at once with --restart-at-once, else after the
+measure), time until the job's next attempt runs (its state) and until that attempt's first new
+result is stored; then cancel it. The server alone delivers the job again `jobs.ack_wait_s` after
+the dead node's last heartbeat; the other nodes hand it back once its presence expires and its
+state has been silent for the lease TTL (docs/fleet.md).
 
 The model is the tiny untrained lite variant (128x160 input) on CPU unless --set says otherwise.
 The NATS server is the `nats-server` the project's setup installs (beside the venv's python), or
@@ -60,6 +68,7 @@ from maskstream.pipeline.client import Subscriber
 from maskstream.pipeline.config import dump_config
 from maskstream.pipeline.fleet.config import FleetConfig, NatsConfig
 from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable, wait_for
+from maskstream.pipeline.fleet.jobs import JobQueue
 from maskstream.pipeline.fleet.leases import CameraRegistry
 from maskstream.pipeline.fleet.results import ResultSubscriber
 from maskstream.pipeline.media.video import write_test_clip
@@ -336,6 +345,77 @@ def failover(kills: int, sets: list[str], work: Path, clip: Path, cameras: int, 
             "goal_s": FAILOVER_GOAL_S, "pipeline_start_s": pipeline_start}
 
 
+def job_failover(kills: int, sets: list[str], work: Path, clip: Path, restart_at_once: bool = False) -> dict[str, Any]:
+    """SIGKILL the node running a job, mid-job: seconds until another attempt holds the job (its state
+    `running` again, attempt 2) and until that attempt's first new result is stored."""
+    procs, urls = start_servers(work / "jobs-cluster", 3)
+    config = FleetConfig(nats=NatsConfig(urls=tuple(urls)), replicas=3)
+    path = work / "jobs-cluster.yaml"
+    path.write_text(dump_config(config))
+    extra = ("--standby", "0")  # a standby runs cameras only: nothing of it here
+    rows: list[dict[str, Any]] = []
+    nodes = {name: Node(name, path, 1, sets, work / f"jobs-node-{name}.log", *extra) for name in ("a", "b")}
+    try:
+        with FleetClient.connect(config, name="bench") as client:
+            queue = JobQueue(client)
+            for _ in range(kills):
+                (job_id,) = queue.submit([str(clip)])
+                with ResultSubscriber.connect(config, streams=[job_id], from_seq=1, timeout_s=START_TIMEOUT_S) as sub:
+                    last_seq = _read_each(sub, [job_id], 5)[job_id]  # results flowing on its node
+                    victim = queue.get(job_id).node
+                    load = os.getloadavg()
+                    nodes[victim].proc.kill()
+                    killed = time.time()
+                    nodes[victim].proc.wait()
+                    if restart_at_once:
+                        nodes[victim] = Node(victim, path, 1, sets, work / f"jobs-node-{victim}.log", *extra)
+                    taken, first, state = None, None, None
+                    deadline = time.monotonic() + START_TIMEOUT_S
+                    while first is None:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"job failover: taken again {taken}, first result {first}")
+                        if taken is None:
+                            try:
+                                state = queue.get(job_id)
+                            except FleetUnavailable:
+                                state = None
+                            if state is not None and state.attempt > 1 and state.state == "running":
+                                taken = time.time() - killed
+                        try:
+                            message = sub.recv(timeout_s=0.05)
+                        except TimeoutError:
+                            continue
+                        if message.header.seq > last_seq:  # the dead attempt's last ones may still arrive first
+                            if state is not None and state.attempt > 1:
+                                first = time.time() - killed
+                            last_seq = message.header.seq
+                    assert state is not None and taken is not None
+                    row = {"taken_again_s": taken, "first_result_s": first, "from": victim, "to": state.node,
+                           "attempt": state.attempt, "load_average_at_kill": load}
+                    rows.append(row)
+                    print(f"job failover: {job_id} taken again by {state.node} {taken:.2f} s after the SIGKILL of "
+                          f"{victim}, its first new result {first:.2f} s after it (load average {load[0]:.1f})",
+                          flush=True)
+                queue.cancel(job_id, "measured")
+                if not restart_at_once:
+                    nodes[victim] = Node(victim, path, 1, sets, work / f"jobs-node-{victim}.log", *extra)
+                wait_for(lambda: all(node.metric("maskstream_node_jobs") == 0 for node in nodes.values()), 60,
+                         "the cancelled job stopped")
+    finally:
+        stop([node.proc for node in nodes.values()])
+        stop(procs)
+    taken_all = [r["taken_again_s"] for r in rows]
+    first_all = [r["first_result_s"] for r in rows]
+    return {"what": f"SIGKILL of the node running a job{', started again at once' if restart_at_once else ''} "
+                    f"(3-server cluster; lease TTL {config.leases.ttl_s:g} s, jobs.ack_wait_s "
+                    f"{config.jobs.ack_wait_s:g} s, progress every {config.jobs.progress_interval_s:g} s; two nodes "
+                    "of capacity 1): seconds to the job's next attempt running, and to its first new result; "
+                    "medians and maxima over the kills",
+            "restart_at_once": restart_at_once, "ttl_s": config.leases.ttl_s, "ack_wait_s": config.jobs.ack_wait_s,
+            "kills": rows, "taken_again_s_median": statistics.median(taken_all), "taken_again_s_max": max(taken_all),
+            "first_result_s_median": statistics.median(first_all), "first_result_s_max": max(first_all)}
+
+
 def _holders(registry: CameraRegistry, names: list[str]) -> dict[str, tuple[str, float]]:
     """Each camera's (node, lease acquired_at); FleetUnavailable while one has no holder."""
     held = {row.camera.name: (row.lease.node, row.lease.acquired_at) for row in registry.status()
@@ -403,7 +483,7 @@ def main() -> None:
                         help="failover without standby pipelines (--standby 0)")
     parser.add_argument("--restart-at-once", action="store_true",
                         help="failover: start the killed node again right after the kill, as a service manager does")
-    parser.add_argument("--only", choices=("overhead", "failover"), help="measure only this")
+    parser.add_argument("--only", choices=("overhead", "failover", "jobs"), help="measure only this")
     add_output_options(parser)
     # the smoke's one kill is followed by the restart at once: the case a claim by the node's name got wrong
     args = parse_args(parser, {"files": 1, "frames": 6, "rounds": 1, "kills": 1, "restart_at_once": True}, None)
@@ -429,11 +509,13 @@ def main() -> None:
             "model": "tiny" if not args.set else "tiny with " + ", ".join(args.set), "model_overrides": sets,
             "machine": {**machine(), "load_average_at_start": started},
         }
-        if args.only != "failover":
+        if args.only in (None, "overhead"):
             result["overhead"] = overhead(files, args.rounds, sets, work)
-        if args.only != "overhead":
+        if args.only in (None, "failover"):
             result["failover"] = failover(args.kills, sets, work, clip, args.cameras, args.standby,
                                           args.restart_at_once)
+        if args.only in (None, "jobs"):
+            result["job_failover"] = job_failover(args.kills, sets, work, clip, args.restart_at_once)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -450,6 +532,11 @@ def main() -> None:
               f"{f['first_result_s_max']:.2f} s (goal {FAILOVER_GOAL_S:.0f} s; a pipeline start here took "
               f"{f['pipeline_start_s']:.2f} s)" + (f"; {f['moved_to_the_killed_nodes_restart']} camera(s) went back to "
                                                    "the killed node's restart" if f["restart_at_once"] else ""))
+    j = result.get("job_failover")
+    if j is not None:
+        print(f"job failover over {len(j['kills'])} kill(s): taken again median {j['taken_again_s_median']:.2f} s, "
+              f"max {j['taken_again_s_max']:.2f} s; first new result median {j['first_result_s_median']:.2f} s, max "
+              f"{j['first_result_s_max']:.2f} s (lease TTL {j['ttl_s']:g} s, ack_wait_s {j['ack_wait_s']:g} s)")
     print(f"load average {started[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; wrote {out}")
 
 

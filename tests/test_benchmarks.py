@@ -244,7 +244,8 @@ def check_fleet_soak(result: dict[str, Any]) -> None:
 
 
 def check_fleet(result: dict[str, Any]) -> None:
-    assert {"what", "command", "model", "model_overrides", "machine", "overhead", "failover"} <= set(result)
+    assert {"what", "command", "model", "model_overrides", "machine", "overhead", "failover", "job_failover"} <= set(
+        result)
     load_averages(result["machine"]["load_average_at_start"])
     load_averages(result["machine"]["load_average_at_end"])
     overhead = result["overhead"]
@@ -267,6 +268,13 @@ def check_fleet(result: dict[str, Any]) -> None:
     # back to the restart (a new start, cold) by its name
     assert failover["restart_at_once"] is True and failover["moved_to_the_killed_nodes_restart"] == 0
     assert kill["standby_takeovers"] == 1  # the other node's warm standby took the camera over
+    load_averages(kill["load_average_at_kill"])
+    jobs = result["job_failover"]
+    [kill] = jobs["kills"]
+    positive(kill["taken_again_s"], kill["first_result_s"], jobs["taken_again_s_median"], jobs["first_result_s_max"])
+    assert kill["taken_again_s"] <= kill["first_result_s"] and kill["attempt"] == 2 and jobs["restart_at_once"] is True
+    # handed back once the dead start's presence expired and its state fell silent, not at ack_wait_s
+    assert kill["taken_again_s"] < jobs["ack_wait_s"] - 2 * jobs["ttl_s"], kill
     load_averages(kill["load_average_at_kill"])
 
 
