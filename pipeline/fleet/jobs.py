@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import re
 import secrets
 import threading
@@ -505,7 +506,8 @@ class JobWorker:
         limit = timeout_s + 2 * self.client.config.nats.request_timeout_s
         return self.client.run(self._take(timeout_s), timeout_s=limit)
 
-    def reclaim(self, departed: Sequence[NodeInfo], live: Mapping[str, str]) -> list[str]:
+    def reclaim(self, departed: Sequence[NodeInfo], live: Mapping[str, str],
+                answered_for: float = math.inf) -> list[str]:
         """Hand back, for delivery now, the jobs of node starts that are gone, rather than leave them to
         the server's ack_wait_s. `departed`: presences that left the view (LeaseManager.departed(),
         the jobs they named); `live`: node name -> instance of the presences there now. Call it every
@@ -516,7 +518,12 @@ class JobWorker:
         back to the view, its state has not been written for stale_s (a live holder writes its progress
         every status_interval_s: a presence lost in a leader election is no death) and the server's own
         redelivery is not near (see `_reclaim_one`). Who hands it back is decided by compare-and-set on
-        the state (`queued`, with why), so that one node of all that saw the departure sends the NAK."""
+        the state (`queued`, with why), so that one node of all that saw the departure sends the NAK.
+
+        `answered_for`: seconds since a write of this node last went unanswered (LeaseManager.answered_for()).
+        Within stale_s of that, no job is handed back: what silenced this node's writes (a leader election,
+        a server's death) silenced the holders' too, and their presences and states may lapse together
+        while they live; they write again once it is over, and come back to the view."""
         for info in departed:
             if info.jobs and (info.name, info.instance) != (self.node, self.instance):
                 self._departed.setdefault((info.name, info.instance), _Departed(info.name, info.instance,
@@ -537,7 +544,8 @@ class JobWorker:
             if live.get(gone.node) == gone.instance or time.time() - gone.seen_at > self.config.ack_wait_s:
                 del self._departed[key]
         now = time.monotonic()
-        if self._departed and self._reclaiming is None and now >= self._reclaim_due:
+        if (self._departed and self._reclaiming is None and now >= self._reclaim_due
+                and answered_for >= self._stale_s()):
             self._reclaim_due = now + RECLAIM_EVERY_S
             self._reclaiming = self.client.spawn(self._reclaim(list(self._departed.values())))
         return handed
@@ -574,6 +582,11 @@ class JobWorker:
             return None
         return msgs[0]
 
+    def _stale_s(self) -> float:
+        """How long a running job's state must go unwritten before its holder counts as gone: a live node
+        writes it every status_interval_s, and renews its presence within the lease TTL."""
+        return max(self.client.config.leases.ttl_s, 2 * self.config.status_interval_s)
+
     async def _state_kv(self) -> KeyValue:
         if not hasattr(self, "kv"):
             self.kv = await _ensure(self.client)
@@ -602,9 +615,8 @@ class JobWorker:
         progress_interval_s before its last state write: the job is left to the server unless that
         write is younger than ack_wait_s less two progress intervals. (Were one sent late all the
         same, the attempt it started would store no result twice, results.py.)"""
-        jobs, leases = self.config, self.client.config.leases
-        stale_s = max(leases.ttl_s, 2 * jobs.status_interval_s)
-        window_s = jobs.ack_wait_s - 2 * jobs.progress_interval_s
+        stale_s = self._stale_s()
+        window_s = self.config.ack_wait_s - 2 * self.config.progress_interval_s
         outcome = "settled"
 
         def handed_back(current: JobState | None) -> JobState | None:

@@ -619,6 +619,11 @@ class LeaseManager:
         """node name -> instance, of every presence in this node's view at its last tick (its own included)."""
         return {name: info.instance for name, info in self._nodes_seen.items()} | {self.node: self.instance}
 
+    def answered_for(self) -> float:
+        """Seconds since a write of this node last went unanswered (a server's death, a leader election,
+        a cut link: what makes other nodes' presences and states fall silent too); inf if none did."""
+        return time.monotonic() - self._unanswered_at  # the loop's clock is time.monotonic()
+
     def departed(self) -> list[NodeInfo]:
         """The last presence of each start of a node that has left the view since the last call: its
         presence expired or was deleted, or a restart under its name replaced it. The jobs it named

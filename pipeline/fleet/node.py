@@ -321,7 +321,8 @@ class Node:
             if not self._leases_released:  # after release_all: the releases it made itself
                 self._on_lease(event, time.monotonic())
         assert self.worker is not None
-        self.counters["jobs_reclaimed"] += len(self.worker.reclaim(manager.departed(), manager.live_nodes()))
+        self.counters["jobs_reclaimed"] += len(self.worker.reclaim(manager.departed(), manager.live_nodes(),
+                                                                   manager.answered_for()))
         now = time.monotonic()
         self._poll_runs(now)
         if draining:
