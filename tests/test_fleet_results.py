@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from maskstream.pipeline.client import SeqTracker
 from maskstream.pipeline.fleet.config import FleetConfig, JobsConfig, LeaseConfig, NatsConfig, ResultsConfig
-from maskstream.pipeline.fleet.connection import FleetClient
+from maskstream.pipeline.fleet.connection import FleetClient, FleetUnavailable
 from maskstream.pipeline.fleet.jobs import ensure_jobs
 from maskstream.pipeline.fleet.leases import ensure_lease_buckets
 from maskstream.pipeline.fleet.results import (
@@ -28,6 +28,7 @@ from maskstream.pipeline.runtime.messages import Detections, EndOfStream
 
 from tests.fleet_nodes import check_every_frame_published_or_counted
 from tests.make_detections import end_of_stream, make_detections
+from tests.nats_cluster import NatsCluster
 
 
 def fleet_config(urls, replicas=1):
@@ -229,6 +230,45 @@ def test_ensure_creates_once_and_brings_existing_limits_to_the_config(nats_serve
     assert (results.max_age, results.duplicate_window) == (3600.0, 60.0)
     assert (leases.max_age, leases.subject_delete_marker_ttl) == (8.0, 8.0)
     assert (consumer.ack_wait, consumer.max_deliver) == (60.0, 2)
+
+
+def test_streams_and_buckets_made_before_the_cluster_has_every_server_wait_for_it(tmp_path):
+    """replicas 3 on a cluster whose third server has not joined yet (a fleet's first start, its servers
+    coming up one by one; or a loaded host where the meta leader has not counted one in): JetStream has no
+    servers to place a new stream's replicas on. A node's start makes its streams and buckets then: it waits
+    for the server, up to leases.change_timeout_s, instead of failing at once; past that, the error says
+    what is missing."""
+    cluster = NatsCluster(tmp_path / "late")
+    first, late = cluster.servers[:2], cluster.servers[2]
+    try:
+        for server in first:
+            server.start(wait=False)
+        for server in first:
+            server.wait_healthy()
+        short = FleetConfig(nats=NatsConfig(urls=tuple(s.url for s in first), reconnect_wait_s=0.2), replicas=3,
+                            leases=LeaseConfig(change_timeout_s=2.0))
+        with FleetClient.connect(short, name="impatient") as client:
+            with pytest.raises(FleetUnavailable, match=r"bucket maskstream_\w+: JetStream found no servers for its 3 "
+                                                       r"replica\(s\) within 2 s .*is a server of the cluster down"):
+                ensure_lease_buckets(client)
+        patient = dataclasses.replace(short, leases=LeaseConfig(change_timeout_s=60.0))
+        with FleetClient.connect(patient, name="patient") as client:
+            joins = threading.Timer(1.0, late.start)
+            joins.start()
+            try:
+                started = time.monotonic()
+                ensure_lease_buckets(client)
+                ensure_results_stream(client)
+                ensure_jobs(client)
+                waited = time.monotonic() - started
+            finally:
+                joins.join()
+            info = client.run(client.js.stream_info(client.config.results.stream))
+            assert info.config.num_replicas == 3 and info.cluster is not None and info.cluster.leader
+    finally:
+        cluster.stop()
+    assert waited > 1.0  # made once the third server was there, not before
+    print(f"streams and buckets made {waited:.1f} s after the first try, the third server started after 1 s")
 
 
 def test_a_publish_after_a_known_result_stores_once_and_refuses_another_writers_place(client):

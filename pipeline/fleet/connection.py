@@ -48,6 +48,9 @@ WATCH_INACTIVE_S = 10.0
 
 # JSStreamNameExistErr: the stream exists with another configuration.
 _STREAM_EXISTS = 10058
+# JSClusterNoPeersErrF: no servers to place a stream's replicas on (one is down, or the cluster has just
+# started and has not counted every server in yet).
+_NO_PEERS = 10005
 
 
 class FleetError(RuntimeError):
@@ -211,13 +214,38 @@ class FleetClient:
     async def ensure_stream(self, config: api.StreamConfig) -> None:
         """Create the stream, or bring an existing one's limits to `config`; returns once it has a leader."""
         assert config.name is not None
-        try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != _STREAM_EXISTS:
-                raise
-            await self.js.update_stream(config)
+
+        async def made() -> None:
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS:
+                    raise
+                await self.js.update_stream(config)
+
+        await self._placed(made, f"stream {config.name}", config.num_replicas or 1)
         await self._wait_for_leader(config.name)
+
+    async def _placed(self, make: Callable[[], Awaitable[T]], what: str, replicas: int) -> T:
+        """make(), again while JetStream finds no servers to place the replicas on, for up to
+        leases.change_timeout_s: a cluster that has just started counts its servers in over seconds,
+        and one with a server down places no new stream of as many replicas as it has servers until
+        that server is back. Then FleetUnavailable, saying so."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self.config.leases.change_timeout_s
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                return await make()
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _NO_PEERS:
+                    raise
+                if loop.time() > deadline:
+                    raise FleetUnavailable(
+                        f"{what}: JetStream found no servers for its {replicas} replica(s) within {timeout_s:g} s "
+                        f"({exc.description}): is a server of the cluster down, or is `replicas` more than the "
+                        "cluster's servers?") from exc
+            await asyncio.sleep(0.25)
 
     async def _wait_for_leader(self, stream: str, timeout_s: float = 15.0) -> None:
         # A new replicated stream answers its first writes only once its raft group has elected a leader.
@@ -241,17 +269,21 @@ class FleetClient:
     async def ensure_kv(self, config: api.KeyValueConfig) -> KeyValue:
         """Create the bucket, or bring an existing one's TTL, size and replicas to `config`."""
         stream = f"KV_{config.bucket}"
-        try:
-            kv = await self.js.create_key_value(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != _STREAM_EXISTS:
-                raise
-            info = await self.js.stream_info(stream)
-            marker = config.limit_marker_ttl if config.limit_marker_ttl else None
-            await self.js.update_stream(info.config.evolve(
-                max_age=config.ttl or 0, max_bytes=config.max_bytes or -1, num_replicas=config.replicas,
-                allow_direct=bool(config.direct), subject_delete_marker_ttl=marker, allow_msg_ttl=True))
-            kv = await self.js.key_value(config.bucket)
+
+        async def made() -> KeyValue:
+            try:
+                return await self.js.create_key_value(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_EXISTS:
+                    raise
+                info = await self.js.stream_info(stream)
+                marker = config.limit_marker_ttl if config.limit_marker_ttl else None
+                await self.js.update_stream(info.config.evolve(
+                    max_age=config.ttl or 0, max_bytes=config.max_bytes or -1, num_replicas=config.replicas,
+                    allow_direct=bool(config.direct), subject_delete_marker_ttl=marker, allow_msg_ttl=True))
+                return await self.js.key_value(config.bucket)
+
+        kv = await self._placed(made, f"bucket {config.bucket}", config.replicas)
         await self._wait_for_leader(stream)
         return kv
 
