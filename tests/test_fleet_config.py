@@ -22,6 +22,7 @@ from maskstream.pipeline.fleet.leases import (
     Lease,
     NodeInfo,
     check_labels,
+    check_requires,
     parse_labels,
     plan_claims,
     satisfies,
@@ -287,6 +288,19 @@ def test_labels_and_requirements_are_checked_and_travel_in_the_records():
     assert check_labels("x", {"a.b_c-1": "V-2.x"}) == {"a.b_c-1": "V-2.x"}
     with pytest.raises(ValueError, match="camera 'door' requires: key '-x'"):
         Camera("door", "rtsp://x", requires={"-x": "1"})
+    # a requirement may name alternatives; a label never does
+    assert satisfies({"site": "yard"}, {"site": "lobby|yard"}) and satisfies({"site": "lobby"}, {"site": "lobby|yard"})
+    assert not satisfies({"site": "roof"}, {"site": "lobby|yard"}) and not satisfies({}, {"site": "lobby|yard"})
+    assert not satisfies({"site": "lobby|yard"}, {"site": "lobby"})
+    assert parse_labels("--require", ["site=lobby|yard", "gpu=yes"], check_requires) == {"site": "lobby|yard",
+                                                                                          "gpu": "yes"}
+    for items, needle in [(["site=lobby|"], "value ''"), (["site=|yard"], "value ''"),
+                          (["site=a|a"], "site=a|a names an alternative twice"), (["site=a|b c"], "value 'b c'")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            parse_labels("--require", items, check_requires)
+    with pytest.raises(ValueError, match=re.escape("value 'lobby|yard'")):
+        parse_labels("--label", ["site=lobby|yard"])
+    assert Camera("gate", "rtsp://x", requires={"site": "lobby|yard"}).requires == {"site": "lobby|yard"}
 
     cam = Camera("door", "rtsp://x", requires={"site": "lobby"})
     info = NodeInfo("a", "ab12", 4, 1, 1.0, 2.0, ("j1",), 1, "host-a", 42, {"site": "lobby", "gpu": "yes"})

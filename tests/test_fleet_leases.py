@@ -182,12 +182,13 @@ def test_cameras_run_only_on_nodes_with_the_labels_they_require(registry, nodes,
     registry.add("yard-a", "rtsp://10.2.0.1/a", requires={"site": "yard"})
     registry.add("roof-a", "rtsp://10.3.0.1/a", requires={"site": "roof"})
     registry.add("any", "rtsp://10.4.0.1/a")
-    wait_for(lambda: set(lobby.held()) == {"lobby-a", "lobby-4k"} and set(yard.held()) == {"yard-a"}
+    registry.add("gate", "rtsp://10.5.0.1/a", requires={"site": "roof|yard"})  # either site: yard-1 is up
+    wait_for(lambda: set(lobby.held()) == {"lobby-a", "lobby-4k"} and set(yard.held()) == {"yard-a", "gate"}
              and len(plain.held()) == 1, timeout_s=RUNTIME_CHANGE_S, what="each camera on a node that satisfies it")
     until = time.monotonic() + config.leases.claim_grace_s + 1.0  # the orphan path too: nothing moves, roof waits
     while time.monotonic() < until:
-        assert (set(lobby.held()), set(yard.held()), set(plain.held())) == ({"lobby-a", "lobby-4k"}, {"yard-a"},
-                                                                            {"any"})
+        assert (set(lobby.held()), set(yard.held()), set(plain.held())) == ({"lobby-a", "lobby-4k"},
+                                                                            {"yard-a", "gate"}, {"any"})
         time.sleep(0.05)
     assert {row.camera.name: row.lease for row in registry.status()}["roof-a"] is None
     assert plain.unclaimed() == [] and lobby.unclaimed() == []  # roof-a holds back no node's jobs

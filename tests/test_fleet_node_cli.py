@@ -155,6 +155,12 @@ def test_usage_errors_are_said_before_anything_is_reached():
     assert bad.returncode == 2 and "--require site=the lobby: value 'the lobby' must be" in bad.stderr, bad.stderr
     bad = maskstream("fleet", "add", "door", "rtsp://x", "--require", "=x", "--nats", "nats://127.0.0.1:1")
     assert bad.returncode == 2 and "--require =x: key ''" in bad.stderr, bad.stderr
+    bad = maskstream("fleet", "add", "door", "rtsp://x", "--require", "site=lobby||yard", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "--require site=lobby||yard: value '' must be" in bad.stderr, bad.stderr
+    bad = maskstream("fleet", "add", "door", "rtsp://x", "--require", "site=yard|yard", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "site=yard|yard names an alternative twice" in bad.stderr, bad.stderr
+    bad = maskstream("node", "--label", "site=lobby|yard", "--nats", "nats://127.0.0.1:1")
+    assert bad.returncode == 2 and "--label site=lobby|yard: value 'lobby|yard' must be" in bad.stderr, bad.stderr
     with pytest.raises(ValueError, match="from_seq"):
         Subscriber("tcp://127.0.0.1:5556", from_seq=1)
 

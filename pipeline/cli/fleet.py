@@ -47,6 +47,7 @@ NODE_EXAMPLES = """
 FLEET_EXAMPLES = """
   maskstream fleet add door rtsp://10.0.0.7/stream --option rtsp_transport=udp
   maskstream fleet add lobby-4k rtsp://10.1.0.9/4k --require site=lobby --require gpu=yes
+  maskstream fleet add gate rtsp://10.2.0.3/gate --require 'site=lobby|yard'
   maskstream fleet status
   maskstream fleet submit /shared/archive/*.mp4
   maskstream fleet jobs --json
@@ -124,8 +125,9 @@ def add_parsers(subparsers: Any) -> None:
                      help="a `maskstream run` source.* setting for this camera, e.g. rtsp_transport=udp, "
                           "policy=offline (default live)")
     add.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
-                     help="a node label this camera needs, e.g. site=lobby (repeatable: all must match); only "
-                          "nodes started with that --label run it, and it waits while none is up")
+                     help="a node label this camera needs, e.g. site=lobby, or one of several: site=lobby|yard "
+                          "(repeatable: all must match); only nodes started with such a --label run it, and it "
+                          "waits while none is up")
     add.add_argument("--replace", action="store_true",
                      help="change an existing camera's URL, options and requirements (a node that no longer "
                           "satisfies them stops it, and one that does takes it)")
@@ -307,11 +309,11 @@ def _run_defaults() -> dict[str, Any]:
 
 def fleet_add(args: argparse.Namespace) -> int:
     from maskstream.pipeline.config import loads_config
-    from maskstream.pipeline.fleet.leases import parse_labels
+    from maskstream.pipeline.fleet.leases import check_requires, parse_labels
     from maskstream.pipeline.run_config import SourceOptions
 
     try:
-        requires = parse_labels("--require", args.require)
+        requires = parse_labels("--require", args.require, check_requires)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -90,7 +90,9 @@ changed: restart it; a change of its requirements alone that this node still sat
 
 Labels and requirements: keys and values are 1 to 63 characters of ASCII letters, digits, `.`,
 `_` and `-`, starting with a letter or digit (`check_labels`): stricter than camera names, so that
-KEY=VALUE items on a command line and in `fleet status` columns read one way only. Older builds
+KEY=VALUE items on a command line and in `fleet status` columns read one way only. A requirement's
+value may name alternatives, `site=lobby|yard`: a node with any one of them satisfies it
+(`check_requires`, `satisfies`). Older builds
 skip both fields (records.py): an older node claims any camera whatever it requires, so every node
 runs a build that knows them before cameras rely on requirements.
 """
@@ -144,6 +146,7 @@ __all__ = [
     "NodeInfo",
     "NodeNameInUse",
     "check_labels",
+    "check_requires",
     "describe_labels",
     "ensure_lease_buckets",
     "parse_labels",
@@ -197,8 +200,26 @@ def check_labels(what: str, labels: Mapping[str, str]) -> dict[str, str]:
     return dict(labels)
 
 
-def parse_labels(what: str, items: Sequence[str]) -> dict[str, str]:
-    """KEY=VALUE items (a command line's) as labels; ValueError naming `what` and the item."""
+def check_requires(what: str, requires: Mapping[str, str]) -> dict[str, str]:
+    """A camera's requirements as a dict: keys as labels', each value one label value or alternatives
+    joined by `|` (site=lobby|yard), none empty nor twice."""
+    if not isinstance(requires, Mapping):
+        raise ValueError(f"{what}: expected a mapping of KEY to VALUE, got {requires!r}")
+    for key, value in requires.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{what}: value {value!r} of {key!r} is not text")
+        alternatives = value.split("|")
+        if len(set(alternatives)) != len(alternatives):
+            raise ValueError(f"{what}: {key}={value} names an alternative twice")
+        for alternative in alternatives:
+            check_labels(what, {key: alternative})
+    return dict(requires)
+
+
+def parse_labels(what: str, items: Sequence[str],
+                 check: Callable[[str, Mapping[str, str]], dict[str, str]] = check_labels) -> dict[str, str]:
+    """KEY=VALUE items (a command line's) as labels, or with check=check_requires as requirements;
+    ValueError naming `what` and the item."""
     labels: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -206,14 +227,15 @@ def parse_labels(what: str, items: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"{what} {item}: expected KEY=VALUE")
         if key in labels and labels[key] != value:
             raise ValueError(f"{what} {item}: {key} is given twice ({key}={labels[key]})")
-        check_labels(f"{what} {item}", {key: value})
+        check(f"{what} {item}", {key: value})
         labels[key] = value
     return labels
 
 
 def satisfies(labels: Mapping[str, str], requires: Mapping[str, str]) -> bool:
-    """Whether a node with these labels may run a camera with these requirements: all of them match."""
-    return all(labels.get(key) == value for key, value in requires.items())
+    """Whether a node with these labels may run a camera with these requirements: each of them matches,
+    one of its alternatives where it names several (site=lobby|yard)."""
+    return all(labels.get(key) in value.split("|") for key, value in requires.items())
 
 
 def describe_labels(labels: Mapping[str, str]) -> str:
@@ -239,7 +261,7 @@ class Camera:
         check_name("camera name", self.name)
         if not self.url:
             raise ValueError(f"camera {self.name!r}: empty URL")
-        check_labels(f"camera {self.name!r} requires", self.requires)
+        check_requires(f"camera {self.name!r} requires", self.requires)
 
 
 @dataclass(frozen=True)
