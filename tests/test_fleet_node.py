@@ -372,6 +372,19 @@ def started_pids(node: NodeProcess, what: str) -> list[int]:
     return [int(m) for m in re.findall(rf"{re.escape(what)} .*started.*pid (\d+)\)$", node.log.read_text(), re.M)]
 
 
+def command_line(pid: int) -> str:
+    """What `ps -f` shows of a process: its command line, as setproctitle left it ("maskstream: ...")."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def children_of(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
 def signal_all(sig: int, pids: list[int], groups: list[int]) -> None:
     """`sig` to each of `pids`, then to each of the process groups `groups` (a pipeline's: it and its stages)."""
     for pid in pids:
@@ -402,6 +415,13 @@ def test_hung_camera_and_job_pipelines_are_killed_and_their_work_goes_on(nats_se
             collector.wait("door", lambda got: len(got) >= 3, FIRST_RESULT_S, "the camera's first results")
             collector.wait(job_id, lambda got: len(got) >= 3, FIRST_RESULT_S, "the job's first results")
             (camera_pid,), (job_pid,) = started_pids(node, "camera door"), started_pids(node, f"job {job_id}")
+            # what `ps -f` and `pgrep -f` show of them and of their stages
+            assert command_line(camera_pid) in ("maskstream: pipeline camera door",
+                                                "maskstream: pipeline camera door (was a standby)")
+            assert command_line(job_pid) == f"maskstream: pipeline job {job_id}"
+            stages = wait_for(lambda: (found := {command_line(pid) for pid in children_of(camera_pid)})
+                              >= {"maskstream: decode.door", "maskstream: publish.0"} and found, 30, "the stages named")
+            assert all(title.startswith("maskstream: ") for title in stages), stages
 
             # The whole host frozen (the node, the pipelines and their stages) for longer than the
             # hung timeout, the node woken first: its loop was late, not its pipelines silent. None

@@ -425,7 +425,9 @@ def _wait_for_stage(run_pid, kind, stream, out, min_lines, timeout_s=90):
         children = subprocess.run(["pgrep", "-P", str(run_pid)], capture_output=True, text=True).stdout.split()
         for pid in children:
             try:
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and _stage_of(int(pid)) == (kind, stream):
+                # a stage names itself as it starts (pipeline.runtime.titles): `ps -f` shows "maskstream: decode.cam0"
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"maskstream: ") and _stage_of(
+                        int(pid)) == (kind, stream):
                     return int(pid)
             except OSError:
                 pass  # exited since pgrep

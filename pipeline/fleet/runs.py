@@ -57,6 +57,7 @@ from maskstream.pipeline.fleet.connection import FleetError
 from maskstream.pipeline.fleet.jobs import Job
 from maskstream.pipeline.fleet.results import Published, ResultPublisher
 from maskstream.pipeline.runtime.messages import Detections, EndOfStream, Header, MessageError
+from maskstream.pipeline.runtime.titles import name_process
 
 if TYPE_CHECKING:
     from maskstream.pipeline.run_config import ChosenModel, RunConfig
@@ -106,6 +107,11 @@ class RunSpec:
     log_level: str = "warning"  # the stage processes' (pipeline.logs)
     model: ChosenModel | None = None  # run_config.choose_model(config.model), when the node has it already
     stored_through: int = 0  # jobs: the results stream's sequence of that result (0: none stored)
+
+    @property
+    def title(self) -> str:
+        """How its pipeline process shows in `ps -f`: "maskstream: pipeline camera door"."""
+        return f"{self.kind} {self.stream_id}"
 
     @property
     def endpoint(self) -> str:
@@ -506,7 +512,7 @@ class Spare:
         self.killed = False
         self.silence = Silence()
         if standby is not None:
-            self._config.send(("standby", standby.config, standby.log_level, standby.model))
+            self._config.send(("standby", standby.config, standby.log_level, standby.model, "standby"))
 
     @property
     def alive(self) -> bool:
@@ -554,11 +560,11 @@ class Spare:
 
     def give(self, spec: RunSpec) -> None:
         if self.standby is None:
-            self._config.send(("run", spec.config, spec.log_level, spec.model))
+            self._config.send(("run", spec.config, spec.log_level, spec.model, spec.title))
         else:
             if not self.fits(spec.config) or spec.endpoint != self.endpoint:
                 raise ValueError(f"run {spec.stream_id}: its settings do not fit this standby pipeline")
-            self._config.send(("source", spec.config, spec.log_level, spec.model))
+            self._config.send(("source", spec.config, spec.log_level, spec.model, f"{spec.title} (was a standby)"))
         self._config.close()
 
     def stop(self) -> None:
@@ -616,6 +622,7 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     PROGRESS_EVERY_S from the loop and while the stages stop; "ready"; the last "report"). A standby ("standby"
     first) runs its pipeline with the sources held until the camera's RunConfig comes ("source")."""
     os.setpgrp()  # a Ctrl-C at the node's terminal is for the node, which stops its runs itself
+    name_process("pipeline (spare)", "pipeline")
     stopped: list[int] = []
     # Until the Supervisor installs its handlers, and again after it restores them at its end, a
     # SIGTERM from the node only notes the stop: the default action would leave the run's rings
@@ -626,13 +633,14 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
     from maskstream.pipeline.runtime.supervisor import Supervisor
 
     try:
-        kind, cfg, log_level, model = config.recv()
+        kind, cfg, log_level, model, title = config.recv()
     except (EOFError, OSError):  # an unused spare, or the node is gone
         raise SystemExit(0) from None
     standby = kind == "standby"
     if not standby:
         config.close()
     logs.configure(log_level)
+    name_process(f"pipeline {title}", "pipeline")
 
     sent: dict[str, float] = {"at": 0.0}
     errors_sent: set[str] = set()
@@ -649,11 +657,12 @@ def pipeline_process(config: Connection, conn: Connection, parent: int) -> None:
         try:
             if not config.poll():
                 return
-            _, camera, _, _ = config.recv()
+            _, camera, _, _, title = config.recv()
         except (EOFError, OSError):
             raise _Unused from None
         config.close()
         waiting[0] = False
+        name_process(f"pipeline {title}", "pipeline")
         (spec,) = source_specs(camera).values()
         decoders = {s.stream_id: s.config for s in the_plan.specs if s.stream_id is not None}
         supervisor.give_sources({sid: dataclasses.replace(c, source=spec) for sid, c in decoders.items()})

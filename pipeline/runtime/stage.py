@@ -83,6 +83,7 @@ from maskstream.pipeline.runtime.metrics import (
     StageMetrics,
 )
 from maskstream.pipeline.runtime.shm_ring import Ring, RingFull, RingReaders
+from maskstream.pipeline.runtime.titles import name_process
 from maskstream.pipeline.runtime.transport import (
     CurveServer,
     Inbox,
@@ -288,11 +289,8 @@ def _setup_process(wiring: Wiring) -> None:
     signal.signal(signal.SIGTERM, _raise_stopped)
     logs.configure(wiring.log_level)
     faulthandler.register(signal.SIGUSR2)  # `kill -USR2 PID` prints where a stage is stuck
-    try:  # `ps -o comm` and tests tell the stages apart by name (Linux keeps 15 characters)
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(wiring.stage[:15])
-    except OSError:
-        pass
+    # `ps -f` shows "maskstream: decode.cam0"; `ps -o comm` and tests tell the stages apart by "decode.cam0"
+    name_process(wiring.stage)
     import cv2
 
     cv2.setNumThreads(1)
