@@ -16,7 +16,7 @@ what grows here grows with the KV buckets' churn alone. Each server's RSS is sam
 soak (fleet_soak.py) saw its servers' RSS double in 11 minutes with results stored besides; this
 separates the control plane's share and shows whether it levels off.
 
---smoke: one minute, a sample every 5 s.
+--smoke: half a minute, a sample every 2.5 s.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--cameras", type=int, default=6)
     parser.add_argument("--sample-s", type=float, default=15.0)
     add_output_options(parser)
-    args = parse_args(parser, {"minutes": 1.0, "sample_s": 5.0}, None)
+    args = parse_args(parser, {"minutes": 0.5, "sample_s": 2.5}, None)
     if args.minutes <= 0 or args.speedup < 1 or args.nodes < 1 or args.cameras < 1 or args.sample_s <= 0:
         parser.error("expected --minutes > 0, --speedup >= 1, --nodes and --cameras >= 1, --sample-s > 0")
     out = results_file(parser, args, "kv_churn.json")

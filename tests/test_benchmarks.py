@@ -292,9 +292,9 @@ def check_fleet_reads(result: dict[str, Any]) -> None:
 def check_kv_churn(result: dict[str, Any]) -> None:
     assert {"what", "command", "machine", "minutes", "speedup", "samples", "rss_mb_median_by_third",
             "cameras_held_at_end", "plateau", "lease_settings"} <= set(result)
-    assert result["smoke"] is True and result["minutes"] == 1.0 and result["cameras_held_at_end"] == 6
+    assert result["smoke"] is True and result["minutes"] == 0.5 and result["cameras_held_at_end"] == 6
     assert result["lease_settings"]["ttl_s"] == 1.0 and result["lease_settings"]["renew_interval_s"] == 0.2
-    assert len(result["samples"]) >= 10 and result["samples"][-1]["t_s"] >= 60
+    assert len(result["samples"]) >= 10 and result["samples"][-1]["t_s"] >= 30
     assert set(result["rss_mb_median_by_third"]) == {"n0", "n1", "n2"}
     for sample in result["samples"]:
         positive(*(sample[name] for name in ("n0", "n1", "n2")))

@@ -149,23 +149,30 @@ def presence_names(config, job_id):
         wait_for(lambda: any(job_id in info.jobs for info in registry.nodes()), 10, f"a presence naming {job_id}")
 
 
-def take_reclaiming(worker, manager, timeout_s, answered_for=None):
+def take_reclaiming(worker, manager, timeout_s, answered_for=None, taken_elsewhere=None):
     """A node's loop, as far as jobs go: hand back the departed nodes' jobs, take one. (job, handed back,
-    time.monotonic() when taken)."""
-    handed: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    time.monotonic() when taken). Ends early, with nothing taken, once `taken_elsewhere` is set; sets it
+    when it takes one."""
+    def turn() -> list[str]:
         answered = manager.answered_for() if answered_for is None else answered_for
-        handed += worker.reclaim(manager.departed(), manager.live_nodes(), answered)
+        return worker.reclaim(manager.departed(), manager.live_nodes(), answered)
+
+    handed: list[str] = []
+    job, taken_at = None, None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (taken_elsewhere is not None and taken_elsewhere.is_set()):
+        handed += turn()
         job = worker.take(timeout_s=0.1)
         if job is not None:
             taken_at = time.monotonic()
-            settled = taken_at + 1.0  # the check that handed it back reports at a later turn
-            while time.monotonic() < settled:
-                handed += worker.reclaim(manager.departed(), manager.live_nodes(), manager.answered_for())
-                time.sleep(0.05)
-            return job, handed, taken_at
-    return None, handed, None
+            if taken_elsewhere is not None:
+                taken_elsewhere.set()
+            break
+    settled = time.monotonic() + 1.0  # a check that handed a job back reports at a later turn
+    while time.monotonic() < settled:
+        handed += turn()
+        time.sleep(0.05)
+    return job, handed, taken_at
 
 
 def test_a_sigkilled_nodes_job_is_handed_back_by_one_survivor_within_the_lease_ttl(queue, jobs_config, tmp_path):
@@ -192,8 +199,10 @@ def test_a_sigkilled_nodes_job_is_handed_back_by_one_survivor_within_the_lease_t
             wait_for(lambda: "doomed" in managers[0].live_nodes() and "doomed" in managers[1].live_nodes(), 10,
                      "the holder in both survivors' views")
             killed = agent.kill()
+            one_took = threading.Event()  # the other stops looking then (a third delivery is looked for below)
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                taken = list(pool.map(lambda i: take_reclaiming(workers[i], managers[i], 20.0), range(2)))
+                taken = list(pool.map(lambda i: take_reclaiming(workers[i], managers[i], 20.0,
+                                                                taken_elsewhere=one_took), range(2)))
             jobs = [job for job, _, _ in taken if job is not None]
             assert len(jobs) == 1, taken  # delivered once more, to one of them
             redelivered_after = next(at for _, _, at in taken if at is not None) - killed
