@@ -261,6 +261,39 @@ def test_a_node_killed_and_started_again_at_once_hands_its_predecessors_job_back
     print(f"the restart took its predecessor's job {taken_at - killed:.2f} s after the kill")
 
 
+def test_a_departed_nodes_job_on_its_last_allowed_delivery_is_failed_not_left_queued(queue, jobs_config, tmp_path):
+    """max_deliver 1: the dead holder's attempt was the job's last, the server delivers it no more. The
+    restart that sees its predecessor go fails it for good (as a hand-back of a last attempt does) and
+    terminates its delivery, rather than leave it `queued` for ever."""
+    config = replace(reclaim_config(jobs_config), jobs=replace(reclaim_config(jobs_config).jobs, max_deliver=1))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(dump_config(config))
+    with FleetClient.connect(config, name="setup") as client:  # the consumer's max_deliver to 1
+        JobQueue(client).ensure()
+    (job_id,) = queue.submit(inputs(tmp_path, 1))
+    agent = Agent(str(path), "jobnode", "a")
+    try:
+        agent.expect("READY", timeout_s=30)
+        assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
+        presence_names(config, job_id)
+        agent.kill()
+    finally:
+        agent.close()
+    with FleetClient.connect(config, name="a") as client:
+        restart = LeaseManager(client, "a", 0)
+        restart.start()
+        worker = JobWorker(client, "a", restart.instance)
+        try:
+            job, handed, _ = take_reclaiming(worker, restart, 6.0)
+            assert job is None and handed == [job_id]
+        finally:
+            worker.close()
+            restart.stop()
+    state = queue.get(job_id)
+    assert state.state == "failed", state
+    assert state.error == "gave up after 1 attempts, the last: its node a is gone (seen by a)", state
+
+
 def test_a_holder_whose_presence_lapsed_keeps_its_job_while_it_writes_progress(queue, jobs_config, tmp_path):
     """A presence gone is not enough: a holder whose lease manager stopped (as its presence writes fail in a
     leader election) but which still writes its job's progress keeps the job; once its writes stop too, the

@@ -517,8 +517,9 @@ def fleet_jobs(args: argparse.Namespace) -> int:
     states, nodes = got
     rows: list[dict[str, Any]] = []
     for s in states:
-        # a running job's node that left the fleet (or runs it no more) will not finish it: after
-        # ack_wait_s another node takes it, unless that was its last allowed delivery
+        # a running job's node that left the fleet (or runs it no more) will not finish it: another node
+        # hands it back once its state has been silent for the lease TTL (or the server delivers it again
+        # after ack_wait_s), unless that was its last allowed delivery
         node = nodes.get(s.node)
         gone = s.state == "running" and (node is None or (s.job_id not in node.jobs
                                                           and node.renewed_at > s.updated_at + GONE_AFTER_S))

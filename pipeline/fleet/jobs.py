@@ -599,13 +599,14 @@ class JobWorker:
         settled: list[tuple[str, str]] = []
         for gone in departed:
             outcomes = [await self._reclaim_one(kv, job_id, gone) for job_id in gone.jobs]
-            handed += [job_id for job_id, outcome in zip(gone.jobs, outcomes) if outcome == "handed back"]
+            handed += [job_id for job_id, outcome in zip(gone.jobs, outcomes) if outcome in ("handed back", "failed")]
             if "wait" not in outcomes:
                 settled.append((gone.node, gone.instance))
         return handed, settled
 
     async def _reclaim_one(self, kv: KeyValue, job_id: str, gone: _Departed) -> str:
-        """"handed back", "wait" (its state is still being written: check again), or "settled" (not
+        """"handed back", "failed" (that was its last allowed delivery: failed for good and terminated,
+        as hand_back does), "wait" (its state is still being written: check again), or "settled" (not
         this start's any more, or left to the server).
 
         The NAK goes to the holder's delivery by its acknowledgement subject, and the server takes it
@@ -631,23 +632,29 @@ class JobWorker:
             if age < stale_s:
                 outcome = "wait"
                 return None
+            why = f"its node {gone.node} is gone (seen by {self.node})"
+            if current.attempt >= self.config.max_deliver:  # the server delivers it no more: over, as hand_back does
+                outcome = "failed"
+                return replace(current, state="failed", frames_per_s=0.0, updated_at=time.time(),
+                               error=f"gave up after {current.attempt} attempts, the last: {why}")
             outcome = "handed back"
-            return replace(current, state="queued", frames_per_s=0.0, updated_at=time.time(),
-                           error=f"its node {gone.node} is gone; handed back by {self.node}")
+            return replace(current, state="queued", frames_per_s=0.0, updated_at=time.time(), error=why)
 
         stored, written = await _change_state(kv, job_id, handed_back)
         if not written:
             return outcome
         assert stored is not None
+        settle = b"+TERM" if outcome == "failed" else b"-NAK"
         try:
-            await self.client.nc.request(stored.reply, b"-NAK", timeout=self.client.config.nats.request_timeout_s)
+            await self.client.nc.request(stored.reply, settle, timeout=self.client.config.nats.request_timeout_s)
         except (*UNAVAILABLE, nats.errors.Error) as exc:
             # the state says queued; the server delivers it again after ack_wait_s all the same
             log.info("node %s: job %s of departed node %s: the hand-back not confirmed (%s)", self.node, job_id,
                      gone.node, exc)
             return outcome
-        log.info("node %s: job %s handed back: its node %s (start %s) is gone, its state silent for %.1f s",
-                 self.node, job_id, gone.node, gone.instance, time.time() - stored.updated_at)
+        log.info("node %s: job %s %s: its node %s (start %s) is gone, its state silent for %.1f s", self.node, job_id,
+                 "handed back" if outcome == "handed back" else f"failed (its attempt {stored.attempt} was the last)",
+                 gone.node, gone.instance, time.time() - stored.updated_at)
         return outcome
 
     async def _claim(self, msg: Msg) -> Job | None:
