@@ -820,14 +820,18 @@ class LeaseManager:
     def _hold_claims_for_a_namesake(self) -> None:
         """At the start: a presence under this node's name, of another start, renewed within ttl_s, is
         either this node's previous start (killed, and started again at once) or a live node under
-        the same name. No claim until a live one would have renewed it twice, so that a namesake is
-        found (`_check_namesake`) before it claimed anything."""
+        the same name. No claim until that presence would have expired were its node dead (a live
+        one renews it within ttl_s, however loaded its host: it would lose its own leases otherwise),
+        and at least two renew intervals, so that a namesake is found (`_check_namesake`) before it
+        claimed anything."""
         found = self._presence_under_own_name()
         if found is None:
             return
         _, other = found
-        if other.instance != self.instance and time.time() - other.renewed_at < self.config.ttl_s:
-            self._claims_from = asyncio.get_running_loop().time() + 2 * self.config.renew_interval_s
+        age = time.time() - other.renewed_at
+        if other.instance != self.instance and age < self.config.ttl_s:
+            hold = max(2 * self.config.renew_interval_s, self.config.ttl_s - age)
+            self._claims_from = asyncio.get_running_loop().time() + hold
 
     def _check_namesake(self) -> None:
         """A presence under this node's name written after its own latest one, by another start: two
