@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
 from dataclasses import replace
@@ -149,6 +150,33 @@ def presence_names(config, job_id):
         wait_for(lambda: any(job_id in info.jobs for info in registry.nodes()), 10, f"a presence naming {job_id}")
 
 
+def sigkill_a_job_holder(path, name, job_id, config):
+    """A node process `name` (tests/fleet_agent.py) takes the job; once its presence names it, SIGKILL.
+    Returns time.monotonic() right after the kill."""
+    agent = Agent(str(path), "jobnode", name)
+    try:
+        agent.expect("READY", timeout_s=30)
+        assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
+        presence_names(config, job_id)
+        return agent.kill()
+    finally:
+        agent.close()
+
+
+@contextlib.contextmanager
+def node_start(config, name):
+    """A node's lease manager and job worker, as `maskstream node` starts them (one instance): (manager, worker)."""
+    with FleetClient.connect(config, name=name) as client:
+        manager = LeaseManager(client, name, 0)
+        manager.start()
+        worker = JobWorker(client, name, manager.instance)
+        try:
+            yield manager, worker
+        finally:
+            worker.close()
+            manager.stop()
+
+
 def take_reclaiming(worker, manager, timeout_s, answered_for=None, taken_elsewhere=None):
     """A node's loop, as far as jobs go: hand back the departed nodes' jobs, take one. (job, handed back,
     time.monotonic() when taken). Ends early, with nothing taken, once `taken_elsewhere` is set; sets it
@@ -236,27 +264,13 @@ def test_a_node_killed_and_started_again_at_once_hands_its_predecessors_job_back
     (job_id,) = queue.submit(inputs(tmp_path, 1))
     path = tmp_path / "fleet.yaml"
     path.write_text(dump_config(config))
-    agent = Agent(str(path), "jobnode", "a")
-    try:
-        agent.expect("READY", timeout_s=30)
-        assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
-        presence_names(config, job_id)
-        killed = agent.kill()
-    finally:
-        agent.close()
-    with FleetClient.connect(config, name="a") as client:
-        restart = LeaseManager(client, "a", 0)
-        restart.start()
-        worker = JobWorker(client, "a", restart.instance)
-        try:
-            job, handed, taken_at = take_reclaiming(worker, restart, 20.0)
-            assert job is not None and job.job_id == job_id and job.attempt == 2 and handed == [job_id]
-            state = queue.get(job_id)
-            assert (state.node, state.instance) == ("a", restart.instance)
-            assert job.done()
-        finally:
-            worker.close()
-            restart.stop()
+    killed = sigkill_a_job_holder(path, "a", job_id, config)
+    with node_start(config, "a") as (restart, worker):
+        job, handed, taken_at = take_reclaiming(worker, restart, 20.0)
+        assert job is not None and job.job_id == job_id and job.attempt == 2 and handed == [job_id]
+        state = queue.get(job_id)
+        assert (state.node, state.instance) == ("a", restart.instance)
+        assert job.done()
     assert taken_at - killed < 10.0  # the predecessor's state silent for ttl_s, far under ack_wait_s (30 s)
     print(f"the restart took its predecessor's job {taken_at - killed:.2f} s after the kill")
 
@@ -271,24 +285,10 @@ def test_a_departed_nodes_job_on_its_last_allowed_delivery_is_failed_not_left_qu
     with FleetClient.connect(config, name="setup") as client:  # the consumer's max_deliver to 1
         JobQueue(client).ensure()
     (job_id,) = queue.submit(inputs(tmp_path, 1))
-    agent = Agent(str(path), "jobnode", "a")
-    try:
-        agent.expect("READY", timeout_s=30)
-        assert agent.expect("TOOK", timeout_s=15).split()[1:] == [job_id, "1"]
-        presence_names(config, job_id)
-        agent.kill()
-    finally:
-        agent.close()
-    with FleetClient.connect(config, name="a") as client:
-        restart = LeaseManager(client, "a", 0)
-        restart.start()
-        worker = JobWorker(client, "a", restart.instance)
-        try:
-            job, handed, _ = take_reclaiming(worker, restart, 6.0)
-            assert job is None and handed == [job_id]
-        finally:
-            worker.close()
-            restart.stop()
+    sigkill_a_job_holder(path, "a", job_id, config)
+    with node_start(config, "a") as (restart, worker):
+        job, handed, _ = take_reclaiming(worker, restart, 6.0)
+        assert job is None and handed == [job_id]
     state = queue.get(job_id)
     assert state.state == "failed", state
     assert state.error == "gave up after 1 attempts, the last: its node a is gone (seen by a)", state
